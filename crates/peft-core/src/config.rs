@@ -1,0 +1,331 @@
+//! PEFT's `adapter_config.json`, as serde types.
+//!
+//! Keys this version does not model are kept in `extra` and written back
+//! unchanged: newer PEFT versions add keys, and reading them must never fail.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{PeftError, Result};
+
+/// `target_modules`: a regex (full match on the module path), a list of names
+/// (exact path or path suffix after a dot), or `"all-linear"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// A single string: a regular expression matched against the whole path,
+    /// or the special value `all-linear`.
+    Pattern(String),
+    /// A list of module names or path suffixes.
+    List(Vec<String>),
+}
+
+impl TargetModules {
+    /// Whether this is PEFT's special `all-linear` value.
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self, TargetModules::Pattern(p) if p.eq_ignore_ascii_case("all-linear"))
+    }
+}
+
+/// `layers_to_transform`: one layer index or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerIndices {
+    /// A single index.
+    One(usize),
+    /// Several indices.
+    Many(Vec<usize>),
+}
+
+/// `layers_pattern`: one or several names of the layer list (e.g. `layers`, `h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayersPattern {
+    /// A single name.
+    One(String),
+    /// Several names.
+    Many(Vec<String>),
+}
+
+/// `init_lora_weights`: `true` (Kaiming-uniform A, zero B), `false` (random
+/// B, for tests), or a named scheme (`"gaussian"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    /// PEFT's default (`true`) or a non-identity random init (`false`).
+    Bool(bool),
+    /// A named scheme.
+    Named(String),
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_init() -> InitLoraWeights {
+    InitLoraWeights::Bool(true)
+}
+fn lora_type() -> String {
+    "LORA".into()
+}
+
+/// PEFT's `LoraConfig`, as it appears in `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Always `"LORA"`.
+    #[serde(default = "lora_type")]
+    pub peft_type: String,
+    /// Rank `r` of the update (`A: [in, r]`, `B: [r, out]` in Burn layout).
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scaling numerator: the update is scaled by `alpha / r` (or `alpha / √r`).
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout probability applied to the input of `A` in training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which modules get an adapter.
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted (regex full match, or exact name / suffix list).
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    /// The base layer stores its weight as `[in, out]` (GPT-2's `Conv1D`).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// `"none"`: biases are not trained (the only value supported).
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// Scale by `alpha / √r` instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Weight-decomposed LoRA (DoRA).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Initialisation scheme.
+    #[serde(default = "default_init")]
+    pub init_lora_weights: InitLoraWeights,
+    /// Restrict adaptation to these layer indices.
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerIndices>,
+    /// The name of the layer list in module paths, used with `layers_to_transform`.
+    #[serde(default)]
+    pub layers_pattern: Option<LayersPattern>,
+    /// Per-module rank overrides (key: regex/suffix of the module path).
+    #[serde(default)]
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module alpha overrides.
+    #[serde(default)]
+    pub alpha_pattern: IndexMap<String, f64>,
+    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// The base model this adapter was trained on, informational.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Whether the adapter was saved for inference.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Keys this version does not model, kept and written back as they were.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("an empty object is a valid LoraConfig")
+    }
+}
+
+/// Keys PEFT writes that this crate knows and deliberately does not model:
+/// they are kept silently. Others are kept with a warning.
+const KNOWN_UNMODELLED: &[&str] = &[
+    "auto_mapping",
+    "revision",
+    "layer_replication",
+    "loftq_config",
+    "megatron_config",
+    "megatron_core",
+    "eva_config",
+    "corda_config",
+    "lora_bias",
+    "runtime_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "qalora_group_size",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "ensure_weight_tying",
+    "peft_version",
+];
+
+impl LoraConfig {
+    /// A config with rank `r`, alpha `lora_alpha` and the given target names.
+    pub fn new(r: usize, lora_alpha: f64, targets: &[&str]) -> Self {
+        LoraConfig {
+            r,
+            lora_alpha,
+            target_modules: Some(TargetModules::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// Parses `adapter_config.json` text; `origin` names the source in errors.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|source| PeftError::Json {
+            path: origin.to_path_buf(),
+            source,
+        })?;
+        let peft_type = value.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        if peft_type != "LORA" {
+            return Err(PeftError::Config(format!(
+                "{}: peft_type `{peft_type}` is not LORA",
+                origin.display()
+            )));
+        }
+        let config: LoraConfig =
+            serde_json::from_value(value).map_err(|source| PeftError::Json {
+                path: origin.to_path_buf(),
+                source,
+            })?;
+        for (key, value) in &config.extra {
+            // Newer PEFT versions write many keys for features this crate does
+            // not have; only a set (non-default) one can change the meaning.
+            let inert = matches!(value, Value::Null | Value::Bool(false))
+                || value.as_object().is_some_and(|o| o.is_empty());
+            if !inert && !KNOWN_UNMODELLED.contains(&key.as_str()) {
+                eprintln!(
+                    "warning: {}: unknown key `{key}` kept as is",
+                    origin.display()
+                );
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `adapter_config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| PeftError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// The JSON text PEFT writes (pretty, sorted as PEFT's `to_dict`).
+    pub fn to_json_string(&self) -> String {
+        let value = serde_json::to_value(self).expect("LoraConfig always serialises");
+        // PEFT writes keys sorted; sorting makes files diff cleanly against its own.
+        let sorted: BTreeMap<String, Value> = match value {
+            Value::Object(map) => map.into_iter().collect(),
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        serde_json::to_string_pretty(&sorted).expect("a JSON map always serialises")
+    }
+
+    /// Checks values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(PeftError::Config("`r` must be a positive integer, got 0".into()));
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return Err(PeftError::Config(format!("rank_pattern `{k}` has rank 0")));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(PeftError::Config("`lora_alpha` must be finite".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(PeftError::Config(format!(
+                "`lora_dropout` must be in [0, 1), got {}",
+                self.lora_dropout
+            )));
+        }
+        if self.bias != "none" {
+            return Err(PeftError::Config(format!(
+                "bias `{}` is not supported (only \"none\")",
+                self.bias
+            )));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(PeftError::Config(
+                "`modules_to_save` is not supported yet".into(),
+            ));
+        }
+        match &self.init_lora_weights {
+            InitLoraWeights::Bool(_) => {}
+            InitLoraWeights::Named(n) if n == "gaussian" => {}
+            InitLoraWeights::Named(n) => {
+                return Err(PeftError::Config(format!(
+                    "init_lora_weights `{n}` is not supported (true, false, \"gaussian\")"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The scaling factor for a given rank and alpha: `α/r`, or `α/√r` with rsLoRA.
+    pub fn scaling_for(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_peft_config_and_keeps_unknown_keys() {
+        let text = r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj","v_proj"],
+            "lora_dropout":0.05,"bias":"none","task_type":"CAUSAL_LM","use_rslora":false,
+            "layers_to_transform":null,"rank_pattern":{},"alpha_pattern":{},"some_future_key":{"x":1}}"#;
+        let c = LoraConfig::from_json_str(text, Path::new("cfg.json")).unwrap();
+        assert_eq!(c.r, 4);
+        assert_eq!(c.lora_alpha, 8.0);
+        assert_eq!(c.extra["some_future_key"]["x"], 1);
+        let back: Value = serde_json::from_str(&c.to_json_string()).unwrap();
+        assert_eq!(back["some_future_key"]["x"], 1);
+        assert_eq!(back["target_modules"][1], "v_proj");
+    }
+
+    #[test]
+    fn rejects_bad_values_with_typed_errors() {
+        let p = Path::new("c.json");
+        assert!(matches!(
+            LoraConfig::from_json_str(r#"{"r":0}"#, p),
+            Err(PeftError::Config(_))
+        ));
+        assert!(matches!(
+            LoraConfig::from_json_str(r#"{"r":"eight"}"#, p),
+            Err(PeftError::Json { .. })
+        ));
+        assert!(matches!(
+            LoraConfig::from_json_str(r#"{"peft_type":"IA3"}"#, p),
+            Err(PeftError::Config(_))
+        ));
+        assert!(matches!(
+            LoraConfig::from_json_str("{not json", p),
+            Err(PeftError::Json { .. })
+        ));
+        assert!(LoraConfig::from_json_str(r#"{"r":-3}"#, p).is_err());
+    }
+}

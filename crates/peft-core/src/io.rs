@@ -1,0 +1,250 @@
+//! The file boundary: safetensors in and out, atomic writes.
+//!
+//! Tensors cross the boundary as [`HostTensor`] (row-major `f32` on the
+//! host). PEFT's key names and PyTorch's `[out, in]` layout are handled by
+//! the callers of this module and nowhere else.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{PeftError, Result};
+
+/// A tensor on the host: row-major `f32` values and a shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Copies a device tensor to the host.
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Self {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("converted to f32 above");
+        HostTensor { shape, data }
+    }
+
+    /// The transpose of a 2-D tensor (PyTorch `[out, in]` ↔ Burn `[in, out]`).
+    pub fn transposed(&self) -> Self {
+        assert_eq!(self.shape.len(), 2, "transposed() takes a 2-D tensor");
+        let (r, c) = (self.shape[0], self.shape[1]);
+        let mut data = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                data[j * r + i] = self.data[i * c + j];
+            }
+        }
+        HostTensor {
+            shape: vec![c, r],
+            data,
+        }
+    }
+
+    /// Moves to a device as a `D`-dimensional tensor, checking the shape.
+    pub fn to_tensor<B: Backend, const D: usize>(
+        &self,
+        expected: [usize; D],
+        name: &str,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        if self.shape != expected {
+            return Err(PeftError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(self.data.clone(), expected),
+            device,
+        ))
+    }
+
+    /// Fails if any value is NaN or infinite.
+    pub fn check_finite(&self, name: &str, path: &Path) -> Result<()> {
+        match self.data.iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(PeftError::NonFinite(format!(
+                "{}: tensor `{name}` holds {} at flat index {i}",
+                path.display(),
+                self.data[i]
+            ))),
+        }
+    }
+}
+
+fn checkpoint_err(path: &Path, message: impl Into<String>) -> PeftError {
+    PeftError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn to_f32(view: &TensorView<'_>, key: &str, path: &Path) -> Result<Vec<f32>> {
+    let bytes = view.data();
+    let out = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        other => {
+            return Err(checkpoint_err(
+                path,
+                format!("tensor `{key}` has dtype {other:?}; only F32, F16, BF16 and F64 are supported"),
+            ))
+        }
+    };
+    Ok(out)
+}
+
+/// Parses safetensors bytes into host tensors. `path` names the source in errors.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| checkpoint_err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (key, view) in st.tensors() {
+        let data = to_f32(&view, &key, path)?;
+        out.insert(
+            key,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let bytes = fs::read(path).map_err(|source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_safetensors(&bytes, path)
+}
+
+/// Serialises host tensors as an `F32` safetensors file.
+pub fn serialize_safetensors(
+    tensors: &[(String, HostTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Vec<u8> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((k, t), b)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, t.shape.clone(), b).expect("shape matches data"),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize(views, metadata).expect("F32 views always serialise")
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
+/// flushed to disk, then renamed over `path`. A crash at any moment leaves
+/// either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io_err = |source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| checkpoint_err(path, "not a file path"))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_transpose() {
+        let t = HostTensor {
+            shape: vec![2, 3],
+            data: vec![1., 2., 3., 4., 5., 6.],
+        };
+        assert_eq!(t.transposed().data, vec![1., 4., 2., 5., 3., 6.]);
+        assert_eq!(t.transposed().transposed(), t);
+        let dir = std::env::temp_dir().join(format!("peft-core-io-{}", std::process::id()));
+        let path = dir.join("x.safetensors");
+        write_atomic(&path, &serialize_safetensors(&[("w".into(), t.clone())], None)).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["w"], t);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn malformed_files_are_typed_errors() {
+        let p = Path::new("bad.safetensors");
+        assert!(matches!(
+            parse_safetensors(b"\x10\0\0\0\0\0\0\0{}", p),
+            Err(PeftError::Checkpoint { .. })
+        ));
+        let good = serialize_safetensors(
+            &[(
+                "w".into(),
+                HostTensor {
+                    shape: vec![4],
+                    data: vec![0.; 4],
+                },
+            )],
+            None,
+        );
+        assert!(parse_safetensors(&good[..good.len() - 3], p).is_err());
+        let nan = HostTensor {
+            shape: vec![2],
+            data: vec![0., f32::NAN],
+        };
+        assert!(matches!(nan.check_finite("w", p), Err(PeftError::NonFinite(_))));
+    }
+}

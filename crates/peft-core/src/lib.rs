@@ -1,0 +1,41 @@
+//! # peft-core
+//!
+//! The seams through which any Burn model becomes PEFT-able, and what every
+//! method crate shares:
+//!
+//! - [`slot::LinearSlot`]: the adaptable linear layer a model holds in place of
+//!   `burn::nn::Linear`. It carries the frozen base weight and the named adapter
+//!   entries attached to it, and runs them (merged, unmerged, several at once,
+//!   or one per batch row).
+//! - [`model::PeftModel`]: the visitor trait a model implements to name its
+//!   slots by their Hugging Face module paths.
+//! - [`routing`]: a per-forward context (per-row adapter names for mixed-batch
+//!   inference) that reaches every slot without changing forward signatures.
+//! - [`config`], [`target`]: PEFT's `adapter_config.json` and its target-module
+//!   rules.
+//! - [`io`]: safetensors reading and atomic writing, the only place where PEFT
+//!   key names and the `[out, in]` layout exist.
+//! - [`error::PeftError`]: every user mistake is a typed error.
+//!
+//! See `docs/ARCHITECTURE.md` for the invariants.
+
+pub mod config;
+pub mod count;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod routing;
+pub mod slot;
+pub mod target;
+
+pub use config::{LoraConfig, TargetModules};
+pub use count::ParamCount;
+pub use error::{PeftError, Result};
+pub use model::PeftModel;
+pub use slot::{LinearSlot, LoraEntry, LoraMeta};
+
+/// The adapter name PEFT uses when none is given.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// The per-row adapter name that means "no adapter" in mixed-batch inference.
+pub const BASE_ROW: &str = "__base__";

@@ -1,0 +1,67 @@
+//! Scaled dot-product attention shared by the models.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// The additive value for masked positions: large enough to vanish in the
+/// softmax, small enough that adding two never overflows to `-inf`.
+const MASKED: f32 = -1.0e30;
+
+/// `[b, t, h·d]` → `[b, h, t, d]`.
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, t, hd] = x.dims();
+    x.reshape([b, t, heads, hd / heads]).swap_dims(1, 2)
+}
+
+/// `[b, h, t, d]` → `[b, t, h·d]`.
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, t, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// Causal mask for `t` queries over `past + t` keys: `[1, 1, t, past + t]`.
+pub fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+    let s = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [1, 1, t, s]), device)
+}
+
+/// Padding mask from `attention_mask: [b, s]` (1 = attend, 0 = padding):
+/// `[b, 1, 1, s]`, additive.
+pub fn padding_mask<B: Backend>(attention_mask: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, s] = attention_mask.dims();
+    ((attention_mask.neg() + 1.0) * MASKED).reshape([b, 1, 1, s])
+}
+
+/// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query
+/// attention when `kv_h < h`: query head `i` uses key/value head
+/// `i / (h / kv_h)`), with an additive `mask` broadcastable to `[b, h, t, s]`.
+/// Returns `[b, t, h·d]`.
+pub fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    let [b, h, _, d] = q.dims();
+    let [_, kv_h, s, _] = k.dims();
+    let (k, v) = if kv_h == h {
+        (k, v)
+    } else {
+        let rep = h / kv_h;
+        let expand = |x: Tensor<B, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv_h, rep, s, d])
+                .reshape([b, h, s, d])
+        };
+        (expand(k), expand(v))
+    };
+    let mut scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
+    if let Some(mask) = mask {
+        scores = scores + mask;
+    }
+    merge_heads(softmax(scores, 3).matmul(v))
+}

@@ -1,0 +1,251 @@
+//! BERT (`BertModel`, `BertForSequenceClassification`), post-LayerNorm
+//! encoder with exact (erf) GELU.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, LayerNorm};
+use burn::tensor::activation::{gelu, tanh};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use serde::Deserialize;
+
+use crate::attention::{attend, padding_mask, split_heads};
+use crate::checkpoint::{read_config, Checkpoint};
+
+/// The fields of a BERT `config.json` this model uses.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Maximum sequence length.
+    pub max_position_embeddings: usize,
+    /// Token-type vocabulary.
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Only `gelu` (exact) is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_types() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+/// One encoder layer (Hugging Face names in the field docs).
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// `attention.self.query` `[d, d]`.
+    pub query: LinearSlot<B>,
+    /// `attention.self.key` `[d, d]`.
+    pub key: LinearSlot<B>,
+    /// `attention.self.value` `[d, d]`.
+    pub value: LinearSlot<B>,
+    /// `attention.output.dense` `[d, d]`.
+    pub attention_output: LinearSlot<B>,
+    /// `attention.output.LayerNorm`.
+    pub attention_norm: LayerNorm<B>,
+    /// `intermediate.dense` `[d, ff]`.
+    pub intermediate: LinearSlot<B>,
+    /// `output.dense` `[ff, d]`.
+    pub output: LinearSlot<B>,
+    /// `output.LayerNorm`.
+    pub output_norm: LayerNorm<B>,
+}
+
+/// The sequence-classification head: pooler + classifier.
+#[derive(Module, Debug)]
+pub struct BertClassifier<B: Backend> {
+    /// `bert.pooler.dense` `[d, d]` (tanh on the first token).
+    pub pooler: LinearSlot<B>,
+    /// `classifier` `[d, num_labels]`.
+    pub classifier: LinearSlot<B>,
+}
+
+/// A BERT encoder, with the classification head when the checkpoint has one.
+#[derive(Module, Debug)]
+pub struct Bert<B: Backend> {
+    /// `embeddings.word_embeddings` `[vocab, d]`.
+    pub word_embeddings: Embedding<B>,
+    /// `embeddings.position_embeddings` `[max_pos, d]`.
+    pub position_embeddings: Embedding<B>,
+    /// `embeddings.token_type_embeddings` `[types, d]`.
+    pub token_type_embeddings: Embedding<B>,
+    /// `embeddings.LayerNorm`.
+    pub embeddings_norm: LayerNorm<B>,
+    /// Encoder layers.
+    pub layers: Vec<BertLayer<B>>,
+    /// Pooler and classifier (`BertForSequenceClassification`), if present.
+    pub head: Option<BertClassifier<B>>,
+    /// The configuration.
+    #[module(skip)]
+    pub config: BertConfig,
+    /// Module-path prefix of the encoder: `bert.` in task models, empty in `BertModel`.
+    #[module(skip)]
+    pub prefix: String,
+}
+
+impl<B: Backend> BertLayer<B> {
+    fn forward(&self, x: Tensor<B, 3>, heads: usize, mask: Option<&Tensor<B, 4>>) -> Tensor<B, 3> {
+        let q = split_heads(self.query.forward(x.clone()), heads);
+        let k = split_heads(self.key.forward(x.clone()), heads);
+        let v = split_heads(self.value.forward(x.clone()), heads);
+        let a = self.attention_output.forward(attend(q, k, v, mask.cloned()));
+        let x = self.attention_norm.forward(a + x);
+        let h = gelu(self.intermediate.forward(x.clone()));
+        self.output_norm.forward(self.output.forward(h) + x)
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Loads `config.json` + `model.safetensors` from a Hugging Face directory.
+    /// `BertForSequenceClassification` checkpoints (keys under `bert.` plus
+    /// `classifier`) load with their head.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config: BertConfig = read_config(dir)?;
+        if config.hidden_act != "gelu" {
+            return Err(PeftError::Config(format!(
+                "hidden_act `{}` is not supported (gelu)",
+                config.hidden_act
+            )));
+        }
+        let mut ck = Checkpoint::<B>::open(dir, device)?;
+        let prefix = if ck.has_prefix("bert.") { "bert." } else { "" }.to_string();
+        let (d, ff, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let e = format!("{prefix}embeddings");
+        let word_embeddings = ck.embedding(&format!("{e}.word_embeddings.weight"), config.vocab_size, d)?;
+        let position_embeddings =
+            ck.embedding(&format!("{e}.position_embeddings.weight"), config.max_position_embeddings, d)?;
+        let token_type_embeddings =
+            ck.embedding(&format!("{e}.token_type_embeddings.weight"), config.type_vocab_size, d)?;
+        let embeddings_norm = ck.layer_norm(&format!("{e}.LayerNorm"), d, eps)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("{prefix}encoder.layer.{i}");
+            layers.push(BertLayer {
+                query: ck.linear(&format!("{p}.attention.self.query"), d, d, true)?,
+                key: ck.linear(&format!("{p}.attention.self.key"), d, d, true)?,
+                value: ck.linear(&format!("{p}.attention.self.value"), d, d, true)?,
+                attention_output: ck.linear(&format!("{p}.attention.output.dense"), d, d, true)?,
+                attention_norm: ck.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, eps)?,
+                intermediate: ck.linear(&format!("{p}.intermediate.dense"), d, ff, true)?,
+                output: ck.linear(&format!("{p}.output.dense"), ff, d, true)?,
+                output_norm: ck.layer_norm(&format!("{p}.output.LayerNorm"), d, eps)?,
+            });
+        }
+        let head = if ck.contains("classifier.weight") {
+            let labels = ck_rows(&ck, "classifier.weight");
+            Some(BertClassifier {
+                pooler: ck.linear(&format!("{prefix}pooler.dense"), d, d, true)?,
+                classifier: ck.linear("classifier", d, labels, true)?,
+            })
+        } else {
+            None
+        };
+        ck.finish()?;
+        Ok(Bert {
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embeddings_norm,
+            layers,
+            head,
+            config,
+            prefix,
+        })
+    }
+
+    /// Last hidden states `[b, t, d]` for `ids: [b, t]` (token type 0);
+    /// `attention_mask: [b, t]` with 1 for tokens, 0 for padding.
+    pub fn encode(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+            .unsqueeze::<2>()
+            .expand([b, t]);
+        let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
+        let x = self.word_embeddings.forward(ids)
+            + self.position_embeddings.forward(positions)
+            + self.token_type_embeddings.forward(types);
+        let mut x = self.embeddings_norm.forward(x);
+        let mask = attention_mask.map(padding_mask);
+        for layer in &self.layers {
+            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref());
+        }
+        x
+    }
+
+    /// Classification logits `[b, num_labels]`. Fails for a checkpoint without a head.
+    pub fn classify(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Result<Tensor<B, 2>> {
+        let head = self.head.as_ref().ok_or_else(|| {
+            PeftError::State("this BERT checkpoint has no classification head".into())
+        })?;
+        let h = self.encode(ids, attention_mask);
+        let [b, _, d] = h.dims();
+        let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
+        let pooled = tanh(head.pooler.forward(first));
+        Ok(head.classifier.forward(pooled))
+    }
+}
+
+fn ck_rows<B: Backend>(ck: &Checkpoint<'_, B>, key: &str) -> usize {
+    ck.shape(key).map(|s| s[0]).unwrap_or(0)
+}
+
+impl<B: Backend> PeftModel<B> for Bert<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
+        let pre = &self.prefix;
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("{pre}encoder.layer.{i}");
+            f(&format!("{p}.attention.self.query"), &l.query);
+            f(&format!("{p}.attention.self.key"), &l.key);
+            f(&format!("{p}.attention.self.value"), &l.value);
+            f(&format!("{p}.attention.output.dense"), &l.attention_output);
+            f(&format!("{p}.intermediate.dense"), &l.intermediate);
+            f(&format!("{p}.output.dense"), &l.output);
+        }
+        if let Some(h) = &self.head {
+            f(&format!("{pre}pooler.dense"), &h.pooler);
+            f("classifier", &h.classifier);
+        }
+    }
+
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
+        let pre = self.prefix.clone();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("{pre}encoder.layer.{i}");
+            f(&format!("{p}.attention.self.query"), &mut l.query);
+            f(&format!("{p}.attention.self.key"), &mut l.key);
+            f(&format!("{p}.attention.self.value"), &mut l.value);
+            f(&format!("{p}.attention.output.dense"), &mut l.attention_output);
+            f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
+            f(&format!("{p}.output.dense"), &mut l.output);
+        }
+        if let Some(h) = &mut self.head {
+            f(&format!("{pre}pooler.dense"), &mut h.pooler);
+            f("classifier", &mut h.classifier);
+        }
+    }
+
+    fn output_layers(&self) -> Vec<String> {
+        vec!["classifier".into()]
+    }
+}

@@ -1,0 +1,152 @@
+//! Loading Hugging Face checkpoints: named tensors in, Burn modules out.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::backend::Backend;
+use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::{LinearSlot, PeftError, Result};
+use serde::de::DeserializeOwned;
+
+/// Buffers some checkpoints carry that are recomputed, not loaded.
+const IGNORED_SUFFIXES: &[&str] = &["position_ids", "inv_freq", "attn.bias", "attn.masked_bias"];
+
+/// The tensors of a checkpoint, taken one by one as modules are built; what
+/// is left at the end is reported as unexpected.
+pub struct Checkpoint<'d, B: Backend> {
+    tensors: HashMap<String, HostTensor>,
+    path: PathBuf,
+    device: &'d B::Device,
+}
+
+/// Reads and parses `dir/config.json`.
+pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| PeftError::Json { path, source })
+}
+
+impl<'d, B: Backend> Checkpoint<'d, B> {
+    /// Opens `dir/model.safetensors`.
+    pub fn open(dir: &Path, device: &'d B::Device) -> Result<Self> {
+        let path = dir.join("model.safetensors");
+        if !path.exists() {
+            return Err(PeftError::Checkpoint {
+                path,
+                message: "no model.safetensors in this model directory".into(),
+            });
+        }
+        Ok(Checkpoint {
+            tensors: read_safetensors(&path)?,
+            path,
+            device,
+        })
+    }
+
+    /// Whether a tensor named `key` is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// Whether any key starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.tensors.keys().any(|k| k.starts_with(prefix))
+    }
+
+    fn take(&mut self, key: &str) -> Result<HostTensor> {
+        self.tensors
+            .remove(key)
+            .ok_or_else(|| PeftError::MissingTensor {
+                path: self.path.clone(),
+                key: key.to_string(),
+            })
+    }
+
+    /// A `D`-dimensional parameter of the given shape.
+    pub fn param<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+    ) -> Result<Param<burn::tensor::Tensor<B, D>>> {
+        let t = self.take(key)?;
+        Ok(Param::from_tensor(t.to_tensor(shape, key, self.device)?))
+    }
+
+    /// A PyTorch `nn.Linear` (`weight: [out, in]`) as a frozen slot.
+    pub fn linear(&mut self, path: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LinearSlot<B>> {
+        let key = format!("{path}.weight");
+        let w = self.take(&key)?;
+        if w.shape != [d_out, d_in] {
+            return Err(PeftError::Shape {
+                name: key,
+                expected: vec![d_out, d_in],
+                found: w.shape,
+            });
+        }
+        let weight = w.transposed().to_tensor([d_in, d_out], &key, self.device)?;
+        let bias = if bias {
+            Some(self.param(&format!("{path}.bias"), [d_out])?.val())
+        } else {
+            None
+        };
+        Ok(LinearSlot::from_weights(weight, bias))
+    }
+
+    /// A GPT-2 `Conv1D` (`weight: [in, out]`, already Burn's layout) as a frozen slot.
+    pub fn conv1d(&mut self, path: &str, d_in: usize, d_out: usize) -> Result<LinearSlot<B>> {
+        let weight = self.param(&format!("{path}.weight"), [d_in, d_out])?.val();
+        let bias = self.param(&format!("{path}.bias"), [d_out])?.val();
+        Ok(LinearSlot::from_weights(weight, Some(bias)))
+    }
+
+    /// An embedding table `[vocab, d]`.
+    pub fn embedding(&mut self, key: &str, vocab: usize, d: usize) -> Result<Embedding<B>> {
+        Ok(Embedding {
+            weight: self.param(key, [vocab, d])?.set_require_grad(false),
+        })
+    }
+
+    /// A LayerNorm with `weight`/`bias` under `path`.
+    pub fn layer_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
+        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(self.device);
+        ln.gamma = self.param(&format!("{path}.weight"), [d])?.set_require_grad(false);
+        ln.beta = Some(self.param(&format!("{path}.bias"), [d])?.set_require_grad(false));
+        Ok(ln)
+    }
+
+    /// An RMSNorm with `weight` under `path`.
+    pub fn rms_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
+        let mut n = RmsNormConfig::new(d).with_epsilon(eps).init(self.device);
+        n.gamma = self.param(&format!("{path}.weight"), [d])?.set_require_grad(false);
+        Ok(n)
+    }
+
+    /// Fails if tensors remain that no module took (ignoring recomputed buffers).
+    pub fn finish(self) -> Result<()> {
+        let mut left: Vec<String> = self
+            .tensors
+            .into_keys()
+            .filter(|k| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        left.sort();
+        Err(PeftError::UnexpectedTensors {
+            path: self.path,
+            keys: left,
+        })
+    }
+}
+
+impl<B: Backend> Checkpoint<'_, B> {
+    /// The shape of tensor `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.tensors.get(key).map(|t| t.shape.as_slice())
+    }
+}

@@ -1,0 +1,179 @@
+//! GPT-2 (`GPT2LMHeadModel`). Its `Conv1D` layers store weights as
+//! `[in, out]`, which is already Burn's layout; PEFT's `fan_in_fan_out`
+//! therefore changes nothing in this crate's arithmetic.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, LayerNorm};
+use burn::tensor::activation::gelu_approximate;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use serde::Deserialize;
+
+use crate::attention::{attend, causal_mask, padding_mask, split_heads};
+use crate::checkpoint::{read_config, Checkpoint};
+
+/// The fields of a GPT-2 `config.json` this model uses.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Gpt2Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Maximum sequence length.
+    pub n_positions: usize,
+    /// Model width.
+    pub n_embd: usize,
+    /// Number of blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Feed-forward width (default `4·n_embd`).
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    /// Only `gelu_new` (tanh approximation) is supported.
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
+
+/// One GPT-2 block.
+#[derive(Module, Debug)]
+pub struct Gpt2Block<B: Backend> {
+    /// LayerNorm before attention.
+    pub ln_1: LayerNorm<B>,
+    /// Fused q/k/v projection `[d, 3d]`.
+    pub c_attn: LinearSlot<B>,
+    /// Attention output projection `[d, d]`.
+    pub attn_c_proj: LinearSlot<B>,
+    /// LayerNorm before the MLP.
+    pub ln_2: LayerNorm<B>,
+    /// MLP up-projection `[d, ff]`.
+    pub c_fc: LinearSlot<B>,
+    /// MLP down-projection `[ff, d]`.
+    pub mlp_c_proj: LinearSlot<B>,
+}
+
+/// `GPT2LMHeadModel` (output head tied to `wte`).
+#[derive(Module, Debug)]
+pub struct Gpt2<B: Backend> {
+    /// Token embeddings `[vocab, d]`.
+    pub wte: Embedding<B>,
+    /// Position embeddings `[n_positions, d]`.
+    pub wpe: Embedding<B>,
+    /// Blocks.
+    pub h: Vec<Gpt2Block<B>>,
+    /// Final LayerNorm.
+    pub ln_f: LayerNorm<B>,
+    /// The configuration.
+    #[module(skip)]
+    pub config: Gpt2Config,
+}
+
+impl<B: Backend> Gpt2Block<B> {
+    fn forward(&self, x: Tensor<B, 3>, heads: usize, mask: &Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()));
+        let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), heads);
+        let k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), heads);
+        let v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), heads);
+        let x = x + self.attn_c_proj.forward(attend(q, k, v, Some(mask.clone())));
+        let h = gelu_approximate(self.c_fc.forward(self.ln_2.forward(x.clone())));
+        x + self.mlp_c_proj.forward(h)
+    }
+}
+
+impl<B: Backend> Gpt2<B> {
+    /// Loads `config.json` + `model.safetensors` from a Hugging Face directory.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config: Gpt2Config = read_config(dir)?;
+        if config.activation_function != "gelu_new" {
+            return Err(PeftError::Config(format!(
+                "activation_function `{}` is not supported (gelu_new)",
+                config.activation_function
+            )));
+        }
+        let mut ck = Checkpoint::<B>::open(dir, device)?;
+        // GPT2LMHeadModel checkpoints prefix with `transformer.`; bare GPT2Model ones do not.
+        let root = if ck.has_prefix("transformer.") { "transformer." } else { "" };
+        let d = config.n_embd;
+        let ff = config.n_inner.unwrap_or(4 * d);
+        let eps = config.layer_norm_epsilon;
+        let mut h = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("{root}h.{i}");
+            h.push(Gpt2Block {
+                ln_1: ck.layer_norm(&format!("{p}.ln_1"), d, eps)?,
+                c_attn: ck.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?,
+                attn_c_proj: ck.conv1d(&format!("{p}.attn.c_proj"), d, d)?,
+                ln_2: ck.layer_norm(&format!("{p}.ln_2"), d, eps)?,
+                c_fc: ck.conv1d(&format!("{p}.mlp.c_fc"), d, ff)?,
+                mlp_c_proj: ck.conv1d(&format!("{p}.mlp.c_proj"), ff, d)?,
+            });
+        }
+        let model = Gpt2 {
+            wte: ck.embedding(&format!("{root}wte.weight"), config.vocab_size, d)?,
+            wpe: ck.embedding(&format!("{root}wpe.weight"), config.n_positions, d)?,
+            ln_f: ck.layer_norm(&format!("{root}ln_f"), d, eps)?,
+            h,
+            config,
+        };
+        ck.finish()?;
+        Ok(model)
+    }
+
+    /// Logits `[b, t, vocab]` for `ids: [b, t]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+            .unsqueeze::<2>()
+            .expand([b, t]);
+        let mut x = self.wte.forward(ids) + self.wpe.forward(positions);
+        let mut mask = causal_mask::<B>(t, 0, &device);
+        if let Some(am) = attention_mask {
+            mask = mask + padding_mask(am);
+        }
+        for block in &self.h {
+            x = block.forward(x, self.config.n_head, &mask);
+        }
+        self.ln_f
+            .forward(x)
+            .matmul(self.wte.weight.val().transpose().unsqueeze())
+    }
+}
+
+impl<B: Backend> PeftModel<B> for Gpt2<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
+        for (i, blk) in self.h.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            f(&format!("{p}.attn.c_attn"), &blk.c_attn);
+            f(&format!("{p}.attn.c_proj"), &blk.attn_c_proj);
+            f(&format!("{p}.mlp.c_fc"), &blk.c_fc);
+            f(&format!("{p}.mlp.c_proj"), &blk.mlp_c_proj);
+        }
+    }
+
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
+        for (i, blk) in self.h.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            f(&format!("{p}.attn.c_attn"), &mut blk.c_attn);
+            f(&format!("{p}.attn.c_proj"), &mut blk.attn_c_proj);
+            f(&format!("{p}.mlp.c_fc"), &mut blk.c_fc);
+            f(&format!("{p}.mlp.c_proj"), &mut blk.mlp_c_proj);
+        }
+    }
+
+    fn output_layers(&self) -> Vec<String> {
+        vec!["lm_head".into()]
+    }
+}

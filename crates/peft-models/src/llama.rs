@@ -1,0 +1,317 @@
+//! Llama family (`LlamaForCausalLM`): RoPE, grouped-query attention,
+//! RMSNorm, SwiGLU feed-forward, tied or untied output head.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use serde::Deserialize;
+
+use crate::attention::{attend, causal_mask, padding_mask, split_heads};
+use crate::checkpoint::{read_config, Checkpoint};
+
+/// RoPE settings as transformers ≥ 5 writes them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeParameters {
+    /// Base of the rotary frequencies.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Only `default` is supported.
+    #[serde(default = "default_rope_type")]
+    pub rope_type: String,
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_rope_type() -> String {
+    "default".into()
+}
+
+/// The fields of a Llama `config.json` this model uses.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base in transformers < 5.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE settings in transformers ≥ 5.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the feed-forward projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+impl LlamaConfig {
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .map(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
+    }
+    fn validate(&self) -> Result<()> {
+        if let Some(r) = &self.rope_parameters {
+            if r.rope_type != "default" {
+                return Err(PeftError::Config(format!(
+                    "rope_type `{}` is not supported (only `default`)",
+                    r.rope_type
+                )));
+            }
+        }
+        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(PeftError::Config(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct LlamaLayer<B: Backend> {
+    /// RMSNorm before attention, `[d]`.
+    pub input_layernorm: RmsNorm<B>,
+    /// `[d, h·hd]`.
+    pub q_proj: LinearSlot<B>,
+    /// `[d, kv_h·hd]`.
+    pub k_proj: LinearSlot<B>,
+    /// `[d, kv_h·hd]`.
+    pub v_proj: LinearSlot<B>,
+    /// `[h·hd, d]`.
+    pub o_proj: LinearSlot<B>,
+    /// RMSNorm before the feed-forward block, `[d]`.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// `[d, ff]`.
+    pub gate_proj: LinearSlot<B>,
+    /// `[d, ff]`.
+    pub up_proj: LinearSlot<B>,
+    /// `[ff, d]`.
+    pub down_proj: LinearSlot<B>,
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embeddings `[vocab, d]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<LlamaLayer<B>>,
+    /// Final RMSNorm `[d]`.
+    pub norm: RmsNorm<B>,
+    /// Output head `[d, vocab]`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<LinearSlot<B>>,
+    /// The model's configuration.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// `cos`, `sin` of shape `[t, head_dim]` for positions `start..start + t`
+/// (Hugging Face's "rotate half" layout: frequencies repeated twice).
+fn rope_tables<B: Backend>(
+    t: usize,
+    start: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(t * head_dim);
+    let mut sin = Vec::with_capacity(t * head_dim);
+    for p in start..start + t {
+        for j in 0..head_dim {
+            let angle = p as f32 * inv_freq[j % half];
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [t, head_dim]), device),
+        Tensor::from_data(TensorData::new(sin, [t, head_dim]), device),
+    )
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x: [b, h, t, hd]`.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+}
+
+impl<B: Backend> LlamaLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        config: &LlamaConfig,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        mask: &Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let h = self.input_layernorm.forward(x.clone());
+        let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
+        let k = split_heads(self.k_proj.forward(h.clone()), config.kv_heads());
+        let v = split_heads(self.v_proj.forward(h), config.kv_heads());
+        let q = apply_rope(q, &rope.0, &rope.1);
+        let k = apply_rope(k, &rope.0, &rope.1);
+        let attn = attend(q, k, v, Some(mask.clone()));
+        let x = x + self.o_proj.forward(attn);
+        let h = self.post_attention_layernorm.forward(x.clone());
+        let ff = silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
+        x + self.down_proj.forward(ff)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `config.json` + `model.safetensors` from a Hugging Face directory.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config: LlamaConfig = read_config(dir)?;
+        config.validate()?;
+        let mut ck = Checkpoint::<B>::open(dir, device)?;
+        let (d, ff) = (config.hidden_size, config.intermediate_size);
+        let (qd, kvd) = (
+            config.num_attention_heads * config.head_dim(),
+            config.kv_heads() * config.head_dim(),
+        );
+        let (ab, mb) = (config.attention_bias, config.mlp_bias);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(LlamaLayer {
+                input_layernorm: ck.rms_norm(&format!("{p}.input_layernorm"), d, config.rms_norm_eps)?,
+                q_proj: ck.linear(&format!("{p}.self_attn.q_proj"), d, qd, ab)?,
+                k_proj: ck.linear(&format!("{p}.self_attn.k_proj"), d, kvd, ab)?,
+                v_proj: ck.linear(&format!("{p}.self_attn.v_proj"), d, kvd, ab)?,
+                o_proj: ck.linear(&format!("{p}.self_attn.o_proj"), qd, d, ab)?,
+                post_attention_layernorm: ck.rms_norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    config.rms_norm_eps,
+                )?,
+                gate_proj: ck.linear(&format!("{p}.mlp.gate_proj"), d, ff, mb)?,
+                up_proj: ck.linear(&format!("{p}.mlp.up_proj"), d, ff, mb)?,
+                down_proj: ck.linear(&format!("{p}.mlp.down_proj"), ff, d, mb)?,
+            });
+        }
+        let embed_tokens = ck.embedding("model.embed_tokens.weight", config.vocab_size, d)?;
+        let norm = ck.rms_norm("model.norm", d, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ck.linear("lm_head", d, config.vocab_size, false)?)
+        };
+        ck.finish()?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config,
+        })
+    }
+
+    /// Logits `[b, t, vocab]` for `ids: [b, t]`; `attention_mask: [b, t]`
+    /// (1 = token, 0 = padding) when the batch is padded.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [_, t] = ids.dims();
+        let mut x = self.embed_tokens.forward(ids);
+        let rope = rope_tables(t, 0, self.config.head_dim(), self.config.theta(), &device);
+        let mut mask = causal_mask::<B>(t, 0, &device);
+        if let Some(am) = attention_mask {
+            mask = mask + padding_mask(am);
+        }
+        for layer in &self.layers {
+            x = layer.forward(x, &self.config, &rope, &mask);
+        }
+        let h = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+}
+
+impl<B: Backend> PeftModel<B> for Llama<B> {
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.self_attn.q_proj"), &l.q_proj);
+            f(&format!("{p}.self_attn.k_proj"), &l.k_proj);
+            f(&format!("{p}.self_attn.v_proj"), &l.v_proj);
+            f(&format!("{p}.self_attn.o_proj"), &l.o_proj);
+            f(&format!("{p}.mlp.gate_proj"), &l.gate_proj);
+            f(&format!("{p}.mlp.up_proj"), &l.up_proj);
+            f(&format!("{p}.mlp.down_proj"), &l.down_proj);
+        }
+        if let Some(h) = &self.lm_head {
+            f("lm_head", h);
+        }
+    }
+
+    fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.self_attn.q_proj"), &mut l.q_proj);
+            f(&format!("{p}.self_attn.k_proj"), &mut l.k_proj);
+            f(&format!("{p}.self_attn.v_proj"), &mut l.v_proj);
+            f(&format!("{p}.self_attn.o_proj"), &mut l.o_proj);
+            f(&format!("{p}.mlp.gate_proj"), &mut l.gate_proj);
+            f(&format!("{p}.mlp.up_proj"), &mut l.up_proj);
+            f(&format!("{p}.mlp.down_proj"), &mut l.down_proj);
+        }
+        if let Some(h) = &mut self.lm_head {
+            f("lm_head", h);
+        }
+    }
+
+    fn output_layers(&self) -> Vec<String> {
+        vec!["lm_head".into()]
+    }
+}
