@@ -19,6 +19,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants.
 
+pub mod backends;
 pub mod config;
 pub mod count;
 pub mod error;

@@ -1,0 +1,198 @@
+//! PEFT's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
+//!
+//! Keys are `base_model.model.<module path>.lora_A.weight` (`[r, in]`),
+//! `.lora_B.weight` (`[out, r]`) and, for DoRA, `.lora_magnitude_vector`
+//! (`[out]`), with the adapter name stripped. The adapter `default` lives in
+//! the folder itself, any other adapter in `<folder>/<name>/`. The
+//! transposes to Burn's `[in, r]` / `[r, out]` happen here and only here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
+use peft_core::{LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
+
+use crate::LoraModel;
+
+/// File name of the config.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// File name of the weights.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
+    if name == DEFAULT_ADAPTER {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
+    /// Writes every adapter in PEFT's layout under `dir`. Each file is written
+    /// atomically (temporary file, fsync, rename): a crash leaves the previous
+    /// file or the new one, never a torn one.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for name in self.adapter_names() {
+            self.save_adapter(&name, &adapter_dir(dir, &name))?;
+        }
+        Ok(())
+    }
+
+    /// The tensors of adapter `name` under PEFT's keys, in PEFT's layout.
+    pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, HostTensor)>> {
+        self.config(name)?;
+        let mut tensors = Vec::new();
+        self.model.visit_linears(&mut |path, slot| {
+            if let Some(e) = slot.lora_entry(name) {
+                let key = format!("{PREFIX}{path}");
+                tensors.push((
+                    format!("{key}.lora_A.weight"),
+                    HostTensor::from_tensor(e.a.val()).transposed(),
+                ));
+                tensors.push((
+                    format!("{key}.lora_B.weight"),
+                    HostTensor::from_tensor(e.b.val()).transposed(),
+                ));
+                if let Some(m) = &e.magnitude {
+                    tensors.push((
+                        format!("{key}.lora_magnitude_vector"),
+                        HostTensor::from_tensor(m.val()),
+                    ));
+                }
+            }
+        });
+        Ok(tensors)
+    }
+
+    /// Writes adapter `name` (config + weights) into `dir`.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let mut config = self.config(name)?.clone();
+        config.inference_mode = true;
+        let tensors = self.adapter_tensors(name)?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        // Weights first: a config on disk always has its weights beside it.
+        write_atomic(
+            &dir.join(WEIGHTS_FILE),
+            &serialize_safetensors(&tensors, Some(metadata)),
+        )?;
+        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
+    }
+
+    /// Loads a PEFT adapter folder as adapter `name` (inactive; call
+    /// [`set_adapter`](Self::set_adapter)). Every tensor must fit a targeted
+    /// module and every targeted module must find its tensors.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let mut tensors = read_safetensors(&weights_path)?;
+        for (k, t) in &tensors {
+            t.check_finite(k, &weights_path)?;
+        }
+        let paths = self.inject(name, config, Some(()))?;
+        let mut fill = || -> Result<()> {
+            let mut result = Ok(());
+            let mut take = |key: String| {
+                tensors.remove(&key).ok_or(PeftError::MissingTensor {
+                    path: weights_path.clone(),
+                    key,
+                })
+            };
+            self.model.visit_linears_mut(&mut |path, slot| {
+                if result.is_err() || !paths.iter().any(|p| p == path) {
+                    return;
+                }
+                let device = slot.base.weight.device();
+                let (d_in, d_out) = (slot.d_input(), slot.d_output());
+                let key = format!("{PREFIX}{path}");
+                let entry = slot.lora_entry_mut(name).expect("injected above");
+                let r = entry.meta.rank;
+                let mut step = || -> Result<()> {
+                    let a = take(format!("{key}.lora_A.weight"))?;
+                    let b = take(format!("{key}.lora_B.weight"))?;
+                    let a_t = a.transposed_checked(&format!("{key}.lora_A.weight"), [r, d_in])?;
+                    let b_t = b.transposed_checked(&format!("{key}.lora_B.weight"), [d_out, r])?;
+                    entry.a = Param::from_tensor(a_t.to_tensor([d_in, r], "lora_A", &device)?);
+                    entry.b = Param::from_tensor(b_t.to_tensor([r, d_out], "lora_B", &device)?);
+                    if entry.magnitude.is_some() {
+                        let mkey = format!("{key}.lora_magnitude_vector");
+                        let m = take(mkey.clone())?;
+                        entry.magnitude = Some(Param::from_tensor(m.to_tensor([d_out], &mkey, &device)?));
+                    }
+                    Ok(())
+                };
+                result = step();
+            });
+            result
+        };
+        let filled = fill();
+        let leftover: Vec<String> = tensors.into_keys().collect();
+        let outcome = filled.and_then(|()| {
+            if leftover.is_empty() {
+                Ok(())
+            } else {
+                let mut keys = leftover;
+                keys.sort();
+                Err(PeftError::UnexpectedTensors {
+                    path: weights_path.clone(),
+                    keys,
+                })
+            }
+        });
+        if outcome.is_err() {
+            // Leave the model as it was.
+            self.delete_adapter(name)?;
+        }
+        // Loaded adapters keep the activation state of the others.
+        let active: Vec<String> = self.active_adapters().to_vec();
+        let refs: Vec<&str> = active.iter().map(String::as_str).collect();
+        self.set_adapter(&refs)?;
+        outcome
+    }
+
+    /// Wraps `model` and loads the PEFT adapter folder `dir` as `default`,
+    /// plus every sub-folder holding an adapter, under the sub-folder's name.
+    /// `default` is active.
+    pub fn from_pretrained(model: M, dir: &Path) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.load_adapter(dir, DEFAULT_ADAPTER)?;
+        let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| PeftError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(CONFIG_FILE).is_file())
+            .collect();
+        subdirs.sort();
+        for sub in subdirs {
+            let name = sub
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            this.load_adapter(&sub, &name)?;
+        }
+        this.set_adapter(&[DEFAULT_ADAPTER])?;
+        Ok(this)
+    }
+}
+
+/// Shape-checked transpose at the file boundary.
+trait TransposedChecked: Sized {
+    fn transposed_checked(&self, key: &str, file_shape: [usize; 2]) -> Result<Self>;
+}
+
+impl TransposedChecked for HostTensor {
+    fn transposed_checked(&self, key: &str, file_shape: [usize; 2]) -> Result<Self> {
+        if self.shape != file_shape {
+            return Err(PeftError::Shape {
+                name: key.to_string(),
+                expected: file_shape.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(self.transposed())
+    }
+}

@@ -1,0 +1,340 @@
+//! [`LoraModel`]: a model with named LoRA adapters.
+
+use std::marker::PhantomData;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use indexmap::IndexMap;
+use peft_core::config::InitLoraWeights;
+use peft_core::slot::column_norm;
+use peft_core::target::{is_target, rank_and_alpha};
+use peft_core::{
+    routing, LinearSlot, LoraConfig, LoraEntry, LoraMeta, ParamCount, PeftError, PeftModel,
+    Result, BASE_ROW,
+};
+
+/// A model carrying named LoRA adapters.
+///
+/// The wrapped model stays a plain Burn module (`model`): train it with any
+/// Burn optimizer; only adapter parameters receive gradients.
+#[derive(Debug, Clone)]
+pub struct LoraModel<B: Backend, M: PeftModel<B>> {
+    /// The model, its slots carrying the adapters.
+    pub model: M,
+    configs: IndexMap<String, LoraConfig>,
+    active: Vec<String>,
+    disabled: bool,
+    _backend: PhantomData<B>,
+}
+
+/// How a new entry's parameters start.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Init<'a> {
+    /// By the config's `init_lora_weights`.
+    Config(&'a InitLoraWeights),
+    /// Zeros, to be overwritten from a file or by arithmetic.
+    Zeros,
+}
+
+fn uniform<B: Backend>(shape: [usize; 2], bound: f64, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::random(shape, Distribution::Uniform(-bound, bound), device)
+}
+
+/// A new entry for `slot`, initialised as PEFT initialises it.
+fn new_entry<B: Backend>(
+    slot: &LinearSlot<B>,
+    meta: LoraMeta,
+    use_dora: bool,
+    init: Init<'_>,
+) -> LoraEntry<B> {
+    let device = slot.base.weight.device();
+    let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
+    // PyTorch's kaiming_uniform_(a=√5) on `[r, d_in]` is U(±1/√d_in).
+    let (a, b) = match init {
+        Init::Zeros => (
+            Tensor::zeros([d_in, r], &device),
+            Tensor::zeros([r, d_out], &device),
+        ),
+        Init::Config(InitLoraWeights::Named(n)) if n == "gaussian" => (
+            Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), &device),
+            Tensor::zeros([r, d_out], &device),
+        ),
+        // `false`: both factors keep nn.Linear's default init (B ≠ 0).
+        Init::Config(InitLoraWeights::Bool(false)) => (
+            uniform([d_in, r], 1.0 / (d_in as f64).sqrt(), &device),
+            uniform([r, d_out], 1.0 / (r as f64).sqrt(), &device),
+        ),
+        Init::Config(_) => (
+            uniform([d_in, r], 1.0 / (d_in as f64).sqrt(), &device),
+            Tensor::zeros([r, d_out], &device),
+        ),
+    };
+    let magnitude = use_dora.then(|| {
+        let delta = a.clone().matmul(b.clone()) * meta.scaling;
+        Param::from_tensor(column_norm(slot.base.weight.val() + delta).detach())
+    });
+    LoraEntry {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        magnitude,
+        meta,
+    }
+}
+
+impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
+    /// Wraps `model` and attaches `config` as the adapter `default`.
+    pub fn new(model: M, config: LoraConfig) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.add_adapter(peft_core::DEFAULT_ADAPTER, config)?;
+        Ok(this)
+    }
+
+    /// Wraps `model` with no adapter. Every parameter of the model is frozen.
+    pub fn wrap(model: M) -> Self {
+        LoraModel {
+            model: model.no_grad(),
+            configs: IndexMap::new(),
+            active: Vec::new(),
+            disabled: false,
+            _backend: PhantomData,
+        }
+    }
+
+    /// Adds adapter `name` per `config` (freshly initialised) and makes it the
+    /// only active adapter, as PEFT's `add_adapter` + `set_adapter` would.
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
+        self.inject(name, config, None)?;
+        self.set_adapter(&[name])
+    }
+
+    /// Attaches entries for `name` on every slot `config` targets.
+    /// Returns the adapted paths.
+    pub(crate) fn inject(
+        &mut self,
+        name: &str,
+        config: LoraConfig,
+        zeros: Option<()>,
+    ) -> Result<Vec<String>> {
+        config.validate()?;
+        if self.configs.contains_key(name) {
+            return Err(PeftError::DuplicateAdapter(name.to_string()));
+        }
+        if name == BASE_ROW {
+            return Err(PeftError::Config(format!("`{BASE_ROW}` is reserved")));
+        }
+        let outputs = self.model.output_layers();
+        let mut plan = Vec::new();
+        let mut paths = Vec::new();
+        self.model.visit_linears(&mut |path, _| paths.push(path.to_string()));
+        for path in &paths {
+            if is_target(&config, path, &outputs)? {
+                let (r, alpha) = rank_and_alpha(&config, path)?;
+                plan.push((path.clone(), r, alpha));
+            }
+        }
+        if plan.is_empty() {
+            return Err(PeftError::NoTargetMatched {
+                targets: serde_json::to_string(&config.target_modules)
+                    .unwrap_or_else(|_| "?".into()),
+                available: paths,
+            });
+        }
+        let init = match zeros {
+            Some(()) => Init::Zeros,
+            None => Init::Config(&config.init_lora_weights),
+        };
+        let mut result = Ok(());
+        let mut i = 0;
+        self.model.visit_linears_mut(&mut |path, slot| {
+            if result.is_err() || i >= plan.len() || plan[i].0 != path {
+                return;
+            }
+            let (_, r, alpha) = plan[i];
+            i += 1;
+            let meta = LoraMeta {
+                name: name.to_string(),
+                rank: r,
+                alpha,
+                scaling: config.scaling_for(r, alpha),
+                dropout: config.lora_dropout,
+                merged: false,
+                dora_merge_norm: None,
+            };
+            let entry = new_entry(slot, meta, config.use_dora, init);
+            result = slot.add_lora(entry, path);
+        });
+        result?;
+        let adapted = plan.into_iter().map(|(p, _, _)| p).collect();
+        self.configs.insert(name.to_string(), config);
+        Ok(adapted)
+    }
+
+    /// Names of all adapters, in the order they were added.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.configs.keys().cloned().collect()
+    }
+
+    /// The config of adapter `name`.
+    pub fn config(&self, name: &str) -> Result<&LoraConfig> {
+        self.configs.get(name).ok_or_else(|| self.unknown(name))
+    }
+
+    fn unknown(&self, name: &str) -> PeftError {
+        PeftError::UnknownAdapter {
+            name: name.to_string(),
+            available: self.adapter_names(),
+        }
+    }
+
+    /// The active adapters.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Activates `names` (one or several; their deltas add up). Only active
+    /// adapters train.
+    pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.config(n)?;
+        }
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        self.model.visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        self.active = names;
+        Ok(())
+    }
+
+    /// Removes adapter `name` everywhere (unmerging it first if merged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.config(name)?;
+        self.model.visit_linears_mut(&mut |_, slot| {
+            slot.remove_lora(name);
+        });
+        self.configs.shift_remove(name);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    fn any_merged(&self) -> bool {
+        let mut merged = false;
+        self.model
+            .visit_linears(&mut |_, s| merged |= s.lora.iter().any(|e| e.meta.merged));
+        merged
+    }
+
+    /// Bypasses every unmerged adapter: the model computes its base output.
+    /// Fails while adapters are merged (unmerge first).
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        if self.any_merged() {
+            return Err(PeftError::State(
+                "cannot disable adapters while some are merged; unmerge first".into(),
+            ));
+        }
+        self.set_disabled(true);
+        Ok(())
+    }
+
+    /// Undoes [`disable_adapters`](Self::disable_adapters).
+    pub fn enable_adapters(&mut self) {
+        self.set_disabled(false);
+    }
+
+    fn set_disabled(&mut self, disabled: bool) {
+        self.disabled = disabled;
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+    }
+
+    /// Whether adapters are disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// Folds the active adapters into the base weights. Afterwards the
+    /// forward pass is exactly the base computation on the merged weights.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let names = self.active.clone();
+        self.merge(&names)
+    }
+
+    /// Folds the named adapters into the base weights.
+    pub fn merge(&mut self, names: &[String]) -> Result<()> {
+        for n in names {
+            self.config(n)?;
+        }
+        self.model.visit_linears_mut(&mut |_, slot| {
+            for n in names {
+                slot.merge(n);
+            }
+        });
+        Ok(())
+    }
+
+    /// Takes every merged adapter back out of the base weights (in reverse
+    /// merge order, so that several merged adapters restore exactly).
+    pub fn unmerge_adapter(&mut self) {
+        let names: Vec<String> = self.configs.keys().rev().cloned().collect();
+        self.model.visit_linears_mut(&mut |_, slot| {
+            for n in &names {
+                slot.unmerge(n);
+            }
+        });
+    }
+
+    /// Merges the active adapters and removes all adapters: the plain model,
+    /// with `W' = W + ΔW`.
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        self.merge_adapter()?;
+        self.model.visit_linears_mut(&mut |_, slot| {
+            slot.lora.clear();
+            slot.state = Default::default();
+        });
+        Ok(self.model)
+    }
+
+    /// Removes all adapters without merging: the base model.
+    pub fn unload(mut self) -> M {
+        self.unmerge_adapter();
+        self.model.visit_linears_mut(&mut |_, slot| {
+            slot.lora.clear();
+            slot.state = Default::default();
+        });
+        self.model
+    }
+
+    /// Trainable and total parameters (PEFT's `get_nb_trainable_parameters`).
+    pub fn param_count(&self) -> ParamCount {
+        self.model.param_count()
+    }
+
+    /// Mixed-batch inference: runs `f` (the model's forward pass on a batch of
+    /// `batch_size` rows) with row `i` routed through adapter `names[i]`
+    /// (`__base__` for none). Merged adapters are not allowed, as in PEFT.
+    pub fn forward_mixed<R>(
+        &self,
+        names: &[&str],
+        batch_size: usize,
+        f: impl FnOnce(&M) -> R,
+    ) -> Result<R> {
+        if names.len() != batch_size {
+            return Err(PeftError::Shape {
+                name: "adapter_names".into(),
+                expected: vec![batch_size],
+                found: vec![names.len()],
+            });
+        }
+        for n in names {
+            if *n != BASE_ROW {
+                self.config(n)?;
+            }
+        }
+        if self.any_merged() {
+            return Err(PeftError::State(
+                "cannot route rows to adapters while adapters are merged; unmerge first".into(),
+            ));
+        }
+        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Ok(routing::with_row_adapters(&owned, || f(&self.model)))
+    }
+
+}

@@ -1,0 +1,228 @@
+//! Parity with Hugging Face PEFT 0.21 on the fixtures of
+//! `scripts/make_fixtures.py`: tiny random Llama, GPT-2 and BERT models with
+//! adapters trained a few steps in PyTorch. Every logit must match within
+//! 1e-5, on every backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::{backend_tests, PeftModel};
+use peft_lora::{Combination, LoraModel, WeightedOptions};
+use peft_models::bert::Bert;
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+
+const TOL: f32 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
+    assert_eq!(a.shape, b.shape, "shapes differ");
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn assert_close(what: &str, got: &HostTensor, want: &HostTensor) {
+    let d = max_diff(got, want);
+    assert!(d <= TOL, "{what}: max |diff| = {d:e} > {TOL:e}");
+}
+
+type Forward<B, M> = fn(&M, Tensor<B, 2, Int>) -> HostTensor;
+
+struct Case {
+    dir: PathBuf,
+    expected: HashMap<String, HostTensor>,
+    meta: serde_json::Value,
+}
+
+impl Case {
+    fn open(arch: &str, case: &str) -> Self {
+        let dir = fixtures().join(arch).join(case);
+        let expected = read_safetensors(&dir.join("expected.safetensors")).unwrap();
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        Case { dir, expected, meta }
+    }
+
+    fn ids<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        let t = &self.expected["input_ids"];
+        let ids: Vec<i64> = t.data.iter().map(|v| *v as i64).collect();
+        Tensor::from_data(TensorData::new(ids, [t.shape[0], t.shape[1]]), device)
+    }
+
+    fn want(&self, key: &str) -> &HostTensor {
+        &self.expected[key]
+    }
+}
+
+fn check_case<B: Backend, M: PeftModel<B> + Clone>(
+    arch: &str,
+    case: &str,
+    load: fn(&Path, &B::Device) -> M,
+    forward: Forward<B, M>,
+    device: &B::Device,
+) {
+    let c = Case::open(arch, case);
+    let ids = c.ids::<B>(device);
+    let base_model = load(&fixtures().join(arch), device);
+    let base = forward(&base_model, ids.clone());
+    assert_close("base", &base, c.want("logits_base"));
+
+    let mut lora = LoraModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
+    assert_eq!(lora.adapter_names(), vec!["default", "other"]);
+    assert_close("unmerged", &forward(&lora.model, ids.clone()), c.want("logits_unmerged"));
+
+    lora.set_adapter(&["other"]).unwrap();
+    assert_close("other", &forward(&lora.model, ids.clone()), c.want("logits_other"));
+    lora.set_adapter(&["default"]).unwrap();
+
+    let names: Vec<String> = c.meta["mixed_adapter_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let batch = ids.dims()[0];
+    let mixed = lora
+        .forward_mixed(&refs, batch, |m| forward(m, ids.clone()))
+        .unwrap();
+    assert_close("mixed batch", &mixed, c.want("logits_mixed"));
+    assert!(lora.forward_mixed(&refs[..1], batch, |_| ()).is_err(), "row count is checked");
+    assert!(lora.forward_mixed(&["nope", "default", "other"], batch, |_| ()).is_err());
+
+    lora.disable_adapters().unwrap();
+    assert_close("disabled", &forward(&lora.model, ids.clone()), c.want("logits_disabled"));
+    lora.enable_adapters();
+
+    if c.meta.get("weighted").is_some() {
+        let opts = WeightedOptions {
+            density: Some(c.meta["weighted"]["ties_density"].as_f64().unwrap()),
+            ..Default::default()
+        };
+        for (name, kind) in [
+            ("linear", Combination::Linear),
+            ("cat", Combination::Cat),
+            ("svd", Combination::Svd),
+            ("ties", Combination::Ties),
+        ] {
+            let new = format!("w_{name}");
+            lora.add_weighted_adapter(&["default", "other"], &[0.7, 0.4], &new, kind, &opts)
+                .unwrap();
+            lora.set_adapter(&[&new]).unwrap();
+            let got = forward(&lora.model, ids.clone());
+            assert_close(&format!("weighted {name}"), &got, c.want(&format!("logits_weighted_{name}")));
+            lora.delete_adapter(&new).unwrap();
+        }
+        lora.set_adapter(&["default"]).unwrap();
+    }
+
+    let weights_before: Vec<HostTensor> = {
+        let mut v = Vec::new();
+        lora.model.visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
+        v
+    };
+    lora.merge_adapter().unwrap();
+    assert_close("merged", &forward(&lora.model, ids.clone()), c.want("logits_merged"));
+    assert!(lora.disable_adapters().is_err(), "disable while merged is refused");
+    assert!(lora.forward_mixed(&refs, batch, |_| ()).is_err(), "mixed batch while merged is refused");
+    lora.unmerge_adapter();
+    assert_close("unmerged again", &forward(&lora.model, ids.clone()), c.want("logits_unmerged_again"));
+    let mut i = 0;
+    lora.model.visit_linears(&mut |p, s| {
+        let d = max_diff(&HostTensor::from_tensor(s.base.weight.val()), &weights_before[i]);
+        // Unmerge is arithmetic, as in PEFT: W' − ΔW (DoRA: W'/g − ΔW) equals W
+        // up to f32 rounding, not bit for bit.
+        assert!(d <= 5e-6, "{p}: merge/unmerge round trip off by {d:e}");
+        i += 1;
+    });
+
+    // Rust-saved adapters load back to identical outputs and identical tensors.
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("peft-parity-{arch}-{case}-{}-{run}", std::process::id()));
+    lora.save_pretrained(&out).unwrap();
+    for (sub, name) in [("", "default"), ("other", "other")] {
+        let theirs = read_safetensors(&c.dir.join(sub).join("adapter_model.safetensors")).unwrap();
+        let ours = read_safetensors(&out.join(sub).join("adapter_model.safetensors")).unwrap();
+        let mut a: Vec<_> = theirs.keys().collect();
+        let mut b: Vec<_> = ours.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: saved keys differ from PEFT's");
+        for k in a {
+            assert_eq!(theirs[k], ours[k], "{name}: tensor {k} changed in a save/load round trip");
+        }
+    }
+    let original = LoraModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
+    let reloaded = LoraModel::from_pretrained(base_model, &out).unwrap();
+    assert_eq!(
+        forward(&reloaded.model, ids.clone()).data,
+        forward(&original.model, ids).data,
+        "reloaded adapter differs"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
+    lora.delete_adapter("other").unwrap();
+    let count = lora.param_count();
+    assert_eq!(count.trainable as u64, c.meta["trainable_params"].as_u64().unwrap(), "{count}");
+    assert_eq!(count.all as u64, c.meta["all_params"].as_u64().unwrap(), "{count}");
+}
+
+fn llama<B: Backend>(dir: &Path, device: &B::Device) -> Llama<B> {
+    Llama::load(dir, device).unwrap()
+}
+fn llama_fwd<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.forward(ids, None))
+}
+fn gpt2<B: Backend>(dir: &Path, device: &B::Device) -> Gpt2<B> {
+    Gpt2::load(dir, device).unwrap()
+}
+fn gpt2_fwd<B: Backend>(m: &Gpt2<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.forward(ids, None))
+}
+fn bert<B: Backend>(dir: &Path, device: &B::Device) -> Bert<B> {
+    Bert::load(dir, device).unwrap()
+}
+fn bert_fwd<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.classify(ids, None).unwrap())
+}
+
+fn llama_lora<B: Backend>(d: &B::Device) {
+    check_case("llama", "lora", llama::<B>, llama_fwd::<B>, d);
+}
+fn llama_dora_rslora<B: Backend>(d: &B::Device) {
+    check_case("llama", "dora_rslora", llama::<B>, llama_fwd::<B>, d);
+}
+fn llama_regex_layers<B: Backend>(d: &B::Device) {
+    check_case("llama", "regex_layers", llama::<B>, llama_fwd::<B>, d);
+}
+fn gpt2_lora<B: Backend>(d: &B::Device) {
+    check_case("gpt2", "lora", gpt2::<B>, gpt2_fwd::<B>, d);
+}
+fn gpt2_dora<B: Backend>(d: &B::Device) {
+    check_case("gpt2", "dora", gpt2::<B>, gpt2_fwd::<B>, d);
+}
+fn bert_lora<B: Backend>(d: &B::Device) {
+    check_case("bert", "lora", bert::<B>, bert_fwd::<B>, d);
+}
+fn bert_dora<B: Backend>(d: &B::Device) {
+    check_case("bert", "dora", bert::<B>, bert_fwd::<B>, d);
+}
+
+backend_tests!(
+    llama_lora,
+    llama_dora_rslora,
+    llama_regex_layers,
+    gpt2_lora,
+    gpt2_dora,
+    bert_lora,
+    bert_dora
+);
