@@ -36,14 +36,17 @@ def base_model(arch):
                           rms_norm_eps=1e-6, tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4)
+        cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4,
+                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)
     elif arch == "bert":
         cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=40, max_position_embeddings=32, num_labels=3)
+                         intermediate_size=40, max_position_embeddings=32, num_labels=3,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         model = BertForSequenceClassification(cfg)
     else:
         raise ValueError(arch)
+    # Model dropouts are 0 so that training-mode gradients are deterministic.
     # Random-init LayerNorms and biases are ones/zeros; perturb them so the
     # fixtures exercise every parameter.
     with torch.no_grad():
@@ -84,6 +87,28 @@ def train_a_few_steps(model, arch, adapter, steps=5):
     model.eval()
 
 
+LABELS = torch.tensor([2, 0, 1])
+
+
+def training_gradients(peft_model, arch, ids):
+    """Loss and adapter gradients of one training forward/backward (no dropout)."""
+    peft_model.train()
+    peft_model.zero_grad()
+    if arch == "bert":
+        out = peft_model(input_ids=ids, labels=LABELS)
+    else:
+        out = peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {"train_loss": out.loss.detach().reshape(1)}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".default", "")
+            grads["grad." + key] = p.grad.detach().clone()
+    peft_model.zero_grad()
+    peft_model.eval()
+    return grads
+
+
 CASES = {
     "llama": {
         "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -113,6 +138,7 @@ def write_case(arch, case, kwargs, model_dir, ids):
     peft_model = get_peft_model(model, LoraConfig(**kwargs))
     train_a_few_steps(peft_model, arch, "default")
     trainable, total = peft_model.get_nb_trainable_parameters()
+    grads = training_gradients(peft_model, arch, ids) if not kwargs.get("lora_dropout") else {}
     unmerged = logits(peft_model, ids)
     with peft_model.disable_adapter():
         disabled = logits(peft_model, ids)
@@ -120,6 +146,7 @@ def write_case(arch, case, kwargs, model_dir, ids):
     tensors = {"input_ids": ids.float(), "logits_base": base, "logits_unmerged": unmerged,
                "logits_disabled": disabled}
     meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default"]}
+    tensors.update(grads)
 
     # A second adapter (same config, other seed) for multi-adapter, mixed batch and weighted merges.
     torch.manual_seed(4)

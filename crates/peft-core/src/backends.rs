@@ -41,3 +41,33 @@ macro_rules! backend_tests {
         }
     )+};
 }
+
+/// [`backend_tests!`] for training bodies: `fn my_test<B: AutodiffBackend>(device)`
+/// runs on `Autodiff<NdArray>`, `Autodiff<Flex>` and, with the features,
+/// `Autodiff<Wgpu>` / `Autodiff<Cuda>`.
+#[macro_export]
+macro_rules! autodiff_backend_tests {
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            use burn::backend::Autodiff;
+            #[test]
+            fn ndarray() {
+                super::$body::<Autodiff<burn::backend::NdArray>>(&Default::default());
+            }
+            #[test]
+            fn flex() {
+                super::$body::<Autodiff<burn::backend::Flex>>(&Default::default());
+            }
+            #[cfg(feature = "wgpu")]
+            #[test]
+            fn wgpu() {
+                super::$body::<Autodiff<burn::backend::Wgpu>>(&Default::default());
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() {
+                super::$body::<Autodiff<burn::backend::Cuda>>(&Default::default());
+            }
+        }
+    )+};
+}

@@ -490,8 +490,9 @@ mod tests {
         // totals: 4 (+), -1 (−), 0 (+, ties go positive)
         let m = disjoint_merge(&ts, &[1.0, 1.0], MajoritySign::Total);
         assert_eq!(m, vec![2.0, -2.0, 0.5]);
+        // sign counts: 2 (+), 0 (+: ties go positive), 0 (+)
         let m = disjoint_merge(&ts, &[1.0, 1.0], MajoritySign::Frequency);
-        assert_eq!(m, vec![2.0, -0.5, 0.5]);
+        assert_eq!(m, vec![2.0, 1.0, 0.5]);
     }
 
     #[test]

@@ -19,3 +19,4 @@ pub mod bert;
 pub mod checkpoint;
 pub mod gpt2;
 pub mod llama;
+pub mod loss;
