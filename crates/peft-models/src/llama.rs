@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::nn::{Embedding, RmsNorm};
+use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
@@ -205,6 +206,59 @@ impl<B: Backend> LlamaLayer<B> {
         let h = self.post_attention_layernorm.forward(x.clone());
         let ff = silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
         x + self.down_proj.forward(ff)
+    }
+}
+
+impl LlamaConfig {
+    /// A config with the given sizes and Llama's defaults elsewhere.
+    pub fn new(vocab: usize, hidden: usize, intermediate: usize, layers: usize, heads: usize, kv_heads: usize) -> Self {
+        LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: None,
+            rope_parameters: None,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+        }
+    }
+
+    /// A randomly initialised model (frozen, like a loaded one), for tests
+    /// and benchmarks.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        self.validate()?;
+        let (d, ff) = (self.hidden_size, self.intermediate_size);
+        let (qd, kvd) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
+        let slot = |i, o, bias| LinearSlotConfig::new(i, o).with_bias(bias).init::<B>(device);
+        let norm = || RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init::<B>(device);
+        let (ab, mb) = (self.attention_bias, self.mlp_bias);
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| LlamaLayer {
+                input_layernorm: norm(),
+                q_proj: slot(d, qd, ab),
+                k_proj: slot(d, kvd, ab),
+                v_proj: slot(d, kvd, ab),
+                o_proj: slot(qd, d, ab),
+                post_attention_layernorm: norm(),
+                gate_proj: slot(d, ff, mb),
+                up_proj: slot(d, ff, mb),
+                down_proj: slot(ff, d, mb),
+            })
+            .collect();
+        Ok(Llama {
+            embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
+            layers,
+            norm: norm(),
+            lm_head: (!self.tie_word_embeddings).then(|| slot(d, self.vocab_size, false)),
+            config: self.clone(),
+        }
+        .no_grad())
     }
 }
 

@@ -1,0 +1,328 @@
+//! Benchmark programs. Run through `cargo xtask bench`, which builds this
+//! binary with the right backend feature and writes the report.
+//!
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed]... [--quick]`
+//! Prints one JSON object per measured figure on stdout.
+//!
+//! Every comparison is measured in one run with the variants interleaved
+//! (A B C A B C …), so machine noise hits them alike; ratios are of medians.
+
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::config::{InitLoraWeights, TargetModules};
+use peft_core::LoraConfig;
+use peft_lora::LoraModel;
+use peft_models::llama::{Llama, LlamaConfig};
+use peft_models::loss::causal_lm_loss;
+use serde_json::json;
+
+struct Opts {
+    quick: bool,
+    suites: Vec<String>,
+    backend: String,
+    memory_probe: Option<String>,
+}
+
+/// A SmolLM2-135M-shaped layer stack (hidden 576, 9/3 heads, SwiGLU 1536),
+/// with fewer layers and a small vocabulary so the layers dominate.
+fn stack_config(quick: bool) -> LlamaConfig {
+    LlamaConfig::new(256, 576, 1536, if quick { 2 } else { 4 }, 9, 3)
+}
+
+fn batch_ids<B: Backend>(rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = (0..rows * len).map(|i| ((i * 7919) % 251) as i64).collect();
+    Tensor::from_data(TensorData::new(v, [rows, len]), device)
+}
+
+fn lora(r: usize, targets: &[&str], dora: bool) -> LoraConfig {
+    LoraConfig {
+        use_dora: dora,
+        // Non-zero B so unmerged adapters do real work (as after training).
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..LoraConfig::new(r, 2.0 * r as f64, targets)
+    }
+}
+
+fn all_linear(r: usize) -> LoraConfig {
+    LoraConfig {
+        target_modules: Some(TargetModules::Pattern("all-linear".into())),
+        ..lora(r, &[], false)
+    }
+}
+
+fn sync<B: Backend>(t: Tensor<B, 3>) {
+    // Reading one value forces every lazy backend to finish the graph.
+    let _ = t.slice([0..1, 0..1, 0..1]).into_data();
+}
+
+fn stats(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    (samples[samples.len() / 2], samples[0], samples[samples.len() - 1])
+}
+
+fn emit(o: &Opts, suite: &str, name: &str, samples: &mut [f64], base: Option<f64>, extra: serde_json::Value) -> f64 {
+    let (median, min, max) = stats(samples);
+    let mut v = json!({
+        "suite": suite, "name": name, "backend": o.backend, "runs": samples.len(),
+        "median_ms": median * 1e3, "min_ms": min * 1e3, "max_ms": max * 1e3,
+    });
+    if let Some(b) = base {
+        v["ratio_vs_baseline"] = json!(median / b);
+    }
+    if let serde_json::Value::Object(m) = extra {
+        for (k, x) in m {
+            v[k] = x;
+        }
+    }
+    println!("{v}");
+    median
+}
+
+/// Runs each closure `runs` times, interleaved; returns seconds per closure.
+fn interleaved(runs: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    for f in fs.iter_mut() {
+        f(); // warm-up
+    }
+    let mut out = vec![Vec::with_capacity(runs); fs.len()];
+    for _ in 0..runs {
+        for (i, f) in fs.iter_mut().enumerate() {
+            let t = Instant::now();
+            f();
+            out[i].push(t.elapsed().as_secs_f64());
+        }
+    }
+    out
+}
+
+fn forward_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 1);
+    let base = cfg.init::<B>(device).unwrap();
+    let qv = LoraModel::new(base.clone(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    let all = LoraModel::new(base.clone(), all_linear(8)).unwrap();
+    let mut merged = all.clone();
+    merged.merge_adapter().unwrap();
+    let dora = LoraModel::new(base.clone(), lora(8, &["q_proj", "v_proj"], true)).unwrap();
+    let run = |m: &Llama<B>| sync(m.forward(ids.clone(), None));
+    let runs = if o.quick { 5 } else { 15 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || run(&base),
+            &mut || run(&qv.model),
+            &mut || run(&all.model),
+            &mut || run(&merged.model),
+            &mut || run(&dora.model),
+        ],
+    );
+    let info = json!({"tokens": rows * len, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "rank": 8});
+    let b = emit(o, "forward", "base", &mut t[0], None, info.clone());
+    emit(o, "forward", "lora_r8_q_v_unmerged", &mut t[1], Some(b), info.clone());
+    emit(o, "forward", "lora_r8_all_linear_unmerged", &mut t[2], Some(b), info.clone());
+    emit(o, "forward", "lora_r8_all_linear_merged", &mut t[3], Some(b), info.clone());
+    emit(o, "forward", "dora_r8_q_v_unmerged", &mut t[4], Some(b), info);
+}
+
+/// Makes every parameter trainable (full fine-tuning).
+struct Unfreeze;
+impl<B: Backend> ModuleMapper<B> for Unfreeze {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(true)
+    }
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn train_step<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
+    m: Llama<B>,
+    opt: &mut O,
+    ids: &Tensor<B, 2, Int>,
+) -> Llama<B> {
+    let loss = causal_lm_loss(m.forward(ids.clone(), None), ids.clone());
+    let grads = GradientsParams::from_grads(loss.backward(), &m);
+    opt.step(1e-4, m, grads)
+}
+
+fn train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 2);
+    let base = cfg.init::<B>(device).unwrap();
+    let lora = LoraModel::new(base.clone(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    let count = lora.param_count();
+    let mut lora_model = lora.model;
+    let mut full_model = base.map(&mut Unfreeze);
+    let mut lora_opt = AdamWConfig::new().init::<B, Llama<B>>();
+    let mut full_opt = AdamWConfig::new().init::<B, Llama<B>>();
+    let runs = if o.quick { 3 } else { 8 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || lora_model = train_step(lora_model.clone(), &mut lora_opt, &ids),
+            &mut || full_model = train_step(full_model.clone(), &mut full_opt, &ids),
+        ],
+    );
+    // Peak memory is a per-process high-water mark: each variant runs in a
+    // fresh process of its own.
+    let (peak_lora, peak_full) = (memory_probe(o, "lora"), memory_probe(o, "full"));
+    let b = emit(o, "train", "full_finetune_step", &mut t[1], None, json!({"peak_rss_mib": peak_full}));
+    let extra = json!({
+        "tokens": rows * len, "layers": cfg.num_hidden_layers,
+        "trainable_params": count.trainable, "all_params": count.all,
+        "peak_rss_mib": peak_lora,
+        "peak_rss_ratio_vs_full": peak_lora.zip(peak_full).map(|(l, f)| l / f),
+    });
+    emit(o, "train", "lora_r8_q_v_step", &mut t[0], Some(b), extra);
+}
+
+/// Runs `--memory-probe VARIANT` in a child process: its peak RSS in MiB.
+fn memory_probe(o: &Opts, variant: &str) -> Option<f64> {
+    let exe = std::env::current_exe().ok()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--backend", &o.backend, "--memory-probe", variant]);
+    if o.quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd.output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Two training steps of one variant; prints the process's peak RSS (MiB).
+fn probe<B: AutodiffBackend>(o: &Opts, variant: &str) {
+    let device = B::Device::default();
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, &device);
+    let base = cfg.init::<B>(&device).unwrap();
+    let mut model = match variant {
+        "full" => base.map(&mut Unfreeze),
+        _ => LoraModel::new(base, lora(8, &["q_proj", "v_proj"], false)).unwrap().model,
+    };
+    let mut opt = AdamWConfig::new().init::<B, Llama<B>>();
+    for _ in 0..2 {
+        model = train_step(model, &mut opt, &ids);
+    }
+    println!("{}", peak_rss_mib().unwrap_or(f64::NAN));
+}
+
+fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(true);
+    let (rows, len) = (16, if o.quick { 16 } else { 64 });
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 3);
+    let mut m = LoraModel::new(cfg.init::<B>(device).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    for i in 1..16 {
+        m.add_adapter(&format!("a{i}"), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    }
+    m.set_adapter(&["default"]).unwrap();
+    let names = |n: usize| -> Vec<String> {
+        (0..rows).map(|r| if r % n == 0 { "default".to_string() } else { format!("a{}", r % n) }).collect()
+    };
+    let sets = [names(1), names(4), names(16)];
+    let run_mixed = |set: &Vec<String>| {
+        let refs: Vec<&str> = set.iter().map(String::as_str).collect();
+        m.forward_mixed(&refs, rows, |model| sync(model.forward(ids.clone(), None))).unwrap()
+    };
+    let runs = if o.quick { 5 } else { 15 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || sync(m.model.forward(ids.clone(), None)),
+            &mut || run_mixed(&sets[0]),
+            &mut || run_mixed(&sets[1]),
+            &mut || run_mixed(&sets[2]),
+        ],
+    );
+    let b = emit(o, "mixed", "one_adapter_plain", &mut t[0], None, json!({"rows": rows}));
+    for (i, n) in [1, 4, 16].iter().enumerate() {
+        emit(o, "mixed", &format!("mixed_batch_{n}_adapters"), &mut t[i + 1], Some(b), json!({"rows": rows}));
+    }
+}
+
+/// The same LoRA training step on burn-ndarray and burn-flex, interleaved
+/// in one process: how the default CPU backend was chosen.
+fn cpu_backends_suite(o: &Opts) {
+    type Nd = Autodiff<burn::backend::NdArray>;
+    type Fx = Autodiff<burn::backend::Flex>;
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let (dn, df) = (Default::default(), Default::default());
+    let (ids_n, ids_f) = (batch_ids::<Nd>(rows, len, &dn), batch_ids::<Fx>(rows, len, &df));
+    let mut mn = LoraModel::new(cfg.init::<Nd>(&dn).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap().model;
+    let mut mf = LoraModel::new(cfg.init::<Fx>(&df).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap().model;
+    let mut on = AdamWConfig::new().init::<Nd, Llama<Nd>>();
+    let mut of = AdamWConfig::new().init::<Fx, Llama<Fx>>();
+    let runs = if o.quick { 3 } else { 8 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || mn = train_step(mn.clone(), &mut on, &ids_n),
+            &mut || mf = train_step(mf.clone(), &mut of, &ids_f),
+        ],
+    );
+    let info = json!({"tokens": rows * len, "layers": cfg.num_hidden_layers});
+    let b = emit(o, "cpu_backends", "lora_step_ndarray", &mut t[0], None, info.clone());
+    emit(o, "cpu_backends", "lora_step_flex", &mut t[1], Some(b), info);
+}
+
+fn run<B: Backend>(o: &Opts) {
+    if let Some(v) = &o.memory_probe {
+        return probe::<Autodiff<B>>(o, v);
+    }
+    let device = B::Device::default();
+    for s in &o.suites {
+        match s.as_str() {
+            "forward" => forward_suite::<B>(o, &device),
+            "train" => train_suite::<Autodiff<B>>(o, &device),
+            "mixed" => mixed_suite::<B>(o, &device),
+            "cpu_backends" => cpu_backends_suite(o),
+            other => eprintln!("unknown suite `{other}` (forward, train, mixed, cpu_backends)"),
+        }
+    }
+}
+
+fn main() {
+    let mut o = Opts { quick: false, suites: Vec::new(), backend: "ndarray".into(), memory_probe: None };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--suite" => o.suites.extend(args.next()),
+            "--backend" => o.backend = args.next().unwrap_or_default(),
+            "--memory-probe" => o.memory_probe = args.next(),
+            other => {
+                eprintln!("unknown argument `{other}`");
+                std::process::exit(2);
+            }
+        }
+    }
+    if o.suites.is_empty() {
+        o.suites = vec!["forward".into(), "train".into(), "mixed".into()];
+    }
+    match o.backend.as_str() {
+        "ndarray" => run::<burn::backend::NdArray>(&o),
+        "flex" => run::<burn::backend::Flex>(&o),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<burn::backend::Wgpu>(&o),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<burn::backend::Cuda>(&o),
+        other => {
+            eprintln!("backend `{other}` is not compiled in (ndarray, flex; wgpu/cuda need their feature)");
+            std::process::exit(2);
+        }
+    }
+}
