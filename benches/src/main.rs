@@ -62,10 +62,21 @@ fn sync<B: Backend>(t: Tensor<B, 3>) {
 
 fn stats(samples: &mut [f64]) -> (f64, f64, f64) {
     samples.sort_by(f64::total_cmp);
-    (samples[samples.len() / 2], samples[0], samples[samples.len() - 1])
+    (
+        samples[samples.len() / 2],
+        samples[0],
+        samples[samples.len() - 1],
+    )
 }
 
-fn emit(o: &Opts, suite: &str, name: &str, samples: &mut [f64], base: Option<f64>, extra: serde_json::Value) -> f64 {
+fn emit(
+    o: &Opts,
+    suite: &str,
+    name: &str,
+    samples: &mut [f64],
+    base: Option<f64>,
+    extra: serde_json::Value,
+) -> f64 {
     let (median, min, max) = stats(samples);
     let mut v = json!({
         "suite": suite, "name": name, "backend": o.backend, "runs": samples.len(),
@@ -124,10 +135,38 @@ fn forward_suite<B: Backend>(o: &Opts, device: &B::Device) {
     );
     let info = json!({"tokens": rows * len, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "rank": 8});
     let b = emit(o, "forward", "base", &mut t[0], None, info.clone());
-    emit(o, "forward", "lora_r8_q_v_unmerged", &mut t[1], Some(b), info.clone());
-    emit(o, "forward", "lora_r8_all_linear_unmerged", &mut t[2], Some(b), info.clone());
-    emit(o, "forward", "lora_r8_all_linear_merged", &mut t[3], Some(b), info.clone());
-    emit(o, "forward", "dora_r8_q_v_unmerged", &mut t[4], Some(b), info);
+    emit(
+        o,
+        "forward",
+        "lora_r8_q_v_unmerged",
+        &mut t[1],
+        Some(b),
+        info.clone(),
+    );
+    emit(
+        o,
+        "forward",
+        "lora_r8_all_linear_unmerged",
+        &mut t[2],
+        Some(b),
+        info.clone(),
+    );
+    emit(
+        o,
+        "forward",
+        "lora_r8_all_linear_merged",
+        &mut t[3],
+        Some(b),
+        info.clone(),
+    );
+    emit(
+        o,
+        "forward",
+        "dora_r8_q_v_unmerged",
+        &mut t[4],
+        Some(b),
+        info,
+    );
 }
 
 /// Makes every parameter trainable (full fine-tuning).
@@ -179,7 +218,14 @@ fn train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
     // Peak memory is a per-process high-water mark: each variant runs in a
     // fresh process of its own.
     let (peak_lora, peak_full) = (memory_probe(o, "lora"), memory_probe(o, "full"));
-    let b = emit(o, "train", "full_finetune_step", &mut t[1], None, json!({"peak_rss_mib": peak_full}));
+    let b = emit(
+        o,
+        "train",
+        "full_finetune_step",
+        &mut t[1],
+        None,
+        json!({"peak_rss_mib": peak_full}),
+    );
     let extra = json!({
         "tokens": rows * len, "layers": cfg.num_hidden_layers,
         "trainable_params": count.trainable, "all_params": count.all,
@@ -210,7 +256,11 @@ fn probe<B: AutodiffBackend>(o: &Opts, variant: &str) {
     let base = cfg.init::<B>(&device).unwrap();
     let mut model = match variant {
         "full" => base.map(&mut Unfreeze),
-        _ => LoraModel::new(base, lora(8, &["q_proj", "v_proj"], false)).unwrap().model,
+        _ => {
+            LoraModel::new(base, lora(8, &["q_proj", "v_proj"], false))
+                .unwrap()
+                .model
+        }
     };
     let mut opt = AdamWConfig::new().init::<B, Llama<B>>();
     for _ in 0..2 {
@@ -224,18 +274,32 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let (rows, len) = (16, if o.quick { 16 } else { 64 });
     let ids = batch_ids::<B>(rows, len, device);
     B::seed(device, 3);
-    let mut m = LoraModel::new(cfg.init::<B>(device).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    let mut m = LoraModel::new(
+        cfg.init::<B>(device).unwrap(),
+        lora(8, &["q_proj", "v_proj"], false),
+    )
+    .unwrap();
     for i in 1..16 {
-        m.add_adapter(&format!("a{i}"), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+        m.add_adapter(&format!("a{i}"), lora(8, &["q_proj", "v_proj"], false))
+            .unwrap();
     }
     m.set_adapter(&["default"]).unwrap();
     let names = |n: usize| -> Vec<String> {
-        (0..rows).map(|r| if r % n == 0 { "default".to_string() } else { format!("a{}", r % n) }).collect()
+        (0..rows)
+            .map(|r| {
+                if r % n == 0 {
+                    "default".to_string()
+                } else {
+                    format!("a{}", r % n)
+                }
+            })
+            .collect()
     };
     let sets = [names(1), names(4), names(16)];
     let run_mixed = |set: &Vec<String>| {
         let refs: Vec<&str> = set.iter().map(String::as_str).collect();
-        m.forward_mixed(&refs, rows, |model| sync(model.forward(ids.clone(), None))).unwrap()
+        m.forward_mixed(&refs, rows, |model| sync(model.forward(ids.clone(), None)))
+            .unwrap()
     };
     let runs = if o.quick { 5 } else { 15 };
     let mut t = interleaved(
@@ -247,9 +311,23 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
             &mut || run_mixed(&sets[2]),
         ],
     );
-    let b = emit(o, "mixed", "one_adapter_plain", &mut t[0], None, json!({"rows": rows}));
+    let b = emit(
+        o,
+        "mixed",
+        "one_adapter_plain",
+        &mut t[0],
+        None,
+        json!({"rows": rows}),
+    );
     for (i, n) in [1, 4, 16].iter().enumerate() {
-        emit(o, "mixed", &format!("mixed_batch_{n}_adapters"), &mut t[i + 1], Some(b), json!({"rows": rows}));
+        emit(
+            o,
+            "mixed",
+            &format!("mixed_batch_{n}_adapters"),
+            &mut t[i + 1],
+            Some(b),
+            json!({"rows": rows}),
+        );
     }
 }
 
@@ -261,9 +339,22 @@ fn cpu_backends_suite(o: &Opts) {
     let cfg = stack_config(o.quick);
     let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
     let (dn, df) = (Default::default(), Default::default());
-    let (ids_n, ids_f) = (batch_ids::<Nd>(rows, len, &dn), batch_ids::<Fx>(rows, len, &df));
-    let mut mn = LoraModel::new(cfg.init::<Nd>(&dn).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap().model;
-    let mut mf = LoraModel::new(cfg.init::<Fx>(&df).unwrap(), lora(8, &["q_proj", "v_proj"], false)).unwrap().model;
+    let (ids_n, ids_f) = (
+        batch_ids::<Nd>(rows, len, &dn),
+        batch_ids::<Fx>(rows, len, &df),
+    );
+    let mut mn = LoraModel::new(
+        cfg.init::<Nd>(&dn).unwrap(),
+        lora(8, &["q_proj", "v_proj"], false),
+    )
+    .unwrap()
+    .model;
+    let mut mf = LoraModel::new(
+        cfg.init::<Fx>(&df).unwrap(),
+        lora(8, &["q_proj", "v_proj"], false),
+    )
+    .unwrap()
+    .model;
     let mut on = AdamWConfig::new().init::<Nd, Llama<Nd>>();
     let mut of = AdamWConfig::new().init::<Fx, Llama<Fx>>();
     let runs = if o.quick { 3 } else { 8 };
@@ -275,8 +366,22 @@ fn cpu_backends_suite(o: &Opts) {
         ],
     );
     let info = json!({"tokens": rows * len, "layers": cfg.num_hidden_layers});
-    let b = emit(o, "cpu_backends", "lora_step_ndarray", &mut t[0], None, info.clone());
-    emit(o, "cpu_backends", "lora_step_flex", &mut t[1], Some(b), info);
+    let b = emit(
+        o,
+        "cpu_backends",
+        "lora_step_ndarray",
+        &mut t[0],
+        None,
+        info.clone(),
+    );
+    emit(
+        o,
+        "cpu_backends",
+        "lora_step_flex",
+        &mut t[1],
+        Some(b),
+        info,
+    );
 }
 
 fn run<B: Backend>(o: &Opts) {
@@ -296,7 +401,12 @@ fn run<B: Backend>(o: &Opts) {
 }
 
 fn main() {
-    let mut o = Opts { quick: false, suites: Vec::new(), backend: "ndarray".into(), memory_probe: None };
+    let mut o = Opts {
+        quick: false,
+        suites: Vec::new(),
+        backend: "ndarray".into(),
+        memory_probe: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {

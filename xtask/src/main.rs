@@ -10,7 +10,10 @@ use std::process::{Command, ExitCode};
 use serde_json::{json, Value};
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn output_of(cmd: &str, args: &[&str]) -> String {
@@ -25,7 +28,11 @@ fn output_of(cmd: &str, args: &[&str]) -> String {
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     json!({
         "cpu": cpu,
@@ -57,25 +64,41 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut results = Vec::new();
     for backend in &backends {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root).args(["run", "--quiet", "-p", "peft-bench"]);
+        cmd.current_dir(&root)
+            .args(["run", "--quiet", "-p", "peft-bench"]);
         match backend.as_str() {
             "wgpu" | "cuda" => {
                 cmd.args(["--features", &format!("peft-bench/{backend}")]);
             }
             "ndarray" | "flex" => {}
-            other => return Err(format!("unknown backend `{other}` (ndarray, flex, wgpu, cuda)")),
+            other => {
+                return Err(format!(
+                    "unknown backend `{other}` (ndarray, flex, wgpu, cuda)"
+                ))
+            }
         }
         cmd.args(["--", "--backend", backend]).args(&passthrough);
         eprintln!("bench: {backend} …");
         let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
         if !out.status.success() {
-            return Err(format!("benchmarks on {backend} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "benchmarks on {backend} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let v: Value = serde_json::from_str(line).map_err(|e| format!("bad benchmark line `{line}`: {e}"))?;
-            eprintln!("  {}/{}: {:.2} ms{}", v["suite"].as_str().unwrap_or(""), v["name"].as_str().unwrap_or(""),
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| format!("bad benchmark line `{line}`: {e}"))?;
+            eprintln!(
+                "  {}/{}: {:.2} ms{}",
+                v["suite"].as_str().unwrap_or(""),
+                v["name"].as_str().unwrap_or(""),
                 v["median_ms"].as_f64().unwrap_or(0.0),
-                v["ratio_vs_baseline"].as_f64().map(|r| format!(" (×{r:.3})")).unwrap_or_default());
+                v["ratio_vs_baseline"]
+                    .as_f64()
+                    .map(|r| format!(" (×{r:.3})"))
+                    .unwrap_or_default()
+            );
             results.push(v);
         }
     }
@@ -87,7 +110,11 @@ fn bench(args: &[String]) -> Result<(), String> {
     });
     let dir = root.join("target/bench-report");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report).expect("json")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("report.md"), markdown(&report)).map_err(|e| e.to_string())?;
     eprintln!("wrote {}", dir.join("report.md").display());
     Ok(())
@@ -103,12 +130,19 @@ fn markdown(report: &Value) -> String {
         m["cores"]
     );
     let results = report["results"].as_array().cloned().unwrap_or_default();
-    let mut suites: Vec<String> = results.iter().filter_map(|r| r["suite"].as_str().map(String::from)).collect();
+    let mut suites: Vec<String> = results
+        .iter()
+        .filter_map(|r| r["suite"].as_str().map(String::from))
+        .collect();
     suites.dedup();
     for suite in suites {
         s += &format!("\n## {suite}\n\n| benchmark | backend | median ms | min | max | runs | ratio | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n");
         for r in results.iter().filter(|r| r["suite"] == suite.as_str()) {
-            let f = |k: &str| r[k].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+            let f = |k: &str| {
+                r[k].as_f64()
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "–".into())
+            };
             s += &format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r["name"].as_str().unwrap_or(""),
@@ -117,7 +151,10 @@ fn markdown(report: &Value) -> String {
                 f("min_ms"),
                 f("max_ms"),
                 r["runs"],
-                r["ratio_vs_baseline"].as_f64().map(|v| format!("{v:.3}")).unwrap_or_else(|| "1 (baseline)".into()),
+                r["ratio_vs_baseline"]
+                    .as_f64()
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_else(|| "1 (baseline)".into()),
                 f("peak_rss_mib"),
             );
         }

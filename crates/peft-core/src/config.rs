@@ -191,7 +191,10 @@ impl LoraConfig {
             path: origin.to_path_buf(),
             source,
         })?;
-        let peft_type = value.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        let peft_type = value
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .unwrap_or("LORA");
         if peft_type != "LORA" {
             return Err(PeftError::Config(format!(
                 "{}: peft_type `{peft_type}` is not LORA",
@@ -242,7 +245,9 @@ impl LoraConfig {
     /// Checks values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(PeftError::Config("`r` must be a positive integer, got 0".into()));
+            return Err(PeftError::Config(
+                "`r` must be a positive integer, got 0".into(),
+            ));
         }
         if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
             return Err(PeftError::Config(format!("rank_pattern `{k}` has rank 0")));

@@ -115,7 +115,9 @@ fn to_f32(view: &TensorView<'_>, key: &str, path: &Path) -> Result<Vec<f32>> {
         other => {
             return Err(checkpoint_err(
                 path,
-                format!("tensor `{key}` has dtype {other:?}; only F32, F16, BF16 and F64 are supported"),
+                format!(
+                    "tensor `{key}` has dtype {other:?}; only F32, F16, BF16 and F64 are supported"
+                ),
             ))
         }
     };
@@ -179,7 +181,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err)?;
     let file_name = path
         .file_name()
@@ -220,7 +225,11 @@ mod tests {
         assert_eq!(t.transposed().transposed(), t);
         let dir = std::env::temp_dir().join(format!("peft-core-io-{}", std::process::id()));
         let path = dir.join("x.safetensors");
-        write_atomic(&path, &serialize_safetensors(&[("w".into(), t.clone())], None)).unwrap();
+        write_atomic(
+            &path,
+            &serialize_safetensors(&[("w".into(), t.clone())], None),
+        )
+        .unwrap();
         let back = read_safetensors(&path).unwrap();
         assert_eq!(back["w"], t);
         fs::remove_dir_all(dir).unwrap();
@@ -248,6 +257,9 @@ mod tests {
             shape: vec![2],
             data: vec![0., f32::NAN],
         };
-        assert!(matches!(nan.check_finite("w", p), Err(PeftError::NonFinite(_))));
+        assert!(matches!(
+            nan.check_finite("w", p),
+            Err(PeftError::NonFinite(_))
+        ));
     }
 }

@@ -398,7 +398,8 @@ impl<B: Backend> LinearSlot<B> {
             Some(m) => {
                 let combined = weight + delta;
                 let norm = column_norm(combined.clone()).detach();
-                entry.meta.dora_merge_norm = Some(norm.to_data().to_vec::<f32>().unwrap_or_default());
+                entry.meta.dora_merge_norm =
+                    Some(norm.to_data().to_vec::<f32>().unwrap_or_default());
                 let g = m.val().detach() / norm;
                 combined * g.unsqueeze_dim(0)
             }

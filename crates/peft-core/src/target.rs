@@ -115,8 +115,9 @@ pub fn targets_match(
             };
             match indices {
                 None => Ok(true),
-                Some(indices) => Ok(layer_index(path, layers_pattern)?
-                    .is_some_and(|i| indices.contains(&i))),
+                Some(indices) => {
+                    Ok(layer_index(path, layers_pattern)?.is_some_and(|i| indices.contains(&i)))
+                }
             }
         }
     }
@@ -182,7 +183,10 @@ mod tests {
         assert!(is_target(&c, Q1, &[]).unwrap());
         assert!(is_target(&c, V1, &[]).unwrap());
         let c = cfg(r#"{"target_modules":"q_proj"}"#);
-        assert!(!is_target(&c, Q0, &[]).unwrap(), "a regex must match the whole path");
+        assert!(
+            !is_target(&c, Q0, &[]).unwrap(),
+            "a regex must match the whole path"
+        );
     }
 
     #[test]
@@ -190,10 +194,13 @@ mod tests {
         let c = cfg(r#"{"target_modules":["q_proj"],"layers_to_transform":[1]}"#);
         assert!(!is_target(&c, Q0, &[]).unwrap());
         assert!(is_target(&c, Q1, &[]).unwrap());
-        let c = cfg(r#"{"target_modules":["q_proj"],"layers_to_transform":0,"layers_pattern":"layers"}"#);
+        let c = cfg(
+            r#"{"target_modules":["q_proj"],"layers_to_transform":0,"layers_pattern":"layers"}"#,
+        );
         assert!(is_target(&c, Q0, &[]).unwrap());
         assert!(!is_target(&c, Q1, &[]).unwrap());
-        let c = cfg(r#"{"target_modules":["q_proj"],"layers_to_transform":0,"layers_pattern":"h"}"#);
+        let c =
+            cfg(r#"{"target_modules":["q_proj"],"layers_to_transform":0,"layers_pattern":"h"}"#);
         assert!(!is_target(&c, Q0, &[]).unwrap());
     }
 
@@ -223,6 +230,9 @@ mod tests {
     #[test]
     fn bad_regex_is_a_typed_error() {
         let c = cfg(r#"{"target_modules":"(unclosed"}"#);
-        assert!(matches!(is_target(&c, Q0, &[]), Err(PeftError::Regex { .. })));
+        assert!(matches!(
+            is_target(&c, Q0, &[]),
+            Err(PeftError::Regex { .. })
+        ));
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
-use peft_core::{LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
+use peft_core::{LinearSlot, LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
 
 use crate::LoraModel;
 
@@ -92,42 +92,12 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             t.check_finite(k, &weights_path)?;
         }
         let paths = self.inject(name, config, Some(()))?;
-        let mut fill = || -> Result<()> {
-            let mut result = Ok(());
-            let mut take = |key: String| {
-                tensors.remove(&key).ok_or(PeftError::MissingTensor {
-                    path: weights_path.clone(),
-                    key,
-                })
-            };
-            self.model.visit_linears_mut(&mut |path, slot| {
-                if result.is_err() || !paths.iter().any(|p| p == path) {
-                    return;
-                }
-                let device = slot.base.weight.device();
-                let (d_in, d_out) = (slot.d_input(), slot.d_output());
-                let key = format!("{PREFIX}{path}");
-                let entry = slot.lora_entry_mut(name).expect("injected above");
-                let r = entry.meta.rank;
-                let mut step = || -> Result<()> {
-                    let a = take(format!("{key}.lora_A.weight"))?;
-                    let b = take(format!("{key}.lora_B.weight"))?;
-                    let a_t = a.transposed_checked(&format!("{key}.lora_A.weight"), [r, d_in])?;
-                    let b_t = b.transposed_checked(&format!("{key}.lora_B.weight"), [d_out, r])?;
-                    entry.a = Param::from_tensor(a_t.to_tensor([d_in, r], "lora_A", &device)?);
-                    entry.b = Param::from_tensor(b_t.to_tensor([r, d_out], "lora_B", &device)?);
-                    if entry.magnitude.is_some() {
-                        let mkey = format!("{key}.lora_magnitude_vector");
-                        let m = take(mkey.clone())?;
-                        entry.magnitude = Some(Param::from_tensor(m.to_tensor([d_out], &mkey, &device)?));
-                    }
-                    Ok(())
-                };
-                result = step();
-            });
-            result
-        };
-        let filled = fill();
+        let mut filled = Ok(());
+        self.model.visit_linears_mut(&mut |path, slot| {
+            if filled.is_ok() && paths.iter().any(|p| p == path) {
+                filled = fill_entry(slot, name, path, &mut tensors, &weights_path);
+            }
+        });
         let leftover: Vec<String> = tensors.into_keys().collect();
         let outcome = filled.and_then(|()| {
             if leftover.is_empty() {
@@ -177,6 +147,43 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         this.set_adapter(&[DEFAULT_ADAPTER])?;
         Ok(this)
     }
+}
+
+/// Moves the file's tensors for `path` into the (zero-initialised) entry
+/// `name` of `slot`, transposing `[r, in]` / `[out, r]` to Burn's layout.
+fn fill_entry<B: Backend>(
+    slot: &mut LinearSlot<B>,
+    name: &str,
+    path: &str,
+    tensors: &mut HashMap<String, HostTensor>,
+    file: &Path,
+) -> Result<()> {
+    let device = slot.base.weight.device();
+    let (d_in, d_out) = (slot.d_input(), slot.d_output());
+    let entry = slot.lora_entry_mut(name).expect("injected before filling");
+    let r = entry.meta.rank;
+    let key = format!("{PREFIX}{path}");
+    let mut take = |suffix: &str| {
+        let key = format!("{key}.{suffix}");
+        tensors
+            .remove(&key)
+            .map(|t| (key.clone(), t))
+            .ok_or(PeftError::MissingTensor {
+                path: file.to_path_buf(),
+                key,
+            })
+    };
+    let (ka, a) = take("lora_A.weight")?;
+    let (kb, b) = take("lora_B.weight")?;
+    let a = a.transposed_checked(&ka, [r, d_in])?;
+    let b = b.transposed_checked(&kb, [d_out, r])?;
+    entry.a = Param::from_tensor(a.to_tensor([d_in, r], &ka, &device)?);
+    entry.b = Param::from_tensor(b.to_tensor([r, d_out], &kb, &device)?);
+    if entry.magnitude.is_some() {
+        let (km, m) = take("lora_magnitude_vector")?;
+        entry.magnitude = Some(Param::from_tensor(m.to_tensor([d_out], &km, &device)?));
+    }
+    Ok(())
 }
 
 /// Shape-checked transpose at the file boundary.

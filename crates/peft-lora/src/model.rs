@@ -10,8 +10,8 @@ use peft_core::config::InitLoraWeights;
 use peft_core::slot::column_norm;
 use peft_core::target::{is_target, rank_and_alpha};
 use peft_core::{
-    routing, LinearSlot, LoraConfig, LoraEntry, LoraMeta, ParamCount, PeftError, PeftModel,
-    Result, BASE_ROW,
+    routing, LinearSlot, LoraConfig, LoraEntry, LoraMeta, ParamCount, PeftError, PeftModel, Result,
+    BASE_ROW,
 };
 
 /// A model carrying named LoRA adapters.
@@ -57,7 +57,11 @@ fn new_entry<B: Backend>(
             Tensor::zeros([r, d_out], &device),
         ),
         Init::Config(InitLoraWeights::Named(n)) if n == "gaussian" => (
-            Tensor::random([d_in, r], Distribution::Normal(0.0, 1.0 / r as f64), &device),
+            Tensor::random(
+                [d_in, r],
+                Distribution::Normal(0.0, 1.0 / r as f64),
+                &device,
+            ),
             Tensor::zeros([r, d_out], &device),
         ),
         // `false`: both factors keep nn.Linear's default init (B ≠ 0).
@@ -126,7 +130,8 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         let outputs = self.model.output_layers();
         let mut plan = Vec::new();
         let mut paths = Vec::new();
-        self.model.visit_linears(&mut |path, _| paths.push(path.to_string()));
+        self.model
+            .visit_linears(&mut |path, _| paths.push(path.to_string()));
         for path in &paths {
             if is_target(&config, path, &outputs)? {
                 let (r, alpha) = rank_and_alpha(&config, path)?;
@@ -199,7 +204,8 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             self.config(n)?;
         }
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        self.model.visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
         self.active = names;
         Ok(())
     }
@@ -336,5 +342,4 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         Ok(routing::with_row_adapters(&owned, || f(&self.model)))
     }
-
 }

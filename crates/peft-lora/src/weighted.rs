@@ -75,11 +75,17 @@ impl Combination {
 
     fn is_svd(self) -> bool {
         use Combination::*;
-        matches!(self, Svd | TiesSvd | DareLinearSvd | DareTiesSvd | MagnitudePruneSvd)
+        matches!(
+            self,
+            Svd | TiesSvd | DareLinearSvd | DareTiesSvd | MagnitudePruneSvd
+        )
     }
 
     fn needs_density(self) -> bool {
-        !matches!(self, Combination::Linear | Combination::Cat | Combination::Svd)
+        !matches!(
+            self,
+            Combination::Linear | Combination::Cat | Combination::Svd
+        )
     }
 }
 
@@ -174,7 +180,15 @@ fn weighted_sum(ts: &[Vec<f32>], w: &[f64]) -> Vec<f32> {
 
 /// TIES' sign election and disjoint mean of the weighted, elected values.
 fn disjoint_merge(ts: &[Vec<f32>], w: &[f64], method: MajoritySign) -> Vec<f32> {
-    let sign = |v: f32| if v > 0.0 { 1.0 } else if v < 0.0 { -1.0 } else { 0.0 };
+    let sign = |v: f32| {
+        if v > 0.0 {
+            1.0
+        } else if v < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    };
     (0..ts[0].len())
         .map(|j| {
             let mag: f32 = match method {
@@ -229,9 +243,17 @@ fn combine(
 /// `delta [in, out]` (PEFT's truncated SVD, done in f64).
 fn truncated_svd(delta: &HostTensor, rank: usize) -> (HostTensor, HostTensor) {
     let (d_in, d_out) = (delta.shape[0], delta.shape[1]);
-    let m = DMatrix::<f64>::from_row_slice(d_in, d_out, &delta.data.iter().map(|&v| v as f64).collect::<Vec<_>>());
+    let m = DMatrix::<f64>::from_row_slice(
+        d_in,
+        d_out,
+        &delta.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
     let svd = m.svd(true, true);
-    let (u, s, vt) = (svd.u.expect("asked for U"), svd.singular_values, svd.v_t.expect("asked for Vᵀ"));
+    let (u, s, vt) = (
+        svd.u.expect("asked for U"),
+        svd.singular_values,
+        svd.v_t.expect("asked for Vᵀ"),
+    );
     // nalgebra does not sort singular values; PEFT keeps the largest.
     let mut order: Vec<usize> = (0..s.len()).collect();
     order.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
@@ -246,8 +268,14 @@ fn truncated_svd(delta: &HostTensor, rank: usize) -> (HostTensor, HostTensor) {
         }
     }
     (
-        HostTensor { shape: vec![d_in, rank], data: a },
-        HostTensor { shape: vec![rank, d_out], data: b },
+        HostTensor {
+            shape: vec![d_in, rank],
+            data: a,
+        },
+        HostTensor {
+            shape: vec![rank, d_out],
+            data: b,
+        },
     )
 }
 
@@ -262,7 +290,10 @@ fn host_matmul(a: &HostTensor, b: &HostTensor, scale: f64) -> HostTensor {
             }
         }
     }
-    HostTensor { shape: vec![n, m], data: out }
+    HostTensor {
+        shape: vec![n, m],
+        data: out,
+    }
 }
 
 /// Concatenates 2-D host tensors along `dim`.
@@ -270,7 +301,10 @@ fn cat(ts: &[HostTensor], dim: usize) -> HostTensor {
     if dim == 0 {
         let cols = ts[0].shape[1];
         let data: Vec<f32> = ts.iter().flat_map(|t| t.data.iter().copied()).collect();
-        HostTensor { shape: vec![data.len() / cols, cols], data }
+        HostTensor {
+            shape: vec![data.len() / cols, cols],
+            data,
+        }
     } else {
         let rows = ts[0].shape[0];
         let cols: usize = ts.iter().map(|t| t.shape[1]).sum();
@@ -281,7 +315,10 @@ fn cat(ts: &[HostTensor], dim: usize) -> HostTensor {
                 data.extend_from_slice(&t.data[i * c..(i + 1) * c]);
             }
         }
-        HostTensor { shape: vec![rows, cols], data }
+        HostTensor {
+            shape: vec![rows, cols],
+            data,
+        }
     }
 }
 
@@ -292,9 +329,15 @@ fn pad(t: HostTensor, dim: usize, to: usize) -> HostTensor {
         return t;
     }
     let zeros = if dim == 0 {
-        HostTensor { shape: vec![to - have, t.shape[1]], data: vec![0.0; (to - have) * t.shape[1]] }
+        HostTensor {
+            shape: vec![to - have, t.shape[1]],
+            data: vec![0.0; (to - have) * t.shape[1]],
+        }
     } else {
-        HostTensor { shape: vec![t.shape[0], to - have], data: vec![0.0; t.shape[0] * (to - have)] }
+        HostTensor {
+            shape: vec![t.shape[0], to - have],
+            data: vec![0.0; t.shape[0] * (to - have)],
+        }
     };
     cat(&[t, zeros], dim)
 }
@@ -319,35 +362,63 @@ fn combine_module(
             .iter()
             .map(|s| HostTensor {
                 shape: s.a.shape.clone(),
-                data: s.a.data.iter().map(|&v| (v as f64 * s.weight * s.scaling) as f32).collect(),
+                data: s
+                    .a
+                    .data
+                    .iter()
+                    .map(|&v| (v as f64 * s.weight * s.scaling) as f32)
+                    .collect(),
             })
             .collect();
         let b: Vec<HostTensor> = sources.iter().map(|s| s.b.clone()).collect();
         return (pad(cat(&a, 1), 1, new_rank), pad(cat(&b, 0), 0, new_rank));
     }
     if kind.is_svd() {
-        let deltas: Vec<HostTensor> = sources.iter().map(|s| host_matmul(&s.a, &s.b, s.scaling)).collect();
+        let deltas: Vec<HostTensor> = sources
+            .iter()
+            .map(|s| host_matmul(&s.a, &s.b, s.scaling))
+            .collect();
         let w: Vec<f64> = sources.iter().map(|s| s.weight).collect();
         let data: Vec<Vec<f32>> = deltas.iter().map(|d| d.data.clone()).collect();
-        let combined = HostTensor { shape: deltas[0].shape.clone(), data: combine(kind, &data, &w, opts, rng) };
+        let combined = HostTensor {
+            shape: deltas[0].shape.clone(),
+            data: combine(kind, &data, &w, opts, rng),
+        };
         return truncated_svd(&combined, new_rank);
     }
     let ws: Vec<f64> = sources.iter().map(|s| s.weight * s.scaling).collect();
-    let wa: Vec<f64> = ws.iter().map(|w| w.abs().sqrt() * if *w >= 0.0 { 1.0 } else { -1.0 }).collect();
+    let wa: Vec<f64> = ws
+        .iter()
+        .map(|w| w.abs().sqrt() * if *w >= 0.0 { 1.0 } else { -1.0 })
+        .collect();
     let wb: Vec<f64> = ws.iter().map(|w| w.abs().sqrt()).collect();
     let a: Vec<Vec<f32>> = sources.iter().map(|s| s.a.data.clone()).collect();
     let b: Vec<Vec<f32>> = sources.iter().map(|s| s.b.data.clone()).collect();
     (
-        HostTensor { shape: sources[0].a.shape.clone(), data: combine(kind, &a, &wa, opts, rng) },
-        HostTensor { shape: sources[0].b.shape.clone(), data: combine(kind, &b, &wb, opts, rng) },
+        HostTensor {
+            shape: sources[0].a.shape.clone(),
+            data: combine(kind, &a, &wa, opts, rng),
+        },
+        HostTensor {
+            shape: sources[0].b.shape.clone(),
+            data: combine(kind, &b, &wb, opts, rng),
+        },
     )
 }
 
-fn set_factors<B: Backend>(slot: &mut LinearSlot<B>, name: &str, a: HostTensor, b: HostTensor, scaling: f64) -> Result<()> {
+fn set_factors<B: Backend>(
+    slot: &mut LinearSlot<B>,
+    name: &str,
+    a: HostTensor,
+    b: HostTensor,
+    scaling: f64,
+) -> Result<()> {
     let device = slot.base.weight.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let r = a.shape[1];
-    let entry = slot.lora_entry_mut(name).expect("injected before combining");
+    let entry = slot
+        .lora_entry_mut(name)
+        .expect("injected before combining");
     entry.a = Param::from_tensor(a.to_tensor([d_in, r], "lora_A", &device)?);
     entry.b = Param::from_tensor(b.to_tensor([r, d_out], "lora_B", &device)?);
     entry.meta.rank = r;
@@ -377,7 +448,11 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             .iter()
             .map(|a| self.config(a).cloned())
             .collect::<Result<Vec<_>>>()?;
-        let combination = if adapters.len() == 1 { Combination::Linear } else { combination };
+        let combination = if adapters.len() == 1 {
+            Combination::Linear
+        } else {
+            combination
+        };
         if combination.needs_density() {
             match opts.density {
                 Some(d) if (0.0..=1.0).contains(&d) => {}
@@ -390,12 +465,20 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         }
         let ranks: Vec<usize> = configs
             .iter()
-            .map(|c| c.rank_pattern.values().copied().chain([c.r]).max().unwrap_or(c.r))
+            .map(|c| {
+                c.rank_pattern
+                    .values()
+                    .copied()
+                    .chain([c.r])
+                    .max()
+                    .unwrap_or(c.r)
+            })
             .collect();
         let new_rank = if combination == Combination::Cat {
             ranks.iter().sum()
         } else if combination.is_svd() {
-            opts.svd_rank.unwrap_or_else(|| *ranks.iter().max().expect("non-empty"))
+            opts.svd_rank
+                .unwrap_or_else(|| *ranks.iter().max().expect("non-empty"))
         } else {
             if ranks.iter().any(|&r| r != ranks[0]) {
                 return Err(PeftError::Config(format!(
@@ -413,7 +496,10 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
                 for c in &configs {
                     match &c.target_modules {
                         Some(TargetModules::List(l)) => all.extend(l.iter().cloned()),
-                        _ => return Err(PeftError::Config("all adapters must give target_modules of one type (list or string)".into())),
+                        _ => return Err(PeftError::Config(
+                            "all adapters must give target_modules of one type (list or string)"
+                                .into(),
+                        )),
                     }
                 }
                 all.sort();
@@ -430,7 +516,11 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
                 }
                 TargetModules::Pattern(parts.join("|"))
             }
-            None => return Err(PeftError::Config("source adapter has no target_modules".into())),
+            None => {
+                return Err(PeftError::Config(
+                    "source adapter has no target_modules".into(),
+                ))
+            }
         };
         let mut config = configs[0].clone();
         config.r = new_rank;
@@ -462,7 +552,8 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             if sources.is_empty() {
                 return; // PEFT leaves such modules at zero.
             }
-            if !combination.is_svd() && combination != Combination::Cat
+            if !combination.is_svd()
+                && combination != Combination::Cat
                 && sources.iter().any(|s| s.a.shape != sources[0].a.shape)
             {
                 result = Err(PeftError::Config(format!(
@@ -497,14 +588,23 @@ mod tests {
 
     #[test]
     fn magnitude_prune_keeps_the_largest() {
-        assert_eq!(magnitude_prune(&[0.1, -3.0, 2.0, 0.5], 0.5), vec![0.0, -3.0, 2.0, 0.0]);
+        assert_eq!(
+            magnitude_prune(&[0.1, -3.0, 2.0, 0.5], 0.5),
+            vec![0.0, -3.0, 2.0, 0.0]
+        );
         assert_eq!(magnitude_prune(&[1.0, 2.0], 1.0), vec![1.0, 2.0]);
     }
 
     #[test]
     fn truncated_svd_reconstructs_a_low_rank_matrix() {
-        let a = HostTensor { shape: vec![3, 1], data: vec![1.0, 2.0, -1.0] };
-        let b = HostTensor { shape: vec![1, 4], data: vec![0.5, -1.0, 2.0, 3.0] };
+        let a = HostTensor {
+            shape: vec![3, 1],
+            data: vec![1.0, 2.0, -1.0],
+        };
+        let b = HostTensor {
+            shape: vec![1, 4],
+            data: vec![0.5, -1.0, 2.0, 3.0],
+        };
         let d = host_matmul(&a, &b, 2.0);
         let (a2, b2) = truncated_svd(&d, 2);
         let back = host_matmul(&a2, &b2, 1.0);

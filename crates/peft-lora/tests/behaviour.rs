@@ -33,7 +33,11 @@ fn logits(m: &Llama<B>) -> HostTensor {
 }
 
 fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -58,60 +62,123 @@ fn adapter_names_are_checked() {
         lora.add_adapter("default", LoraConfig::new(2, 2.0, &["v_proj"])),
         Err(PeftError::DuplicateAdapter(_))
     ));
-    assert!(matches!(lora.set_adapter(&["nope"]), Err(PeftError::UnknownAdapter { .. })));
+    assert!(matches!(
+        lora.set_adapter(&["nope"]),
+        Err(PeftError::UnknownAdapter { .. })
+    ));
     assert!(lora.delete_adapter("nope").is_err());
-    assert!(lora.add_adapter(BASE_ROW, LoraConfig::new(2, 2.0, &["v_proj"])).is_err());
-    let zero_rank = LoraConfig { r: 0, ..LoraConfig::new(4, 8.0, &["q_proj"]) };
-    assert!(matches!(lora.add_adapter("z", zero_rank), Err(PeftError::Config(_))));
+    assert!(lora
+        .add_adapter(BASE_ROW, LoraConfig::new(2, 2.0, &["v_proj"]))
+        .is_err());
+    let zero_rank = LoraConfig {
+        r: 0,
+        ..LoraConfig::new(4, 8.0, &["q_proj"])
+    };
+    assert!(matches!(
+        lora.add_adapter("z", zero_rank),
+        Err(PeftError::Config(_))
+    ));
 }
 
 #[test]
 fn fresh_adapters_start_as_peft_initialises_them() {
     let base = logits(&model());
-    for init in [InitLoraWeights::Bool(true), InitLoraWeights::Named("gaussian".into())] {
-        let config = LoraConfig { init_lora_weights: init.clone(), use_dora: true, ..LoraConfig::new(4, 8.0, &["q_proj", "down_proj"]) };
+    for init in [
+        InitLoraWeights::Bool(true),
+        InitLoraWeights::Named("gaussian".into()),
+    ] {
+        let config = LoraConfig {
+            init_lora_weights: init.clone(),
+            use_dora: true,
+            ..LoraConfig::new(4, 8.0, &["q_proj", "down_proj"])
+        };
         let lora = LoraModel::new(model(), config).unwrap();
-        assert!(max_diff(&logits(&lora.model), &base) < 1e-6, "{init:?}: B = 0 makes a fresh adapter the identity");
+        assert!(
+            max_diff(&logits(&lora.model), &base) < 1e-6,
+            "{init:?}: B = 0 makes a fresh adapter the identity"
+        );
         lora.model.visit_linears(&mut |p, s| {
             if let Some(e) = s.lora_entry("default") {
                 let a = HostTensor::from_tensor(e.a.val());
                 assert!(a.data.iter().any(|v| *v != 0.0), "{p}: A is random");
                 if init == InitLoraWeights::Bool(true) {
                     let bound = 1.0 / (s.d_input() as f32).sqrt();
-                    assert!(a.data.iter().all(|v| v.abs() <= bound), "{p}: A ~ U(±1/√in)");
+                    assert!(
+                        a.data.iter().all(|v| v.abs() <= bound),
+                        "{p}: A ~ U(±1/√in)"
+                    );
                 }
             }
         });
     }
-    let config = LoraConfig { init_lora_weights: InitLoraWeights::Bool(false), ..LoraConfig::new(4, 8.0, &["q_proj"]) };
+    let config = LoraConfig {
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..LoraConfig::new(4, 8.0, &["q_proj"])
+    };
     let lora = LoraModel::new(model(), config).unwrap();
-    assert!(max_diff(&logits(&lora.model), &base) > 1e-4, "init false: B ≠ 0");
+    assert!(
+        max_diff(&logits(&lora.model), &base) > 1e-4,
+        "init false: B ≠ 0"
+    );
 }
 
 /// Saves the llama `lora` fixture with one tensor changed by `edit`.
 fn corrupted(name: &str, edit: impl FnOnce(&mut Vec<(String, HostTensor)>)) -> PathBuf {
     let src = fixtures().join("llama/lora");
     let dir = temp(name);
-    std::fs::copy(src.join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
-    let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&src.join("adapter_model.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors: Vec<(String, HostTensor)> =
+        read_safetensors(&src.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     edit(&mut tensors);
-    std::fs::write(dir.join("adapter_model.safetensors"), serialize_safetensors(&tensors, None)).unwrap();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        serialize_safetensors(&tensors, None),
+    )
+    .unwrap();
     dir
 }
 
 #[test]
 fn bad_adapter_files_are_typed_errors_and_leave_the_model_unchanged() {
     let cases: Vec<(&str, PathBuf)> = vec![
-        ("missing", corrupted("missing", |t| { t.remove(0); })),
-        ("shape", corrupted("shape", |t| { t[0].1 = HostTensor { shape: vec![3, 3], data: vec![0.0; 9] }; })),
-        ("nan", corrupted("nan", |t| { t[1].1.data[0] = f32::NAN; })),
-        ("extra", corrupted("extra", |t| {
-            t.push(("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(), t[0].1.clone()));
-        })),
+        (
+            "missing",
+            corrupted("missing", |t| {
+                t.remove(0);
+            }),
+        ),
+        (
+            "shape",
+            corrupted("shape", |t| {
+                t[0].1 = HostTensor {
+                    shape: vec![3, 3],
+                    data: vec![0.0; 9],
+                };
+            }),
+        ),
+        (
+            "nan",
+            corrupted("nan", |t| {
+                t[1].1.data[0] = f32::NAN;
+            }),
+        ),
+        (
+            "extra",
+            corrupted("extra", |t| {
+                t.push((
+                    "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(),
+                    t[0].1.clone(),
+                ));
+            }),
+        ),
     ];
     for (what, dir) in cases {
         let mut lora = LoraModel::wrap(model());
@@ -123,23 +190,53 @@ fn bad_adapter_files_are_typed_errors_and_leave_the_model_unchanged() {
             _ => matches!(err, PeftError::UnexpectedTensors { .. }),
         };
         assert!(ok, "{what}: {err}");
-        assert!(err.to_string().contains("adapter_model.safetensors") || what == "shape", "{what}: {err}");
-        assert!(lora.adapter_names().is_empty(), "{what}: a failed load leaves no adapter behind");
+        assert!(
+            err.to_string().contains("adapter_model.safetensors") || what == "shape",
+            "{what}: {err}"
+        );
+        assert!(
+            lora.adapter_names().is_empty(),
+            "{what}: a failed load leaves no adapter behind"
+        );
         let mut entries = 0;
-        lora.model.visit_linears(&mut |_, s| entries += s.lora.len());
+        lora.model
+            .visit_linears(&mut |_, s| entries += s.lora.len());
         assert_eq!(entries, 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
     let dir = temp("badjson");
     std::fs::write(dir.join("adapter_config.json"), "{\"r\": 4, ").unwrap();
     let err = LoraModel::from_pretrained(model(), &dir).unwrap_err();
-    assert!(matches!(err, PeftError::Json { .. }) && err.to_string().contains("adapter_config.json"), "{err}");
-    std::fs::write(dir.join("adapter_config.json"), "{\"peft_type\": \"PREFIX_TUNING\"}").unwrap();
-    assert!(matches!(LoraModel::from_pretrained(model(), &dir), Err(PeftError::Config(_))));
-    std::fs::write(dir.join("adapter_config.json"), "{\"r\": 4, \"target_modules\": [\"q_proj\"]}").unwrap();
-    assert!(matches!(LoraModel::from_pretrained(model(), &dir), Err(PeftError::Io { .. })), "no weights file");
+    assert!(
+        matches!(err, PeftError::Json { .. }) && err.to_string().contains("adapter_config.json"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        "{\"peft_type\": \"PREFIX_TUNING\"}",
+    )
+    .unwrap();
+    assert!(matches!(
+        LoraModel::from_pretrained(model(), &dir),
+        Err(PeftError::Config(_))
+    ));
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        "{\"r\": 4, \"target_modules\": [\"q_proj\"]}",
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            LoraModel::from_pretrained(model(), &dir),
+            Err(PeftError::Io { .. })
+        ),
+        "no weights file"
+    );
     std::fs::write(dir.join("adapter_model.safetensors"), b"garbage").unwrap();
-    assert!(matches!(LoraModel::from_pretrained(model(), &dir), Err(PeftError::Checkpoint { .. })));
+    assert!(matches!(
+        LoraModel::from_pretrained(model(), &dir),
+        Err(PeftError::Checkpoint { .. })
+    ));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -148,9 +245,19 @@ fn mixed_batch_equals_per_row_runs_across_ranks_and_dora() {
     let dir = fixtures().join("llama/regex_layers");
     let mut lora = LoraModel::from_pretrained(model(), &dir).unwrap();
     // A rank-4 (cat of two rank-2) adapter beside the rank-2 ones, and a DoRA one.
-    lora.add_weighted_adapter(&["default", "other"], &[1.0, -0.5], "cat", Combination::Cat, &WeightedOptions::default())
-        .unwrap();
-    let dora = LoraConfig { use_dora: true, init_lora_weights: InitLoraWeights::Bool(false), ..LoraConfig::new(3, 5.0, &["q_proj", "k_proj"]) };
+    lora.add_weighted_adapter(
+        &["default", "other"],
+        &[1.0, -0.5],
+        "cat",
+        Combination::Cat,
+        &WeightedOptions::default(),
+    )
+    .unwrap();
+    let dora = LoraConfig {
+        use_dora: true,
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..LoraConfig::new(3, 5.0, &["q_proj", "k_proj"])
+    };
     lora.add_adapter("dora", dora).unwrap();
     let names = ["cat", BASE_ROW, "dora"];
     let mixed = lora.forward_mixed(&names, 3, logits).unwrap();
@@ -179,8 +286,14 @@ fn several_active_adapters_add_up_and_merge_and_unload_is_the_merged_model() {
     lora.set_adapter(&["default", "other"]).unwrap();
     let both = logits(&lora.model);
     // Same thing as a `cat` combination with weights 1, 1 (exact by construction).
-    lora.add_weighted_adapter(&["default", "other"], &[1.0, 1.0], "sum", Combination::Cat, &WeightedOptions::default())
-        .unwrap();
+    lora.add_weighted_adapter(
+        &["default", "other"],
+        &[1.0, 1.0],
+        "sum",
+        Combination::Cat,
+        &WeightedOptions::default(),
+    )
+    .unwrap();
     lora.set_adapter(&["sum"]).unwrap();
     assert!(max_diff(&logits(&lora.model), &both) < 1e-5);
     lora.set_adapter(&["default", "other"]).unwrap();

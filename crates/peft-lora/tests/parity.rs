@@ -47,8 +47,14 @@ impl Case {
     fn open(arch: &str, case: &str) -> Self {
         let dir = fixtures().join(arch).join(case);
         let expected = read_safetensors(&dir.join("expected.safetensors")).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-        Case { dir, expected, meta }
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        Case {
+            dir,
+            expected,
+            meta,
+        }
     }
 
     fn ids<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -77,10 +83,18 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
 
     let mut lora = LoraModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
     assert_eq!(lora.adapter_names(), vec!["default", "other"]);
-    assert_close("unmerged", &forward(&lora.model, ids.clone()), c.want("logits_unmerged"));
+    assert_close(
+        "unmerged",
+        &forward(&lora.model, ids.clone()),
+        c.want("logits_unmerged"),
+    );
 
     lora.set_adapter(&["other"]).unwrap();
-    assert_close("other", &forward(&lora.model, ids.clone()), c.want("logits_other"));
+    assert_close(
+        "other",
+        &forward(&lora.model, ids.clone()),
+        c.want("logits_other"),
+    );
     lora.set_adapter(&["default"]).unwrap();
 
     let names: Vec<String> = c.meta["mixed_adapter_names"]
@@ -95,11 +109,20 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
         .forward_mixed(&refs, batch, |m| forward(m, ids.clone()))
         .unwrap();
     assert_close("mixed batch", &mixed, c.want("logits_mixed"));
-    assert!(lora.forward_mixed(&refs[..1], batch, |_| ()).is_err(), "row count is checked");
-    assert!(lora.forward_mixed(&["nope", "default", "other"], batch, |_| ()).is_err());
+    assert!(
+        lora.forward_mixed(&refs[..1], batch, |_| ()).is_err(),
+        "row count is checked"
+    );
+    assert!(lora
+        .forward_mixed(&["nope", "default", "other"], batch, |_| ())
+        .is_err());
 
     lora.disable_adapters().unwrap();
-    assert_close("disabled", &forward(&lora.model, ids.clone()), c.want("logits_disabled"));
+    assert_close(
+        "disabled",
+        &forward(&lora.model, ids.clone()),
+        c.want("logits_disabled"),
+    );
     lora.enable_adapters();
 
     if c.meta.get("weighted").is_some() {
@@ -118,7 +141,11 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
                 .unwrap();
             lora.set_adapter(&[&new]).unwrap();
             let got = forward(&lora.model, ids.clone());
-            assert_close(&format!("weighted {name}"), &got, c.want(&format!("logits_weighted_{name}")));
+            assert_close(
+                &format!("weighted {name}"),
+                &got,
+                c.want(&format!("logits_weighted_{name}")),
+            );
             lora.delete_adapter(&new).unwrap();
         }
         lora.set_adapter(&["default"]).unwrap();
@@ -126,18 +153,36 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
 
     let weights_before: Vec<HostTensor> = {
         let mut v = Vec::new();
-        lora.model.visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
+        lora.model
+            .visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
         v
     };
     lora.merge_adapter().unwrap();
-    assert_close("merged", &forward(&lora.model, ids.clone()), c.want("logits_merged"));
-    assert!(lora.disable_adapters().is_err(), "disable while merged is refused");
-    assert!(lora.forward_mixed(&refs, batch, |_| ()).is_err(), "mixed batch while merged is refused");
+    assert_close(
+        "merged",
+        &forward(&lora.model, ids.clone()),
+        c.want("logits_merged"),
+    );
+    assert!(
+        lora.disable_adapters().is_err(),
+        "disable while merged is refused"
+    );
+    assert!(
+        lora.forward_mixed(&refs, batch, |_| ()).is_err(),
+        "mixed batch while merged is refused"
+    );
     lora.unmerge_adapter();
-    assert_close("unmerged again", &forward(&lora.model, ids.clone()), c.want("logits_unmerged_again"));
+    assert_close(
+        "unmerged again",
+        &forward(&lora.model, ids.clone()),
+        c.want("logits_unmerged_again"),
+    );
     let mut i = 0;
     lora.model.visit_linears(&mut |p, s| {
-        let d = max_diff(&HostTensor::from_tensor(s.base.weight.val()), &weights_before[i]);
+        let d = max_diff(
+            &HostTensor::from_tensor(s.base.weight.val()),
+            &weights_before[i],
+        );
         // Unmerge is arithmetic, as in PEFT: W' − ΔW (DoRA: W'/g − ΔW) equals W
         // up to f32 rounding, not bit for bit.
         assert!(d <= 5e-6, "{p}: merge/unmerge round trip off by {d:e}");
@@ -147,7 +192,10 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     // Rust-saved adapters load back to identical outputs and identical tensors.
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = std::env::temp_dir().join(format!("peft-parity-{arch}-{case}-{}-{run}", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "peft-parity-{arch}-{case}-{}-{run}",
+        std::process::id()
+    ));
     lora.save_pretrained(&out).unwrap();
     for (sub, name) in [("", "default"), ("other", "other")] {
         let theirs = read_safetensors(&c.dir.join(sub).join("adapter_model.safetensors")).unwrap();
@@ -158,7 +206,10 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
         b.sort();
         assert_eq!(a, b, "{name}: saved keys differ from PEFT's");
         for k in a {
-            assert_eq!(theirs[k], ours[k], "{name}: tensor {k} changed in a save/load round trip");
+            assert_eq!(
+                theirs[k], ours[k],
+                "{name}: tensor {k} changed in a save/load round trip"
+            );
         }
     }
     let original = LoraModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
@@ -172,8 +223,16 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
 
     lora.delete_adapter("other").unwrap();
     let count = lora.param_count();
-    assert_eq!(count.trainable as u64, c.meta["trainable_params"].as_u64().unwrap(), "{count}");
-    assert_eq!(count.all as u64, c.meta["all_params"].as_u64().unwrap(), "{count}");
+    assert_eq!(
+        count.trainable as u64,
+        c.meta["trainable_params"].as_u64().unwrap(),
+        "{count}"
+    );
+    assert_eq!(
+        count.all as u64,
+        c.meta["all_params"].as_u64().unwrap(),
+        "{count}"
+    );
 }
 
 fn llama<B: Backend>(dir: &Path, device: &B::Device) -> Llama<B> {

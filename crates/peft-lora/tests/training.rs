@@ -21,7 +21,10 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
-fn ids<B: AutodiffBackend>(expected: &HashMap<String, HostTensor>, device: &B::Device) -> Tensor<B, 2, Int> {
+fn ids<B: AutodiffBackend>(
+    expected: &HashMap<String, HostTensor>,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     let t = &expected["input_ids"];
     let v: Vec<i64> = t.data.iter().map(|x| *x as i64).collect();
     Tensor::from_data(TensorData::new(v, [t.shape[0], t.shape[1]]), device)
@@ -29,7 +32,11 @@ fn ids<B: AutodiffBackend>(expected: &HashMap<String, HostTensor>, device: &B::D
 
 fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
     assert_eq!(a.shape, b.shape);
-    a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Loss and gradients of the `default` adapter vs PEFT's; no gradient
@@ -47,22 +54,39 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     let loss = loss_fn(&lora.model, ids::<B>(&expected, device));
     let want_loss = expected["train_loss"].data[0];
     let got_loss = loss.clone().into_scalar().elem::<f32>();
-    assert!((got_loss - want_loss).abs() < 1e-5, "loss {got_loss} vs PEFT {want_loss}");
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5,
+        "loss {got_loss} vs PEFT {want_loss}"
+    );
     let grads = loss.backward();
     let mut checked = 0;
     lora.model.visit_linears(&mut |path, slot| {
-        assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base weight got a gradient");
+        assert!(
+            slot.base.weight.grad(&grads).is_none(),
+            "{path}: base weight got a gradient"
+        );
         if let Some(b) = &slot.base.bias {
             assert!(b.grad(&grads).is_none(), "{path}: base bias got a gradient");
         }
         if let Some(other) = slot.lora_entry("other") {
-            assert!(other.a.grad(&grads).is_none(), "{path}: inactive adapter got a gradient");
+            assert!(
+                other.a.grad(&grads).is_none(),
+                "{path}: inactive adapter got a gradient"
+            );
         }
-        let Some(e) = slot.lora_entry("default") else { return };
+        let Some(e) = slot.lora_entry("default") else {
+            return;
+        };
         let key = format!("grad.base_model.model.{path}");
         let pairs = [
-            ("lora_A.weight", HostTensor::from_tensor(e.a.grad(&grads).unwrap()).transposed()),
-            ("lora_B.weight", HostTensor::from_tensor(e.b.grad(&grads).unwrap()).transposed()),
+            (
+                "lora_A.weight",
+                HostTensor::from_tensor(e.a.grad(&grads).unwrap()).transposed(),
+            ),
+            (
+                "lora_B.weight",
+                HostTensor::from_tensor(e.b.grad(&grads).unwrap()).transposed(),
+            ),
         ];
         for (suffix, got) in pairs {
             let want = &expected[&format!("{key}.{suffix}")];
@@ -72,7 +96,10 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
         }
         if let Some(m) = &e.magnitude {
             let got = HostTensor::from_tensor(m.grad(&grads).unwrap());
-            let d = max_diff(&got, &expected[&format!("{key}.lora_magnitude_vector.weight")]);
+            let d = max_diff(
+                &got,
+                &expected[&format!("{key}.lora_magnitude_vector.weight")],
+            );
             assert!(d < 1e-5, "{path}.magnitude: gradient off by {d:e}");
             checked += 1;
         }
@@ -82,12 +109,24 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
 
 fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
     let model = Llama::<B>::load(&fixtures().join("llama"), device).unwrap();
-    check_gradients("llama", "dora_rslora", model, |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids), device);
+    check_gradients(
+        "llama",
+        "dora_rslora",
+        model,
+        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        device,
+    );
 }
 
 fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
     let model = Gpt2::<B>::load(&fixtures().join("gpt2"), device).unwrap();
-    check_gradients("gpt2", "lora", model, |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids), device);
+    check_gradients(
+        "gpt2",
+        "lora",
+        model,
+        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        device,
+    );
 }
 
 fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
@@ -97,7 +136,10 @@ fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
         "dora",
         model,
         |m, ids| {
-            let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![2i64, 0, 1], [3]), &ids.device());
+            let labels = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(vec![2i64, 0, 1], [3]),
+                &ids.device(),
+            );
             cross_entropy(m.classify(ids, None).unwrap(), labels)
         },
         device,
@@ -136,10 +178,17 @@ fn lora_training_lowers_loss<B: AutodiffBackend>(device: &B::Device) {
     );
     let mut i = 0;
     lora.model.visit_linears(&mut |p, s| {
-        assert_eq!(HostTensor::from_tensor(s.base.weight.val()), base_params[i], "{p} base changed");
+        assert_eq!(
+            HostTensor::from_tensor(s.base.weight.val()),
+            base_params[i],
+            "{p} base changed"
+        );
         i += 1;
     });
-    assert_eq!(HostTensor::from_tensor(lora.model.embed_tokens.weight.val()), embed_before);
+    assert_eq!(
+        HostTensor::from_tensor(lora.model.embed_tokens.weight.val()),
+        embed_before
+    );
 }
 
 use burn::tensor::ElementConversion;

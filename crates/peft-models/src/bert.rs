@@ -108,7 +108,9 @@ impl<B: Backend> BertLayer<B> {
         let q = split_heads(self.query.forward(x.clone()), heads);
         let k = split_heads(self.key.forward(x.clone()), heads);
         let v = split_heads(self.value.forward(x.clone()), heads);
-        let a = self.attention_output.forward(attend(q, k, v, mask.cloned()));
+        let a = self
+            .attention_output
+            .forward(attend(q, k, v, mask.cloned()));
         let x = self.attention_norm.forward(a + x);
         let h = gelu(self.intermediate.forward(x.clone()));
         self.output_norm.forward(self.output.forward(h) + x)
@@ -129,13 +131,24 @@ impl<B: Backend> Bert<B> {
         }
         let mut ck = Checkpoint::<B>::open(dir, device)?;
         let prefix = if ck.has_prefix("bert.") { "bert." } else { "" }.to_string();
-        let (d, ff, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let (d, ff, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
         let e = format!("{prefix}embeddings");
-        let word_embeddings = ck.embedding(&format!("{e}.word_embeddings.weight"), config.vocab_size, d)?;
-        let position_embeddings =
-            ck.embedding(&format!("{e}.position_embeddings.weight"), config.max_position_embeddings, d)?;
-        let token_type_embeddings =
-            ck.embedding(&format!("{e}.token_type_embeddings.weight"), config.type_vocab_size, d)?;
+        let word_embeddings =
+            ck.embedding(&format!("{e}.word_embeddings.weight"), config.vocab_size, d)?;
+        let position_embeddings = ck.embedding(
+            &format!("{e}.position_embeddings.weight"),
+            config.max_position_embeddings,
+            d,
+        )?;
+        let token_type_embeddings = ck.embedding(
+            &format!("{e}.token_type_embeddings.weight"),
+            config.type_vocab_size,
+            d,
+        )?;
         let embeddings_norm = ck.layer_norm(&format!("{e}.LayerNorm"), d, eps)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -145,7 +158,11 @@ impl<B: Backend> Bert<B> {
                 key: ck.linear(&format!("{p}.attention.self.key"), d, d, true)?,
                 value: ck.linear(&format!("{p}.attention.self.value"), d, d, true)?,
                 attention_output: ck.linear(&format!("{p}.attention.output.dense"), d, d, true)?,
-                attention_norm: ck.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, eps)?,
+                attention_norm: ck.layer_norm(
+                    &format!("{p}.attention.output.LayerNorm"),
+                    d,
+                    eps,
+                )?,
                 intermediate: ck.linear(&format!("{p}.intermediate.dense"), d, ff, true)?,
                 output: ck.linear(&format!("{p}.output.dense"), ff, d, true)?,
                 output_norm: ck.layer_norm(&format!("{p}.output.LayerNorm"), d, eps)?,
@@ -175,7 +192,11 @@ impl<B: Backend> Bert<B> {
 
     /// Last hidden states `[b, t, d]` for `ids: [b, t]` (token type 0);
     /// `attention_mask: [b, t]` with 1 for tokens, 0 for padding.
-    pub fn encode(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+    pub fn encode(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
@@ -194,7 +215,11 @@ impl<B: Backend> Bert<B> {
     }
 
     /// Classification logits `[b, num_labels]`. Fails for a checkpoint without a head.
-    pub fn classify(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Result<Tensor<B, 2>> {
+    pub fn classify(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Result<Tensor<B, 2>> {
         let head = self.head.as_ref().ok_or_else(|| {
             PeftError::State("this BERT checkpoint has no classification head".into())
         })?;
@@ -235,7 +260,10 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
             f(&format!("{p}.attention.self.query"), &mut l.query);
             f(&format!("{p}.attention.self.key"), &mut l.key);
             f(&format!("{p}.attention.self.value"), &mut l.value);
-            f(&format!("{p}.attention.output.dense"), &mut l.attention_output);
+            f(
+                &format!("{p}.attention.output.dense"),
+                &mut l.attention_output,
+            );
             f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
             f(&format!("{p}.output.dense"), &mut l.output);
         }

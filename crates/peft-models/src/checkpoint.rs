@@ -78,7 +78,13 @@ impl<'d, B: Backend> Checkpoint<'d, B> {
     }
 
     /// A PyTorch `nn.Linear` (`weight: [out, in]`) as a frozen slot.
-    pub fn linear(&mut self, path: &str, d_in: usize, d_out: usize, bias: bool) -> Result<LinearSlot<B>> {
+    pub fn linear(
+        &mut self,
+        path: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LinearSlot<B>> {
         let key = format!("{path}.weight");
         let w = self.take(&key)?;
         if w.shape != [d_out, d_in] {
@@ -114,15 +120,22 @@ impl<'d, B: Backend> Checkpoint<'d, B> {
     /// A LayerNorm with `weight`/`bias` under `path`.
     pub fn layer_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
         let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(self.device);
-        ln.gamma = self.param(&format!("{path}.weight"), [d])?.set_require_grad(false);
-        ln.beta = Some(self.param(&format!("{path}.bias"), [d])?.set_require_grad(false));
+        ln.gamma = self
+            .param(&format!("{path}.weight"), [d])?
+            .set_require_grad(false);
+        ln.beta = Some(
+            self.param(&format!("{path}.bias"), [d])?
+                .set_require_grad(false),
+        );
         Ok(ln)
     }
 
     /// An RMSNorm with `weight` under `path`.
     pub fn rms_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
         let mut n = RmsNormConfig::new(d).with_epsilon(eps).init(self.device);
-        n.gamma = self.param(&format!("{path}.weight"), [d])?.set_require_grad(false);
+        n.gamma = self
+            .param(&format!("{path}.weight"), [d])?
+            .set_require_grad(false);
         Ok(n)
     }
 

@@ -86,7 +86,9 @@ impl<B: Backend> Gpt2Block<B> {
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), heads);
         let k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), heads);
         let v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), heads);
-        let x = x + self.attn_c_proj.forward(attend(q, k, v, Some(mask.clone())));
+        let x = x + self
+            .attn_c_proj
+            .forward(attend(q, k, v, Some(mask.clone())));
         let h = gelu_approximate(self.c_fc.forward(self.ln_2.forward(x.clone())));
         x + self.mlp_c_proj.forward(h)
     }
@@ -104,7 +106,11 @@ impl<B: Backend> Gpt2<B> {
         }
         let mut ck = Checkpoint::<B>::open(dir, device)?;
         // GPT2LMHeadModel checkpoints prefix with `transformer.`; bare GPT2Model ones do not.
-        let root = if ck.has_prefix("transformer.") { "transformer." } else { "" };
+        let root = if ck.has_prefix("transformer.") {
+            "transformer."
+        } else {
+            ""
+        };
         let d = config.n_embd;
         let ff = config.n_inner.unwrap_or(4 * d);
         let eps = config.layer_norm_epsilon;
@@ -132,7 +138,11 @@ impl<B: Backend> Gpt2<B> {
     }
 
     /// Logits `[b, t, vocab]` for `ids: [b, t]`.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)

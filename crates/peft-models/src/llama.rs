@@ -100,7 +100,9 @@ impl LlamaConfig {
                 )));
             }
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.kv_heads() != 0 {
+        if self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(self.kv_heads())
+        {
             return Err(PeftError::Config(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -211,7 +213,14 @@ impl<B: Backend> LlamaLayer<B> {
 
 impl LlamaConfig {
     /// A config with the given sizes and Llama's defaults elsewhere.
-    pub fn new(vocab: usize, hidden: usize, intermediate: usize, layers: usize, heads: usize, kv_heads: usize) -> Self {
+    pub fn new(
+        vocab: usize,
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
         LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
@@ -234,9 +243,20 @@ impl LlamaConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
         self.validate()?;
         let (d, ff) = (self.hidden_size, self.intermediate_size);
-        let (qd, kvd) = (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim());
-        let slot = |i, o, bias| LinearSlotConfig::new(i, o).with_bias(bias).init::<B>(device);
-        let norm = || RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init::<B>(device);
+        let (qd, kvd) = (
+            self.num_attention_heads * self.head_dim(),
+            self.kv_heads() * self.head_dim(),
+        );
+        let slot = |i, o, bias| {
+            LinearSlotConfig::new(i, o)
+                .with_bias(bias)
+                .init::<B>(device)
+        };
+        let norm = || {
+            RmsNormConfig::new(d)
+                .with_epsilon(self.rms_norm_eps)
+                .init::<B>(device)
+        };
         let (ab, mb) = (self.attention_bias, self.mlp_bias);
         let layers = (0..self.num_hidden_layers)
             .map(|_| LlamaLayer {
@@ -278,7 +298,11 @@ impl<B: Backend> Llama<B> {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(LlamaLayer {
-                input_layernorm: ck.rms_norm(&format!("{p}.input_layernorm"), d, config.rms_norm_eps)?,
+                input_layernorm: ck.rms_norm(
+                    &format!("{p}.input_layernorm"),
+                    d,
+                    config.rms_norm_eps,
+                )?,
                 q_proj: ck.linear(&format!("{p}.self_attn.q_proj"), d, qd, ab)?,
                 k_proj: ck.linear(&format!("{p}.self_attn.k_proj"), d, kvd, ab)?,
                 v_proj: ck.linear(&format!("{p}.self_attn.v_proj"), d, kvd, ab)?,
@@ -312,7 +336,11 @@ impl<B: Backend> Llama<B> {
 
     /// Logits `[b, t, vocab]` for `ids: [b, t]`; `attention_mask: [b, t]`
     /// (1 = token, 0 = padding) when the batch is padded.
-    pub fn forward(&self, ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
         let device = ids.device();
         let [_, t] = ids.dims();
         let mut x = self.embed_tokens.forward(ids);

@@ -18,7 +18,9 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
 /// `logits: [b, t, vocab]`, `ids: [b, t]`.
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
-    let inputs = logits.slice([0..b, 0..t - 1, 0..v]).reshape([b * (t - 1), v]);
+    let inputs = logits
+        .slice([0..b, 0..t - 1, 0..v])
+        .reshape([b * (t - 1), v]);
     let targets = ids.slice([0..b, 1..t]).reshape([b * (t - 1)]);
     cross_entropy(inputs, targets)
 }
