@@ -112,12 +112,21 @@ fn to_f32(view: &TensorView<'_>, key: &str, path: &Path) -> Result<Vec<f32>> {
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
             .collect(),
+        // Integer buffers (position ids, token ids) are converted too.
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
+        Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| b as f32).collect(),
+        Dtype::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
         other => {
             return Err(checkpoint_err(
                 path,
-                format!(
-                    "tensor `{key}` has dtype {other:?}; only F32, F16, BF16 and F64 are supported"
-                ),
+                format!("tensor `{key}` has dtype {other:?}; supported: F32, F16, BF16, F64, I64, I32, I8, U8, BOOL"),
             ))
         }
     };

@@ -71,15 +71,6 @@ pub struct BertLayer<B: Backend> {
     pub output_norm: LayerNorm<B>,
 }
 
-/// The sequence-classification head: pooler + classifier.
-#[derive(Module, Debug)]
-pub struct BertClassifier<B: Backend> {
-    /// `bert.pooler.dense` `[d, d]` (tanh on the first token).
-    pub pooler: LinearSlot<B>,
-    /// `classifier` `[d, num_labels]`.
-    pub classifier: LinearSlot<B>,
-}
-
 /// A BERT encoder, with the classification head when the checkpoint has one.
 #[derive(Module, Debug)]
 pub struct Bert<B: Backend> {
@@ -93,8 +84,10 @@ pub struct Bert<B: Backend> {
     pub embeddings_norm: LayerNorm<B>,
     /// Encoder layers.
     pub layers: Vec<BertLayer<B>>,
-    /// Pooler and classifier (`BertForSequenceClassification`), if present.
-    pub head: Option<BertClassifier<B>>,
+    /// `pooler.dense` `[d, d]` (tanh on the first token), if the checkpoint has one.
+    pub pooler: Option<LinearSlot<B>>,
+    /// `classifier` `[d, num_labels]` of `BertForSequenceClassification`, if present.
+    pub classifier: Option<LinearSlot<B>>,
     /// The configuration.
     #[module(skip)]
     pub config: BertConfig,
@@ -168,14 +161,22 @@ impl<B: Backend> Bert<B> {
                 output_norm: ck.layer_norm(&format!("{p}.output.LayerNorm"), d, eps)?,
             });
         }
-        let head = if ck.contains("classifier.weight") {
-            let labels = ck_rows(&ck, "classifier.weight");
-            Some(BertClassifier {
-                pooler: ck.linear(&format!("{prefix}pooler.dense"), d, d, true)?,
-                classifier: ck.linear("classifier", d, labels, true)?,
-            })
+        let pooler_key = format!("{prefix}pooler.dense");
+        let pooler = if ck.contains(&format!("{pooler_key}.weight")) {
+            Some(ck.linear(&pooler_key, d, d, true)?)
         } else {
             None
+        };
+        let classifier = match ck.shape("classifier.weight").map(|s| s.to_vec()) {
+            Some(shape) if shape.len() == 2 => Some(ck.linear("classifier", d, shape[0], true)?),
+            Some(shape) => {
+                return Err(PeftError::Shape {
+                    name: "classifier.weight".into(),
+                    expected: vec![0, d],
+                    found: shape,
+                })
+            }
+            None => None,
         };
         ck.finish()?;
         Ok(Bert {
@@ -184,7 +185,8 @@ impl<B: Backend> Bert<B> {
             token_type_embeddings,
             embeddings_norm,
             layers,
-            head,
+            pooler,
+            classifier,
             config,
             prefix,
         })
@@ -214,25 +216,40 @@ impl<B: Backend> Bert<B> {
         x
     }
 
+    /// Sentence embeddings as sentence-transformers computes them: the mean
+    /// of the last hidden states over real tokens, `[b, d]`; L2-normalised
+    /// when `normalize`.
+    pub fn mean_pooled(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>, normalize: bool) -> Tensor<B, 2> {
+        let h = self.encode(ids, Some(attention_mask.clone()));
+        let [b, t, _] = h.dims();
+        let m = attention_mask.reshape([b, t, 1]);
+        let summed = (h * m.clone()).sum_dim(1).squeeze_dim::<2>(1);
+        let counts = m.sum_dim(1).squeeze_dim::<2>(1).clamp_min(1e-9);
+        let mean = summed / counts;
+        if normalize {
+            let norm = mean.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+            mean / norm
+        } else {
+            mean
+        }
+    }
+
     /// Classification logits `[b, num_labels]`. Fails for a checkpoint without a head.
     pub fn classify(
         &self,
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>> {
-        let head = self.head.as_ref().ok_or_else(|| {
-            PeftError::State("this BERT checkpoint has no classification head".into())
-        })?;
+        let (Some(pooler), Some(classifier)) = (&self.pooler, &self.classifier) else {
+            return Err(PeftError::State(
+                "this BERT checkpoint has no pooler + classifier head".into(),
+            ));
+        };
         let h = self.encode(ids, attention_mask);
         let [b, _, d] = h.dims();
         let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        let pooled = tanh(head.pooler.forward(first));
-        Ok(head.classifier.forward(pooled))
+        Ok(classifier.forward(tanh(pooler.forward(first))))
     }
-}
-
-fn ck_rows<B: Backend>(ck: &Checkpoint<'_, B>, key: &str) -> usize {
-    ck.shape(key).map(|s| s[0]).unwrap_or(0)
 }
 
 impl<B: Backend> PeftModel<B> for Bert<B> {
@@ -247,9 +264,11 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
             f(&format!("{p}.intermediate.dense"), &l.intermediate);
             f(&format!("{p}.output.dense"), &l.output);
         }
-        if let Some(h) = &self.head {
-            f(&format!("{pre}pooler.dense"), &h.pooler);
-            f("classifier", &h.classifier);
+        if let Some(p) = &self.pooler {
+            f(&format!("{pre}pooler.dense"), p);
+        }
+        if let Some(c) = &self.classifier {
+            f("classifier", c);
         }
     }
 
@@ -267,9 +286,11 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
             f(&format!("{p}.intermediate.dense"), &mut l.intermediate);
             f(&format!("{p}.output.dense"), &mut l.output);
         }
-        if let Some(h) = &mut self.head {
-            f(&format!("{pre}pooler.dense"), &mut h.pooler);
-            f("classifier", &mut h.classifier);
+        if let Some(p) = &mut self.pooler {
+            f(&format!("{pre}pooler.dense"), p);
+        }
+        if let Some(c) = &mut self.classifier {
+            f("classifier", c);
         }
     }
 

