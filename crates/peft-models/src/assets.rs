@@ -11,7 +11,9 @@ pub fn cache_dir() -> PathBuf {
     std::env::var_os("PEFT_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache/peft-rs/assets")
         })
 }
@@ -28,7 +30,10 @@ pub fn fetch(name: &str) -> Result<PathBuf> {
         .arg(&script)
         .arg(name)
         .status()
-        .map_err(|source| PeftError::Io { path: script.clone(), source })?;
+        .map_err(|source| PeftError::Io {
+            path: script.clone(),
+            source,
+        })?;
     if !status.success() || !dir.is_dir() {
         return Err(PeftError::State(format!(
             "could not fetch asset `{name}` (python3 {} {name} failed)",

@@ -219,7 +219,12 @@ impl<B: Backend> Bert<B> {
     /// Sentence embeddings as sentence-transformers computes them: the mean
     /// of the last hidden states over real tokens, `[b, d]`; L2-normalised
     /// when `normalize`.
-    pub fn mean_pooled(&self, ids: Tensor<B, 2, Int>, attention_mask: Tensor<B, 2>, normalize: bool) -> Tensor<B, 2> {
+    pub fn mean_pooled(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2>,
+        normalize: bool,
+    ) -> Tensor<B, 2> {
         let h = self.encode(ids, Some(attention_mask.clone()));
         let [b, t, _] = h.dims();
         let m = attention_mask.reshape([b, t, 1]);
@@ -227,7 +232,12 @@ impl<B: Backend> Bert<B> {
         let counts = m.sum_dim(1).squeeze_dim::<2>(1).clamp_min(1e-9);
         let mean = summed / counts;
         if normalize {
-            let norm = mean.clone().powf_scalar(2.0).sum_dim(1).sqrt().clamp_min(1e-12);
+            let norm = mean
+                .clone()
+                .powf_scalar(2.0)
+                .sum_dim(1)
+                .sqrt()
+                .clamp_min(1e-12);
             mean / norm
         } else {
             mean

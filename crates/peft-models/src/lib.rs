@@ -18,6 +18,8 @@ pub mod assets;
 pub mod attention;
 pub mod bert;
 pub mod checkpoint;
+pub mod datasets;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod loss;

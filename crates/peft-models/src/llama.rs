@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::attention::{attend, causal_mask, padding_mask, split_heads};
 use crate::checkpoint::{read_config, Checkpoint};
+use crate::gguf::{Gguf, MetaValue};
+use peft_core::io::HostTensor;
 
 /// RoPE settings as transformers ≥ 5 writes them.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -136,6 +138,59 @@ pub struct LlamaLayer<B: Backend> {
     pub down_proj: LinearSlot<B>,
 }
 
+/// One layer's cached keys and values, `[b, kv_heads, s, head_dim]`, keys
+/// after RoPE. Prefix tuning puts its virtual keys/values here first.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache<B: Backend> {
+    /// Keys.
+    pub k: Option<Tensor<B, 4>>,
+    /// Values.
+    pub v: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Appends `k, v` and returns the whole cached keys and values.
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = match self.k.take() {
+            Some(old) => Tensor::cat(vec![old, k], 2),
+            None => k,
+        };
+        let v = match self.v.take() {
+            Some(old) => Tensor::cat(vec![old, v], 2),
+            None => v,
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        (k, v)
+    }
+}
+
+/// The key/value cache of a whole model, one [`LayerCache`] per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache<B: Backend> {
+    /// Per-layer caches.
+    pub layers: Vec<LayerCache<B>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        KvCache { layers: Vec::new() }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.k.as_ref())
+            .map(|k| k.dims()[2])
+            .unwrap_or(0)
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// `LlamaForCausalLM`.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
@@ -196,6 +251,7 @@ impl<B: Backend> LlamaLayer<B> {
         config: &LlamaConfig,
         rope: &(Tensor<B, 2>, Tensor<B, 2>),
         mask: &Tensor<B, 4>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let h = self.input_layernorm.forward(x.clone());
         let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
@@ -203,6 +259,10 @@ impl<B: Backend> LlamaLayer<B> {
         let v = split_heads(self.v_proj.forward(h), config.kv_heads());
         let q = apply_rope(q, &rope.0, &rope.1);
         let k = apply_rope(k, &rope.0, &rope.1);
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        };
         let attn = attend(q, k, v, Some(mask.clone()));
         let x = x + self.o_proj.forward(attn);
         let h = self.post_attention_layernorm.forward(x.clone());
@@ -343,14 +403,49 @@ impl<B: Backend> Llama<B> {
     ) -> Tensor<B, 3> {
         let device = ids.device();
         let [_, t] = ids.dims();
-        let mut x = self.embed_tokens.forward(ids);
-        let rope = rope_tables(t, 0, self.config.head_dim(), self.config.theta(), &device);
         let mut mask = causal_mask::<B>(t, 0, &device);
         if let Some(am) = attention_mask {
             mask = mask + padding_mask(am);
         }
-        for layer in &self.layers {
-            x = layer.forward(x, &self.config, &rope, &mask);
+        let x = self.embed_tokens.forward(ids);
+        self.run_layers(x, 0, mask, None)
+    }
+
+    /// Logits `[b, t, vocab]` for the next `t` tokens after those already in
+    /// `cache`, whose keys/values are extended in place. Positions continue
+    /// from the cache length.
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [_, t] = ids.dims();
+        let past = cache.len();
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len())
+                .map(|_| LayerCache::default())
+                .collect();
+        }
+        let mask = causal_mask::<B>(t, past, &device);
+        let x = self.embed_tokens.forward(ids);
+        self.run_layers(x, past, mask, Some(cache))
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor<B, 3>,
+        start: usize,
+        mask: Tensor<B, 4>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let t = x.dims()[1];
+        let rope = rope_tables(
+            t,
+            start,
+            self.config.head_dim(),
+            self.config.theta(),
+            &x.device(),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &self.config, &rope, &mask, c);
         }
         let h = self.norm.forward(x);
         match &self.lm_head {
@@ -395,5 +490,265 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
 
     fn output_layers(&self) -> Vec<String> {
         vec!["lm_head".into()]
+    }
+}
+
+/// Undoes llama.cpp's q/k row permutation (`convert_hf_to_gguf.permute`),
+/// giving back the Hugging Face layout of `w: [heads·head_dim, in]`.
+fn unpermute_rows(w: &HostTensor, heads: usize) -> HostTensor {
+    let (rows, cols) = (w.shape[0], w.shape[1]);
+    let hd = rows / heads;
+    let mut out = vec![0.0f32; rows * cols];
+    for h in 0..heads {
+        for a in 0..2 {
+            for b in 0..hd / 2 {
+                let hf = h * hd + a * (hd / 2) + b;
+                let gguf = h * hd + 2 * b + a;
+                out[hf * cols..(hf + 1) * cols]
+                    .copy_from_slice(&w.data[gguf * cols..(gguf + 1) * cols]);
+            }
+        }
+    }
+    HostTensor {
+        shape: w.shape.clone(),
+        data: out,
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads a llama.cpp GGUF file (architecture `llama`), dequantising every
+    /// tensor to `f32` one at a time and undoing the q/k permutation, so the
+    /// result equals the Hugging Face model.
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        let g = Gguf::open(path)?;
+        let arch = g.meta("general.architecture")?.as_str().unwrap_or("");
+        if arch != "llama" {
+            return Err(PeftError::Config(format!(
+                "{}: architecture `{arch}` is not supported (llama)",
+                path.display()
+            )));
+        }
+        let u = |k: &str| g.meta_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let embd = g
+            .info("token_embd.weight")
+            .ok_or_else(|| PeftError::MissingTensor {
+                path: path.into(),
+                key: "token_embd.weight".into(),
+            })?;
+        let vocab = embd.shape()[0];
+        let f = |k: &str, default: f64| {
+            g.metadata
+                .get(&format!("llama.{k}"))
+                .and_then(MetaValue::as_f64)
+                .unwrap_or(default)
+        };
+        let config = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: u("embedding_length")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
+            num_attention_heads: u("attention.head_count")?,
+            num_key_value_heads: Some(u("attention.head_count_kv")?),
+            head_dim: None,
+            rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta: Some(f("rope.freq_base", 10_000.0)),
+            rope_parameters: None,
+            tie_word_embeddings: g.info("output.weight").is_none(),
+            attention_bias: false,
+            mlp_bias: false,
+        };
+        config.validate()?;
+        let (d, ff) = (config.hidden_size, config.intermediate_size);
+        let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+        let hd = config.head_dim();
+        let param = |name: &str, shape: Vec<usize>| -> Result<HostTensor> {
+            let t = g.tensor(name)?;
+            if t.shape != shape {
+                return Err(PeftError::Shape {
+                    name: name.into(),
+                    expected: shape,
+                    found: t.shape,
+                });
+            }
+            Ok(t)
+        };
+        // GGUF matrices are `[out, in]` row-major, like PyTorch's.
+        let slot = |name: &str,
+                    d_in: usize,
+                    d_out: usize,
+                    permute: Option<usize>|
+         -> Result<LinearSlot<B>> {
+            let mut w = param(name, vec![d_out, d_in])?;
+            if let Some(h) = permute {
+                w = unpermute_rows(&w, h);
+            }
+            let w = w.transposed().to_tensor([d_in, d_out], name, device)?;
+            Ok(LinearSlot::from_weights(w, None))
+        };
+        let norm = |name: &str| -> Result<RmsNorm<B>> {
+            let mut n = RmsNormConfig::new(d)
+                .with_epsilon(config.rms_norm_eps)
+                .init(device);
+            n.gamma = Param::from_tensor(param(name, vec![d])?.to_tensor([d], name, device)?)
+                .set_require_grad(false);
+            Ok(n)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("blk.{i}");
+            layers.push(LlamaLayer {
+                input_layernorm: norm(&format!("{p}.attn_norm.weight"))?,
+                q_proj: slot(&format!("{p}.attn_q.weight"), d, heads * hd, Some(heads))?,
+                k_proj: slot(&format!("{p}.attn_k.weight"), d, kv * hd, Some(kv))?,
+                v_proj: slot(&format!("{p}.attn_v.weight"), d, kv * hd, None)?,
+                o_proj: slot(&format!("{p}.attn_output.weight"), heads * hd, d, None)?,
+                post_attention_layernorm: norm(&format!("{p}.ffn_norm.weight"))?,
+                gate_proj: slot(&format!("{p}.ffn_gate.weight"), d, ff, None)?,
+                up_proj: slot(&format!("{p}.ffn_up.weight"), d, ff, None)?,
+                down_proj: slot(&format!("{p}.ffn_down.weight"), ff, d, None)?,
+            });
+        }
+        let embed = param("token_embd.weight", vec![vocab, d])?;
+        let embed_tokens = Embedding {
+            weight: Param::from_tensor(embed.to_tensor([vocab, d], "token_embd.weight", device)?)
+                .set_require_grad(false),
+        };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(slot("output.weight", d, vocab, None)?)
+        };
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: norm("output_norm.weight")?,
+            lm_head,
+            config,
+        })
+    }
+
+    /// Continues `prompt` by up to `max_new` tokens, stopping after `eos`.
+    /// With `use_cache`, each step feeds one token through the KV cache;
+    /// without, each step recomputes the whole sequence (for checking).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+        use_cache: bool,
+    ) -> Vec<u32> {
+        let device = self.embed_tokens.weight.device();
+        let to_ids = |ids: &[u32]| {
+            let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, ids.len()]), &device)
+        };
+        let mut cache = KvCache::new();
+        let mut seq = prompt.to_vec();
+        let mut out = Vec::new();
+        for step in 0..max_new {
+            let logits = if use_cache {
+                let input = if step == 0 {
+                    &seq[..]
+                } else {
+                    &seq[seq.len() - 1..]
+                };
+                self.forward_cached(to_ids(input), &mut cache)
+            } else {
+                self.forward(to_ids(&seq), None)
+            };
+            let [_, t, v] = logits.dims();
+            let last = logits.slice([0..1, t - 1..t, 0..v]).reshape([v]);
+            let row: Vec<f32> = last
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 logits");
+            let next = sampler.sample(&row);
+            seq.push(next);
+            out.push(next);
+            if Some(next) == eos {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// How the next token is chosen from logits.
+#[derive(Debug, Clone)]
+pub enum Sampler {
+    /// The most likely token.
+    Greedy,
+    /// Softmax at `temperature`, restricted to the `top_k` most likely tokens
+    /// (0: all) and to the smallest set whose probability reaches `top_p`.
+    Random {
+        /// Softmax temperature (> 0).
+        temperature: f32,
+        /// Keep only the k most likely tokens (0 keeps all).
+        top_k: usize,
+        /// Nucleus threshold in (0, 1].
+        top_p: f32,
+        /// Generator state (SplitMix64).
+        state: u64,
+    },
+}
+
+impl Sampler {
+    /// Picks a token id from one row of logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0)
+        };
+        match self {
+            Sampler::Greedy => argmax(),
+            Sampler::Random {
+                temperature,
+                top_k,
+                top_p,
+                state,
+            } => {
+                if *temperature <= 0.0 {
+                    return argmax();
+                }
+                let mut idx: Vec<usize> = (0..logits.len()).collect();
+                idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                if *top_k > 0 {
+                    idx.truncate(*top_k);
+                }
+                let max = logits[idx[0]];
+                let mut probs: Vec<f32> = idx
+                    .iter()
+                    .map(|&i| ((logits[i] - max) / *temperature).exp())
+                    .collect();
+                let sum: f32 = probs.iter().sum();
+                probs.iter_mut().for_each(|p| *p /= sum);
+                let mut acc = 0.0;
+                let keep = probs.iter().position(|p| {
+                    acc += p;
+                    acc >= *top_p
+                });
+                let keep = keep.map(|k| k + 1).unwrap_or(probs.len());
+                let total: f32 = probs[..keep].iter().sum();
+                *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = *state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * total;
+                let mut acc = 0.0;
+                for (k, p) in probs[..keep].iter().enumerate() {
+                    acc += p;
+                    if u < acc {
+                        return idx[k] as u32;
+                    }
+                }
+                idx[keep - 1] as u32
+            }
+        }
     }
 }

@@ -25,12 +25,87 @@ impl Tokenizer {
     /// Loads `tokenizer.json`. Its own padding setting is dropped: batches
     /// are padded to their longest row. Truncation is kept.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| PeftError::Checkpoint {
-            path: path.to_path_buf(),
-            message: format!("not a valid tokenizer.json: {e}"),
-        })?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| PeftError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("not a valid tokenizer.json: {e}"),
+            })?;
         let pad_id = inner.get_padding().map(|p| p.pad_id).unwrap_or(0);
         inner.with_padding(None);
+        Ok(Tokenizer { inner, pad_id })
+    }
+
+    /// Rebuilds the tokenizer stored in a GGUF file's metadata (`gpt2`-style
+    /// byte-level BPE: `tokenizer.ggml.tokens`, `.merges`, `.token_type`).
+    /// Control tokens (type 3) become special tokens, matched whole.
+    pub fn from_gguf(g: &crate::gguf::Gguf) -> Result<Self> {
+        use serde_json::{json, Map, Value};
+        let model = g.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
+        if model != "gpt2" {
+            return Err(PeftError::Config(format!(
+                "GGUF tokenizer model `{model}` is not supported (gpt2 byte-level BPE)"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            g.meta(key)?
+                .as_array()
+                .ok_or_else(|| PeftError::Config(format!("`{key}` is not an array")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| PeftError::Config(format!("`{key}` holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = g
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let mut vocab = Map::new();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert(t.clone(), json!(i));
+        }
+        let added: Vec<Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| types.get(*i) == Some(&3))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                                 "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        // llama.cpp's `smollm` pre-tokenizer is SmolLM2's own: digits one by one, then byte-level.
+        let pre = match g
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+        {
+            Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level.clone()]}),
+            _ => byte_level.clone(),
+        };
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": pre, "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
+            PeftError::Config(format!("the GGUF tokenizer could not be rebuilt: {e}"))
+        })?;
+        let pad_id = g
+            .metadata
+            .get("tokenizer.ggml.padding_token_id")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
         Ok(Tokenizer { inner, pad_id })
     }
 
@@ -56,7 +131,10 @@ impl Tokenizer {
 
     /// Tokenizes `texts` into a right-padded batch on `device`.
     pub fn batch<B: Backend>(&self, texts: &[&str], device: &B::Device) -> Result<Batch<B>> {
-        let rows = texts.iter().map(|t| self.encode(t)).collect::<Result<Vec<_>>>()?;
+        let rows = texts
+            .iter()
+            .map(|t| self.encode(t))
+            .collect::<Result<Vec<_>>>()?;
         let len = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(rows.len() * len);
         let mut mask = Vec::with_capacity(rows.len() * len);
