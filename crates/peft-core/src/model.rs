@@ -67,12 +67,22 @@ pub trait AttentionPrefixSeam<B: Backend> {
     fn kv_shape(&self) -> (usize, usize);
 }
 
-/// Access to the input embeddings, for prompt tuning and P-tuning.
+/// Access to the input embeddings, for prompt tuning and P-tuning: embed
+/// the ids, prepend virtual-token embeddings, run the rest of the model.
 pub trait EmbeddingSeam<B: Backend> {
+    /// What the model returns (logits, hidden states).
+    type Output;
     /// The word embeddings of `ids: [batch, seq]`: `[batch, seq, d_model]`.
     fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
     /// Embedding width.
     fn d_model(&self) -> usize;
+    /// The model's forward pass from word embeddings `[batch, seq, d_model]`
+    /// (positions `0..seq`; `attention_mask: [batch, seq]`, 1 = attend).
+    fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Self::Output;
 }
 
 /// Where a bottleneck adapter can be inserted in each transformer layer.

@@ -8,6 +8,7 @@ use burn::nn::{Embedding, LayerNorm};
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
@@ -115,6 +116,7 @@ impl<B: Backend> Bert<B> {
     /// `BertForSequenceClassification` checkpoints (keys under `bert.` plus
     /// `classifier`) load with their head.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Checkpoint::<B>::check_model_type(dir, &["bert"])?;
         let config: BertConfig = read_config(dir)?;
         if config.hidden_act != "gelu" {
             return Err(PeftError::Config(format!(
@@ -199,21 +201,7 @@ impl<B: Backend> Bert<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
-            .unsqueeze::<2>()
-            .expand([b, t]);
-        let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
-        let x = self.word_embeddings.forward(ids)
-            + self.position_embeddings.forward(positions)
-            + self.token_type_embeddings.forward(types);
-        let mut x = self.embeddings_norm.forward(x);
-        let mask = attention_mask.map(padding_mask);
-        for layer in &self.layers {
-            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref());
-        }
-        x
+        self.forward_embeds(self.word_embeddings.forward(ids), attention_mask)
     }
 
     /// Sentence embeddings as sentence-transformers computes them: the mean
@@ -259,6 +247,52 @@ impl<B: Backend> Bert<B> {
         let [b, _, d] = h.dims();
         let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
         Ok(classifier.forward(tanh(pooler.forward(first))))
+    }
+}
+
+impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
+    /// Last hidden states `[b, t, d]`.
+    type Output = Tensor<B, 3>;
+
+    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.word_embeddings.forward(ids)
+    }
+
+    fn d_model(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        let device = embeds.device();
+        let [b, t, _] = embeds.dims();
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+            .unsqueeze::<2>()
+            .expand([b, t]);
+        let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
+        let x = embeds
+            + self.position_embeddings.forward(positions)
+            + self.token_type_embeddings.forward(types);
+        let mut x = self.embeddings_norm.forward(x);
+        let mask = attention_mask.map(padding_mask);
+        for layer in &self.layers {
+            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref());
+        }
+        x
+    }
+}
+
+impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
+    fn num_attention_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn kv_shape(&self) -> (usize, usize) {
+        let h = self.config.num_attention_heads;
+        (h, self.config.hidden_size / h)
     }
 }
 

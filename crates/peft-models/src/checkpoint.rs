@@ -32,20 +32,82 @@ pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C> {
 }
 
 impl<'d, B: Backend> Checkpoint<'d, B> {
-    /// Opens `dir/model.safetensors`.
+    /// Opens `dir/model.safetensors`, or the shards listed in
+    /// `dir/model.safetensors.index.json` (`weight_map`: key → file).
     pub fn open(dir: &Path, device: &'d B::Device) -> Result<Self> {
-        let path = dir.join("model.safetensors");
-        if !path.exists() {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Ok(Checkpoint {
+                tensors: read_safetensors(&single)?,
+                path: single,
+                device,
+            });
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if !index.exists() {
             return Err(PeftError::Checkpoint {
-                path,
-                message: "no model.safetensors in this model directory".into(),
+                path: dir.to_path_buf(),
+                message:
+                    "no model.safetensors or model.safetensors.index.json in this model directory"
+                        .into(),
+            });
+        }
+        let text = std::fs::read_to_string(&index).map_err(|source| PeftError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| PeftError::Json {
+                path: index.clone(),
+                source,
+            })?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| PeftError::Checkpoint {
+                path: index.clone(),
+                message: "no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        files.sort_unstable();
+        files.dedup();
+        let mut tensors = HashMap::new();
+        for f in files {
+            if f.contains('/') || f.contains("..") {
+                return Err(PeftError::Checkpoint {
+                    path: index.clone(),
+                    message: format!("shard name `{f}` leaves the model directory"),
+                });
+            }
+            let shard = dir.join(f);
+            for (k, t) in read_safetensors(&shard)? {
+                if map.get(&k).and_then(|v| v.as_str()) == Some(f) {
+                    tensors.insert(k, t);
+                }
+            }
+        }
+        if let Some(missing) = map.keys().find(|k| !tensors.contains_key(*k)) {
+            return Err(PeftError::MissingTensor {
+                path: index,
+                key: missing.clone(),
             });
         }
         Ok(Checkpoint {
-            tensors: read_safetensors(&path)?,
-            path,
+            tensors,
+            path: index,
             device,
         })
+    }
+
+    /// Fails unless `config.json`'s `model_type` (when present) is `expected`.
+    pub fn check_model_type(dir: &Path, expected: &[&str]) -> Result<()> {
+        let config: serde_json::Value = read_config(dir)?;
+        match config.get("model_type").and_then(|v| v.as_str()) {
+            Some(t) if !expected.contains(&t) => Err(PeftError::Config(format!(
+                "{}: model_type `{t}` is not supported by this loader (expects {expected:?})",
+                dir.join("config.json").display()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a tensor named `key` is present.

@@ -446,9 +446,7 @@ mod tests {
         let mut huge = b"GGUF\x03\0\0\0".to_vec();
         huge.extend(u64::MAX.to_le_bytes());
         huge.extend(0u64.to_le_bytes());
-        let e = Gguf::parse(&huge, p)
-            .err()
-            .expect("a claimed count beyond the file is refused");
+        let e = Gguf::parse(&huge, p).expect_err("a claimed count beyond the file is refused");
         assert!(e.to_string().contains("claims"), "{e}");
     }
 }

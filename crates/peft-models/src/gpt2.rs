@@ -9,6 +9,7 @@ use burn::nn::{Embedding, LayerNorm};
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
@@ -77,6 +78,9 @@ pub struct Gpt2<B: Backend> {
     /// The configuration.
     #[module(skip)]
     pub config: Gpt2Config,
+    /// Module-path prefix: `transformer.` in `GPT2LMHeadModel`, empty in `GPT2Model`.
+    #[module(skip)]
+    pub prefix: String,
 }
 
 impl<B: Backend> Gpt2Block<B> {
@@ -97,6 +101,7 @@ impl<B: Backend> Gpt2Block<B> {
 impl<B: Backend> Gpt2<B> {
     /// Loads `config.json` + `model.safetensors` from a Hugging Face directory.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Checkpoint::<B>::check_model_type(dir, &["gpt2"])?;
         let config: Gpt2Config = read_config(dir)?;
         if config.activation_function != "gelu_new" {
             return Err(PeftError::Config(format!(
@@ -132,6 +137,7 @@ impl<B: Backend> Gpt2<B> {
             ln_f: ck.layer_norm(&format!("{root}ln_f"), d, eps)?,
             h,
             config,
+            prefix: root.to_string(),
         };
         ck.finish()?;
         Ok(model)
@@ -143,12 +149,32 @@ impl<B: Backend> Gpt2<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
+        self.forward_embeds(self.wte.forward(ids), attention_mask)
+    }
+}
+
+impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
+    type Output = Tensor<B, 3>;
+
+    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.wte.forward(ids)
+    }
+
+    fn d_model(&self) -> usize {
+        self.config.n_embd
+    }
+
+    fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        let device = embeds.device();
+        let [b, t, _] = embeds.dims();
         let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
             .unsqueeze::<2>()
             .expand([b, t]);
-        let mut x = self.wte.forward(ids) + self.wpe.forward(positions);
+        let mut x = embeds + self.wpe.forward(positions);
         let mut mask = causal_mask::<B>(t, 0, &device);
         if let Some(am) = attention_mask {
             mask = mask + padding_mask(am);
@@ -162,10 +188,20 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
+impl<B: Backend> AttentionPrefixSeam<B> for Gpt2<B> {
+    fn num_attention_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn kv_shape(&self) -> (usize, usize) {
+        (self.config.n_head, self.config.n_embd / self.config.n_head)
+    }
+}
+
 impl<B: Backend> PeftModel<B> for Gpt2<B> {
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
         for (i, blk) in self.h.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
+            let p = format!("{}h.{i}", self.prefix);
             f(&format!("{p}.attn.c_attn"), &blk.c_attn);
             f(&format!("{p}.attn.c_proj"), &blk.attn_c_proj);
             f(&format!("{p}.mlp.c_fc"), &blk.c_fc);
@@ -175,7 +211,7 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
 
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
         for (i, blk) in self.h.iter_mut().enumerate() {
-            let p = format!("transformer.h.{i}");
+            let p = format!("{}h.{i}", self.prefix);
             f(&format!("{p}.attn.c_attn"), &mut blk.c_attn);
             f(&format!("{p}.attn.c_proj"), &mut blk.attn_c_proj);
             f(&format!("{p}.mlp.c_fc"), &mut blk.c_fc);

@@ -8,6 +8,7 @@ use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
@@ -345,6 +346,7 @@ impl LlamaConfig {
 impl<B: Backend> Llama<B> {
     /// Loads `config.json` + `model.safetensors` from a Hugging Face directory.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Checkpoint::<B>::check_model_type(dir, &["llama"])?;
         let config: LlamaConfig = read_config(dir)?;
         config.validate()?;
         let mut ck = Checkpoint::<B>::open(dir, device)?;
@@ -401,14 +403,7 @@ impl<B: Backend> Llama<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [_, t] = ids.dims();
-        let mut mask = causal_mask::<B>(t, 0, &device);
-        if let Some(am) = attention_mask {
-            mask = mask + padding_mask(am);
-        }
-        let x = self.embed_tokens.forward(ids);
-        self.run_layers(x, 0, mask, None)
+        self.forward_embeds(self.embed_tokens.forward(ids), attention_mask)
     }
 
     /// Logits `[b, t, vocab]` for the next `t` tokens after those already in
@@ -452,6 +447,42 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(h),
             None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
         }
+    }
+}
+
+impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
+    type Output = Tensor<B, 3>;
+
+    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed_tokens.forward(ids)
+    }
+
+    fn d_model(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn forward_embeds(
+        &self,
+        embeds: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 3> {
+        let device = embeds.device();
+        let t = embeds.dims()[1];
+        let mut mask = causal_mask::<B>(t, 0, &device);
+        if let Some(am) = attention_mask {
+            mask = mask + padding_mask(am);
+        }
+        self.run_layers(embeds, 0, mask, None)
+    }
+}
+
+impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
+    fn num_attention_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn kv_shape(&self) -> (usize, usize) {
+        (self.config.kv_heads(), self.config.head_dim())
     }
 }
 
