@@ -130,11 +130,14 @@ fn markdown(report: &Value) -> String {
         m["cores"]
     );
     let results = report["results"].as_array().cloned().unwrap_or_default();
-    let mut suites: Vec<String> = results
-        .iter()
-        .filter_map(|r| r["suite"].as_str().map(String::from))
-        .collect();
-    suites.dedup();
+    let mut suites: Vec<String> = Vec::new();
+    for r in &results {
+        if let Some(name) = r["suite"].as_str() {
+            if !suites.iter().any(|s| s == name) {
+                suites.push(name.to_string());
+            }
+        }
+    }
     for suite in suites {
         s += &format!("\n## {suite}\n\n| benchmark | backend | median ms | min | max | runs | ratio | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n");
         for r in results.iter().filter(|r| r["suite"] == suite.as_str()) {

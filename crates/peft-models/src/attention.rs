@@ -65,3 +65,14 @@ pub fn attend<B: Backend>(
     }
     merge_heads(softmax(scores, 3).matmul(v))
 }
+
+/// Logits of a head tied to the embedding table: `h · Eᵀ` for
+/// `h: [b, t, d]`, `E: [vocab, d]`, computed as `(E · hᵀ)ᵀ` so that the
+/// large table is used as stored (a transposed `E` would be copied to a
+/// contiguous buffer on every call by CPU backends).
+pub fn tied_head<B: Backend>(h: Tensor<B, 3>, embedding: Tensor<B, 2>) -> Tensor<B, 3> {
+    embedding
+        .unsqueeze::<3>()
+        .matmul(h.swap_dims(1, 2))
+        .swap_dims(1, 2)
+}

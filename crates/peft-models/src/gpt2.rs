@@ -13,7 +13,7 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, padding_mask, split_heads};
+use crate::attention::{attend, causal_mask, padding_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 
 /// The fields of a GPT-2 `config.json` this model uses.
@@ -182,9 +182,7 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
         for block in &self.h {
             x = block.forward(x, self.config.n_head, &mask);
         }
-        self.ln_f
-            .forward(x)
-            .matmul(self.wte.weight.val().transpose().unsqueeze())
+        tied_head(self.ln_f.forward(x), self.wte.weight.val())
     }
 }
 

@@ -13,7 +13,7 @@ use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, padding_mask, split_heads};
+use crate::attention::{attend, causal_mask, padding_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 use crate::gguf::{Gguf, MetaValue};
 use peft_core::io::HostTensor;
@@ -445,7 +445,7 @@ impl<B: Backend> Llama<B> {
         let h = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => tied_head(h, self.embed_tokens.weight.val()),
         }
     }
 }
@@ -781,5 +781,65 @@ impl Sampler {
                 idx[keep - 1] as u32
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samplers_respect_top_k_top_p_and_seeds() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 1.0];
+        assert_eq!(Sampler::Greedy.sample(&logits), 1);
+        let draw = |top_k, top_p, seed| {
+            let mut s = Sampler::Random {
+                temperature: 1.0,
+                top_k,
+                top_p,
+                state: seed,
+            };
+            (0..200).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
+        };
+        assert!(
+            draw(2, 1.0, 1).iter().all(|&t| t == 1 || t == 2),
+            "top-k 2 keeps the two best"
+        );
+        assert!(
+            draw(0, 0.01, 1).iter().all(|&t| t == 1),
+            "a tiny top-p keeps only the best"
+        );
+        assert!(
+            draw(0, 1.0, 1).iter().any(|&t| t == 4),
+            "without limits every token can come"
+        );
+        assert_eq!(draw(0, 1.0, 7), draw(0, 1.0, 7), "same seed, same draws");
+        let mut cold = Sampler::Random {
+            temperature: 1e-4,
+            top_k: 0,
+            top_p: 1.0,
+            state: 3,
+        };
+        assert_eq!(cold.sample(&logits), 1, "near-zero temperature is greedy");
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: reshape(heads, 2, hd/2, in).swapaxes(1, 2)
+        let (heads, hd, cols) = (2, 4, 1);
+        let hf: Vec<f32> = (0..heads * hd).map(|i| i as f32).collect();
+        let mut gguf = vec![0.0; hf.len()];
+        for h in 0..heads {
+            for a in 0..2 {
+                for b in 0..hd / 2 {
+                    gguf[h * hd + 2 * b + a] = hf[h * hd + a * (hd / 2) + b];
+                }
+            }
+        }
+        let w = HostTensor {
+            shape: vec![heads * hd, cols],
+            data: gguf,
+        };
+        assert_eq!(unpermute_rows(&w, heads).data, hf);
     }
 }
