@@ -29,6 +29,7 @@ pub mod count;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod rng;
 pub mod routing;
 pub mod slot;
 pub mod target;

@@ -17,6 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::backends::CpuTrainBackend;
 use peft_core::io::{serialize_safetensors, write_atomic, HostTensor};
+use peft_core::rng::SplitMix64;
 use peft_core::{LoraConfig, PeftModel};
 use peft_lora::LoraModel;
 use peft_models::assets;
@@ -92,30 +93,15 @@ fn accuracy<B: Backend>(
     correct as f64 / data.len() as f64
 }
 
-/// Fisher–Yates with a SplitMix64 stream: the same order on every machine.
-fn shuffled<T>(mut v: Vec<T>, seed: u64) -> Vec<T> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    for i in (1..v.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-    v
-}
-
 fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
     let device = B::Device::default();
     B::seed(&device, 42);
     let model_dir = assets::fetch("minilm")?;
     let (train, held_out) = split_held_out(rotten_tomatoes(&assets::fetch("rotten-tomatoes")?)?);
     // The file is grouped by label: shuffle (seeded) before taking a subset.
-    let train: Vec<Labelled> = shuffled(train, 42).into_iter().take(args.train).collect();
+    let mut train = train;
+    SplitMix64(42).shuffle(&mut train);
+    let train: Vec<Labelled> = train.into_iter().take(args.train).collect();
     println!(
         "data: {} training sentences, {} held out",
         train.len(),

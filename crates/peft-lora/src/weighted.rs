@@ -18,6 +18,7 @@ use burn::tensor::backend::Backend;
 use nalgebra::DMatrix;
 use peft_core::config::TargetModules;
 use peft_core::io::HostTensor;
+use peft_core::rng::SplitMix64;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 
 use crate::LoraModel;
@@ -120,20 +121,6 @@ impl Default for WeightedOptions {
             majority_sign: MajoritySign::Total,
             seed: 0,
         }
-    }
-}
-
-/// SplitMix64: a small, seedable generator for DARE's masks.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -36,6 +36,20 @@ pub fn padding_mask<B: Backend>(attention_mask: Tensor<B, 2>) -> Tensor<B, 4> {
     ((attention_mask.neg() + 1.0) * MASKED).reshape([b, 1, 1, s])
 }
 
+/// The additive mask of a decoder over its own `t` tokens: causal, plus
+/// padding when an `attention_mask: [b, t]` is given.
+pub fn decoder_mask<B: Backend>(
+    t: usize,
+    attention_mask: Option<Tensor<B, 2>>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let causal = causal_mask::<B>(t, 0, device);
+    match attention_mask {
+        Some(am) => causal + padding_mask(am),
+        None => causal,
+    }
+}
+
 /// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query
 /// attention when `kv_h < h`: query head `i` uses key/value head
 /// `i / (h / kv_h)`), with an additive `mask` broadcastable to `[b, h, t, s]`.

@@ -13,7 +13,7 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, padding_mask, split_heads, tied_head};
+use crate::attention::{attend, decoder_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 
 /// The fields of a GPT-2 `config.json` this model uses.
@@ -175,10 +175,7 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
             .unsqueeze::<2>()
             .expand([b, t]);
         let mut x = embeds + self.wpe.forward(positions);
-        let mut mask = causal_mask::<B>(t, 0, &device);
-        if let Some(am) = attention_mask {
-            mask = mask + padding_mask(am);
-        }
+        let mask = decoder_mask::<B>(t, attention_mask, &device);
         for block in &self.h {
             x = block.forward(x, self.config.n_head, &mask);
         }

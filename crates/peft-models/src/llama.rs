@@ -13,10 +13,11 @@ use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, padding_mask, split_heads, tied_head};
+use crate::attention::{attend, causal_mask, decoder_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 use crate::gguf::{Gguf, MetaValue};
 use peft_core::io::HostTensor;
+use peft_core::rng::SplitMix64;
 
 /// RoPE settings as transformers ≥ 5 writes them.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -468,10 +469,7 @@ impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let t = embeds.dims()[1];
-        let mut mask = causal_mask::<B>(t, 0, &device);
-        if let Some(am) = attention_mask {
-            mask = mask + padding_mask(am);
-        }
+        let mask = decoder_mask::<B>(t, attention_mask, &device);
         self.run_layers(embeds, 0, mask, None)
     }
 }
@@ -766,11 +764,9 @@ impl Sampler {
                 });
                 let keep = keep.map(|k| k + 1).unwrap_or(probs.len());
                 let total: f32 = probs[..keep].iter().sum();
-                *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = *state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * total;
+                let mut rng = SplitMix64(*state);
+                let u = rng.next_f64() as f32 * total;
+                *state = rng.0;
                 let mut acc = 0.0;
                 for (k, p) in probs[..keep].iter().enumerate() {
                     acc += p;
