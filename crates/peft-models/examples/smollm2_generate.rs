@@ -11,8 +11,9 @@ use std::time::Instant;
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use peft_models::assets;
+use peft_models::generate::{CausalLm, Sampler};
 use peft_models::gguf::Gguf;
-use peft_models::llama::{Llama, Sampler};
+use peft_models::llama::Llama;
 use peft_models::tokenizer::Tokenizer;
 
 fn peak_rss_mib() -> f64 {

@@ -13,8 +13,9 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, decoder_mask, split_heads, tied_head};
+use crate::attention::{attend, causal_mask, decoder_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
+use crate::generate::{CausalLm, KvCache, LayerCache};
 
 /// The fields of a GPT-2 `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -84,12 +85,22 @@ pub struct Gpt2<B: Backend> {
 }
 
 impl<B: Backend> Gpt2Block<B> {
-    fn forward(&self, x: Tensor<B, 3>, heads: usize, mask: &Tensor<B, 4>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        heads: usize,
+        mask: &Tensor<B, 4>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()));
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), heads);
         let k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), heads);
         let v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), heads);
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        };
         let x = x + self
             .attn_c_proj
             .forward(attend(q, k, v, Some(mask.clone())));
@@ -153,6 +164,56 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
+impl<B: Backend> Gpt2<B> {
+    /// Positions `start..start + t`, the blocks (extending `cache` when
+    /// given), the final norm and the tied head.
+    fn run_blocks(
+        &self,
+        embeds: Tensor<B, 3>,
+        start: usize,
+        mask: Tensor<B, 4>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = embeds.device();
+        let [b, t, _] = embeds.dims();
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + t) as i64, &device)
+            .unsqueeze::<2>()
+            .expand([b, t]);
+        let mut x = embeds + self.wpe.forward(positions);
+        for (i, block) in self.h.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, self.config.n_head, &mask, c);
+        }
+        tied_head(self.ln_f.forward(x), self.wte.weight.val())
+    }
+
+    /// Logits for the next tokens after those in `cache` (extended in place).
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let past = cache.len();
+        if cache.layers.len() != self.h.len() {
+            cache.layers = (0..self.h.len()).map(|_| LayerCache::default()).collect();
+        }
+        let mask = causal_mask::<B>(t, past, &ids.device());
+        let x = self.wte.forward(ids);
+        self.run_blocks(x, past, mask, Some(cache))
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Gpt2<B> {
+    fn device(&self) -> B::Device {
+        self.wte.weight.device()
+    }
+
+    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward(ids, None)
+    }
+
+    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.forward_cached(ids, cache)
+    }
+}
+
 impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
     type Output = Tensor<B, 3>;
 
@@ -169,17 +230,9 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
         embeds: Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        let device = embeds.device();
-        let [b, t, _] = embeds.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
-            .unsqueeze::<2>()
-            .expand([b, t]);
-        let mut x = embeds + self.wpe.forward(positions);
-        let mask = decoder_mask::<B>(t, attention_mask, &device);
-        for block in &self.h {
-            x = block.forward(x, self.config.n_head, &mask);
-        }
-        tied_head(self.ln_f.forward(x), self.wte.weight.val())
+        let t = embeds.dims()[1];
+        let mask = decoder_mask::<B>(t, attention_mask, &embeds.device());
+        self.run_blocks(embeds, 0, mask, None)
     }
 }
 

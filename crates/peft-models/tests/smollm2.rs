@@ -10,8 +10,9 @@ use std::path::Path;
 use burn::backend::NdArray;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_models::assets;
+use peft_models::generate::{CausalLm, Sampler};
 use peft_models::gguf::Gguf;
-use peft_models::llama::{Llama, Sampler};
+use peft_models::llama::Llama;
 use peft_models::loss::causal_lm_loss;
 use peft_models::tokenizer::Tokenizer;
 
