@@ -28,6 +28,7 @@ pub mod config;
 pub mod count;
 pub mod error;
 pub mod io;
+pub mod kv;
 pub mod model;
 pub mod rng;
 pub mod routing;

@@ -16,6 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::count::ParamCount;
+use crate::kv::KvCache;
 use crate::slot::LinearSlot;
 
 /// A model whose linear layers PEFT can adapt.
@@ -55,16 +56,27 @@ pub trait PeftModel<B: Backend>: Module<B> {
 
 /// Per-layer key/value input to attention, for prefix tuning.
 ///
-/// The model's attention concatenates `prefix_keys`/`prefix_values` of
-/// shape `[batch, kv_heads, n_virtual, head_dim]` before its own keys and
-/// values (after RoPE is applied to its own keys; prefixes get no RoPE) and
-/// extends the attention mask by `n_virtual` visible positions. In
-/// generation the prefix is the first entry of the model's KV cache.
+/// The model's attention puts the prefix's keys/values
+/// (`[batch, kv_heads, n_virtual, head_dim]` per layer, no RoPE applied to
+/// them) before its own, every real token attends to all of them, and real
+/// positions start at `n_virtual`, as in PEFT. In generation the prefix is
+/// simply the first entry of the model's [`KvCache`].
 pub trait AttentionPrefixSeam<B: Backend> {
+    /// What the model returns (logits, hidden states).
+    type PrefixOutput;
     /// Number of attention layers.
     fn num_attention_layers(&self) -> usize;
     /// `(kv_heads, head_dim)` of every layer.
     fn kv_shape(&self) -> (usize, usize);
+    /// The forward pass of `ids: [batch, seq]` after `prefix` (one
+    /// [`LayerCache`](crate::kv::LayerCache) per layer). `attention_mask:
+    /// [batch, seq]` covers the real tokens only; the prefix is always visible.
+    fn forward_with_prefix(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        prefix: KvCache<B>,
+    ) -> Self::PrefixOutput;
 }
 
 /// Access to the input embeddings, for prompt tuning and P-tuning: embed

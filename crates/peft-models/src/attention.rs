@@ -50,6 +50,27 @@ pub fn decoder_mask<B: Backend>(
     }
 }
 
+/// The mask of a decoder run after a prefix of `past` cached positions:
+/// causal over the real tokens, the prefix always visible, padding of the
+/// real tokens masked. Returns the mask and `past`.
+pub fn prefix_mask<B: Backend>(
+    ids: &Tensor<B, 2, burn::tensor::Int>,
+    attention_mask: Option<Tensor<B, 2>>,
+    prefix: &peft_core::kv::KvCache<B>,
+) -> (Tensor<B, 4>, usize) {
+    let device = ids.device();
+    let [b, t] = ids.dims();
+    let past = prefix.len();
+    let causal = causal_mask::<B>(t, past, &device);
+    let mask = match attention_mask {
+        Some(am) => {
+            causal + padding_mask(Tensor::cat(vec![Tensor::ones([b, past], &device), am], 1))
+        }
+        None => causal,
+    };
+    (mask, past)
+}
+
 /// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query
 /// attention when `kv_h < h`: query head `i` uses key/value head
 /// `i / (h / kv_h)`), with an additive `mask` broadcastable to `[b, h, t, s]`.

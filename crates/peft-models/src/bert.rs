@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::attention::{attend, padding_mask, split_heads};
 use crate::checkpoint::{read_config, Checkpoint};
+use peft_core::kv::{KvCache, LayerCache};
 
 /// The fields of a BERT `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -98,10 +99,20 @@ pub struct Bert<B: Backend> {
 }
 
 impl<B: Backend> BertLayer<B> {
-    fn forward(&self, x: Tensor<B, 3>, heads: usize, mask: Option<&Tensor<B, 4>>) -> Tensor<B, 3> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        heads: usize,
+        mask: Option<&Tensor<B, 4>>,
+        prefix: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
         let q = split_heads(self.query.forward(x.clone()), heads);
         let k = split_heads(self.key.forward(x.clone()), heads);
         let v = split_heads(self.value.forward(x.clone()), heads);
+        let (k, v) = match prefix {
+            Some(p) => p.append(k, v),
+            None => (k, v),
+        };
         let a = self
             .attention_output
             .forward(attend(q, k, v, mask.cloned()));
@@ -267,9 +278,24 @@ impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
         embeds: Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
+        let mask = attention_mask.map(padding_mask);
+        self.run_layers(embeds, 0, mask, None)
+    }
+}
+
+impl<B: Backend> Bert<B> {
+    /// Embeddings at positions `start..`, then the encoder layers (each after
+    /// its `prefix` entry when given).
+    fn run_layers(
+        &self,
+        embeds: Tensor<B, 3>,
+        start: usize,
+        mask: Option<Tensor<B, 4>>,
+        mut prefix: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + t) as i64, &device)
             .unsqueeze::<2>()
             .expand([b, t]);
         let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
@@ -277,15 +303,18 @@ impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
         let mut x = self.embeddings_norm.forward(x);
-        let mask = attention_mask.map(padding_mask);
-        for layer in &self.layers {
-            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = prefix.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref(), p);
         }
         x
     }
 }
 
 impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
+    /// Last hidden states `[b, t, d]`.
+    type PrefixOutput = Tensor<B, 3>;
+
     fn num_attention_layers(&self) -> usize {
         self.layers.len()
     }
@@ -293,6 +322,26 @@ impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
     fn kv_shape(&self) -> (usize, usize) {
         let h = self.config.num_attention_heads;
         (h, self.config.hidden_size / h)
+    }
+
+    fn forward_with_prefix(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        mut prefix: KvCache<B>,
+    ) -> Tensor<B, 3> {
+        assert_eq!(
+            prefix.layers.len(),
+            self.layers.len(),
+            "one prefix entry per layer"
+        );
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let past = prefix.len();
+        let am = attention_mask.unwrap_or_else(|| Tensor::ones([b, t], &device));
+        let mask = padding_mask(Tensor::cat(vec![Tensor::ones([b, past], &device), am], 1));
+        let x = self.word_embeddings.forward(ids);
+        self.run_layers(x, past, Some(mask), Some(&mut prefix))
     }
 }
 

@@ -13,7 +13,7 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, decoder_mask, split_heads, tied_head};
+use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 
@@ -237,12 +237,30 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
 }
 
 impl<B: Backend> AttentionPrefixSeam<B> for Gpt2<B> {
+    type PrefixOutput = Tensor<B, 3>;
+
     fn num_attention_layers(&self) -> usize {
         self.h.len()
     }
 
     fn kv_shape(&self) -> (usize, usize) {
         (self.config.n_head, self.config.n_embd / self.config.n_head)
+    }
+
+    fn forward_with_prefix(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        mut prefix: KvCache<B>,
+    ) -> Tensor<B, 3> {
+        assert_eq!(
+            prefix.layers.len(),
+            self.h.len(),
+            "one prefix entry per layer"
+        );
+        let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
+        let x = self.wte.forward(ids);
+        self.run_blocks(x, past, mask, Some(&mut prefix))
     }
 }
 

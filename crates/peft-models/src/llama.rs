@@ -13,7 +13,7 @@ use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, decoder_mask, split_heads, tied_head};
+use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
 use crate::checkpoint::{read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 use crate::gguf::{Gguf, MetaValue};
@@ -436,12 +436,30 @@ impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
 }
 
 impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
+    type PrefixOutput = Tensor<B, 3>;
+
     fn num_attention_layers(&self) -> usize {
         self.layers.len()
     }
 
     fn kv_shape(&self) -> (usize, usize) {
         (self.config.kv_heads(), self.config.head_dim())
+    }
+
+    fn forward_with_prefix(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        mut prefix: KvCache<B>,
+    ) -> Tensor<B, 3> {
+        assert_eq!(
+            prefix.layers.len(),
+            self.layers.len(),
+            "one prefix entry per layer"
+        );
+        let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
+        let x = self.embed_tokens.forward(ids);
+        self.run_layers(x, past, mask, Some(&mut prefix))
     }
 }
 

@@ -4,7 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::backend_tests;
+use peft_core::io::HostTensor;
+use peft_core::kv::{KvCache, LayerCache};
+use peft_core::model::AttentionPrefixSeam;
+use peft_models::bert::Bert;
 use peft_models::generate::{CausalLm, Sampler};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
@@ -46,3 +51,97 @@ fn gpt2_cache<B: Backend>(device: &B::Device) {
 }
 
 backend_tests!(llama_cache, gpt2_cache);
+
+/// A prefix is exactly earlier context for a decoder: the logits of `ids2`
+/// after the cache of `ids1` equal the tail of the logits of `ids1 ++ ids2`.
+fn check_prefix<B: Backend, M>(model: &M, cached: impl Fn(&M, &mut KvCache<B>, Tensor<B, 2, Int>))
+where
+    M: CausalLm<B> + AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>,
+{
+    let device = model.device();
+    let ids = |v: &[i64]| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device)
+    };
+    let (first, second) = ([4i64, 8, 15], [16i64, 23, 42, 7]);
+    let mut prefix = KvCache::new();
+    cached(model, &mut prefix, ids(&first));
+    assert_eq!(prefix.len(), 3);
+    let with_prefix =
+        HostTensor::from_tensor(model.forward_with_prefix(ids(&second), None, prefix.clone()));
+    let masked = HostTensor::from_tensor(model.forward_with_prefix(
+        ids(&second),
+        Some(Tensor::ones([1, 4], &device)),
+        prefix,
+    ));
+    let full = model.logits(ids(&[4, 8, 15, 16, 23, 42, 7]));
+    let [_, _, v] = full.dims();
+    let tail = HostTensor::from_tensor(full.slice([0..1, 3..7, 0..v]));
+    let d = with_prefix
+        .data
+        .iter()
+        .zip(&tail.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-5, "prefix ≠ context: {d:e}");
+    assert_eq!(with_prefix, masked);
+}
+
+fn llama_prefix<B: Backend>(device: &B::Device) {
+    let m = Llama::<B>::load(&fixtures().join("llama"), device).unwrap();
+    check_prefix(&m, |m, c, ids| {
+        m.forward_cached(ids, c);
+    });
+}
+
+fn gpt2_prefix<B: Backend>(device: &B::Device) {
+    let m = Gpt2::<B>::load(&fixtures().join("gpt2"), device).unwrap();
+    check_prefix(&m, |m, c, ids| {
+        m.forward_cached(ids, c);
+    });
+}
+
+/// BERT with a prefix: padding of the real tokens stays masked (what padded
+/// positions hold changes nothing for the others), and the prefix is used.
+fn bert_prefix<B: Backend>(device: &B::Device) {
+    let m = Bert::<B>::load(&fixtures().join("bert"), device).unwrap();
+    let (heads, hd) = m.kv_shape();
+    let prefix = || KvCache {
+        layers: (0..m.num_attention_layers())
+            .map(|i| LayerCache {
+                k: Some(Tensor::<B, 4>::ones([1, heads, 2, hd], device) * (0.1 * i as f64)),
+                v: Some(Tensor::<B, 4>::ones([1, heads, 2, hd], device)),
+            })
+            .collect(),
+    };
+    let ids = |last: i64| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(vec![5i64, 9, 13, last], [1, 4]), device)
+    };
+    let mask =
+        Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0, 0.0], [1, 4]), device);
+    let a = HostTensor::from_tensor(
+        m.forward_with_prefix(ids(3), Some(mask.clone()), prefix())
+            .slice([0..1, 0..3, 0..16]),
+    );
+    let b = HostTensor::from_tensor(m.forward_with_prefix(ids(60), Some(mask), prefix()).slice([
+        0..1,
+        0..3,
+        0..16,
+    ]));
+    let d = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-6, "a padded token leaked through the mask: {d:e}");
+    let plain = HostTensor::from_tensor(m.encode(ids(3), None).slice([0..1, 0..3, 0..16]));
+    assert!(
+        a.data
+            .iter()
+            .zip(&plain.data)
+            .any(|(x, y)| (x - y).abs() > 1e-3),
+        "the prefix changes the output"
+    );
+}
+
+backend_tests!(llama_prefix, gpt2_prefix, bert_prefix);
