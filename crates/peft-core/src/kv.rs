@@ -29,6 +29,19 @@ impl<B: Backend> LayerCache<B> {
         self.v = Some(v.clone());
         (k, v)
     }
+
+    /// [`append`](Self::append) when an attention layer runs with a cache,
+    /// `k, v` unchanged when it runs without one.
+    pub fn append_to(
+        cache: Option<&mut Self>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        }
+    }
 }
 
 /// The key/value cache of a whole model, one [`LayerCache`] per layer.
@@ -51,6 +64,14 @@ impl<B: Backend> KvCache<B> {
             .map(|k| k.dims()[2])
             .unwrap_or(0)
     }
+    /// Makes this a cache for `layers` layers, starting empty if it was
+    /// shaped for another number of layers.
+    pub fn ensure_layers(&mut self, layers: usize) {
+        if self.layers.len() != layers {
+            self.layers = (0..layers).map(|_| LayerCache::default()).collect();
+        }
+    }
+
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

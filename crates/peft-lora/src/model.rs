@@ -291,21 +291,23 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     /// with `W' = W + ΔW`.
     pub fn merge_and_unload(mut self) -> Result<M> {
         self.merge_adapter()?;
-        self.model.visit_linears_mut(&mut |_, slot| {
-            slot.lora.clear();
-            slot.state = Default::default();
-        });
+        self.strip_adapters();
         Ok(self.model)
     }
 
     /// Removes all adapters without merging: the base model.
     pub fn unload(mut self) -> M {
         self.unmerge_adapter();
+        self.strip_adapters();
+        self.model
+    }
+
+    /// Removes every LoRA entry and its routing state from every slot.
+    fn strip_adapters(&mut self) {
         self.model.visit_linears_mut(&mut |_, slot| {
             slot.lora.clear();
             slot.state = Default::default();
         });
-        self.model
     }
 
     /// Trainable and total parameters (PEFT's `get_nb_trainable_parameters`).

@@ -2,11 +2,23 @@
 
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// The additive value for masked positions: large enough to vanish in the
 /// softmax, small enough that adding two never overflows to `-inf`.
 const MASKED: f32 = -1.0e30;
+
+/// Position ids `start..start + t` for each of `b` rows: `[b, t]`.
+pub fn positions<B: Backend>(
+    b: usize,
+    t: usize,
+    start: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::arange(start as i64..(start + t) as i64, device)
+        .unsqueeze::<2>()
+        .expand([b, t])
+}
 
 /// `[b, t, h·d]` → `[b, h, t, d]`.
 pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {

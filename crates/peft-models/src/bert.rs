@@ -12,7 +12,7 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, padding_mask, split_heads};
+use crate::attention::{attend, padding_mask, positions, split_heads};
 use crate::checkpoint::{read_config, Checkpoint};
 use peft_core::kv::{KvCache, LayerCache};
 
@@ -109,10 +109,7 @@ impl<B: Backend> BertLayer<B> {
         let q = split_heads(self.query.forward(x.clone()), heads);
         let k = split_heads(self.key.forward(x.clone()), heads);
         let v = split_heads(self.value.forward(x.clone()), heads);
-        let (k, v) = match prefix {
-            Some(p) => p.append(k, v),
-            None => (k, v),
-        };
+        let (k, v) = LayerCache::append_to(prefix, k, v);
         let a = self
             .attention_output
             .forward(attend(q, k, v, mask.cloned()));
@@ -295,9 +292,7 @@ impl<B: Backend> Bert<B> {
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
-        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + t) as i64, &device)
-            .unsqueeze::<2>()
-            .expand([b, t]);
+        let positions = positions::<B>(b, t, start, &device);
         let types = Tensor::<B, 2, Int>::zeros([b, t], &device);
         let x = embeds
             + self.position_embeddings.forward(positions)

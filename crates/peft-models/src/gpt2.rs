@@ -13,7 +13,9 @@ use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
+use crate::attention::{
+    attend, causal_mask, decoder_mask, positions, prefix_mask, split_heads, tied_head,
+};
 use crate::checkpoint::{read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 
@@ -97,10 +99,7 @@ impl<B: Backend> Gpt2Block<B> {
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), heads);
         let k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), heads);
         let v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), heads);
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v),
-            None => (k, v),
-        };
+        let (k, v) = LayerCache::append_to(cache, k, v);
         let x = x + self
             .attn_c_proj
             .forward(attend(q, k, v, Some(mask.clone())));
@@ -176,9 +175,7 @@ impl<B: Backend> Gpt2<B> {
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
-        let positions = Tensor::<B, 1, Int>::arange(start as i64..(start + t) as i64, &device)
-            .unsqueeze::<2>()
-            .expand([b, t]);
+        let positions = positions::<B>(b, t, start, &device);
         let mut x = embeds + self.wpe.forward(positions);
         for (i, block) in self.h.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -191,9 +188,7 @@ impl<B: Backend> Gpt2<B> {
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let t = ids.dims()[1];
         let past = cache.len();
-        if cache.layers.len() != self.h.len() {
-            cache.layers = (0..self.h.len()).map(|_| LayerCache::default()).collect();
-        }
+        cache.ensure_layers(self.h.len());
         let mask = causal_mask::<B>(t, past, &ids.device());
         let x = self.wte.forward(ids);
         self.run_blocks(x, past, mask, Some(cache))

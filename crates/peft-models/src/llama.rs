@@ -208,10 +208,7 @@ impl<B: Backend> LlamaLayer<B> {
         let v = split_heads(self.v_proj.forward(h), config.kv_heads());
         let q = apply_rope(q, &rope.0, &rope.1);
         let k = apply_rope(k, &rope.0, &rope.1);
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v),
-            None => (k, v),
-        };
+        let (k, v) = LayerCache::append_to(cache, k, v);
         let attn = attend(q, k, v, Some(mask.clone()));
         let x = x + self.o_proj.forward(attn);
         let h = self.post_attention_layernorm.forward(x.clone());
@@ -361,11 +358,7 @@ impl<B: Backend> Llama<B> {
         let device = ids.device();
         let [_, t] = ids.dims();
         let past = cache.len();
-        if cache.layers.len() != self.layers.len() {
-            cache.layers = (0..self.layers.len())
-                .map(|_| LayerCache::default())
-                .collect();
-        }
+        cache.ensure_layers(self.layers.len());
         let mask = causal_mask::<B>(t, past, &device);
         let x = self.embed_tokens.forward(ids);
         self.run_layers(x, past, mask, Some(cache))
