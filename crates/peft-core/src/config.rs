@@ -172,6 +172,57 @@ const KNOWN_UNMODELLED: &[&str] = &[
     "peft_version",
 ];
 
+/// Pretty JSON with sorted keys, as PEFT's `to_dict` writes it: files then
+/// diff cleanly against PEFT's own.
+pub(crate) fn sorted_json<T: Serialize>(config: &T) -> String {
+    let value = serde_json::to_value(config).expect("configs always serialise");
+    let sorted: BTreeMap<String, Value> = match value {
+        Value::Object(map) => map.into_iter().collect(),
+        _ => unreachable!("a struct serialises to an object"),
+    };
+    serde_json::to_string_pretty(&sorted).expect("a JSON map always serialises")
+}
+
+/// Warns about keys of `extra` that are set (non-default) and not in `known`.
+/// Newer PEFT versions write many keys for features this crate does not
+/// have; only a set one can change the meaning.
+pub(crate) fn warn_unknown_keys(extra: &Map<String, Value>, known: &[&str], origin: &Path) {
+    for (key, value) in extra {
+        let inert = matches!(value, Value::Null | Value::Bool(false))
+            || value.as_object().is_some_and(|o| o.is_empty());
+        if !inert && !known.contains(&key.as_str()) {
+            eprintln!(
+                "warning: {}: unknown key `{key}` kept as is",
+                origin.display()
+            );
+        }
+    }
+}
+
+/// Deserialises a parsed config, naming `origin` in errors.
+pub(crate) fn from_value<T: serde::de::DeserializeOwned>(value: Value, origin: &Path) -> Result<T> {
+    serde_json::from_value(value).map_err(|source| PeftError::Json {
+        path: origin.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses `text` as JSON, naming `origin` in errors.
+pub(crate) fn parse_json(text: &str, origin: &Path) -> Result<Value> {
+    serde_json::from_str(text).map_err(|source| PeftError::Json {
+        path: origin.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a config file's text, naming it in errors.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl LoraConfig {
     /// A config with rank `r`, alpha `lora_alpha` and the given target names.
     pub fn new(r: usize, lora_alpha: f64, targets: &[&str]) -> Self {
@@ -187,10 +238,7 @@ impl LoraConfig {
 
     /// Parses `adapter_config.json` text; `origin` names the source in errors.
     pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text).map_err(|source| PeftError::Json {
-            path: origin.to_path_buf(),
-            source,
-        })?;
+        let value = parse_json(text, origin)?;
         let peft_type = value
             .get("peft_type")
             .and_then(Value::as_str)
@@ -201,45 +249,20 @@ impl LoraConfig {
                 origin.display()
             )));
         }
-        let config: LoraConfig =
-            serde_json::from_value(value).map_err(|source| PeftError::Json {
-                path: origin.to_path_buf(),
-                source,
-            })?;
-        for (key, value) in &config.extra {
-            // Newer PEFT versions write many keys for features this crate does
-            // not have; only a set (non-default) one can change the meaning.
-            let inert = matches!(value, Value::Null | Value::Bool(false))
-                || value.as_object().is_some_and(|o| o.is_empty());
-            if !inert && !KNOWN_UNMODELLED.contains(&key.as_str()) {
-                eprintln!(
-                    "warning: {}: unknown key `{key}` kept as is",
-                    origin.display()
-                );
-            }
-        }
+        let config: LoraConfig = from_value(value, origin)?;
+        warn_unknown_keys(&config.extra, KNOWN_UNMODELLED, origin);
         config.validate()?;
         Ok(config)
     }
 
     /// Reads `adapter_config.json` from a file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| PeftError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json_str(&text, path)
+        Self::from_json_str(&read_text(path)?, path)
     }
 
     /// The JSON text PEFT writes (pretty, sorted as PEFT's `to_dict`).
     pub fn to_json_string(&self) -> String {
-        let value = serde_json::to_value(self).expect("LoraConfig always serialises");
-        // PEFT writes keys sorted; sorting makes files diff cleanly against its own.
-        let sorted: BTreeMap<String, Value> = match value {
-            Value::Object(map) => map.into_iter().collect(),
-            _ => unreachable!("a struct serialises to an object"),
-        };
-        serde_json::to_string_pretty(&sorted).expect("a JSON map always serialises")
+        sorted_json(self)
     }
 
     /// Checks values a user can get wrong.

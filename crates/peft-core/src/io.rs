@@ -272,3 +272,76 @@ mod tests {
         ));
     }
 }
+
+/// Where adapter `name` lives in a saved folder, as PEFT lays it out:
+/// `default` in the folder itself, any other adapter in `<dir>/<name>/`.
+pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
+    if name == crate::DEFAULT_ADAPTER {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+/// The non-default adapters saved under `dir`: `(name, folder)` of every
+/// sub-folder holding an `adapter_config.json`, sorted by name.
+pub fn adapter_subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut subdirs: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|source| PeftError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("adapter_config.json").is_file())
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (name, p)
+        })
+        .collect();
+    subdirs.sort();
+    Ok(subdirs)
+}
+
+/// Takes tensor `key` out of `tensors`, naming `path` when it is missing.
+pub fn take_tensor(
+    tensors: &mut HashMap<String, HostTensor>,
+    key: &str,
+    path: &Path,
+) -> Result<HostTensor> {
+    tensors.remove(key).ok_or_else(|| PeftError::MissingTensor {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+    })
+}
+
+/// A `burn::nn::Linear` from PyTorch's `<key>.weight` (`[out, in]`, transposed
+/// here) and `<key>.bias` (`[out]`), taken out of `tensors`.
+pub fn linear_from_torch<B: Backend>(
+    tensors: &mut HashMap<String, HostTensor>,
+    key: &str,
+    [d_in, d_out]: [usize; 2],
+    path: &Path,
+    device: &B::Device,
+) -> Result<burn::nn::Linear<B>> {
+    let w_key = format!("{key}.weight");
+    let b_key = format!("{key}.bias");
+    let weight = take_tensor(tensors, &w_key, path)?;
+    if weight.shape != [d_out, d_in] {
+        return Err(PeftError::Shape {
+            name: w_key,
+            expected: vec![d_out, d_in],
+            found: weight.shape,
+        });
+    }
+    let weight = weight
+        .transposed()
+        .to_tensor([d_in, d_out], &w_key, device)?;
+    let bias = take_tensor(tensors, &b_key, path)?.to_tensor([d_out], &b_key, device)?;
+    Ok(burn::nn::Linear {
+        weight: burn::module::Param::from_tensor(weight),
+        bias: Some(burn::module::Param::from_tensor(bias)),
+    })
+}

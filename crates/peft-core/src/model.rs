@@ -88,6 +88,8 @@ pub trait EmbeddingSeam<B: Backend> {
     fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
     /// Embedding width.
     fn d_model(&self) -> usize;
+    /// Number of rows of the word-embedding table.
+    fn vocab_size(&self) -> usize;
     /// The model's forward pass from word embeddings `[batch, seq, d_model]`
     /// (positions `0..seq`; `attention_mask: [batch, seq]`, 1 = attend).
     fn forward_embeds(

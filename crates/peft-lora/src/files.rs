@@ -7,11 +7,13 @@
 //! transposes to Burn's `[in, r]` / `[r, out]` happen here and only here.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
+use peft_core::io::{
+    adapter_dir, adapter_subdirs, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
+};
 use peft_core::{LinearSlot, LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
 
 use crate::LoraModel;
@@ -21,14 +23,6 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 /// File name of the weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
-
-fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
-    if name == DEFAULT_ADAPTER {
-        dir.to_path_buf()
-    } else {
-        dir.join(name)
-    }
-}
 
 impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     /// Writes every adapter in PEFT's layout under `dir`. Each file is written
@@ -128,20 +122,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     pub fn from_pretrained(model: M, dir: &Path) -> Result<Self> {
         let mut this = Self::wrap(model);
         this.load_adapter(dir, DEFAULT_ADAPTER)?;
-        let mut subdirs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| PeftError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(CONFIG_FILE).is_file())
-            .collect();
-        subdirs.sort();
-        for sub in subdirs {
-            let name = sub
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (name, sub) in adapter_subdirs(dir)? {
             this.load_adapter(&sub, &name)?;
         }
         this.set_adapter(&[DEFAULT_ADAPTER])?;

@@ -270,6 +270,10 @@ impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
         self.config.hidden_size
     }
 
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
     fn forward_embeds(
         &self,
         embeds: Tensor<B, 3>,

@@ -186,12 +186,20 @@ impl<B: Backend> Gpt2<B> {
 
     /// Logits for the next tokens after those in `cache` (extended in place).
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
+        self.forward_embeds_cached(self.wte.forward(ids), cache)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) from word embeddings `[b, t, d]`.
+    pub fn forward_embeds_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let t = embeds.dims()[1];
         let past = cache.len();
         cache.ensure_layers(self.h.len());
-        let mask = causal_mask::<B>(t, past, &ids.device());
-        let x = self.wte.forward(ids);
-        self.run_blocks(x, past, mask, Some(cache))
+        let mask = causal_mask::<B>(t, past, &embeds.device());
+        self.run_blocks(embeds, past, mask, Some(cache))
     }
 }
 
@@ -207,6 +215,10 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
     fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         self.forward_cached(ids, cache)
     }
+
+    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.forward_embeds_cached(embeds, cache)
+    }
 }
 
 impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
@@ -218,6 +230,10 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
 
     fn d_model(&self) -> usize {
         self.config.n_embd
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
     }
 
     fn forward_embeds(

@@ -19,6 +19,7 @@ pub mod attention;
 pub mod bert;
 pub mod checkpoint;
 pub mod datasets;
+pub mod fixtures;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;

@@ -355,13 +355,20 @@ impl<B: Backend> Llama<B> {
     /// `cache`, whose keys/values are extended in place. Positions continue
     /// from the cache length.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [_, t] = ids.dims();
+        self.forward_embeds_cached(self.embed_tokens.forward(ids), cache)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) from word embeddings `[b, t, d]`.
+    pub fn forward_embeds_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let t = embeds.dims()[1];
         let past = cache.len();
         cache.ensure_layers(self.layers.len());
-        let mask = causal_mask::<B>(t, past, &device);
-        let x = self.embed_tokens.forward(ids);
-        self.run_layers(x, past, mask, Some(cache))
+        let mask = causal_mask::<B>(t, past, &embeds.device());
+        self.run_layers(embeds, past, mask, Some(cache))
     }
 
     fn run_layers(
@@ -403,6 +410,10 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
     fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         self.forward_cached(ids, cache)
     }
+
+    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.forward_embeds_cached(embeds, cache)
+    }
 }
 
 impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
@@ -414,6 +425,10 @@ impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
 
     fn d_model(&self) -> usize {
         self.config.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
     }
 
     fn forward_embeds(

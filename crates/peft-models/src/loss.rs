@@ -1,26 +1,3 @@
-//! Training losses, as Hugging Face computes them.
+//! Training losses live in [`peft_core::loss`]; re-exported here.
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
-
-/// Mean cross-entropy of `logits: [n, classes]` against `targets: [n]`.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    let [n, _] = logits.dims();
-    log_softmax(logits, 1)
-        .gather(1, targets.reshape([n, 1]))
-        .neg()
-        .mean()
-}
-
-/// Causal-LM loss: token `t` predicts token `t + 1`, mean over all
-/// predicted positions (`ForCausalLMLoss` without ignored labels).
-/// `logits: [b, t, vocab]`, `ids: [b, t]`.
-pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let [b, t, v] = logits.dims();
-    let inputs = logits
-        .slice([0..b, 0..t - 1, 0..v])
-        .reshape([b * (t - 1), v]);
-    let targets = ids.slice([0..b, 1..t]).reshape([b * (t - 1)]);
-    cross_entropy(inputs, targets)
-}
+pub use peft_core::loss::*;

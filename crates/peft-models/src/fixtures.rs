@@ -1,0 +1,105 @@
+//! Reading the repository's parity fixtures (`fixtures/`, written by
+//! `scripts/make_fixtures.py` and `scripts/make_prompt_fixtures.py` from
+//! Hugging Face PEFT): what every method crate's parity tests share.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::io::{read_safetensors, HostTensor};
+
+/// The tolerance of every parity check: max |difference| per value.
+pub const TOL: f32 = 1e-5;
+
+/// The repository's `fixtures/` folder.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// Max |a − b| over two tensors of one shape.
+pub fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
+    assert_eq!(a.shape, b.shape, "shapes differ");
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Panics, naming `what`, unless `got` is within [`TOL`] of `want`.
+pub fn assert_close(what: &str, got: &HostTensor, want: &HostTensor) {
+    let d = max_diff(got, want);
+    assert!(d <= TOL, "{what}: max |diff| = {d:e} > {TOL:e}");
+}
+
+/// One fixture case: `fixtures/<arch>/<case>/` with its expected tensors
+/// and metadata.
+pub struct FixtureCase {
+    /// The case's folder (an adapter folder in PEFT's layout).
+    pub dir: PathBuf,
+    /// `expected.safetensors`.
+    pub expected: HashMap<String, HostTensor>,
+    /// `expected.json`.
+    pub meta: serde_json::Value,
+}
+
+impl FixtureCase {
+    /// Opens `fixtures/<arch>/<case>/`.
+    pub fn open(arch: &str, case: &str) -> Self {
+        let dir = fixtures_dir().join(arch).join(case);
+        let expected = read_safetensors(&dir.join("expected.safetensors"))
+            .unwrap_or_else(|e| panic!("fixture {arch}/{case}: {e}"));
+        let meta = std::fs::read_to_string(dir.join("expected.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        FixtureCase {
+            dir,
+            expected,
+            meta,
+        }
+    }
+
+    /// Expected tensor `key`.
+    pub fn want(&self, key: &str) -> &HostTensor {
+        self.expected
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture {} has no `{key}`", self.dir.display()))
+    }
+
+    /// Expected tensor `key` (ids stored as f32) as an `Int` tensor.
+    pub fn ints<B: Backend, const D: usize>(
+        &self,
+        key: &str,
+        device: &B::Device,
+    ) -> Tensor<B, D, Int> {
+        let t = self.want(key);
+        let v: Vec<i64> = t.data.iter().map(|x| *x as i64).collect();
+        let shape: [usize; D] = t.shape.clone().try_into().expect("rank");
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    /// Expected tensor `key` as a float tensor.
+    pub fn floats<B: Backend, const D: usize>(
+        &self,
+        key: &str,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let t = self.want(key);
+        let shape: [usize; D] = t.shape.clone().try_into().expect("rank");
+        t.to_tensor(shape, key, device).expect("shape")
+    }
+
+    /// Expected ids `key` as `u32`s.
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.want(key).data.iter().map(|x| *x as u32).collect()
+    }
+
+    /// A `usize` field of `expected.json`.
+    pub fn meta_usize(&self, key: &str) -> usize {
+        self.meta[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no `{key}` in expected.json")) as usize
+    }
+}

@@ -1,0 +1,217 @@
+//! [`PrefixEncoder`]: the learned per-layer keys and values.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::tanh;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor};
+use peft_core::io::{linear_from_torch, take_tensor, HostTensor};
+use peft_core::kv::{KvCache, LayerCache};
+use peft_core::prompt_learning::PromptLearningConfig;
+use peft_core::{PeftError, Result};
+
+/// The reparameterisation MLP of a projected prefix.
+#[derive(Module, Debug)]
+pub struct PrefixProjection<B: Backend> {
+    /// `token_dim → encoder_hidden_size`.
+    pub first: Linear<B>,
+    /// `encoder_hidden_size → num_layers·2·token_dim`.
+    pub second: Linear<B>,
+}
+
+/// The prefix of one adapter.
+///
+/// Invariant: [`prefix`](Self::prefix) is `[n_virtual, num_layers·2·token_dim]`,
+/// laid out as PEFT's `past_key_values` view: for virtual token `i`, layer
+/// `l`, the key is column block `2l` and the value block `2l + 1`, each
+/// `[kv_heads, head_dim]` row-major.
+#[derive(Module, Debug)]
+pub struct PrefixEncoder<B: Backend> {
+    /// Without projection: the prefix itself, `[n_virtual, num_layers·2·token_dim]`.
+    /// With projection: virtual-token embeddings, `[n_virtual, token_dim]`.
+    pub embedding: Param<Tensor<B, 2>>,
+    /// The reparameterisation, present while training a projected prefix.
+    pub transform: Option<PrefixProjection<B>>,
+}
+
+impl<B: Backend> PrefixEncoder<B> {
+    /// A fresh prefix per `config` (model fields filled), initialised as
+    /// PEFT does: N(0, 1) embeddings, PyTorch's default `Linear` init, or
+    /// zeros (`init_weights: "zero"`) for the prefix / the last layer.
+    pub fn new(config: &PromptLearningConfig, device: &B::Device) -> Self {
+        let [n, width] = config.embedding_shape();
+        let zero = config.init_weights.as_deref() == Some("zero");
+        if config.projected() {
+            let d = config.token_dim.expect("model fields filled");
+            let hidden = config.encoder_hidden_size.expect("validated");
+            let mut second = LinearConfig::new(hidden, width).init(device);
+            if zero {
+                second.weight = Param::from_tensor(Tensor::zeros([hidden, width], device));
+                second.bias = Some(Param::from_tensor(Tensor::zeros([width], device)));
+            }
+            PrefixEncoder {
+                embedding: Param::from_tensor(Tensor::random(
+                    [n, d],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                )),
+                transform: Some(PrefixProjection {
+                    first: LinearConfig::new(d, hidden).init(device),
+                    second,
+                }),
+            }
+        } else {
+            let embedding = if zero {
+                Tensor::zeros([n, width], device)
+            } else {
+                Tensor::random([n, width], Distribution::Normal(0.0, 1.0), device)
+            };
+            PrefixEncoder {
+                embedding: Param::from_tensor(embedding),
+                transform: None,
+            }
+        }
+    }
+
+    /// A folded prefix from saved `prompt_embeddings` of shape
+    /// `config.embedding_shape()`.
+    pub fn from_embeddings(
+        config: &PromptLearningConfig,
+        embeddings: &HostTensor,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Ok(PrefixEncoder {
+            embedding: Param::from_tensor(embeddings.to_tensor(
+                config.embedding_shape(),
+                peft_core::prompt_learning::EMBEDDINGS_KEY,
+                device,
+            )?),
+            transform: None,
+        })
+    }
+
+    /// A prefix from PyTorch's `PrefixEncoder.state_dict()` (`embedding.weight`,
+    /// and `transform.0.*` / `transform.2.*` when `config` is projected), for
+    /// continuing a PyTorch run with its reparameterisation. `path` names the
+    /// source in errors; every tensor must be used.
+    pub fn from_torch_state(
+        config: &PromptLearningConfig,
+        mut tensors: HashMap<String, HostTensor>,
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let [n, width] = config.embedding_shape();
+        let key = "embedding.weight";
+        let embedding = take_tensor(&mut tensors, key, path)?;
+        let this = if config.projected() {
+            let d = config.token_dim.expect("model fields filled");
+            let hidden = config.encoder_hidden_size.expect("validated");
+            PrefixEncoder {
+                embedding: Param::from_tensor(embedding.to_tensor([n, d], key, device)?),
+                transform: Some(PrefixProjection {
+                    first: linear_from_torch(
+                        &mut tensors,
+                        "transform.0",
+                        [d, hidden],
+                        path,
+                        device,
+                    )?,
+                    second: linear_from_torch(
+                        &mut tensors,
+                        "transform.2",
+                        [hidden, width],
+                        path,
+                        device,
+                    )?,
+                }),
+            }
+        } else {
+            PrefixEncoder {
+                embedding: Param::from_tensor(embedding.to_tensor([n, width], key, device)?),
+                transform: None,
+            }
+        };
+        if !tensors.is_empty() {
+            let mut keys: Vec<String> = tensors.into_keys().collect();
+            keys.sort();
+            return Err(PeftError::UnexpectedTensors {
+                path: path.to_path_buf(),
+                keys,
+            });
+        }
+        Ok(this)
+    }
+
+    /// Number of virtual tokens.
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.embedding.dims()[0]
+    }
+
+    /// The prefix `[n_virtual, num_layers·2·token_dim]` (through the
+    /// projection when there is one): what PEFT saves as `prompt_embeddings`.
+    pub fn prefix(&self) -> Tensor<B, 2> {
+        let e = self.embedding.val();
+        match &self.transform {
+            Some(t) => t.second.forward(tanh(t.first.forward(e))),
+            None => e,
+        }
+    }
+
+    /// This prefix folded: its projection evaluated once and dropped.
+    pub fn folded(&self) -> Self {
+        PrefixEncoder {
+            embedding: Param::from_tensor(self.prefix().detach()),
+            transform: None,
+        }
+    }
+
+    /// The prefix as a cache of `layers` layers of `[batch, kv_heads,
+    /// n_virtual, head_dim]` keys and values.
+    pub fn cache(
+        &self,
+        batch: usize,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> KvCache<B> {
+        let per_layer = split_layers(self.prefix(), layers, kv_heads, head_dim);
+        KvCache {
+            layers: per_layer
+                .into_iter()
+                .map(|(k, v)| LayerCache {
+                    k: Some(expand_batch(k, batch)),
+                    v: Some(expand_batch(v, batch)),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `[n, L·2·h·d]` → per layer `(k, v)`, each `[1, h, n, d]`.
+pub(crate) fn split_layers<B: Backend>(
+    prefix: Tensor<B, 2>,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+    let n = prefix.dims()[0];
+    // PEFT: view(n, 2L, h, d).permute(2L, h, n, d), then (k, v) pairs.
+    let blocks = prefix
+        .reshape([n, 2 * layers, kv_heads, head_dim])
+        .permute([1, 2, 0, 3]);
+    (0..layers)
+        .map(|l| {
+            let k = blocks.clone().narrow(0, 2 * l, 1);
+            let v = blocks.clone().narrow(0, 2 * l + 1, 1);
+            (k, v)
+        })
+        .collect()
+}
+
+fn expand_batch<B: Backend>(x: Tensor<B, 4>, batch: usize) -> Tensor<B, 4> {
+    let [_, h, n, d] = x.dims();
+    x.expand([batch, h, n, d])
+}

@@ -1,0 +1,314 @@
+//! [`PrefixTuningModel`]: a model with named prefixes.
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use peft_core::generate::{ids_tensor, CausalLm, Sampler};
+use peft_core::io::{adapter_dir, adapter_subdirs, HostTensor};
+use peft_core::kv::{KvCache, LayerCache};
+use peft_core::model::AttentionPrefixSeam;
+use peft_core::named::NamedAdapters;
+use peft_core::prompt_learning::{
+    load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, PromptLearningType,
+};
+use peft_core::{ParamCount, PeftError, Result, DEFAULT_ADAPTER};
+
+use crate::encoder::{split_layers, PrefixEncoder};
+
+/// A model carrying named prefixes, at most one active.
+///
+/// The wrapped model is frozen; each prefix is its own Burn module
+/// ([`PrefixEncoder`]): train it with any Burn optimizer through
+/// [`map_encoder`](Self::map_encoder).
+#[derive(Debug, Clone)]
+pub struct PrefixTuningModel<B: Backend, M> {
+    /// The frozen model.
+    pub model: M,
+    prefixes: NamedAdapters<(PromptLearningConfig, PrefixEncoder<B>)>,
+    disabled: bool,
+    _backend: PhantomData<B>,
+}
+
+impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> {
+    /// Wraps `model` (frozen) and adds `config` as the active adapter `default`.
+    pub fn new(model: M, config: PromptLearningConfig) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.add_adapter(DEFAULT_ADAPTER, config)?;
+        Ok(this)
+    }
+
+    /// Wraps `model` with no prefix. Every parameter of the model is frozen.
+    pub fn wrap(model: M) -> Self {
+        PrefixTuningModel {
+            model: model.no_grad(),
+            prefixes: NamedAdapters::default(),
+            disabled: false,
+            _backend: PhantomData,
+        }
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.devices().into_iter().next().unwrap_or_default()
+    }
+
+    /// The config with the model's fields filled (or checked against it).
+    fn fitted(&self, mut config: PromptLearningConfig) -> Result<PromptLearningConfig> {
+        if config.peft_type != PromptLearningType::PrefixTuning {
+            return Err(PeftError::Config(format!(
+                "peft_type {} is not PREFIX_TUNING",
+                config.peft_type.as_str()
+            )));
+        }
+        let (kv_heads, head_dim) = self.model.kv_shape();
+        config.fill_from_model(
+            self.model.num_attention_layers(),
+            kv_heads * head_dim,
+            kv_heads,
+        )?;
+        Ok(config)
+    }
+
+    /// Adds a freshly initialised prefix `name` per `config` and makes it active.
+    pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
+        let config = self.fitted(config)?;
+        let encoder = PrefixEncoder::new(&config, &self.device());
+        self.prefixes.insert(name, (config, encoder))?;
+        self.prefixes.set_active(name)
+    }
+
+    /// Makes `name` the active prefix.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.prefixes.set_active(name)
+    }
+
+    /// Removes prefix `name`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.prefixes.remove(name).map(|_| ())
+    }
+
+    /// The active prefix's name.
+    pub fn active_adapter(&self) -> Option<&str> {
+        self.prefixes.active().map(|(n, _)| n)
+    }
+
+    /// Every prefix's name, in insertion order.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.prefixes.names()
+    }
+
+    /// The config of prefix `name` (model fields filled).
+    pub fn config(&self, name: &str) -> Result<&PromptLearningConfig> {
+        Ok(&self.prefixes.get(name)?.0)
+    }
+
+    /// The encoder of prefix `name`.
+    pub fn encoder(&self, name: &str) -> Result<&PrefixEncoder<B>> {
+        Ok(&self.prefixes.get(name)?.1)
+    }
+
+    /// Replaces the encoder of `name` by `f(encoder)`: an optimizer step,
+    /// `map_encoder(name, |e| optim.step(lr, e, grads))`.
+    pub fn map_encoder(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(PrefixEncoder<B>) -> PrefixEncoder<B>,
+    ) -> Result<()> {
+        let slot = &mut self.prefixes.get_mut(name)?.1;
+        *slot = f(slot.clone());
+        Ok(())
+    }
+
+    /// Runs the plain model until [`enable`](Self::enable).
+    pub fn disable(&mut self) {
+        self.disabled = true;
+    }
+
+    /// Undoes [`disable`](Self::disable).
+    pub fn enable(&mut self) {
+        self.disabled = false;
+    }
+
+    /// The active prefix unless disabled.
+    fn running(&self) -> Option<&str> {
+        if self.disabled {
+            None
+        } else {
+            self.active_adapter()
+        }
+    }
+
+    /// Prefix `name` as a KV cache for `batch` rows.
+    pub fn prefix_cache(&self, name: &str, batch: usize) -> Result<KvCache<B>> {
+        let (kv_heads, head_dim) = self.model.kv_shape();
+        let layers = self.model.num_attention_layers();
+        Ok(self
+            .prefixes
+            .get(name)?
+            .1
+            .cache(batch, layers, kv_heads, head_dim))
+    }
+
+    fn empty_cache(&self) -> KvCache<B> {
+        let mut cache = KvCache::new();
+        cache.ensure_layers(self.model.num_attention_layers());
+        cache
+    }
+
+    /// The model's forward pass after the active prefix (the plain model
+    /// when there is none or when disabled). `attention_mask: [b, t]`
+    /// covers the real tokens.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> M::PrefixOutput {
+        let cache = match self.running() {
+            Some(name) => self
+                .prefix_cache(name, ids.dims()[0])
+                .expect("the active prefix exists"),
+            None => self.empty_cache(),
+        };
+        self.model.forward_with_prefix(ids, attention_mask, cache)
+    }
+
+    /// A batch whose row `i` runs after prefix `names[i]`. The prefixes
+    /// must have the same number of virtual tokens.
+    pub fn forward_mixed(
+        &self,
+        names: &[&str],
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Result<M::PrefixOutput> {
+        let b = ids.dims()[0];
+        if names.len() != b {
+            return Err(PeftError::Shape {
+                name: "per-row adapter names".into(),
+                expected: vec![b],
+                found: vec![names.len()],
+            });
+        }
+        let (kv_heads, head_dim) = self.model.kv_shape();
+        let layers = self.model.num_attention_layers();
+        let mut distinct: Vec<(&str, Vec<(Tensor<B, 4>, Tensor<B, 4>)>)> = Vec::new();
+        for &name in names {
+            if distinct.iter().all(|(n, _)| *n != name) {
+                let enc = &self.prefixes.get(name)?.1;
+                distinct.push((name, split_layers(enc.prefix(), layers, kv_heads, head_dim)));
+            }
+        }
+        let n_virtual = |kv: &[(Tensor<B, 4>, Tensor<B, 4>)]| kv[0].0.dims()[2];
+        let first = n_virtual(&distinct[0].1);
+        if let Some((name, kv)) = distinct.iter().find(|(_, kv)| n_virtual(kv) != first) {
+            return Err(PeftError::State(format!(
+                "a mixed batch needs prefixes of one length: `{}` has {first} virtual tokens, `{name}` {}",
+                distinct[0].0,
+                n_virtual(kv)
+            )));
+        }
+        let row = |name: &str| {
+            &distinct
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("collected")
+                .1
+        };
+        let cache = KvCache {
+            layers: (0..layers)
+                .map(|l| LayerCache {
+                    k: Some(Tensor::cat(
+                        names.iter().map(|n| row(n)[l].0.clone()).collect(),
+                        0,
+                    )),
+                    v: Some(Tensor::cat(
+                        names.iter().map(|n| row(n)[l].1.clone()).collect(),
+                        0,
+                    )),
+                })
+                .collect(),
+        };
+        Ok(self.model.forward_with_prefix(ids, attention_mask, cache))
+    }
+
+    /// Trainable (the active prefix's encoder) and total parameters, as
+    /// PEFT's `get_nb_trainable_parameters` counts them.
+    pub fn param_count(&self) -> ParamCount {
+        let trainable = self
+            .prefixes
+            .active()
+            .map(|(_, (_, e))| e.num_params())
+            .unwrap_or(0);
+        ParamCount {
+            trainable,
+            all: self.model.num_params() + trainable,
+        }
+    }
+
+    /// Continues `prompt` after the active prefix through the model's KV
+    /// cache: the prefix is the cache's first entry, real positions start
+    /// after it.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+    ) -> Vec<u32>
+    where
+        M: CausalLm<B>,
+    {
+        let mut cache = match self.running() {
+            Some(name) => self
+                .prefix_cache(name, 1)
+                .expect("the active prefix exists"),
+            None => KvCache::new(),
+        };
+        let logits = self
+            .model
+            .logits_cached(ids_tensor(prompt, &self.device()), &mut cache);
+        self.model.decode(logits, &mut cache, max_new, sampler, eos)
+    }
+
+    /// Writes every prefix in PEFT's layout under `dir` (`default` in `dir`,
+    /// others in sub-folders), each folded to `prompt_embeddings`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for name in self.adapter_names() {
+            self.save_adapter(&name, &adapter_dir(dir, &name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes prefix `name` into `dir`, atomically per file.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let (config, encoder) = self.prefixes.get(name)?;
+        save_prompt_adapter(dir, config, HostTensor::from_tensor(encoder.prefix()))
+    }
+
+    /// Loads a PEFT prefix-tuning folder as prefix `name` (folded), leaving
+    /// the active prefix as it was (or making it active if none was).
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        let (config, embeddings) = load_prompt_adapter(dir, PromptLearningType::PrefixTuning)?;
+        let mut config = self.fitted(config)?;
+        config.inference_mode = true;
+        let encoder = PrefixEncoder::from_embeddings(&config, &embeddings, &self.device())?;
+        self.prefixes.insert(name, (config, encoder))?;
+        if self.active_adapter().is_none() {
+            self.prefixes.set_active(name)?;
+        }
+        Ok(())
+    }
+
+    /// Wraps `model` and loads `dir` as `default` plus every sub-folder
+    /// holding an adapter under its folder name; `default` is active.
+    pub fn from_pretrained(model: M, dir: &Path) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.load_adapter(dir, DEFAULT_ADAPTER)?;
+        for (name, sub) in adapter_subdirs(dir)? {
+            this.load_adapter(&sub, &name)?;
+        }
+        this.set_adapter(DEFAULT_ADAPTER)?;
+        Ok(this)
+    }
+}
