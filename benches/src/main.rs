@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -15,10 +15,15 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::config::{InitLoraWeights, TargetModules};
+use peft_core::generate::{CausalLm, Sampler};
+use peft_core::loss::causal_lm_loss_after_prompt;
+use peft_core::prompt_learning::{PromptLearningConfig, PromptTuningInit};
 use peft_core::LoraConfig;
 use peft_lora::LoraModel;
 use peft_models::llama::{Llama, LlamaConfig};
 use peft_models::loss::causal_lm_loss;
+use peft_prefix::{PrefixEncoder, PrefixTuningModel};
+use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::json;
 
 struct Opts {
@@ -384,6 +389,147 @@ fn cpu_backends_suite(o: &Opts) {
     );
 }
 
+/// Prefix and prompt tuning: forward and greedy generation with 20 virtual
+/// tokens vs the plain model, and a training step at the trainable-parameter
+/// budget of LoRA r 8 on q/v (prefix: 40 virtual tokens on this stack,
+/// prompt: 107) vs that LoRA step.
+fn prompt_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 4);
+    let base = cfg.init::<B>(device).unwrap().no_grad();
+    let n_virtual = 20;
+    let prefix =
+        PrefixTuningModel::new(base.clone(), PromptLearningConfig::prefix_tuning(n_virtual))
+            .unwrap();
+    let prompt = PromptTuningModel::new(
+        base.clone(),
+        PromptLearningConfig::prompt_tuning(n_virtual, PromptTuningInit::Random),
+    )
+    .unwrap();
+    let runs = if o.quick { 3 } else { 10 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || sync(base.forward(ids.clone(), None)),
+            &mut || sync(prefix.forward(ids.clone(), None)),
+            &mut || sync(prompt.forward(ids.clone(), None)),
+        ],
+    );
+    let info =
+        json!({"tokens": rows * len, "layers": cfg.num_hidden_layers, "virtual_tokens": n_virtual});
+    let b = emit(o, "prompt", "forward_base", &mut t[0], None, info.clone());
+    emit(
+        o,
+        "prompt",
+        "forward_prefix",
+        &mut t[1],
+        Some(b),
+        info.clone(),
+    );
+    emit(o, "prompt", "forward_prompt", &mut t[2], Some(b), info);
+
+    // Greedy generation through the KV cache: tokens/s with and without.
+    let context: Vec<u32> = (0..16u32).map(|i| (i * 37) % 251).collect();
+    let new_tokens = if o.quick { 8 } else { 32 };
+    let mut t = interleaved(
+        runs,
+        &mut [
+            &mut || {
+                base.generate(&context, new_tokens, &mut Sampler::Greedy, None, true);
+            },
+            &mut || {
+                prefix.generate(&context, new_tokens, &mut Sampler::Greedy, None);
+            },
+            &mut || {
+                prompt.generate(&context, new_tokens, &mut Sampler::Greedy, None);
+            },
+        ],
+    );
+    for (i, name) in ["generate_base", "generate_prefix", "generate_prompt"]
+        .iter()
+        .enumerate()
+    {
+        let median = stats(&mut t[i].clone()).0;
+        let extra = json!({"new_tokens": new_tokens, "tokens_per_s": new_tokens as f64 / median});
+        let baseline = (i > 0).then(|| stats(&mut t[0].clone()).0);
+        emit(o, "prompt", name, &mut t[i], baseline, extra);
+    }
+
+    // Training steps at LoRA r8 q/v's trainable-parameter budget.
+    let lora = LoraModel::new(base.clone(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    let budget = lora.param_count().trainable;
+    let (kv_heads, head_dim) = (cfg.kv_heads(), cfg.head_dim());
+    let per_prefix_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim;
+    let n_prefix = budget.div_ceil(per_prefix_token);
+    let n_prompt = budget.div_ceil(cfg.hidden_size);
+    let mut prefix =
+        PrefixTuningModel::new(base.clone(), PromptLearningConfig::prefix_tuning(n_prefix))
+            .unwrap();
+    let mut prompt = PromptTuningModel::new(
+        base.clone(),
+        PromptLearningConfig::prompt_tuning(n_prompt, PromptTuningInit::Random),
+    )
+    .unwrap();
+    let mut lora_model = lora.model;
+    let mut lora_opt = AdamWConfig::new().init::<B, Llama<B>>();
+    let mut prefix_opt = AdamWConfig::new().init::<B, PrefixEncoder<B>>();
+    let mut prompt_opt = AdamWConfig::new().init::<B, PromptEncoder<B>>();
+    let mut t = interleaved(
+        if o.quick { 3 } else { 8 },
+        &mut [
+            &mut || lora_model = train_step(lora_model.clone(), &mut lora_opt, &ids),
+            &mut || {
+                let loss = causal_lm_loss(prefix.forward(ids.clone(), None), ids.clone());
+                let grads = loss.backward();
+                prefix
+                    .map_encoder("default", |e| {
+                        let g = GradientsParams::from_grads(grads, &e);
+                        prefix_opt.step(1e-3, e, g)
+                    })
+                    .unwrap();
+            },
+            &mut || {
+                let n = prompt.num_virtual_tokens();
+                let loss =
+                    causal_lm_loss_after_prompt(prompt.forward(ids.clone(), None), ids.clone(), n);
+                let grads = loss.backward();
+                prompt
+                    .map_encoder("default", |e| {
+                        let g = GradientsParams::from_grads(grads, &e);
+                        prompt_opt.step(1e-3, e, g)
+                    })
+                    .unwrap();
+            },
+        ],
+    );
+    let b = emit(
+        o,
+        "prompt",
+        "train_lora_r8_q_v_step",
+        &mut t[0],
+        None,
+        json!({"trainable_params": budget, "tokens": rows * len}),
+    );
+    emit(
+        o,
+        "prompt",
+        "train_prefix_step_same_budget",
+        &mut t[1],
+        Some(b),
+        json!({"trainable_params": prefix.param_count().trainable, "virtual_tokens": n_prefix}),
+    );
+    emit(
+        o,
+        "prompt",
+        "train_prompt_step_same_budget",
+        &mut t[2],
+        Some(b),
+        json!({"trainable_params": prompt.param_count().trainable, "virtual_tokens": n_prompt}),
+    );
+}
+
 fn run<B: Backend>(o: &Opts) {
     if let Some(v) = &o.memory_probe {
         return probe::<Autodiff<B>>(o, v);
@@ -395,7 +541,10 @@ fn run<B: Backend>(o: &Opts) {
             "train" => train_suite::<Autodiff<B>>(o, &device),
             "mixed" => mixed_suite::<B>(o, &device),
             "cpu_backends" => cpu_backends_suite(o),
-            other => eprintln!("unknown suite `{other}` (forward, train, mixed, cpu_backends)"),
+            "prompt" => prompt_suite::<Autodiff<B>>(o, &device),
+            other => {
+                eprintln!("unknown suite `{other}` (forward, train, mixed, prompt, cpu_backends)")
+            }
         }
     }
 }
@@ -421,7 +570,12 @@ fn main() {
         }
     }
     if o.suites.is_empty() {
-        o.suites = vec!["forward".into(), "train".into(), "mixed".into()];
+        o.suites = vec![
+            "forward".into(),
+            "train".into(),
+            "mixed".into(),
+            "prompt".into(),
+        ];
     }
     match o.backend.as_str() {
         "ndarray" => run::<burn::backend::NdArray>(&o),

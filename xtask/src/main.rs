@@ -1,6 +1,6 @@
 //! Project commands, run as `cargo xtask <command>`.
 //!
-//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed]... [--quick]`:
+//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|cpu_backends]... [--quick]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
 //!   suites, and writes `target/bench-report/{report.json,report.md}`.
 

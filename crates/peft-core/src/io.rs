@@ -220,59 +220,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(io_err)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip_and_transpose() {
-        let t = HostTensor {
-            shape: vec![2, 3],
-            data: vec![1., 2., 3., 4., 5., 6.],
-        };
-        assert_eq!(t.transposed().data, vec![1., 4., 2., 5., 3., 6.]);
-        assert_eq!(t.transposed().transposed(), t);
-        let dir = std::env::temp_dir().join(format!("peft-core-io-{}", std::process::id()));
-        let path = dir.join("x.safetensors");
-        write_atomic(
-            &path,
-            &serialize_safetensors(&[("w".into(), t.clone())], None),
-        )
-        .unwrap();
-        let back = read_safetensors(&path).unwrap();
-        assert_eq!(back["w"], t);
-        fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn malformed_files_are_typed_errors() {
-        let p = Path::new("bad.safetensors");
-        assert!(matches!(
-            parse_safetensors(b"\x10\0\0\0\0\0\0\0{}", p),
-            Err(PeftError::Checkpoint { .. })
-        ));
-        let good = serialize_safetensors(
-            &[(
-                "w".into(),
-                HostTensor {
-                    shape: vec![4],
-                    data: vec![0.; 4],
-                },
-            )],
-            None,
-        );
-        assert!(parse_safetensors(&good[..good.len() - 3], p).is_err());
-        let nan = HostTensor {
-            shape: vec![2],
-            data: vec![0., f32::NAN],
-        };
-        assert!(matches!(
-            nan.check_finite("w", p),
-            Err(PeftError::NonFinite(_))
-        ));
-    }
-}
-
 /// Where adapter `name` lives in a saved folder, as PEFT lays it out:
 /// `default` in the folder itself, any other adapter in `<dir>/<name>/`.
 pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
@@ -344,4 +291,57 @@ pub fn linear_from_torch<B: Backend>(
         weight: burn::module::Param::from_tensor(weight),
         bias: Some(burn::module::Param::from_tensor(bias)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_transpose() {
+        let t = HostTensor {
+            shape: vec![2, 3],
+            data: vec![1., 2., 3., 4., 5., 6.],
+        };
+        assert_eq!(t.transposed().data, vec![1., 4., 2., 5., 3., 6.]);
+        assert_eq!(t.transposed().transposed(), t);
+        let dir = std::env::temp_dir().join(format!("peft-core-io-{}", std::process::id()));
+        let path = dir.join("x.safetensors");
+        write_atomic(
+            &path,
+            &serialize_safetensors(&[("w".into(), t.clone())], None),
+        )
+        .unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["w"], t);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn malformed_files_are_typed_errors() {
+        let p = Path::new("bad.safetensors");
+        assert!(matches!(
+            parse_safetensors(b"\x10\0\0\0\0\0\0\0{}", p),
+            Err(PeftError::Checkpoint { .. })
+        ));
+        let good = serialize_safetensors(
+            &[(
+                "w".into(),
+                HostTensor {
+                    shape: vec![4],
+                    data: vec![0.; 4],
+                },
+            )],
+            None,
+        );
+        assert!(parse_safetensors(&good[..good.len() - 3], p).is_err());
+        let nan = HostTensor {
+            shape: vec![2],
+            data: vec![0., f32::NAN],
+        };
+        assert!(matches!(
+            nan.check_finite("w", p),
+            Err(PeftError::NonFinite(_))
+        ));
+    }
 }

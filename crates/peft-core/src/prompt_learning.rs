@@ -213,16 +213,21 @@ impl PromptLearningConfig {
         c
     }
 
-    /// Parses `adapter_config.json` text of a `expected` adapter; `origin`
-    /// names the source in errors.
-    pub fn from_json_str(text: &str, origin: &Path, expected: PromptLearningType) -> Result<Self> {
+    /// Parses `adapter_config.json` text of an adapter whose type is one of
+    /// `expected`; `origin` names the source in errors.
+    pub fn from_json_str(
+        text: &str,
+        origin: &Path,
+        expected: &[PromptLearningType],
+    ) -> Result<Self> {
         let value = parse_json(text, origin)?;
         let found = value.get("peft_type").and_then(Value::as_str).unwrap_or("");
-        if found != expected.as_str() {
+        if !expected.iter().any(|t| t.as_str() == found) {
+            let names: Vec<&str> = expected.iter().map(|t| t.as_str()).collect();
             return Err(PeftError::Config(format!(
                 "{}: peft_type `{found}` is not {}",
                 origin.display(),
-                expected.as_str()
+                names.join(" or ")
             )));
         }
         let config: PromptLearningConfig = from_value(value, origin)?;
@@ -234,7 +239,7 @@ impl PromptLearningConfig {
     }
 
     /// Reads `adapter_config.json` from a file.
-    pub fn from_file(path: &Path, expected: PromptLearningType) -> Result<Self> {
+    pub fn from_file(path: &Path, expected: &[PromptLearningType]) -> Result<Self> {
         Self::from_json_str(&read_text(path)?, path, expected)
     }
 
@@ -401,12 +406,12 @@ pub fn save_prompt_adapter(
     write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
 }
 
-/// Reads a prompt-learning adapter folder of type `expected`: its config and
+/// Reads a prompt-learning adapter folder of a type in `expected`: its config and
 /// its `prompt_embeddings`, checked against the config (shape, finiteness,
 /// no other tensors).
 pub fn load_prompt_adapter(
     dir: &Path,
-    expected: PromptLearningType,
+    expected: &[PromptLearningType],
 ) -> Result<(PromptLearningConfig, HostTensor)> {
     let config = PromptLearningConfig::from_file(&dir.join(CONFIG_FILE), expected)?;
     let path = dir.join(WEIGHTS_FILE);
@@ -471,8 +476,9 @@ mod tests {
             "prefix_projection": true, "revision": null, "task_type": "CAUSAL_LM",
             "token_dim": 8}"#;
         let origin = Path::new("adapter_config.json");
-        let c = PromptLearningConfig::from_json_str(text, origin, PromptLearningType::PrefixTuning)
-            .unwrap();
+        let c =
+            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PrefixTuning])
+                .unwrap();
         assert_eq!(c.embedding_shape(), [3, 32]);
         assert!(!c.projected(), "a saved (inference-mode) prefix is folded");
         let back: Value = serde_json::from_str(&c.to_json_string()).unwrap();
@@ -481,14 +487,14 @@ mod tests {
         assert!(back.get("prompt_tuning_init").is_none());
 
         let wrong =
-            PromptLearningConfig::from_json_str(text, origin, PromptLearningType::PromptTuning);
+            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PromptTuning]);
         assert!(wrong
             .unwrap_err()
             .to_string()
             .contains("is not PROMPT_TUNING"));
         let zero = text.replace("\"num_virtual_tokens\": 3", "\"num_virtual_tokens\": 0");
         let err =
-            PromptLearningConfig::from_json_str(&zero, origin, PromptLearningType::PrefixTuning)
+            PromptLearningConfig::from_json_str(&zero, origin, &[PromptLearningType::PrefixTuning])
                 .unwrap_err();
         assert!(err.to_string().contains("num_virtual_tokens"), "{err}");
     }

@@ -246,12 +246,18 @@ impl<B: Backend> Bert<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>> {
+        self.classify_hidden(self.encode(ids, attention_mask))
+    }
+
+    /// Classification logits `[b, num_labels]` from last hidden states
+    /// `[b, t, d]` (pooler on position 0): the head after a prefix- or
+    /// prompt-tuned forward pass. Fails for a checkpoint without a head.
+    pub fn classify_hidden(&self, h: Tensor<B, 3>) -> Result<Tensor<B, 2>> {
         let (Some(pooler), Some(classifier)) = (&self.pooler, &self.classifier) else {
             return Err(PeftError::State(
                 "this BERT checkpoint has no pooler + classifier head".into(),
             ));
         };
-        let h = self.encode(ids, attention_mask);
         let [b, _, d] = h.dims();
         let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
         Ok(classifier.forward(tanh(pooler.forward(first))))

@@ -103,3 +103,43 @@ impl FixtureCase {
             .unwrap_or_else(|| panic!("no `{key}` in expected.json")) as usize
     }
 }
+
+/// The tiny random Llama of the fixtures (`fixtures/llama`).
+pub fn tiny_llama<B: Backend>(device: &B::Device) -> crate::llama::Llama<B> {
+    crate::llama::Llama::load(&fixtures_dir().join("llama"), device).expect("fixture llama")
+}
+
+/// The tiny random GPT-2 of the fixtures (`fixtures/gpt2`).
+pub fn tiny_gpt2<B: Backend>(device: &B::Device) -> crate::gpt2::Gpt2<B> {
+    crate::gpt2::Gpt2::load(&fixtures_dir().join("gpt2"), device).expect("fixture gpt2")
+}
+
+/// A fresh folder name under the system's temporary folder, unique per
+/// process and call.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("peft-{tag}-{}-{run}", std::process::id()))
+}
+
+/// How many float parameters of `module` received a gradient in `grads`
+/// (0 for a frozen model).
+pub fn params_with_grad<B: burn::tensor::backend::AutodiffBackend, M: burn::module::Module<B>>(
+    module: &M,
+    grads: &B::Gradients,
+) -> usize {
+    struct Count<'a, B: burn::tensor::backend::AutodiffBackend> {
+        grads: &'a B::Gradients,
+        count: usize,
+    }
+    impl<B: burn::tensor::backend::AutodiffBackend> burn::module::ModuleVisitor<B> for Count<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            if param.val().grad(self.grads).is_some() {
+                self.count += 1;
+            }
+        }
+    }
+    let mut c = Count { grads, count: 0 };
+    module.visit(&mut c);
+    c.count
+}

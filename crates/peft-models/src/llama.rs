@@ -81,10 +81,12 @@ fn default_eps() -> f64 {
 }
 
 impl LlamaConfig {
-    fn kv_heads(&self) -> usize {
+    /// Key/value heads (grouped-query attention), `num_attention_heads` when unset.
+    pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
-    fn head_dim(&self) -> usize {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }

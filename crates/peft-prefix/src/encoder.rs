@@ -145,6 +145,37 @@ impl<B: Backend> PrefixEncoder<B> {
         Ok(this)
     }
 
+    /// A prefix holding exactly the keys/values of `cache` (every layer
+    /// filled, batch 1): the model then behaves as if the cached tokens came
+    /// before the input. The initialisation Li & Liang recommend (the
+    /// activations of real words).
+    pub fn from_cache(cache: &KvCache<B>) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(2 * cache.layers.len());
+        for (l, layer) in cache.layers.iter().enumerate() {
+            let (Some(k), Some(v)) = (&layer.k, &layer.v) else {
+                return Err(PeftError::State(format!("layer {l} of the cache is empty")));
+            };
+            if k.dims()[0] != 1 {
+                return Err(PeftError::State(format!(
+                    "a prefix comes from one sequence; the cache holds {}",
+                    k.dims()[0]
+                )));
+            }
+            blocks.push(k.clone());
+            blocks.push(v.clone());
+        }
+        let [_, h, n, d] = blocks[0].dims();
+        let layers = cache.layers.len();
+        // Inverse of `split_layers`: [2L, h, n, d] → [n, 2L, h, d] → flat.
+        let flat = Tensor::cat(blocks, 0)
+            .permute([2, 0, 1, 3])
+            .reshape([n, 2 * layers * h * d]);
+        Ok(PrefixEncoder {
+            embedding: Param::from_tensor(flat.detach()),
+            transform: None,
+        })
+    }
+
     /// Number of virtual tokens.
     pub fn num_virtual_tokens(&self) -> usize {
         self.embedding.dims()[0]
@@ -190,13 +221,16 @@ impl<B: Backend> PrefixEncoder<B> {
     }
 }
 
+/// One layer's prefix keys and values, each `[1, kv_heads, n_virtual, head_dim]`.
+pub(crate) type LayerPrefix<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
 /// `[n, L·2·h·d]` → per layer `(k, v)`, each `[1, h, n, d]`.
 pub(crate) fn split_layers<B: Backend>(
     prefix: Tensor<B, 2>,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
-) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+) -> Vec<LayerPrefix<B>> {
     let n = prefix.dims()[0];
     // PEFT: view(n, 2L, h, d).permute(2L, h, n, d), then (k, v) pairs.
     let blocks = prefix

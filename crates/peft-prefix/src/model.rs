@@ -16,7 +16,7 @@ use peft_core::prompt_learning::{
 };
 use peft_core::{ParamCount, PeftError, Result, DEFAULT_ADAPTER};
 
-use crate::encoder::{split_layers, PrefixEncoder};
+use crate::encoder::{split_layers, LayerPrefix, PrefixEncoder};
 
 /// A model carrying named prefixes, at most one active.
 ///
@@ -75,6 +75,45 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
     pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
         let config = self.fitted(config)?;
         let encoder = PrefixEncoder::new(&config, &self.device());
+        self.prefixes.insert(name, (config, encoder))?;
+        self.prefixes.set_active(name)
+    }
+
+    /// Adds prefix `name` initialised to the keys/values the model computes
+    /// for `text_ids` (cut to `num_virtual_tokens` or repeated up to it) and
+    /// makes it active: before training, the model behaves exactly as if the
+    /// text preceded every input. Not for a projected config (its
+    /// parameters are not a prefix).
+    pub fn add_adapter_from_text(
+        &mut self,
+        name: &str,
+        config: PromptLearningConfig,
+        text_ids: &[u32],
+    ) -> Result<()>
+    where
+        M: CausalLm<B>,
+    {
+        let config = self.fitted(config)?;
+        if config.projected() {
+            return Err(PeftError::Config(
+                "a projected prefix cannot start from text; use prefix_projection: false".into(),
+            ));
+        }
+        if text_ids.is_empty() {
+            return Err(PeftError::Config(
+                "the init text tokenised to no tokens".into(),
+            ));
+        }
+        let ids: Vec<u32> = text_ids
+            .iter()
+            .copied()
+            .cycle()
+            .take(config.num_virtual_tokens)
+            .collect();
+        let mut cache = KvCache::new();
+        self.model
+            .logits_cached(ids_tensor(&ids, &self.device()), &mut cache);
+        let encoder = PrefixEncoder::from_cache(&cache)?;
         self.prefixes.insert(name, (config, encoder))?;
         self.prefixes.set_active(name)
     }
@@ -192,14 +231,14 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         }
         let (kv_heads, head_dim) = self.model.kv_shape();
         let layers = self.model.num_attention_layers();
-        let mut distinct: Vec<(&str, Vec<(Tensor<B, 4>, Tensor<B, 4>)>)> = Vec::new();
+        let mut distinct: Vec<(&str, Vec<LayerPrefix<B>>)> = Vec::new();
         for &name in names {
             if distinct.iter().all(|(n, _)| *n != name) {
                 let enc = &self.prefixes.get(name)?.1;
                 distinct.push((name, split_layers(enc.prefix(), layers, kv_heads, head_dim)));
             }
         }
-        let n_virtual = |kv: &[(Tensor<B, 4>, Tensor<B, 4>)]| kv[0].0.dims()[2];
+        let n_virtual = |kv: &[LayerPrefix<B>]| kv[0].0.dims()[2];
         let first = n_virtual(&distinct[0].1);
         if let Some((name, kv)) = distinct.iter().find(|(_, kv)| n_virtual(kv) != first) {
             return Err(PeftError::State(format!(
@@ -289,7 +328,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
     /// Loads a PEFT prefix-tuning folder as prefix `name` (folded), leaving
     /// the active prefix as it was (or making it active if none was).
     pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
-        let (config, embeddings) = load_prompt_adapter(dir, PromptLearningType::PrefixTuning)?;
+        let (config, embeddings) = load_prompt_adapter(dir, &[PromptLearningType::PrefixTuning])?;
         let mut config = self.fitted(config)?;
         config.inference_mode = true;
         let encoder = PrefixEncoder::from_embeddings(&config, &embeddings, &self.device())?;

@@ -4,7 +4,7 @@
 //! gradients, generation through the KV cache and files, within 1e-5 on
 //! every backend.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -15,7 +15,9 @@ use peft_core::loss::causal_lm_loss;
 use peft_core::model::AttentionPrefixSeam;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, CONFIG_FILE};
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
-use peft_models::fixtures::{assert_close, fixtures_dir, FixtureCase};
+use peft_models::fixtures::{
+    assert_close, fixtures_dir, params_with_grad, temp_dir, tiny_gpt2, tiny_llama, FixtureCase,
+};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_prefix::{PrefixEncoder, PrefixTuningModel};
@@ -28,37 +30,31 @@ trait Lm<B: Backend>:
 
 impl<B: Backend> Lm<B> for Llama<B> {
     fn load_fixture(device: &B::Device) -> Self {
-        Llama::load(&fixtures_dir().join("llama"), device).unwrap()
+        tiny_llama(device)
     }
 }
 
 impl<B: Backend> Lm<B> for Gpt2<B> {
     fn load_fixture(device: &B::Device) -> Self {
-        Gpt2::load(&fixtures_dir().join("gpt2"), device).unwrap()
+        tiny_gpt2(device)
     }
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("peft-prefix-{tag}-{}-{run}", std::process::id()))
 }
 
 /// The training-time prefix of a case: PyTorch's full encoder (with its
 /// projection when the case has one).
 fn training_encoder<B: Backend>(
     c: &FixtureCase,
-    model: &PrefixTuningModel<B, impl Lm<B>>,
     device: &B::Device,
 ) -> (PromptLearningConfig, PrefixEncoder<B>) {
-    let mut config =
-        PromptLearningConfig::from_file(&c.dir.join(CONFIG_FILE), PromptLearningType::PrefixTuning)
-            .unwrap();
+    let mut config = PromptLearningConfig::from_file(
+        &c.dir.join(CONFIG_FILE),
+        &[PromptLearningType::PrefixTuning],
+    )
+    .unwrap();
     config.inference_mode = false;
     let path = c.dir.join("encoder.safetensors");
     let tensors = read_safetensors(&path).unwrap();
     let enc = PrefixEncoder::from_torch_state(&config, tensors, &path, device).unwrap();
-    let _ = model;
     (config, enc)
 }
 
@@ -79,7 +75,7 @@ fn check_case<B: Backend, M: Lm<B>>(arch: &str, case: &str, device: &B::Device) 
     // The training-time encoder: same logits, folds to PEFT's saved tensor,
     // PEFT's parameter counts.
     let mut trained = PrefixTuningModel::wrap(M::load_fixture(device));
-    let (config, enc) = training_encoder(&c, &trained, device);
+    let (config, enc) = training_encoder(&c, device);
     trained.add_adapter("default", config).unwrap();
     trained.map_encoder("default", |_| enc).unwrap();
     let logits = trained.forward(ids.clone(), Some(mask.clone()));
@@ -130,7 +126,7 @@ fn check_case<B: Backend, M: Lm<B>>(arch: &str, case: &str, device: &B::Device) 
     assert_eq!(generated, want_ids, "{arch}/{case}: greedy generation");
 
     // Saved by us: PEFT's file, bit for bit the folded prefix; loads back.
-    let out = temp_dir(&format!("{arch}-{case}"));
+    let out = temp_dir(&format!("prefix-{arch}-{case}"));
     trained.save_pretrained(&out).unwrap();
     let ours = read_safetensors(&out.join("adapter_model.safetensors")).unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), vec!["prompt_embeddings"]);
@@ -233,7 +229,7 @@ fn check_gradients<B: AutodiffBackend, M: Lm<B> + AutodiffModule<B>>(
     let c = FixtureCase::open(arch, case);
     let ids = c.ints::<B, 2>("input_ids", device);
     let mut pm = PrefixTuningModel::wrap(M::load_fixture(device));
-    let (config, enc) = training_encoder(&c, &pm, device);
+    let (config, enc) = training_encoder(&c, device);
     pm.add_adapter("default", config).unwrap();
     pm.map_encoder("default", |_| enc).unwrap();
     let loss = causal_lm_loss(pm.forward(ids.clone(), None), ids);
@@ -276,25 +272,11 @@ fn check_gradients<B: AutodiffBackend, M: Lm<B> + AutodiffModule<B>>(
         );
     }
     // The frozen model gets no gradient at all.
-    let mut frozen = 0;
-    pm.model.visit(&mut ParamsWithGrad {
-        grads: &grads,
-        count: &mut frozen,
-    });
-    assert_eq!(frozen, 0, "base parameters received gradients");
-}
-
-struct ParamsWithGrad<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
-    count: &'a mut usize,
-}
-
-impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for ParamsWithGrad<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
-        if param.val().grad(self.grads).is_some() {
-            *self.count += 1;
-        }
-    }
+    assert_eq!(
+        params_with_grad(&pm.model, &grads),
+        0,
+        "base parameters received gradients"
+    );
 }
 
 fn llama_gradients<B: AutodiffBackend>(device: &B::Device) {
@@ -306,7 +288,43 @@ fn gpt2_gradients<B: AutodiffBackend>(device: &B::Device) {
     check_gradients::<B, Gpt2<B>>("gpt2", "prefix_proj", device);
 }
 
+/// A prefix initialised from a text is that text: the model's logits after
+/// it equal the plain model's on text + input (positions, masks and the
+/// cache layout all line up).
+fn prefix_from_text_is_the_text<B: Backend>(device: &B::Device) {
+    fn check<B: Backend, M: Lm<B>>(device: &B::Device) {
+        let text = [5u32, 17, 33, 2];
+        let input = [9u32, 41, 12, 60, 3];
+        let mut pm = PrefixTuningModel::wrap(M::load_fixture(device));
+        pm.add_adapter_from_text("text", PromptLearningConfig::prefix_tuning(4), &text)
+            .unwrap();
+        let got = pm.forward(ids_tensor(&input, device), None);
+        let all: Vec<u32> = text.iter().chain(&input).copied().collect();
+        let full = pm.model.logits(ids_tensor(&all, device));
+        let [_, t, v] = full.dims();
+        let want = full.slice([0..1, text.len()..t, 0..v]);
+        assert_close(
+            "prefix from text",
+            &HostTensor::from_tensor(got),
+            &HostTensor::from_tensor(want),
+        );
+        assert!(pm
+            .add_adapter_from_text(
+                "p",
+                PromptLearningConfig::prefix_tuning_projected(4, 8),
+                &text
+            )
+            .is_err());
+        assert!(pm
+            .add_adapter_from_text("e", PromptLearningConfig::prefix_tuning(4), &[])
+            .is_err());
+    }
+    check::<B, Llama<B>>(device);
+    check::<B, Gpt2<B>>(device);
+}
+
 backend_tests!(
+    prefix_from_text_is_the_text,
     llama_prefix,
     llama_prefix_projection,
     gpt2_prefix,
@@ -341,3 +359,51 @@ fn wrong_files_are_typed_errors() {
         PrefixTuningModel::from_pretrained(model(), Path::new("/nonexistent/prefix")).unwrap_err();
     assert!(matches!(err, PeftError::Io { .. }), "{err}");
 }
+
+/// Sequence classification: a prefix on BERT (which PEFT 0.21 cannot
+/// prefix-tune under transformers 5: "Model does not support past key
+/// values") trains through the frozen encoder and its head; the loss falls
+/// and the model stays bit-identical.
+fn bert_sequence_classification_trains<B: AutodiffBackend>(device: &B::Device) {
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use burn::tensor::ElementConversion;
+    use peft_core::loss::cross_entropy;
+    use peft_models::bert::Bert;
+    let bert = Bert::<B>::load(&fixtures_dir().join("bert"), device).unwrap();
+    let before = HostTensor::from_tensor(bert.word_embeddings.weight.val());
+    let mut pm = PrefixTuningModel::new(bert, PromptLearningConfig::prefix_tuning(4)).unwrap();
+    let ids = ids_tensor::<B>(&[3, 14, 15, 9, 26, 5], device).expand([2, 6]);
+    let ids = Tensor::cat(
+        vec![ids.clone().narrow(0, 0, 1), ids.narrow(0, 1, 1).flip([1])],
+        0,
+    );
+    let labels = Tensor::<B, 1, burn::tensor::Int>::from_ints([2, 0], device);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let h = pm.forward(ids.clone(), None);
+        let loss = cross_entropy(pm.model.classify_hidden(h).unwrap(), labels.clone());
+        losses.push(loss.clone().into_scalar().elem::<f64>());
+        let grads = loss.backward();
+        assert_eq!(params_with_grad(&pm.model, &grads), 0);
+        pm.map_encoder("default", |e| {
+            let g = GradientsParams::from_grads(grads, &e);
+            optim.step(0.5, e, g)
+        })
+        .unwrap();
+    }
+    // The random head's weights are N(0, 0.02): its logits span only a few
+    // hundredths whatever the hidden states, so the loss can fall only a
+    // little; it must fall at every step.
+    assert!(
+        losses.windows(2).all(|w| w[1] < w[0]) && losses[19] < losses[0] - 5e-4,
+        "{losses:?}"
+    );
+    assert_eq!(
+        HostTensor::from_tensor(pm.model.word_embeddings.weight.val()).data,
+        before.data,
+        "the frozen model changed"
+    );
+}
+
+autodiff_backend_tests!(bert_sequence_classification_trains);
