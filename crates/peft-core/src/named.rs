@@ -6,11 +6,13 @@ use indexmap::IndexMap;
 
 use crate::error::{PeftError, Result};
 
-/// Named adapters of one kind, in insertion order, at most one active.
+/// Named adapters of one kind, in insertion order, at most one active, and
+/// a switch that runs the plain model without forgetting which is active.
 #[derive(Debug, Clone)]
 pub struct NamedAdapters<T> {
     entries: IndexMap<String, T>,
     active: Option<String>,
+    disabled: bool,
 }
 
 impl<T> Default for NamedAdapters<T> {
@@ -18,6 +20,7 @@ impl<T> Default for NamedAdapters<T> {
         NamedAdapters {
             entries: IndexMap::new(),
             active: None,
+            disabled: false,
         }
     }
 }
@@ -70,6 +73,35 @@ impl<T> NamedAdapters<T> {
         self.entries.get(name).map(|v| (name, v))
     }
 
+    /// The adapter a forward pass uses: the active one unless disabled.
+    pub fn running(&self) -> Option<(&str, &T)> {
+        if self.disabled {
+            None
+        } else {
+            self.active()
+        }
+    }
+
+    /// Runs the plain model (no adapter) until [`enable`](Self::enable).
+    pub fn disable(&mut self) {
+        self.disabled = true;
+    }
+
+    /// Undoes [`disable`](Self::disable).
+    pub fn enable(&mut self) {
+        self.disabled = false;
+    }
+
+    /// Replaces adapter `name` by `f(adapter)`.
+    pub fn map(&mut self, name: &str, f: impl FnOnce(T) -> T) -> Result<()>
+    where
+        T: Clone,
+    {
+        let slot = self.get_mut(name)?;
+        *slot = f(slot.clone());
+        Ok(())
+    }
+
     /// Adapter names, in insertion order.
     pub fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
@@ -111,5 +143,12 @@ mod tests {
         assert!(a.active().is_none(), "removing the active one deactivates");
         assert_eq!(a.names(), vec!["x"]);
         assert_eq!(*a.get("x").unwrap(), 5);
+        a.set_active("x").unwrap();
+        a.disable();
+        assert!(a.running().is_none(), "disabled runs nothing");
+        a.enable();
+        a.map("x", |v| v + 1).unwrap();
+        assert_eq!(a.running(), Some(("x", &6)));
+        assert!(a.map("y", |v| v).is_err());
     }
 }

@@ -3,70 +3,19 @@
 //! adapters trained a few steps in PyTorch. Every logit must match within
 //! 1e-5, on every backend.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{backend_tests, PeftModel};
 use peft_lora::{Combination, LoraModel, WeightedOptions};
 use peft_models::bert::Bert;
+use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 
-const TOL: f32 = 1e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    assert_eq!(a.shape, b.shape, "shapes differ");
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn assert_close(what: &str, got: &HostTensor, want: &HostTensor) {
-    let d = max_diff(got, want);
-    assert!(d <= TOL, "{what}: max |diff| = {d:e} > {TOL:e}");
-}
-
 type Forward<B, M> = fn(&M, Tensor<B, 2, Int>) -> HostTensor;
-
-struct Case {
-    dir: PathBuf,
-    expected: HashMap<String, HostTensor>,
-    meta: serde_json::Value,
-}
-
-impl Case {
-    fn open(arch: &str, case: &str) -> Self {
-        let dir = fixtures().join(arch).join(case);
-        let expected = read_safetensors(&dir.join("expected.safetensors")).unwrap();
-        let meta =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-                .unwrap();
-        Case {
-            dir,
-            expected,
-            meta,
-        }
-    }
-
-    fn ids<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
-        let t = &self.expected["input_ids"];
-        let ids: Vec<i64> = t.data.iter().map(|v| *v as i64).collect();
-        Tensor::from_data(TensorData::new(ids, [t.shape[0], t.shape[1]]), device)
-    }
-
-    fn want(&self, key: &str) -> &HostTensor {
-        &self.expected[key]
-    }
-}
 
 fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     arch: &str,
@@ -75,9 +24,9 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     forward: Forward<B, M>,
     device: &B::Device,
 ) {
-    let c = Case::open(arch, case);
-    let ids = c.ids::<B>(device);
-    let base_model = load(&fixtures().join(arch), device);
+    let c = FixtureCase::open(arch, case);
+    let ids = c.ints::<B, 2>("input_ids", device);
+    let base_model = load(&fixtures_dir().join(arch), device);
     let base = forward(&base_model, ids.clone());
     assert_close("base", &base, c.want("logits_base"));
 

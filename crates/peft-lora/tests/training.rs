@@ -2,42 +2,19 @@
 //! receive gradients, and a few optimizer steps lower the loss while the
 //! base weights stay bit-for-bit unchanged.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::io::HostTensor;
 use peft_core::{autodiff_backend_tests, PeftModel};
 use peft_lora::LoraModel;
 use peft_models::bert::Bert;
+use peft_models::fixtures::{fixtures_dir, max_diff, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn ids<B: AutodiffBackend>(
-    expected: &HashMap<String, HostTensor>,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let t = &expected["input_ids"];
-    let v: Vec<i64> = t.data.iter().map(|x| *x as i64).collect();
-    Tensor::from_data(TensorData::new(v, [t.shape[0], t.shape[1]]), device)
-}
-
-fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// Loss and gradients of the `default` adapter vs PEFT's; no gradient
 /// reaches the base or the inactive adapter.
@@ -48,10 +25,10 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
     device: &B::Device,
 ) {
-    let dir = fixtures().join(arch).join(case);
-    let expected = read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let lora = LoraModel::from_pretrained(model, &dir).unwrap();
-    let loss = loss_fn(&lora.model, ids::<B>(&expected, device));
+    let c = FixtureCase::open(arch, case);
+    let expected = &c.expected;
+    let lora = LoraModel::from_pretrained(model, &c.dir).unwrap();
+    let loss = loss_fn(&lora.model, c.ints::<B, 2>("input_ids", device));
     let want_loss = expected["train_loss"].data[0];
     let got_loss = loss.clone().into_scalar().elem::<f32>();
     assert!(
@@ -108,7 +85,7 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
 }
 
 fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Llama::<B>::load(&fixtures().join("llama"), device).unwrap();
+    let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
     check_gradients(
         "llama",
         "dora_rslora",
@@ -119,7 +96,7 @@ fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
 }
 
 fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Gpt2::<B>::load(&fixtures().join("gpt2"), device).unwrap();
+    let model = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), device).unwrap();
     check_gradients(
         "gpt2",
         "lora",
@@ -130,7 +107,7 @@ fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
 }
 
 fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Bert::<B>::load(&fixtures().join("bert"), device).unwrap();
+    let model = Bert::<B>::load(&fixtures_dir().join("bert"), device).unwrap();
     check_gradients(
         "bert",
         "dora",
@@ -150,7 +127,7 @@ fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
 /// optimizer leaves every base parameter untouched.
 fn lora_training_lowers_loss<B: AutodiffBackend>(device: &B::Device) {
     B::seed(device, 7);
-    let model = Llama::<B>::load(&fixtures().join("llama"), device).unwrap();
+    let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
     let base_params: Vec<HostTensor> = {
         let mut v = Vec::new();
         model.visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
@@ -162,8 +139,7 @@ fn lora_training_lowers_loss<B: AutodiffBackend>(device: &B::Device) {
     let count = lora.param_count();
     // Per layer: q and o are 16→16 (A 16·4 + B 4·16), v is 16→8 (16·4 + 4·8).
     assert_eq!(count.trainable, 2 * (128 + 128 + 96), "{count}");
-    let expected = read_safetensors(&fixtures().join("llama/lora/expected.safetensors")).unwrap();
-    let batch = ids::<B>(&expected, device);
+    let batch = FixtureCase::open("llama", "lora").ints::<B, 2>("input_ids", device);
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut losses = Vec::new();
     for _ in 0..15 {

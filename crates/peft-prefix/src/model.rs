@@ -28,7 +28,6 @@ pub struct PrefixTuningModel<B: Backend, M> {
     /// The frozen model.
     pub model: M,
     prefixes: NamedAdapters<(PromptLearningConfig, PrefixEncoder<B>)>,
-    disabled: bool,
     _backend: PhantomData<B>,
 }
 
@@ -45,7 +44,6 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         PrefixTuningModel {
             model: model.no_grad(),
             prefixes: NamedAdapters::default(),
-            disabled: false,
             _backend: PhantomData,
         }
     }
@@ -155,28 +153,23 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         name: &str,
         f: impl FnOnce(PrefixEncoder<B>) -> PrefixEncoder<B>,
     ) -> Result<()> {
-        let slot = &mut self.prefixes.get_mut(name)?.1;
-        *slot = f(slot.clone());
-        Ok(())
+        self.prefixes
+            .map(name, |(config, encoder)| (config, f(encoder)))
     }
 
     /// Runs the plain model until [`enable`](Self::enable).
     pub fn disable(&mut self) {
-        self.disabled = true;
+        self.prefixes.disable();
     }
 
     /// Undoes [`disable`](Self::disable).
     pub fn enable(&mut self) {
-        self.disabled = false;
+        self.prefixes.enable();
     }
 
     /// The active prefix unless disabled.
     fn running(&self) -> Option<&str> {
-        if self.disabled {
-            None
-        } else {
-            self.active_adapter()
-        }
+        self.prefixes.running().map(|(n, _)| n)
     }
 
     /// Prefix `name` as a KV cache for `batch` rows.

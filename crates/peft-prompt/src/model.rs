@@ -30,7 +30,6 @@ pub struct PromptTuningModel<B: Backend, M> {
     /// The frozen model.
     pub model: M,
     prompts: NamedAdapters<(PromptLearningConfig, PromptEncoder<B>)>,
-    disabled: bool,
     _backend: PhantomData<B>,
 }
 
@@ -47,7 +46,6 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         PromptTuningModel {
             model: model.no_grad(),
             prompts: NamedAdapters::default(),
-            disabled: false,
             _backend: PhantomData,
         }
     }
@@ -190,19 +188,18 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         name: &str,
         f: impl FnOnce(PromptEncoder<B>) -> PromptEncoder<B>,
     ) -> Result<()> {
-        let slot = &mut self.prompts.get_mut(name)?.1;
-        *slot = f(slot.clone());
-        Ok(())
+        self.prompts
+            .map(name, |(config, encoder)| (config, f(encoder)))
     }
 
     /// Runs the plain model until [`enable`](Self::enable).
     pub fn disable(&mut self) {
-        self.disabled = true;
+        self.prompts.disable();
     }
 
     /// Undoes [`disable`](Self::disable).
     pub fn enable(&mut self) {
-        self.disabled = false;
+        self.prompts.enable();
     }
 
     /// Virtual tokens the next [`forward`](Self::forward) puts first (0 when
@@ -214,10 +211,7 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
     }
 
     fn running(&self) -> Option<(&str, &PromptEncoder<B>)> {
-        if self.disabled {
-            return None;
-        }
-        self.prompts.active().map(|(n, (_, e))| (n, e))
+        self.prompts.running().map(|(n, (_, e))| (n, e))
     }
 
     /// `prompts: [b, n, d]` before the embeddings of `ids`, the mask extended.
