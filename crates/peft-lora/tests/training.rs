@@ -2,7 +2,6 @@
 //! receive gradients, and a few optimizer steps lower the loss while the
 //! base weights stay bit-for-bit unchanged.
 
-
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
