@@ -61,6 +61,14 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
                 "peft_type PREFIX_TUNING belongs to peft-prefix, not to prompt tuning".into(),
             ));
         }
+        if config.peft_type == PromptLearningType::PTuning
+            && !config.inference_mode
+            && config.encoder_dropout.unwrap_or(0.0) > 0.0
+        {
+            return Err(PeftError::Config(
+                "P-tuning with encoder_dropout > 0 is not supported yet (set it to 0)".into(),
+            ));
+        }
         // PEFT records the model's attention heads and layers; the prompt
         // itself only needs the embedding width.
         let heads = config.num_attention_heads.unwrap_or(1);

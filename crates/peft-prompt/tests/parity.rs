@@ -21,7 +21,7 @@ use peft_models::fixtures::{
 };
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
-use peft_prompt::{PromptEncoder, PromptTuningInit, PromptTuningModel};
+use peft_prompt::{PromptEncoder, PromptEncoderType, PromptTuningInit, PromptTuningModel};
 
 trait Lm<B: Backend>:
     EmbeddingSeam<B, Output = Tensor<B, 3>> + CausalLm<B> + Module<B> + Clone
@@ -344,6 +344,10 @@ fn mixed_batch_switching_and_inits<B: Backend>(device: &B::Device) {
         pm.add_adapter_from_text("t4", text, &[64]).is_err(),
         "id outside the vocabulary"
     );
+    let mut dropout = PromptLearningConfig::p_tuning(4, PromptEncoderType::Lstm, 6);
+    dropout.encoder_dropout = Some(0.1);
+    let err = pm.add_adapter("dropout", dropout).unwrap_err();
+    assert!(err.to_string().contains("encoder_dropout"), "{err}");
     let err = pm
         .forward_mixed(&["default", "text", "default"], ids, None)
         .unwrap_err();
