@@ -264,6 +264,20 @@ pub fn take_tensor(
     })
 }
 
+/// Fails with [`PeftError::UnexpectedTensors`] (keys sorted) unless every
+/// tensor of `tensors` was taken.
+pub fn ensure_consumed(tensors: HashMap<String, HostTensor>, path: &Path) -> Result<()> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<String> = tensors.into_keys().collect();
+    keys.sort();
+    Err(PeftError::UnexpectedTensors {
+        path: path.to_path_buf(),
+        keys,
+    })
+}
+
 /// A `burn::nn::Linear` from PyTorch's `<key>.weight` (`[out, in]`, transposed
 /// here) and `<key>.bias` (`[out]`), taken out of `tensors`.
 pub fn linear_from_torch<B: Backend>(

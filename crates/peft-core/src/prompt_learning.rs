@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 
 use crate::config::{from_value, parse_json, read_text, sorted_json, warn_unknown_keys};
 use crate::error::{PeftError, Result};
-use crate::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
+use crate::io::{
+    ensure_consumed, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
+};
 
 /// File name of the config.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -422,11 +424,7 @@ pub fn load_prompt_adapter(
             path: path.clone(),
             key: EMBEDDINGS_KEY.into(),
         })?;
-    if !tensors.is_empty() {
-        let mut keys: Vec<String> = tensors.into_keys().collect();
-        keys.sort();
-        return Err(PeftError::UnexpectedTensors { path, keys });
-    }
+    ensure_consumed(tensors, &path)?;
     embeddings.check_finite(EMBEDDINGS_KEY, &path)?;
     let [rows, cols] = match embeddings.shape[..] {
         [r, c] => [r, c],

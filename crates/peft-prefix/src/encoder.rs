@@ -8,7 +8,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use peft_core::io::{linear_from_torch, take_tensor, HostTensor};
+use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::{PeftError, Result};
@@ -134,14 +134,7 @@ impl<B: Backend> PrefixEncoder<B> {
                 transform: None,
             }
         };
-        if !tensors.is_empty() {
-            let mut keys: Vec<String> = tensors.into_keys().collect();
-            keys.sort();
-            return Err(PeftError::UnexpectedTensors {
-                path: path.to_path_buf(),
-                keys,
-            });
-        }
+        ensure_consumed(tensors, path)?;
         Ok(this)
     }
 

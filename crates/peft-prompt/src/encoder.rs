@@ -8,7 +8,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use peft_core::io::{linear_from_torch, take_tensor, HostTensor};
+use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig, EMBEDDINGS_KEY};
 use peft_core::{PeftError, Result};
 
@@ -303,14 +303,7 @@ impl<B: Backend> PromptEncoder<B> {
             }
             _ => {}
         }
-        if !tensors.is_empty() {
-            let mut keys: Vec<String> = tensors.into_keys().collect();
-            keys.sort();
-            return Err(PeftError::UnexpectedTensors {
-                path: path.to_path_buf(),
-                keys,
-            });
-        }
+        ensure_consumed(tensors, path)?;
         Ok(this)
     }
 
