@@ -143,3 +143,35 @@ pub fn params_with_grad<B: burn::tensor::backend::AutodiffBackend, M: burn::modu
     module.visit(&mut c);
     c.count
 }
+
+impl FixtureCase {
+    /// Checks generation step by step against the case's `generated` ids
+    /// and `generated_logits` (each step's last-position logits): `first`
+    /// is the logits `[1, t, vocab]` of the prompt's forward pass, `next(id)`
+    /// runs the model on the next token (through its cache) and returns its
+    /// logits. Returns the expected ids.
+    pub fn check_generation<B: Backend>(
+        &self,
+        what: &str,
+        first: Tensor<B, 3>,
+        mut next: impl FnMut(u32) -> Tensor<B, 3>,
+    ) -> Vec<u32> {
+        let ids = self.ids("generated");
+        let steps = self.want("generated_logits");
+        let vocab = steps.shape[1];
+        let mut logits = first;
+        for (step, &id) in ids.iter().enumerate() {
+            let row = HostTensor {
+                shape: vec![vocab],
+                data: peft_core::generate::last_row(logits),
+            };
+            let want = HostTensor {
+                shape: vec![vocab],
+                data: steps.data[step * vocab..(step + 1) * vocab].to_vec(),
+            };
+            assert_close(&format!("{what}: generation step {step}"), &row, &want);
+            logits = next(id);
+        }
+        ids
+    }
+}

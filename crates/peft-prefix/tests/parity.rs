@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
-use peft_core::generate::{ids_tensor, last_row, CausalLm, Sampler};
+use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::loss::causal_lm_loss;
 use peft_core::model::AttentionPrefixSeam;
@@ -96,32 +96,15 @@ fn check_case<B: Backend, M: Lm<B>>(arch: &str, case: &str, device: &B::Device) 
 
     // Generation through the KV cache equals PEFT's forward re-run on the
     // whole sequence, step by step.
-    let want_ids = c.ids("generated");
-    let want_steps = c.want("generated_logits");
-    let vocab = want_steps.shape[1];
     let prompt: Vec<u32> = c.ids("input_ids")[..ids.dims()[1]].to_vec();
     let mut cache = pm.prefix_cache("default", 1).unwrap();
-    let mut step_logits = pm
+    let first = pm
         .model
         .logits_cached(ids_tensor(&prompt, device), &mut cache);
-    for (step, &next) in want_ids.iter().enumerate() {
-        let row = HostTensor {
-            shape: vec![vocab],
-            data: last_row(step_logits),
-        };
-        let want = HostTensor {
-            shape: vec![vocab],
-            data: want_steps.data[step * vocab..(step + 1) * vocab].to_vec(),
-        };
-        assert_close(
-            &format!("{arch}/{case} generation step {step}"),
-            &row,
-            &want,
-        );
-        step_logits = pm
-            .model
-            .logits_cached(ids_tensor(&[next], device), &mut cache);
-    }
+    let want_ids = c.check_generation(&format!("{arch}/{case}"), first, |id| {
+        pm.model
+            .logits_cached(ids_tensor(&[id], device), &mut cache)
+    });
     let generated = pm.generate(&prompt, want_ids.len(), &mut Sampler::Greedy, None);
     assert_eq!(generated, want_ids, "{arch}/{case}: greedy generation");
 

@@ -160,100 +160,72 @@ trait Tuned {
     fn trainable(&self) -> usize;
 }
 
-struct PromptRun {
-    model: PromptTuningModel<B, Llama<B>>,
-    optim:
-        burn::optim::adaptor::OptimizerAdaptor<burn::optim::Adam, peft_prompt::PromptEncoder<B>, B>,
-}
-
-impl Tuned for PromptRun {
-    fn track(&mut self, on: bool) {
-        self.model
-            .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
-            .expect("the adapter exists");
-    }
-    fn scores(&self, b: &Batch) -> Tensor<B, 2> {
-        let n = self.model.num_virtual_tokens();
-        last_logits(
-            self.model.forward(b.ids.clone(), Some(b.mask.clone())),
-            &b.last,
-            n,
-        )
-    }
-    fn step(&mut self, grads: <B as AutodiffBackend>::Gradients, lr: f64) {
-        let optim = &mut self.optim;
-        self.model
-            .map_encoder("default", |e| {
-                let g = GradientsParams::from_grads(grads, &e);
-                optim.step(lr, e, g)
-            })
-            .expect("the adapter exists");
-    }
-    fn set_enabled(&mut self, on: bool) {
-        if on {
-            self.model.enable()
-        } else {
-            self.model.disable()
+/// One [`Tuned`] for both methods: their models share these method names;
+/// only where the real tokens' logits start differs (`offset`).
+macro_rules! tuned_run {
+    ($run:ident, $model:ty, $encoder:ty, $offset:expr) => {
+        struct $run {
+            model: $model,
+            optim: burn::optim::adaptor::OptimizerAdaptor<burn::optim::Adam, $encoder, B>,
         }
-    }
-    fn generate(&self, prompt: &[u32], max: usize) -> Vec<u32> {
-        self.model
-            .generate(prompt, max, &mut Sampler::Greedy, Some(2))
-    }
-    fn save(&self, dir: &std::path::Path) -> peft_core::Result<()> {
-        self.model.save_pretrained(dir)
-    }
-    fn trainable(&self) -> usize {
-        self.model.param_count().trainable
-    }
-}
 
-struct PrefixRun {
-    model: PrefixTuningModel<B, Llama<B>>,
-    optim:
-        burn::optim::adaptor::OptimizerAdaptor<burn::optim::Adam, peft_prefix::PrefixEncoder<B>, B>,
-}
-
-impl Tuned for PrefixRun {
-    fn track(&mut self, on: bool) {
-        self.model
-            .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
-            .expect("the adapter exists");
-    }
-    fn scores(&self, b: &Batch) -> Tensor<B, 2> {
-        last_logits(
-            self.model.forward(b.ids.clone(), Some(b.mask.clone())),
-            &b.last,
-            0,
-        )
-    }
-    fn step(&mut self, grads: <B as AutodiffBackend>::Gradients, lr: f64) {
-        let optim = &mut self.optim;
-        self.model
-            .map_encoder("default", |e| {
-                let g = GradientsParams::from_grads(grads, &e);
-                optim.step(lr, e, g)
-            })
-            .expect("the adapter exists");
-    }
-    fn set_enabled(&mut self, on: bool) {
-        if on {
-            self.model.enable()
-        } else {
-            self.model.disable()
+        impl Tuned for $run {
+            fn track(&mut self, on: bool) {
+                self.model
+                    .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
+                    .expect("the adapter exists");
+            }
+            fn scores(&self, b: &Batch) -> Tensor<B, 2> {
+                let offset: fn(&$model) -> usize = $offset;
+                last_logits(
+                    self.model.forward(b.ids.clone(), Some(b.mask.clone())),
+                    &b.last,
+                    offset(&self.model),
+                )
+            }
+            fn step(&mut self, grads: <B as AutodiffBackend>::Gradients, lr: f64) {
+                let optim = &mut self.optim;
+                self.model
+                    .map_encoder("default", |e| {
+                        let g = GradientsParams::from_grads(grads, &e);
+                        optim.step(lr, e, g)
+                    })
+                    .expect("the adapter exists");
+            }
+            fn set_enabled(&mut self, on: bool) {
+                if on {
+                    self.model.enable()
+                } else {
+                    self.model.disable()
+                }
+            }
+            fn generate(&self, prompt: &[u32], max: usize) -> Vec<u32> {
+                self.model
+                    .generate(prompt, max, &mut Sampler::Greedy, Some(2))
+            }
+            fn save(&self, dir: &std::path::Path) -> peft_core::Result<()> {
+                self.model.save_pretrained(dir)
+            }
+            fn trainable(&self) -> usize {
+                self.model.param_count().trainable
+            }
         }
-    }
-    fn generate(&self, prompt: &[u32], max: usize) -> Vec<u32> {
-        self.model
-            .generate(prompt, max, &mut Sampler::Greedy, Some(2))
-    }
-    fn save(&self, dir: &std::path::Path) -> peft_core::Result<()> {
-        self.model.save_pretrained(dir)
-    }
-    fn trainable(&self) -> usize {
-        self.model.param_count().trainable
-    }
+    };
 }
+
+// Prompt tuning's output starts with the virtual positions; a prefix's does not.
+tuned_run!(
+    PromptRun,
+    PromptTuningModel<B, Llama<B>>,
+    peft_prompt::PromptEncoder<B>,
+    |m| m.num_virtual_tokens()
+);
+tuned_run!(
+    PrefixRun,
+    PrefixTuningModel<B, Llama<B>>,
+    peft_prefix::PrefixEncoder<B>,
+    |_| 0
+);
 
 /// The label words' logits `[b, 2]` (negative, positive) of a batch.
 fn verbaliser(run: &dyn Tuned, b: &Batch, words: [u32; 2]) -> Tensor<B, 2> {
