@@ -1,1 +1,14 @@
+//! # peft-adapter
+//!
+//! Task modules plugged into a frozen backbone:
+//!
+//! - [`ia3`]: (IA)³ as Hugging Face PEFT defines it — learned vectors that
+//!   rescale targeted linear layers, mergeable, in PEFT's file format.
+//! - [`bottleneck`]: bottleneck adapters as AdapterHub defines them
+//!   (`seq_bn` / Pfeiffer, `double_seq_bn` / Houlsby, `par_bn`), with
+//!   AdapterHub's compositions (`Stack`, `Parallel`, `BatchSplit`, `Average`,
+//!   `Fuse`) and its `adapter_config.json` / `pytorch_adapter.bin` layout.
 
+pub mod ia3;
+
+pub use ia3::Ia3Model;

@@ -317,6 +317,175 @@ impl LoraConfig {
     }
 }
 
+fn ia3_type() -> String {
+    "IA3".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// PEFT's `IA3Config`, as it appears in `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ia3Config {
+    /// Always `"IA3"`.
+    #[serde(default = "ia3_type")]
+    pub peft_type: String,
+    /// Which modules get a vector; `None`: PEFT's default for the model type
+    /// ([`Ia3Config::fill_defaults`]).
+    #[serde(default)]
+    pub target_modules: Option<TargetModules>,
+    /// Modules never adapted.
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    /// Targets that scale their input (`[1, in]` in PEFT's files) rather than
+    /// their output. A list entry matches a path that *ends with* it (no dot
+    /// required: PEFT's rule); a string is a regex full match.
+    #[serde(default)]
+    pub feedforward_modules: Option<TargetModules>,
+    /// The base layer stores its weight as `[in, out]` (GPT-2's `Conv1D`).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// Vectors start at ones (identity); `false` draws them from N(0, 1).
+    #[serde(default = "default_true")]
+    pub init_ia3_weights: bool,
+    /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// The base model this adapter was trained on, informational.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// Whether the adapter was saved for inference.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// Keys this version does not model, kept and written back as they were.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("an empty object is a valid Ia3Config")
+    }
+}
+
+/// PEFT 0.21's `TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING` and
+/// `..._FEEDFORWARD_MODULES_MAPPING` for the architectures of this workspace.
+const IA3_DEFAULTS: &[(&str, &[&str], &[&str])] = &[
+    ("llama", &["k_proj", "v_proj", "down_proj"], &["down_proj"]),
+    ("gpt2", &["c_attn", "mlp.c_proj"], &["mlp.c_proj"]),
+    ("bert", &["key", "value", "output.dense"], &["output.dense"]),
+    (
+        "roberta",
+        &["key", "value", "output.dense"],
+        &["output.dense"],
+    ),
+    (
+        "mistral",
+        &["k_proj", "v_proj", "down_proj"],
+        &["down_proj"],
+    ),
+];
+
+fn names(list: &[&str]) -> Option<TargetModules> {
+    Some(TargetModules::List(
+        list.iter().map(|s| s.to_string()).collect(),
+    ))
+}
+
+impl Ia3Config {
+    /// A config with the given targets and feed-forward targets.
+    pub fn new(targets: &[&str], feedforward: &[&str]) -> Self {
+        Ia3Config {
+            target_modules: names(targets),
+            feedforward_modules: names(feedforward),
+            ..Default::default()
+        }
+    }
+
+    /// Parses `adapter_config.json` text; `origin` names the source in errors.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let value = parse_json(text, origin)?;
+        let peft_type = value.get("peft_type").and_then(Value::as_str);
+        if peft_type != Some("IA3") {
+            return Err(PeftError::Config(format!(
+                "{}: peft_type {} is not IA3",
+                origin.display(),
+                peft_type.map_or("missing".into(), |t| format!("`{t}`"))
+            )));
+        }
+        let config: Ia3Config = from_value(value, origin)?;
+        warn_unknown_keys(&config.extra, KNOWN_UNMODELLED, origin);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads `adapter_config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_json_str(&read_text(path)?, path)
+    }
+
+    /// The JSON text PEFT writes (pretty, sorted as PEFT's `to_dict`).
+    pub fn to_json_string(&self) -> String {
+        sorted_json(self)
+    }
+
+    /// Fills unset `target_modules` / `feedforward_modules` with PEFT's
+    /// defaults for `model_type` (PEFT's `_prepare_adapter_config`).
+    pub fn fill_defaults(&mut self, model_type: Option<&str>) -> Result<()> {
+        if self.target_modules.is_some() && self.feedforward_modules.is_some() {
+            return self.validate();
+        }
+        let known: Vec<&str> = IA3_DEFAULTS.iter().map(|d| d.0).collect();
+        let Some((_, targets, feedforward)) = IA3_DEFAULTS.iter().find(|d| Some(d.0) == model_type)
+        else {
+            return Err(PeftError::Config(format!(
+                "(IA)³: set `target_modules` and `feedforward_modules`; PEFT's defaults exist only \
+                 for model types {known:?}, and this model's type is {}",
+                model_type.map_or("unknown".into(), |t| format!("`{t}`"))
+            )));
+        };
+        if self.target_modules.is_none() {
+            self.target_modules = names(targets);
+        }
+        if self.feedforward_modules.is_none() {
+            self.feedforward_modules = names(feedforward);
+        }
+        self.validate()
+    }
+
+    /// Checks values a user can get wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(PeftError::Config(
+                "`modules_to_save` is not supported yet".into(),
+            ));
+        }
+        if let (Some(TargetModules::List(ff)), Some(TargetModules::List(t))) =
+            (&self.feedforward_modules, &self.target_modules)
+        {
+            if let Some(extra) = ff.iter().find(|f| !t.contains(f)) {
+                return Err(PeftError::Config(format!(
+                    "`feedforward_modules` should be a subset of `target_modules`: `{extra}` is not a target"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the module at `path` is a feed-forward target (its vector
+    /// scales the input), by PEFT's `_check_target_module_feedforward`.
+    pub fn is_feedforward(&self, path: &str) -> Result<bool> {
+        match &self.feedforward_modules {
+            None => Ok(false),
+            Some(TargetModules::Pattern(p)) => crate::target::full_match(p, path),
+            Some(TargetModules::List(l)) => Ok(l.iter().any(|n| path.ends_with(n.as_str()))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +524,32 @@ mod tests {
             Err(PeftError::Json { .. })
         ));
         assert!(LoraConfig::from_json_str(r#"{"r":-3}"#, p).is_err());
+    }
+
+    #[test]
+    fn ia3_config_defaults_and_checks() {
+        let p = Path::new("ia3.json");
+        let mut c = Ia3Config::from_json_str(r#"{"peft_type":"IA3"}"#, p).unwrap();
+        assert!(c.init_ia3_weights);
+        c.fill_defaults(Some("bert")).unwrap();
+        // PEFT's suffix rule has no dot: `output.dense` also matches the
+        // attention block's `attention.output.dense`.
+        assert!(c
+            .is_feedforward("bert.encoder.layer.0.attention.output.dense")
+            .unwrap());
+        assert!(!c
+            .is_feedforward("bert.encoder.layer.0.attention.self.key")
+            .unwrap());
+        let err = Ia3Config::default().fill_defaults(Some("t5")).unwrap_err();
+        assert!(err.to_string().contains("llama"), "{err}");
+        let bad = r#"{"peft_type":"IA3","target_modules":["k"],"feedforward_modules":["down"]}"#;
+        assert!(matches!(
+            Ia3Config::from_json_str(bad, p),
+            Err(PeftError::Config(_))
+        ));
+        assert!(matches!(
+            Ia3Config::from_json_str(r#"{"peft_type":"LORA"}"#, p),
+            Err(PeftError::Config(_))
+        ));
     }
 }

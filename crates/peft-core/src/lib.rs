@@ -39,11 +39,11 @@ pub mod routing;
 pub mod slot;
 pub mod target;
 
-pub use config::{LoraConfig, TargetModules};
+pub use config::{Ia3Config, LoraConfig, TargetModules};
 pub use count::ParamCount;
 pub use error::{PeftError, Result};
 pub use model::PeftModel;
-pub use slot::{LinearSlot, LoraEntry, LoraMeta};
+pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta};
 
 /// The adapter name PEFT uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";

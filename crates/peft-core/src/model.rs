@@ -30,6 +30,12 @@ pub trait PeftModel<B: Backend>: Module<B> {
     /// Calls `f` with each adaptable linear, mutably, and its module path.
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>));
 
+    /// The Hugging Face `model_type` (`llama`, `gpt2`, `bert`, ...), used to
+    /// pick PEFT's default targets when a config names none.
+    fn model_type(&self) -> Option<&str> {
+        None
+    }
+
     /// Paths of the output heads (`lm_head`, `classifier`): PEFT's
     /// `all-linear` leaves them out.
     fn output_layers(&self) -> Vec<String> {

@@ -84,6 +84,32 @@ pub fn column_norm<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 1> {
     w.powf_scalar(2.0).sum_dim(0).sqrt().squeeze_dim(0)
 }
 
+/// Everything about an (IA)³ entry that is not a parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ia3Meta {
+    /// The adapter's name.
+    pub name: String,
+    /// Feed-forward layers scale their *input* (`[d_in]` vector); the others
+    /// scale their output, bias included (`[d_out]` vector), as in PEFT.
+    pub feedforward: bool,
+    /// Whether the vector is currently folded into the base weight.
+    pub merged: bool,
+}
+
+/// One named (IA)³ adapter on one linear layer: a learned scaling vector.
+#[derive(Module, Debug)]
+pub struct Ia3Entry<B: Backend> {
+    /// The vector `l`: shape `[d_in]` for feed-forward layers, else `[d_out]`.
+    pub scale: Param<Tensor<B, 1>>,
+    /// Name, placement and merge state.
+    #[module(skip)]
+    pub meta: Ia3Meta,
+}
+
+/// PEFT divides by `l + 1e-8` to unmerge (IA)³: the same guard, so that our
+/// unmerged weights equal PEFT's.
+const IA3_UNMERGE_EPS: f64 = 1e-8;
+
 /// Slot-level state that is not a parameter.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotState {
@@ -138,6 +164,8 @@ pub struct LinearSlot<B: Backend> {
     pub base: Linear<B>,
     /// Attached LoRA adapters, in the order they were added.
     pub lora: Vec<LoraEntry<B>>,
+    /// Attached (IA)³ adapters, in the order they were added.
+    pub ia3: Vec<Ia3Entry<B>>,
     /// Active adapters and the disable switch.
     #[module(skip)]
     pub state: SlotState,
@@ -156,6 +184,7 @@ impl<B: Backend> LinearSlot<B> {
                 bias: linear.bias.map(frozen),
             },
             lora: Vec::new(),
+            ia3: Vec::new(),
             state: SlotState::default(),
         }
     }
@@ -190,7 +219,7 @@ impl<B: Backend> LinearSlot<B> {
 
     /// Attaches a LoRA entry. Its shapes must fit the base layer.
     pub fn add_lora(&mut self, entry: LoraEntry<B>, path: &str) -> Result<()> {
-        if self.lora_entry(&entry.meta.name).is_some() {
+        if self.has_adapter(&entry.meta.name) {
             return Err(PeftError::DuplicateAdapter(entry.meta.name.clone()));
         }
         let [d_in, d_out] = [self.d_input(), self.d_output()];
@@ -261,6 +290,31 @@ impl<B: Backend> LinearSlot<B> {
         }
     }
 
+    /// The product of the active, unmerged (IA)³ vectors named in `names`:
+    /// `(input scale [d_in], output scale [d_out])`, `None` where no entry
+    /// applies. PEFT multiplies every active vector of a layer together.
+    fn ia3_scales<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> (Option<Tensor<B, 1>>, Option<Tensor<B, 1>>) {
+        let (mut input, mut output): (Option<Tensor<B, 1>>, Option<Tensor<B, 1>>) = (None, None);
+        for e in names.into_iter().filter_map(|n| self.ia3_entry(n)) {
+            if e.meta.merged {
+                continue;
+            }
+            let target = if e.meta.feedforward {
+                &mut input
+            } else {
+                &mut output
+            };
+            *target = Some(match target.take() {
+                Some(s) => s * e.scale.val(),
+                None => e.scale.val(),
+            });
+        }
+        (input, output)
+    }
+
     /// `x: [n, d_in]` where the first dimension is `rows` batch rows of equal length.
     fn forward_2d(&self, x: Tensor<B, 2>, rows: usize) -> Tensor<B, 2> {
         let unmerged_active = || {
@@ -270,16 +324,25 @@ impl<B: Backend> LinearSlot<B> {
                 .filter_map(|n| self.lora_entry(n))
                 .filter(|e| !e.meta.merged)
         };
-        if self.state.disabled || self.lora.is_empty() {
+        if self.state.disabled || (self.lora.is_empty() && self.ia3.is_empty()) {
             return self.add_bias(self.base_nobias(x));
         }
         if let Some(names) = routing::row_adapters() {
             return self.forward_mixed(x, rows, &names);
         }
-        if unmerged_active().next().is_none() {
+        let (ia3_in, ia3_out) = self.ia3_scales(&self.state.active);
+        if unmerged_active().next().is_none() && ia3_in.is_none() && ia3_out.is_none() {
             return self.add_bias(self.base_nobias(x));
         }
-        let base = self.base_nobias(x.clone());
+        // (IA)³: `(x ⊙ l_in)·W + b`, or `(x·W + b) ⊙ l_out`.
+        let base = match &ia3_in {
+            Some(l) => self.base_nobias(x.clone() * l.clone().unsqueeze_dim(0)),
+            None => self.base_nobias(x.clone()),
+        };
+        let base = match &ia3_out {
+            Some(l) => self.add_bias(base) * l.clone().unsqueeze_dim(0),
+            None => base,
+        };
         let mut y = base.clone();
         for entry in unmerged_active() {
             let dropout = Dropout {
@@ -304,14 +367,62 @@ impl<B: Backend> LinearSlot<B> {
                 }
             }
         }
-        self.add_bias(y)
+        if ia3_out.is_some() {
+            y
+        } else {
+            self.add_bias(y)
+        }
+    }
+
+    /// Per-row (IA)³ vectors for a mixed batch: `(input [rows, 1, d_in],
+    /// output [rows, 1, d_out])`, ones for rows whose adapter has no (IA)³
+    /// entry here; `None` when no row has one.
+    fn ia3_rows(
+        &self,
+        names: &[String],
+        device: &B::Device,
+    ) -> (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>) {
+        let rows = names.len();
+        let gather = |feedforward: bool, width: usize| {
+            let mut table = vec![Tensor::<B, 1>::ones([width], device)];
+            let mut index = Vec::with_capacity(rows);
+            let mut seen: Vec<&str> = Vec::new();
+            for name in names {
+                let entry = self
+                    .ia3_entry(name)
+                    .filter(|e| e.meta.feedforward == feedforward && name != BASE_ROW);
+                let slot = match entry {
+                    None => 0,
+                    Some(e) => match seen.iter().position(|s| *s == name.as_str()) {
+                        Some(p) => p + 1,
+                        None => {
+                            seen.push(name);
+                            table.push(e.scale.val());
+                            seen.len()
+                        }
+                    },
+                };
+                index.push(slot as i64);
+            }
+            if seen.is_empty() {
+                return None;
+            }
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), device);
+            Some(
+                Tensor::stack::<2>(table, 0)
+                    .select(0, idx)
+                    .unsqueeze_dim::<3>(1),
+            )
+        };
+        (gather(true, self.d_input()), gather(false, self.d_output()))
     }
 
     /// Mixed batch: row `i` uses adapter `names[i]` (or none for
     /// [`BASE_ROW`] or an adapter this slot does not carry). The per-row
     /// factors are gathered into `[rows, d_in, r_max]` / `[rows, r_max, d_out]`
     /// and applied with two batched matmuls, whatever the number of adapters
-    /// (the BGMV scheme of Punica / S-LoRA), never one matmul per row.
+    /// (the BGMV scheme of Punica / S-LoRA), never one matmul per row; (IA)³
+    /// vectors are gathered per row the same way.
     fn forward_mixed(&self, x: Tensor<B, 2>, rows: usize, names: &[String]) -> Tensor<B, 2> {
         let device = x.device();
         let [n, d_in] = x.dims();
@@ -322,6 +433,26 @@ impl<B: Backend> LinearSlot<B> {
             "mixed batch: {} adapter names for {rows} rows (validated by the caller)",
             names.len()
         );
+        let t = n / rows;
+        let (ia3_in, ia3_out) = self.ia3_rows(names, &device);
+        let base = match ia3_in {
+            Some(l) => {
+                self.base_nobias((x.clone().reshape([rows, t, d_in]) * l).reshape([n, d_in]))
+            }
+            None => self.base_nobias(x.clone()),
+        };
+        let scaled_output = ia3_out.is_some();
+        let base = match ia3_out {
+            Some(l) => (self.add_bias(base).reshape([rows, t, d_out]) * l).reshape([n, d_out]),
+            None => base,
+        };
+        let finish = |y: Tensor<B, 2>| {
+            if scaled_output {
+                y
+            } else {
+                self.add_bias(y)
+            }
+        };
         // Distinct adapters used in this batch; index 0 is the base (zero delta).
         let mut used: Vec<&LoraEntry<B>> = Vec::new();
         let mut index = Vec::with_capacity(rows);
@@ -339,9 +470,8 @@ impl<B: Backend> LinearSlot<B> {
             };
             index.push(slot as i64);
         }
-        let base = self.base_nobias(x.clone());
         if used.is_empty() {
-            return self.add_bias(base);
+            return finish(base);
         }
         let r_max = used.iter().map(|e| e.meta.rank).max().unwrap_or(1);
         let mut a_all = vec![Tensor::<B, 2>::zeros([d_in, r_max], &device)];
@@ -367,7 +497,6 @@ impl<B: Backend> LinearSlot<B> {
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), &device);
         let a_rows = Tensor::stack::<3>(a_all, 0).select(0, idx.clone());
         let b_rows = Tensor::stack::<3>(b_all, 0).select(0, idx.clone());
-        let t = n / rows;
         let x3 = x.reshape([rows, t, d_in]);
         let lora = x3.matmul(a_rows).matmul(b_rows); // [rows, t, d_out]
         let base3 = base.reshape([rows, t, d_out]);
@@ -379,12 +508,106 @@ impl<B: Backend> LinearSlot<B> {
         } else {
             base3 + lora
         };
-        self.add_bias(y.reshape([n, d_out]))
+        finish(y.reshape([n, d_out]))
     }
 
-    /// Folds adapter `name` into the base weight. Returns `false` if it is
-    /// not attached here or already merged.
+    /// The (IA)³ entry named `name`, if attached here.
+    pub fn ia3_entry(&self, name: &str) -> Option<&Ia3Entry<B>> {
+        self.ia3.iter().find(|e| e.meta.name == name)
+    }
+
+    /// Mutable access to the (IA)³ entry named `name`.
+    pub fn ia3_entry_mut(&mut self, name: &str) -> Option<&mut Ia3Entry<B>> {
+        self.ia3.iter_mut().find(|e| e.meta.name == name)
+    }
+
+    /// Whether an adapter entry of any kind named `name` is attached here.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.lora_entry(name).is_some() || self.ia3_entry(name).is_some()
+    }
+
+    /// Attaches an (IA)³ entry. Its vector must fit the base layer.
+    pub fn add_ia3(&mut self, entry: Ia3Entry<B>, path: &str) -> Result<()> {
+        if self.has_adapter(&entry.meta.name) {
+            return Err(PeftError::DuplicateAdapter(entry.meta.name.clone()));
+        }
+        let want = if entry.meta.feedforward {
+            self.d_input()
+        } else {
+            self.d_output()
+        };
+        let found = entry.scale.shape().dims::<1>()[0];
+        if found != want {
+            return Err(PeftError::Shape {
+                name: format!("{path}.ia3_l"),
+                expected: vec![want],
+                found: vec![found],
+            });
+        }
+        self.ia3.push(entry);
+        Ok(())
+    }
+
+    /// Removes the (IA)³ entry `name` (unmerging it first if merged).
+    pub fn remove_ia3(&mut self, name: &str) -> Option<Ia3Entry<B>> {
+        if self.ia3_entry(name).is_some_and(|e| e.meta.merged) {
+            self.unmerge(name);
+        }
+        let pos = self.ia3.iter().position(|e| e.meta.name == name)?;
+        self.state.active.retain(|n| n != name);
+        Some(self.ia3.remove(pos))
+    }
+
+    /// Folds (IA)³ entry `name` into the base weight (and, for output
+    /// scaling, the bias), as PEFT's `IA3Layer.merge`.
+    fn merge_ia3(&mut self, name: &str) -> bool {
+        let Some(entry) = self.ia3.iter_mut().find(|e| e.meta.name == name) else {
+            return false;
+        };
+        if entry.meta.merged {
+            return false;
+        }
+        entry.meta.merged = true;
+        let (l, feedforward) = (entry.scale.val().detach(), entry.meta.feedforward);
+        self.scale_base(l, feedforward);
+        true
+    }
+
+    /// Divides (IA)³ entry `name` back out (by `l + 1e-8`, as PEFT).
+    fn unmerge_ia3(&mut self, name: &str) -> bool {
+        let Some(entry) = self.ia3.iter_mut().find(|e| e.meta.name == name) else {
+            return false;
+        };
+        if !entry.meta.merged {
+            return false;
+        }
+        entry.meta.merged = false;
+        let (l, feedforward) = (entry.scale.val().detach(), entry.meta.feedforward);
+        self.scale_base((l + IA3_UNMERGE_EPS).recip(), feedforward);
+        true
+    }
+
+    /// Multiplies the base weight's rows (`feedforward`: input features) or
+    /// columns and bias (output features) by `l`.
+    fn scale_base(&mut self, l: Tensor<B, 1>, feedforward: bool) {
+        let w = self.base.weight.val();
+        if feedforward {
+            self.set_base_weight(w * l.unsqueeze_dim(1));
+        } else {
+            self.set_base_weight(w * l.clone().unsqueeze_dim(0));
+            if let Some(b) = self.base.bias.take() {
+                let scaled = (b.val() * l).detach();
+                self.base.bias = Some(b.map(|_| scaled).set_require_grad(false));
+            }
+        }
+    }
+
+    /// Folds adapter `name` (of any kind) into the base weight. Returns
+    /// `false` if it is not attached here or already merged.
     pub fn merge(&mut self, name: &str) -> bool {
+        if self.ia3_entry(name).is_some() {
+            return self.merge_ia3(name);
+        }
         let weight = self.base.weight.val();
         let Some(entry) = self.lora.iter_mut().find(|e| e.meta.name == name) else {
             return false;
@@ -409,9 +632,12 @@ impl<B: Backend> LinearSlot<B> {
         true
     }
 
-    /// Removes adapter `name` from the base weight. Returns `false` if it is
-    /// not attached here or not merged.
+    /// Removes adapter `name` (of any kind) from the base weight. Returns
+    /// `false` if it is not attached here or not merged.
     pub fn unmerge(&mut self, name: &str) -> bool {
+        if self.ia3_entry(name).is_some() {
+            return self.unmerge_ia3(name);
+        }
         let weight = self.base.weight.val();
         let device = weight.device();
         let Some(entry) = self.lora.iter_mut().find(|e| e.meta.name == name) else {
@@ -446,7 +672,7 @@ impl<B: Backend> LinearSlot<B> {
     pub fn set_active(&mut self, names: &[String]) {
         let active: Vec<String> = names
             .iter()
-            .filter(|n| self.lora_entry(n).is_some())
+            .filter(|n| self.has_adapter(n))
             .cloned()
             .collect();
         for e in &mut self.lora {
@@ -455,15 +681,28 @@ impl<B: Backend> LinearSlot<B> {
             e.b = e.b.clone().set_require_grad(train);
             e.magnitude = e.magnitude.take().map(|m| m.set_require_grad(train));
         }
+        for e in &mut self.ia3 {
+            let train = active.contains(&e.meta.name);
+            e.scale = e.scale.clone().set_require_grad(train);
+        }
         self.state.active = active;
     }
 
     /// Parameters of entries that train: active and not merged.
     pub fn trainable_params(&self) -> usize {
-        self.lora
+        let trains = |name: &String, merged: bool| !merged && self.state.active.contains(name);
+        let lora: usize = self
+            .lora
             .iter()
-            .filter(|e| !e.meta.merged && self.state.active.contains(&e.meta.name))
+            .filter(|e| trains(&e.meta.name, e.meta.merged))
             .map(LoraEntry::num_params)
-            .sum()
+            .sum();
+        let ia3: usize = self
+            .ia3
+            .iter()
+            .filter(|e| trains(&e.meta.name, e.meta.merged))
+            .map(|e| e.scale.num_params())
+            .sum();
+        lora + ia3
     }
 }

@@ -16,7 +16,7 @@ use regex::Regex;
 use crate::config::{LayerIndices, LayersPattern, LoraConfig, TargetModules};
 use crate::error::{PeftError, Result};
 
-fn full_match(pattern: &str, text: &str) -> Result<bool> {
+pub(crate) fn full_match(pattern: &str, text: &str) -> Result<bool> {
     let re = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| PeftError::Regex {
         pattern: pattern.to_string(),
         message: e.to_string(),

@@ -392,6 +392,10 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
         }
     }
 
+    fn model_type(&self) -> Option<&str> {
+        Some("bert")
+    }
+
     fn output_layers(&self) -> Vec<String> {
         vec!["classifier".into()]
     }

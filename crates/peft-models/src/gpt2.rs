@@ -296,6 +296,10 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
         }
     }
 
+    fn model_type(&self) -> Option<&str> {
+        Some("gpt2")
+    }
+
     fn output_layers(&self) -> Vec<String> {
         vec!["lm_head".into()]
     }

@@ -506,6 +506,10 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
         }
     }
 
+    fn model_type(&self) -> Option<&str> {
+        Some("llama")
+    }
+
     fn output_layers(&self) -> Vec<String> {
         vec!["lm_head".into()]
     }

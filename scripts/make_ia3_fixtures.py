@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Writes the Hugging Face PEFT parity fixtures for (IA)³ under
+fixtures/<arch>/<case>/ (tiny Llama, GPT-2 and BERT of make_fixtures.py).
+
+Reference environment as for make_fixtures.py (not needed in CI):
+    ref/bin/python scripts/make_ia3_fixtures.py
+
+Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
+`other` in other/), and expected.safetensors with input_ids, logits of the
+base model, of each adapter, of both active at once, disabled, merged and
+unmerged again, a mixed batch, the training loss and every vector's gradient;
+expected.json with parameter counts.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from peft import IA3Config, get_peft_model
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import ROOT, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
+
+CASES = {
+    "llama": {
+        # No targets: PEFT's defaults for `llama` (k_proj, v_proj, down_proj; down_proj feed-forward).
+        "ia3": dict(),
+        "ia3_custom": dict(target_modules=r".*\.(q_proj|up_proj|o_proj)", feedforward_modules=["up_proj"]),
+    },
+    "gpt2": {"ia3": dict(fan_in_fan_out=True)},
+    "bert": {"ia3": dict()},
+}
+
+
+def write_case(arch, case, kwargs, model_dir, ids):
+    out_dir = os.path.join(model_dir, case)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model = base_model(arch)
+    base = logits(model, ids)
+    task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
+    peft_model = get_peft_model(model, IA3Config(task_type=None, **kwargs))
+    train_a_few_steps(peft_model, arch, "default")
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    tensors = {"input_ids": ids.float(), "logits_base": base}
+    tensors.update(training_gradients(peft_model, arch, ids))
+    tensors["logits_unmerged"] = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        tensors["logits_disabled"] = logits(peft_model, ids)
+    torch.manual_seed(4)
+    peft_model.add_adapter("other", IA3Config(task_type=None, **kwargs))
+    train_a_few_steps(peft_model, arch, "other")
+    peft_model.set_adapter("other")
+    tensors["logits_other"] = logits(peft_model, ids)
+    peft_model.save_pretrained(out_dir)
+    # Both active: PEFT multiplies the vectors of a layer.
+    peft_model.base_model.set_adapter(["default", "other"])
+    tensors["logits_both"] = logits(peft_model, ids)
+    peft_model.set_adapter("default")
+    names = ["other", "__base__", "default"]
+    per = {"other": tensors["logits_other"], "__base__": base, "default": tensors["logits_unmerged"]}
+    tensors["logits_mixed"] = torch.stack([per[n][i] for i, n in enumerate(names)])
+    peft_model.merge_adapter()
+    tensors["logits_merged"] = logits(peft_model, ids)
+    peft_model.unmerge_adapter()
+    tensors["logits_unmerged_again"] = logits(peft_model, ids)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
+    meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
+            "mixed_adapter_names": names, "task": task}
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(arch, case, trainable, total,
+          "max|adapted-base|=%.3g" % (tensors["logits_unmerged"] - base).abs().max().item())
+
+
+def main():
+    torch.set_num_threads(2)
+    for arch, cases in CASES.items():
+        model_dir = os.path.join(ROOT, arch)
+        ids = inputs(arch)
+        for case, kwargs in cases.items():
+            write_case(arch, case, kwargs, model_dir, ids)
+
+
+if __name__ == "__main__":
+    main()
