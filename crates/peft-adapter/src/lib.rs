@@ -9,6 +9,12 @@
 //!   AdapterHub's compositions (`Stack`, `Parallel`, `BatchSplit`, `Average`,
 //!   `Fuse`) and its `adapter_config.json` / `pytorch_adapter.bin` layout.
 
+pub mod bottleneck;
+pub mod config;
 pub mod ia3;
+pub mod model;
 
+pub use bottleneck::{Activation, Bottleneck, BottleneckAdapter, Fusion, FusionLayer, Setup};
+pub use config::{BnConfig, FusionConfig};
 pub use ia3::Ia3Model;
+pub use model::{AdapterModel, AdapterSet};

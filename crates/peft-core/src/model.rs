@@ -105,13 +105,86 @@ pub trait EmbeddingSeam<B: Backend> {
     ) -> Self::Output;
 }
 
-/// Where a bottleneck adapter can be inserted in each transformer layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The two residual joins of a transformer layer, where bottleneck adapters
+/// sit (AdapterHub's `mh_adapter` and `output_adapter` locations). A
+/// parallel adapter (`par_bn`) also sits at [`AfterFeedForward`](Self::AfterFeedForward):
+/// it reads the join's residual input, the feed-forward block's input side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum InsertionPoint {
-    /// After the attention output projection, before its residual/norm.
+    /// Where the attention block's output (after its output projection)
+    /// meets its residual.
     AfterAttention,
-    /// After the feed-forward block's output projection, before its residual/norm.
+    /// Where the feed-forward block's output meets its residual.
     AfterFeedForward,
-    /// In parallel to the feed-forward block (its input, added to its output).
-    ParallelFeedForward,
+}
+
+/// A layer norm handed to a [`ResidualHook`]: the norm the model applies
+/// right after a residual join (post-norm models such as BERT).
+pub type JoinNorm<'a, B> = Option<&'a dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>>;
+
+/// Code run at every residual join of a model (bottleneck adapters).
+pub trait ResidualHook<B: Backend> {
+    /// Replaces the model's `norm(hidden + residual)` (post-norm, `norm` is
+    /// `Some`) or `hidden + residual` (pre-norm, `None`) at `point` of
+    /// `layer`. `hidden: [b, t, d]` is the sub-block's output, `residual` its
+    /// input. Without adapters the answer is [`residual_join`].
+    fn join(
+        &self,
+        point: InsertionPoint,
+        layer: usize,
+        hidden: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        norm: JoinNorm<'_, B>,
+    ) -> Tensor<B, 3>;
+}
+
+/// The model's own residual join: `norm(hidden + residual)` or `hidden + residual`.
+pub fn residual_join<B: Backend>(
+    hidden: Tensor<B, 3>,
+    residual: Tensor<B, 3>,
+    norm: JoinNorm<'_, B>,
+) -> Tensor<B, 3> {
+    match norm {
+        Some(n) => n(hidden + residual),
+        None => hidden + residual,
+    }
+}
+
+/// The join at `point` of `layer`: through `hook` when there is one.
+pub fn join<B: Backend>(
+    hook: Option<&dyn ResidualHook<B>>,
+    point: InsertionPoint,
+    layer: usize,
+    hidden: Tensor<B, 3>,
+    residual: Tensor<B, 3>,
+    norm: JoinNorm<'_, B>,
+) -> Tensor<B, 3> {
+    match hook {
+        Some(h) => h.join(point, layer, hidden, residual, norm),
+        None => residual_join(hidden, residual, norm),
+    }
+}
+
+/// Residual joins a model exposes, for bottleneck adapters: its forward
+/// pass with a [`ResidualHook`] called at every join of every layer.
+pub trait BottleneckSeam<B: Backend> {
+    /// What the model returns (logits, hidden states).
+    type BottleneckOutput;
+    /// Number of transformer layers.
+    fn num_hook_layers(&self) -> usize;
+    /// Width of the hidden states at the joins.
+    fn hook_width(&self) -> usize;
+    /// The module path AdapterHub stores a join's adapters under, without
+    /// the head's prefix (e.g. `encoder.layer.3.output` for BERT,
+    /// `h.3.output_adapters` for GPT-2, `layers.3.attention_adapters` for
+    /// Llama): adapter files name their tensors `<that path>.adapters.<name>....`.
+    fn hook_path(&self, point: InsertionPoint, layer: usize) -> String;
+    /// The forward pass of `ids: [b, t]` (`attention_mask: [b, t]`, 1 =
+    /// attend) with `hook` at every residual join.
+    fn forward_hooked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Self::BottleneckOutput;
 }

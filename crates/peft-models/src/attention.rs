@@ -123,3 +123,7 @@ pub fn tied_head<B: Backend>(h: Tensor<B, 3>, embedding: Tensor<B, 2>) -> Tensor
         .matmul(h.swap_dims(1, 2))
         .swap_dims(1, 2)
 }
+
+/// A layer's view of a [`ResidualHook`](peft_core::model::ResidualHook):
+/// the hook and the layer's index, or `None` for the plain forward pass.
+pub(crate) type Hook<'a, B> = Option<(&'a dyn peft_core::model::ResidualHook<B>, usize)>;

@@ -3,12 +3,16 @@
 
 use std::path::Path;
 
+use crate::attention::Hook;
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
+use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
+use peft_core::model::{
+    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
+};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
@@ -105,6 +109,7 @@ impl<B: Backend> BertLayer<B> {
         heads: usize,
         mask: Option<&Tensor<B, 4>>,
         prefix: Option<&mut LayerCache<B>>,
+        hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
         let q = split_heads(self.query.forward(x.clone()), heads);
         let k = split_heads(self.key.forward(x.clone()), heads);
@@ -113,9 +118,19 @@ impl<B: Backend> BertLayer<B> {
         let a = self
             .attention_output
             .forward(attend(q, k, v, mask.cloned()));
-        let x = self.attention_norm.forward(a + x);
+        let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
+        let norm = |t| self.attention_norm.forward(t);
+        let x = join(hook, AfterAttention, i, a, x, Some(&norm));
         let h = gelu(self.intermediate.forward(x.clone()));
-        self.output_norm.forward(self.output.forward(h) + x)
+        let norm = |t| self.output_norm.forward(t);
+        join(
+            hook,
+            AfterFeedForward,
+            i,
+            self.output.forward(h),
+            x,
+            Some(&norm),
+        )
     }
 }
 
@@ -286,7 +301,7 @@ impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
         let mask = attention_mask.map(padding_mask);
-        self.run_layers(embeds, 0, mask, None)
+        self.run_layers(embeds, 0, mask, None, None)
     }
 }
 
@@ -299,6 +314,7 @@ impl<B: Backend> Bert<B> {
         start: usize,
         mask: Option<Tensor<B, 4>>,
         mut prefix: Option<&mut KvCache<B>>,
+        hook: Option<&dyn ResidualHook<B>>,
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
@@ -310,9 +326,46 @@ impl<B: Backend> Bert<B> {
         let mut x = self.embeddings_norm.forward(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let p = prefix.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, self.config.num_attention_heads, mask.as_ref(), p);
+            x = layer.forward(
+                x,
+                self.config.num_attention_heads,
+                mask.as_ref(),
+                p,
+                hook.map(|h| (h, i)),
+            );
         }
         x
+    }
+}
+
+impl<B: Backend> BottleneckSeam<B> for Bert<B> {
+    /// Last hidden states `[b, t, d]` (the head: [`Bert::classify_hidden`]).
+    type BottleneckOutput = Tensor<B, 3>;
+
+    fn num_hook_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn hook_width(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
+        let site = match point {
+            AfterAttention => "attention.output",
+            AfterFeedForward => "output",
+        };
+        format!("{}encoder.layer.{layer}.{site}", self.prefix)
+    }
+
+    fn forward_hooked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Tensor<B, 3> {
+        let mask = attention_mask.map(padding_mask);
+        self.run_layers(self.word_embeddings.forward(ids), 0, mask, None, Some(hook))
     }
 }
 
@@ -346,7 +399,7 @@ impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
         let am = attention_mask.unwrap_or_else(|| Tensor::ones([b, t], &device));
         let mask = padding_mask(Tensor::cat(vec![Tensor::ones([b, past], &device), am], 1));
         let x = self.word_embeddings.forward(ids);
-        self.run_layers(x, past, Some(mask), Some(&mut prefix))
+        self.run_layers(x, past, Some(mask), Some(&mut prefix), None)
     }
 }
 

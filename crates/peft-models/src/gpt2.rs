@@ -4,12 +4,16 @@
 
 use std::path::Path;
 
+use crate::attention::Hook;
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
+use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
+use peft_core::model::{
+    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
+};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
@@ -93,6 +97,7 @@ impl<B: Backend> Gpt2Block<B> {
         heads: usize,
         mask: &Tensor<B, 4>,
         cache: Option<&mut LayerCache<B>>,
+        hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let qkv = self.c_attn.forward(self.ln_1.forward(x.clone()));
@@ -100,11 +105,20 @@ impl<B: Backend> Gpt2Block<B> {
         let k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), heads);
         let v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), heads);
         let (k, v) = LayerCache::append_to(cache, k, v);
-        let x = x + self
+        let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
+        let a = self
             .attn_c_proj
             .forward(attend(q, k, v, Some(mask.clone())));
+        let x = join(hook, AfterAttention, i, a, x, None);
         let h = gelu_approximate(self.c_fc.forward(self.ln_2.forward(x.clone())));
-        x + self.mlp_c_proj.forward(h)
+        join(
+            hook,
+            AfterFeedForward,
+            i,
+            self.mlp_c_proj.forward(h),
+            x,
+            None,
+        )
     }
 }
 
@@ -172,6 +186,7 @@ impl<B: Backend> Gpt2<B> {
         start: usize,
         mask: Tensor<B, 4>,
         mut cache: Option<&mut KvCache<B>>,
+        hook: Option<&dyn ResidualHook<B>>,
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
@@ -179,7 +194,7 @@ impl<B: Backend> Gpt2<B> {
         let mut x = embeds + self.wpe.forward(positions);
         for (i, block) in self.h.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, self.config.n_head, &mask, c);
+            x = block.forward(x, self.config.n_head, &mask, c, hook.map(|h| (h, i)));
         }
         tied_head(self.ln_f.forward(x), self.wte.weight.val())
     }
@@ -199,7 +214,7 @@ impl<B: Backend> Gpt2<B> {
         let past = cache.len();
         cache.ensure_layers(self.h.len());
         let mask = causal_mask::<B>(t, past, &embeds.device());
-        self.run_blocks(embeds, past, mask, Some(cache))
+        self.run_blocks(embeds, past, mask, Some(cache), None)
     }
 }
 
@@ -243,7 +258,39 @@ impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
     ) -> Tensor<B, 3> {
         let t = embeds.dims()[1];
         let mask = decoder_mask::<B>(t, attention_mask, &embeds.device());
-        self.run_blocks(embeds, 0, mask, None)
+        self.run_blocks(embeds, 0, mask, None, None)
+    }
+}
+
+impl<B: Backend> BottleneckSeam<B> for Gpt2<B> {
+    /// Logits `[b, t, vocab]`.
+    type BottleneckOutput = Tensor<B, 3>;
+
+    fn num_hook_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn hook_width(&self) -> usize {
+        self.config.n_embd
+    }
+
+    fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
+        let site = match point {
+            AfterAttention => "attention_adapters",
+            AfterFeedForward => "output_adapters",
+        };
+        format!("{}h.{layer}.{site}", self.prefix)
+    }
+
+    fn forward_hooked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
+        self.run_blocks(self.wte.forward(ids), 0, mask, None, Some(hook))
     }
 }
 
@@ -271,7 +318,7 @@ impl<B: Backend> AttentionPrefixSeam<B> for Gpt2<B> {
         );
         let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
         let x = self.wte.forward(ids);
-        self.run_blocks(x, past, mask, Some(&mut prefix))
+        self.run_blocks(x, past, mask, Some(&mut prefix), None)
     }
 }
 

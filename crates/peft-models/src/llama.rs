@@ -3,12 +3,16 @@
 
 use std::path::Path;
 
+use crate::attention::Hook;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
+use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
+use peft_core::model::{
+    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
+};
 use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
@@ -203,6 +207,7 @@ impl<B: Backend> LlamaLayer<B> {
         rope: &(Tensor<B, 2>, Tensor<B, 2>),
         mask: &Tensor<B, 4>,
         cache: Option<&mut LayerCache<B>>,
+        hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
         let h = self.input_layernorm.forward(x.clone());
         let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
@@ -212,10 +217,18 @@ impl<B: Backend> LlamaLayer<B> {
         let k = apply_rope(k, &rope.0, &rope.1);
         let (k, v) = LayerCache::append_to(cache, k, v);
         let attn = attend(q, k, v, Some(mask.clone()));
-        let x = x + self.o_proj.forward(attn);
+        let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
+        let x = join(hook, AfterAttention, i, self.o_proj.forward(attn), x, None);
         let h = self.post_attention_layernorm.forward(x.clone());
         let ff = silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
-        x + self.down_proj.forward(ff)
+        join(
+            hook,
+            AfterFeedForward,
+            i,
+            self.down_proj.forward(ff),
+            x,
+            None,
+        )
     }
 }
 
@@ -370,7 +383,7 @@ impl<B: Backend> Llama<B> {
         let past = cache.len();
         cache.ensure_layers(self.layers.len());
         let mask = causal_mask::<B>(t, past, &embeds.device());
-        self.run_layers(embeds, past, mask, Some(cache))
+        self.run_layers(embeds, past, mask, Some(cache), None)
     }
 
     fn run_layers(
@@ -379,6 +392,7 @@ impl<B: Backend> Llama<B> {
         start: usize,
         mask: Tensor<B, 4>,
         mut cache: Option<&mut KvCache<B>>,
+        hook: Option<&dyn ResidualHook<B>>,
     ) -> Tensor<B, 3> {
         let t = x.dims()[1];
         let rope = rope_tables(
@@ -390,7 +404,7 @@ impl<B: Backend> Llama<B> {
         );
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &self.config, &rope, &mask, c);
+            x = layer.forward(x, &self.config, &rope, &mask, c, hook.map(|h| (h, i)));
         }
         let h = self.norm.forward(x);
         match &self.lm_head {
@@ -441,7 +455,39 @@ impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
         let device = embeds.device();
         let t = embeds.dims()[1];
         let mask = decoder_mask::<B>(t, attention_mask, &device);
-        self.run_layers(embeds, 0, mask, None)
+        self.run_layers(embeds, 0, mask, None, None)
+    }
+}
+
+impl<B: Backend> BottleneckSeam<B> for Llama<B> {
+    /// Logits `[b, t, vocab]`.
+    type BottleneckOutput = Tensor<B, 3>;
+
+    fn num_hook_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn hook_width(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
+        let site = match point {
+            AfterAttention => "attention_adapters",
+            AfterFeedForward => "output_adapters",
+        };
+        format!("model.layers.{layer}.{site}")
+    }
+
+    fn forward_hooked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Tensor<B, 3> {
+        let t = ids.dims()[1];
+        let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
+        self.run_layers(self.embed_tokens.forward(ids), 0, mask, None, Some(hook))
     }
 }
 
@@ -469,7 +515,7 @@ impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
         );
         let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
         let x = self.embed_tokens.forward(ids);
-        self.run_layers(x, past, mask, Some(&mut prefix))
+        self.run_layers(x, past, mask, Some(&mut prefix), None)
     }
 }
 

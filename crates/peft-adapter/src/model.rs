@@ -1,0 +1,732 @@
+//! [`AdapterModel`]: a frozen model with named bottleneck adapters and
+//! fusions, run through its [`BottleneckSeam`] with an active [`Setup`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
+use peft_core::model::{residual_join, BottleneckSeam, InsertionPoint, JoinNorm, ResidualHook};
+use peft_core::{ParamCount, PeftError, PeftModel, Result};
+use serde_json::{json, Value};
+
+use crate::bottleneck::{
+    Bottleneck, BottleneckAdapter, Composer, Fusion, FusionLayer, Lookup, Setup,
+};
+use crate::config::{from_json, read_json, BnConfig, FusionConfig};
+
+/// AdapterHub's file names.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// Adapter weights (AdapterHub's `save_adapter(..., use_safetensors=True)`).
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter.safetensors";
+/// Fusion config.
+pub const FUSION_CONFIG_FILE: &str = "adapter_fusion_config.json";
+/// Fusion weights.
+pub const FUSION_WEIGHTS_FILE: &str = "model_adapter_fusion.safetensors";
+const POINTS: [InsertionPoint; 2] = [
+    InsertionPoint::AfterAttention,
+    InsertionPoint::AfterFeedForward,
+];
+
+/// Every adapter and fusion of an [`AdapterModel`]: the Burn module an
+/// optimizer steps (`set = optim.step(lr, set, grads)`).
+#[derive(Module, Debug)]
+pub struct AdapterSet<B: Backend> {
+    /// Adapters, in the order added.
+    pub adapters: Vec<BottleneckAdapter<B>>,
+    /// Fusions, in the order added.
+    pub fusions: Vec<Fusion<B>>,
+    /// Adapter names (parallel to `adapters`).
+    #[module(skip)]
+    pub names: Vec<String>,
+    /// Adapter configs (parallel to `adapters`).
+    #[module(skip)]
+    pub configs: Vec<BnConfig>,
+    /// Fusion names, AdapterHub's `a,b` (parallel to `fusions`).
+    #[module(skip)]
+    pub fusion_names: Vec<String>,
+    /// Fusion configs (parallel to `fusions`).
+    #[module(skip)]
+    pub fusion_configs: Vec<FusionConfig>,
+}
+
+impl<B: Backend> Lookup<B> for AdapterSet<B> {
+    fn adapter(&self, name: &str) -> Option<&BottleneckAdapter<B>> {
+        let i = self.names.iter().position(|n| n == name)?;
+        self.adapters.get(i)
+    }
+
+    fn fusion(&self, name: &str) -> Option<(&Fusion<B>, &FusionConfig)> {
+        let i = self.fusion_names.iter().position(|n| n == name)?;
+        Some((&self.fusions[i], &self.fusion_configs[i]))
+    }
+}
+
+struct RequireGrad(bool);
+
+impl<B: Backend> ModuleMapper<B> for RequireGrad {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(self.0)
+    }
+}
+
+struct PlainJoin;
+
+impl<B: Backend> ResidualHook<B> for PlainJoin {
+    fn join(
+        &self,
+        _: InsertionPoint,
+        _: usize,
+        hidden: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        norm: JoinNorm<'_, B>,
+    ) -> Tensor<B, 3> {
+        residual_join(hidden, residual, norm)
+    }
+}
+
+/// A frozen model with bottleneck adapters.
+#[derive(Debug, Clone)]
+pub struct AdapterModel<B: Backend, M> {
+    /// The frozen model.
+    pub model: M,
+    /// The adapters and fusions (the trainable part).
+    pub set: AdapterSet<B>,
+    setup: Option<Setup>,
+    trainable_adapters: Vec<String>,
+    trainable_fusions: Vec<String>,
+}
+
+impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
+    /// Wraps `model` with no adapter; every model parameter is frozen.
+    pub fn wrap(model: M) -> Self {
+        AdapterModel {
+            model: model.no_grad(),
+            set: AdapterSet {
+                adapters: Vec::new(),
+                fusions: Vec::new(),
+                names: Vec::new(),
+                configs: Vec::new(),
+                fusion_names: Vec::new(),
+                fusion_configs: Vec::new(),
+            },
+            setup: None,
+            trainable_adapters: Vec::new(),
+            trainable_fusions: Vec::new(),
+        }
+    }
+
+    /// Wraps `model`, adds `config` as adapter `name` and trains it
+    /// (AdapterHub's `add_adapter` + `train_adapter`).
+    pub fn new(model: M, name: &str, config: BnConfig) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.add_adapter(name, config)?;
+        this.train_adapter(Setup::single(name))?;
+        Ok(this)
+    }
+
+    /// Adds adapter `name` (freshly initialised per `config.init_weights`),
+    /// inactive and frozen: activate it with [`set_active`](Self::set_active)
+    /// or [`train_adapter`](Self::train_adapter).
+    pub fn add_adapter(&mut self, name: &str, config: BnConfig) -> Result<()> {
+        config.validate()?;
+        if self.set.names.iter().any(|n| n == name) {
+            return Err(PeftError::DuplicateAdapter(name.to_string()));
+        }
+        if name.contains(',') || name.contains('.') || name.is_empty() {
+            return Err(PeftError::Config(format!(
+                "adapter name `{name}` must be non-empty without `,` or `.`"
+            )));
+        }
+        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let (layers, d) = (self.model.num_hook_layers(), self.model.hook_width());
+        let mut adapter = BottleneckAdapter {
+            attention: Vec::new(),
+            output: Vec::new(),
+        };
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        for layer in 0..layers {
+            let m = ((d as f64 / config.reduction_for(layer)?).floor() as usize).max(1);
+            let keep = !config.leave_out.contains(&layer);
+            for (point, wanted) in [
+                (InsertionPoint::AfterAttention, config.mh_adapter),
+                (InsertionPoint::AfterFeedForward, config.output_adapter),
+            ] {
+                let site = (keep && wanted)
+                    .then(|| {
+                        let s = seed ^ ((layer as u64) << 8) ^ point as u64;
+                        Bottleneck::init(&config, d, m, s, &device).map(|b| b.no_grad())
+                    })
+                    .transpose()?;
+                match point {
+                    InsertionPoint::AfterAttention => adapter.attention.push(site),
+                    InsertionPoint::AfterFeedForward => adapter.output.push(site),
+                }
+            }
+        }
+        self.set.adapters.push(adapter);
+        self.set.names.push(name.to_string());
+        self.set.configs.push(config);
+        Ok(())
+    }
+
+    /// Adds a fusion layer over `names` (AdapterHub's `add_adapter_fusion`)
+    /// at every point all of them use. Returns its name (`a,b`).
+    pub fn add_fusion(&mut self, names: &[&str], config: FusionConfig) -> Result<String> {
+        config.validate()?;
+        if names.len() < 2 {
+            return Err(PeftError::Config(
+                "a fusion needs at least two adapters".into(),
+            ));
+        }
+        let configs: Vec<&BnConfig> = names
+            .iter()
+            .map(|n| self.config(n))
+            .collect::<Result<_>>()?;
+        let name = names.join(",");
+        if self.set.fusion_names.contains(&name) {
+            return Err(PeftError::DuplicateAdapter(name));
+        }
+        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let (layers, d) = (self.model.num_hook_layers(), self.model.hook_width());
+        let all = |f: fn(&BnConfig) -> bool| {
+            let first = f(configs[0]);
+            configs.iter().all(|c| f(c) == first).then_some(first)
+        };
+        let (Some(mh), Some(out)) = (all(|c| c.mh_adapter), all(|c| c.output_adapter)) else {
+            return Err(PeftError::Config(format!(
+                "fusion {name}: the adapters must agree on mh_adapter and output_adapter"
+            )));
+        };
+        let layer = |on: bool| -> Vec<Option<FusionLayer<B>>> {
+            (0..layers)
+                .map(|_| on.then(|| FusionLayer::init(&config, d, &device).no_grad()))
+                .collect()
+        };
+        self.set.fusions.push(Fusion {
+            attention: layer(mh),
+            output: layer(out),
+        });
+        self.set.fusion_names.push(name.clone());
+        self.set.fusion_configs.push(config);
+        Ok(name)
+    }
+
+    /// Names of the adapters, in the order added.
+    pub fn adapter_names(&self) -> &[String] {
+        &self.set.names
+    }
+
+    /// Names of the fusions.
+    pub fn fusion_names(&self) -> &[String] {
+        &self.set.fusion_names
+    }
+
+    /// The config of adapter `name`.
+    pub fn config(&self, name: &str) -> Result<&BnConfig> {
+        let i = self.index(name)?;
+        Ok(&self.set.configs[i])
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.set
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| PeftError::UnknownAdapter {
+                name: name.to_string(),
+                available: self.set.names.clone(),
+            })
+    }
+
+    fn check_setup(&self, setup: &Setup) -> Result<()> {
+        for leaf in setup.leaves() {
+            self.index(leaf)?;
+        }
+        setup.parallel_channels()?;
+        check_fusions(setup, &self.set.fusion_names)
+    }
+
+    /// The active setup (`None`: the plain model).
+    pub fn active_setup(&self) -> Option<&Setup> {
+        self.setup.as_ref()
+    }
+
+    /// Activates `setup` for inference; which parameters train is unchanged.
+    pub fn set_active(&mut self, setup: Setup) -> Result<()> {
+        self.check_setup(&setup)?;
+        self.setup = Some(setup);
+        Ok(())
+    }
+
+    /// Deactivates every adapter: the forward pass is the base model's.
+    pub fn disable(&mut self) {
+        self.setup = None;
+    }
+
+    /// Activates `setup` and makes its adapters the only trainable
+    /// parameters (AdapterHub's `train_adapter`).
+    pub fn train_adapter(&mut self, setup: Setup) -> Result<()> {
+        self.check_setup(&setup)?;
+        let leaves: Vec<String> = setup.leaves().iter().map(|s| s.to_string()).collect();
+        self.set_trainable(&leaves, &[]);
+        self.setup = Some(setup);
+        Ok(())
+    }
+
+    /// Activates `setup` (which must contain a `Fuse`) and makes its fusion
+    /// layers the only trainable parameters (AdapterHub's `train_adapter_fusion`).
+    pub fn train_fusion(&mut self, setup: Setup) -> Result<()> {
+        self.check_setup(&setup)?;
+        let mut fusions = Vec::new();
+        collect_fusions(&setup, &mut fusions);
+        if fusions.is_empty() {
+            return Err(PeftError::Config(
+                "train_fusion: the setup has no Fuse block".into(),
+            ));
+        }
+        self.set_trainable(&[], &fusions);
+        self.setup = Some(setup);
+        Ok(())
+    }
+
+    fn set_trainable(&mut self, adapters: &[String], fusions: &[String]) {
+        let set = std::mem::take(&mut self.set.adapters);
+        self.set.adapters = set
+            .into_iter()
+            .zip(&self.set.names)
+            .map(|(a, n)| a.map(&mut RequireGrad(adapters.contains(n))))
+            .collect();
+        let set = std::mem::take(&mut self.set.fusions);
+        self.set.fusions = set
+            .into_iter()
+            .zip(&self.set.fusion_names)
+            .map(|(f, n)| f.map(&mut RequireGrad(fusions.contains(n))))
+            .collect();
+        self.trainable_adapters = adapters.to_vec();
+        self.trainable_fusions = fusions.to_vec();
+    }
+
+    /// Removes adapter `name` (and every fusion that uses it).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        let i = self.index(name)?;
+        self.set.adapters.remove(i);
+        self.set.names.remove(i);
+        self.set.configs.remove(i);
+        while let Some(f) = self
+            .set
+            .fusion_names
+            .iter()
+            .position(|f| f.split(',').any(|n| n == name))
+        {
+            self.set.fusions.remove(f);
+            self.set.fusion_names.remove(f);
+            self.set.fusion_configs.remove(f);
+        }
+        if self
+            .setup
+            .as_ref()
+            .is_some_and(|s| s.leaves().contains(&name))
+        {
+            self.setup = None;
+        }
+        self.trainable_adapters.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// The forward pass of `ids: [b, t]` with the active setup. With a
+    /// `Parallel` block the output has `channels · b` rows, child `i`'s at
+    /// rows `i·b..(i+1)·b`.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Result<M::BottleneckOutput> {
+        let Some(setup) = &self.setup else {
+            return Ok(self.model.forward_hooked(ids, attention_mask, &PlainJoin));
+        };
+        let (ids, mask) = match setup.parallel_channels()? {
+            Some(n) => (
+                Tensor::cat(vec![ids; n], 0),
+                attention_mask.map(|m| Tensor::cat(vec![m; n], 0)),
+            ),
+            None => (ids, attention_mask),
+        };
+        setup.check_rows(ids.dims()[0])?;
+        let hook = Composer {
+            lookup: &self.set,
+            setup,
+            _b: std::marker::PhantomData,
+        };
+        Ok(self.model.forward_hooked(ids, mask, &hook))
+    }
+
+    /// Trainable (the adapters / fusions being trained) and all parameters.
+    pub fn param_count(&self) -> ParamCount {
+        let adapters: usize = self
+            .set
+            .adapters
+            .iter()
+            .zip(&self.set.names)
+            .filter(|(_, n)| self.trainable_adapters.contains(n))
+            .map(|(a, _)| a.num_params())
+            .sum();
+        let fusions: usize = self
+            .set
+            .fusions
+            .iter()
+            .zip(&self.set.fusion_names)
+            .filter(|(_, n)| self.trainable_fusions.contains(n))
+            .map(|(f, _)| f.num_params())
+            .sum();
+        ParamCount {
+            trainable: adapters + fusions,
+            all: self.model.num_params() + self.set.num_params(),
+        }
+    }
+
+    /// The tensors of adapter `name` under AdapterHub's keys and PyTorch's
+    /// layouts (`<site>.adapters.<name>.adapter_down.0.weight: [m, d]`, ...).
+    pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, HostTensor)>> {
+        let adapter = &self.set.adapters[self.index(name)?];
+        let mut out = Vec::new();
+        for layer in 0..self.model.num_hook_layers() {
+            for point in POINTS {
+                let Some(b) = adapter.at(point, layer) else {
+                    continue;
+                };
+                let key = format!("{}.adapters.{name}", self.model.hook_path(point, layer));
+                push_linear(&mut out, &format!("{key}.adapter_down.0"), &b.down);
+                push_linear(&mut out, &format!("{key}.adapter_up"), &b.up);
+                if let Some(s) = &b.learned_scaling {
+                    out.push((format!("{key}.scaling"), HostTensor::from_tensor(s.val())));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes adapter `name` as AdapterHub's `save_adapter(...,
+    /// use_safetensors=True)` does: `adapter.safetensors` (weights first),
+    /// then `adapter_config.json`; each file atomically.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let config = self.config(name)?;
+        let tensors = self.adapter_tensors(name)?;
+        write_atomic(
+            &dir.join(ADAPTER_WEIGHTS_FILE),
+            &serialize_safetensors(&tensors, None),
+        )?;
+        let meta = json!({
+            "config": config,
+            "hidden_size": self.model.hook_width(),
+            "model_class": Value::Null,
+            "model_name": "",
+            "model_type": self.model.model_type(),
+            "name": name,
+            "version": "adapters.1.3.0",
+        });
+        let text = serde_json::to_string_pretty(&meta).expect("JSON values serialise");
+        write_atomic(&dir.join(ADAPTER_CONFIG_FILE), text.as_bytes())
+    }
+
+    /// Loads an AdapterHub adapter folder (`adapter_config.json` +
+    /// `adapter.safetensors`) as `name` (default: the name saved in it),
+    /// inactive and frozen. Every tensor must fit a site of this model and
+    /// every site must find its tensors; on error nothing is added.
+    pub fn load_adapter(&mut self, dir: &Path, name: Option<&str>) -> Result<String> {
+        let config_path = dir.join(ADAPTER_CONFIG_FILE);
+        let meta = read_json(&config_path)?;
+        let saved = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("adapter")
+            .to_string();
+        let config: BnConfig = from_json(
+            meta.get("config").cloned().unwrap_or(Value::Null),
+            &config_path,
+        )?;
+        check_hidden_size(&meta, self.model.hook_width(), &config_path)?;
+        let name = name.unwrap_or(&saved).to_string();
+        let file = weights_file(dir, ADAPTER_WEIGHTS_FILE, "pytorch_adapter.bin")?;
+        let mut tensors = read_safetensors(&file)?;
+        for (k, t) in &tensors {
+            t.check_finite(k, &file)?;
+        }
+        self.add_adapter(&name, config)?;
+        let filled = self.fill_adapter(&name, &saved, &mut tensors, &file);
+        let outcome = filled.and_then(|()| no_leftovers(tensors, &file));
+        if outcome.is_err() {
+            self.delete_adapter(&name)?;
+        }
+        outcome.map(|()| name)
+    }
+
+    fn fill_adapter(
+        &mut self,
+        name: &str,
+        saved: &str,
+        tensors: &mut HashMap<String, HostTensor>,
+        file: &Path,
+    ) -> Result<()> {
+        let i = self.index(name)?;
+        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let paths: Vec<(InsertionPoint, usize, String)> = (0..self.model.num_hook_layers())
+            .flat_map(|l| POINTS.map(|p| (p, l, self.model.hook_path(p, l))))
+            .collect();
+        for (point, layer, path) in paths {
+            let Some(Some(b)) = self.set.adapters[i].site_mut(point, layer) else {
+                continue;
+            };
+            let key = format!("{path}.adapters.{saved}");
+            take_linear(
+                tensors,
+                &format!("{key}.adapter_down.0"),
+                &mut b.down,
+                file,
+                &device,
+            )?;
+            take_linear(
+                tensors,
+                &format!("{key}.adapter_up"),
+                &mut b.up,
+                file,
+                &device,
+            )?;
+            if let Some(s) = &mut b.learned_scaling {
+                let k = format!("{key}.scaling");
+                let n = s.shape().dims::<1>()[0];
+                let t = take(tensors, &k, file)?;
+                *s = Param::from_tensor(t.to_tensor([n], &k, &device)?).set_require_grad(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes fusion `name` (`a,b`) as AdapterHub's `save_adapter_fusion`.
+    pub fn save_fusion(&self, name: &str, dir: &Path) -> Result<()> {
+        let i = self.fusion_index(name)?;
+        let fusion = &self.set.fusions[i];
+        let mut tensors = Vec::new();
+        for layer in 0..self.model.num_hook_layers() {
+            for point in POINTS {
+                let Some(f) = fusion.at(point, layer) else {
+                    continue;
+                };
+                let key = format!(
+                    "{}.adapter_fusion_layer.{name}",
+                    self.model.hook_path(point, layer)
+                );
+                for (part, lin) in [("query", &f.query), ("key", &f.key), ("value", &f.value)] {
+                    if let Some(lin) = lin {
+                        push_linear(&mut tensors, &format!("{key}.{part}"), lin);
+                    }
+                }
+            }
+        }
+        write_atomic(
+            &dir.join(FUSION_WEIGHTS_FILE),
+            &serialize_safetensors(&tensors, None),
+        )?;
+        let meta = json!({
+            "adapter_names": name.split(',').collect::<Vec<_>>(),
+            "config": self.set.fusion_configs[i],
+            "hidden_size": self.model.hook_width(),
+            "model_type": self.model.model_type(),
+            "name": name,
+            "version": "adapters.1.3.0",
+        });
+        let text = serde_json::to_string_pretty(&meta).expect("JSON values serialise");
+        write_atomic(&dir.join(FUSION_CONFIG_FILE), text.as_bytes())
+    }
+
+    fn fusion_index(&self, name: &str) -> Result<usize> {
+        self.set
+            .fusion_names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| PeftError::UnknownAdapter {
+                name: name.to_string(),
+                available: self.set.fusion_names.clone(),
+            })
+    }
+
+    /// Loads an AdapterHub fusion folder; its adapters must be loaded first.
+    /// Returns the fusion's name.
+    pub fn load_fusion(&mut self, dir: &Path) -> Result<String> {
+        let config_path = dir.join(FUSION_CONFIG_FILE);
+        let meta = read_json(&config_path)?;
+        let config: FusionConfig = from_json(
+            meta.get("config").cloned().unwrap_or(Value::Null),
+            &config_path,
+        )?;
+        check_hidden_size(&meta, self.model.hook_width(), &config_path)?;
+        let names: Vec<String> = from_json(
+            meta.get("adapter_names").cloned().unwrap_or(Value::Null),
+            &config_path,
+        )?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let file = weights_file(dir, FUSION_WEIGHTS_FILE, "pytorch_model_adapter_fusion.bin")?;
+        let mut tensors = read_safetensors(&file)?;
+        for (k, t) in &tensors {
+            t.check_finite(k, &file)?;
+        }
+        let name = self.add_fusion(&refs, config)?;
+        let i = self.fusion_index(&name)?;
+        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let mut filled = Ok(());
+        for layer in 0..self.model.num_hook_layers() {
+            for point in POINTS {
+                let key = format!(
+                    "{}.adapter_fusion_layer.{name}",
+                    self.model.hook_path(point, layer)
+                );
+                let sites = match point {
+                    InsertionPoint::AfterAttention => &mut self.set.fusions[i].attention,
+                    InsertionPoint::AfterFeedForward => &mut self.set.fusions[i].output,
+                };
+                let Some(Some(f)) = sites.get_mut(layer) else {
+                    continue;
+                };
+                for (part, lin) in [
+                    ("query", &mut f.query),
+                    ("key", &mut f.key),
+                    ("value", &mut f.value),
+                ] {
+                    if let (Some(lin), true) = (lin, filled.is_ok()) {
+                        filled = take_linear(
+                            &mut tensors,
+                            &format!("{key}.{part}"),
+                            lin,
+                            &file,
+                            &device,
+                        );
+                    }
+                }
+            }
+        }
+        let outcome = filled.and_then(|()| no_leftovers(tensors, &file));
+        if outcome.is_err() {
+            self.set.fusions.remove(i);
+            self.set.fusion_names.remove(i);
+            self.set.fusion_configs.remove(i);
+        }
+        outcome.map(|()| name)
+    }
+}
+
+fn check_fusions(setup: &Setup, known: &[String]) -> Result<()> {
+    let mut names = Vec::new();
+    collect_fusions(setup, &mut names);
+    match names.into_iter().find(|n| !known.contains(n)) {
+        Some(missing) => Err(PeftError::UnknownAdapter {
+            name: missing,
+            available: known.to_vec(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn collect_fusions(setup: &Setup, out: &mut Vec<String>) {
+    match setup {
+        Setup::Single(_) => {}
+        Setup::Fuse(c) => {
+            out.push(Setup::fusion_name(c));
+            c.iter().for_each(|s| collect_fusions(s, out));
+        }
+        Setup::Stack(c) | Setup::Parallel(c) | Setup::BatchSplit(c, _) | Setup::Average(c, _) => {
+            c.iter().for_each(|s| collect_fusions(s, out))
+        }
+    }
+}
+
+fn check_hidden_size(meta: &Value, width: usize, path: &Path) -> Result<()> {
+    match meta.get("hidden_size").and_then(Value::as_u64) {
+        Some(h) if h as usize != width => Err(PeftError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("hidden_size {h} does not fit this model's {width}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The safetensors file of an AdapterHub folder, or an error that says how
+/// to get one when only PyTorch's pickle is there.
+fn weights_file(dir: &Path, name: &str, pickle: &str) -> Result<std::path::PathBuf> {
+    let file = dir.join(name);
+    if !file.exists() && dir.join(pickle).exists() {
+        return Err(PeftError::Checkpoint {
+            path: dir.join(pickle),
+            message: format!(
+                "PyTorch pickles are not read; save with `use_safetensors=True` to get {name}"
+            ),
+        });
+    }
+    Ok(file)
+}
+
+fn no_leftovers(tensors: HashMap<String, HostTensor>, file: &Path) -> Result<()> {
+    let mut keys: Vec<String> = tensors.into_keys().collect();
+    keys.sort();
+    match keys.is_empty() {
+        true => Ok(()),
+        false => Err(PeftError::UnexpectedTensors {
+            path: file.to_path_buf(),
+            keys,
+        }),
+    }
+}
+
+/// `<key>.weight` (`[out, in]`, PyTorch's layout) and `<key>.bias`.
+fn push_linear<B: Backend>(
+    out: &mut Vec<(String, HostTensor)>,
+    key: &str,
+    lin: &burn::nn::Linear<B>,
+) {
+    out.push((
+        format!("{key}.weight"),
+        HostTensor::from_tensor(lin.weight.val()).transposed(),
+    ));
+    if let Some(b) = &lin.bias {
+        out.push((format!("{key}.bias"), HostTensor::from_tensor(b.val())));
+    }
+}
+
+fn take(tensors: &mut HashMap<String, HostTensor>, key: &str, file: &Path) -> Result<HostTensor> {
+    tensors.remove(key).ok_or_else(|| PeftError::MissingTensor {
+        path: file.to_path_buf(),
+        key: key.to_string(),
+    })
+}
+
+/// Fills `lin` from `<key>.weight` (`[out, in]`) and `<key>.bias`, frozen.
+fn take_linear<B: Backend>(
+    tensors: &mut HashMap<String, HostTensor>,
+    key: &str,
+    lin: &mut burn::nn::Linear<B>,
+    file: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let [d_in, d_out] = lin.weight.shape().dims::<2>();
+    let wk = format!("{key}.weight");
+    let w = take(tensors, &wk, file)?;
+    if w.shape != [d_out, d_in] {
+        return Err(PeftError::Shape {
+            name: wk,
+            expected: vec![d_out, d_in],
+            found: w.shape,
+        });
+    }
+    lin.weight = Param::from_tensor(w.transposed().to_tensor([d_in, d_out], &wk, device)?)
+        .set_require_grad(false);
+    if lin.bias.is_some() {
+        let bk = format!("{key}.bias");
+        let b = take(tensors, &bk, file)?;
+        lin.bias =
+            Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?).set_require_grad(false));
+    }
+    Ok(())
+}
