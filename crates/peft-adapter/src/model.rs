@@ -87,15 +87,23 @@ impl<B: Backend> ResidualHook<B> for PlainJoin {
     }
 }
 
-/// A frozen model with bottleneck adapters.
-#[derive(Debug, Clone)]
-pub struct AdapterModel<B: Backend, M> {
+/// A frozen model with bottleneck adapters: itself a Burn module, so an
+/// optimizer steps it whole (`model = optim.step(lr, model, grads)`); only
+/// the adapters being trained have gradients.
+#[derive(Module, Debug)]
+pub struct AdapterModel<B: Backend, M: Module<B>> {
     /// The frozen model.
     pub model: M,
     /// The adapters and fusions (the trainable part).
     pub set: AdapterSet<B>,
+    /// The active setup.
+    #[module(skip)]
     setup: Option<Setup>,
+    /// Adapters whose parameters train.
+    #[module(skip)]
     trainable_adapters: Vec<String>,
+    /// Fusions whose parameters train.
+    #[module(skip)]
     trainable_fusions: Vec<String>,
 }
 
