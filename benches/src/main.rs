@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|cpu_backends]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -14,11 +14,12 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
 use peft_core::config::{InitLoraWeights, TargetModules};
 use peft_core::generate::{CausalLm, Sampler};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptTuningInit};
-use peft_core::LoraConfig;
+use peft_core::{Ia3Config, LoraConfig};
 use peft_lora::LoraModel;
 use peft_models::llama::{Llama, LlamaConfig};
 use peft_models::loss::causal_lm_loss;
@@ -543,6 +544,147 @@ fn prompt_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
     );
 }
 
+/// Bottleneck placements and (IA)³ against the base model: forward passes
+/// (plain backend) and training steps (autodiff).
+fn adapter_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 6);
+    let base = cfg.init::<B>(device).unwrap();
+    let placements = adapter_variants(&base);
+    let ia3 = Ia3Model::new(base.clone(), Ia3Config::default()).unwrap();
+    let runs = if o.quick { 3 } else { 10 };
+    let mut fs: Vec<Box<dyn FnMut()>> = vec![Box::new(|| sync(base.forward(ids.clone(), None)))];
+    for (_, m) in &placements {
+        fs.push(Box::new(|| sync(m.forward(ids.clone(), None).unwrap())));
+    }
+    fs.push(Box::new(|| sync(ia3.model.forward(ids.clone(), None))));
+    let mut refs: Vec<&mut dyn FnMut()> = fs
+        .iter_mut()
+        .map(|f| &mut **f as &mut dyn FnMut())
+        .collect();
+    let mut t = interleaved(runs, &mut refs);
+    let info = json!({"tokens": rows * len, "layers": cfg.num_hidden_layers});
+    let b = emit(o, "adapter", "forward_base", &mut t[0], None, info.clone());
+    let mut names: Vec<String> = placements
+        .iter()
+        .map(|(n, _)| format!("forward_{n}"))
+        .collect();
+    names.push("forward_ia3".into());
+    let counts: Vec<usize> = placements
+        .iter()
+        .map(|(_, m)| m.param_count().trainable)
+        .chain([ia3.param_count().trainable])
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let extra = json!({"trainable_params": counts[i], "tokens": rows * len});
+        emit(o, "adapter", name, &mut t[i + 1], Some(b), extra);
+    }
+    adapter_train_suite::<Autodiff<B>>(o, &Default::default());
+}
+
+/// `seq_bn`, `double_seq_bn`, `par_bn` (reduction 16) on `base`, with
+/// non-zero up-projections as after training.
+fn adapter_variants<B: Backend>(base: &Llama<B>) -> Vec<(&'static str, AdapterModel<B, Llama<B>>)> {
+    let bert_init = |mut c: BnConfig| {
+        c.init_weights = "bert".into();
+        c.with_reduction_factor(16.0)
+    };
+    [
+        ("seq_bn", BnConfig::seq_bn()),
+        ("double_seq_bn", BnConfig::double_seq_bn()),
+        ("par_bn", BnConfig::par_bn()),
+    ]
+    .into_iter()
+    .map(|(n, c)| (n, AdapterModel::new(base.clone(), n, bert_init(c)).unwrap()))
+    .collect()
+}
+
+/// One training step of each placement and of (IA)³, against a step of
+/// LoRA r8 on q/v (the usual budget) and a plain forward of the base.
+fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 7);
+    let base = cfg.init::<B>(device).unwrap();
+    let lora = LoraModel::new(base.clone(), lora(8, &["q_proj", "v_proj"], false)).unwrap();
+    let mut lora_model = lora.model;
+    let mut lora_opt = AdamWConfig::new().init::<B, Llama<B>>();
+    let mut placements = adapter_variants(&base);
+    let mut opts: Vec<_> = placements
+        .iter()
+        .map(|_| AdamWConfig::new().init::<B, AdapterModel<B, Llama<B>>>())
+        .collect();
+    let mut ia3 = Ia3Model::new(base.clone(), Ia3Config::default())
+        .unwrap()
+        .model;
+    let mut ia3_opt = AdamWConfig::new().init::<B, Llama<B>>();
+    let frozen = base.clone().no_grad();
+    let counts: Vec<usize> = placements
+        .iter()
+        .map(|(_, m)| m.param_count().trainable)
+        .collect();
+    let mut fs: Vec<Box<dyn FnMut() + '_>> = vec![
+        Box::new(|| sync(frozen.forward(ids.clone(), None))),
+        Box::new(|| lora_model = train_step(lora_model.clone(), &mut lora_opt, &ids)),
+    ];
+    for ((_, m), opt) in placements.iter_mut().zip(opts.iter_mut()) {
+        let ids = &ids;
+        fs.push(Box::new(move || {
+            let loss = causal_lm_loss(m.forward(ids.clone(), None).unwrap(), ids.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &*m);
+            *m = opt.step(1e-3, m.clone(), grads);
+        }));
+    }
+    fs.push(Box::new(|| {
+        ia3 = train_step(ia3.clone(), &mut ia3_opt, &ids)
+    }));
+    let mut refs: Vec<&mut dyn FnMut()> = fs
+        .iter_mut()
+        .map(|f| &mut **f as &mut dyn FnMut())
+        .collect();
+    let mut t = interleaved(if o.quick { 3 } else { 8 }, &mut refs);
+    drop(refs);
+    drop(fs);
+    let fwd = emit(
+        o,
+        "adapter",
+        "base_forward_autodiff",
+        &mut t[0],
+        None,
+        json!({}),
+    );
+    let b = emit(
+        o,
+        "adapter",
+        "train_lora_r8_q_v_step",
+        &mut t[1],
+        None,
+        json!({}),
+    );
+    let names = [
+        "train_seq_bn_step",
+        "train_double_seq_bn_step",
+        "train_par_bn_step",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let median = stats(&mut t[i + 2].clone()).0;
+        let extra = json!({"trainable_params": counts[i], "ratio_vs_base_forward": median / fwd});
+        emit(o, "adapter", name, &mut t[i + 2], Some(b), extra);
+    }
+    let median = stats(&mut t[5].clone()).0;
+    emit(
+        o,
+        "adapter",
+        "train_ia3_step",
+        &mut t[5],
+        Some(b),
+        json!({"ratio_vs_base_forward": median / fwd}),
+    );
+}
+
 fn run<B: Backend>(o: &Opts) {
     if let Some(v) = &o.memory_probe {
         return probe::<Autodiff<B>>(o, v);
@@ -555,8 +697,11 @@ fn run<B: Backend>(o: &Opts) {
             "mixed" => mixed_suite::<B>(o, &device),
             "cpu_backends" => cpu_backends_suite(o),
             "prompt" => prompt_suite::<B>(o, &device),
+            "adapter" => adapter_suite::<B>(o, &device),
             other => {
-                eprintln!("unknown suite `{other}` (forward, train, mixed, prompt, cpu_backends)")
+                eprintln!(
+                    "unknown suite `{other}` (forward, train, mixed, prompt, adapter, cpu_backends)"
+                )
             }
         }
     }
@@ -588,6 +733,7 @@ fn main() {
             "train".into(),
             "mixed".into(),
             "prompt".into(),
+            "adapter".into(),
         ];
     }
     match o.backend.as_str() {

@@ -1,6 +1,6 @@
 //! Project commands, run as `cargo xtask <command>`.
 //!
-//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|cpu_backends]... [--quick]`:
+//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
 //!   suites, and writes `target/bench-report/{report.json,report.md}`.
 
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed]... [--quick]".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,18 +13,15 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use indexmap::IndexMap;
 use peft_core::io::{
-    adapter_dir, adapter_subdirs, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
+    adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, take_tensor, HostTensor,
 };
 use peft_core::target::targets_match;
 use peft_core::{
-    routing, Ia3Config, Ia3Entry, Ia3Meta, LinearSlot, ParamCount, PeftError, PeftModel, Result,
-    BASE_ROW, DEFAULT_ADAPTER,
+    linear_adapters, Ia3Config, Ia3Entry, Ia3Meta, LinearSlot, ParamCount, PeftError, PeftModel,
+    Result, BASE_ROW, DEFAULT_ADAPTER,
 };
 
-/// File name of the config.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// File name of the weights.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use peft_core::linear_adapters::{CONFIG_FILE, WEIGHTS_FILE};
 const KEY_PREFIX: &str = "base_model.model.";
 
 /// A model carrying named (IA)³ adapters.
@@ -149,8 +146,7 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
             self.config(n)?;
         }
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        self.model
-            .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        linear_adapters::set_active(&mut self.model, &names);
         self.active = names;
         Ok(())
     }
@@ -158,42 +154,24 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
     /// Removes adapter `name` everywhere (dividing it out first if merged).
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.config(name)?;
-        self.model.visit_linears_mut(&mut |_, slot| {
-            slot.remove_ia3(name);
-        });
+        linear_adapters::remove(&mut self.model, name);
         self.configs.shift_remove(name);
         self.active.retain(|n| n != name);
         Ok(())
     }
 
-    fn any_merged(&self) -> bool {
-        let mut merged = false;
-        self.model
-            .visit_linears(&mut |_, s| merged |= s.ia3.iter().any(|e| e.meta.merged));
-        merged
-    }
-
     /// Bypasses every vector: the model computes its base output. Fails
     /// while vectors are merged (unmerge first).
     pub fn disable_adapters(&mut self) -> Result<()> {
-        if self.any_merged() {
-            return Err(PeftError::State(
-                "cannot disable adapters while some are merged; unmerge first".into(),
-            ));
-        }
-        self.set_disabled(true);
+        linear_adapters::set_disabled(&mut self.model, true)?;
+        self.disabled = true;
         Ok(())
     }
 
     /// Undoes [`disable_adapters`](Self::disable_adapters).
     pub fn enable_adapters(&mut self) {
-        self.set_disabled(false);
-    }
-
-    fn set_disabled(&mut self, disabled: bool) {
-        self.disabled = disabled;
-        self.model
-            .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+        linear_adapters::set_disabled(&mut self.model, false).expect("enabling never fails");
+        self.disabled = false;
     }
 
     /// Whether adapters are disabled.
@@ -204,12 +182,7 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
     /// Folds the active vectors into the base weights (and, for output
     /// scaling, the biases): `W' = W ⊙ l`.
     pub fn merge_adapter(&mut self) -> Result<()> {
-        let names = self.active.clone();
-        self.model.visit_linears_mut(&mut |_, slot| {
-            for n in &names {
-                slot.merge(n);
-            }
-        });
+        linear_adapters::merge(&mut self.model, &self.active);
         Ok(())
     }
 
@@ -217,11 +190,7 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
     /// (PEFT warns that this is inexact; so is ours, identically).
     pub fn unmerge_adapter(&mut self) {
         let names: Vec<String> = self.configs.keys().rev().cloned().collect();
-        self.model.visit_linears_mut(&mut |_, slot| {
-            for n in &names {
-                slot.unmerge(n);
-            }
-        });
+        linear_adapters::unmerge(&mut self.model, &names);
     }
 
     /// Merges the active vectors and removes all adapters: the plain model.
@@ -259,23 +228,8 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
         batch_size: usize,
         f: impl FnOnce(&M) -> R,
     ) -> Result<R> {
-        if names.len() != batch_size {
-            return Err(PeftError::Shape {
-                name: "adapter_names".into(),
-                expected: vec![batch_size],
-                found: vec![names.len()],
-            });
-        }
-        for n in names.iter().filter(|n| **n != BASE_ROW) {
-            self.config(n)?;
-        }
-        if self.any_merged() {
-            return Err(PeftError::State(
-                "cannot route rows to adapters while adapters are merged; unmerge first".into(),
-            ));
-        }
-        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        Ok(routing::with_row_adapters(&owned, || f(&self.model)))
+        let known = |n: &str| self.config(n).map(|_| ());
+        linear_adapters::route_rows(&self.model, names, batch_size, known, f)
     }
 
     /// The tensors of adapter `name` under PEFT's keys and shapes:
@@ -312,12 +266,7 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
         let mut config = self.config(name)?.clone();
         config.inference_mode = true;
         let tensors = self.adapter_tensors(name)?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_atomic(
-            &dir.join(WEIGHTS_FILE),
-            &serialize_safetensors(&tensors, Some(metadata)),
-        )?;
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
+        linear_adapters::write_adapter_files(dir, &tensors, &config.to_json_string())
     }
 
     /// Loads a PEFT (IA)³ folder as adapter `name` (inactive unless it is the
@@ -337,14 +286,7 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
                 filled = fill_entry(slot, name, path, &mut tensors, &file);
             }
         });
-        let outcome = filled.and_then(|()| {
-            let mut keys: Vec<String> = tensors.into_keys().collect();
-            keys.sort();
-            match keys.is_empty() {
-                true => Ok(()),
-                false => Err(PeftError::UnexpectedTensors { path: file, keys }),
-            }
-        });
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.delete_adapter(name)?;
         }
@@ -406,12 +348,7 @@ fn fill_entry<B: Backend>(
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let entry = slot.ia3_entry_mut(name).expect("injected before filling");
     let key = format!("{KEY_PREFIX}{path}.ia3_l");
-    let mut t = tensors
-        .remove(&key)
-        .ok_or_else(|| PeftError::MissingTensor {
-            path: file.to_path_buf(),
-            key: key.clone(),
-        })?;
+    let mut t = take_tensor(tensors, &key, file)?;
     let (expected, n) = match entry.meta.feedforward {
         true => (vec![1, d_in], d_in),
         false => (vec![d_out, 1], d_out),

@@ -7,7 +7,9 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
+use peft_core::io::{
+    ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
+};
 use peft_core::model::{residual_join, BottleneckSeam, InsertionPoint, JoinNorm, ResidualHook};
 use peft_core::{ParamCount, PeftError, PeftModel, Result};
 use serde_json::{json, Value};
@@ -466,7 +468,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         }
         self.add_adapter(&name, config)?;
         let filled = self.fill_adapter(&name, &saved, &mut tensors, &file);
-        let outcome = filled.and_then(|()| no_leftovers(tensors, &file));
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.delete_adapter(&name)?;
         }
@@ -507,7 +509,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             if let Some(s) = &mut b.learned_scaling {
                 let k = format!("{key}.scaling");
                 let n = s.shape().dims::<1>()[0];
-                let t = take(tensors, &k, file)?;
+                let t = take_tensor(tensors, &k, file)?;
                 *s = Param::from_tensor(t.to_tensor([n], &k, &device)?).set_require_grad(false);
             }
         }
@@ -616,7 +618,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
                 }
             }
         }
-        let outcome = filled.and_then(|()| no_leftovers(tensors, &file));
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.set.fusions.remove(i);
             self.set.fusion_names.remove(i);
@@ -676,18 +678,6 @@ fn weights_file(dir: &Path, name: &str, pickle: &str) -> Result<std::path::PathB
     Ok(file)
 }
 
-fn no_leftovers(tensors: HashMap<String, HostTensor>, file: &Path) -> Result<()> {
-    let mut keys: Vec<String> = tensors.into_keys().collect();
-    keys.sort();
-    match keys.is_empty() {
-        true => Ok(()),
-        false => Err(PeftError::UnexpectedTensors {
-            path: file.to_path_buf(),
-            keys,
-        }),
-    }
-}
-
 /// `<key>.weight` (`[out, in]`, PyTorch's layout) and `<key>.bias`.
 fn push_linear<B: Backend>(
     out: &mut Vec<(String, HostTensor)>,
@@ -703,13 +693,6 @@ fn push_linear<B: Backend>(
     }
 }
 
-fn take(tensors: &mut HashMap<String, HostTensor>, key: &str, file: &Path) -> Result<HostTensor> {
-    tensors.remove(key).ok_or_else(|| PeftError::MissingTensor {
-        path: file.to_path_buf(),
-        key: key.to_string(),
-    })
-}
-
 /// Fills `lin` from `<key>.weight` (`[out, in]`) and `<key>.bias`, frozen.
 fn take_linear<B: Backend>(
     tensors: &mut HashMap<String, HostTensor>,
@@ -720,7 +703,7 @@ fn take_linear<B: Backend>(
 ) -> Result<()> {
     let [d_in, d_out] = lin.weight.shape().dims::<2>();
     let wk = format!("{key}.weight");
-    let w = take(tensors, &wk, file)?;
+    let w = take_tensor(tensors, &wk, file)?;
     if w.shape != [d_out, d_in] {
         return Err(PeftError::Shape {
             name: wk,
@@ -732,7 +715,7 @@ fn take_linear<B: Backend>(
         .set_require_grad(false);
     if lin.bias.is_some() {
         let bk = format!("{key}.bias");
-        let b = take(tensors, &bk, file)?;
+        let b = take_tensor(tensors, &bk, file)?;
         lin.bias =
             Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?).set_require_grad(false));
     }

@@ -14,6 +14,8 @@ use peft_models::fixtures::{fixtures_dir, params_with_grad, temp_dir, FixtureCas
 use peft_models::llama::Llama;
 use peft_models::loss::cross_entropy;
 
+type Tensors = Vec<(String, HostTensor)>;
+
 fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
     Bert::load(&fixtures_dir().join("bert"), d).unwrap()
 }
@@ -199,7 +201,7 @@ fn mistakes_are_typed_errors<B: Backend>(d: &B::Device) {
     assert!(err.to_string().contains("use_safetensors"), "{err}");
 
     let tensors = read_safetensors(&src.join("adapter.safetensors")).unwrap();
-    let rewrite = |edit: &dyn Fn(&mut Vec<(String, HostTensor)>)| {
+    let rewrite = |edit: &dyn Fn(&mut Tensors)| {
         let mut list: Vec<(String, HostTensor)> = tensors.clone().into_iter().collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         edit(&mut list);

@@ -521,6 +521,11 @@ impl<B: Backend> LinearSlot<B> {
         self.ia3.iter_mut().find(|e| e.meta.name == name)
     }
 
+    /// Whether any entry of any kind is merged into the base weight.
+    pub fn any_merged(&self) -> bool {
+        self.lora.iter().any(|e| e.meta.merged) || self.ia3.iter().any(|e| e.meta.merged)
+    }
+
     /// Whether an adapter entry of any kind named `name` is attached here.
     pub fn has_adapter(&self, name: &str) -> bool {
         self.lora_entry(name).is_some() || self.ia3_entry(name).is_some()

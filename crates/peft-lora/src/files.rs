@@ -11,17 +11,14 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use peft_core::io::{
-    adapter_dir, adapter_subdirs, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
+use peft_core::io::{adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, HostTensor};
+use peft_core::{
+    linear_adapters, LinearSlot, LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER,
 };
-use peft_core::{LinearSlot, LoraConfig, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
 
 use crate::LoraModel;
 
-/// File name of the config.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// File name of the weights.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use peft_core::linear_adapters::{CONFIG_FILE, WEIGHTS_FILE};
 const PREFIX: &str = "base_model.model.";
 
 impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
@@ -66,13 +63,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         let mut config = self.config(name)?.clone();
         config.inference_mode = true;
         let tensors = self.adapter_tensors(name)?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        // Weights first: a config on disk always has its weights beside it.
-        write_atomic(
-            &dir.join(WEIGHTS_FILE),
-            &serialize_safetensors(&tensors, Some(metadata)),
-        )?;
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
+        linear_adapters::write_adapter_files(dir, &tensors, &config.to_json_string())
     }
 
     /// Loads a PEFT adapter folder as adapter `name` (inactive; call
@@ -92,19 +83,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
                 filled = fill_entry(slot, name, path, &mut tensors, &weights_path);
             }
         });
-        let leftover: Vec<String> = tensors.into_keys().collect();
-        let outcome = filled.and_then(|()| {
-            if leftover.is_empty() {
-                Ok(())
-            } else {
-                let mut keys = leftover;
-                keys.sort();
-                Err(PeftError::UnexpectedTensors {
-                    path: weights_path.clone(),
-                    keys,
-                })
-            }
-        });
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &weights_path));
         if outcome.is_err() {
             // Leave the model as it was.
             self.delete_adapter(name)?;

@@ -10,8 +10,8 @@ use peft_core::config::InitLoraWeights;
 use peft_core::slot::column_norm;
 use peft_core::target::{is_target, rank_and_alpha};
 use peft_core::{
-    routing, LinearSlot, LoraConfig, LoraEntry, LoraMeta, ParamCount, PeftError, PeftModel, Result,
-    BASE_ROW,
+    linear_adapters, LinearSlot, LoraConfig, LoraEntry, LoraMeta, ParamCount, PeftError, PeftModel,
+    Result, BASE_ROW,
 };
 
 /// A model carrying named LoRA adapters.
@@ -204,8 +204,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             self.config(n)?;
         }
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        self.model
-            .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        linear_adapters::set_active(&mut self.model, &names);
         self.active = names;
         Ok(())
     }
@@ -213,42 +212,24 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     /// Removes adapter `name` everywhere (unmerging it first if merged).
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.config(name)?;
-        self.model.visit_linears_mut(&mut |_, slot| {
-            slot.remove_lora(name);
-        });
+        linear_adapters::remove(&mut self.model, name);
         self.configs.shift_remove(name);
         self.active.retain(|n| n != name);
         Ok(())
     }
 
-    fn any_merged(&self) -> bool {
-        let mut merged = false;
-        self.model
-            .visit_linears(&mut |_, s| merged |= s.lora.iter().any(|e| e.meta.merged));
-        merged
-    }
-
     /// Bypasses every unmerged adapter: the model computes its base output.
     /// Fails while adapters are merged (unmerge first).
     pub fn disable_adapters(&mut self) -> Result<()> {
-        if self.any_merged() {
-            return Err(PeftError::State(
-                "cannot disable adapters while some are merged; unmerge first".into(),
-            ));
-        }
-        self.set_disabled(true);
+        linear_adapters::set_disabled(&mut self.model, true)?;
+        self.disabled = true;
         Ok(())
     }
 
     /// Undoes [`disable_adapters`](Self::disable_adapters).
     pub fn enable_adapters(&mut self) {
-        self.set_disabled(false);
-    }
-
-    fn set_disabled(&mut self, disabled: bool) {
-        self.disabled = disabled;
-        self.model
-            .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+        linear_adapters::set_disabled(&mut self.model, false).expect("enabling never fails");
+        self.disabled = false;
     }
 
     /// Whether adapters are disabled.
@@ -268,11 +249,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         for n in names {
             self.config(n)?;
         }
-        self.model.visit_linears_mut(&mut |_, slot| {
-            for n in names {
-                slot.merge(n);
-            }
-        });
+        linear_adapters::merge(&mut self.model, names);
         Ok(())
     }
 
@@ -280,11 +257,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     /// merge order, so that several merged adapters restore exactly).
     pub fn unmerge_adapter(&mut self) {
         let names: Vec<String> = self.configs.keys().rev().cloned().collect();
-        self.model.visit_linears_mut(&mut |_, slot| {
-            for n in &names {
-                slot.unmerge(n);
-            }
-        });
+        linear_adapters::unmerge(&mut self.model, &names);
     }
 
     /// Merges the active adapters and removes all adapters: the plain model,
@@ -324,24 +297,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         batch_size: usize,
         f: impl FnOnce(&M) -> R,
     ) -> Result<R> {
-        if names.len() != batch_size {
-            return Err(PeftError::Shape {
-                name: "adapter_names".into(),
-                expected: vec![batch_size],
-                found: vec![names.len()],
-            });
-        }
-        for n in names {
-            if *n != BASE_ROW {
-                self.config(n)?;
-            }
-        }
-        if self.any_merged() {
-            return Err(PeftError::State(
-                "cannot route rows to adapters while adapters are merged; unmerge first".into(),
-            ));
-        }
-        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        Ok(routing::with_row_adapters(&owned, || f(&self.model)))
+        let known = |n: &str| self.config(n).map(|_| ());
+        linear_adapters::route_rows(&self.model, names, batch_size, known, f)
     }
 }

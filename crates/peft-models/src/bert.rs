@@ -237,6 +237,18 @@ impl<B: Backend> Bert<B> {
         normalize: bool,
     ) -> Tensor<B, 2> {
         let h = self.encode(ids, Some(attention_mask.clone()));
+        Self::pool_mean(h, attention_mask, normalize)
+    }
+
+    /// Mean pooling of hidden states `h: [b, t, d]` over real tokens
+    /// (`attention_mask: [b, t]`), L2-normalised when `normalize`: the
+    /// pooling of [`mean_pooled`](Self::mean_pooled), for hidden states from
+    /// an adapted forward pass.
+    pub fn pool_mean(
+        h: Tensor<B, 3>,
+        attention_mask: Tensor<B, 2>,
+        normalize: bool,
+    ) -> Tensor<B, 2> {
         let [b, t, _] = h.dims();
         let m = attention_mask.reshape([b, t, 1]);
         let summed = (h * m.clone()).sum_dim(1).squeeze_dim::<2>(1);
