@@ -12,6 +12,7 @@ Prints the folder of each asset.
 """
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -82,10 +83,32 @@ def unpack(name, spec, archive, dest):
     os.replace(tmp, dest)  # atomic: a half-unpacked asset never looks complete
 
 
+def derived(name, dest):
+    """Files derived from an asset: the Rotten Tomatoes sentences as JSONL
+    ({"text", "label": positive/negative}, sentences scored 0 left out), the
+    input `peft train --data` reads."""
+    if name != "rotten-tomatoes":
+        return
+    out = os.path.join(dest, "rotten_tomatoes.jsonl")
+    if os.path.exists(out):
+        return
+    rows = []
+    with open(os.path.join(dest, "movieReviewSnippets_GroundTruth.txt"), encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\r\n").split("\t", 2)
+            if len(parts) == 3 and float(parts[1]) != 0.0:
+                label = "positive" if float(parts[1]) > 0 else "negative"
+                rows.append(json.dumps({"id": int(parts[0]), "text": parts[2], "label": label}))
+    with open(out + ".partial", "w", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(out + ".partial", out)
+
+
 def fetch(name):
     spec = ASSETS[name]
     dest = os.path.join(CACHE, name)
     if os.path.isdir(dest):
+        derived(name, dest)
         return dest
     os.makedirs(CACHE, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as d:
@@ -96,6 +119,7 @@ def fetch(name):
         if got != spec["sha256"]:
             sys.exit(f"{spec['file']}: sha256 {got} does not match the pinned {spec['sha256']}")
         unpack(name, spec, archive, dest)
+    derived(name, dest)
     return dest
 
 

@@ -57,6 +57,18 @@ impl<B: Backend, M: PeftModel<B>> Ia3Model<B, M> {
         }
     }
 
+    /// The same adapters (configs, activation) around another model that
+    /// carries them, e.g. the inference copy of a trained model, to save it.
+    pub fn with_model<B2: Backend, M2: PeftModel<B2>>(&self, model: M2) -> Ia3Model<B2, M2> {
+        Ia3Model {
+            model,
+            configs: self.configs.clone(),
+            active: self.active.clone(),
+            disabled: self.disabled,
+            _backend: PhantomData,
+        }
+    }
+
     /// Adds adapter `name` per `config` and makes it the only active one.
     /// Unset targets take PEFT's defaults for the model's type.
     pub fn add_adapter(&mut self, name: &str, config: Ia3Config) -> Result<()> {

@@ -105,6 +105,19 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         }
     }
 
+    /// The same adapters (configs, activation) around another model that
+    /// carries them, e.g. the inference copy of a trained model
+    /// (`AutodiffModule::valid`), to save it.
+    pub fn with_model<B2: Backend, M2: PeftModel<B2>>(&self, model: M2) -> LoraModel<B2, M2> {
+        LoraModel {
+            model,
+            configs: self.configs.clone(),
+            active: self.active.clone(),
+            disabled: self.disabled,
+            _backend: PhantomData,
+        }
+    }
+
     /// Adds adapter `name` per `config` (freshly initialised) and makes it the
     /// only active adapter, as PEFT's `add_adapter` + `set_adapter` would.
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {

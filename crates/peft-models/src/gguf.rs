@@ -1,5 +1,5 @@
 //! GGUF files (llama.cpp's format): metadata, tensor directory, and
-//! dequantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to `f32`.
+//! dequantisation of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K to `f32`.
 //!
 //! The file is memory-mapped; a tensor is dequantised only when asked for,
 //! so loading never holds the whole model twice. Every size and offset the
@@ -187,12 +187,14 @@ impl<'a> Reader<'a> {
 /// `(elements per block, bytes per block)` of a GGML type this module reads.
 fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
     Some(match ggml_type {
-        0 => (1, 4),   // F32
-        1 => (1, 2),   // F16
-        30 => (1, 2),  // BF16
-        2 => (32, 18), // Q4_0: f16 scale + 16 bytes
-        3 => (32, 20), // Q4_1: f16 scale, f16 min + 16 bytes
-        8 => (32, 34), // Q8_0: f16 scale + 32 i8
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        30 => (1, 2),     // BF16
+        2 => (32, 18),    // Q4_0: f16 scale + 16 bytes
+        3 => (32, 20),    // Q4_1: f16 scale, f16 min + 16 bytes
+        8 => (32, 34),    // Q8_0: f16 scale + 32 i8
+        12 => (256, 144), // Q4_K: f16 d, f16 dmin, 12 packed 6-bit scales/mins, 128 nibble bytes
+        14 => (256, 210), // Q6_K: 128 low-nibble bytes, 64 high-bit bytes, 16 i8 scales, f16 d
         _ => return None,
     })
 }
@@ -249,9 +251,59 @@ fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Vec<f32> {
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + min));
             }
         }
+        12 => bytes
+            .chunks_exact(144)
+            .for_each(|b| dequantize_q4_k(b, &mut out)),
+        14 => bytes
+            .chunks_exact(210)
+            .for_each(|b| dequantize_q6_k(b, &mut out)),
         _ => unreachable!("checked by block_layout"),
     }
     out
+}
+
+/// One Q4_K super-block (256 values in 8 sub-blocks of 32): value =
+/// `d·sc[j]·q − dmin·m[j]`, with 6-bit `sc`/`m` packed in 12 bytes as
+/// llama.cpp's `get_scale_min_k4`; sub-blocks `2c` and `2c+1` are the low
+/// and high nibbles of bytes `32c..32c+32`.
+fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
+    let s = &b[4..16];
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 0x3F;
+        mn[j] = s[4 + j] & 0x3F;
+        sc[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
+        mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+    }
+    let qs = &b[16..144];
+    for chunk in 0..4 {
+        let bytes = &qs[32 * chunk..32 * chunk + 32];
+        for (half, shift) in [(0, 0), (1, 4)] {
+            let j = 2 * chunk + half;
+            let (scale, min) = (d * sc[j] as f32, dmin * mn[j] as f32);
+            out.extend(
+                bytes
+                    .iter()
+                    .map(|&q| ((q >> shift) & 0x0F) as f32 * scale - min),
+            );
+        }
+    }
+}
+
+/// One Q6_K super-block (256 values in 16 sub-blocks of 16): a 6-bit `q`
+/// from a low nibble (`ql`) and two high bits (`qh`), value `d·scale[i/16]·(q − 32)`,
+/// in llama.cpp's order (two halves of 128; in each, `ql` bytes 0..64 low then
+/// high nibbles, `qh` bytes 0..32 bit pairs 0, 2, 4, 6).
+fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
+    let (ql, qh, scales, d) = (&b[0..128], &b[128..192], &b[192..208], f16(&b[208..210]));
+    for i in 0..256 {
+        let (half, within) = (i / 128, i % 128);
+        let low = (ql[64 * half + within % 64] >> (4 * (within / 64))) & 0x0F;
+        let high = (qh[32 * half + within % 32] >> (2 * (within / 32))) & 0x03;
+        let q = (low | (high << 4)) as i32 - 32;
+        out.push(d * scales[i / 16] as i8 as f32 * q as f32);
+    }
 }
 
 impl Gguf {
@@ -366,7 +418,7 @@ impl Gguf {
             key: name.to_string(),
         })?;
         let (per_block, block_bytes) = block_layout(info.ggml_type)
-            .ok_or_else(|| bad(format!("tensor `{name}` has type {}, which is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)", type_name(info.ggml_type))))?;
+            .ok_or_else(|| bad(format!("tensor `{name}` has type {}, which is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)", type_name(info.ggml_type))))?;
         let n = info
             .dims
             .iter()
@@ -436,6 +488,24 @@ mod tests {
         q40.extend([0x8F_u8; 16]);
         let v = dequantize(2, &q40, 32);
         assert_eq!((v[0], v[16]), (3.5, 0.0));
+    }
+
+    /// Q4_K and Q6_K blocks of `fixtures/gguf/kquants.gguf` (random bytes)
+    /// dequantise to exactly what gguf-py, llama.cpp's Python package, gives
+    /// (`scripts/make_gguf_kquant_fixture.py`).
+    #[test]
+    fn k_quants_match_llama_cpp() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gguf");
+        let g = Gguf::open(&dir.join("kquants.gguf")).unwrap();
+        let want = peft_core::io::read_safetensors(&dir.join("kquants.safetensors")).unwrap();
+        for name in ["q4k", "q6k"] {
+            let got = g.tensor(name).unwrap();
+            assert_eq!(got.shape, want[name].shape, "{name}");
+            assert_eq!(
+                got.data, want[name].data,
+                "{name}: values differ from gguf-py"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,483 @@
+//! The jobs behind the `peft` subcommands, as library functions.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Module, ModuleDisplay};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use peft_adapter::AdapterModel;
+use peft_core::generate::{CausalLm, Sampler};
+use peft_core::io::read_safetensors;
+use peft_core::{ParamCount, PeftError, Result};
+use peft_models::bert::Bert;
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+use peft_models::tokenizer::Tokenizer;
+use serde_json::json;
+
+use crate::data;
+use crate::tasks::{self, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Lm, Method};
+use crate::train::{fit, Metric, RunDir, TrainConfig};
+
+/// What to train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Sequence classification (BERT): labelled text.
+    SeqCls,
+    /// Causal language modelling (Llama, GPT-2): plain text.
+    CausalLm,
+}
+
+/// Everything `peft train` needs.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// Model folder or GGUF file.
+    pub model: PathBuf,
+    /// Dataset file.
+    pub data: PathBuf,
+    /// The task.
+    pub task: Task,
+    /// The method and its config.
+    pub method: Method,
+    /// Run folder (metrics, checkpoints).
+    pub out: PathBuf,
+    /// Optimiser, schedule, evaluation.
+    pub train: TrainConfig,
+    /// Text column (seq-cls).
+    pub text_column: String,
+    /// Label column (seq-cls).
+    pub label_column: String,
+    /// Held-out share.
+    pub held_out: f64,
+    /// Use at most this many training examples (blocks for causal LM).
+    pub max_train: Option<usize>,
+    /// Tokens per block (causal LM).
+    pub block_size: usize,
+}
+
+/// What a run reports.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Held-out metric before training.
+    pub before: Metric,
+    /// Held-out metric of the kept (best) model.
+    pub after: Metric,
+    /// Trainable and all parameters (the head included for seq-cls).
+    pub params: ParamCount,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// Where the best checkpoint is.
+    pub best: PathBuf,
+    /// Training and held-out sizes.
+    pub sizes: (usize, usize),
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
+    peft_core::io::write_atomic(path, text.as_bytes())
+}
+
+/// Trains per `job` on backend `B`.
+pub fn train<B: AutodiffBackend>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+) -> Result<Report> {
+    job.train.validate()?;
+    let arch = tasks::arch_of(&job.model)?;
+    match (job.task, arch) {
+        (Task::SeqCls, Arch::Bert) => train_seq_cls::<B>(job, progress),
+        (Task::CausalLm, Arch::Llama) => train_causal::<B, Llama<B>>(job, progress),
+        (Task::CausalLm, Arch::Gpt2) => train_causal::<B, Gpt2<B>>(job, progress),
+        (Task::SeqCls, other) => Err(PeftError::Config(format!(
+            "seq-cls needs a BERT model; {} is {other:?}",
+            job.model.display()
+        ))),
+        (Task::CausalLm, Arch::Bert) => Err(PeftError::Config(format!(
+            "causal-lm needs a decoder (Llama, GPT-2); {} is BERT",
+            job.model.display()
+        ))),
+    }
+}
+
+fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
+    let examples = data::read_labelled(&job.data, &job.text_column, &job.label_column)?;
+    let labels = data::label_set(&examples);
+    if labels.len() < 2 {
+        return Err(PeftError::Checkpoint {
+            path: job.data.clone(),
+            message: format!("one label only ({labels:?}): classification needs two or more"),
+        });
+    }
+    let ids = data::label_ids(&examples, &labels, &job.data)?;
+    let pairs: Vec<(String, usize)> = examples.into_iter().map(|e| e.text).zip(ids).collect();
+    let (mut train, held) = data::split(&pairs, job.held_out, job.train.seed);
+    if let Some(n) = job.max_train {
+        train.truncate(n);
+    }
+    let enc = |v: Vec<(String, usize)>| {
+        let (texts, labels) = v.into_iter().unzip();
+        Encoded { texts, labels }
+    };
+    Ok((labels, enc(train), enc(held)))
+}
+
+fn train_seq_cls<B: AutodiffBackend>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+) -> Result<Report> {
+    let device = B::Device::default();
+    B::seed(&device, job.train.seed);
+    let (labels, train, held) = seq_cls_data(job)?;
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let bert = Bert::<B>::load(&job.model, &device)?;
+    let d = bert.config.hidden_size;
+    let head = tasks::new_head::<B>(d, labels.len(), &device);
+    let mut run = RunDir::create(&job.out)?;
+    write_json(&job.out.join("labels.json"), &json!(labels))?;
+    write_json(
+        &job.out.join("train_config.json"),
+        &json!({
+            "method": job.method.name(), "task": "seq-cls", "model": job.model, "data": job.data,
+            "train": job.train, "held_out": job.held_out, "labels": labels,
+        }),
+    )?;
+    let labels_json = json!(labels);
+    let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
+    match &job.method {
+        Method::Adapter(c) => {
+            let encoder = AdapterModel::new(bert, "default", c.clone())?;
+            let count = encoder.param_count();
+            let model = Classifier { encoder, head };
+            fit_classifier(
+                model,
+                count,
+                &tok,
+                &train,
+                &held,
+                job,
+                &mut run,
+                progress,
+                move |m, dir| {
+                    m.encoder.save_adapter("default", dir)?;
+                    with_labels(dir)
+                },
+            )
+        }
+        method => {
+            let (encoder, count, save) = tasks::attach_slots::<B, Bert<B>>(bert, method)?;
+            let model = Classifier { encoder, head };
+            fit_classifier(
+                model,
+                count,
+                &tok,
+                &train,
+                &held,
+                job,
+                &mut run,
+                progress,
+                move |m, dir| {
+                    save(&m.encoder, dir)?;
+                    with_labels(dir)
+                },
+            )
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_classifier<B, E>(
+    model: Classifier<B, E>,
+    count: ParamCount,
+    tok: &Tokenizer,
+    train: &Encoded,
+    held: &Encoded,
+    job: &TrainJob,
+    run: &mut RunDir,
+    progress: &indicatif::ProgressBar,
+    save_encoder: impl Fn(&Classifier<B::InnerBackend, E::InnerModule>, &Path) -> Result<()>,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    E: Encoder<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    E::InnerModule: Encoder<B::InnerBackend> + ModuleDisplay,
+{
+    let head_params = model.head.num_params();
+    let params = ParamCount {
+        trainable: count.trainable + head_params,
+        all: count.all + head_params,
+    };
+    let before = tasks::accuracy(&model.valid(), tok, held)?;
+    let (_, out) = fit(
+        model,
+        &job.train,
+        train.texts.len(),
+        run,
+        |m, idx| tasks::classifier_loss(m, tok, train, idx),
+        |m| tasks::accuracy(m, tok, held),
+        |m, dir| {
+            save_encoder(m, dir)?;
+            tasks::save_head(&m.head, dir)
+        },
+        progress,
+    )?;
+    Ok(Report {
+        before,
+        after: out.best.unwrap_or(before),
+        params,
+        steps: out.steps,
+        stopped_early: out.stopped_early,
+        best: tasks::best_dir(&job.out),
+        sizes: (train.texts.len(), held.texts.len()),
+    })
+}
+
+/// Token blocks of a text.
+type Blocks = Vec<Vec<u32>>;
+
+/// The saver of a causal-LM run's inference model.
+type LmSaver<B, M> =
+    tasks::Saver<Lm<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>>;
+
+fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
+    let text = data::read_text(&job.data)?;
+    let ids = tok.encode(&text)?;
+    let blocks = data::blocks(&ids, job.block_size);
+    if blocks.len() < 2 {
+        return Err(PeftError::Checkpoint {
+            path: job.data.clone(),
+            message: format!(
+                "{} tokens make fewer than two blocks of {}",
+                ids.len(),
+                job.block_size
+            ),
+        });
+    }
+    let (mut train, held) = data::split(&blocks, job.held_out, job.train.seed);
+    if let Some(n) = job.max_train {
+        train.truncate(n);
+    }
+    Ok((train, held))
+}
+
+fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: CausalModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+{
+    let device = B::Device::default();
+    B::seed(&device, job.train.seed);
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let (train, held) = lm_blocks(job, &tok)?;
+    let base = M::load_from(&job.model, &device)?;
+    let mut run = RunDir::create(&job.out)?;
+    write_json(
+        &job.out.join("train_config.json"),
+        &json!({
+            "method": job.method.name(), "task": "causal-lm", "model": job.model, "data": job.data,
+            "train": job.train, "held_out": job.held_out, "block_size": job.block_size,
+        }),
+    )?;
+    let inner_device = burn::tensor::Device::<B::InnerBackend>::default();
+    let (model, count, save): (Lm<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
+        Method::Adapter(c) => {
+            let a = AdapterModel::new(base, "default", c.clone())?;
+            let count = a.param_count();
+            let save: LmSaver<B, M> = Box::new(|m, dir| match m {
+                Lm::Adapters(a) => a.save_adapter("default", dir),
+                Lm::Slots(_) => unreachable!("an adapter run keeps its adapters"),
+            });
+            (Lm::Adapters(a), count, save)
+        }
+        method => {
+            let (m, count, slot_save) = tasks::attach_slots::<B, M>(base, method)?;
+            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
+                Lm::Slots(m) => slot_save(m, dir),
+                Lm::Adapters(_) => unreachable!("a slot run keeps its slots"),
+            });
+            (Lm::Slots(m), count, save)
+        }
+    };
+    let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
+    let (_, out) = fit(
+        model,
+        &job.train,
+        train.len(),
+        &mut run,
+        |m, idx| tasks::lm_loss(m, &train, idx, &device),
+        |m| tasks::perplexity(m, &held, &inner_device),
+        |m, dir| save(m, dir),
+        progress,
+    )?;
+    Ok(Report {
+        before,
+        after: out.best.unwrap_or(before),
+        params: count,
+        steps: out.steps,
+        stopped_early: out.stopped_early,
+        best: tasks::best_dir(&job.out),
+        sizes: (train.len(), held.len()),
+    })
+}
+
+/// `peft eval`: the metric of `model` with the adapter folder `adapter`
+/// (a run's `best/` for seq-cls, holding the head) on all of `data`.
+pub fn eval<B: Backend>(
+    model: &Path,
+    adapter: Option<&Path>,
+    data_file: &Path,
+    task: Task,
+    columns: (&str, &str),
+    block_size: usize,
+) -> Result<Metric> {
+    let device = B::Device::default();
+    let tok = tasks::tokenizer_of(model)?;
+    match (task, tasks::arch_of(model)?) {
+        (Task::SeqCls, Arch::Bert) => {
+            let dir = adapter.ok_or_else(|| {
+                PeftError::Config(
+                    "seq-cls evaluation needs --adapter (a run's best/ folder with its head)"
+                        .into(),
+                )
+            })?;
+            let labels: Vec<String> = {
+                let p = dir.join("labels.json");
+                let t = std::fs::read_to_string(&p).map_err(|source| PeftError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+                serde_json::from_str(&t).map_err(|source| PeftError::Json { path: p, source })?
+            };
+            let examples = data::read_labelled(data_file, columns.0, columns.1)?;
+            let ids = data::label_ids(&examples, &labels, data_file)?;
+            let enc = Encoded {
+                texts: examples.into_iter().map(|e| e.text).collect(),
+                labels: ids,
+            };
+            let bert = Bert::<B>::load(model, &device)?;
+            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, &device)?;
+            match tasks::load_attached(bert, dir)? {
+                Attached::Slots(m, _) => {
+                    tasks::accuracy(&Classifier { encoder: m, head }, &tok, &enc)
+                }
+                Attached::Adapters(a, _) => {
+                    tasks::accuracy(&Classifier { encoder: a, head }, &tok, &enc)
+                }
+            }
+        }
+        (Task::CausalLm, Arch::Llama) => {
+            eval_lm::<B, Llama<B>>(model, adapter, data_file, &tok, block_size)
+        }
+        (Task::CausalLm, Arch::Gpt2) => {
+            eval_lm::<B, Gpt2<B>>(model, adapter, data_file, &tok, block_size)
+        }
+        (t, a) => Err(PeftError::Config(format!(
+            "task {t:?} does not fit a {a:?} model"
+        ))),
+    }
+}
+
+fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Path,
+    adapter: Option<&Path>,
+    data_file: &Path,
+    tok: &Tokenizer,
+    block_size: usize,
+) -> Result<Metric> {
+    let device = B::Device::default();
+    let ids = tok.encode(&data::read_text(data_file)?)?;
+    let blocks = data::blocks(&ids, block_size);
+    if blocks.is_empty() {
+        return Err(PeftError::Checkpoint {
+            path: data_file.to_path_buf(),
+            message: format!("{} tokens: not one block of {block_size}", ids.len()),
+        });
+    }
+    let base = M::load_from(model, &device)?;
+    let lm = match adapter {
+        None => Lm::Slots(base),
+        Some(dir) => match tasks::load_attached(base, dir)? {
+            Attached::Slots(m, _) => Lm::Slots(m),
+            Attached::Adapters(a, _) => Lm::Adapters(a),
+        },
+    };
+    tasks::perplexity(&lm, &blocks, &device)
+}
+
+/// `peft generate`: greedy (or sampled) text from a Llama / GPT-2 model,
+/// with a LoRA / (IA)³ adapter folder or none.
+pub fn generate<B: Backend>(
+    model: &Path,
+    adapter: Option<&Path>,
+    prompt: &str,
+    max_new: usize,
+    sampler: &mut Sampler,
+) -> Result<String> {
+    let device = B::Device::default();
+    let tok = tasks::tokenizer_of(model)?;
+    let ids = tok.encode(prompt)?;
+    let out = match tasks::arch_of(model)? {
+        Arch::Llama => {
+            generate_with::<B, Llama<B>>(model, adapter, &ids, max_new, sampler, &device)?
+        }
+        Arch::Gpt2 => generate_with::<B, Gpt2<B>>(model, adapter, &ids, max_new, sampler, &device)?,
+        Arch::Bert => return Err(PeftError::Config("BERT does not generate text".into())),
+    };
+    tok.decode(&out)
+}
+
+fn generate_with<B: Backend, M: CausalModel<B> + CausalLm<B>>(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    device: &B::Device,
+) -> Result<Vec<u32>> {
+    let base = M::load_from(model, device)?;
+    let m = match adapter {
+        None => base,
+        Some(dir) => match tasks::load_attached(base, dir)? {
+            Attached::Slots(m, _) => m,
+            Attached::Adapters(..) => {
+                return Err(PeftError::Config(
+                    "generation with bottleneck adapters is not supported yet (their KV-cache path is missing)".into(),
+                ))
+            }
+        },
+    };
+    Ok(m.generate(ids, max_new, sampler, None, true))
+}
+
+/// `peft inspect`: an adapter folder's method, config and tensors.
+pub fn inspect(dir: &Path) -> Result<String> {
+    let method = Method::detect(dir)?;
+    let mut s = format!("{}: {}\n", dir.display(), method.name());
+    let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap_or_default();
+    s += &format!(
+        "config: {}\n",
+        config.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    let weights = ["adapter_model.safetensors", "adapter.safetensors"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| PeftError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "no adapter_model.safetensors or adapter.safetensors".into(),
+        })?;
+    let tensors = read_safetensors(&weights)?;
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    let total: usize = tensors.values().map(|t| t.data.len()).sum();
+    s += &format!("tensors ({}): {} parameters\n", weights.display(), total);
+    for k in keys {
+        s += &format!("  {k} {:?}\n", tensors[k].shape);
+    }
+    if let Ok(head) = read_safetensors(&dir.join("head.safetensors")) {
+        let n: usize = head.values().map(|t| t.data.len()).sum();
+        s += &format!("head: {n} parameters\n");
+    }
+    Ok(s)
+}

@@ -1,0 +1,457 @@
+//! `peft`: fine-tune, evaluate, inspect and run adapters from the command line.
+//!
+//!     peft train --method lora --model DIR --data FILE --task seq-cls --out runs/x
+//!     peft eval --model DIR --adapter runs/x/best --data FILE --task seq-cls
+//!     peft generate --model model.gguf [--adapter DIR] --prompt "Once upon a time"
+//!     peft inspect DIR
+//!
+//! Every failure is a message naming the file and the problem, and a
+//! non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use peft_adapter::BnConfig;
+use peft_cli::jobs::{self, Task, TrainJob};
+use peft_cli::tasks::Method;
+use peft_cli::train::{Schedule, TrainConfig};
+use peft_core::backends::CpuTrainBackend;
+use peft_core::config::TargetModules;
+use peft_core::generate::Sampler;
+use peft_core::{Ia3Config, LoraConfig, PeftError};
+
+type Inference = burn::backend::NdArray;
+
+#[derive(Parser)]
+#[command(
+    name = "peft",
+    version,
+    about = "Parameter-efficient fine-tuning of transformer models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Lora,
+    Dora,
+    Ia3,
+    Adapter,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskArg {
+    SeqCls,
+    CausalLm,
+}
+
+impl From<TaskArg> for Task {
+    fn from(t: TaskArg) -> Task {
+        match t {
+            TaskArg::SeqCls => Task::SeqCls,
+            TaskArg::CausalLm => Task::CausalLm,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+/// Parsed once per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a model with an adapter; writes metrics.jsonl, loss.svg and
+    /// the best checkpoint (PEFT's / AdapterHub's format) under --out.
+    Train {
+        /// The method.
+        #[arg(long, value_enum)]
+        method: MethodArg,
+        /// The method's config as an adapter_config.json (PEFT's field names;
+        /// AdapterHub's BnConfig for `adapter`). Flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Model folder (config.json + model.safetensors + tokenizer.json) or GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset: JSONL / CSV / TSV with text and label columns (seq-cls), or plain text (causal-lm).
+        #[arg(long)]
+        data: PathBuf,
+        /// The task.
+        #[arg(long, value_enum, default_value = "seq-cls")]
+        task: TaskArg,
+        /// Run folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// LoRA rank.
+        #[arg(long)]
+        r: Option<usize>,
+        /// LoRA alpha.
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Target modules (comma-separated names, or one regex).
+        #[arg(long)]
+        targets: Option<String>,
+        /// (IA)³ feed-forward modules (comma-separated).
+        #[arg(long)]
+        feedforward: Option<String>,
+        /// LoRA dropout.
+        #[arg(long)]
+        lora_dropout: Option<f64>,
+        /// Bottleneck preset: seq_bn, double_seq_bn, par_bn.
+        #[arg(long, default_value = "seq_bn")]
+        adapter_preset: String,
+        /// Bottleneck reduction factor.
+        #[arg(long)]
+        reduction: Option<f64>,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Micro-batches per optimizer step.
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        /// Warm-up share of the steps.
+        #[arg(long, default_value_t = 0.1)]
+        warmup: f64,
+        #[arg(long, value_enum, default_value = "linear")]
+        schedule: ScheduleArg,
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Clip gradients to this global norm (0: off).
+        #[arg(long, default_value_t = 1.0)]
+        clip: f64,
+        /// Evaluate every N optimizer steps (0: each epoch).
+        #[arg(long, default_value_t = 0)]
+        eval_every: usize,
+        /// Stop after N evaluations without improvement.
+        #[arg(long)]
+        patience: Option<usize>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Use at most N training examples (blocks for causal-lm).
+        #[arg(long)]
+        max_train: Option<usize>,
+        /// Held-out share of the data.
+        #[arg(long, default_value_t = 0.1)]
+        held_out: f64,
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        /// Tokens per block (causal-lm).
+        #[arg(long, default_value_t = 128)]
+        block_size: usize,
+    },
+    /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter folder (for seq-cls: a run's best/ folder, with its head).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "seq-cls")]
+        task: TaskArg,
+        #[arg(long, default_value = "text")]
+        text_column: String,
+        #[arg(long, default_value = "label")]
+        label_column: String,
+        #[arg(long, default_value_t = 128)]
+        block_size: usize,
+    },
+    /// Generate text (causal LM), with an adapter or without.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// An adapter folder's method, config, tensors and parameter counts.
+    Inspect {
+        /// The adapter folder.
+        dir: PathBuf,
+    },
+}
+
+fn names(list: &str) -> TargetModules {
+    if list.contains(['*', '(', '|', '\\', '$', '^']) {
+        TargetModules::Pattern(list.to_string())
+    } else {
+        TargetModules::List(list.split(',').map(|s| s.trim().to_string()).collect())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn method_from(
+    method: MethodArg,
+    config: Option<&PathBuf>,
+    r: Option<usize>,
+    alpha: Option<f64>,
+    targets: Option<&str>,
+    feedforward: Option<&str>,
+    dropout: Option<f64>,
+    preset: &str,
+    reduction: Option<f64>,
+) -> peft_core::Result<Method> {
+    let text = config
+        .map(|p| {
+            std::fs::read_to_string(p).map_err(|source| PeftError::Io {
+                path: p.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    let origin = config.cloned().unwrap_or_default();
+    Ok(match method {
+        MethodArg::Lora | MethodArg::Dora => {
+            let mut c = match &text {
+                Some(t) => LoraConfig::from_json_str(t, &origin)?,
+                None => LoraConfig::new(8, 16.0, &["query", "value", "q_proj", "v_proj", "c_attn"]),
+            };
+            if let Some(r) = r {
+                c.r = r;
+            }
+            if let Some(a) = alpha {
+                c.lora_alpha = a;
+            }
+            if let Some(t) = targets {
+                c.target_modules = Some(names(t));
+            }
+            if let Some(d) = dropout {
+                c.lora_dropout = d;
+            }
+            c.use_dora |= matches!(method, MethodArg::Dora);
+            c.validate()?;
+            Method::Lora(c)
+        }
+        MethodArg::Ia3 => {
+            let mut c = match &text {
+                Some(t) => Ia3Config::from_json_str(t, &origin)?,
+                None => Ia3Config::default(),
+            };
+            if let Some(t) = targets {
+                c.target_modules = Some(names(t));
+            }
+            if let Some(f) = feedforward {
+                c.feedforward_modules = Some(names(f));
+            }
+            Method::Ia3(c)
+        }
+        MethodArg::Adapter => {
+            let mut c = match &text {
+                Some(t) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(t).map_err(|source| PeftError::Json {
+                            path: origin.clone(),
+                            source,
+                        })?;
+                    let inner = v.get("config").cloned().unwrap_or(v);
+                    serde_json::from_value(inner).map_err(|source| PeftError::Json {
+                        path: origin.clone(),
+                        source,
+                    })?
+                }
+                None => BnConfig::by_name(preset)?,
+            };
+            if let Some(f) = reduction {
+                c = c.with_reduction_factor(f);
+            }
+            c.validate()?;
+            Method::Adapter(c)
+        }
+    })
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+fn run(cli: Cli) -> peft_core::Result<()> {
+    match cli.command {
+        Command::Train {
+            method,
+            config,
+            model,
+            data,
+            task,
+            out,
+            r,
+            alpha,
+            targets,
+            feedforward,
+            lora_dropout,
+            adapter_preset,
+            reduction,
+            lr,
+            epochs,
+            batch,
+            grad_accum,
+            warmup,
+            schedule,
+            weight_decay,
+            clip,
+            eval_every,
+            patience,
+            seed,
+            max_steps,
+            max_train,
+            held_out,
+            text_column,
+            label_column,
+            block_size,
+        } => {
+            let method = method_from(
+                method,
+                config.as_ref(),
+                r,
+                alpha,
+                targets.as_deref(),
+                feedforward.as_deref(),
+                lora_dropout,
+                &adapter_preset,
+                reduction,
+            )?;
+            let job = TrainJob {
+                model,
+                data,
+                task: task.into(),
+                method,
+                out,
+                train: TrainConfig {
+                    lr,
+                    epochs,
+                    batch,
+                    grad_accum,
+                    warmup,
+                    schedule: match schedule {
+                        ScheduleArg::Linear => Schedule::Linear,
+                        ScheduleArg::Cosine => Schedule::Cosine,
+                        ScheduleArg::Constant => Schedule::Constant,
+                    },
+                    weight_decay,
+                    clip_norm: (clip > 0.0).then_some(clip),
+                    eval_every,
+                    patience,
+                    seed,
+                    max_steps,
+                },
+                text_column,
+                label_column,
+                held_out,
+                max_train,
+                block_size,
+            };
+            let report = jobs::train::<CpuTrainBackend>(&job, &progress_bar())?;
+            let p = report.params;
+            println!(
+                "{} on {} training / {} held-out examples: {} steps{}",
+                job.method.name(),
+                report.sizes.0,
+                report.sizes.1,
+                report.steps,
+                if report.stopped_early {
+                    " (stopped early)"
+                } else {
+                    ""
+                }
+            );
+            println!("{p}");
+            println!(
+                "held-out {}: {:.4} before, {:.4} after",
+                report.before.name, report.before.value, report.after.value
+            );
+            println!("best checkpoint: {}", report.best.display());
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            task,
+            text_column,
+            label_column,
+            block_size,
+        } => {
+            let m = jobs::eval::<Inference>(
+                &model,
+                adapter.as_deref(),
+                &data,
+                task.into(),
+                (&text_column, &label_column),
+                block_size,
+            )?;
+            println!("{}: {:.4}", m.name, m.value);
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max,
+            temperature,
+            seed,
+        } => {
+            let mut sampler = if temperature > 0.0 {
+                Sampler::Random {
+                    temperature: temperature as f32,
+                    top_k: 0,
+                    top_p: 1.0,
+                    state: seed,
+                }
+            } else {
+                Sampler::Greedy
+            };
+            let text = jobs::generate::<Inference>(
+                &model,
+                adapter.as_deref(),
+                &prompt,
+                max,
+                &mut sampler,
+            )?;
+            println!("{prompt}{text}");
+            Ok(())
+        }
+        Command::Inspect { dir } => {
+            print!("{}", jobs::inspect(&dir)?);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

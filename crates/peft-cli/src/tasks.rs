@@ -1,0 +1,464 @@
+//! What `peft train` / `peft eval` run: a model (BERT for sequence
+//! classification; Llama or GPT-2 for causal LM) with one method (LoRA,
+//! DoRA, (IA)³ or a bottleneck adapter), the loss and the evaluation.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Module};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
+use peft_core::io::{
+    read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
+};
+use peft_core::model::BottleneckSeam;
+use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result};
+use peft_lora::LoraModel;
+use peft_models::bert::Bert;
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+use peft_models::loss::{causal_lm_loss, cross_entropy};
+use peft_models::tokenizer::Tokenizer;
+use serde_json::Value;
+
+use crate::train::Metric;
+
+/// A PEFT method with its config. (Built once per run: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Method {
+    /// LoRA / rsLoRA / DoRA (PEFT's `LoraConfig`).
+    Lora(LoraConfig),
+    /// (IA)³ (PEFT's `IA3Config`).
+    Ia3(Ia3Config),
+    /// An AdapterHub bottleneck adapter.
+    Adapter(BnConfig),
+}
+
+impl Method {
+    /// `lora`, `dora`, `ia3` or `adapter`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Lora(c) if c.use_dora => "dora",
+            Method::Lora(_) => "lora",
+            Method::Ia3(_) => "ia3",
+            Method::Adapter(_) => "adapter",
+        }
+    }
+
+    /// Reads the method of a saved adapter folder: PEFT's
+    /// `adapter_config.json` (`peft_type` LORA or IA3) or AdapterHub's
+    /// (a `config` object).
+    pub fn detect(dir: &Path) -> Result<Method> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        match (v.get("peft_type").and_then(Value::as_str), v.get("config")) {
+            (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
+            (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
+            (None, Some(c)) => serde_json::from_value(c.clone())
+                .map(Method::Adapter)
+                .map_err(|source| PeftError::Json { path: path.clone(), source }),
+            (Some(other), _) => Err(PeftError::Config(format!(
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, AdapterHub bottleneck)",
+                path.display()
+            ))),
+            (None, None) => Err(PeftError::Config(format!(
+                "{}: neither a PEFT config (peft_type) nor an AdapterHub one (config)",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// The architectures `peft` runs, read from a model path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// BERT (sequence classification).
+    Bert,
+    /// Llama family (causal LM), from a Hugging Face folder or a GGUF file.
+    Llama,
+    /// GPT-2 (causal LM).
+    Gpt2,
+}
+
+/// The architecture of the model at `path` (a `.gguf` file is Llama; a folder
+/// is read from its `config.json`'s `model_type`).
+pub fn arch_of(path: &Path) -> Result<Arch> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return Ok(Arch::Llama);
+    }
+    let config = path.join("config.json");
+    if !config.is_file() {
+        return Err(PeftError::Checkpoint {
+            path: path.to_path_buf(),
+            message: "not a model: no config.json here (a Hugging Face model folder or a .gguf file is needed)".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&config).map_err(|source| PeftError::Io {
+        path: config.clone(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+        path: config.clone(),
+        source,
+    })?;
+    match v.get("model_type").and_then(Value::as_str) {
+        Some("bert") => Ok(Arch::Bert),
+        Some("llama" | "mistral") => Ok(Arch::Llama),
+        Some("gpt2") => Ok(Arch::Gpt2),
+        other => Err(PeftError::Checkpoint {
+            path: config,
+            message: format!("model_type {other:?} is not supported (bert, llama, gpt2)"),
+        }),
+    }
+}
+
+/// The tokenizer of the model at `path`: `tokenizer.json` beside the
+/// weights, or the one in the GGUF metadata.
+pub fn tokenizer_of(path: &Path) -> Result<Tokenizer> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return Tokenizer::from_gguf(&peft_models::gguf::Gguf::open(path)?);
+    }
+    Tokenizer::from_file(&path.join("tokenizer.json"))
+}
+
+/// A model's hidden states for classification.
+pub trait Encoder<B: Backend> {
+    /// `[b, t, d]` for `ids: [b, t]` with `mask: [b, t]`.
+    fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>>;
+}
+
+impl<B: Backend> Encoder<B> for Bert<B> {
+    fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+        Ok(self.encode(ids, Some(mask)))
+    }
+}
+
+impl<B: Backend> Encoder<B> for AdapterModel<B, Bert<B>> {
+    fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+        self.forward(ids, Some(mask))
+    }
+}
+
+/// An encoder, mean pooling and a linear head (trained in full, as PEFT's
+/// `modules_to_save`).
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend, E: Module<B>> {
+    /// The adapted encoder.
+    pub encoder: E,
+    /// `[d, labels]`.
+    pub head: Linear<B>,
+}
+
+impl<B: Backend, E: Encoder<B> + Module<B>> Classifier<B, E> {
+    /// Logits `[b, labels]`.
+    pub fn logits(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        let h = self.encoder.hidden(ids, mask.clone())?;
+        Ok(self.head.forward(Bert::pool_mean(h, mask, false)))
+    }
+}
+
+/// Tokenised, labelled examples.
+pub struct Encoded {
+    /// Texts (tokenised per batch, padded to the batch's longest).
+    pub texts: Vec<String>,
+    /// Label indices.
+    pub labels: Vec<usize>,
+}
+
+/// Ids `[b, t]`, attention mask `[b, t]`, labels `[b]` and the token count.
+type BatchTensors<B> = (Tensor<B, 2, Int>, Tensor<B, 2>, Tensor<B, 1, Int>, usize);
+
+fn batch_tensors<B: Backend>(
+    tok: &Tokenizer,
+    data: &Encoded,
+    idx: &[usize],
+    device: &B::Device,
+) -> Result<BatchTensors<B>> {
+    let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
+    let b = tok.batch::<B>(&texts, device)?;
+    let labels: Vec<i64> = idx.iter().map(|&i| data.labels[i] as i64).collect();
+    let n = b.ids.dims()[0] * b.ids.dims()[1];
+    let labels = Tensor::from_data(TensorData::new(labels, [idx.len()]), device);
+    Ok((b.ids, b.attention_mask, labels, n))
+}
+
+/// Mean cross-entropy of a batch, and its token count.
+pub fn classifier_loss<B: Backend, E: Encoder<B> + Module<B>>(
+    model: &Classifier<B, E>,
+    tok: &Tokenizer,
+    data: &Encoded,
+    idx: &[usize],
+) -> Result<(Tensor<B, 1>, usize)> {
+    let device = model.head.weight.device();
+    let (ids, mask, labels, n) = batch_tensors::<B>(tok, data, idx, &device)?;
+    Ok((cross_entropy(model.logits(ids, mask)?, labels), n))
+}
+
+/// Accuracy on `data`.
+pub fn accuracy<B: Backend, E: Encoder<B> + Module<B>>(
+    model: &Classifier<B, E>,
+    tok: &Tokenizer,
+    data: &Encoded,
+) -> Result<Metric> {
+    let device = model.head.weight.device();
+    let mut correct = 0;
+    let all: Vec<usize> = (0..data.texts.len()).collect();
+    for idx in all.chunks(64) {
+        let (ids, mask, _, _) = batch_tensors::<B>(tok, data, idx, &device)?;
+        let pred: Vec<i64> = model
+            .logits(ids, mask)?
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap_or_default();
+        correct += pred
+            .iter()
+            .zip(idx)
+            .filter(|(p, &i)| **p as usize == data.labels[i])
+            .count();
+    }
+    Ok(Metric {
+        name: "accuracy",
+        value: correct as f64 / data.texts.len().max(1) as f64,
+        higher_is_better: true,
+    })
+}
+
+/// Writes the head as `head.safetensors` (`classifier.weight` `[labels, d]`, PyTorch layout).
+pub fn save_head<B: Backend>(head: &Linear<B>, dir: &Path) -> Result<()> {
+    let mut t = vec![(
+        "classifier.weight".to_string(),
+        HostTensor::from_tensor(head.weight.val()).transposed(),
+    )];
+    if let Some(b) = &head.bias {
+        t.push((
+            "classifier.bias".to_string(),
+            HostTensor::from_tensor(b.val()),
+        ));
+    }
+    write_atomic(
+        &dir.join("head.safetensors"),
+        &serialize_safetensors(&t, None),
+    )
+}
+
+/// Reads `head.safetensors` for `d` inputs.
+pub fn load_head<B: Backend>(dir: &Path, d: usize, device: &B::Device) -> Result<Linear<B>> {
+    let file = dir.join("head.safetensors");
+    let mut t = read_safetensors(&file)?;
+    let w = take_tensor(&mut t, "classifier.weight", &file)?;
+    let labels = w.shape.first().copied().unwrap_or(0);
+    peft_core::io::linear_from_torch(
+        &mut [("classifier.weight".to_string(), w)]
+            .into_iter()
+            .chain(t)
+            .collect(),
+        "classifier",
+        [d, labels],
+        &file,
+        device,
+    )
+}
+
+/// A new head `[d, labels]`.
+pub fn new_head<B: Backend>(d: usize, labels: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d, labels).init(device)
+}
+
+/// A causal LM `peft` can train: logits for ids, and the seams.
+pub trait CausalModel<B: Backend>:
+    PeftModel<B> + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>> + Clone
+{
+    /// Logits `[b, t, vocab]`.
+    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
+    /// Loads the model at `path`.
+    fn load_from(path: &Path, device: &B::Device) -> Result<Self>;
+}
+
+impl<B: Backend> CausalModel<B> for Llama<B> {
+    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward(ids, None)
+    }
+    fn load_from(path: &Path, device: &B::Device) -> Result<Self> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            Llama::from_gguf(path, device)
+        } else {
+            Llama::load(path, device)
+        }
+    }
+}
+
+impl<B: Backend> CausalModel<B> for Gpt2<B> {
+    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward(ids, None)
+    }
+    fn load_from(path: &Path, device: &B::Device) -> Result<Self> {
+        Gpt2::load(path, device)
+    }
+}
+
+/// A causal LM with its method: the plain model (LoRA / (IA)³ live in its
+/// slots) or the model with bottleneck adapters.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Lm<B: Backend, M: Module<B>> {
+    /// LoRA, DoRA, (IA)³.
+    Slots(M),
+    /// Bottleneck adapters.
+    Adapters(AdapterModel<B, M>),
+}
+
+impl<B: Backend, M: CausalModel<B> + Module<B>> Lm<B, M> {
+    /// Logits `[b, t, vocab]`.
+    pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        match self {
+            Lm::Slots(m) => Ok(m.lm_logits(ids)),
+            Lm::Adapters(a) => a.forward(ids, None),
+        }
+    }
+}
+
+fn ids_batch<B: Backend>(
+    blocks: &[Vec<u32>],
+    idx: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let len = blocks[0].len();
+    let flat: Vec<i64> = idx
+        .iter()
+        .flat_map(|&i| blocks[i].iter().map(|&t| t as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [idx.len(), len]), device)
+}
+
+/// Mean next-token loss of a batch of blocks, and its token count.
+pub fn lm_loss<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Lm<B, M>,
+    blocks: &[Vec<u32>],
+    idx: &[usize],
+    device: &B::Device,
+) -> Result<(Tensor<B, 1>, usize)> {
+    let ids = ids_batch::<B>(blocks, idx, device);
+    let n = idx.len() * blocks[0].len();
+    Ok((causal_lm_loss(model.logits(ids.clone())?, ids), n))
+}
+
+/// Perplexity on `blocks` (the exponential of the mean next-token loss).
+pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Lm<B, M>,
+    blocks: &[Vec<u32>],
+    device: &B::Device,
+) -> Result<Metric> {
+    let mut total = 0.0;
+    let all: Vec<usize> = (0..blocks.len()).collect();
+    for idx in all.chunks(8) {
+        let (l, _) = lm_loss(model, blocks, idx, device)?;
+        total += l.into_scalar().to_f64() * idx.len() as f64;
+    }
+    let mean = total / blocks.len().max(1) as f64;
+    Ok(Metric {
+        name: "perplexity",
+        value: mean.exp(),
+        higher_is_better: false,
+    })
+}
+
+trait ToF64 {
+    fn to_f64(self) -> f64;
+}
+impl<E: burn::tensor::ElementConversion> ToF64 for E {
+    fn to_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Attaches a slot method (LoRA, DoRA, (IA)³) to `model` as adapter
+/// `default`: the model carrying it, its parameter count, and a function
+/// that saves the adapter of a trained (inference) copy in PEFT's format.
+#[allow(clippy::type_complexity)]
+pub fn attach_slots<B: AutodiffBackend, M>(
+    model: M,
+    method: &Method,
+) -> Result<(M, peft_core::ParamCount, Saver<M::InnerModule>)>
+where
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
+{
+    Ok(match method {
+        Method::Lora(c) => {
+            let l = LoraModel::new(model, c.clone())?;
+            let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
+            let count = l.param_count();
+            let save: Saver<M::InnerModule> =
+                Box::new(move |m, dir| template.with_model(m.clone()).save_adapter("default", dir));
+            (l.model, count, save)
+        }
+        Method::Ia3(c) => {
+            let l = Ia3Model::new(model, c.clone())?;
+            let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
+            let count = l.param_count();
+            let save: Saver<M::InnerModule> =
+                Box::new(move |m, dir| template.with_model(m.clone()).save_adapter("default", dir));
+            (l.model, count, save)
+        }
+        Method::Adapter(_) => {
+            return Err(PeftError::Config(
+                "bottleneck adapters do not live in the linear slots".into(),
+            ))
+        }
+    })
+}
+
+/// A model with its method attached.
+#[allow(clippy::large_enum_variant)]
+pub enum Attached<B: Backend, M: Module<B>> {
+    /// The model's own slots carry the adapter.
+    Slots(M, peft_core::ParamCount),
+    /// Bottleneck adapters around the model.
+    Adapters(AdapterModel<B, M>, peft_core::ParamCount),
+}
+
+/// Saves the adapter carried by a model into a folder.
+pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;
+
+/// Attaches a saved adapter folder (detected method) to a model for
+/// evaluation or generation.
+pub fn load_attached<B: Backend, M>(model: M, dir: &Path) -> Result<Attached<B, M>>
+where
+    M: PeftModel<B> + BottleneckSeam<B> + Clone,
+{
+    Ok(match Method::detect(dir)? {
+        Method::Lora(_) => {
+            let l = LoraModel::from_pretrained(model, dir)?;
+            let c = l.param_count();
+            Attached::Slots(l.model, c)
+        }
+        Method::Ia3(_) => {
+            let l = Ia3Model::from_pretrained(model, dir)?;
+            let c = l.param_count();
+            Attached::Slots(l.model, c)
+        }
+        Method::Adapter(_) => {
+            let mut a = AdapterModel::wrap(model);
+            let name = a.load_adapter(dir, None)?;
+            a.set_active(peft_adapter::Setup::single(&name))?;
+            let c = a.param_count();
+            Attached::Adapters(a, c)
+        }
+    })
+}
+
+/// The path of a run's best checkpoint.
+pub fn best_dir(out: &Path) -> PathBuf {
+    out.join("best")
+}
