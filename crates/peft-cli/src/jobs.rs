@@ -481,3 +481,197 @@ pub fn inspect(dir: &Path) -> Result<String> {
     }
     Ok(s)
 }
+
+/// `peft forward`: runs the model (with an adapter folder or none) on the
+/// token ids of a JSON file (`[[id, ...], ...]`, rows of equal length) and
+/// writes the output — logits `[b, t, vocab]` for Llama / GPT-2, last hidden
+/// states `[b, t, d]` for BERT — as `output` in a safetensors file: the hook
+/// for checking parity with any reference.
+pub fn forward<B: Backend>(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids_file: &Path,
+    out: &Path,
+) -> Result<Vec<usize>> {
+    let device = B::Device::default();
+    let text = std::fs::read_to_string(ids_file).map_err(|source| PeftError::Io {
+        path: ids_file.to_path_buf(),
+        source,
+    })?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+        path: ids_file.to_path_buf(),
+        source,
+    })?;
+    let t = rows.first().map_or(0, Vec::len);
+    if t == 0 || rows.iter().any(|r| r.len() != t) {
+        return Err(PeftError::Checkpoint {
+            path: ids_file.to_path_buf(),
+            message: "token ids must be a non-empty list of non-empty rows of equal length".into(),
+        });
+    }
+    let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+    let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(flat, [rows.len(), t]),
+        &device,
+    );
+    let output = match tasks::arch_of(model)? {
+        Arch::Llama => forward_lm::<B, Llama<B>>(model, adapter, ids)?,
+        Arch::Gpt2 => forward_lm::<B, Gpt2<B>>(model, adapter, ids)?,
+        Arch::Bert => {
+            let bert = Bert::<B>::load(model, &device)?;
+            let mask = burn::tensor::Tensor::ones([rows.len(), t], &device);
+            let h = match adapter {
+                None => bert.encode(ids, Some(mask)),
+                Some(dir) => match tasks::load_attached(bert, dir)? {
+                    Attached::Slots(m, _) => m.encode(ids, Some(mask)),
+                    Attached::Adapters(a, _) => a.forward(ids, Some(mask))?,
+                },
+            };
+            peft_core::io::HostTensor::from_tensor(h)
+        }
+    };
+    let shape = output.shape.clone();
+    peft_core::io::write_atomic(
+        out,
+        &peft_core::io::serialize_safetensors(&[("output".to_string(), output)], None),
+    )?;
+    Ok(shape)
+}
+
+fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
+) -> Result<peft_core::io::HostTensor> {
+    let base = M::load_from(model, &ids.device())?;
+    let lm = match adapter {
+        None => Lm::Slots(base),
+        Some(dir) => match tasks::load_attached(base, dir)? {
+            Attached::Slots(m, _) => Lm::Slots(m),
+            Attached::Adapters(a, _) => Lm::Adapters(a),
+        },
+    };
+    Ok(peft_core::io::HostTensor::from_tensor(lm.logits(ids)?))
+}
+
+/// `peft merge`: folds a LoRA / DoRA / (IA)³ adapter into a Hugging Face
+/// model folder and writes the merged model to `out` (`model.safetensors`
+/// with every other tensor as it was, `config.json` and the tokenizer
+/// copied). Returns the names of the tensors that changed.
+pub fn merge<B: Backend>(model: &Path, adapter: &Path, out: &Path) -> Result<Vec<String>> {
+    let device = B::Device::default();
+    let weights = model.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(PeftError::Checkpoint {
+            path: model.to_path_buf(),
+            message: "merge needs a Hugging Face folder with one model.safetensors (GGUF and sharded checkpoints are not merged)".into(),
+        });
+    }
+    match tasks::arch_of(model)? {
+        Arch::Llama => {
+            merge_into::<B, Llama<B>>(Llama::load(model, &device)?, model, adapter, out, true)
+        }
+        Arch::Bert => {
+            merge_into::<B, Bert<B>>(Bert::load(model, &device)?, model, adapter, out, true)
+        }
+        // GPT-2's Conv1D stores [in, out], as Burn does.
+        Arch::Gpt2 => {
+            merge_into::<B, Gpt2<B>>(Gpt2::load(model, &device)?, model, adapter, out, false)
+        }
+    }
+}
+
+fn merge_into<
+    B: Backend,
+    M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
+>(
+    base: M,
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    transpose: bool,
+) -> Result<Vec<String>> {
+    let merged = match Method::detect(adapter)? {
+        Method::Lora(_) => {
+            peft_lora::LoraModel::from_pretrained(base, adapter)?.merge_and_unload()?
+        }
+        Method::Ia3(_) => {
+            peft_adapter::Ia3Model::from_pretrained(base, adapter)?.merge_and_unload()?
+        }
+        Method::Adapter(_) => {
+            return Err(PeftError::Config(
+                "bottleneck adapters add modules; they cannot be merged into the base weights"
+                    .into(),
+            ))
+        }
+    };
+    let file = model.join("model.safetensors");
+    let mut tensors = read_safetensors(&file)?;
+    let mut changed = Vec::new();
+    let mut problem = Ok(());
+    merged.visit_linears(&mut |path, slot| {
+        let mut w = peft_core::io::HostTensor::from_tensor(slot.base.weight.val());
+        if transpose {
+            w = w.transposed();
+        }
+        let mut update = |key: String, t: peft_core::io::HostTensor| match tensors.get(&key) {
+            Some(old) if *old == t => {}
+            Some(old) if old.shape == t.shape => {
+                changed.push(key.clone());
+                tensors.insert(key, t);
+            }
+            Some(old) => {
+                problem = Err(PeftError::Shape {
+                    name: key.clone(),
+                    expected: old.shape.clone(),
+                    found: t.shape,
+                });
+            }
+            // Not in the file (e.g. a head tied to the embeddings).
+            None => {}
+        };
+        update(format!("{path}.weight"), w);
+        if let Some(b) = &slot.base.bias {
+            update(
+                format!("{path}.bias"),
+                peft_core::io::HostTensor::from_tensor(b.val()),
+            );
+        }
+    });
+    problem?;
+    if changed.is_empty() {
+        return Err(PeftError::State(format!(
+            "merging {} changed no tensor of {}: the adapter's module names do not match the checkpoint's keys",
+            adapter.display(),
+            file.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|source| PeftError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let mut list: Vec<(String, peft_core::io::HostTensor)> = tensors.into_iter().collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    peft_core::io::write_atomic(
+        &out.join("model.safetensors"),
+        &peft_core::io::serialize_safetensors(&list, Some(metadata)),
+    )?;
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if model.join(f).is_file() {
+            let bytes = std::fs::read(model.join(f)).map_err(|source| PeftError::Io {
+                path: model.join(f),
+                source,
+            })?;
+            peft_core::io::write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    changed.sort();
+    Ok(changed)
+}

@@ -3,6 +3,8 @@
 //!     peft train --method lora --model DIR --data FILE --task seq-cls --out runs/x
 //!     peft eval --model DIR --adapter runs/x/best --data FILE --task seq-cls
 //!     peft generate --model model.gguf [--adapter DIR] --prompt "Once upon a time"
+//!     peft forward --model DIR [--adapter DIR] --ids ids.json --out logits.safetensors
+//!     peft merge --model DIR --adapter DIR --out merged/
 //!     peft inspect DIR
 //!
 //! Every failure is a message naming the file and the problem, and a
@@ -188,6 +190,30 @@ enum Command {
         temperature: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+    /// Run a model (with an adapter or none) on token ids from a JSON file
+    /// and write the output as a safetensors file.
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// JSON: `[[id, ...], ...]`, rows of equal length.
+        #[arg(long)]
+        ids: PathBuf,
+        /// Output safetensors file (tensor `output`).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fold a LoRA / DoRA / (IA)³ adapter into a Hugging Face model folder and
+    /// write the merged model (f32 safetensors).
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// An adapter folder's method, config, tensors and parameter counts.
     Inspect {
@@ -437,6 +463,29 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 &mut sampler,
             )?;
             println!("{prompt}{text}");
+            Ok(())
+        }
+        Command::Forward {
+            model,
+            adapter,
+            ids,
+            out,
+        } => {
+            let shape = jobs::forward::<Inference>(&model, adapter.as_deref(), &ids, &out)?;
+            println!("wrote output {shape:?} to {}", out.display());
+            Ok(())
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let changed = jobs::merge::<Inference>(&model, &adapter, &out)?;
+            println!(
+                "merged {} tensors into {} (f32)",
+                changed.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::Inspect { dir } => {

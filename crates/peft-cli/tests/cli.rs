@@ -1,0 +1,376 @@
+//! The `peft` command and its training library on the real models: a short
+//! run writes its metrics, plot and a best checkpoint that `peft eval`
+//! scores exactly as the run did; a NaN stops training with the step named;
+//! every bad input is a non-zero exit with a message naming the file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use peft_cli::data;
+use peft_cli::jobs::{self, Task, TrainJob};
+use peft_cli::tasks::Method;
+use peft_cli::train::TrainConfig;
+use peft_core::backends::CpuTrainBackend;
+use peft_core::{Ia3Config, LoraConfig, PeftError};
+use peft_models::assets;
+use peft_models::datasets::rotten_tomatoes;
+
+type Inference = burn::backend::NdArray;
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("peft-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `n` Rotten Tomatoes sentences (both labels) as JSONL.
+fn sentiment_file(dir: &Path, n: usize) -> PathBuf {
+    let all = rotten_tomatoes(&assets::fetch("rotten-tomatoes").unwrap()).unwrap();
+    let (pos, neg): (Vec<_>, Vec<_>) = all.into_iter().partition(|s| s.label == 1);
+    let rows: Vec<String> = pos
+        .iter()
+        .zip(&neg)
+        .flat_map(|(p, q)| [p, q])
+        .take(n)
+        .map(|s| serde_json::json!({"text": s.text, "label": if s.label == 1 { "positive" } else { "negative" }}).to_string())
+        .collect();
+    let path = dir.join("sentiment.jsonl");
+    std::fs::write(&path, rows.join("\n")).unwrap();
+    path
+}
+
+fn job(
+    model: PathBuf,
+    data: PathBuf,
+    out: PathBuf,
+    method: Method,
+    train: TrainConfig,
+) -> TrainJob {
+    TrainJob {
+        model,
+        data,
+        task: Task::SeqCls,
+        method,
+        out,
+        train,
+        text_column: "text".into(),
+        label_column: "label".into(),
+        held_out: 0.25,
+        max_train: None,
+        block_size: 32,
+    }
+}
+
+#[test]
+fn a_short_run_writes_what_eval_reads_back() {
+    let dir = temp("run");
+    let data_file = sentiment_file(&dir, 48);
+    let minilm = assets::fetch("minilm").unwrap();
+    let train = TrainConfig {
+        batch: 8,
+        grad_accum: 2,
+        max_steps: Some(2),
+        eval_every: 1,
+        ..Default::default()
+    };
+    let j = job(
+        minilm.clone(),
+        data_file.clone(),
+        dir.join("out"),
+        Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
+        train.clone(),
+    );
+    let report = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap();
+    assert_eq!(report.steps, 2);
+    assert_eq!(report.sizes, (36, 12));
+    // LoRA r4 on query/value of 6 layers (4·384·2 per module) + head 384·2 + 2.
+    assert_eq!(report.params.trainable, 6 * 2 * (4 * 384 * 2) + 770);
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    assert!(metrics.lines().any(|l| l.contains("\"eval\"")), "{metrics}");
+    assert!(std::fs::read_to_string(dir.join("out/loss.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    let best = dir.join("out/best");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+        "labels.json",
+    ] {
+        assert!(best.join(f).is_file(), "best/{f} missing");
+    }
+
+    // The held-out split the run used, as a file: `peft eval` scores it as the run did.
+    let examples = data::read_labelled(&data_file, "text", "label").unwrap();
+    let (_, held) = data::split(&examples, 0.25, train.seed);
+    let rows: Vec<String> = held
+        .iter()
+        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
+        .collect();
+    let held_file = dir.join("held.jsonl");
+    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    let m = jobs::eval::<Inference>(
+        &minilm,
+        Some(&best),
+        &held_file,
+        Task::SeqCls,
+        ("text", "label"),
+        32,
+    )
+    .unwrap();
+    assert_eq!(
+        m.value, report.after.value,
+        "eval of best/ differs from the run's own evaluation"
+    );
+    assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
+
+    // (IA)³ and a bottleneck adapter run through the same pipeline.
+    for (name, method) in [
+        ("ia3", Method::Ia3(Ia3Config::default())),
+        ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
+    ] {
+        let out = dir.join(name);
+        let train = TrainConfig {
+            batch: 8,
+            max_steps: Some(1),
+            ..Default::default()
+        };
+        let r = jobs::train::<CpuTrainBackend>(
+            &job(
+                minilm.clone(),
+                data_file.clone(),
+                out.clone(),
+                method,
+                train,
+            ),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
+        let m = jobs::eval::<Inference>(
+            &minilm,
+            Some(&out.join("best")),
+            &held_file,
+            Task::SeqCls,
+            ("text", "label"),
+            32,
+        )
+        .unwrap();
+        assert_eq!(m.value, r.after.value, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_nan_loss_stops_training_naming_the_step() {
+    let dir = temp("nan");
+    let data_file = sentiment_file(&dir, 24);
+    let minilm = assets::fetch("minilm").unwrap();
+    // An absurd learning rate without clipping blows the adapter up.
+    let train = TrainConfig {
+        lr: 1e30,
+        clip_norm: None,
+        warmup: 0.0,
+        batch: 4,
+        max_steps: Some(5),
+        ..Default::default()
+    };
+    let j = job(
+        minilm,
+        data_file,
+        dir.join("out"),
+        Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
+        train,
+    );
+    let err = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap_err();
+    assert!(matches!(err, PeftError::NonFinite(_)), "{err}");
+    assert!(err.to_string().contains("at step"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn peft(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_inputs_are_non_zero_exits_naming_the_problem() {
+    let dir = temp("bad");
+    let minilm = assets::fetch("minilm").unwrap();
+    let m = minilm.to_str().unwrap();
+    let data_file = sentiment_file(&dir, 8);
+    let d = data_file.to_str().unwrap();
+    let o = dir.join("out");
+    let o = o.to_str().unwrap();
+    let bad_row = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad_row,
+        "{\"text\":\"fine\",\"label\":\"positive\"}\n{\"text\":\"no label\"}\n",
+    )
+    .unwrap();
+    let weightless = dir.join("weightless");
+    std::fs::create_dir_all(&weightless).unwrap();
+    std::fs::copy(minilm.join("config.json"), weightless.join("config.json")).unwrap();
+    std::fs::copy(
+        minilm.join("tokenizer.json"),
+        weightless.join("tokenizer.json"),
+    )
+    .unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "train",
+                "--method",
+                "lora",
+                "--model",
+                "/nonexistent/model",
+                "--data",
+                d,
+                "--out",
+                o,
+            ],
+            "/nonexistent/model",
+        ),
+        (
+            vec![
+                "train", "--method", "lora", "--model", m, "--data", d, "--out", o, "--r", "0",
+            ],
+            "`r` must be a positive",
+        ),
+        (
+            vec![
+                "train",
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                bad_row.to_str().unwrap(),
+                "--out",
+                o,
+            ],
+            "bad.jsonl: line 2",
+        ),
+        (
+            vec![
+                "train",
+                "--method",
+                "lora",
+                "--model",
+                weightless.to_str().unwrap(),
+                "--data",
+                d,
+                "--out",
+                o,
+            ],
+            "model.safetensors",
+        ),
+        (
+            vec![
+                "train",
+                "--method",
+                "prefix-magic",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--out",
+                o,
+            ],
+            "prefix-magic",
+        ),
+        (
+            vec![
+                "train",
+                "--method",
+                "lora",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--out",
+                o,
+                "--targets",
+                "nothing_here",
+            ],
+            "matched no module",
+        ),
+        (
+            vec!["inspect", dir.to_str().unwrap()],
+            "adapter_config.json",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (ok, stderr) = peft(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr does not name `{needle}`:\n{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `peft forward` is the parity hook: on the tiny fixtures it reproduces
+/// PEFT's logits with the adapter; `peft merge` writes a model whose plain
+/// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
+/// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too).
+#[test]
+fn forward_and_merge_reproduce_peft() {
+    let dir = temp("merge");
+    let fixtures = peft_models::fixtures::fixtures_dir();
+    for (arch, case, merged_key) in [
+        ("llama", "lora", "logits_merged"),
+        ("gpt2", "lora", "logits_merged"),
+        ("llama", "ia3", "logits_merged"),
+        ("gpt2", "ia3", "logits_merged"),
+    ] {
+        let c = peft_models::fixtures::FixtureCase::open(arch, case);
+        let ids: Vec<Vec<u32>> = {
+            let t = c.want("input_ids");
+            t.data
+                .chunks(t.shape[1])
+                .map(|r| r.iter().map(|&x| x as u32).collect())
+                .collect()
+        };
+        let ids_file = dir.join("ids.json");
+        std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+        let out = dir.join(format!("{arch}-{case}.safetensors"));
+        let model = fixtures.join(arch);
+        jobs::forward::<Inference>(&model, Some(&c.dir), &ids_file, &out).unwrap();
+        let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
+        peft_models::fixtures::assert_close(
+            &format!("{arch}/{case} forward"),
+            got,
+            c.want("logits_unmerged"),
+        );
+
+        let merged = dir.join(format!("{arch}-{case}-merged"));
+        let changed = jobs::merge::<Inference>(&model, &c.dir, &merged).unwrap();
+        assert!(!changed.is_empty());
+        jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+        let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
+        peft_models::fixtures::assert_close(
+            &format!("{arch}/{case} merged"),
+            got,
+            c.want(merged_key),
+        );
+    }
+    let (ok, stderr) = peft(&[
+        "merge",
+        "--model",
+        fixtures.join("llama").to_str().unwrap(),
+        "--adapter",
+        fixtures.join("bert/bn_seq/a").to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("cannot be merged"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
