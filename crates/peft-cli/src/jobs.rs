@@ -52,6 +52,79 @@ pub struct TrainJob {
     pub max_train: Option<usize>,
     /// Tokens per block (causal LM).
     pub block_size: usize,
+    /// Continue the run in `out` from its `last/` checkpoint.
+    pub resume: bool,
+}
+
+impl TrainJob {
+    /// The job of the run in `dir`, from its `train_config.json` and the
+    /// method of its `last/` checkpoint, to continue it.
+    pub fn resume_from(dir: &Path) -> Result<TrainJob> {
+        let path = dir.join("train_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| PeftError::Json {
+                path: path.clone(),
+                source,
+            })?;
+        fn get<T: serde::de::DeserializeOwned>(
+            v: &serde_json::Value,
+            k: &str,
+            path: &Path,
+        ) -> Result<T> {
+            let x = v.get(k).cloned().ok_or_else(|| PeftError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("no `{k}`: not a run folder of this version"),
+            })?;
+            serde_json::from_value(x).map_err(|source| PeftError::Json {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        let task: String = get(&v, "task", &path)?;
+        Ok(TrainJob {
+            model: get(&v, "model", &path)?,
+            data: get(&v, "data", &path)?,
+            task: if task == "seq-cls" {
+                Task::SeqCls
+            } else {
+                Task::CausalLm
+            },
+            method: Method::detect(&dir.join("last"))?,
+            out: dir.to_path_buf(),
+            train: get(&v, "train", &path)?,
+            text_column: get(&v, "text_column", &path)?,
+            label_column: get(&v, "label_column", &path)?,
+            held_out: get(&v, "held_out", &path)?,
+            max_train: get(&v, "max_train", &path)?,
+            block_size: get(&v, "block_size", &path)?,
+            resume: true,
+        })
+    }
+
+    fn config_json(&self, extra: serde_json::Value) -> serde_json::Value {
+        let task = match self.task {
+            Task::SeqCls => "seq-cls",
+            Task::CausalLm => "causal-lm",
+        };
+        let mut v = json!({
+            "method": self.method.name(), "task": task, "model": self.model, "data": self.data,
+            "train": self.train, "held_out": self.held_out, "text_column": self.text_column,
+            "label_column": self.label_column, "max_train": self.max_train,
+            "block_size": self.block_size,
+        });
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        v
+    }
+
+    fn last(&self) -> Option<PathBuf> {
+        self.resume.then(|| self.out.join("last"))
+    }
 }
 
 /// What a run reports.
@@ -133,20 +206,21 @@ fn train_seq_cls<B: AutodiffBackend>(
     let bert = Bert::<B>::load(&job.model, &device)?;
     let d = bert.config.hidden_size;
     let head = tasks::new_head::<B>(d, labels.len(), &device);
-    let mut run = RunDir::create(&job.out)?;
+    let head = match job.last() {
+        Some(last) => tasks::load_head::<B>(&last, d, &device)?,
+        None => head,
+    };
+    let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(&job.out.join("labels.json"), &json!(labels))?;
     write_json(
         &job.out.join("train_config.json"),
-        &json!({
-            "method": job.method.name(), "task": "seq-cls", "model": job.model, "data": job.data,
-            "train": job.train, "held_out": job.held_out, "labels": labels,
-        }),
+        &job.config_json(json!({"labels": labels})),
     )?;
     let labels_json = json!(labels);
     let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
     match &job.method {
         Method::Adapter(c) => {
-            let encoder = AdapterModel::new(bert, "default", c.clone())?;
+            let encoder = adapter_model(bert, c, job.last().as_deref())?;
             let count = encoder.param_count();
             let model = Classifier { encoder, head };
             fit_classifier(
@@ -165,7 +239,8 @@ fn train_seq_cls<B: AutodiffBackend>(
             )
         }
         method => {
-            let (encoder, count, save) = tasks::attach_slots::<B, Bert<B>>(bert, method)?;
+            let (encoder, count, save) =
+                tasks::attach_slots::<B, Bert<B>>(bert, method, job.last().as_deref())?;
             let model = Classifier { encoder, head };
             fit_classifier(
                 model,
@@ -220,6 +295,7 @@ where
             tasks::save_head(&m.head, dir)
         },
         progress,
+        job.last().as_deref(),
     )?;
     Ok(Report {
         before,
@@ -271,18 +347,15 @@ where
     let tok = tasks::tokenizer_of(&job.model)?;
     let (train, held) = lm_blocks(job, &tok)?;
     let base = M::load_from(&job.model, &device)?;
-    let mut run = RunDir::create(&job.out)?;
+    let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(
         &job.out.join("train_config.json"),
-        &json!({
-            "method": job.method.name(), "task": "causal-lm", "model": job.model, "data": job.data,
-            "train": job.train, "held_out": job.held_out, "block_size": job.block_size,
-        }),
+        &job.config_json(json!({})),
     )?;
     let inner_device = burn::tensor::Device::<B::InnerBackend>::default();
     let (model, count, save): (Lm<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
         Method::Adapter(c) => {
-            let a = AdapterModel::new(base, "default", c.clone())?;
+            let a = adapter_model(base, c, job.last().as_deref())?;
             let count = a.param_count();
             let save: LmSaver<B, M> = Box::new(|m, dir| match m {
                 Lm::Adapters(a) => a.save_adapter("default", dir),
@@ -291,7 +364,8 @@ where
             (Lm::Adapters(a), count, save)
         }
         method => {
-            let (m, count, slot_save) = tasks::attach_slots::<B, M>(base, method)?;
+            let (m, count, slot_save) =
+                tasks::attach_slots::<B, M>(base, method, job.last().as_deref())?;
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
                 Lm::Slots(m) => slot_save(m, dir),
                 Lm::Adapters(_) => unreachable!("a slot run keeps its slots"),
@@ -309,6 +383,7 @@ where
         |m| tasks::perplexity(m, &held, &inner_device),
         |m, dir| save(m, dir),
         progress,
+        job.last().as_deref(),
     )?;
     Ok(Report {
         before,
@@ -319,6 +394,24 @@ where
         best: tasks::best_dir(&job.out),
         sizes: (train.len(), held.len()),
     })
+}
+
+/// A bottleneck adapter `default` to train: fresh per `config`, or loaded
+/// from a `last/` checkpoint to continue.
+fn adapter_model<B: Backend, M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B>>(
+    model: M,
+    config: &peft_adapter::BnConfig,
+    from: Option<&Path>,
+) -> Result<AdapterModel<B, M>> {
+    match from {
+        None => AdapterModel::new(model, "default", config.clone()),
+        Some(dir) => {
+            let mut a = AdapterModel::wrap(model);
+            a.load_adapter(dir, Some("default"))?;
+            a.train_adapter(peft_adapter::Setup::single("default"))?;
+            Ok(a)
+        }
+    }
 }
 
 /// `peft eval`: the metric of `model` with the adapter folder `adapter`

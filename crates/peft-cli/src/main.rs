@@ -74,24 +74,32 @@ enum Command {
     /// the best checkpoint (PEFT's / AdapterHub's format) under --out.
     Train {
         /// The method.
-        #[arg(long, value_enum)]
-        method: MethodArg,
+        #[arg(long, value_enum, required_unless_present = "resume")]
+        method: Option<MethodArg>,
+        /// Continue the run in this folder from its last checkpoint (its
+        /// settings come from the run; other flags but --stop-after are ignored).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Stop after N optimizer steps in this process (the schedule is the
+        /// whole run's; continue with --resume).
+        #[arg(long)]
+        stop_after: Option<usize>,
         /// The method's config as an adapter_config.json (PEFT's field names;
         /// AdapterHub's BnConfig for `adapter`). Flags below override it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Model folder (config.json + model.safetensors + tokenizer.json) or GGUF file.
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        model: Option<PathBuf>,
         /// Dataset: JSONL / CSV / TSV with text and label columns (seq-cls), or plain text (causal-lm).
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        data: Option<PathBuf>,
         /// The task.
         #[arg(long, value_enum, default_value = "seq-cls")]
         task: TaskArg,
         /// Run folder.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        out: Option<PathBuf>,
         /// LoRA rank.
         #[arg(long)]
         r: Option<usize>,
@@ -324,6 +332,8 @@ fn run(cli: Cli) -> peft_core::Result<()> {
     match cli.command {
         Command::Train {
             method,
+            resume,
+            stop_after,
             config,
             model,
             data,
@@ -354,46 +364,58 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             label_column,
             block_size,
         } => {
-            let method = method_from(
-                method,
-                config.as_ref(),
-                r,
-                alpha,
-                targets.as_deref(),
-                feedforward.as_deref(),
-                lora_dropout,
-                &adapter_preset,
-                reduction,
-            )?;
-            let job = TrainJob {
-                model,
-                data,
-                task: task.into(),
-                method,
-                out,
-                train: TrainConfig {
-                    lr,
-                    epochs,
-                    batch,
-                    grad_accum,
-                    warmup,
-                    schedule: match schedule {
-                        ScheduleArg::Linear => Schedule::Linear,
-                        ScheduleArg::Cosine => Schedule::Cosine,
-                        ScheduleArg::Constant => Schedule::Constant,
-                    },
-                    weight_decay,
-                    clip_norm: (clip > 0.0).then_some(clip),
-                    eval_every,
-                    patience,
-                    seed,
-                    max_steps,
-                },
-                text_column,
-                label_column,
-                held_out,
-                max_train,
-                block_size,
+            let job = match resume {
+                Some(dir) => {
+                    let mut job = TrainJob::resume_from(&dir)?;
+                    job.train.stop_after = stop_after;
+                    job
+                }
+                None => {
+                    let missing = |what: &str| PeftError::Config(format!("--{what} is required"));
+                    let method = method_from(
+                        method.ok_or_else(|| missing("method"))?,
+                        config.as_ref(),
+                        r,
+                        alpha,
+                        targets.as_deref(),
+                        feedforward.as_deref(),
+                        lora_dropout,
+                        &adapter_preset,
+                        reduction,
+                    )?;
+                    TrainJob {
+                        model: model.ok_or_else(|| missing("model"))?,
+                        data: data.ok_or_else(|| missing("data"))?,
+                        task: task.into(),
+                        method,
+                        out: out.ok_or_else(|| missing("out"))?,
+                        train: TrainConfig {
+                            lr,
+                            epochs,
+                            batch,
+                            grad_accum,
+                            warmup,
+                            schedule: match schedule {
+                                ScheduleArg::Linear => Schedule::Linear,
+                                ScheduleArg::Cosine => Schedule::Cosine,
+                                ScheduleArg::Constant => Schedule::Constant,
+                            },
+                            weight_decay,
+                            clip_norm: (clip > 0.0).then_some(clip),
+                            eval_every,
+                            patience,
+                            seed,
+                            max_steps,
+                            stop_after,
+                        },
+                        text_column,
+                        label_column,
+                        held_out,
+                        max_train,
+                        block_size,
+                        resume: false,
+                    }
+                }
             };
             let report = jobs::train::<CpuTrainBackend>(&job, &progress_bar())?;
             let p = report.params;

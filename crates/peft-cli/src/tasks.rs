@@ -389,6 +389,7 @@ impl<E: burn::tensor::ElementConversion> ToF64 for E {
 pub fn attach_slots<B: AutodiffBackend, M>(
     model: M,
     method: &Method,
+    from: Option<&Path>,
 ) -> Result<(M, peft_core::ParamCount, Saver<M::InnerModule>)>
 where
     M: PeftModel<B> + AutodiffModule<B> + Clone,
@@ -396,7 +397,10 @@ where
 {
     Ok(match method {
         Method::Lora(c) => {
-            let l = LoraModel::new(model, c.clone())?;
+            let l = match from {
+                Some(dir) => LoraModel::from_pretrained(model, dir)?,
+                None => LoraModel::new(model, c.clone())?,
+            };
             let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
             let count = l.param_count();
             let save: Saver<M::InnerModule> =
@@ -404,7 +408,10 @@ where
             (l.model, count, save)
         }
         Method::Ia3(c) => {
-            let l = Ia3Model::new(model, c.clone())?;
+            let l = match from {
+                Some(dir) => Ia3Model::from_pretrained(model, dir)?,
+                None => Ia3Model::new(model, c.clone())?,
+            };
             let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
             let count = l.param_count();
             let save: Saver<M::InnerModule> =

@@ -11,11 +11,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::AdamW;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
+use peft_core::io::write_atomic;
 use peft_core::rng::SplitMix64;
 use peft_core::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -60,6 +64,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps.
     pub max_steps: Option<usize>,
+    /// Stop this process after this many optimizer steps, as an interruption
+    /// would: the schedule and data order stay those of the whole run, and
+    /// `--resume` continues it.
+    #[serde(default)]
+    pub stop_after: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +86,7 @@ impl Default for TrainConfig {
             patience: None,
             seed: 42,
             max_steps: None,
+            stop_after: None,
         }
     }
 }
@@ -161,6 +171,60 @@ pub struct Outcome {
     pub stopped_early: bool,
 }
 
+/// Where a run stands, saved beside the `last/` checkpoint with the
+/// optimizer state so that `--resume` continues exactly.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The current epoch.
+    pub epoch: usize,
+    /// Optimizer steps done in the current epoch.
+    pub steps_in_epoch: usize,
+    /// Training tokens seen.
+    pub tokens: usize,
+    /// Losses of the steps since the last logged mean.
+    pub window: Vec<f64>,
+    /// Logged mean losses.
+    pub losses: Vec<(usize, f64)>,
+    /// Evaluations: `(step, value)`.
+    pub evals: Vec<(usize, f64)>,
+    /// The metric's name and direction, once evaluated.
+    pub metric: Option<(String, bool)>,
+    /// Evaluations since the best one.
+    pub since_best: usize,
+}
+
+/// The optimizer's state: per parameter id.
+type OptimRecord<M, B> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.bin";
+
+fn static_name(name: &str) -> &'static str {
+    match name {
+        "accuracy" => "accuracy",
+        "perplexity" => "perplexity",
+        _ => "metric",
+    }
+}
+
+/// Float parameters of `module` in visiting order: the key that maps
+/// optimizer state across processes (parameter ids are per process).
+fn param_ids<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
+    module: &M,
+) -> Vec<burn::module::ParamId> {
+    struct Ids(Vec<burn::module::ParamId>);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0.push(param.id);
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    module.visit(&mut ids);
+    ids.0
+}
+
 /// Where a run writes: `metrics.jsonl`, `best/` (the best checkpoint,
 /// replaced atomically), `loss.svg`.
 pub struct RunDir {
@@ -169,14 +233,21 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates `dir` and starts its metrics log.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// Creates `dir` and starts its metrics log (`append`: continue the log
+    /// of a resumed run).
+    pub fn create(dir: &Path, append: bool) -> Result<Self> {
         let io = |source| PeftError::Io {
             path: dir.to_path_buf(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let metrics = std::fs::File::create(dir.join("metrics.jsonl")).map_err(io)?;
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(dir.join("metrics.jsonl"))
+            .map_err(io)?;
         Ok(RunDir {
             dir: dir.to_path_buf(),
             metrics,
@@ -239,6 +310,7 @@ pub fn fit<B, M>(
     mut eval: impl FnMut(&M::InnerModule) -> Result<Metric>,
     mut save: impl FnMut(&M::InnerModule, &Path) -> Result<()>,
     progress: &indicatif::ProgressBar,
+    resume: Option<&Path>,
 ) -> Result<(M::InnerModule, Outcome)>
 where
     B: AutodiffBackend,
@@ -255,37 +327,123 @@ where
                 .map(|c| GradientClippingConfig::Norm(c as f32)),
         )
         .init::<B, M>();
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let mut state = RunState::default();
+    if let Some(dir) = resume {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        state = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let path = dir.join(OPTIMIZER_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| PeftError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let saved: OptimRecord<M, B> =
+            recorder
+                .load(bytes, &device)
+                .map_err(|e| PeftError::Checkpoint {
+                    path: path.clone(),
+                    message: format!("optimizer state does not load: {e}"),
+                })?;
+        // Saved under visiting positions; this process's ids differ.
+        let ids = param_ids(&model);
+        let mut record = Vec::new();
+        for (position, value) in saved {
+            let id = ids
+                .get(position.val() as usize)
+                .ok_or_else(|| PeftError::Checkpoint {
+                    path: path.clone(),
+                    message: "optimizer state for a parameter this model does not have".into(),
+                })?;
+            record.push((*id, value));
+        }
+        optim = optim.load_record(record.into_iter().collect());
+    }
     progress.set_length(total as u64);
-    let mut out = Outcome {
-        steps: 0,
-        losses: Vec::new(),
-        evals: Vec::new(),
-        best: None,
-        stopped_early: false,
+    progress.set_position(state.step as u64);
+    let metric_of = |st: &RunState, v: f64| {
+        let (name, higher) = st.metric.clone().unwrap_or(("metric".into(), true));
+        Metric {
+            name: static_name(&name),
+            value: v,
+            higher_is_better: higher,
+        }
     };
-    let (mut window, mut tokens, mut since_best) = (Vec::new(), 0usize, 0usize);
     let mut best_model: Option<M::InnerModule> = None;
     let start = Instant::now();
-    let mut evaluate =
-        |model: &M, step: usize, out: &mut Outcome, run: &mut RunDir| -> Result<bool> {
-            let inner = model.valid();
-            let m = eval(&inner)?;
-            run.log(json!({"step": step, "eval": {m.name: m.value}}))?;
-            out.evals.push((step, m));
-            let improved = out.best.is_none_or(|b| m.better_than(&b));
-            if improved {
-                out.best = Some(m);
-                run.checkpoint("best", |dir| save(&inner, dir))?;
-                best_model = Some(inner);
-            }
-            Ok(improved)
-        };
-    'epochs: for epoch in 0..config.epochs {
+    let start_tokens = state.tokens;
+    let evaluate = |model: &M,
+                    state: &mut RunState,
+                    run: &mut RunDir,
+                    eval: &mut dyn FnMut(&M::InnerModule) -> Result<Metric>,
+                    save: &mut dyn FnMut(&M::InnerModule, &Path) -> Result<()>,
+                    best_model: &mut Option<M::InnerModule>|
+     -> Result<bool> {
+        let inner = model.valid();
+        let m = eval(&inner)?;
+        run.log(json!({"step": state.step, "eval": {m.name: m.value}}))?;
+        let best = state
+            .evals
+            .iter()
+            .map(|e| metric_of(state, e.1))
+            .reduce(|a, b| if b.better_than(&a) { b } else { a });
+        state.metric = Some((m.name.to_string(), m.higher_is_better));
+        state.evals.push((state.step, m.value));
+        let improved = best.is_none_or(|b| m.better_than(&b));
+        if improved {
+            run.checkpoint("best", |dir| save(&inner, dir))?;
+            *best_model = Some(inner);
+            state.since_best = 0;
+        } else {
+            state.since_best += 1;
+        }
+        Ok(improved)
+    };
+    let write_last = |model: &M,
+                      optim: &OptimizerAdaptor<AdamW, M, B>,
+                      state: &RunState,
+                      run: &RunDir,
+                      save: &mut dyn FnMut(&M::InnerModule, &Path) -> Result<()>|
+     -> Result<()> {
+        let ids = param_ids(model);
+        let record: OptimRecord<M, B> = optim
+            .to_record()
+            .into_iter()
+            .filter_map(|(id, v)| {
+                ids.iter()
+                    .position(|x| *x == id)
+                    .map(|p| (ParamId::from(p as u64), v))
+            })
+            .collect();
+        let bytes = recorder
+            .record(record, ())
+            .map_err(|e| PeftError::State(format!("optimizer state: {e}")))?;
+        let inner = model.valid();
+        run.checkpoint("last", |dir| {
+            save(&inner, dir)?;
+            write_atomic(&dir.join(OPTIMIZER_FILE), &bytes)?;
+            let text = serde_json::to_string(state).expect("the state serialises");
+            write_atomic(&dir.join(STATE_FILE), text.as_bytes())
+        })?;
+        Ok(())
+    };
+    let mut stopped_early = false;
+    let mut halted = false;
+    let steps_this_process = |st: &RunState, first: usize| st.step - first;
+    let first_step = state.step;
+    'epochs: while state.epoch < config.epochs && state.step < total {
+        let epoch = state.epoch;
         let mut order: Vec<usize> = (0..n_train).collect();
         SplitMix64(config.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)).shuffle(&mut order);
         let batches: Vec<&[usize]> = order.chunks(config.batch).collect();
-        for group in batches.chunks(config.grad_accum) {
-            let step = out.steps;
+        for group in batches.chunks(config.grad_accum).skip(state.steps_in_epoch) {
+            let step = state.step;
             let mut accum = GradientsAccumulator::<M>::new();
             let mut step_loss = 0.0;
             for (k, batch) in group.iter().enumerate() {
@@ -307,68 +465,100 @@ where
                     )));
                 }
                 step_loss += value / group.len() as f64;
-                tokens += n_tokens;
+                state.tokens += n_tokens;
                 let grads = (l / group.len() as f64).backward();
                 accum.accumulate(&model, GradientsParams::from_grads(grads, &model));
             }
             let lr = config.lr_at(step, total);
             model = optim.step(lr, model, accum.grads());
-            out.steps += 1;
-            window.push(step_loss);
+            state.step += 1;
+            state.steps_in_epoch += 1;
+            state.window.push(step_loss);
             let secs = start.elapsed().as_secs_f64();
-            progress.set_position(out.steps as u64);
-            progress.set_message(format!(
-                "loss {step_loss:.4}  {:.0} tok/s",
-                tokens as f64 / secs
-            ));
-            if out.steps.is_multiple_of(10) || out.steps == total {
-                let mean = window.iter().sum::<f64>() / window.len() as f64;
-                window.clear();
-                out.losses.push((out.steps, mean));
+            let rate = (state.tokens - start_tokens) as f64 / secs;
+            progress.set_position(state.step as u64);
+            progress.set_message(format!("loss {step_loss:.4}  {rate:.0} tok/s"));
+            if state.step.is_multiple_of(10) || state.step == total {
+                let mean = state.window.iter().sum::<f64>() / state.window.len() as f64;
+                state.window.clear();
+                state.losses.push((state.step, mean));
                 run.log(
-                    json!({"step": out.steps, "epoch": epoch, "loss": mean, "lr": lr,
-                               "tokens_per_s": tokens as f64 / secs, "elapsed_s": secs}),
+                    json!({"step": state.step, "epoch": epoch, "loss": mean, "lr": lr,
+                               "tokens_per_s": rate, "elapsed_s": secs}),
                 )?;
             }
-            if config.eval_every > 0 && out.steps.is_multiple_of(config.eval_every) {
-                if evaluate(&model, out.steps, &mut out, run)? {
-                    since_best = 0;
-                } else {
-                    since_best += 1;
-                }
-                if config.patience.is_some_and(|p| since_best >= p) {
-                    out.stopped_early = true;
+            let epoch_done = state.steps_in_epoch * config.grad_accum >= batches.len();
+            if epoch_done {
+                state.epoch += 1;
+                state.steps_in_epoch = 0;
+            }
+            let eval_now = (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every))
+                || (config.eval_every == 0 && epoch_done);
+            if eval_now {
+                evaluate(
+                    &model,
+                    &mut state,
+                    run,
+                    &mut eval,
+                    &mut save,
+                    &mut best_model,
+                )?;
+                write_last(&model, &optim, &state, run, &mut save)?;
+                if config.patience.is_some_and(|p| state.since_best >= p) {
+                    stopped_early = true;
                     break 'epochs;
                 }
             }
-            if out.steps >= total {
+            if state.step >= total {
                 break 'epochs;
             }
-        }
-        if config.eval_every == 0 {
-            if evaluate(&model, out.steps, &mut out, run)? {
-                since_best = 0;
-            } else {
-                since_best += 1;
+            if config
+                .stop_after
+                .is_some_and(|n| steps_this_process(&state, first_step) >= n)
+            {
+                halted = true;
+                break 'epochs;
             }
-            if config.patience.is_some_and(|p| since_best >= p) {
-                out.stopped_early = true;
-                break;
+            if epoch_done {
+                continue 'epochs;
             }
         }
     }
-    if out.evals.last().is_none_or(|(s, _)| *s != out.steps) && !out.stopped_early {
-        evaluate(&model, out.steps, &mut out, run)?;
+    if !halted && !stopped_early && state.evals.last().is_none_or(|(s, _)| *s != state.step) {
+        evaluate(
+            &model,
+            &mut state,
+            run,
+            &mut eval,
+            &mut save,
+            &mut best_model,
+        )?;
     }
+    write_last(&model, &optim, &state, run, &mut save)?;
     progress.finish_and_clear();
-    let last = model.valid();
-    run.checkpoint("last", |dir| save(&last, dir))?;
+    let evals: Vec<(usize, Metric)> = state
+        .evals
+        .iter()
+        .map(|e| (e.0, metric_of(&state, e.1)))
+        .collect();
+    let best = evals
+        .iter()
+        .map(|e| e.1)
+        .reduce(|a, b| if b.better_than(&a) { b } else { a });
+    let out = Outcome {
+        steps: state.step,
+        losses: state.losses.clone(),
+        evals,
+        best,
+        stopped_early,
+    };
     std::fs::write(run.path().join("loss.svg"), crate::plot::svg(&out)).map_err(|source| {
         PeftError::Io {
             path: run.path().join("loss.svg"),
             source,
         }
     })?;
+    let last = model.valid();
     Ok((best_model.unwrap_or(last), out))
 }
 
