@@ -17,6 +17,14 @@ use peft_models::datasets::rotten_tomatoes;
 
 type Inference = burn::backend::NdArray;
 
+/// The CPU backends' random generator is process-wide: tests that train
+/// (dropout, new weights) take turns, or their draws would interleave.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TRAINING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn temp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("peft-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -65,6 +73,7 @@ fn job(
 
 #[test]
 fn a_short_run_writes_what_eval_reads_back() {
+    let _turn = serial();
     let dir = temp("run");
     let data_file = sentiment_file(&dir, 48);
     let minilm = assets::fetch("minilm").unwrap();
@@ -164,6 +173,7 @@ fn a_short_run_writes_what_eval_reads_back() {
 
 #[test]
 fn a_nan_loss_stops_training_naming_the_step() {
+    let _turn = serial();
     let dir = temp("nan");
     let data_file = sentiment_file(&dir, 24);
     let minilm = assets::fetch("minilm").unwrap();
@@ -380,6 +390,7 @@ fn forward_and_merge_reproduce_peft() {
 /// parameters, losses and evaluations of 6 steps at once (dropout on).
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
+    let _turn = serial();
     let dir = temp("resume");
     let data_file = sentiment_file(&dir, 40);
     let minilm = assets::fetch("minilm").unwrap();
