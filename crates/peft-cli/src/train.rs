@@ -268,32 +268,59 @@ impl RunDir {
             })
     }
 
-    /// Writes a checkpoint under `name` atomically: into a fresh temporary
-    /// folder first, then swapped in by renames, so a crash leaves the
-    /// previous checkpoint (possibly as `<name>.old`) or the new one.
+    /// Writes a checkpoint under `name` atomically. The folder is written
+    /// whole as `<name>.<n>` (`n` a fresh version), then `<name>` — a
+    /// symbolic link — is replaced by one to it with a rename, which is
+    /// atomic: whenever the process dies, `<name>` is the previous complete
+    /// checkpoint or the new one. The previous version is deleted afterwards.
     pub fn checkpoint(
         &self,
         name: &str,
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let target = self.dir.join(name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let old = self.dir.join(format!("{name}.old"));
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| PeftError::Io { path: p, source }
         };
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        write(&tmp)?;
-        if target.exists() {
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(&target, &old).map_err(io(&target))?;
+        let link = self.dir.join(name);
+        let previous = std::fs::read_link(&link).ok();
+        let version = (0u64..)
+            .map(|n| format!("{name}.{}-{n}", std::process::id()))
+            .find(|v| !self.dir.join(v).exists())
+            .expect("some version name is free");
+        let building = self.dir.join(format!(".{version}.partial"));
+        let _ = std::fs::remove_dir_all(&building);
+        std::fs::create_dir_all(&building).map_err(io(&building))?;
+        write(&building)?;
+        std::fs::rename(&building, self.dir.join(&version)).map_err(io(&building))?;
+        if link.is_dir() && previous.is_none() {
+            // A plain folder from an older version of this program.
+            std::fs::remove_dir_all(&link).map_err(io(&link))?;
         }
-        std::fs::rename(&tmp, &target).map_err(io(&tmp))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(target)
+        let tmp_link = self
+            .dir
+            .join(format!(".{name}.link-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp_link);
+        symlink_dir(Path::new(&version), &tmp_link).map_err(io(&tmp_link))?;
+        std::fs::rename(&tmp_link, &link).map_err(io(&link))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        if let Some(old) = previous.filter(|p| *p != Path::new(&version)) {
+            let _ = std::fs::remove_dir_all(self.dir.join(old));
+        }
+        Ok(link)
     }
+}
+
+#[cfg(unix)]
+fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(windows)]
+fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::windows::fs::symlink_dir(target, link)
 }
 
 /// Trains `model`. `loss` gives the mean loss of a batch of training-example

@@ -452,3 +452,60 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The child side of the crash test: writes checkpoints of increasing
+/// version forever (each folder holds three files that must agree).
+#[test]
+fn checkpoint_writer_child() {
+    let Ok(dir) = std::env::var("PEFT_CRASH_DIR") else {
+        return; // only when the crash test runs this binary as its child
+    };
+    let run = peft_cli::train::RunDir::create(Path::new(&dir), true).unwrap();
+    for version in 0u64.. {
+        run.checkpoint("best", |d| {
+            let body = vec![version as u8; 200_000];
+            peft_core::io::write_atomic(&d.join("a.bin"), &body)?;
+            peft_core::io::write_atomic(&d.join("b.bin"), &body)?;
+            peft_core::io::write_atomic(&d.join("version"), version.to_string().as_bytes())
+        })
+        .unwrap();
+    }
+}
+
+/// SIGKILL at random moments while checkpoints are written: `best` always
+/// resolves to one complete checkpoint.
+#[test]
+fn a_killed_writer_never_leaves_a_torn_checkpoint() {
+    let dir = temp("crash");
+    let mut rng = peft_core::rng::SplitMix64(7);
+    let mut last_seen = 0u64;
+    for round in 0..25 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "checkpoint_writer_child", "--nocapture"])
+            .env("PEFT_CRASH_DIR", &dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30 + rng.next_u64() % 150));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let best = dir.join("best");
+        if !best.exists() {
+            assert_eq!(round, 0, "a checkpoint existed before and is gone");
+            continue;
+        }
+        let read = |f: &str| std::fs::read(best.join(f)).unwrap();
+        let version: u64 = String::from_utf8(read("version")).unwrap().parse().unwrap();
+        let (a, b) = (read("a.bin"), read("b.bin"));
+        assert_eq!(a.len(), 200_000, "round {round}: torn a.bin");
+        assert!(
+            a == b && a.iter().all(|&x| x == version as u8),
+            "round {round}: files of different versions"
+        );
+        // Each child starts at version 0 again; what matters is completeness.
+        last_seen = last_seen.max(version);
+    }
+    assert!(last_seen > 0, "the child never completed a checkpoint");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
