@@ -7,10 +7,14 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{
     ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
 };
-use peft_core::model::{residual_join, BottleneckSeam, InsertionPoint, JoinNorm, ResidualHook};
+use peft_core::kv::KvCache;
+use peft_core::model::{
+    residual_join, BottleneckSeam, EmbeddingSeam, InsertionPoint, JoinNorm, ResidualHook,
+};
 use peft_core::{ParamCount, PeftError, PeftModel, Result};
 use serde_json::{json, Value};
 
@@ -625,6 +629,89 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             self.set.fusion_configs.remove(i);
         }
         outcome.map(|()| name)
+    }
+}
+
+impl<B, M> AdapterModel<B, M>
+where
+    B: Backend,
+    M: PeftModel<B>
+        + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
+        + EmbeddingSeam<B>
+        + CausalLm<B>,
+{
+    /// Greedy or sampled generation through the model's KV cache with the
+    /// active setup (with a `Parallel` block, row 0's channel — the first
+    /// child — is the one continued). Checks the setup first: a `BatchSplit`
+    /// must fit one row.
+    pub fn generate_checked(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if let Some(setup) = &self.setup {
+            setup.check_rows(setup.parallel_channels()?.unwrap_or(1))?;
+        }
+        Ok(self.generate(prompt, max_new, sampler, eos, true))
+    }
+
+    fn replicate<const D: usize, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(
+        &self,
+        t: Tensor<B, D, K>,
+    ) -> Tensor<B, D, K> {
+        match self
+            .setup
+            .as_ref()
+            .and_then(|s| s.parallel_channels().ok().flatten())
+        {
+            Some(n) => Tensor::cat(vec![t; n], 0),
+            None => t,
+        }
+    }
+}
+
+/// Generation with bottleneck adapters (decoders): the adapters run at every
+/// join of every step, the model's own KV cache holds the keys and values.
+/// Setups are checked by [`AdapterModel::generate_checked`]; these methods
+/// assume a valid one.
+impl<B, M> CausalLm<B> for AdapterModel<B, M>
+where
+    B: Backend,
+    M: PeftModel<B>
+        + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
+        + EmbeddingSeam<B>
+        + CausalLm<B>,
+{
+    fn device(&self) -> B::Device {
+        self.model.device()
+    }
+
+    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward(ids, None)
+            .expect("a setup checked by generate_checked")
+    }
+
+    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let embeds = self.model.embed_tokens(ids);
+        self.logits_embeds_cached(embeds, cache)
+    }
+
+    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let embeds = self.replicate(embeds);
+        let out = match &self.setup {
+            None => self.model.forward_hooked_cached(embeds, cache, &PlainJoin),
+            Some(setup) => {
+                let hook = Composer {
+                    lookup: &self.set,
+                    setup,
+                    _b: std::marker::PhantomData,
+                };
+                self.model.forward_hooked_cached(embeds, cache, &hook)
+            }
+        };
+        out.expect("a decoder: its BottleneckSeam implements forward_hooked_cached")
     }
 }
 

@@ -283,3 +283,56 @@ fn identity_inits_and_disable<B: Backend>(d: &B::Device) {
 }
 
 backend_tests!(mistakes_are_typed_errors, identity_inits_and_disable);
+
+/// Generation with bottleneck adapters through the model's KV cache gives
+/// the tokens of recomputing the whole sequence at every step (Llama and
+/// GPT-2, a single adapter, a stack and a parallel setup).
+fn generation_through_the_cache<B: Backend>(d: &B::Device) {
+    use peft_core::generate::{CausalLm, Sampler};
+    let llama = Llama::<B>::load(&fixtures_dir().join("llama"), d).unwrap();
+    let mut m = AdapterModel::wrap(llama);
+    m.load_adapter(
+        &FixtureCase::open("llama", "bn_double_llama").dir.join("a"),
+        None,
+    )
+    .unwrap();
+    m.load_adapter(
+        &FixtureCase::open("llama", "bn_par_llama").dir.join("a"),
+        Some("p"),
+    )
+    .unwrap();
+    let prompt = [3u32, 14, 15, 9, 26];
+    for setup in [
+        Setup::single("a"),
+        Setup::stack(&["a", "p"]),
+        Setup::parallel(&["p", "a"]),
+    ] {
+        m.set_active(setup.clone()).unwrap();
+        let cached = m
+            .generate_checked(&prompt, 6, &mut Sampler::Greedy, None)
+            .unwrap();
+        let full = m.generate(&prompt, 6, &mut Sampler::Greedy, None, false);
+        assert_eq!(cached, full, "{setup:?}");
+    }
+    m.set_active(Setup::batch_split(&["a", "p"], &[1, 1]))
+        .unwrap();
+    assert!(m
+        .generate_checked(&prompt, 2, &mut Sampler::Greedy, None)
+        .is_err());
+
+    let gpt2 = peft_models::gpt2::Gpt2::<B>::load(&fixtures_dir().join("gpt2"), d).unwrap();
+    let mut g = AdapterModel::wrap(gpt2);
+    let dir = FixtureCase::open("gpt2", "bn_double_gpt2").dir;
+    g.load_adapter(&dir.join("a"), None).unwrap();
+    g.load_adapter(&dir.join("b"), None).unwrap();
+    g.set_active(Setup::stack(&["a", "b"])).unwrap();
+    let cached = g
+        .generate_checked(&prompt, 6, &mut Sampler::Greedy, None)
+        .unwrap();
+    assert_eq!(
+        cached,
+        g.generate(&prompt, 6, &mut Sampler::Greedy, None, false)
+    );
+}
+
+backend_tests!(generation_through_the_cache);

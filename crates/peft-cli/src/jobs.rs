@@ -520,7 +520,10 @@ pub fn generate<B: Backend>(
     tok.decode(&out)
 }
 
-fn generate_with<B: Backend, M: CausalModel<B> + CausalLm<B>>(
+fn generate_with<
+    B: Backend,
+    M: CausalModel<B> + CausalLm<B> + peft_core::model::EmbeddingSeam<B>,
+>(
     model: &Path,
     adapter: Option<&Path>,
     ids: &[u32],
@@ -533,11 +536,7 @@ fn generate_with<B: Backend, M: CausalModel<B> + CausalLm<B>>(
         None => base,
         Some(dir) => match tasks::load_attached(base, dir)? {
             Attached::Slots(m, _) => m,
-            Attached::Adapters(..) => {
-                return Err(PeftError::Config(
-                    "generation with bottleneck adapters is not supported yet (their KV-cache path is missing)".into(),
-                ))
-            }
+            Attached::Adapters(a, _) => return a.generate_checked(ids, max_new, sampler, None),
         },
     };
     Ok(m.generate(ids, max_new, sampler, None, true))

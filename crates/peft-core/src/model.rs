@@ -187,4 +187,18 @@ pub trait BottleneckSeam<B: Backend> {
         attention_mask: Option<Tensor<B, 2>>,
         hook: &dyn ResidualHook<B>,
     ) -> Self::BottleneckOutput;
+
+    /// For generation: the forward pass of input embeddings `[b, t, d]`
+    /// after the tokens already in `cache` (extended in place; positions
+    /// continue from its length), with `hook` at every join. `None` for
+    /// models that do not generate (the default).
+    fn forward_hooked_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Option<Self::BottleneckOutput> {
+        let _ = (embeds, cache, hook);
+        None
+    }
 }

@@ -292,6 +292,19 @@ impl<B: Backend> BottleneckSeam<B> for Gpt2<B> {
         let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
         self.run_blocks(self.wte.forward(ids), 0, mask, None, Some(hook))
     }
+
+    fn forward_hooked_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Option<Tensor<B, 3>> {
+        let t = embeds.dims()[1];
+        let past = cache.len();
+        cache.ensure_layers(self.h.len());
+        let mask = causal_mask::<B>(t, past, &embeds.device());
+        Some(self.run_blocks(embeds, past, mask, Some(cache), Some(hook)))
+    }
 }
 
 impl<B: Backend> AttentionPrefixSeam<B> for Gpt2<B> {

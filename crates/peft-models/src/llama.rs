@@ -489,6 +489,19 @@ impl<B: Backend> BottleneckSeam<B> for Llama<B> {
         let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
         self.run_layers(self.embed_tokens.forward(ids), 0, mask, None, Some(hook))
     }
+
+    fn forward_hooked_cached(
+        &self,
+        embeds: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+        hook: &dyn ResidualHook<B>,
+    ) -> Option<Tensor<B, 3>> {
+        let t = embeds.dims()[1];
+        let past = cache.len();
+        cache.ensure_layers(self.layers.len());
+        let mask = causal_mask::<B>(t, past, &embeds.device());
+        Some(self.run_layers(embeds, past, mask, Some(cache), Some(hook)))
+    }
 }
 
 impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
