@@ -6,16 +6,22 @@ use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use peft_adapter::AdapterModel;
 use peft_core::generate::{CausalLm, Sampler};
-use peft_core::io::read_safetensors;
+use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::prompt_learning::save_prompt_adapter;
+use peft_core::DEFAULT_ADAPTER;
 use peft_core::{ParamCount, PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::tokenizer::Tokenizer;
+use peft_prefix::PrefixTuningModel;
+use peft_prompt::PromptTuningModel;
 use serde_json::json;
 
 use crate::data;
-use crate::tasks::{self, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Lm, Method};
+use crate::tasks::{
+    self, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Lm, Method, PromptLm,
+};
 use crate::train::{fit, Metric, RunDir, TrainConfig};
 
 /// What to train on.
@@ -359,16 +365,62 @@ where
             let count = a.param_count();
             let save: LmSaver<B, M> = Box::new(|m, dir| match m {
                 Lm::Adapters(a) => a.save_adapter("default", dir),
-                Lm::Slots(_) => unreachable!("an adapter run keeps its adapters"),
+                _ => unreachable!("an adapter run keeps its adapters"),
             });
             (Lm::Adapters(a), count, save)
+        }
+        Method::Prefix(c) => {
+            let p = match job.last() {
+                Some(last) => PrefixTuningModel::from_pretrained(base.clone(), &last)?,
+                None => PrefixTuningModel::new(base.clone(), c.clone())?,
+            };
+            let config = p.config(DEFAULT_ADAPTER)?.clone();
+            let encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            let count = p.param_count();
+            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
+                Lm::Prefix(p) => save_prompt_adapter(
+                    dir,
+                    &config,
+                    HostTensor::from_tensor(p.encoder.folded().prefix()),
+                ),
+                _ => unreachable!("a prefix run keeps its prefix"),
+            });
+            let model = PromptLm {
+                model: base.no_grad(),
+                encoder,
+                _b: std::marker::PhantomData,
+            };
+            (Lm::Prefix(model), count, save)
+        }
+        Method::Prompt(c) => {
+            let p = match job.last() {
+                Some(last) => PromptTuningModel::from_pretrained(base.clone(), &last)?,
+                None => PromptTuningModel::new(base.clone(), c.clone())?,
+            };
+            let config = p.config(DEFAULT_ADAPTER)?.clone();
+            let encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            let count = p.param_count();
+            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
+                Lm::Prompt(p) => save_prompt_adapter(
+                    dir,
+                    &config,
+                    HostTensor::from_tensor(p.encoder.folded().prompt()),
+                ),
+                _ => unreachable!("a prompt run keeps its prompt"),
+            });
+            let model = PromptLm {
+                model: base.no_grad(),
+                encoder,
+                _b: std::marker::PhantomData,
+            };
+            (Lm::Prompt(model), count, save)
         }
         method => {
             let (m, count, slot_save) =
                 tasks::attach_slots::<B, M>(base, method, job.last().as_deref())?;
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
                 Lm::Slots(m) => slot_save(m, dir),
-                Lm::Adapters(_) => unreachable!("a slot run keeps its slots"),
+                _ => unreachable!("a slot run keeps its slots"),
             });
             (Lm::Slots(m), count, save)
         }
@@ -457,6 +509,9 @@ pub fn eval<B: Backend>(
                 Attached::Adapters(a, _) => {
                     tasks::accuracy(&Classifier { encoder: a, head }, &tok, &enc)
                 }
+                Attached::Virtual(_) => Err(PeftError::Config(
+                    "prefix / prompt tuning runs only on causal LMs in this command".into(),
+                )),
             }
         }
         (Task::CausalLm, Arch::Llama) => {
@@ -490,9 +545,10 @@ fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     let base = M::load_from(model, &device)?;
     let lm = match adapter {
         None => Lm::Slots(base),
-        Some(dir) => match tasks::load_attached(base, dir)? {
+        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
             Attached::Slots(m, _) => Lm::Slots(m),
             Attached::Adapters(a, _) => Lm::Adapters(a),
+            Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
         },
     };
     tasks::perplexity(&lm, &blocks, &device)
@@ -534,9 +590,17 @@ fn generate_with<
     let base = M::load_from(model, device)?;
     let m = match adapter {
         None => base,
-        Some(dir) => match tasks::load_attached(base, dir)? {
+        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
             Attached::Slots(m, _) => m,
             Attached::Adapters(a, _) => return a.generate_checked(ids, max_new, sampler, None),
+            Attached::Virtual(Method::Prefix(_)) => {
+                return Ok(PrefixTuningModel::from_pretrained(base, dir)?
+                    .generate(ids, max_new, sampler, None))
+            }
+            Attached::Virtual(_) => {
+                return Ok(PromptTuningModel::from_pretrained(base, dir)?
+                    .generate(ids, max_new, sampler, None))
+            }
         },
     };
     Ok(m.generate(ids, max_new, sampler, None, true))
@@ -617,6 +681,11 @@ pub fn forward<B: Backend>(
                 Some(dir) => match tasks::load_attached(bert, dir)? {
                     Attached::Slots(m, _) => m.encode(ids, Some(mask)),
                     Attached::Adapters(a, _) => a.forward(ids, Some(mask))?,
+                    Attached::Virtual(_) => {
+                        return Err(PeftError::Config(
+                            "prefix / prompt tuning runs only on causal LMs in this command".into(),
+                        ))
+                    }
                 },
             };
             peft_core::io::HostTensor::from_tensor(h)
@@ -638,9 +707,10 @@ fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     let base = M::load_from(model, &ids.device())?;
     let lm = match adapter {
         None => Lm::Slots(base),
-        Some(dir) => match tasks::load_attached(base, dir)? {
+        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
             Attached::Slots(m, _) => Lm::Slots(m),
             Attached::Adapters(a, _) => Lm::Adapters(a),
+            Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
         },
     };
     Ok(peft_core::io::HostTensor::from_tensor(lm.logits(ids)?))
@@ -690,11 +760,11 @@ fn merge_into<
         Method::Ia3(_) => {
             peft_adapter::Ia3Model::from_pretrained(base, adapter)?.merge_and_unload()?
         }
-        Method::Adapter(_) => {
-            return Err(PeftError::Config(
-                "bottleneck adapters add modules; they cannot be merged into the base weights"
-                    .into(),
-            ))
+        other => {
+            return Err(PeftError::Config(format!(
+                "{} adds modules or inputs; it cannot be merged into the base weights",
+                other.name()
+            )))
         }
     };
     let file = model.join("model.safetensors");

@@ -21,6 +21,7 @@ use peft_cli::train::{Schedule, TrainConfig};
 use peft_core::backends::CpuTrainBackend;
 use peft_core::config::TargetModules;
 use peft_core::generate::Sampler;
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
 
 type Inference = burn::backend::NdArray;
@@ -42,6 +43,8 @@ enum MethodArg {
     Dora,
     Ia3,
     Adapter,
+    Prefix,
+    Prompt,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,6 +124,12 @@ enum Command {
         /// Bottleneck reduction factor.
         #[arg(long)]
         reduction: Option<f64>,
+        /// Virtual tokens of a prefix or soft prompt.
+        #[arg(long, default_value_t = 20)]
+        virtual_tokens: usize,
+        /// Soft-prompt initialisation: random (PEFT's default) or sample-vocab.
+        #[arg(long, default_value = "random")]
+        prompt_init: String,
         /// Peak learning rate.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
@@ -249,6 +258,8 @@ fn method_from(
     dropout: Option<f64>,
     preset: &str,
     reduction: Option<f64>,
+    virtual_tokens: usize,
+    prompt_init: &str,
 ) -> peft_core::Result<Method> {
     let text = config
         .map(|p| {
@@ -294,6 +305,25 @@ fn method_from(
             }
             Method::Ia3(c)
         }
+        MethodArg::Prefix => Method::Prefix(match config {
+            Some(p) => PromptLearningConfig::from_file(p, &[PromptLearningType::PrefixTuning])?,
+            None => PromptLearningConfig::prefix_tuning(virtual_tokens),
+        }),
+        MethodArg::Prompt => Method::Prompt(match config {
+            Some(p) => PromptLearningConfig::from_file(p, &[PromptLearningType::PromptTuning])?,
+            None => {
+                let init = match prompt_init {
+                    "random" => PromptTuningInit::Random,
+                    "sample-vocab" => PromptTuningInit::SampleVocab,
+                    other => {
+                        return Err(PeftError::Config(format!(
+                            "--prompt-init `{other}` is not one of random, sample-vocab"
+                        )))
+                    }
+                };
+                PromptLearningConfig::prompt_tuning(virtual_tokens, init)
+            }
+        }),
         MethodArg::Adapter => {
             let mut c = match &text {
                 Some(t) => {
@@ -346,6 +376,8 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             lora_dropout,
             adapter_preset,
             reduction,
+            virtual_tokens,
+            prompt_init,
             lr,
             epochs,
             batch,
@@ -382,6 +414,8 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                         lora_dropout,
                         &adapter_preset,
                         reduction,
+                        virtual_tokens,
+                        &prompt_init,
                     )?;
                     TrainJob {
                         model: model.ok_or_else(|| missing("model"))?,

@@ -12,14 +12,18 @@ use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
 use peft_core::io::{
     read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
 };
-use peft_core::model::BottleneckSeam;
+use peft_core::loss::causal_lm_loss_after_prompt;
+use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
 use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result};
 use peft_lora::LoraModel;
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
-use peft_models::loss::{causal_lm_loss, cross_entropy};
+use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
+use peft_prefix::{PrefixEncoder, PrefixTuningModel};
+use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::Value;
 
 use crate::train::Metric;
@@ -34,6 +38,10 @@ pub enum Method {
     Ia3(Ia3Config),
     /// An AdapterHub bottleneck adapter.
     Adapter(BnConfig),
+    /// Prefix tuning (causal LM).
+    Prefix(PromptLearningConfig),
+    /// Prompt tuning (causal LM).
+    Prompt(PromptLearningConfig),
 }
 
 impl Method {
@@ -44,6 +52,8 @@ impl Method {
             Method::Lora(_) => "lora",
             Method::Ia3(_) => "ia3",
             Method::Adapter(_) => "adapter",
+            Method::Prefix(_) => "prefix",
+            Method::Prompt(_) => "prompt",
         }
     }
 
@@ -63,6 +73,14 @@ impl Method {
         match (v.get("peft_type").and_then(Value::as_str), v.get("config")) {
             (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
             (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
+            (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PrefixTuning],
+            )?)),
+            (Some("PROMPT_TUNING"), _) => Ok(Method::Prompt(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PromptTuning],
+            )?)),
             (None, Some(c)) => serde_json::from_value(c.clone())
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
@@ -277,7 +295,11 @@ pub fn new_head<B: Backend>(d: usize, labels: usize, device: &B::Device) -> Line
 
 /// A causal LM `peft` can train: logits for ids, and the seams.
 pub trait CausalModel<B: Backend>:
-    PeftModel<B> + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>> + Clone
+    PeftModel<B>
+    + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
+    + AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>
+    + EmbeddingSeam<B, Output = Tensor<B, 3>>
+    + Clone
 {
     /// Logits `[b, t, vocab]`.
     fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
@@ -316,14 +338,57 @@ pub enum Lm<B: Backend, M: Module<B>> {
     Slots(M),
     /// Bottleneck adapters.
     Adapters(AdapterModel<B, M>),
+    /// A trainable prefix before the frozen model.
+    Prefix(PromptLm<B, M, PrefixEncoder<B>>),
+    /// A trainable soft prompt before the frozen model.
+    Prompt(PromptLm<B, M, PromptEncoder<B>>),
+}
+
+/// A frozen model and the encoder of its virtual tokens (prefix or prompt).
+#[derive(Module, Debug)]
+pub struct PromptLm<B: Backend, M: Module<B>, E: Module<B>> {
+    /// The frozen model.
+    pub model: M,
+    /// The trainable encoder.
+    pub encoder: E,
+    /// Backend marker.
+    pub _b: std::marker::PhantomData<B>,
 }
 
 impl<B: Backend, M: CausalModel<B> + Module<B>> Lm<B, M> {
-    /// Logits `[b, t, vocab]`.
+    /// Logits `[b, n + t, vocab]`, `n` = [`virtual_tokens`](Self::virtual_tokens)
+    /// (a soft prompt's positions come first; a prefix has none).
     pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        let b = ids.dims()[0];
         match self {
             Lm::Slots(m) => Ok(m.lm_logits(ids)),
             Lm::Adapters(a) => a.forward(ids, None),
+            Lm::Prefix(p) => {
+                let (kv_heads, head_dim) = p.model.kv_shape();
+                let layers = p.model.num_attention_layers();
+                let cache = p.encoder.cache(b, layers, kv_heads, head_dim);
+                Ok(p.model.forward_with_prefix(ids, None, cache))
+            }
+            Lm::Prompt(p) => {
+                let prompt = p.encoder.prompt();
+                let [n, d] = prompt.dims();
+                let embeds = Tensor::cat(
+                    vec![
+                        prompt.unsqueeze::<3>().expand([b, n, d]),
+                        p.model.embed_tokens(ids),
+                    ],
+                    1,
+                );
+                Ok(p.model.forward_embeds(embeds, None))
+            }
+        }
+    }
+
+    /// Virtual positions at the start of the logits (a soft prompt's).
+    pub fn virtual_tokens(&self) -> usize {
+        match self {
+            Lm::Prompt(p) => p.encoder.num_virtual_tokens(),
+            _ => 0,
         }
     }
 }
@@ -350,7 +415,11 @@ pub fn lm_loss<B: Backend, M: CausalModel<B> + Module<B>>(
 ) -> Result<(Tensor<B, 1>, usize)> {
     let ids = ids_batch::<B>(blocks, idx, device);
     let n = idx.len() * blocks[0].len();
-    Ok((causal_lm_loss(model.logits(ids.clone())?, ids), n))
+    let logits = model.logits(ids.clone())?;
+    Ok((
+        causal_lm_loss_after_prompt(logits, ids, model.virtual_tokens()),
+        n,
+    ))
 }
 
 /// Perplexity on `blocks` (the exponential of the mean next-token loss).
@@ -418,10 +487,11 @@ where
                 Box::new(move |m, dir| template.with_model(m.clone()).save_adapter("default", dir));
             (l.model, count, save)
         }
-        Method::Adapter(_) => {
-            return Err(PeftError::Config(
-                "bottleneck adapters do not live in the linear slots".into(),
-            ))
+        other => {
+            return Err(PeftError::Config(format!(
+                "{} does not live in the linear slots",
+                other.name()
+            )))
         }
     })
 }
@@ -433,6 +503,41 @@ pub enum Attached<B: Backend, M: Module<B>> {
     Slots(M, peft_core::ParamCount),
     /// Bottleneck adapters around the model.
     Adapters(AdapterModel<B, M>, peft_core::ParamCount),
+    /// Prefix or prompt tuning (only for causal LMs; see [`load_virtual`]).
+    Virtual(Method),
+}
+
+/// A saved prefix / prompt folder as a causal LM with it.
+pub fn load_virtual<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: M,
+    dir: &Path,
+) -> Result<Lm<B, M>> {
+    Ok(match Method::detect(dir)? {
+        Method::Prefix(_) => {
+            let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;
+            let encoder = p.encoder(peft_core::DEFAULT_ADAPTER)?.clone();
+            Lm::Prefix(PromptLm {
+                model,
+                encoder,
+                _b: std::marker::PhantomData,
+            })
+        }
+        Method::Prompt(_) => {
+            let p = PromptTuningModel::from_pretrained(model.clone(), dir)?;
+            let encoder = p.encoder(peft_core::DEFAULT_ADAPTER)?.clone();
+            Lm::Prompt(PromptLm {
+                model,
+                encoder,
+                _b: std::marker::PhantomData,
+            })
+        }
+        other => {
+            return Err(PeftError::Config(format!(
+                "{} is not a prefix or prompt",
+                other.name()
+            )))
+        }
+    })
 }
 
 /// Saves the adapter carried by a model into a folder.
@@ -462,6 +567,7 @@ where
             let c = a.param_count();
             Attached::Adapters(a, c)
         }
+        m @ (Method::Prefix(_) | Method::Prompt(_)) => Attached::Virtual(m),
     })
 }
 

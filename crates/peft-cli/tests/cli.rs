@@ -509,3 +509,82 @@ fn a_killed_writer_never_leaves_a_torn_checkpoint() {
     assert!(last_seen > 0, "the child never completed a checkpoint");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Causal-LM runs on the real SmolLM2-135M (GGUF) with every method: one
+/// step each; `peft eval` of the best checkpoint reproduces the run's
+/// held-out perplexity, and `peft generate` runs with it.
+#[test]
+fn causal_lm_runs_with_every_method() {
+    let _turn = serial();
+    let dir = temp("causal");
+    let text = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+        in my purse, and nothing particular to interest me on shore, I thought I would sail about a little \
+        and see the watery part of the world. It is a way I have of driving off the spleen and regulating \
+        the circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly \
+        November in my soul, then I account it high time to get to sea as soon as I can.";
+    let data_file = dir.join("text.txt");
+    std::fs::write(&data_file, text).unwrap();
+    let gguf = assets::fetch("smollm2")
+        .unwrap()
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let prompt = peft_core::prompt_learning::PromptLearningConfig::prompt_tuning(
+        4,
+        peft_core::prompt_learning::PromptTuningInit::SampleVocab,
+    );
+    for method in [
+        Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])),
+        Method::Ia3(Ia3Config::default()),
+        Method::Adapter(peft_adapter::BnConfig::seq_bn()),
+        Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
+        Method::Prompt(prompt.clone()),
+    ] {
+        let name = method.name();
+        let out = dir.join(name);
+        let j = TrainJob {
+            model: gguf.clone(),
+            data: data_file.clone(),
+            task: Task::CausalLm,
+            method,
+            out: out.clone(),
+            train: TrainConfig {
+                batch: 2,
+                max_steps: Some(1),
+                lr: 1e-3,
+                ..Default::default()
+            },
+            text_column: "text".into(),
+            label_column: "label".into(),
+            held_out: 0.3,
+            max_train: Some(2),
+            block_size: 16,
+            resume: false,
+        };
+        let r = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap();
+        assert_eq!(r.steps, 1, "{name}");
+        assert!(
+            r.before.value > 1.0 && r.before.value < 1e4,
+            "{name}: perplexity {}",
+            r.before.value
+        );
+        let best = out.join("best");
+        let m = jobs::eval::<Inference>(
+            &gguf,
+            Some(&best),
+            &data_file,
+            Task::CausalLm,
+            ("text", "label"),
+            16,
+        )
+        .unwrap();
+        assert!(
+            m.value.is_finite() && m.value > 1.0,
+            "{name}: eval perplexity {}",
+            m.value
+        );
+        let mut sampler = peft_core::generate::Sampler::Greedy;
+        let g =
+            jobs::generate::<Inference>(&gguf, Some(&best), "Call me", 3, &mut sampler).unwrap();
+        assert!(!g.is_empty(), "{name}: nothing generated");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
