@@ -622,6 +622,9 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
         .model;
     let mut ia3_opt = AdamWConfig::new().init::<B, Llama<B>>();
     let frozen = base.clone().no_grad();
+    // Full fine-tuning: every parameter of the base trains.
+    let mut full = base.clone();
+    let mut full_opt = AdamWConfig::new().init::<B, Llama<B>>();
     let counts: Vec<usize> = placements
         .iter()
         .map(|(_, m)| m.param_count().trainable)
@@ -640,6 +643,9 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
     }
     fs.push(Box::new(|| {
         ia3 = train_step(ia3.clone(), &mut ia3_opt, &ids)
+    }));
+    fs.push(Box::new(|| {
+        full = train_step(full.clone(), &mut full_opt, &ids)
     }));
     let mut refs: Vec<&mut dyn FnMut()> = fs
         .iter_mut()
@@ -669,9 +675,11 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
         "train_double_seq_bn_step",
         "train_par_bn_step",
     ];
+    let full_ms = stats(&mut t[6].clone()).0;
     for (i, name) in names.iter().enumerate() {
         let median = stats(&mut t[i + 2].clone()).0;
-        let extra = json!({"trainable_params": counts[i], "ratio_vs_base_forward": median / fwd});
+        let extra = json!({"trainable_params": counts[i], "ratio_vs_base_forward": median / fwd,
+                           "ratio_vs_full_finetune": median / full_ms});
         emit(o, "adapter", name, &mut t[i + 2], Some(b), extra);
     }
     let median = stats(&mut t[5].clone()).0;
@@ -681,7 +689,15 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
         "train_ia3_step",
         &mut t[5],
         Some(b),
-        json!({"ratio_vs_base_forward": median / fwd}),
+        json!({"ratio_vs_base_forward": median / fwd, "ratio_vs_full_finetune": median / full_ms}),
+    );
+    emit(
+        o,
+        "adapter",
+        "train_full_finetune_step",
+        &mut t[6],
+        Some(b),
+        json!({"ratio_vs_base_forward": full_ms / fwd}),
     );
 }
 
