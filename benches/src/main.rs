@@ -623,7 +623,7 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
     let mut ia3_opt = AdamWConfig::new().init::<B, Llama<B>>();
     let frozen = base.clone().no_grad();
     // Full fine-tuning: every parameter of the base trains.
-    let mut full = base.clone();
+    let mut full = base.clone().map(&mut Unfreeze);
     let mut full_opt = AdamWConfig::new().init::<B, Llama<B>>();
     let counts: Vec<usize> = placements
         .iter()
