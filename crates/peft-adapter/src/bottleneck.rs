@@ -817,10 +817,6 @@ impl<B: Backend, L: Lookup<B>> ResidualHook<B> for Composer<'_, B, L> {
         {
             return residual_join(hidden, residual, norm);
         }
-        let top = match self.setup {
-            Setup::Single(_) => Setup::Stack(vec![self.setup.clone()]),
-            other => other.clone(),
-        };
         let state = State {
             hidden: hidden.clone(),
             input: residual.clone(),
@@ -828,7 +824,16 @@ impl<B: Backend, L: Lookup<B>> ResidualHook<B> for Composer<'_, B, L> {
             up: None,
             last: None,
         };
-        let out = self.compose(&top, state, (point, layer), norm);
+        let at = (point, layer);
+        let out = match self.setup {
+            // AdapterHub runs a lone adapter as `Stack(name)`: its own
+            // pre_forward, then the adapter (present here: checked above).
+            Setup::Single(name) => {
+                let state = self.pre_block(self.setup, state, at, norm);
+                self.single(name, state, at)
+            }
+            setup => self.compose(setup, state, at, norm),
+        };
         match out
             .last
             .as_deref()

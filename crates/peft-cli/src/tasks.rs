@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
-use peft_core::io::{
-    read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
-};
+use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
@@ -274,18 +272,11 @@ pub fn save_head<B: Backend>(head: &Linear<B>, dir: &Path) -> Result<()> {
 pub fn load_head<B: Backend>(dir: &Path, d: usize, device: &B::Device) -> Result<Linear<B>> {
     let file = dir.join("head.safetensors");
     let mut t = read_safetensors(&file)?;
-    let w = take_tensor(&mut t, "classifier.weight", &file)?;
-    let labels = w.shape.first().copied().unwrap_or(0);
-    peft_core::io::linear_from_torch(
-        &mut [("classifier.weight".to_string(), w)]
-            .into_iter()
-            .chain(t)
-            .collect(),
-        "classifier",
-        [d, labels],
-        &file,
-        device,
-    )
+    let labels = t
+        .get("classifier.weight")
+        .and_then(|w| w.shape.first().copied())
+        .unwrap_or(0);
+    peft_core::io::linear_from_torch(&mut t, "classifier", [d, labels], &file, device)
 }
 
 /// A new head `[d, labels]`.
@@ -432,7 +423,7 @@ pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
     let all: Vec<usize> = (0..blocks.len()).collect();
     for idx in all.chunks(8) {
         let (l, _) = lm_loss(model, blocks, idx, device)?;
-        total += l.into_scalar().to_f64() * idx.len() as f64;
+        total += l.into_scalar().elem::<f64>() * idx.len() as f64;
     }
     let mean = total / blocks.len().max(1) as f64;
     Ok(Metric {
@@ -440,15 +431,6 @@ pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
         value: mean.exp(),
         higher_is_better: false,
     })
-}
-
-trait ToF64 {
-    fn to_f64(self) -> f64;
-}
-impl<E: burn::tensor::ElementConversion> ToF64 for E {
-    fn to_f64(self) -> f64 {
-        self.elem::<f64>()
-    }
 }
 
 /// Attaches a slot method (LoRA, DoRA, (IA)³) to `model` as adapter

@@ -438,15 +438,15 @@ where
                       run: &RunDir,
                       save: &mut dyn FnMut(&M::InnerModule, &Path) -> Result<()>|
      -> Result<()> {
-        let ids = param_ids(model);
+        let positions: std::collections::HashMap<ParamId, usize> = param_ids(model)
+            .into_iter()
+            .enumerate()
+            .map(|(p, id)| (id, p))
+            .collect();
         let record: OptimRecord<M, B> = optim
             .to_record()
             .into_iter()
-            .filter_map(|(id, v)| {
-                ids.iter()
-                    .position(|x| *x == id)
-                    .map(|p| (ParamId::from(p as u64), v))
-            })
+            .filter_map(|(id, v)| positions.get(&id).map(|&p| (ParamId::from(p as u64), v)))
             .collect();
         let bytes = recorder
             .record(record, ())
@@ -462,7 +462,6 @@ where
     };
     let mut stopped_early = false;
     let mut halted = false;
-    let steps_this_process = |st: &RunState, first: usize| st.step - first;
     let first_step = state.step;
     'epochs: while state.epoch < config.epochs && state.step < total {
         let epoch = state.epoch;
@@ -541,7 +540,7 @@ where
             }
             if config
                 .stop_after
-                .is_some_and(|n| steps_this_process(&state, first_step) >= n)
+                .is_some_and(|n| state.step - first_step >= n)
             {
                 halted = true;
                 break 'epochs;
