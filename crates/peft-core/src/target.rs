@@ -4,9 +4,9 @@
 //! - `target_modules` as a string: a regular expression that must match the
 //!   whole module path (`re.fullmatch`); `all-linear`: every linear but the
 //!   model's output layers.
-//! - as a list: a module is a target when its path equals an entry or ends
-//!   with `.` + entry; then `layers_to_transform` (with `layers_pattern`)
-//!   restricts the layer index found in the path.
+//! - as a list: a module is a target when its path equals an entry, or ends
+//!   with `.` + entry and `layers_to_transform` (with `layers_pattern`), when
+//!   set, holds the first layer index found in the path.
 //! - `exclude_modules` wins over everything (same string/list rules).
 //! - `rank_pattern` / `alpha_pattern` keys match a path when
 //!   `^(.*\.)?(KEY)$` matches it; the first such key wins.
@@ -42,17 +42,21 @@ pub fn is_excluded(exclude: Option<&TargetModules>, path: &str) -> Result<bool> 
 /// The layer index PEFT reads from a module path: the number after
 /// `<layers_pattern>.` (or after any `<name>.` when no pattern is given).
 fn layer_index(path: &str, pattern: Option<&LayersPattern>) -> Result<Option<usize>> {
+    // An empty pattern (`""` or `[]`) means any layer list, as in PEFT.
     let patterns: Vec<String> = match pattern {
         None => vec![],
+        Some(LayersPattern::One(p)) if p.is_empty() => vec![],
         Some(LayersPattern::One(p)) => vec![p.clone()],
         Some(LayersPattern::Many(ps)) => ps.clone(),
     };
+    // Lazy `.*?`: the first numbered segment is the layer index, not a
+    // nested one such as an expert's (`layers.1.experts.0`), as in PEFT.
     let regexes: Vec<String> = if patterns.is_empty() {
-        vec![r"^.*\.[^.]*\.(\d+)\.".to_string()]
+        vec![r"^.*?\.[^.]*\.(\d+)\.".to_string()]
     } else {
         patterns
             .iter()
-            .map(|p| format!(r"^.*\.{p}\.(\d+)\."))
+            .map(|p| format!(r"^(?:.*?\.)?{p}\.(\d+)\."))
             .collect()
     };
     for r in regexes {
@@ -103,6 +107,9 @@ pub fn targets_match(
     }
     match targets {
         TargetModules::Pattern(p) => full_match(p, path),
+        // A path listed whole is a target whatever its layer (PEFT checks
+        // `key in target_modules` before the layer restriction).
+        TargetModules::List(names) if names.iter().any(|n| n == path) => Ok(true),
         TargetModules::List(names) => {
             if !list_match(names, path) {
                 return Ok(false);
