@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -26,6 +26,8 @@ use peft_models::loss::causal_lm_loss;
 use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::json;
+
+mod real;
 
 struct Opts {
     quick: bool,
@@ -277,7 +279,8 @@ fn probe<B: AutodiffBackend>(o: &Opts, variant: &str) {
 
 fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let cfg = stack_config(true);
-    let (rows, len) = (16, if o.quick { 16 } else { 64 });
+    // 64 rows so that 64 adapters each get one.
+    let (rows, len) = (64, if o.quick { 8 } else { 32 });
     let ids = batch_ids::<B>(rows, len, device);
     B::seed(device, 3);
     let mut m = LoraModel::new(
@@ -285,7 +288,7 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
         lora(8, &["q_proj", "v_proj"], false),
     )
     .unwrap();
-    for i in 1..16 {
+    for i in 1..64 {
         m.add_adapter(&format!("a{i}"), lora(8, &["q_proj", "v_proj"], false))
             .unwrap();
     }
@@ -301,7 +304,7 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
             })
             .collect()
     };
-    let sets = [names(1), names(4), names(16)];
+    let sets = [names(1), names(4), names(16), names(64)];
     let run_mixed = |set: &Vec<String>| {
         let refs: Vec<&str> = set.iter().map(String::as_str).collect();
         m.forward_mixed(&refs, rows, |model| sync(model.forward(ids.clone(), None)))
@@ -315,6 +318,7 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
             &mut || run_mixed(&sets[0]),
             &mut || run_mixed(&sets[1]),
             &mut || run_mixed(&sets[2]),
+            &mut || run_mixed(&sets[3]),
         ],
     );
     let b = emit(
@@ -325,7 +329,7 @@ fn mixed_suite<B: Backend>(o: &Opts, device: &B::Device) {
         None,
         json!({"rows": rows}),
     );
-    for (i, n) in [1, 4, 16].iter().enumerate() {
+    for (i, n) in [1, 4, 16, 64].iter().enumerate() {
         emit(
             o,
             "mixed",
@@ -714,9 +718,11 @@ fn run<B: Backend>(o: &Opts) {
             "cpu_backends" => cpu_backends_suite(o),
             "prompt" => prompt_suite::<B>(o, &device),
             "adapter" => adapter_suite::<B>(o, &device),
+            "minilm" => real::minilm_suite::<B>(o, &device),
+            "smollm2" => real::smollm2_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, train, mixed, prompt, adapter, cpu_backends)"
+                    "unknown suite `{other}` (forward, train, mixed, prompt, adapter, minilm, smollm2, cpu_backends)"
                 )
             }
         }
@@ -750,6 +756,8 @@ fn main() {
             "mixed".into(),
             "prompt".into(),
             "adapter".into(),
+            "minilm".into(),
+            "smollm2".into(),
         ];
     }
     match o.backend.as_str() {

@@ -1,8 +1,13 @@
 //! Project commands, run as `cargo xtask <command>`.
 //!
-//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]`:
+//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
-//!   suites, and writes `target/bench-report/{report.json,report.md}`.
+//!   suites (forward, train, mixed, prompt, adapter, minilm, smollm2,
+//!   cpu_backends), and writes `target/bench-report/` with `report.json`,
+//!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
+//!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
+//!   + PyTorch) alternately with our `minilm` suite on the first backend and
+//!   reports our/their ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -45,6 +50,7 @@ fn machine() -> Value {
 fn bench(args: &[String]) -> Result<(), String> {
     let mut backends = Vec::new();
     let mut passthrough = Vec::new();
+    let mut vs_peft: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -54,6 +60,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                 passthrough.push(it.next().ok_or("--suite needs a value")?.clone());
             }
             "--quick" => passthrough.push("--quick".into()),
+            "--vs-peft" => vs_peft = Some(it.next().ok_or("--vs-peft needs a Python")?.clone()),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -63,50 +70,18 @@ fn bench(args: &[String]) -> Result<(), String> {
     let root = workspace_root();
     let mut results = Vec::new();
     for backend in &backends {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root)
-            .args(["run", "--quiet", "-p", "peft-bench"]);
-        match backend.as_str() {
-            "wgpu" | "cuda" => {
-                cmd.args(["--features", &format!("peft-bench/{backend}")]);
-            }
-            "ndarray" | "flex" => {}
-            other => {
-                return Err(format!(
-                    "unknown backend `{other}` (ndarray, flex, wgpu, cuda)"
-                ))
-            }
-        }
-        cmd.args(["--", "--backend", backend]).args(&passthrough);
-        eprintln!("bench: {backend} …");
-        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "benchmarks on {backend} failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| format!("bad benchmark line `{line}`: {e}"))?;
-            eprintln!(
-                "  {}/{}: {:.2} ms{}",
-                v["suite"].as_str().unwrap_or(""),
-                v["name"].as_str().unwrap_or(""),
-                v["median_ms"].as_f64().unwrap_or(0.0),
-                v["ratio_vs_baseline"]
-                    .as_f64()
-                    .map(|r| format!(" (×{r:.3})"))
-                    .unwrap_or_default()
-            );
-            results.push(v);
-        }
+        results.extend(run_ours(&root, backend, &passthrough)?);
     }
+    let reference = match &vs_peft {
+        Some(python) => compare_with_peft(&root, &backends[0], python, &passthrough)?,
+        None => Value::Null,
+    };
     let report = json!({
         "git_revision": output_of("git", &["-C", root.to_str().unwrap_or("."), "rev-parse", "HEAD"]),
         "date": output_of("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "machine": machine(),
         "results": results,
+        "vs_peft": reference,
     });
     let dir = root.join("target/bench-report");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -116,8 +91,255 @@ fn bench(args: &[String]) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     std::fs::write(dir.join("report.md"), markdown(&report)).map_err(|e| e.to_string())?;
+    for (suite, svg) in charts(&report) {
+        std::fs::write(dir.join(format!("{suite}.svg")), svg).map_err(|e| e.to_string())?;
+    }
     eprintln!("wrote {}", dir.join("report.md").display());
     Ok(())
+}
+
+/// Runs our benchmark binary on `backend`: one JSON value per figure.
+fn run_ours(root: &Path, backend: &str, passthrough: &[String]) -> Result<Vec<Value>, String> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root)
+        .args(["run", "--quiet", "-p", "peft-bench"]);
+    match backend {
+        "wgpu" | "cuda" => {
+            cmd.args(["--features", &format!("peft-bench/{backend}")]);
+        }
+        "ndarray" | "flex" => {}
+        other => {
+            return Err(format!(
+                "unknown backend `{other}` (ndarray, flex, wgpu, cuda)"
+            ))
+        }
+    }
+    cmd.args(["--", "--backend", backend]).args(passthrough);
+    eprintln!("bench: {backend} …");
+    let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "benchmarks on {backend} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_lines(&out.stdout)
+}
+
+fn parse_lines(stdout: &[u8]) -> Result<Vec<Value>, String> {
+    let mut results = Vec::new();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| format!("bad benchmark line `{line}`: {e}"))?;
+        eprintln!(
+            "  {}/{}{}: {:.2} ms{}",
+            v["suite"].as_str().unwrap_or(""),
+            v["name"].as_str().unwrap_or(""),
+            v["impl"]
+                .as_str()
+                .map(|i| format!(" [{i}]"))
+                .unwrap_or_default(),
+            v["median_ms"].as_f64().unwrap_or(0.0),
+            v["ratio_vs_baseline"]
+                .as_f64()
+                .map(|r| format!(" (×{r:.3})"))
+                .unwrap_or_default()
+        );
+        results.push(v);
+    }
+    Ok(results)
+}
+
+/// Rounds of our `minilm` suite and PEFT's, alternating (ours, theirs,
+/// ours, theirs), so that machine noise hits both; per figure, the median
+/// over rounds of each side's median, and their ratio.
+fn compare_with_peft(
+    root: &Path,
+    backend: &str,
+    python: &str,
+    passthrough: &[String],
+) -> Result<Value, String> {
+    const ROUNDS: usize = 3;
+    let quick = passthrough.iter().any(|a| a == "--quick");
+    let mut ours_args = vec!["--suite".to_string(), "minilm".to_string()];
+    if quick {
+        ours_args.push("--quick".into());
+    }
+    let assets = std::env::var_os("PEFT_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/peft-rs/assets")
+        });
+    let mut ours: Vec<Value> = Vec::new();
+    let mut theirs: Vec<Value> = Vec::new();
+    for round in 0..ROUNDS {
+        eprintln!("vs-peft: round {} of {ROUNDS}", round + 1);
+        ours.extend(run_ours(root, backend, &ours_args)?);
+        let mut cmd = Command::new(python);
+        cmd.arg(root.join("benches/peft_reference.py"))
+            .arg("--model")
+            .arg(assets.join("minilm"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {python}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "benches/peft_reference.py failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        theirs.extend(parse_lines(&out.stdout)?);
+    }
+    let median_of = |set: &[Value], name: &str| -> Option<f64> {
+        let mut v: Vec<f64> = set
+            .iter()
+            .filter(|r| r["name"] == name)
+            .filter_map(|r| r["median_ms"].as_f64())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    let mut rows = Vec::new();
+    for name in [
+        "forward_base",
+        "forward_lora_r8_q_v_unmerged",
+        "forward_lora_r8_q_v_merged",
+        "train_step_lora_r8_q_v",
+    ] {
+        if let (Some(a), Some(b)) = (median_of(&ours, name), median_of(&theirs, name)) {
+            rows.push(json!({"name": name, "ours_ms": a, "peft_ms": b, "ratio": a / b}));
+        }
+    }
+    Ok(json!({
+        "backend": backend,
+        "rounds": ROUNDS,
+        "python": python,
+        "torch_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "figures": rows,
+    }))
+}
+
+/// The goals, each with the figure it is judged on.
+fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    let mut goal = |what: &str, suite: &str, name: &str, limit: f64| {
+        for r in results
+            .iter()
+            .filter(|r| r["suite"] == suite && r["name"] == name)
+        {
+            out.push((
+                what.to_string(),
+                r["backend"].as_str().unwrap_or("?").to_string(),
+                r["ratio_vs_baseline"].as_f64(),
+                limit,
+            ));
+        }
+    };
+    goal(
+        "merged LoRA forward within 1% of base",
+        "forward",
+        "lora_r8_all_linear_merged",
+        1.01,
+    );
+    goal(
+        "unmerged LoRA r8 (q, v) forward within 6% of base",
+        "forward",
+        "lora_r8_q_v_unmerged",
+        1.06,
+    );
+    goal(
+        "mixed batch of 16 adapters within 1.2× of one adapter",
+        "mixed",
+        "mixed_batch_16_adapters",
+        1.2,
+    );
+    for f in report["vs_peft"]["figures"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        out.push((
+            format!(
+                "{} ahead of PEFT + PyTorch",
+                f["name"].as_str().unwrap_or("?")
+            ),
+            report["vs_peft"]["backend"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+            f["ratio"].as_f64(),
+            1.0,
+        ));
+    }
+    out
+}
+
+/// One horizontal bar chart per suite: median time of each figure per
+/// backend, labelled with its ratio to the suite's baseline.
+fn charts(report: &Value) -> Vec<(String, String)> {
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    let mut suites: Vec<String> = Vec::new();
+    for r in &results {
+        if let Some(name) = r["suite"].as_str() {
+            if !suites.iter().any(|s| s == name) {
+                suites.push(name.to_string());
+            }
+        }
+    }
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    suites
+        .into_iter()
+        .map(|suite| {
+            let rows: Vec<&Value> = results.iter().filter(|r| r["suite"] == suite.as_str()).collect();
+            let max = rows
+                .iter()
+                .filter_map(|r| r["median_ms"].as_f64())
+                .fold(0.0, f64::max)
+                .max(1e-9);
+            let (label_w, bar_w, row_h) = (330.0, 420.0, 22.0);
+            let height = 50.0 + row_h * rows.len() as f64;
+            let mut svg = format!(
+                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"20\" font-size=\"15\">{} — median time per figure (ms)</text>\n",
+                label_w + bar_w + 160.0,
+                esc(&suite)
+            );
+            for (i, r) in rows.iter().enumerate() {
+                let y = 35.0 + row_h * i as f64;
+                let ms = r["median_ms"].as_f64().unwrap_or(0.0);
+                let w = bar_w * ms / max;
+                let label = format!(
+                    "{} [{}]",
+                    r["name"].as_str().unwrap_or(""),
+                    r["backend"].as_str().unwrap_or("")
+                );
+                let ratio = r["ratio_vs_baseline"]
+                    .as_f64()
+                    .map(|x| format!(" ×{x:.3}"))
+                    .unwrap_or_default();
+                svg += &format!(
+                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4a7fb5\"/>\n<text x=\"{}\" y=\"{}\">{ms:.2}{}</text>\n",
+                    label_w - 6.0,
+                    y + 14.0,
+                    esc(&label),
+                    row_h - 6.0,
+                    label_w + w + 4.0,
+                    y + 14.0,
+                    esc(&ratio)
+                );
+            }
+            svg += "</svg>\n";
+            (suite, svg)
+        })
+        .collect()
 }
 
 fn markdown(report: &Value) -> String {
@@ -138,8 +360,34 @@ fn markdown(report: &Value) -> String {
             }
         }
     }
+    let goals = goals(report);
+    if !goals.is_empty() {
+        s += "\n## Goals\n\n| goal | backend | measured ratio | limit | met |\n|---|---|---|---|---|\n";
+        for (what, backend, ratio, limit) in goals {
+            let (measured, met) = match ratio {
+                Some(r) => (format!("{r:.3}"), if r <= limit { "yes" } else { "**NO**" }),
+                None => ("–".into(), "not measured"),
+            };
+            s += &format!("| {what} | {backend} | {measured} | ≤ {limit} | {met} |\n");
+        }
+    }
+    if let Some(rows) = report["vs_peft"]["figures"].as_array() {
+        s += &format!(
+            "\n## Against Hugging Face PEFT + PyTorch\n\nall-MiniLM-L6-v2, batch 16 × 128, LoRA r 8 on query/value; {} rounds alternating ours and theirs, medians of the rounds' medians; backend {}.\n\n| figure | ours ms | PEFT ms | ours / PEFT |\n|---|---|---|---|\n",
+            report["vs_peft"]["rounds"], report["vs_peft"]["backend"].as_str().unwrap_or("?")
+        );
+        for r in rows {
+            s += &format!(
+                "| {} | {:.2} | {:.2} | {:.3} |\n",
+                r["name"].as_str().unwrap_or(""),
+                r["ours_ms"].as_f64().unwrap_or(0.0),
+                r["peft_ms"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     for suite in suites {
-        s += &format!("\n## {suite}\n\n| benchmark | backend | median ms | min | max | runs | ratio | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n");
+        s += &format!("\n## {suite}\n\n![{suite}]({suite}.svg)\n\n| benchmark | backend | median ms | min | max | runs | ratio | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n");
         for r in results.iter().filter(|r| r["suite"] == suite.as_str()) {
             let f = |k: &str| {
                 r[k].as_f64()
@@ -169,7 +417,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|cpu_backends]... [--quick]".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -234,13 +234,15 @@ pub struct RunDir {
 
 impl RunDir {
     /// Creates `dir` and starts its metrics log (`append`: continue the log
-    /// of a resumed run).
+    /// of a resumed run). What an interrupted checkpoint write left in `dir`
+    /// is removed.
     pub fn create(dir: &Path, append: bool) -> Result<Self> {
         let io = |source| PeftError::Io {
             path: dir.to_path_buf(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        sweep(dir).map_err(io)?;
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(append)
@@ -311,6 +313,41 @@ impl RunDir {
         }
         Ok(link)
     }
+}
+
+/// Removes what a writer killed inside [`RunDir::checkpoint`] leaves
+/// behind: `.<version>.partial` folders, `.<name>.link-<pid>` temporary
+/// links, and checkpoint versions (`<name>.<pid>-<n>`) that no link points
+/// to. What a link points to is never touched.
+fn sweep(dir: &Path) -> std::io::Result<()> {
+    let entries: Vec<std::fs::DirEntry> =
+        std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    let linked: std::collections::HashSet<std::ffi::OsString> = entries
+        .iter()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| t.file_name().map(|n| n.to_os_string()))
+        .collect();
+    for e in &entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_symlink = e.file_type()?.is_symlink();
+        let scratch =
+            name.starts_with('.') && (name.ends_with(".partial") || name.contains(".link-"));
+        let orphan = !is_symlink && is_version_name(&name) && !linked.contains(&e.file_name());
+        if scratch && is_symlink {
+            std::fs::remove_file(e.path())?;
+        } else if scratch || orphan {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a checkpoint version folder's name: `<name>.<pid>-<n>`.
+fn is_version_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.rsplit_once('.')
+        .and_then(|(base, tail)| Some((base, tail.split_once('-')?)))
+        .is_some_and(|(base, (pid, n))| !base.is_empty() && digits(pid) && digits(n))
 }
 
 #[cfg(unix)]

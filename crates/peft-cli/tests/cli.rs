@@ -507,6 +507,103 @@ fn a_killed_writer_never_leaves_a_torn_checkpoint() {
         last_seen = last_seen.max(version);
     }
     assert!(last_seen > 0, "the child never completed a checkpoint");
+    // Reopening the run sweeps what the kills left half-written.
+    let before = std::fs::read(dir.join("best/a.bin")).unwrap();
+    peft_cli::train::RunDir::create(&dir, true).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let target = std::fs::read_link(dir.join("best")).unwrap();
+    let want = vec![
+        "best".to_string(),
+        target.to_string_lossy().into_owned(),
+        "metrics.jsonl".into(),
+    ];
+    assert_eq!(left, want, "after the sweep");
+    assert_eq!(std::fs::read(dir.join("best/a.bin")).unwrap(), before);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The child of the adapter-save crash test: saves a LoRA adapter into
+/// `$PEFT_CRASH_ADAPTER_DIR` over and over, every factor filled with the
+/// save's version number.
+#[test]
+fn adapter_writer_child() {
+    use burn::module::Param;
+    use peft_core::PeftModel;
+    let Ok(dir) = std::env::var("PEFT_CRASH_ADAPTER_DIR") else {
+        return; // only when the crash test runs this binary as its child
+    };
+    let dev = Default::default();
+    let model = peft_models::fixtures::tiny_llama::<Inference>(&dev);
+    let mut lora =
+        peft_lora::LoraModel::new(model, LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])).unwrap();
+    for version in 1u64.. {
+        lora.model.visit_linears_mut(&mut |_, slot| {
+            for e in &mut slot.lora {
+                let fill = |t: &burn::tensor::Tensor<Inference, 2>| {
+                    Param::from_tensor(t.zeros_like().add_scalar(version as f32))
+                };
+                e.a = fill(&e.a.val());
+                e.b = fill(&e.b.val());
+            }
+        });
+        lora.save_pretrained(Path::new(&dir)).unwrap();
+    }
+}
+
+/// SIGKILL at random moments while an adapter is saved over the previous
+/// save: the folder always loads, and holds one complete save.
+#[test]
+fn a_killed_adapter_save_never_loses_the_saved_adapter() {
+    use peft_core::PeftModel;
+    let dir = temp("crash-adapter");
+    let mut rng = peft_core::rng::SplitMix64(11);
+    let mut versions = std::collections::BTreeSet::new();
+    for round in 0..20 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "adapter_writer_child", "--nocapture"])
+            .env("PEFT_CRASH_ADAPTER_DIR", &dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(40 + rng.next_u64() % 200));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !dir.join("adapter_config.json").exists() {
+            assert!(
+                versions.is_empty(),
+                "round {round}: a saved adapter is gone"
+            );
+            continue;
+        }
+        let model = peft_models::fixtures::tiny_llama::<Inference>(&Default::default());
+        let lora = peft_lora::LoraModel::from_pretrained(model, &dir)
+            .unwrap_or_else(|e| panic!("round {round}: the saved adapter does not load: {e}"));
+        let mut values = std::collections::BTreeSet::new();
+        lora.model.visit_linears(&mut |_, slot| {
+            for e in &slot.lora {
+                for t in [e.a.val(), e.b.val()] {
+                    for v in t.into_data().to_vec::<f32>().unwrap() {
+                        values.insert(v as u64);
+                    }
+                }
+            }
+        });
+        assert_eq!(
+            values.len(),
+            1,
+            "round {round}: a torn save: versions {values:?}"
+        );
+        versions.extend(values);
+    }
+    assert!(
+        versions.len() > 1,
+        "the child never completed two saves: {versions:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -25,7 +25,13 @@ use proptest::prelude::*;
 type B = NdArray;
 
 const TARGETS: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 fn model() -> Llama<B> {
@@ -197,7 +203,7 @@ proptest! {
         let mut lora = with_adapters(&specs);
         let base = base_weights(&lora.model);
         // ΔWᵢ of each adapter alone, read off a merge.
-        let mut delta = |lora: &mut LoraModel<B, Llama<B>>, name: &str| {
+        let delta = |lora: &mut LoraModel<B, Llama<B>>, name: &str| {
             lora.set_adapter(&[name]).unwrap();
             lora.merge_adapter().unwrap();
             let merged = base_weights(&lora.model);

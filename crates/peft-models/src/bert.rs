@@ -17,7 +17,7 @@ use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::attention::{attend, padding_mask, positions, split_heads};
-use crate::checkpoint::{read_config, Checkpoint};
+use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use peft_core::kv::{KvCache, LayerCache};
 
 /// The fields of a BERT `config.json` this model uses.
@@ -141,6 +141,24 @@ impl<B: Backend> Bert<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         Checkpoint::<B>::check_model_type(dir, &["bert"])?;
         let config: BertConfig = read_config(dir)?;
+        let file = dir.join("config.json");
+        check_dims(
+            &file,
+            &[
+                ("vocab_size", config.vocab_size),
+                ("hidden_size", config.hidden_size),
+                ("num_hidden_layers", config.num_hidden_layers),
+                ("num_attention_heads", config.num_attention_heads),
+                ("intermediate_size", config.intermediate_size),
+                ("max_position_embeddings", config.max_position_embeddings),
+                ("type_vocab_size", config.type_vocab_size),
+            ],
+        )?;
+        check_heads(
+            &file,
+            ("hidden_size", config.hidden_size),
+            ("num_attention_heads", config.num_attention_heads),
+        )?;
         if config.hidden_act != "gelu" {
             return Err(PeftError::Config(format!(
                 "hidden_act `{}` is not supported (gelu)",
@@ -168,7 +186,8 @@ impl<B: Backend> Bert<B> {
             d,
         )?;
         let embeddings_norm = ck.layer_norm(&format!("{e}.LayerNorm"), d, eps)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not `with_capacity`: the layer count is what a file claims.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("{prefix}encoder.layer.{i}");
             layers.push(BertLayer {

@@ -21,6 +21,40 @@ pub struct Checkpoint<'d, B: Backend> {
     device: &'d B::Device,
 }
 
+/// The largest dimension a config may give: a larger one is not a model but
+/// a malformed (or hostile) file, and would overflow the loaders' index
+/// arithmetic before any tensor is compared with it.
+pub const MAX_DIM: usize = 1 << 31;
+
+/// Checks the dimensions a loader builds from: each in `1..=MAX_DIM`.
+/// `file` names the config they come from.
+pub fn check_dims(file: &Path, dims: &[(&str, usize)]) -> Result<()> {
+    for &(name, v) in dims {
+        if v == 0 || v > MAX_DIM {
+            return Err(PeftError::Config(format!(
+                "{}: `{name}` = {v} is out of range (1..={MAX_DIM})",
+                file.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless `heads` divides `width` (attention splits the width evenly).
+pub fn check_heads(file: &Path, width: (&str, usize), heads: (&str, usize)) -> Result<()> {
+    if !width.1.is_multiple_of(heads.1) {
+        return Err(PeftError::Config(format!(
+            "{}: `{}` = {} is not a multiple of `{}` = {}",
+            file.display(),
+            width.0,
+            width.1,
+            heads.0,
+            heads.1
+        )));
+    }
+    Ok(())
+}
+
 /// Reads and parses `dir/config.json`.
 pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C> {
     let path = dir.join("config.json");

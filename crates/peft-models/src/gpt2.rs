@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::attention::{
     attend, causal_mask, decoder_mask, positions, prefix_mask, split_heads, tied_head,
 };
-use crate::checkpoint::{read_config, Checkpoint};
+use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 
 /// The fields of a GPT-2 `config.json` this model uses.
@@ -140,10 +140,24 @@ impl<B: Backend> Gpt2<B> {
         } else {
             ""
         };
+        let file = dir.join("config.json");
+        check_dims(
+            &file,
+            &[
+                ("vocab_size", config.vocab_size),
+                ("n_positions", config.n_positions),
+                ("n_embd", config.n_embd),
+                ("n_layer", config.n_layer),
+                ("n_head", config.n_head),
+                ("n_inner", config.n_inner.unwrap_or(1)),
+            ],
+        )?;
+        check_heads(&file, ("n_embd", config.n_embd), ("n_head", config.n_head))?;
         let d = config.n_embd;
         let ff = config.n_inner.unwrap_or(4 * d);
         let eps = config.layer_norm_epsilon;
-        let mut h = Vec::with_capacity(config.n_layer);
+        // Not `with_capacity`: the layer count is what a file claims.
+        let mut h = Vec::new();
         for i in 0..config.n_layer {
             let p = format!("{root}h.{i}");
             h.push(Gpt2Block {

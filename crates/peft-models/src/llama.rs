@@ -18,7 +18,7 @@ use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
-use crate::checkpoint::{read_config, Checkpoint};
+use crate::checkpoint::{check_dims, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 use crate::gguf::{Gguf, MetaValue};
 use peft_core::io::HostTensor;
@@ -101,7 +101,28 @@ impl LlamaConfig {
             .or(self.rope_theta)
             .unwrap_or(10_000.0)
     }
-    fn validate(&self) -> Result<()> {
+    /// Checks what the loaders build from; `file` names the source.
+    fn validate(&self, file: &Path) -> Result<()> {
+        check_dims(
+            file,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.kv_heads()),
+            ],
+        )?;
+        // After the heads are known non-zero: `head_dim` divides by them.
+        let hd = self.head_dim();
+        check_dims(file, &[("head_dim", hd)])?;
+        if hd % 2 == 1 {
+            return Err(PeftError::Config(format!(
+                "{}: head_dim {hd} is odd (rotary embeddings rotate halves)",
+                file.display()
+            )));
+        }
         if let Some(r) = &self.rope_parameters {
             if r.rope_type != "default" {
                 return Err(PeftError::Config(format!(
@@ -262,7 +283,7 @@ impl LlamaConfig {
     /// A randomly initialised model (frozen, like a loaded one), for tests
     /// and benchmarks.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Llama<B>> {
-        self.validate()?;
+        self.validate(Path::new("LlamaConfig"))?;
         let (d, ff) = (self.hidden_size, self.intermediate_size);
         let (qd, kvd) = (
             self.num_attention_heads * self.head_dim(),
@@ -308,7 +329,7 @@ impl<B: Backend> Llama<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         Checkpoint::<B>::check_model_type(dir, &["llama"])?;
         let config: LlamaConfig = read_config(dir)?;
-        config.validate()?;
+        config.validate(&dir.join("config.json"))?;
         let mut ck = Checkpoint::<B>::open(dir, device)?;
         let (d, ff) = (config.hidden_size, config.intermediate_size);
         let (qd, kvd) = (
@@ -316,7 +337,8 @@ impl<B: Backend> Llama<B> {
             config.kv_heads() * config.head_dim(),
         );
         let (ab, mb) = (config.attention_bias, config.mlp_bias);
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not `with_capacity`: the layer count is what a file claims.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(LlamaLayer {
@@ -638,7 +660,7 @@ impl<B: Backend> Llama<B> {
             attention_bias: false,
             mlp_bias: false,
         };
-        config.validate()?;
+        config.validate(path)?;
         let (d, ff) = (config.hidden_size, config.intermediate_size);
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
         let hd = config.head_dim();
@@ -674,7 +696,8 @@ impl<B: Backend> Llama<B> {
                 .set_require_grad(false);
             Ok(n)
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not `with_capacity`: the layer count is what a file claims.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("blk.{i}");
             layers.push(LlamaLayer {

@@ -7,6 +7,19 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::{PeftError, Result};
 
+/// Runs a call into the `tokenizers` crate, turning a panic into an error:
+/// it panics on some malformed `tokenizer.json` files (an `expect` in its
+/// decoder deserialiser, found by `cargo fuzz run tokenizer`), and a bad
+/// file must be an error, not a crash.
+fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the tokenizer library failed".into())
+    })
+}
+
 /// A Hugging Face tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -25,11 +38,13 @@ impl Tokenizer {
     /// Loads `tokenizer.json`. Its own padding setting is dropped: batches
     /// are padded to their longest row. Truncation is kept.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| PeftError::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("not a valid tokenizer.json: {e}"),
-            })?;
+        let bad = |message: String| PeftError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {message}"),
+        };
+        let mut inner = guarded(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(bad)?
+            .map_err(|e| bad(e.to_string()))?;
         let pad_id = inner.get_padding().map(|p| p.pad_id).unwrap_or(0);
         inner.with_padding(None);
         Ok(Tokenizer { inner, pad_id })
@@ -98,9 +113,12 @@ impl Tokenizer {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                       "ignore_merges": false, "vocab": vocab, "merges": merges},
         });
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e| {
-            PeftError::Config(format!("the GGUF tokenizer could not be rebuilt: {e}"))
-        })?;
+        let spec = spec.to_string();
+        let inner: tokenizers::Tokenizer = guarded(|| spec.parse::<tokenizers::Tokenizer>())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| {
+                PeftError::Config(format!("the GGUF tokenizer could not be rebuilt: {e}"))
+            })?;
         let pad_id = g
             .metadata
             .get("tokenizer.ggml.padding_token_id")
@@ -111,16 +129,16 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the tokenizer's special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.inner
-            .encode(text, true)
+        guarded(|| self.inner.encode(text, true))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| PeftError::Config(format!("cannot tokenize {text:?}: {e}")))
     }
 
     /// Decodes ids back to text (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
+        guarded(|| self.inner.decode(ids, true))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| PeftError::Config(format!("cannot decode: {e}")))
     }
 

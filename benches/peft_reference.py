@@ -1,0 +1,101 @@
+"""The `minilm` benchmark suite in Hugging Face PEFT + PyTorch, for
+`cargo xtask bench --vs-peft PYTHON`: the same all-MiniLM-L6-v2 forward
+passes (base, LoRA r8 on query/value unmerged and merged) and the same LoRA
+training step (mean pooling, a two-class head, cross-entropy, AdamW lr
+1e-3), on the same token ids, timed the same way (a warm-up, then the
+variants interleaved, medians). Prints one JSON object per figure.
+
+Both sides run without dropout (our BERT has none; here the model stays in
+eval mode while training) and with as many threads as the machine has cores.
+
+Environment: `python3 -m venv ENV && ENV/bin/pip install torch "peft==0.21.*"
+transformers`; then `cargo xtask bench --suite minilm --vs-peft ENV/bin/python`.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel
+
+
+def inputs(rows: int, length: int):
+    ids = torch.tensor([1000 + (i * 7919) % 28_000 for i in range(rows * length)]).reshape(rows, length)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    labels = torch.tensor([i % 2 for i in range(rows)])
+    return ids, mask, labels
+
+
+def interleaved(runs: int, fns):
+    for f in fns:
+        f()
+    out = [[] for _ in fns]
+    for _ in range(runs):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            out[i].append(time.perf_counter() - t)
+    return out
+
+
+def emit(name: str, samples, extra=None):
+    v = {"suite": "minilm", "name": name, "impl": "peft", "runs": len(samples),
+         "median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3,
+         "max_ms": max(samples) * 1e3}
+    v.update(extra or {})
+    print(json.dumps(v), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, help="the all-MiniLM-L6-v2 folder")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    rows, length = (4, 32) if a.quick else (16, 128)
+    ids, mask, labels = inputs(rows, length)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+
+    base = AutoModel.from_pretrained(a.model).eval()
+    unmerged = get_peft_model(copy.deepcopy(base), config).eval()
+    merged = copy.deepcopy(unmerged).merge_and_unload().eval()
+
+    def run(m):
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    runs = 5 if a.quick else 15
+    t = interleaved(runs, [lambda: run(base), lambda: run(unmerged), lambda: run(merged)])
+    info = {"tokens": rows * length}
+    emit("forward_base", t[0], info)
+    emit("forward_lora_r8_q_v_unmerged", t[1], info)
+    emit("forward_lora_r8_q_v_merged", t[2], info)
+
+    bert = get_peft_model(copy.deepcopy(base), config).eval()
+    head = torch.nn.Linear(384, 2)
+    params = [q for q in bert.parameters() if q.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step():
+        h = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t = interleaved(3 if a.quick else 8, [step])
+    emit("train_step_lora_r8_q_v", t[0],
+         {"tokens": rows * length, "tokens_per_s": rows * length / statistics.median(t[0])})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Writes the seed corpora of the fuzz targets (`fuzz/corpus/<target>/`)
+from the repository's fixtures: valid inputs in each target's framing
+(see `fuzz/src/lib.rs`), for libFuzzer to mutate.
+
+Run with the PEFT environment's Python (it needs `gguf` and `numpy` for
+the GGUF seed): `/work/pyenv/ref/bin/python scripts/make_fuzz_seeds.py`.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter, GGMLQuantizationType
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "fixtures"
+OUT = ROOT / "fuzz" / "corpus"
+
+# The adapters the first byte picks, in `ADAPTERS`' order in fuzz/src/lib.rs.
+ADAPTERS = [
+    ("lora", "llama/lora", "adapter_model.safetensors"),
+    ("dora", "llama/dora_rslora", "adapter_model.safetensors"),
+    ("ia3", "llama/ia3", "adapter_model.safetensors"),
+    ("prefix", "llama/prefix_proj", "adapter_model.safetensors"),
+    ("prompt", "llama/prompt_random", "adapter_model.safetensors"),
+    ("ptuning", "llama/ptuning_mlp", "adapter_model.safetensors"),
+    ("bottleneck", "bert/bn_seq/a", "adapter.safetensors"),
+]
+
+
+def put(target: str, name: str, data: bytes) -> None:
+    d = OUT / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+def adapters() -> None:
+    for i, (method, folder, weights) in enumerate(ADAPTERS):
+        d = FIX / folder
+        put("adapter_config", f"seed-{method}", bytes([i]) + (d / "adapter_config.json").read_bytes())
+        put("adapter_weights", f"seed-{method}", bytes([i]) + (d / weights).read_bytes())
+
+
+def models() -> None:
+    for i, arch in enumerate(["llama", "gpt2", "bert"]):
+        config = (FIX / arch / "config.json").read_bytes()
+        weights = (FIX / arch / "model.safetensors").read_bytes()
+        put("model_checkpoint", f"seed-{arch}", bytes([i]) + struct.pack("<H", len(config)) + config + weights)
+
+
+def gguf_seeds() -> None:
+    put("gguf", "seed-kquants", (FIX / "gguf" / "kquants.gguf").read_bytes())
+    # A tiny Llama with a byte-level BPE tokenizer: the fixture's weights
+    # under llama.cpp's names (the q/k row order does not matter for a seed).
+    cfg = json.loads((FIX / "llama" / "config.json").read_text())
+    w = load_file(FIX / "llama" / "model.safetensors")
+    path = OUT / "gguf-tmp.gguf"
+    gw = GGUFWriter(str(path), "llama")
+    gw.add_block_count(cfg["num_hidden_layers"])
+    gw.add_embedding_length(cfg["hidden_size"])
+    gw.add_feed_forward_length(cfg["intermediate_size"])
+    gw.add_head_count(cfg["num_attention_heads"])
+    gw.add_head_count_kv(cfg["num_key_value_heads"])
+    gw.add_context_length(cfg["max_position_embeddings"])
+    gw.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    gw.add_rope_freq_base(10000.0)
+    tokens = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(cfg["vocab_size"])]
+    gw.add_tokenizer_model("gpt2")
+    gw.add_token_list(tokens)
+    gw.add_token_types([1] * len(tokens))
+    gw.add_token_merges(["a a", "b b"])
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        t = w[hf].astype(np.float32)
+        if gg.startswith("blk.0.attn_q") or gg == "token_embd.weight":
+            gw.add_tensor(gg, t.astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
+        else:
+            gw.add_tensor(gg, t)
+    gw.write_header_to_file()
+    gw.write_kv_data_to_file()
+    gw.write_tensors_to_file()
+    gw.close()
+    put("gguf", "seed-tiny-llama", path.read_bytes())
+    path.unlink()
+
+
+def tokenizers() -> None:
+    base = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+            "post_processor": None, "decoder": None}
+    word_level = dict(base, normalizer={"type": "Lowercase"}, pre_tokenizer={"type": "Whitespace"},
+                      model={"type": "WordLevel", "unk_token": "[UNK]",
+                             "vocab": {"[UNK]": 0, "call": 1, "me": 2, "ishmael": 3, ".": 4}})
+    word_piece = dict(base, normalizer={"type": "BertNormalizer", "clean_text": True,
+                                        "handle_chinese_chars": True, "strip_accents": None,
+                                        "lowercase": True},
+                      pre_tokenizer={"type": "BertPreTokenizer"},
+                      padding={"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                               "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+                      decoder={"type": "WordPiece", "prefix": "##", "cleanup": True},
+                      model={"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                             "max_input_chars_per_word": 100,
+                             "vocab": {"[PAD]": 0, "[UNK]": 1, "call": 2, "me": 3, "ish": 4, "##ma": 5,
+                                       "##el": 6, ".": 7}})
+    bpe = dict(base, normalizer=None,
+               pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": True},
+               decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+               model={"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": {"C": 0, "a": 1, "l": 2, "Ca": 3, "ll": 4},
+                      "merges": ["C a", "l l"]})
+    for name, spec in [("word-level", word_level), ("word-piece", word_piece), ("bpe", bpe)]:
+        put("tokenizer", f"seed-{name}", json.dumps(spec).encode())
+
+
+def datasets() -> None:
+    put("dataset", "seed-jsonl", b"\0" + b'{"text": "a fine film", "label": 1}\n{"text": "dull", "label": 0}\n')
+    put("dataset", "seed-csv", b"\1" + b'text,label\n"a fine, ""bright"" film",pos\ndull,neg\n')
+    put("dataset", "seed-tsv", b"\2" + b"label\ttext\npos\ta fine film\nneg\tdull\n")
+    put("dataset", "seed-txt", b"\3" + b"Call me Ishmael. Some years ago\n\nnever mind how long precisely.\n")
+
+
+if __name__ == "__main__":
+    adapters()
+    models()
+    gguf_seeds()
+    tokenizers()
+    datasets()
+    for d in sorted(OUT.iterdir()):
+        print(d.name, len(list(d.iterdir())))
