@@ -30,8 +30,11 @@ use peft_prompt::PromptTuningModel;
 
 type B = NdArray;
 
+/// A target's body: whether it accepted the input.
+pub type Body = fn(&[u8]) -> bool;
+
 /// Every target, by the name `cargo fuzz run` takes.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("adapter_config", adapter_config),
     ("adapter_weights", adapter_weights),
     ("model_checkpoint", model_checkpoint),

@@ -6,8 +6,8 @@
 //!   cpu_backends), and writes `target/bench-report/` with `report.json`,
 //!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
-//!   + PyTorch) alternately with our `minilm` suite on the first backend and
-//!   reports our/their ratios.
+//!   on PyTorch) alternately with our `minilm` suite on the first backend
+//!   and reports our/their ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

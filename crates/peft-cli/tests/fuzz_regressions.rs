@@ -10,7 +10,7 @@ mod targets;
 
 use std::path::Path;
 
-fn replay(target: &str, body: fn(&[u8]) -> bool) -> usize {
+fn replay(target: &str, body: targets::Body) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
     let mut seen = 0;
     for folder in ["corpus", "regressions"] {
