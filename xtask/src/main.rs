@@ -326,7 +326,7 @@ fn charts(report: &Value) -> Vec<(String, String)> {
                     .map(|x| format!(" ×{x:.3}"))
                     .unwrap_or_default();
                 svg += &format!(
-                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4a7fb5\"/>\n<text x=\"{}\" y=\"{}\">{ms:.2}{}</text>\n",
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4a7fb5\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{ms:.2}{}</text>\n",
                     label_w - 6.0,
                     y + 14.0,
                     esc(&label),

@@ -360,6 +360,46 @@ fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
     std::os::windows::fs::symlink_dir(target, link)
 }
 
+/// The module path of the first parameter whose gradient in `grads` holds
+/// a NaN or an infinity (its absolute sum is not finite).
+fn non_finite_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> Option<String> {
+    struct Check<'a> {
+        grads: &'a GradientsParams,
+        path: Vec<String>,
+        bad: Option<String>,
+    }
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Check<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            if self.bad.is_some() {
+                return;
+            }
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let sum: f64 = g.abs().sum().into_scalar().elem::<f64>();
+                if !sum.is_finite() {
+                    let path = self.path.iter().filter(|p| !p.is_empty()).cloned();
+                    self.bad = Some(path.collect::<Vec<_>>().join("."));
+                }
+            }
+        }
+    }
+    let mut check = Check {
+        grads,
+        path: Vec::new(),
+        bad: None,
+    };
+    model.visit(&mut check);
+    check.bad
+}
+
 /// Trains `model`. `loss` gives the mean loss of a batch of training-example
 /// indices and its token count; `eval` scores the inference module on the
 /// held-out split; `save` writes a checkpoint folder. Returns the model at
@@ -532,8 +572,18 @@ where
                 let grads = (l / group.len() as f64).backward();
                 accum.accumulate(&model, GradientsParams::from_grads(grads, &model));
             }
+            let grads = accum.grads();
+            // A finite loss can still have an infinite or NaN gradient; one
+            // optimizer step with it would ruin every weight it touches.
+            if let Some(path) = non_finite_gradient(&model, &grads) {
+                let kept = run.path().join("best");
+                return Err(PeftError::NonFinite(format!(
+                    "the gradient of {path} is not finite at step {step} (epoch {epoch}); stopped. The last good checkpoint is {}",
+                    if kept.exists() { kept.display().to_string() } else { "none (no evaluation yet)".into() }
+                )));
+            }
             let lr = config.lr_at(step, total);
-            model = optim.step(lr, model, accum.grads());
+            model = optim.step(lr, model, grads);
             state.step += 1;
             state.steps_in_epoch += 1;
             state.window.push(step_loss);
@@ -662,5 +712,56 @@ mod tests {
         .validate()
         .is_err());
         assert!(TrainConfig { batch: 0, ..c }.validate().is_err());
+    }
+
+    #[derive(burn::module::Module, Debug)]
+    struct Weights<B: burn::tensor::backend::Backend> {
+        w: burn::module::Param<Tensor<B, 1>>,
+    }
+
+    /// A finite loss whose gradient is not (√|w| at w = 0) stops training
+    /// before the optimizer step, naming the parameter and the step.
+    #[test]
+    fn a_non_finite_gradient_stops_training() {
+        type B = burn::backend::Autodiff<burn::backend::NdArray>;
+        let device = Default::default();
+        let model = Weights::<B> {
+            w: burn::module::Param::from_tensor(Tensor::from_floats([0.0, 1.0], &device)),
+        };
+        let dir = std::env::temp_dir().join(format!("peft-grad-guard-{}", std::process::id()));
+        let mut run = RunDir::create(&dir, false).unwrap();
+        let config = TrainConfig {
+            batch: 1,
+            ..Default::default()
+        };
+        let err = fit(
+            model,
+            &config,
+            1,
+            &mut run,
+            |m: &Weights<B>, _| {
+                let l = m.w.val().abs().sqrt().sum();
+                assert!(l.clone().into_scalar().elem::<f32>().is_finite());
+                Ok((l, 1))
+            },
+            |_| {
+                Ok(Metric {
+                    name: "accuracy",
+                    value: 0.0,
+                    higher_is_better: true,
+                })
+            },
+            |_, _| Ok(()),
+            &indicatif::ProgressBar::hidden(),
+            None,
+        )
+        .err()
+        .expect("training stops");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("gradient of w") && msg.contains("step 0"),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
