@@ -734,7 +734,7 @@ mod tests {
             batch: 1,
             ..Default::default()
         };
-        let err = fit(
+        let Err(err) = fit(
             model,
             &config,
             1,
@@ -754,9 +754,9 @@ mod tests {
             |_, _| Ok(()),
             &indicatif::ProgressBar::hidden(),
             None,
-        )
-        .err()
-        .expect("training stops");
+        ) else {
+            panic!("training did not stop");
+        };
         let msg = err.to_string();
         assert!(
             msg.contains("gradient of w") && msg.contains("step 0"),
