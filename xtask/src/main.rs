@@ -279,18 +279,22 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
     out
 }
 
+/// The suites of `results`, in the order they first appear.
+fn suite_names(results: &[Value]) -> Vec<String> {
+    let mut suites: Vec<String> = Vec::new();
+    for name in results.iter().filter_map(|r| r["suite"].as_str()) {
+        if !suites.iter().any(|s| s == name) {
+            suites.push(name.to_string());
+        }
+    }
+    suites
+}
+
 /// One horizontal bar chart per suite: median time of each figure per
 /// backend, labelled with its ratio to the suite's baseline.
 fn charts(report: &Value) -> Vec<(String, String)> {
     let results = report["results"].as_array().cloned().unwrap_or_default();
-    let mut suites: Vec<String> = Vec::new();
-    for r in &results {
-        if let Some(name) = r["suite"].as_str() {
-            if !suites.iter().any(|s| s == name) {
-                suites.push(name.to_string());
-            }
-        }
-    }
+    let suites = suite_names(&results);
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -352,14 +356,7 @@ fn markdown(report: &Value) -> String {
         m["cores"]
     );
     let results = report["results"].as_array().cloned().unwrap_or_default();
-    let mut suites: Vec<String> = Vec::new();
-    for r in &results {
-        if let Some(name) = r["suite"].as_str() {
-            if !suites.iter().any(|s| s == name) {
-                suites.push(name.to_string());
-            }
-        }
-    }
+    let suites = suite_names(&results);
     let goals = goals(report);
     if !goals.is_empty() {
         s += "\n## Goals\n\n| goal | backend | measured ratio | limit | met |\n|---|---|---|---|---|\n";

@@ -716,31 +716,137 @@ fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     Ok(peft_core::io::HostTensor::from_tensor(lm.logits(ids)?))
 }
 
-/// `peft merge`: folds a LoRA / DoRA / (IA)³ adapter into a Hugging Face
-/// model folder and writes the merged model to `out` (`model.safetensors`
-/// with every other tensor as it was, `config.json` and the tokenizer
-/// copied). Returns the names of the tensors that changed.
-pub fn merge<B: Backend>(model: &Path, adapter: &Path, out: &Path) -> Result<Vec<String>> {
-    let device = B::Device::default();
-    let weights = model.join("model.safetensors");
-    if !weights.is_file() {
+/// The element type `peft merge` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDtype {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl MergeDtype {
+    /// `f32`, `f16` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(MergeDtype::F32),
+            "f16" | "float16" => Ok(MergeDtype::F16),
+            "bf16" | "bfloat16" => Ok(MergeDtype::Bf16),
+            other => Err(PeftError::Config(format!(
+                "unknown dtype `{other}` (f32, f16, bf16)"
+            ))),
+        }
+    }
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeDtype::F32 => "f32",
+            MergeDtype::F16 => "f16",
+            MergeDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// `t` as a safetensors dtype and little-endian bytes.
+    fn encode(self, t: &HostTensor) -> (safetensors::Dtype, Vec<u8>) {
+        match self {
+            MergeDtype::F32 => (
+                safetensors::Dtype::F32,
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            MergeDtype::F16 => (
+                safetensors::Dtype::F16,
+                t.data
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            MergeDtype::Bf16 => (
+                safetensors::Dtype::BF16,
+                t.data
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The weight files of a Hugging Face model folder: `model.safetensors`, or
+/// the shards named by `model.safetensors.index.json` (with the index).
+fn weight_files(model: &Path) -> Result<(Vec<String>, Option<serde_json::Value>)> {
+    if model.join("model.safetensors").is_file() {
+        return Ok((vec!["model.safetensors".into()], None));
+    }
+    let index_path = model.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).map_err(|_| PeftError::Checkpoint {
+        path: model.to_path_buf(),
+        message: "merge needs a Hugging Face folder with model.safetensors or model.safetensors.index.json (a GGUF file is not merged)".into(),
+    })?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+    let mut files: Vec<String> = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| PeftError::Checkpoint {
+            path: index_path.clone(),
+            message: "no `weight_map` object".into(),
+        })?
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    if let Some(f) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
         return Err(PeftError::Checkpoint {
-            path: model.to_path_buf(),
-            message: "merge needs a Hugging Face folder with one model.safetensors (GGUF and sharded checkpoints are not merged)".into(),
+            path: index_path,
+            message: format!("shard name `{f}` leaves the model directory"),
         });
     }
+    Ok((files, Some(index)))
+}
+
+/// `peft merge`: folds a LoRA / DoRA / (IA)³ adapter into a Hugging Face
+/// model folder (one `model.safetensors` or shards with their index) and
+/// writes the merged model to `out`: the same files, every tensor that did
+/// not change as it was (converted to `dtype`), `config.json` and the
+/// tokenizer copied. Returns the names of the tensors that changed.
+pub fn merge<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: MergeDtype,
+) -> Result<Vec<String>> {
+    let device = B::Device::default();
+    let (files, index) = weight_files(model)?;
+    let target = MergeTarget {
+        model,
+        adapter,
+        out,
+        files: &files,
+        index: index.as_ref(),
+        dtype,
+    };
     match tasks::arch_of(model)? {
-        Arch::Llama => {
-            merge_into::<B, Llama<B>>(Llama::load(model, &device)?, model, adapter, out, true)
-        }
-        Arch::Bert => {
-            merge_into::<B, Bert<B>>(Bert::load(model, &device)?, model, adapter, out, true)
-        }
+        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, &device)?, &target, true),
+        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, &device)?, &target, true),
         // GPT-2's Conv1D stores [in, out], as Burn does.
-        Arch::Gpt2 => {
-            merge_into::<B, Gpt2<B>>(Gpt2::load(model, &device)?, model, adapter, out, false)
-        }
+        Arch::Gpt2 => merge_into::<B, Gpt2<B>>(Gpt2::load(model, &device)?, &target, false),
     }
+}
+
+/// What [`merge`] reads and writes.
+struct MergeTarget<'a> {
+    model: &'a Path,
+    adapter: &'a Path,
+    out: &'a Path,
+    files: &'a [String],
+    index: Option<&'a serde_json::Value>,
+    dtype: MergeDtype,
 }
 
 fn merge_into<
@@ -748,17 +854,15 @@ fn merge_into<
     M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
 >(
     base: M,
-    model: &Path,
-    adapter: &Path,
-    out: &Path,
+    t: &MergeTarget<'_>,
     transpose: bool,
 ) -> Result<Vec<String>> {
-    let merged = match Method::detect(adapter)? {
+    let merged = match Method::detect(t.adapter)? {
         Method::Lora(_) => {
-            peft_lora::LoraModel::from_pretrained(base, adapter)?.merge_and_unload()?
+            peft_lora::LoraModel::from_pretrained(base, t.adapter)?.merge_and_unload()?
         }
         Method::Ia3(_) => {
-            peft_adapter::Ia3Model::from_pretrained(base, adapter)?.merge_and_unload()?
+            peft_adapter::Ia3Model::from_pretrained(base, t.adapter)?.merge_and_unload()?
         }
         other => {
             return Err(PeftError::Config(format!(
@@ -767,58 +871,79 @@ fn merge_into<
             )))
         }
     };
-    let file = model.join("model.safetensors");
-    let mut tensors = read_safetensors(&file)?;
-    let mut changed = Vec::new();
-    let mut problem = Ok(());
+    // The merged linears, under their checkpoint keys.
+    let mut updates = std::collections::HashMap::new();
     merged.visit_linears(&mut |path, slot| {
-        let mut w = peft_core::io::HostTensor::from_tensor(slot.base.weight.val());
+        let mut w = HostTensor::from_tensor(slot.base.weight.val());
         if transpose {
             w = w.transposed();
         }
-        let mut update = |key: String, t: peft_core::io::HostTensor| match tensors.get(&key) {
-            Some(old) if *old == t => {}
-            Some(old) if old.shape == t.shape => {
-                changed.push(key.clone());
-                tensors.insert(key, t);
-            }
-            Some(old) => {
-                problem = Err(PeftError::Shape {
-                    name: key.clone(),
-                    expected: old.shape.clone(),
-                    found: t.shape,
-                });
-            }
-            // Not in the file (e.g. a head tied to the embeddings).
-            None => {}
-        };
-        update(format!("{path}.weight"), w);
+        updates.insert(format!("{path}.weight"), w);
         if let Some(b) = &slot.base.bias {
-            update(
-                format!("{path}.bias"),
-                peft_core::io::HostTensor::from_tensor(b.val()),
-            );
+            updates.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
         }
     });
-    problem?;
+    std::fs::create_dir_all(t.out).map_err(|source| PeftError::Io {
+        path: t.out.to_path_buf(),
+        source,
+    })?;
+    let mut changed = Vec::new();
+    let mut total_size = 0usize;
+    for name in t.files {
+        let file = t.model.join(name);
+        let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&file)?.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, tensor) in &mut tensors {
+            // Keys absent from the model (e.g. a head tied to the embeddings) stay.
+            let Some(new) = updates.get(key) else {
+                continue;
+            };
+            if new.shape != tensor.shape {
+                return Err(PeftError::Shape {
+                    name: key.clone(),
+                    expected: tensor.shape.clone(),
+                    found: new.shape.clone(),
+                });
+            }
+            if new != tensor {
+                changed.push(key.clone());
+                *tensor = new.clone();
+            }
+        }
+        let encoded: Vec<(safetensors::Dtype, Vec<u8>)> =
+            tensors.iter().map(|(_, x)| t.dtype.encode(x)).collect();
+        total_size += encoded.iter().map(|(_, b)| b.len()).sum::<usize>();
+        let views = tensors
+            .iter()
+            .zip(&encoded)
+            .map(|((k, x), (dt, bytes))| {
+                safetensors::tensor::TensorView::new(*dt, x.shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| PeftError::State(format!("{k}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::tensor::serialize(views, Some(metadata))
+            .map_err(|e| PeftError::State(format!("serialising {name}: {e}")))?;
+        peft_core::io::write_atomic(&t.out.join(name), &bytes)?;
+    }
     if changed.is_empty() {
         return Err(PeftError::State(format!(
             "merging {} changed no tensor of {}: the adapter's module names do not match the checkpoint's keys",
-            adapter.display(),
-            file.display()
+            t.adapter.display(),
+            t.model.display()
         )));
     }
-    std::fs::create_dir_all(out).map_err(|source| PeftError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let mut list: Vec<(String, peft_core::io::HostTensor)> = tensors.into_iter().collect();
-    list.sort_by(|a, b| a.0.cmp(&b.0));
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    peft_core::io::write_atomic(
-        &out.join("model.safetensors"),
-        &peft_core::io::serialize_safetensors(&list, Some(metadata)),
-    )?;
+    if let Some(index) = t.index {
+        let mut index = index.clone();
+        index["metadata"]["total_size"] = json!(total_size);
+        peft_core::io::write_atomic(
+            &t.out.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)
+                .expect("an index serialises")
+                .as_bytes(),
+        )?;
+    }
     for f in [
         "config.json",
         "tokenizer.json",
@@ -826,12 +951,12 @@ fn merge_into<
         "special_tokens_map.json",
         "generation_config.json",
     ] {
-        if model.join(f).is_file() {
-            let bytes = std::fs::read(model.join(f)).map_err(|source| PeftError::Io {
-                path: model.join(f),
+        if t.model.join(f).is_file() {
+            let bytes = std::fs::read(t.model.join(f)).map_err(|source| PeftError::Io {
+                path: t.model.join(f),
                 source,
             })?;
-            peft_core::io::write_atomic(&out.join(f), &bytes)?;
+            peft_core::io::write_atomic(&t.out.join(f), &bytes)?;
         }
     }
     changed.sort();

@@ -222,8 +222,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Fold a LoRA / DoRA / (IA)³ adapter into a Hugging Face model folder and
-    /// write the merged model (f32 safetensors).
+    /// Fold a LoRA / DoRA / (IA)³ adapter into a Hugging Face model folder
+    /// (single or sharded safetensors) and write the merged model, in the
+    /// same files, as f32, f16 or bf16.
     Merge {
         #[arg(long)]
         model: PathBuf,
@@ -231,6 +232,9 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Element type of the merged weights: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// An adapter folder's method, config, tensors and parameter counts.
     Inspect {
@@ -535,12 +539,15 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             model,
             adapter,
             out,
+            dtype,
         } => {
-            let changed = jobs::merge::<Inference>(&model, &adapter, &out)?;
+            let dtype = jobs::MergeDtype::parse(&dtype)?;
+            let changed = jobs::merge::<Inference>(&model, &adapter, &out, dtype)?;
             println!(
-                "merged {} tensors into {} (f32)",
+                "merged {} tensors into {} ({})",
                 changed.len(),
-                out.display()
+                out.display(),
+                dtype.name()
             );
             Ok(())
         }

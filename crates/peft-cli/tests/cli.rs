@@ -363,7 +363,8 @@ fn forward_and_merge_reproduce_peft() {
         );
 
         let merged = dir.join(format!("{arch}-{case}-merged"));
-        let changed = jobs::merge::<Inference>(&model, &c.dir, &merged).unwrap();
+        let changed =
+            jobs::merge::<Inference>(&model, &c.dir, &merged, jobs::MergeDtype::F32).unwrap();
         assert!(!changed.is_empty());
         jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
         let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
@@ -383,6 +384,122 @@ fn forward_and_merge_reproduce_peft() {
         dir.join("x").to_str().unwrap(),
     ]);
     assert!(!ok && stderr.contains("cannot be merged"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A sharded checkpoint merges shard by shard (same files, index updated),
+/// and `--dtype f16` / `bf16` writes half-precision weights whose forward
+/// pass is PEFT's merged logits within half-precision rounding.
+#[test]
+fn merge_writes_shards_and_half_precision() {
+    let dir = temp("merge-shards");
+    let fixtures = peft_models::fixtures::fixtures_dir();
+    // The tiny Llama as two shards and an index.
+    let sharded = dir.join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    std::fs::copy(
+        fixtures.join("llama/config.json"),
+        sharded.join("config.json"),
+    )
+    .unwrap();
+    let mut all: Vec<(String, peft_core::io::HostTensor)> =
+        peft_core::io::read_safetensors(&fixtures.join("llama/model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut map = serde_json::Map::new();
+    for (i, part) in all.chunks(all.len().div_ceil(2)).enumerate() {
+        let name = format!("model-{:05}-of-00002.safetensors", i + 1);
+        for (k, _) in part {
+            map.insert(k.clone(), name.clone().into());
+        }
+        std::fs::write(
+            sharded.join(&name),
+            peft_core::io::serialize_safetensors(part, None),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let c = peft_models::fixtures::FixtureCase::open("llama", "lora");
+    let ids: Vec<Vec<u32>> = {
+        let t = c.want("input_ids");
+        t.data
+            .chunks(t.shape[1])
+            .map(|r| r.iter().map(|&x| x as u32).collect())
+            .collect()
+    };
+    let ids_file = dir.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    for (dtype, flag, tol) in [
+        (jobs::MergeDtype::F32, "f32", 1e-5),
+        (jobs::MergeDtype::F16, "f16", 2e-3),
+        (jobs::MergeDtype::Bf16, "bf16", 2e-2),
+    ] {
+        let merged = dir.join(format!("merged-{flag}"));
+        let (ok, stderr) = peft(&[
+            "merge",
+            "--model",
+            sharded.to_str().unwrap(),
+            "--adapter",
+            c.dir.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+            "--dtype",
+            flag,
+        ]);
+        assert!(ok, "{stderr}");
+        let mut files: Vec<String> = std::fs::read_dir(&merged)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "config.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json"
+            ]
+        );
+        let bytes = std::fs::read(merged.join("model-00001-of-00002.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let want = match dtype {
+            jobs::MergeDtype::F32 => safetensors::Dtype::F32,
+            jobs::MergeDtype::F16 => safetensors::Dtype::F16,
+            jobs::MergeDtype::Bf16 => safetensors::Dtype::BF16,
+        };
+        assert!(st.tensors().iter().all(|(_, v)| v.dtype() == want));
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(merged.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let shard_bytes: u64 = files
+            .iter()
+            .filter(|f| f.starts_with("model-"))
+            .map(|f| {
+                let b = std::fs::read(merged.join(f)).unwrap();
+                let header = u64::from_le_bytes(b[..8].try_into().unwrap());
+                b.len() as u64 - 8 - header
+            })
+            .sum();
+        assert_eq!(index["metadata"]["total_size"], shard_bytes);
+        let out = dir.join(format!("logits-{flag}.safetensors"));
+        jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+        let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
+        let d = peft_models::fixtures::max_diff(got, c.want("logits_merged"));
+        assert!(
+            d <= tol,
+            "{flag}: merged logits differ by {d:e} (> {tol:e})"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -472,6 +589,21 @@ fn checkpoint_writer_child() {
     }
 }
 
+/// Runs this test binary's test `child` with `env` set to `dir`, and
+/// SIGKILLs it after `ms` milliseconds.
+fn kill_child_after(child: &str, env: &str, dir: &Path, ms: u64) {
+    let mut process = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--nocapture"])
+        .env(env, dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    process.kill().unwrap(); // SIGKILL
+    process.wait().unwrap();
+}
+
 /// SIGKILL at random moments while checkpoints are written: `best` always
 /// resolves to one complete checkpoint.
 #[test]
@@ -480,16 +612,12 @@ fn a_killed_writer_never_leaves_a_torn_checkpoint() {
     let mut rng = peft_core::rng::SplitMix64(7);
     let mut last_seen = 0u64;
     for round in 0..25 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "checkpoint_writer_child", "--nocapture"])
-            .env("PEFT_CRASH_DIR", &dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(30 + rng.next_u64() % 150));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_child_after(
+            "checkpoint_writer_child",
+            "PEFT_CRASH_DIR",
+            &dir,
+            30 + rng.next_u64() % 150,
+        );
         let best = dir.join("best");
         if !best.exists() {
             assert_eq!(round, 0, "a checkpoint existed before and is gone");
@@ -563,16 +691,12 @@ fn a_killed_adapter_save_never_loses_the_saved_adapter() {
     let mut rng = peft_core::rng::SplitMix64(11);
     let mut versions = std::collections::BTreeSet::new();
     for round in 0..20 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "adapter_writer_child", "--nocapture"])
-            .env("PEFT_CRASH_ADAPTER_DIR", &dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(40 + rng.next_u64() % 200));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        kill_child_after(
+            "adapter_writer_child",
+            "PEFT_CRASH_ADAPTER_DIR",
+            &dir,
+            40 + rng.next_u64() % 200,
+        );
         if !dir.join("adapter_config.json").exists() {
             assert!(
                 versions.is_empty(),
