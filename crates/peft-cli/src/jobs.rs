@@ -783,7 +783,7 @@ fn weight_files(model: &Path) -> Result<(Vec<String>, Option<serde_json::Value>)
     let index_path = model.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index_path).map_err(|_| PeftError::Checkpoint {
         path: model.to_path_buf(),
-        message: "merge needs a Hugging Face folder with model.safetensors or model.safetensors.index.json (a GGUF file is not merged)".into(),
+        message: "merge needs a GGUF file or a Hugging Face folder with model.safetensors or model.safetensors.index.json".into(),
     })?;
     let index: serde_json::Value =
         serde_json::from_str(&text).map_err(|source| PeftError::Json {
@@ -814,13 +814,17 @@ fn weight_files(model: &Path) -> Result<(Vec<String>, Option<serde_json::Value>)
 /// model folder (one `model.safetensors` or shards with their index) and
 /// writes the merged model to `out`: the same files, every tensor that did
 /// not change as it was (converted to `dtype`), `config.json` and the
-/// tokenizer copied. Returns the names of the tensors that changed.
+/// tokenizer copied. A GGUF model (Llama) is written as a Hugging Face
+/// folder. Returns the names of the tensors that changed.
 pub fn merge<B: Backend>(
     model: &Path,
     adapter: &Path,
     out: &Path,
     dtype: MergeDtype,
 ) -> Result<Vec<String>> {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return merge_gguf::<B>(model, adapter, out, dtype);
+    }
     let device = B::Device::default();
     let (files, index) = weight_files(model)?;
     let target = MergeTarget {
@@ -849,6 +853,161 @@ struct MergeTarget<'a> {
     dtype: MergeDtype,
 }
 
+/// `base` with the LoRA / DoRA / (IA)³ adapter in `adapter` folded in.
+fn merged_model<
+    B: Backend,
+    M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
+>(
+    base: M,
+    adapter: &Path,
+) -> Result<M> {
+    match Method::detect(adapter)? {
+        Method::Lora(_) => peft_lora::LoraModel::from_pretrained(base, adapter)?.merge_and_unload(),
+        Method::Ia3(_) => {
+            peft_adapter::Ia3Model::from_pretrained(base, adapter)?.merge_and_unload()
+        }
+        other => Err(PeftError::Config(format!(
+            "{} adds modules or inputs; it cannot be merged into the base weights",
+            other.name()
+        ))),
+    }
+}
+
+/// Writes `tensors` to `path` as a safetensors file of `dtype`; returns the
+/// size of the tensor data in bytes (an index's `total_size`).
+fn write_weights(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: MergeDtype,
+) -> Result<usize> {
+    let encoded: Vec<(safetensors::Dtype, Vec<u8>)> =
+        tensors.iter().map(|(_, x)| dtype.encode(x)).collect();
+    let views = tensors
+        .iter()
+        .zip(&encoded)
+        .map(|((k, x), (dt, bytes))| {
+            safetensors::tensor::TensorView::new(*dt, x.shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| PeftError::State(format!("{k}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| PeftError::State(format!("serialising {}: {e}", path.display())))?;
+    peft_core::io::write_atomic(path, &bytes)?;
+    Ok(encoded.iter().map(|(_, b)| b.len()).sum())
+}
+
+/// A Llama's tensors under Hugging Face's names and layout (`[out, in]`).
+fn llama_hf_tensors<B: Backend>(m: &Llama<B>) -> Vec<(String, HostTensor)> {
+    use peft_core::PeftModel;
+    let mut out = vec![
+        (
+            "model.embed_tokens.weight".to_string(),
+            HostTensor::from_tensor(m.embed_tokens.weight.val()),
+        ),
+        (
+            "model.norm.weight".to_string(),
+            HostTensor::from_tensor(m.norm.gamma.val()),
+        ),
+    ];
+    for (i, l) in m.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            HostTensor::from_tensor(l.input_layernorm.gamma.val()),
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            HostTensor::from_tensor(l.post_attention_layernorm.gamma.val()),
+        ));
+    }
+    m.visit_linears(&mut |path, slot| {
+        out.push((
+            format!("{path}.weight"),
+            HostTensor::from_tensor(slot.base.weight.val()).transposed(),
+        ));
+        if let Some(b) = &slot.base.bias {
+            out.push((format!("{path}.bias"), HostTensor::from_tensor(b.val())));
+        }
+    });
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `peft merge` of a GGUF model: the adapter folded into the dequantised
+/// weights, written as a Hugging Face folder (`model.safetensors` of
+/// `dtype` and a `config.json` from the GGUF metadata). The tokenizer stays
+/// in the GGUF file.
+fn merge_gguf<B: Backend>(
+    gguf: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: MergeDtype,
+) -> Result<Vec<String>> {
+    let base = Llama::<B>::from_gguf(gguf, &B::Device::default())?;
+    let before = llama_hf_tensors(&base);
+    let merged = merged_model(base, adapter)?;
+    let after = llama_hf_tensors(&merged);
+    let changed: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.1 != a.1)
+        .map(|(_, a)| a.0.clone())
+        .collect();
+    if changed.is_empty() {
+        return Err(PeftError::State(format!(
+            "merging {} changed no weight of {}",
+            adapter.display(),
+            gguf.display()
+        )));
+    }
+    let c = &merged.config;
+    let theta = c
+        .rope_theta
+        .or(c.rope_parameters.as_ref().map(|r| r.rope_theta))
+        .unwrap_or(10_000.0);
+    let context = peft_models::gguf::Gguf::open(gguf)?
+        .meta_u64("llama.context_length")
+        .unwrap_or(2048);
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.kv_heads(),
+        "head_dim": c.head_dim(),
+        "hidden_act": "silu",
+        "max_position_embeddings": context,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "torch_dtype": match dtype {
+            MergeDtype::F32 => "float32",
+            MergeDtype::F16 => "float16",
+            MergeDtype::Bf16 => "bfloat16",
+        },
+    });
+    std::fs::create_dir_all(out).map_err(|source| PeftError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_weights(&out.join("model.safetensors"), &after, dtype)?;
+    peft_core::io::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("a config serialises")
+            .as_bytes(),
+    )?;
+    Ok(changed)
+}
+
 fn merge_into<
     B: Backend,
     M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
@@ -857,20 +1016,7 @@ fn merge_into<
     t: &MergeTarget<'_>,
     transpose: bool,
 ) -> Result<Vec<String>> {
-    let merged = match Method::detect(t.adapter)? {
-        Method::Lora(_) => {
-            peft_lora::LoraModel::from_pretrained(base, t.adapter)?.merge_and_unload()?
-        }
-        Method::Ia3(_) => {
-            peft_adapter::Ia3Model::from_pretrained(base, t.adapter)?.merge_and_unload()?
-        }
-        other => {
-            return Err(PeftError::Config(format!(
-                "{} adds modules or inputs; it cannot be merged into the base weights",
-                other.name()
-            )))
-        }
-    };
+    let merged = merged_model(base, t.adapter)?;
     // The merged linears, under their checkpoint keys.
     let mut updates = std::collections::HashMap::new();
     merged.visit_linears(&mut |path, slot| {
@@ -910,22 +1056,7 @@ fn merge_into<
                 *tensor = new.clone();
             }
         }
-        let encoded: Vec<(safetensors::Dtype, Vec<u8>)> =
-            tensors.iter().map(|(_, x)| t.dtype.encode(x)).collect();
-        total_size += encoded.iter().map(|(_, b)| b.len()).sum::<usize>();
-        let views = tensors
-            .iter()
-            .zip(&encoded)
-            .map(|((k, x), (dt, bytes))| {
-                safetensors::tensor::TensorView::new(*dt, x.shape.clone(), bytes)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| PeftError::State(format!("{k}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::tensor::serialize(views, Some(metadata))
-            .map_err(|e| PeftError::State(format!("serialising {name}: {e}")))?;
-        peft_core::io::write_atomic(&t.out.join(name), &bytes)?;
+        total_size += write_weights(&t.out.join(name), &tensors, t.dtype)?;
     }
     if changed.is_empty() {
         return Err(PeftError::State(format!(

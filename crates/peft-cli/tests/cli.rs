@@ -503,6 +503,49 @@ fn merge_writes_shards_and_half_precision() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A GGUF model (the tiny Llama as llama.cpp stores it, q/k permuted) runs
+/// PEFT's adapter exactly, and merges into a Hugging Face folder whose plain
+/// forward pass is PEFT's merged model.
+#[test]
+fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
+    let dir = temp("merge-gguf");
+    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let c = peft_models::fixtures::FixtureCase::open("llama", "lora");
+    let ids: Vec<Vec<u32>> = {
+        let t = c.want("input_ids");
+        t.data
+            .chunks(t.shape[1])
+            .map(|r| r.iter().map(|&x| x as u32).collect())
+            .collect()
+    };
+    let ids_file = dir.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let out = dir.join("logits.safetensors");
+    jobs::forward::<Inference>(&gguf, Some(&c.dir), &ids_file, &out).unwrap();
+    peft_models::fixtures::assert_close(
+        "GGUF + adapter",
+        &peft_core::io::read_safetensors(&out).unwrap()["output"],
+        c.want("logits_unmerged"),
+    );
+    let merged = dir.join("merged");
+    let changed = jobs::merge::<Inference>(&gguf, &c.dir, &merged, jobs::MergeDtype::F32).unwrap();
+    // The adapter's targets (down_proj, q_proj, v_proj) in both layers, and nothing else.
+    let want: Vec<String> = (0..2)
+        .flat_map(|i| {
+            ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+                .map(|m| format!("model.layers.{i}.{m}.weight"))
+        })
+        .collect();
+    assert_eq!(changed, want);
+    jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+    peft_models::fixtures::assert_close(
+        "GGUF merged into a Hugging Face folder",
+        &peft_core::io::read_safetensors(&out).unwrap()["output"],
+        c.want("logits_merged"),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Training 3 steps, stopping, and resuming to 6 gives bit for bit the
 /// parameters, losses and evaluations of 6 steps at once (dropout on).
 #[test]
