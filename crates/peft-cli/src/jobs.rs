@@ -342,6 +342,10 @@ fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
     Ok((train, held))
 }
 
+/// Beside a projected prefix's adapter in a checkpoint: the unfolded encoder
+/// (embedding and MLP, PyTorch's names), from which `--resume` continues.
+pub const PREFIX_ENCODER_FILE: &str = "prefix_encoder.safetensors";
+
 fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
 where
     B: AutodiffBackend,
@@ -374,15 +378,39 @@ where
                 Some(last) => PrefixTuningModel::from_pretrained(base.clone(), &last)?,
                 None => PrefixTuningModel::new(base.clone(), c.clone())?,
             };
-            let config = p.config(DEFAULT_ADAPTER)?.clone();
-            let encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            let mut config = p.config(DEFAULT_ADAPTER)?.clone();
+            let mut encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            // The saved adapter is the folded prefix (PEFT's file, loaded for
+            // inference); a projected run continues from the full encoder
+            // kept beside it.
+            if let Some(last) = job
+                .last()
+                .filter(|_| config.prefix_projection == Some(true))
+            {
+                config.inference_mode = false;
+                let path = last.join(PREFIX_ENCODER_FILE);
+                encoder = peft_prefix::PrefixEncoder::from_torch_state(
+                    &config,
+                    read_safetensors(&path)?,
+                    &path,
+                    &device,
+                )?;
+            }
             let count = p.param_count();
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prefix(p) => save_prompt_adapter(
-                    dir,
-                    &config,
-                    HostTensor::from_tensor(p.encoder.folded().prefix()),
-                ),
+                Lm::Prefix(p) => {
+                    if p.encoder.transform.is_some() {
+                        peft_core::io::write_atomic(
+                            &dir.join(PREFIX_ENCODER_FILE),
+                            &peft_core::io::serialize_safetensors(&p.encoder.torch_state(), None),
+                        )?;
+                    }
+                    save_prompt_adapter(
+                        dir,
+                        &config,
+                        HostTensor::from_tensor(p.encoder.folded().prefix()),
+                    )
+                }
                 _ => unreachable!("a prefix run keeps its prefix"),
             });
             let model = PromptLm {

@@ -613,6 +613,70 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A projected prefix (Embedding → MLP) on the real SmolLM2 resumes bit
+/// for bit: `last/` keeps the unfolded encoder beside PEFT's folded file.
+#[test]
+fn a_resumed_projected_prefix_run_equals_an_uninterrupted_one() {
+    let _turn = serial();
+    let dir = temp("resume-prefix");
+    let data_file = dir.join("text.txt");
+    std::fs::write(
+        &data_file,
+        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
+         little and see the watery part of the world. It is a way I have of driving off the spleen.",
+    )
+    .unwrap();
+    let gguf = assets::fetch("smollm2")
+        .unwrap()
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let method = || {
+        Method::Prefix(
+            peft_core::prompt_learning::PromptLearningConfig::prefix_tuning_projected(3, 16),
+        )
+    };
+    let make = |out: &str, stop_after: Option<usize>| TrainJob {
+        model: gguf.clone(),
+        data: data_file.clone(),
+        task: Task::CausalLm,
+        method: method(),
+        out: dir.join(out),
+        train: TrainConfig {
+            batch: 1,
+            eval_every: 2,
+            lr: 1e-3,
+            stop_after,
+            ..Default::default()
+        },
+        text_column: "text".into(),
+        label_column: "label".into(),
+        held_out: 0.3,
+        max_train: Some(3),
+        block_size: 8,
+        resume: false,
+    };
+    let hidden = indicatif::ProgressBar::hidden();
+    let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden).unwrap();
+    let part = jobs::train::<CpuTrainBackend>(&make("parts", Some(2)), &hidden).unwrap();
+    assert_eq!(part.steps, 2);
+    let mut second = TrainJob::resume_from(&dir.join("parts")).unwrap();
+    second.train.stop_after = None;
+    let b = jobs::train::<CpuTrainBackend>(&second, &hidden).unwrap();
+    assert_eq!((a.steps, b.steps), (3, 3), "one epoch of 3 blocks");
+    assert_eq!(a.after.value, b.after.value);
+    for f in [jobs::PREFIX_ENCODER_FILE, "adapter_model.safetensors"] {
+        let x = peft_core::io::read_safetensors(&dir.join("whole/last").join(f)).unwrap();
+        let y = peft_core::io::read_safetensors(&dir.join("parts/last").join(f)).unwrap();
+        assert!(x.contains_key("transform.0.weight") || f != jobs::PREFIX_ENCODER_FILE);
+        let same = x.len() == y.len() && x.iter().all(|(k, t)| y.get(k) == Some(t));
+        assert!(
+            same,
+            "{f}: the resumed prefix differs from the uninterrupted run's"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The child side of the crash test: writes checkpoints of increasing
 /// version forever (each folder holds three files that must agree).
 #[test]

@@ -138,6 +138,29 @@ impl<B: Backend> PrefixEncoder<B> {
         Ok(this)
     }
 
+    /// The encoder as PyTorch's `PrefixEncoder.state_dict()` names and lays
+    /// it out (`[out, in]` weights): what [`from_torch_state`](Self::from_torch_state)
+    /// reads. Unlike the saved adapter, it keeps the reparameterisation, so
+    /// a projected run can continue from it.
+    pub fn torch_state(&self) -> Vec<(String, HostTensor)> {
+        let mut out = vec![(
+            "embedding.weight".to_string(),
+            HostTensor::from_tensor(self.embedding.val()),
+        )];
+        if let Some(t) = &self.transform {
+            for (name, linear) in [("transform.0", &t.first), ("transform.2", &t.second)] {
+                out.push((
+                    format!("{name}.weight"),
+                    HostTensor::from_tensor(linear.weight.val()).transposed(),
+                ));
+                if let Some(b) = &linear.bias {
+                    out.push((format!("{name}.bias"), HostTensor::from_tensor(b.val())));
+                }
+            }
+        }
+        out
+    }
+
     /// A prefix holding exactly the keys/values of `cache` (every layer
     /// filled, batch 1): the model then behaves as if the cached tokens came
     /// before the input. The initialisation Li & Liang recommend (the
