@@ -342,9 +342,11 @@ fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
     Ok((train, held))
 }
 
-/// Beside a projected prefix's adapter in a checkpoint: the unfolded encoder
-/// (embedding and MLP, PyTorch's names), from which `--resume` continues.
-pub const PREFIX_ENCODER_FILE: &str = "prefix_encoder.safetensors";
+/// Beside a projected prefix's or a P-tuning prompt's adapter in a
+/// checkpoint: the unfolded encoder (embedding and MLP / LSTM, PyTorch's
+/// `state_dict` names), from which `--resume` continues. PEFT's own file
+/// holds only the folded prompt.
+pub const ENCODER_STATE_FILE: &str = "encoder_state.safetensors";
 
 fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
 where
@@ -388,7 +390,7 @@ where
                 .filter(|_| config.prefix_projection == Some(true))
             {
                 config.inference_mode = false;
-                let path = last.join(PREFIX_ENCODER_FILE);
+                let path = last.join(ENCODER_STATE_FILE);
                 encoder = peft_prefix::PrefixEncoder::from_torch_state(
                     &config,
                     read_safetensors(&path)?,
@@ -401,7 +403,7 @@ where
                 Lm::Prefix(p) => {
                     if p.encoder.transform.is_some() {
                         peft_core::io::write_atomic(
-                            &dir.join(PREFIX_ENCODER_FILE),
+                            &dir.join(ENCODER_STATE_FILE),
                             &peft_core::io::serialize_safetensors(&p.encoder.torch_state(), None),
                         )?;
                     }
@@ -425,15 +427,36 @@ where
                 Some(last) => PromptTuningModel::from_pretrained(base.clone(), &last)?,
                 None => PromptTuningModel::new(base.clone(), c.clone())?,
             };
-            let config = p.config(DEFAULT_ADAPTER)?.clone();
-            let encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            let mut config = p.config(DEFAULT_ADAPTER)?.clone();
+            let mut encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
+            // As for prefixes: a P-tuning run continues from its encoder.
+            let p_tuning =
+                config.peft_type == peft_core::prompt_learning::PromptLearningType::PTuning;
+            if let Some(last) = job.last().filter(|_| p_tuning) {
+                config.inference_mode = false;
+                let path = last.join(ENCODER_STATE_FILE);
+                encoder = peft_prompt::PromptEncoder::from_torch_state(
+                    &config,
+                    read_safetensors(&path)?,
+                    &path,
+                    &device,
+                )?;
+            }
             let count = p.param_count();
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prompt(p) => save_prompt_adapter(
-                    dir,
-                    &config,
-                    HostTensor::from_tensor(p.encoder.folded().prompt()),
-                ),
+                Lm::Prompt(p) => {
+                    if p.encoder.mlp.is_some() || p.encoder.lstm.is_some() {
+                        peft_core::io::write_atomic(
+                            &dir.join(ENCODER_STATE_FILE),
+                            &peft_core::io::serialize_safetensors(&p.encoder.torch_state(), None),
+                        )?;
+                    }
+                    save_prompt_adapter(
+                        dir,
+                        &config,
+                        HostTensor::from_tensor(p.encoder.folded().prompt()),
+                    )
+                }
                 _ => unreachable!("a prompt run keeps its prompt"),
             });
             let model = PromptLm {

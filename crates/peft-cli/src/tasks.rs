@@ -79,11 +79,15 @@ impl Method {
                 &path,
                 &[PromptLearningType::PromptTuning],
             )?)),
+            (Some("P_TUNING"), _) => Ok(Method::Prompt(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PTuning],
+            )?)),
             (None, Some(c)) => serde_json::from_value(c.clone())
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
             (Some(other), _) => Err(PeftError::Config(format!(
-                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, AdapterHub bottleneck)",
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
                 path.display()
             ))),
             (None, None) => Err(PeftError::Config(format!(

@@ -613,12 +613,14 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A projected prefix (Embedding → MLP) on the real SmolLM2 resumes bit
-/// for bit: `last/` keeps the unfolded encoder beside PEFT's folded file.
+/// A projected prefix (Embedding → MLP) and a P-tuning prompt (MLP
+/// encoder) on the real SmolLM2 resume bit for bit: `last/` keeps the
+/// unfolded encoder beside PEFT's folded file.
 #[test]
-fn a_resumed_projected_prefix_run_equals_an_uninterrupted_one() {
+fn resumed_prefix_and_p_tuning_runs_equal_uninterrupted_ones() {
+    use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig};
     let _turn = serial();
-    let dir = temp("resume-prefix");
+    let dir = temp("resume-encoders");
     let data_file = dir.join("text.txt");
     std::fs::write(
         &data_file,
@@ -630,49 +632,67 @@ fn a_resumed_projected_prefix_run_equals_an_uninterrupted_one() {
     let gguf = assets::fetch("smollm2")
         .unwrap()
         .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let method = || {
-        Method::Prefix(
-            peft_core::prompt_learning::PromptLearningConfig::prefix_tuning_projected(3, 16),
-        )
-    };
-    let make = |out: &str, stop_after: Option<usize>| TrainJob {
-        model: gguf.clone(),
-        data: data_file.clone(),
-        task: Task::CausalLm,
-        method: method(),
-        out: dir.join(out),
-        train: TrainConfig {
-            batch: 1,
-            eval_every: 2,
-            lr: 1e-3,
-            stop_after,
-            ..Default::default()
-        },
-        text_column: "text".into(),
-        label_column: "label".into(),
-        held_out: 0.3,
-        max_train: Some(3),
-        block_size: 8,
-        resume: false,
-    };
-    let hidden = indicatif::ProgressBar::hidden();
-    let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden).unwrap();
-    let part = jobs::train::<CpuTrainBackend>(&make("parts", Some(2)), &hidden).unwrap();
-    assert_eq!(part.steps, 2);
-    let mut second = TrainJob::resume_from(&dir.join("parts")).unwrap();
-    second.train.stop_after = None;
-    let b = jobs::train::<CpuTrainBackend>(&second, &hidden).unwrap();
-    assert_eq!((a.steps, b.steps), (3, 3), "one epoch of 3 blocks");
-    assert_eq!(a.after.value, b.after.value);
-    for f in [jobs::PREFIX_ENCODER_FILE, "adapter_model.safetensors"] {
-        let x = peft_core::io::read_safetensors(&dir.join("whole/last").join(f)).unwrap();
-        let y = peft_core::io::read_safetensors(&dir.join("parts/last").join(f)).unwrap();
-        assert!(x.contains_key("transform.0.weight") || f != jobs::PREFIX_ENCODER_FILE);
-        let same = x.len() == y.len() && x.iter().all(|(k, t)| y.get(k) == Some(t));
-        assert!(
-            same,
-            "{f}: the resumed prefix differs from the uninterrupted run's"
-        );
+    for (name, config, encoder_key) in [
+        (
+            "prefix",
+            PromptLearningConfig::prefix_tuning_projected(3, 16),
+            "transform.0.weight",
+        ),
+        (
+            "p-tuning",
+            PromptLearningConfig::p_tuning(3, PromptEncoderType::Mlp, 16),
+            "mlp_head.0.weight",
+        ),
+    ] {
+        let method = || match name {
+            "prefix" => Method::Prefix(config.clone()),
+            _ => Method::Prompt(config.clone()),
+        };
+        let make = |out: &str, stop_after: Option<usize>| TrainJob {
+            model: gguf.clone(),
+            data: data_file.clone(),
+            task: Task::CausalLm,
+            method: method(),
+            out: dir.join(name).join(out),
+            train: TrainConfig {
+                batch: 1,
+                eval_every: 2,
+                lr: 1e-3,
+                stop_after,
+                ..Default::default()
+            },
+            text_column: "text".into(),
+            label_column: "label".into(),
+            held_out: 0.3,
+            max_train: Some(3),
+            block_size: 8,
+            resume: false,
+        };
+        let hidden = indicatif::ProgressBar::hidden();
+        let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden).unwrap();
+        let part = jobs::train::<CpuTrainBackend>(&make("parts", Some(2)), &hidden).unwrap();
+        assert_eq!(part.steps, 2, "{name}");
+        let mut second = TrainJob::resume_from(&dir.join(name).join("parts")).unwrap();
+        second.train.stop_after = None;
+        let b = jobs::train::<CpuTrainBackend>(&second, &hidden).unwrap();
+        assert_eq!((a.steps, b.steps), (3, 3), "{name}: one epoch of 3 blocks");
+        assert_eq!(a.after.value, b.after.value, "{name}");
+        for f in [jobs::ENCODER_STATE_FILE, "adapter_model.safetensors"] {
+            let read = |run: &str| {
+                peft_core::io::read_safetensors(&dir.join(name).join(run).join("last").join(f))
+                    .unwrap()
+            };
+            let (x, y) = (read("whole"), read("parts"));
+            assert!(
+                f != jobs::ENCODER_STATE_FILE || x.contains_key(encoder_key),
+                "{name}"
+            );
+            let same = x.len() == y.len() && x.iter().all(|(k, t)| y.get(k) == Some(t));
+            assert!(
+                same,
+                "{name}: {f} of the resumed run differs from the uninterrupted run's"
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -390,3 +390,18 @@ fn bert_sequence_classification_trains<B: AutodiffBackend>(device: &B::Device) {
 }
 
 autodiff_backend_tests!(bert_sequence_classification_trains);
+
+/// `torch_state` writes back exactly the PyTorch `state_dict` that
+/// `from_torch_state` read: what lets a projected run resume with its MLP.
+#[test]
+fn torch_state_round_trips_pytorchs_encoder() {
+    type B = burn::backend::NdArray;
+    let c = FixtureCase::open("llama", "prefix_proj");
+    let (_, enc) = training_encoder::<B>(&c, &Default::default());
+    let want = read_safetensors(&c.dir.join("encoder.safetensors")).unwrap();
+    let got = enc.torch_state();
+    assert_eq!(got.len(), want.len(), "tensor count");
+    for (k, t) in &got {
+        assert_eq!(Some(t), want.get(k), "{k}");
+    }
+}

@@ -307,6 +307,53 @@ impl<B: Backend> PromptEncoder<B> {
         Ok(this)
     }
 
+    /// The encoder as PyTorch's `state_dict()` names and lays it out
+    /// (`[out, in]` weights): what [`from_torch_state`](Self::from_torch_state)
+    /// reads. Unlike the saved adapter it keeps a P-tuning encoder, so a run
+    /// can continue from it.
+    pub fn torch_state(&self) -> Vec<(String, HostTensor)> {
+        let mut out = vec![(
+            "embedding.weight".to_string(),
+            HostTensor::from_tensor(self.embedding.val()),
+        )];
+        if let Some(mlp) = &self.mlp {
+            // PyTorch's `Sequential` puts an activation between the linears.
+            for (k, linear) in mlp.layers.iter().enumerate() {
+                out.push((
+                    format!("mlp_head.{}.weight", 2 * k),
+                    HostTensor::from_tensor(linear.weight.val()).transposed(),
+                ));
+                if let Some(b) = &linear.bias {
+                    out.push((
+                        format!("mlp_head.{}.bias", 2 * k),
+                        HostTensor::from_tensor(b.val()),
+                    ));
+                }
+            }
+        }
+        if let Some(lstm) = &self.lstm {
+            for (l, (forward, backward)) in lstm.layers.iter().enumerate() {
+                for (dir, suffix) in [
+                    (forward, format!("l{l}")),
+                    (backward, format!("l{l}_reverse")),
+                ] {
+                    let key = |name: &str| format!("lstm_head.{name}_{suffix}");
+                    out.push((
+                        key("weight_ih"),
+                        HostTensor::from_tensor(dir.w_ih.val()).transposed(),
+                    ));
+                    out.push((
+                        key("weight_hh"),
+                        HostTensor::from_tensor(dir.w_hh.val()).transposed(),
+                    ));
+                    out.push((key("bias_ih"), HostTensor::from_tensor(dir.b_ih.val())));
+                    out.push((key("bias_hh"), HostTensor::from_tensor(dir.b_hh.val())));
+                }
+            }
+        }
+        out
+    }
+
     /// Number of virtual tokens.
     pub fn num_virtual_tokens(&self) -> usize {
         self.embedding.dims()[0]

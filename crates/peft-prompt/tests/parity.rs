@@ -362,3 +362,21 @@ fn wrong_files_are_typed_errors() {
         PromptTuningModel::from_pretrained(model(), Path::new("/nonexistent/prompt")).unwrap_err();
     assert!(matches!(err, PeftError::Io { .. }), "{err}");
 }
+
+/// `torch_state` writes back exactly the PyTorch `state_dict` that
+/// `from_torch_state` read (MLP and LSTM P-tuning encoders): what lets a
+/// P-tuning run resume with its encoder.
+#[test]
+fn torch_state_round_trips_pytorchs_encoder() {
+    type B = burn::backend::NdArray;
+    for case in ["ptuning_mlp", "ptuning_lstm"] {
+        let c = FixtureCase::open("llama", case);
+        let (_, enc) = training_encoder::<B>(&c, &Default::default());
+        let want = read_safetensors(&c.dir.join("encoder.safetensors")).unwrap();
+        let got = enc.torch_state();
+        assert_eq!(got.len(), want.len(), "{case}: tensor count");
+        for (k, t) in &got {
+            assert_eq!(Some(t), want.get(k), "{case}: {k}");
+        }
+    }
+}
