@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -175,6 +175,44 @@ fn forward_suite<B: Backend>(o: &Opts, device: &B::Device) {
         Some(b),
         info,
     );
+}
+
+/// Unmerged LoRA forward cost against the base as the rank grows (every
+/// linear adapted, ranks 1 to 64).
+fn rank_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    let cfg = stack_config(o.quick);
+    let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
+    let ids = batch_ids::<B>(rows, len, device);
+    B::seed(device, 7);
+    let base = cfg.init::<B>(device).unwrap();
+    let ranks = [1, 4, 16, 64];
+    let models: Vec<Llama<B>> = ranks
+        .iter()
+        .map(|&r| LoraModel::new(base.clone(), all_linear(r)).unwrap().model)
+        .collect();
+    let run = |m: &Llama<B>| sync(m.forward(ids.clone(), None));
+    let runs = if o.quick { 5 } else { 15 };
+    let mut fs: Vec<Box<dyn FnMut()>> = vec![Box::new(|| run(&base))];
+    for m in &models {
+        fs.push(Box::new(move || run(m)));
+    }
+    let mut refs: Vec<&mut dyn FnMut()> = fs
+        .iter_mut()
+        .map(|f| f.as_mut() as &mut dyn FnMut())
+        .collect();
+    let mut t = interleaved(runs, &mut refs);
+    let info = json!({"tokens": rows * len, "targets": "all-linear"});
+    let b = emit(o, "rank", "base", &mut t[0], None, info.clone());
+    for (i, r) in ranks.iter().enumerate() {
+        emit(
+            o,
+            "rank",
+            &format!("lora_r{r}_all_linear_unmerged"),
+            &mut t[i + 1],
+            Some(b),
+            info.clone(),
+        );
+    }
 }
 
 /// Makes every parameter trainable (full fine-tuning).
@@ -718,11 +756,12 @@ fn run<B: Backend>(o: &Opts) {
             "cpu_backends" => cpu_backends_suite(o),
             "prompt" => prompt_suite::<B>(o, &device),
             "adapter" => adapter_suite::<B>(o, &device),
+            "rank" => rank_suite::<B>(o, &device),
             "minilm" => real::minilm_suite::<B>(o, &device),
             "smollm2" => real::smollm2_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, train, mixed, prompt, adapter, minilm, smollm2, cpu_backends)"
+                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, cpu_backends)"
                 )
             }
         }
@@ -752,6 +791,7 @@ fn main() {
     if o.suites.is_empty() {
         o.suites = vec![
             "forward".into(),
+            "rank".into(),
             "train".into(),
             "mixed".into(),
             "prompt".into(),

@@ -2,7 +2,7 @@
 //!
 //! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
-//!   suites (forward, train, mixed, prompt, adapter, minilm, smollm2,
+//!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2,
 //!   cpu_backends), and writes `target/bench-report/` with `report.json`,
 //!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
@@ -414,7 +414,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
