@@ -2,17 +2,14 @@
 from the repository's fixtures: valid inputs in each target's framing
 (see `fuzz/src/lib.rs`), for libFuzzer to mutate.
 
-Run with the PEFT environment's Python (it needs `gguf` and `numpy` for
-the GGUF seed): `/work/pyenv/ref/bin/python scripts/make_fuzz_seeds.py`.
+Needs only the standard library: `python3 scripts/make_fuzz_seeds.py`
+(after `scripts/make_gguf_llama_fixture.py`, whose GGUF file is a seed).
 """
 
 import json
 import struct
 from pathlib import Path
 
-import numpy as np
-from gguf import GGUFWriter, GGMLQuantizationType
-from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "fixtures"
@@ -52,51 +49,8 @@ def models() -> None:
 
 def gguf_seeds() -> None:
     put("gguf", "seed-kquants", (FIX / "gguf" / "kquants.gguf").read_bytes())
-    # A tiny Llama with a byte-level BPE tokenizer: the fixture's weights
-    # under llama.cpp's names (the q/k row order does not matter for a seed).
-    cfg = json.loads((FIX / "llama" / "config.json").read_text())
-    w = load_file(FIX / "llama" / "model.safetensors")
-    path = OUT / "gguf-tmp.gguf"
-    gw = GGUFWriter(str(path), "llama")
-    gw.add_block_count(cfg["num_hidden_layers"])
-    gw.add_embedding_length(cfg["hidden_size"])
-    gw.add_feed_forward_length(cfg["intermediate_size"])
-    gw.add_head_count(cfg["num_attention_heads"])
-    gw.add_head_count_kv(cfg["num_key_value_heads"])
-    gw.add_context_length(cfg["max_position_embeddings"])
-    gw.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    gw.add_rope_freq_base(10000.0)
-    tokens = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(cfg["vocab_size"])]
-    gw.add_tokenizer_model("gpt2")
-    gw.add_token_list(tokens)
-    gw.add_token_types([1] * len(tokens))
-    gw.add_token_merges(["a a", "b b"])
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    for hf, gg in names.items():
-        t = w[hf].astype(np.float32)
-        if gg.startswith("blk.0.attn_q") or gg == "token_embd.weight":
-            gw.add_tensor(gg, t.astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
-        else:
-            gw.add_tensor(gg, t)
-    gw.write_header_to_file()
-    gw.write_kv_data_to_file()
-    gw.write_tensors_to_file()
-    gw.close()
-    put("gguf", "seed-tiny-llama", path.read_bytes())
-    path.unlink()
+    # A tiny Llama with its tokenizer (scripts/make_gguf_llama_fixture.py).
+    put("gguf", "seed-tiny-llama", (FIX / "gguf" / "tiny_llama.gguf").read_bytes())
 
 
 def tokenizers() -> None:

@@ -36,11 +36,12 @@ def main() -> None:
     gw.add_context_length(cfg["max_position_embeddings"])
     gw.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     gw.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    tokens = [f"t{i}" for i in range(cfg["vocab_size"])]
+    # A small byte-level BPE vocabulary (letters and their doubles) with two merges.
+    tokens = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(cfg["vocab_size"])]
     gw.add_tokenizer_model("gpt2")
     gw.add_token_list(tokens)
     gw.add_token_types([1] * len(tokens))
-    gw.add_token_merges([])
+    gw.add_token_merges(["a a", "b b"])
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -348,6 +348,31 @@ fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
 /// holds only the folded prompt.
 pub const ENCODER_STATE_FILE: &str = "encoder_state.safetensors";
 
+/// Writes a prompt-learning checkpoint: PEFT's file with the folded
+/// `prompt` `[n_virtual, width]`, and the full encoder's `state` beside it
+/// when it has more than the prompt.
+fn save_virtual<B: Backend>(
+    dir: &Path,
+    config: &peft_core::prompt_learning::PromptLearningConfig,
+    prompt: burn::tensor::Tensor<B, 2>,
+    state: Option<Vec<(String, HostTensor)>>,
+) -> Result<()> {
+    if let Some(state) = state {
+        peft_core::io::write_atomic(
+            &dir.join(ENCODER_STATE_FILE),
+            &peft_core::io::serialize_safetensors(&state, None),
+        )?;
+    }
+    save_prompt_adapter(dir, config, HostTensor::from_tensor(prompt))
+}
+
+/// The full encoder kept in checkpoint `last`: its path and tensors.
+fn encoder_state(last: &Path) -> Result<(PathBuf, std::collections::HashMap<String, HostTensor>)> {
+    let path = last.join(ENCODER_STATE_FILE);
+    let state = read_safetensors(&path)?;
+    Ok((path, state))
+}
+
 fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
 where
     B: AutodiffBackend,
@@ -390,29 +415,21 @@ where
                 .filter(|_| config.prefix_projection == Some(true))
             {
                 config.inference_mode = false;
-                let path = last.join(ENCODER_STATE_FILE);
-                encoder = peft_prefix::PrefixEncoder::from_torch_state(
-                    &config,
-                    read_safetensors(&path)?,
-                    &path,
-                    &device,
-                )?;
+                let (path, state) = encoder_state(&last)?;
+                encoder =
+                    peft_prefix::PrefixEncoder::from_torch_state(&config, state, &path, &device)?;
             }
             let count = p.param_count();
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prefix(p) => {
-                    if p.encoder.transform.is_some() {
-                        peft_core::io::write_atomic(
-                            &dir.join(ENCODER_STATE_FILE),
-                            &peft_core::io::serialize_safetensors(&p.encoder.torch_state(), None),
-                        )?;
-                    }
-                    save_prompt_adapter(
-                        dir,
-                        &config,
-                        HostTensor::from_tensor(p.encoder.folded().prefix()),
-                    )
-                }
+                Lm::Prefix(p) => save_virtual(
+                    dir,
+                    &config,
+                    p.encoder.folded().prefix(),
+                    p.encoder
+                        .transform
+                        .is_some()
+                        .then(|| p.encoder.torch_state()),
+                ),
                 _ => unreachable!("a prefix run keeps its prefix"),
             });
             let model = PromptLm {
@@ -434,29 +451,19 @@ where
                 config.peft_type == peft_core::prompt_learning::PromptLearningType::PTuning;
             if let Some(last) = job.last().filter(|_| p_tuning) {
                 config.inference_mode = false;
-                let path = last.join(ENCODER_STATE_FILE);
-                encoder = peft_prompt::PromptEncoder::from_torch_state(
-                    &config,
-                    read_safetensors(&path)?,
-                    &path,
-                    &device,
-                )?;
+                let (path, state) = encoder_state(&last)?;
+                encoder =
+                    peft_prompt::PromptEncoder::from_torch_state(&config, state, &path, &device)?;
             }
             let count = p.param_count();
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prompt(p) => {
-                    if p.encoder.mlp.is_some() || p.encoder.lstm.is_some() {
-                        peft_core::io::write_atomic(
-                            &dir.join(ENCODER_STATE_FILE),
-                            &peft_core::io::serialize_safetensors(&p.encoder.torch_state(), None),
-                        )?;
-                    }
-                    save_prompt_adapter(
-                        dir,
-                        &config,
-                        HostTensor::from_tensor(p.encoder.folded().prompt()),
-                    )
-                }
+                Lm::Prompt(p) => save_virtual(
+                    dir,
+                    &config,
+                    p.encoder.folded().prompt(),
+                    (p.encoder.mlp.is_some() || p.encoder.lstm.is_some())
+                        .then(|| p.encoder.torch_state()),
+                ),
                 _ => unreachable!("a prompt run keeps its prompt"),
             });
             let model = PromptLm {

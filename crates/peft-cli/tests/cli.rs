@@ -328,6 +328,19 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A fixture case's `input_ids` as the JSON file `peft forward` reads.
+fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
+    let t = c.want("input_ids");
+    let ids: Vec<Vec<u32>> = t
+        .data
+        .chunks(t.shape[1])
+        .map(|r| r.iter().map(|&x| x as u32).collect())
+        .collect();
+    let file = dir.join("ids.json");
+    std::fs::write(&file, serde_json::to_string(&ids).unwrap()).unwrap();
+    file
+}
+
 /// `peft forward` is the parity hook: on the tiny fixtures it reproduces
 /// PEFT's logits with the adapter; `peft merge` writes a model whose plain
 /// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
@@ -343,15 +356,7 @@ fn forward_and_merge_reproduce_peft() {
         ("gpt2", "ia3"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
-        let ids: Vec<Vec<u32>> = {
-            let t = c.want("input_ids");
-            t.data
-                .chunks(t.shape[1])
-                .map(|r| r.iter().map(|&x| x as u32).collect())
-                .collect()
-        };
-        let ids_file = dir.join("ids.json");
-        std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+        let ids_file = ids_file(&c, &dir);
         let out = dir.join(format!("{arch}-{case}.safetensors"));
         let model = fixtures.join(arch);
         jobs::forward::<Inference>(&model, Some(&c.dir), &ids_file, &out).unwrap();
@@ -428,15 +433,7 @@ fn merge_writes_shards_and_half_precision() {
     .unwrap();
 
     let c = peft_models::fixtures::FixtureCase::open("llama", "lora");
-    let ids: Vec<Vec<u32>> = {
-        let t = c.want("input_ids");
-        t.data
-            .chunks(t.shape[1])
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect()
-    };
-    let ids_file = dir.join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let ids_file = ids_file(&c, &dir);
     for (dtype, flag, tol) in [
         (jobs::MergeDtype::F32, "f32", 1e-5),
         (jobs::MergeDtype::F16, "f16", 2e-3),
@@ -511,15 +508,7 @@ fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
     let dir = temp("merge-gguf");
     let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
     let c = peft_models::fixtures::FixtureCase::open("llama", "lora");
-    let ids: Vec<Vec<u32>> = {
-        let t = c.want("input_ids");
-        t.data
-            .chunks(t.shape[1])
-            .map(|r| r.iter().map(|&x| x as u32).collect())
-            .collect()
-    };
-    let ids_file = dir.join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let ids_file = ids_file(&c, &dir);
     let out = dir.join("logits.safetensors");
     jobs::forward::<Inference>(&gguf, Some(&c.dir), &ids_file, &out).unwrap();
     peft_models::fixtures::assert_close(
