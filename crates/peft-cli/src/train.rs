@@ -360,6 +360,20 @@ fn symlink_dir(target: &Path, link: &Path) -> std::io::Result<()> {
     std::os::windows::fs::symlink_dir(target, link)
 }
 
+/// The error that stops a run: `what` went non-finite, and where the last
+/// good checkpoint is.
+fn non_finite(run: &RunDir, what: String) -> PeftError {
+    let kept = run.path().join("best");
+    let last = if kept.exists() {
+        kept.display().to_string()
+    } else {
+        "none (no evaluation yet)".into()
+    };
+    PeftError::NonFinite(format!(
+        "{what}; stopped. The last good checkpoint is {last}"
+    ))
+}
+
 /// The module path of the first parameter whose gradient in `grads` holds
 /// a NaN or an infinity (its absolute sum is not finite).
 fn non_finite_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -561,11 +575,10 @@ where
                 let (l, n_tokens) = loss(&model, batch)?;
                 let value: f64 = l.clone().into_scalar().elem::<f32>() as f64;
                 if !value.is_finite() {
-                    let kept = run.path().join("best");
-                    return Err(PeftError::NonFinite(format!(
-                        "training loss is {value} at step {step} (epoch {epoch}); stopped. The last good checkpoint is {}",
-                        if kept.exists() { kept.display().to_string() } else { "none (no evaluation yet)".into() }
-                    )));
+                    return Err(non_finite(
+                        run,
+                        format!("training loss is {value} at step {step} (epoch {epoch})"),
+                    ));
                 }
                 step_loss += value / group.len() as f64;
                 state.tokens += n_tokens;
@@ -576,11 +589,10 @@ where
             // A finite loss can still have an infinite or NaN gradient; one
             // optimizer step with it would ruin every weight it touches.
             if let Some(path) = non_finite_gradient(&model, &grads) {
-                let kept = run.path().join("best");
-                return Err(PeftError::NonFinite(format!(
-                    "the gradient of {path} is not finite at step {step} (epoch {epoch}); stopped. The last good checkpoint is {}",
-                    if kept.exists() { kept.display().to_string() } else { "none (no evaluation yet)".into() }
-                )));
+                return Err(non_finite(
+                    run,
+                    format!("the gradient of {path} is not finite at step {step} (epoch {epoch})"),
+                ));
             }
             let lr = config.lr_at(step, total);
             model = optim.step(lr, model, grads);
