@@ -174,7 +174,7 @@ pub fn smollm2_suite<B: Backend>(o: &Opts, device: &B::Device) {
         let mut first = None;
         l.model.visit_linears(&mut |_, s| {
             if first.is_none() {
-                first = Some(s.base.weight.val().slice([0..1, 0..1]));
+                first = Some(s.base_weight().slice([0..1, 0..1]));
             }
         });
         let _ = first.map(|w| w.into_data());

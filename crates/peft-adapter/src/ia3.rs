@@ -327,7 +327,7 @@ fn new_entry<B: Backend>(
     feedforward: bool,
     random: bool,
 ) -> Ia3Entry<B> {
-    let device = slot.base.weight.device();
+    let device = slot.device();
     let n = if feedforward {
         slot.d_input()
     } else {
@@ -356,7 +356,7 @@ fn fill_entry<B: Backend>(
     tensors: &mut HashMap<String, HostTensor>,
     file: &Path,
 ) -> Result<()> {
-    let device = slot.base.weight.device();
+    let device = slot.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let entry = slot.ia3_entry_mut(name).expect("injected before filling");
     let key = format!("{KEY_PREFIX}{path}.ia3_l");

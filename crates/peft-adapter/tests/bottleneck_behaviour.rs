@@ -75,8 +75,8 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
         "loss did not go down: {losses:?}"
     );
     assert_eq!(
-        HostTensor::from_tensor(model.model.layers[0].query.base.weight.val()),
-        HostTensor::from_tensor(base_before.layers[0].query.base.weight.val())
+        HostTensor::from_tensor(model.model.layers[0].query.base_weight()),
+        HostTensor::from_tensor(base_before.layers[0].query.base_weight())
     );
     assert_eq!(
         HostTensor::from_tensor(model.model.layers[1].output_norm.gamma.val()),

@@ -60,7 +60,7 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     let weights = |m: &M| {
         let mut v = Vec::new();
         m.visit_linears(&mut |_, s| {
-            v.push(HostTensor::from_tensor(s.base.weight.val()));
+            v.push(HostTensor::from_tensor(s.base_weight()));
             if let Some(b) = &s.base.bias {
                 v.push(HostTensor::from_tensor(b.val()));
             }

@@ -983,7 +983,7 @@ fn llama_hf_tensors<B: Backend>(m: &Llama<B>) -> Vec<(String, HostTensor)> {
     m.visit_linears(&mut |path, slot| {
         out.push((
             format!("{path}.weight"),
-            HostTensor::from_tensor(slot.base.weight.val()).transposed(),
+            HostTensor::from_tensor(slot.base_weight()).transposed(),
         ));
         if let Some(b) = &slot.base.bias {
             out.push((format!("{path}.bias"), HostTensor::from_tensor(b.val())));
@@ -1078,7 +1078,7 @@ fn merge_into<
     // The merged linears, under their checkpoint keys.
     let mut updates = std::collections::HashMap::new();
     merged.visit_linears(&mut |path, slot| {
-        let mut w = HostTensor::from_tensor(slot.base.weight.val());
+        let mut w = HostTensor::from_tensor(slot.base_weight());
         if transpose {
             w = w.transposed();
         }

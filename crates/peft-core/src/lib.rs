@@ -35,6 +35,7 @@ pub mod loss;
 pub mod model;
 pub mod named;
 pub mod prompt_learning;
+pub mod quant;
 pub mod rng;
 pub mod routing;
 pub mod slot;

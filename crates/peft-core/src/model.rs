@@ -16,6 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::count::ParamCount;
+use crate::error::Result;
 use crate::kv::KvCache;
 use crate::slot::LinearSlot;
 
@@ -49,13 +50,39 @@ pub trait PeftModel<B: Backend>: Module<B> {
         out
     }
 
-    /// Trainable (active, unmerged adapter entries) and total parameters.
+    /// Keeps the base weight of every adaptable linear layer quantized to
+    /// NF4, as QLoRA does (embeddings and norms stay as they are). Returns
+    /// how many layers were quantized; layers already quantized are left
+    /// alone. A layer with a merged adapter is an error naming it.
+    fn quantize_base_nf4(&mut self) -> Result<usize> {
+        let (mut done, mut failed) = (0, None);
+        self.visit_linears_mut(&mut |path, slot| {
+            if failed.is_some() || slot.is_quantized() {
+                return;
+            }
+            match slot.quantize_nf4(path) {
+                Ok(()) => done += 1,
+                Err(e) => failed = Some(e),
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+
+    /// Trainable (active, unmerged adapter entries) and total parameters
+    /// (base weights kept quantized included).
     fn param_count(&self) -> ParamCount {
-        let mut trainable = 0;
-        self.visit_linears(&mut |_, s| trainable += s.trainable_params());
+        let (mut trainable, mut quantized) = (0, 0);
+        self.visit_linears(&mut |_, s| {
+            trainable += s.trainable_params();
+            quantized += s.quantized_params();
+        });
         ParamCount {
             trainable,
-            all: self.num_params(),
+            // Quantized base weights are parameters no tensor holds.
+            all: self.num_params() + quantized,
         }
     }
 }

@@ -17,12 +17,15 @@
 //! Layout: Burn's `[d_in, d_out]` everywhere; `A: [d_in, r]`, `B: [r, d_out]`.
 //! PEFT's `[out, in]` exists only in `io` and the method crates' file code.
 
+use std::sync::Arc;
+
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::{PeftError, Result};
+use crate::quant::QuantizedMatrix;
 use crate::routing;
 use crate::BASE_ROW;
 
@@ -161,7 +164,15 @@ impl LinearSlotConfig {
 #[derive(Module, Debug)]
 pub struct LinearSlot<B: Backend> {
     /// The base layer: weight `[d_in, d_out]`, bias `[d_out]`. Frozen.
+    /// With a [`quantized`](Self::quantized) base, `weight` is an empty
+    /// `[0, 0]` tensor that only carries the device; read the weight with
+    /// [`base_weight`](Self::base_weight).
     pub base: Linear<B>,
+    /// The frozen base weight kept quantized (QLoRA), `[out, in]` as PyTorch
+    /// stores it; dequantized in every forward pass, never held in `f32`
+    /// between passes. Shared, not copied, by clones of the model.
+    #[module(skip)]
+    pub quantized: Option<Arc<QuantizedMatrix>>,
     /// Attached LoRA adapters, in the order they were added.
     pub lora: Vec<LoraEntry<B>>,
     /// Attached (IA)³ adapters, in the order they were added.
@@ -183,10 +194,106 @@ impl<B: Backend> LinearSlot<B> {
                 weight: frozen(linear.weight),
                 bias: linear.bias.map(frozen),
             },
+            quantized: None,
             lora: Vec::new(),
             ia3: Vec::new(),
             state: SlotState::default(),
         }
+    }
+
+    /// A slot whose frozen base weight stays quantized: `weight` is
+    /// `[out = d_output, in = d_input]`, `bias` is `[d_output]`.
+    pub fn from_quantized(
+        weight: Arc<QuantizedMatrix>,
+        bias: Option<Tensor<B, 1>>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        if let Some(b) = &bias {
+            let found = b.dims()[0];
+            if found != weight.rows {
+                return Err(PeftError::Shape {
+                    name: "bias".into(),
+                    expected: vec![weight.rows],
+                    found: vec![found],
+                });
+            }
+        }
+        let empty = Tensor::<B, 2>::from_data(TensorData::new(Vec::<f32>::new(), [0, 0]), device);
+        let mut slot = Self::from_weights(empty, bias);
+        slot.quantized = Some(weight);
+        Ok(slot)
+    }
+
+    /// The device of the base layer.
+    pub fn device(&self) -> B::Device {
+        self.base.weight.device()
+    }
+
+    /// Whether the base weight is kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
+    }
+
+    /// The base weight `[d_in, d_out]`, dequantized to `f32` when kept
+    /// quantized (a fresh tensor each call, not tracked by autodiff).
+    pub fn base_weight(&self) -> Tensor<B, 2> {
+        match &self.quantized {
+            None => self.base.weight.val(),
+            Some(q) => Tensor::<B, 2>::from_data(
+                TensorData::new(q.dequantize(), [q.rows, q.cols]),
+                &self.device(),
+            )
+            .transpose(),
+        }
+    }
+
+    /// Replaces a quantized base weight by its `f32` dequantization (a
+    /// no-op for a dense base). Merging does this first: a merged weight is
+    /// `f32`, never re-quantized.
+    pub fn dequantize_base(&mut self) {
+        if self.quantized.is_some() {
+            let w = self.base_weight();
+            self.quantized = None;
+            self.set_base_weight(w);
+        }
+    }
+
+    /// Replaces the dense base weight by its NF4 quantization (QLoRA's
+    /// 4-bit NormalFloat with double-quantized scales). A no-op if already
+    /// quantized; refused while an adapter is merged into the weight, since
+    /// unmerging would then subtract from a rounded weight.
+    pub fn quantize_nf4(&mut self, path: &str) -> Result<()> {
+        if self.is_quantized() {
+            return Ok(());
+        }
+        if self.any_merged() {
+            return Err(PeftError::State(format!(
+                "{path}: unmerge its adapters before quantizing the base weight"
+            )));
+        }
+        let (d_in, d_out) = (self.d_input(), self.d_output());
+        let values = self
+            .base
+            .weight
+            .val()
+            .transpose()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| PeftError::State(format!("{path}: weight not readable: {e:?}")))?;
+        let q = QuantizedMatrix::nf4(&values, d_out, d_in)
+            .map_err(|e| PeftError::Config(format!("{path}: {e}")))?;
+        let device = self.device();
+        let empty = Tensor::<B, 2>::from_data(TensorData::new(Vec::<f32>::new(), [0, 0]), &device);
+        self.set_base_weight(empty);
+        self.quantized = Some(Arc::new(q));
+        Ok(())
+    }
+
+    /// Values of the base weight held quantized (0 for a dense base): they
+    /// count as parameters although no tensor holds them.
+    pub fn quantized_params(&self) -> usize {
+        self.quantized.as_ref().map_or(0, |q| q.len())
     }
 
     /// Builds a slot from a base weight `[d_in, d_out]` and bias `[d_out]`.
@@ -199,12 +306,18 @@ impl<B: Backend> LinearSlot<B> {
 
     /// Input features.
     pub fn d_input(&self) -> usize {
-        self.base.weight.shape().dims::<2>()[0]
+        match &self.quantized {
+            Some(q) => q.cols,
+            None => self.base.weight.shape().dims::<2>()[0],
+        }
     }
 
     /// Output features.
     pub fn d_output(&self) -> usize {
-        self.base.weight.shape().dims::<2>()[1]
+        match &self.quantized {
+            Some(q) => q.rows,
+            None => self.base.weight.shape().dims::<2>()[1],
+        }
     }
 
     /// The LoRA entry named `name`, if attached here.
@@ -280,7 +393,12 @@ impl<B: Backend> LinearSlot<B> {
     }
 
     fn base_nobias(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.base.weight.val())
+        x.matmul(self.base_weight())
+    }
+
+    /// `x·W` with `W` already at hand (dequantized once per pass).
+    fn times(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(w.clone())
     }
 
     fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -334,10 +452,11 @@ impl<B: Backend> LinearSlot<B> {
         if unmerged_active().next().is_none() && ia3_in.is_none() && ia3_out.is_none() {
             return self.add_bias(self.base_nobias(x));
         }
+        let w = self.base_weight();
         // (IA)³: `(x ⊙ l_in)·W + b`, or `(x·W + b) ⊙ l_out`.
         let base = match &ia3_in {
-            Some(l) => self.base_nobias(x.clone() * l.clone().unsqueeze_dim(0)),
-            None => self.base_nobias(x.clone()),
+            Some(l) => Self::times(x.clone() * l.clone().unsqueeze_dim(0), &w),
+            None => Self::times(x.clone(), &w),
         };
         let base = match &ia3_out {
             Some(l) => self.add_bias(base) * l.clone().unsqueeze_dim(0),
@@ -353,13 +472,11 @@ impl<B: Backend> LinearSlot<B> {
             match &entry.magnitude {
                 None => y = y + lora,
                 Some(m) => {
-                    let g = entry
-                        .dora_factor(self.base.weight.val(), m.val())
-                        .unsqueeze_dim(0);
+                    let g = entry.dora_factor(w.clone(), m.val()).unsqueeze_dim(0);
                     // PEFT: with dropout active, DoRA's base term is recomputed
                     // on the dropped-out input.
                     let base_term = if entry.meta.dropout > 0.0 && B::ad_enabled(&xd.device()) {
-                        self.base_nobias(xd)
+                        Self::times(xd, &w)
                     } else {
                         base.clone()
                     };
@@ -435,11 +552,13 @@ impl<B: Backend> LinearSlot<B> {
         );
         let t = n / rows;
         let (ia3_in, ia3_out) = self.ia3_rows(names, &device);
+        let w = self.base_weight();
         let base = match ia3_in {
-            Some(l) => {
-                self.base_nobias((x.clone().reshape([rows, t, d_in]) * l).reshape([n, d_in]))
-            }
-            None => self.base_nobias(x.clone()),
+            Some(l) => Self::times(
+                (x.clone().reshape([rows, t, d_in]) * l).reshape([n, d_in]),
+                &w,
+            ),
+            None => Self::times(x.clone(), &w),
         };
         let scaled_output = ia3_out.is_some();
         let base = match ia3_out {
@@ -489,7 +608,7 @@ impl<B: Backend> LinearSlot<B> {
             b_all.push(b);
             if any_dora {
                 g_all.push(match &e.magnitude {
-                    Some(m) => e.dora_factor(self.base.weight.val(), m.val()),
+                    Some(m) => e.dora_factor(w.clone(), m.val()),
                     None => Tensor::ones([d_out], &device),
                 });
             }
@@ -574,6 +693,7 @@ impl<B: Backend> LinearSlot<B> {
         }
         entry.meta.merged = true;
         let (l, feedforward) = (entry.scale.val().detach(), entry.meta.feedforward);
+        self.dequantize_base();
         self.scale_base(l, feedforward);
         true
     }
@@ -595,7 +715,7 @@ impl<B: Backend> LinearSlot<B> {
     /// Multiplies the base weight's rows (`feedforward`: input features) or
     /// columns and bias (output features) by `l`.
     fn scale_base(&mut self, l: Tensor<B, 1>, feedforward: bool) {
-        let w = self.base.weight.val();
+        let w = self.base_weight();
         if feedforward {
             self.set_base_weight(w * l.unsqueeze_dim(1));
         } else {
@@ -613,7 +733,11 @@ impl<B: Backend> LinearSlot<B> {
         if self.ia3_entry(name).is_some() {
             return self.merge_ia3(name);
         }
-        let weight = self.base.weight.val();
+        if self.lora_entry(name).is_none_or(|e| e.meta.merged) {
+            return false;
+        }
+        self.dequantize_base();
+        let weight = self.base_weight();
         let Some(entry) = self.lora.iter_mut().find(|e| e.meta.name == name) else {
             return false;
         };
@@ -643,7 +767,7 @@ impl<B: Backend> LinearSlot<B> {
         if self.ia3_entry(name).is_some() {
             return self.unmerge_ia3(name);
         }
-        let weight = self.base.weight.val();
+        let weight = self.base_weight();
         let device = weight.device();
         let Some(entry) = self.lora.iter_mut().find(|e| e.meta.name == name) else {
             return false;

@@ -118,7 +118,7 @@ fn fill_entry<B: Backend>(
     tensors: &mut HashMap<String, HostTensor>,
     file: &Path,
 ) -> Result<()> {
-    let device = slot.base.weight.device();
+    let device = slot.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let entry = slot.lora_entry_mut(name).expect("injected before filling");
     let r = entry.meta.rank;

@@ -48,7 +48,7 @@ fn new_entry<B: Backend>(
     use_dora: bool,
     init: Init<'_>,
 ) -> LoraEntry<B> {
-    let device = slot.base.weight.device();
+    let device = slot.device();
     let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
     // PyTorch's kaiming_uniform_(a=√5) on `[r, d_in]` is U(±1/√d_in).
     let (a, b) = match init {
@@ -76,7 +76,7 @@ fn new_entry<B: Backend>(
     };
     let magnitude = use_dora.then(|| {
         let delta = a.clone().matmul(b.clone()) * meta.scaling;
-        Param::from_tensor(column_norm(slot.base.weight.val() + delta).detach())
+        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
     });
     LoraEntry {
         a: Param::from_tensor(a),

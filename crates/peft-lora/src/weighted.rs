@@ -400,7 +400,7 @@ fn set_factors<B: Backend>(
     b: HostTensor,
     scaling: f64,
 ) -> Result<()> {
-    let device = slot.base.weight.device();
+    let device = slot.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let r = a.shape[1];
     let entry = slot

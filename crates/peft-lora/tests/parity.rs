@@ -103,7 +103,7 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     let weights_before: Vec<HostTensor> = {
         let mut v = Vec::new();
         lora.model
-            .visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
+            .visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base_weight())));
         v
     };
     lora.merge_adapter().unwrap();
@@ -129,7 +129,7 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     let mut i = 0;
     lora.model.visit_linears(&mut |p, s| {
         let d = max_diff(
-            &HostTensor::from_tensor(s.base.weight.val()),
+            &HostTensor::from_tensor(s.base_weight()),
             &weights_before[i],
         );
         // Unmerge is arithmetic, as in PEFT: W' − ΔW (DoRA: W'/g − ΔW) equals W

@@ -63,7 +63,7 @@ fn base_weights(m: &Llama<B>) -> Vec<(String, HostTensor)> {
     m.visit_linears(&mut |path, slot| {
         out.push((
             path.to_string(),
-            HostTensor::from_tensor(slot.base.weight.val()),
+            HostTensor::from_tensor(slot.base_weight()),
         ))
     });
     out

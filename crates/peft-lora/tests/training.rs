@@ -129,7 +129,7 @@ fn lora_training_lowers_loss<B: AutodiffBackend>(device: &B::Device) {
     let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
     let base_params: Vec<HostTensor> = {
         let mut v = Vec::new();
-        model.visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base.weight.val())));
+        model.visit_linears(&mut |_, s| v.push(HostTensor::from_tensor(s.base_weight())));
         v
     };
     let embed_before = HostTensor::from_tensor(model.embed_tokens.weight.val());
@@ -154,7 +154,7 @@ fn lora_training_lowers_loss<B: AutodiffBackend>(device: &B::Device) {
     let mut i = 0;
     lora.model.visit_linears(&mut |p, s| {
         assert_eq!(
-            HostTensor::from_tensor(s.base.weight.val()),
+            HostTensor::from_tensor(s.base_weight()),
             base_params[i],
             "{p} base changed"
         );

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use peft_core::io::HostTensor;
+use peft_core::quant::{
+    dequantize_ggml as dequantize, ggml_block_layout as block_layout, ggml_type_name as type_name,
+};
 use peft_core::{PeftError, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -184,128 +187,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// `(elements per block, bytes per block)` of a GGML type this module reads.
-fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
-    Some(match ggml_type {
-        0 => (1, 4),      // F32
-        1 => (1, 2),      // F16
-        30 => (1, 2),     // BF16
-        2 => (32, 18),    // Q4_0: f16 scale + 16 bytes
-        3 => (32, 20),    // Q4_1: f16 scale, f16 min + 16 bytes
-        8 => (32, 34),    // Q8_0: f16 scale + 32 i8
-        12 => (256, 144), // Q4_K: f16 d, f16 dmin, 12 packed 6-bit scales/mins, 128 nibble bytes
-        14 => (256, 210), // Q6_K: 128 low-nibble bytes, 64 high-bit bytes, 16 i8 scales, f16 d
-        _ => return None,
-    })
-}
-
-fn type_name(t: u32) -> String {
-    match t {
-        0 => "F32".into(),
-        1 => "F16".into(),
-        2 => "Q4_0".into(),
-        3 => "Q4_1".into(),
-        8 => "Q8_0".into(),
-        10..=15 => format!("Q{}_K", t - 8),
-        30 => "BF16".into(),
-        t => format!("type {t}"),
-    }
-}
-
-fn f16(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
-}
-
-/// Dequantises `n` elements of `ggml_type` from `bytes` (exactly the tensor's bytes).
-fn dequantize(ggml_type: u32, bytes: &[u8], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    match ggml_type {
-        0 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        1 => out.extend(bytes.chunks_exact(2).map(f16)),
-        30 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        8 => {
-            for blk in bytes.chunks_exact(34) {
-                let d = f16(&blk[..2]);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
-            }
-        }
-        2 | 3 => {
-            let size = if ggml_type == 2 { 18 } else { 20 };
-            for blk in bytes.chunks_exact(size) {
-                let d = f16(&blk[..2]);
-                let (min, qs) = if ggml_type == 2 {
-                    (-8.0 * d, &blk[2..])
-                } else {
-                    (f16(&blk[2..4]), &blk[4..])
-                };
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + min));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + min));
-            }
-        }
-        12 => bytes
-            .chunks_exact(144)
-            .for_each(|b| dequantize_q4_k(b, &mut out)),
-        14 => bytes
-            .chunks_exact(210)
-            .for_each(|b| dequantize_q6_k(b, &mut out)),
-        _ => unreachable!("checked by block_layout"),
-    }
-    out
-}
-
-/// One Q4_K super-block (256 values in 8 sub-blocks of 32): value =
-/// `d·sc[j]·q − dmin·m[j]`, with 6-bit `sc`/`m` packed in 12 bytes as
-/// llama.cpp's `get_scale_min_k4`; sub-blocks `2c` and `2c+1` are the low
-/// and high nibbles of bytes `32c..32c+32`.
-fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
-    let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
-    let s = &b[4..16];
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 0x3F;
-        mn[j] = s[4 + j] & 0x3F;
-        sc[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
-        mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
-    }
-    let qs = &b[16..144];
-    for chunk in 0..4 {
-        let bytes = &qs[32 * chunk..32 * chunk + 32];
-        for (half, shift) in [(0, 0), (1, 4)] {
-            let j = 2 * chunk + half;
-            let (scale, min) = (d * sc[j] as f32, dmin * mn[j] as f32);
-            out.extend(
-                bytes
-                    .iter()
-                    .map(|&q| ((q >> shift) & 0x0F) as f32 * scale - min),
-            );
-        }
-    }
-}
-
-/// One Q6_K super-block (256 values in 16 sub-blocks of 16): a 6-bit `q`
-/// from a low nibble (`ql`) and two high bits (`qh`), value `d·scale[i/16]·(q − 32)`,
-/// in llama.cpp's order (two halves of 128; in each, `ql` bytes 0..64 low then
-/// high nibbles, `qh` bytes 0..32 bit pairs 0, 2, 4, 6).
-fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
-    let (ql, qh, scales, d) = (&b[0..128], &b[128..192], &b[192..208], f16(&b[208..210]));
-    for i in 0..256 {
-        let (half, within) = (i / 128, i % 128);
-        let low = (ql[64 * half + within % 64] >> (4 * (within / 64))) & 0x0F;
-        let high = (qh[32 * half + within % 32] >> (2 * (within / 32))) & 0x03;
-        let q = (low | (high << 4)) as i32 - 32;
-        out.push(d * scales[i / 16] as i8 as f32 * q as f32);
-    }
-}
-
 impl Gguf {
     /// Opens and parses a GGUF file (version 2 or 3).
     pub fn open(path: &Path) -> Result<Self> {
@@ -409,6 +290,18 @@ impl Gguf {
 
     /// Dequantises tensor `name` to a row-major `f32` host tensor.
     pub fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let (info, bytes, n) = self.raw(name)?;
+        let data = dequantize(info.ggml_type, bytes, n);
+        Ok(HostTensor {
+            shape: info.shape(),
+            data,
+        })
+    }
+
+    /// Tensor `name` as stored: its directory entry, its bytes (whole blocks
+    /// of a supported type, checked to lie inside the file) and its number
+    /// of values.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8], usize)> {
         let bad = |message: String| PeftError::Checkpoint {
             path: self.path.clone(),
             message,
@@ -448,15 +341,7 @@ impl Gguf {
                 self.map.len()
             )));
         }
-        let data = dequantize(
-            info.ggml_type,
-            &self.map[start as usize..end as usize],
-            n as usize,
-        );
-        Ok(HostTensor {
-            shape: info.shape(),
-            data,
-        })
+        Ok((info, &self.map[start as usize..end as usize], n as usize))
     }
 }
 

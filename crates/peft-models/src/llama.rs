@@ -2,17 +2,20 @@
 //! RMSNorm, SwiGLU feed-forward, tied or untied output head.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::attention::Hook;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{
     join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
 };
+use peft_core::quant::QuantizedMatrix;
 use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
@@ -170,8 +173,14 @@ pub struct LlamaLayer<B: Backend> {
 /// `LlamaForCausalLM`.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
-    /// Token embeddings `[vocab, d]`.
+    /// Token embeddings `[vocab, d]`; an empty `[0, 0]` tensor when
+    /// [`embed_quantized`](Self::embed_quantized) holds them.
     pub embed_tokens: Embedding<B>,
+    /// The token embeddings kept quantized, `[vocab, d]`: a lookup
+    /// dequantizes only the rows it returns. With tied embeddings the output
+    /// head shares this matrix (`lm_head` is then a quantized slot over it).
+    #[module(skip)]
+    pub embed_quantized: Option<Arc<QuantizedMatrix>>,
     /// Decoder layers.
     pub layers: Vec<LlamaLayer<B>>,
     /// Final RMSNorm `[d]`.
@@ -318,6 +327,7 @@ impl LlamaConfig {
             layers,
             norm: norm(),
             lm_head: (!self.tie_word_embeddings).then(|| slot(d, self.vocab_size, false)),
+            embed_quantized: None,
             config: self.clone(),
         }
         .no_grad())
@@ -371,6 +381,7 @@ impl<B: Backend> Llama<B> {
         ck.finish()?;
         Ok(Llama {
             embed_tokens,
+            embed_quantized: None,
             layers,
             norm,
             lm_head,
@@ -385,14 +396,14 @@ impl<B: Backend> Llama<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        self.forward_embeds(self.embed_tokens.forward(ids), attention_mask)
+        self.forward_embeds(self.embed(ids), attention_mask)
     }
 
     /// Logits `[b, t, vocab]` for the next `t` tokens after those already in
     /// `cache`, whose keys/values are extended in place. Positions continue
     /// from the cache length.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_embeds_cached(self.embed_tokens.forward(ids), cache)
+        self.forward_embeds_cached(self.embed(ids), cache)
     }
 
     /// [`forward_cached`](Self::forward_cached) from word embeddings `[b, t, d]`.
@@ -428,11 +439,121 @@ impl<B: Backend> Llama<B> {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &self.config, &rope, &mask, c, hook.map(|h| (h, i)));
         }
+        self.head(x)
+    }
+
+    /// Final norm and output head: logits `[b, t, vocab]` of the last
+    /// hidden states `[b, t, d]`.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => tied_head(h, self.embed_tokens.weight.val()),
         }
+    }
+
+    /// Token embeddings `[b, t, d]` of `ids: [b, t]`. Token ids are checked
+    /// by the tokenizer; an id past the vocabulary of a quantized table is
+    /// read as the last row rather than aborting a batch.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let Some(table) = &self.embed_quantized else {
+            return self.embed_tokens.forward(ids);
+        };
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let rows: Vec<usize> = ids
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("ids convert to i64")
+            .into_iter()
+            .map(|i| (i.max(0) as usize).min(table.rows - 1))
+            .collect();
+        let values = table.gather_rows(&rows).expect("rows clamped to the table");
+        Tensor::from_data(TensorData::new(values, [b, t, table.cols]), &device)
+    }
+
+    /// Parameters held quantized outside the linear slots (a quantized
+    /// embedding table that no slot shares).
+    fn unshared_quantized_params(&self) -> usize {
+        match (&self.embed_quantized, &self.lm_head) {
+            (Some(e), Some(h)) if h.quantized.as_ref().is_some_and(|q| Arc::ptr_eq(q, e)) => 0,
+            (Some(e), _) => e.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Llama<B> {
+    /// The loss of one batch and the gradients of every trainable parameter,
+    /// computed one decoder layer at a time (gradient checkpointing at layer
+    /// granularity), so that a quantized base never has more than one layer's
+    /// weights dequantized at once and the autodiff graph never spans more
+    /// than one layer.
+    ///
+    /// 1. A forward pass without any graph keeps only each layer's input
+    ///    `[b, t, d]`.
+    /// 2. The head's loss is differentiated with respect to the last hidden
+    ///    state; then, from the last layer down, layer `i` is run again on its
+    ///    kept input and `(y_i · g_{i+1}).sum()` is differentiated, which gives
+    ///    layer `i`'s parameter gradients and `g_i`, the gradient of its input.
+    ///
+    /// The gradients equal those of one ordinary backward pass (the tests
+    /// check it). Dropout draws the same masks in both passes: the RNG is
+    /// reseeded from `seed` before each layer. `loss` maps logits
+    /// `[b, t, vocab]` to the scalar to differentiate; the token embeddings
+    /// and the parameters of prompt-learning wrappers are not reached (they
+    /// are not part of this model).
+    pub fn loss_and_grads_by_layer(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+        seed: u64,
+        loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
+    ) -> (f64, GradientsParams) {
+        let device = ids.device();
+        let t = ids.dims()[1];
+        let mask = decoder_mask::<B>(t, attention_mask, &device);
+        let rope = rope_tables::<B>(
+            t,
+            0,
+            self.config.head_dim(),
+            self.config.theta(),
+            &device,
+        );
+        let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Pass 1: nothing tracked (every parameter frozen in this clone), so
+        // no graph is recorded; dropout still runs as in training.
+        let frozen = self.clone().no_grad();
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = frozen.embed(ids);
+        for (i, layer) in frozen.layers.iter().enumerate() {
+            inputs.push(x.clone());
+            B::seed(&device, layer_seed(i));
+            x = layer.forward(x, &self.config, &rope, &mask, None, None);
+        }
+        // Pass 2: the head, then each layer from the top.
+        let mut accum = GradientsAccumulator::<Self>::new();
+        let last = x.detach().require_grad();
+        B::seed(&device, layer_seed(self.layers.len()));
+        let l = loss(self.head(last.clone()));
+        let value = l.clone().into_scalar().elem::<f64>();
+        let mut grads = l.backward();
+        let mut upstream = last.grad(&grads);
+        accum.accumulate(self, GradientsParams::from_module(&mut grads, self));
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let Some(g) = upstream.take() else { break };
+            let x = inputs.pop().expect("one input per layer").detach();
+            let x = if i > 0 { x.require_grad() } else { x };
+            B::seed(&device, layer_seed(i));
+            let y = layer.forward(x.clone(), &self.config, &rope, &mask, None, None);
+            let mut grads = (y * Tensor::from_inner(g)).sum().backward();
+            if i > 0 {
+                upstream = x.grad(&grads);
+            }
+            accum.accumulate(self, GradientsParams::from_module(&mut grads, layer));
+        }
+        (value, accum.grads())
     }
 }
 
@@ -458,7 +579,7 @@ impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
     type Output = Tensor<B, 3>;
 
     fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.embed_tokens.forward(ids)
+        self.embed(ids)
     }
 
     fn d_model(&self) -> usize {
@@ -509,7 +630,7 @@ impl<B: Backend> BottleneckSeam<B> for Llama<B> {
     ) -> Tensor<B, 3> {
         let t = ids.dims()[1];
         let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
-        self.run_layers(self.embed_tokens.forward(ids), 0, mask, None, Some(hook))
+        self.run_layers(self.embed(ids), 0, mask, None, Some(hook))
     }
 
     fn forward_hooked_cached(
@@ -549,12 +670,24 @@ impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
             "one prefix entry per layer"
         );
         let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
-        let x = self.embed_tokens.forward(ids);
+        let x = self.embed(ids);
         self.run_layers(x, past, mask, Some(&mut prefix), None)
     }
 }
 
 impl<B: Backend> PeftModel<B> for Llama<B> {
+    fn param_count(&self) -> peft_core::ParamCount {
+        let (mut trainable, mut quantized) = (0, self.unshared_quantized_params());
+        self.visit_linears(&mut |_, s| {
+            trainable += s.trainable_params();
+            quantized += s.quantized_params();
+        });
+        peft_core::ParamCount {
+            trainable,
+            all: self.num_params() + quantized,
+        }
+    }
+
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -618,11 +751,41 @@ fn unpermute_rows(w: &HostTensor, heads: usize) -> HostTensor {
     }
 }
 
+/// For llama.cpp's q/k permutation of `rows = heads·head_dim` rows: the
+/// GGUF row that holds each Hugging Face row (see [`unpermute_rows`]).
+fn unpermuted_sources(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut source = vec![0; rows];
+    for h in 0..heads {
+        for a in 0..2 {
+            for b in 0..hd / 2 {
+                source[h * hd + a * (hd / 2) + b] = h * hd + 2 * b + a;
+            }
+        }
+    }
+    source
+}
+
 impl<B: Backend> Llama<B> {
     /// Loads a llama.cpp GGUF file (architecture `llama`), dequantising every
     /// tensor to `f32` one at a time and undoing the q/k permutation, so the
     /// result equals the Hugging Face model.
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<Self> {
+        Self::read_gguf(path, device, false)
+    }
+
+    /// Loads a GGUF file keeping the matrices quantized as the file stores
+    /// them (QLoRA): every linear layer's weight and the token embeddings
+    /// stay in their GGML blocks (the q/k permutation is undone by moving
+    /// whole rows of blocks), and only the norms are `f32`. Forward passes
+    /// give the same numbers as [`from_gguf`](Self::from_gguf), which
+    /// dequantizes with the same code. With tied embeddings the output head
+    /// is a quantized slot sharing the embedding table.
+    pub fn from_gguf_quantized(path: &Path, device: &B::Device) -> Result<Self> {
+        Self::read_gguf(path, device, true)
+    }
+
+    fn read_gguf(path: &Path, device: &B::Device, keep_quantized: bool) -> Result<Self> {
         let g = Gguf::open(path)?;
         let arch = g.meta("general.architecture")?.as_str().unwrap_or("");
         if arch != "llama" {
@@ -676,11 +839,34 @@ impl<B: Backend> Llama<B> {
             Ok(t)
         };
         // GGUF matrices are `[out, in]` row-major, like PyTorch's.
+        let quantized = |name: &str, rows: usize, cols: usize| -> Result<QuantizedMatrix> {
+            let (info, bytes, _) = g.raw(name)?;
+            if info.shape() != [rows, cols] {
+                return Err(PeftError::Shape {
+                    name: name.into(),
+                    expected: vec![rows, cols],
+                    found: info.shape(),
+                });
+            }
+            QuantizedMatrix::from_ggml(info.ggml_type, rows, cols, bytes.to_vec()).map_err(|e| {
+                PeftError::Checkpoint {
+                    path: path.into(),
+                    message: format!("tensor `{name}`: {e}"),
+                }
+            })
+        };
         let slot = |name: &str,
                     d_in: usize,
                     d_out: usize,
                     permute: Option<usize>|
          -> Result<LinearSlot<B>> {
+            if keep_quantized {
+                let mut q = quantized(name, d_out, d_in)?;
+                if let Some(h) = permute {
+                    q = q.permute_rows(&unpermuted_sources(d_out, h))?;
+                }
+                return LinearSlot::from_quantized(Arc::new(q), None, device);
+            }
             let mut w = param(name, vec![d_out, d_in])?;
             if let Some(h) = permute {
                 w = unpermute_rows(&w, h);
@@ -712,18 +898,34 @@ impl<B: Backend> Llama<B> {
                 down_proj: slot(&format!("{p}.ffn_down.weight"), ff, d, None)?,
             });
         }
-        let embed = param("token_embd.weight", vec![vocab, d])?;
-        let embed_tokens = Embedding {
-            weight: Param::from_tensor(embed.to_tensor([vocab, d], "token_embd.weight", device)?)
-                .set_require_grad(false),
-        };
-        let lm_head = if config.tie_word_embeddings {
-            None
+        let (embed_tokens, embed_quantized) = if keep_quantized {
+            let table = Arc::new(quantized("token_embd.weight", vocab, d)?);
+            let empty = TensorData::new(Vec::<f32>::new(), [0, 0]);
+            let weight = Param::from_tensor(Tensor::from_data(empty, device));
+            (
+                Embedding {
+                    weight: weight.set_require_grad(false),
+                },
+                Some(table),
+            )
         } else {
-            Some(slot("output.weight", d, vocab, None)?)
+            let embed = param("token_embd.weight", vec![vocab, d])?;
+            let weight = embed.to_tensor([vocab, d], "token_embd.weight", device)?;
+            (
+                Embedding {
+                    weight: Param::from_tensor(weight).set_require_grad(false),
+                },
+                None,
+            )
+        };
+        let lm_head = match (&embed_quantized, config.tie_word_embeddings) {
+            (_, false) => Some(slot("output.weight", d, vocab, None)?),
+            (Some(table), true) => Some(LinearSlot::from_quantized(table.clone(), None, device)?),
+            (None, true) => None,
         };
         Ok(Llama {
             embed_tokens,
+            embed_quantized,
             layers,
             norm: norm("output_norm.weight")?,
             lm_head,

@@ -1,0 +1,278 @@
+//! QLoRA: LoRA on a base whose frozen weights stay quantized (GGML blocks as
+//! a GGUF file stores them, or NF4), trained with layer-by-layer
+//! recomputation so that only one layer's weights are ever dequantized.
+
+use std::collections::HashMap;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use peft_core::config::InitLoraWeights;
+use peft_core::io::HostTensor;
+use peft_core::{autodiff_backend_tests, LoraConfig, PeftModel};
+use peft_lora::LoraModel;
+use peft_models::assets;
+use peft_models::bert::Bert;
+use peft_models::fixtures::fixtures_dir;
+use peft_models::llama::{Llama, LlamaConfig};
+use peft_models::loss::causal_lm_loss;
+use peft_models::tokenizer::Tokenizer;
+
+fn ids<B: Backend>(rows: usize, len: usize, vocab: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = (0..rows * len)
+        .map(|i| ((i * 7919 + 13) % vocab) as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(v, [rows, len]), device)
+}
+
+fn logits<B: Backend>(m: &Llama<B>, ids: &Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.forward(ids.clone(), None))
+}
+
+fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Every trainable parameter's gradient, by parameter id.
+fn grads_by_id<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> HashMap<ParamId, HostTensor> {
+    struct Collect<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        out: HashMap<ParamId, HostTensor>,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                self.out.insert(param.id, HostTensor::from_tensor(g));
+            }
+        }
+    }
+    let mut c = Collect::<B> {
+        grads,
+        out: HashMap::new(),
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+/// A GGUF loaded with its matrices kept quantized computes exactly what the
+/// dequantizing loader computes (the q/k permutation undone on whole rows of
+/// blocks, the tied head sharing the embedding table), counts the same
+/// parameters, and merging a LoRA into it gives a dense `f32` base.
+fn quantized_gguf_equals_dequantized_load<B: AutodiffBackend>(device: &B::Device) {
+    let path = fixtures_dir().join("gguf/tiny_llama.gguf");
+    let dense = Llama::<B>::from_gguf(&path, device).unwrap();
+    let quant = Llama::<B>::from_gguf_quantized(&path, device).unwrap();
+    let mut quantized_slots = 0;
+    quant.visit_linears(&mut |_, s| quantized_slots += usize::from(s.is_quantized()));
+    assert_eq!(quantized_slots, dense.linear_paths().len());
+    assert!(quant.embed_quantized.is_some());
+    assert_eq!(
+        quant.param_count().all,
+        dense.param_count().all,
+        "quantized weights still count as parameters"
+    );
+    let x = ids::<B>(2, 7, dense.config.vocab_size, device);
+    let d = max_abs_diff(&logits(&dense, &x), &logits(&quant, &x));
+    assert!(d < 1e-6, "quantized load differs by {d:e}");
+
+    let mut config = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+    config.init_lora_weights = InitLoraWeights::Bool(false);
+    B::seed(device, 3);
+    let mut lora = LoraModel::new(quant, config).unwrap();
+    let unmerged = logits(&lora.model, &x);
+    lora.merge_adapter().unwrap();
+    let mut dense_after = 0;
+    lora.model.visit_linears(&mut |p, s| {
+        if s.lora_entry("default").is_some() {
+            assert!(!s.is_quantized(), "{p}: merged weight must be f32");
+            dense_after += 1;
+        }
+    });
+    assert_eq!(dense_after, 3 * dense.layers.len());
+    let d = max_abs_diff(&unmerged, &logits(&lora.model, &x));
+    assert!(d < 1e-5, "merged into a quantized base: {d:e}");
+}
+
+/// A tiny Llama with LoRA (random `B`, so every factor has a gradient) on
+/// every linear layer and the head.
+fn tiny_lora<B: AutodiffBackend>(device: &B::Device, nf4: bool) -> Llama<B> {
+    let mut cfg = LlamaConfig::new(96, 64, 128, 3, 4, 2);
+    cfg.tie_word_embeddings = false;
+    B::seed(device, 11);
+    let mut base = cfg.init::<B>(device).unwrap();
+    if nf4 {
+        assert_eq!(base.quantize_base_nf4().unwrap(), 3 * 7 + 1);
+    }
+    let mut config = LoraConfig::new(
+        4,
+        8.0,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ],
+    );
+    config.init_lora_weights = InitLoraWeights::Bool(false);
+    LoraModel::new(base, config).unwrap().model
+}
+
+/// Layer-by-layer recomputation gives the loss and gradients of one
+/// ordinary backward pass, on a dense and on an NF4 base.
+fn layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::Device) {
+    for nf4 in [false, true] {
+        let model = tiny_lora::<B>(device, nf4);
+        let x = ids::<B>(2, 9, 96, device);
+        let loss = causal_lm_loss(model.forward(x.clone(), None), x.clone());
+        let want_loss = loss.clone().into_scalar().elem::<f64>();
+        let want = grads_by_id(&model, &GradientsParams::from_grads(loss.backward(), &model));
+        let (got_loss, grads) =
+            model.loss_and_grads_by_layer(x.clone(), None, 5, |l| causal_lm_loss(l, x));
+        let got = grads_by_id(&model, &grads);
+        assert!((got_loss - want_loss).abs() < 1e-5, "{got_loss} vs {want_loss}");
+        // 7 targets × 2 factors in each of 3 layers, and the head's 2.
+        assert_eq!(want.len(), 3 * 7 * 2 + 2, "nf4 = {nf4}");
+        assert_eq!(got.len(), want.len(), "nf4 = {nf4}");
+        for (id, w) in &want {
+            let g = &got[id];
+            let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(w, g) / scale;
+            assert!(d < 1e-4, "nf4 = {nf4}: gradient differs by {d:e} (relative)");
+        }
+    }
+}
+
+/// NF4 quantization of NF4-friendly numbers: the NF4 model's outputs are
+/// those of a dense model holding the dequantized weights.
+fn nf4_base_computes_with_its_dequantized_weights<B: AutodiffBackend>(device: &B::Device) {
+    let quant = tiny_lora::<B>(device, true);
+    let mut dense = quant.clone();
+    dense.visit_linears_mut(&mut |_, s| s.dequantize_base());
+    let x = ids::<B>(1, 5, 96, device);
+    let d = max_abs_diff(&logits(&quant, &x), &logits(&dense, &x));
+    assert!(d < 1e-5, "{d:e}");
+    let mut bytes = 0;
+    quant.visit_linears(&mut |_, s| bytes += s.quantized.as_ref().unwrap().stored_bytes());
+    let mut values = 0;
+    dense.visit_linears(&mut |_, s| values += s.d_input() * s.d_output());
+    // 4 bits per value, one byte per 64 values, 4 bytes per 16,384.
+    assert!(8 * bytes < 5 * values, "{bytes} bytes for {values} values");
+}
+
+autodiff_backend_tests!(
+    quantized_gguf_equals_dequantized_load,
+    layerwise_gradients_equal_one_backward_pass,
+    nf4_base_computes_with_its_dequantized_weights,
+);
+
+type Cpu = Autodiff<NdArray>;
+
+/// all-MiniLM-L6-v2 from f32 safetensors to an NF4 base: sentence
+/// embeddings keep a cosine similarity above 0.99 with the f32 model's, at
+/// under a seventh of the linear layers' memory.
+#[test]
+fn minilm_to_nf4_keeps_its_embeddings() {
+    let dir = assets::fetch("minilm").unwrap();
+    let device = Default::default();
+    let dense = Bert::<NdArray>::load(&dir, &device).unwrap();
+    let mut quant = dense.clone();
+    assert_eq!(quant.quantize_base_nf4().unwrap(), 6 * 6 + 1, "and the pooler");
+    assert_eq!(quant.param_count().all, dense.param_count().all);
+    let mut bytes = 0;
+    quant.visit_linears(&mut |_, s| bytes += s.quantized.as_ref().unwrap().stored_bytes());
+    let mut values = 0;
+    dense.visit_linears(&mut |_, s| values += s.d_input() * s.d_output());
+    assert!(
+        (bytes as f64) < 4.0 * values as f64 / 7.0,
+        "{bytes} bytes for {values} weights"
+    );
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let sentences = [
+        "The film is a charming, funny and moving portrait of a family.",
+        "A dull, lifeless script that wastes its talented cast.",
+        "Interest rates rose again this quarter.",
+    ];
+    let batch = tok.batch::<NdArray>(&sentences, &device).unwrap();
+    let embed = |m: &Bert<NdArray>| {
+        HostTensor::from_tensor(m.mean_pooled(
+            batch.ids.clone(),
+            batch.attention_mask.clone(),
+            true,
+        ))
+    };
+    let (a, b) = (embed(&dense), embed(&quant));
+    let d = a.shape[1];
+    for (i, (x, y)) in a.data.chunks(d).zip(b.data.chunks(d)).enumerate() {
+        let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        let norm = |v: &[f32]| v.iter().map(|p| p * p).sum::<f32>().sqrt();
+        let cos = dot / (norm(x) * norm(y));
+        assert!(cos > 0.99, "sentence {i}: cosine {cos}");
+        assert!(cos < 1.0 - 1e-7, "sentence {i}: NF4 changed nothing");
+    }
+}
+
+/// QLoRA on the real SmolLM2-135M kept in its Q4_1/Q8_0 blocks: the
+/// quantized load gives the dequantized load's logits, and a few AdamW
+/// steps of layer-by-layer training lower the loss on a passage while the
+/// quantized base stays untouched.
+#[test]
+fn qlora_trains_smollm2_on_its_quantized_base() {
+    let path = assets::fetch("smollm2")
+        .unwrap()
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let device = Default::default();
+    let quant = Llama::<Cpu>::from_gguf_quantized(&path, &device).unwrap();
+    let x = ids::<Cpu>(1, 24, 49_152, &device);
+    {
+        let dense = Llama::<NdArray>::from_gguf(&path, &device).unwrap();
+        let inner = quant.valid();
+        let d = max_abs_diff(&logits(&dense, &x.clone().inner()), &logits(&inner, &x.clone().inner()));
+        assert!(d < 1e-4, "quantized SmolLM2 differs from the dequantized load by {d:e}");
+    }
+    let text = "The old lighthouse keeper climbed the narrow stairs every evening, \
+                lit the great lamp, and watched the ships pass safely along the rocky coast.";
+    let gguf = peft_models::gguf::Gguf::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    let passage: Vec<i64> = tok.encode(text).unwrap().into_iter().map(i64::from).collect();
+    let n = passage.len();
+    let batch = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(passage, [1, n]), &device);
+    Cpu::seed(&device, 1);
+    let mut model = LoraModel::new(quant, LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]))
+        .unwrap()
+        .model;
+    let table = model.embed_quantized.clone().unwrap();
+    let before = table.data.clone();
+    let mut optim = AdamWConfig::new().init::<Cpu, Llama<Cpu>>();
+    let mut losses = Vec::new();
+    for step in 0..4 {
+        let (loss, grads) = model.loss_and_grads_by_layer(batch.clone(), None, step, |l| {
+            causal_lm_loss(l, batch.clone())
+        });
+        losses.push(loss);
+        model = optim.step(2e-3, model, grads);
+    }
+    assert!(
+        losses[3] < losses[0] - 0.05,
+        "loss did not fall: {losses:?}"
+    );
+    assert_eq!(model.embed_quantized.as_ref().unwrap().data, before);
+    let mut quantized = 0;
+    model.visit_linears(&mut |_, s| quantized += usize::from(s.is_quantized()));
+    assert_eq!(quantized, 30 * 7 + 1, "every base weight stays quantized");
+}
