@@ -27,6 +27,7 @@ use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::json;
 
+mod qlora;
 mod real;
 
 struct Opts {
@@ -745,6 +746,9 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
 
 fn run<B: Backend>(o: &Opts) {
     if let Some(v) = &o.memory_probe {
+        if v.starts_with("qlora") {
+            return qlora::probe::<B>(o, v);
+        }
         return probe::<Autodiff<B>>(o, v);
     }
     let device = B::Device::default();
@@ -759,9 +763,10 @@ fn run<B: Backend>(o: &Opts) {
             "rank" => rank_suite::<B>(o, &device),
             "minilm" => real::minilm_suite::<B>(o, &device),
             "smollm2" => real::smollm2_suite::<B>(o, &device),
+            "qlora" => qlora::qlora_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, cpu_backends)"
+                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, cpu_backends)"
                 )
             }
         }
@@ -798,6 +803,7 @@ fn main() {
             "adapter".into(),
             "minilm".into(),
             "smollm2".into(),
+            "qlora".into(),
         ];
     }
     match o.backend.as_str() {

@@ -2,7 +2,7 @@
 //!
 //! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
-//!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2,
+//!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora,
 //!   cpu_backends), and writes `target/bench-report/` with `report.json`,
 //!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
@@ -227,7 +227,7 @@ fn compare_with_peft(
 fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
     let results = report["results"].as_array().cloned().unwrap_or_default();
     let mut out = Vec::new();
-    let mut goal = |what: &str, suite: &str, name: &str, limit: f64| {
+    let mut goal = |what: &str, suite: &str, name: &str, key: &str, limit: f64| {
         for r in results
             .iter()
             .filter(|r| r["suite"] == suite && r["name"] == name)
@@ -235,7 +235,7 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
             out.push((
                 what.to_string(),
                 r["backend"].as_str().unwrap_or("?").to_string(),
-                r["ratio_vs_baseline"].as_f64(),
+                r[key].as_f64(),
                 limit,
             ));
         }
@@ -244,19 +244,36 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
         "merged LoRA forward within 1% of base",
         "forward",
         "lora_r8_all_linear_merged",
+        "ratio_vs_baseline",
         1.01,
     );
     goal(
         "unmerged LoRA r8 (q, v) forward within 6% of base",
         "forward",
         "lora_r8_q_v_unmerged",
+        "ratio_vs_baseline",
         1.06,
     );
     goal(
         "mixed batch of 16 adapters within 1.2× of one adapter",
         "mixed",
         "mixed_batch_16_adapters",
+        "ratio_vs_baseline",
         1.2,
+    );
+    goal(
+        "QLoRA peak memory under half of the f32 base's",
+        "qlora",
+        "q4_base_by_layer_step",
+        "peak_rss_ratio_vs_f32",
+        0.5,
+    );
+    goal(
+        "QLoRA (NF4 base) held-out perplexity within 3% of the f32 base's",
+        "qlora",
+        "nf4_base_by_layer_step",
+        "held_out_ppl_ratio_vs_f32",
+        1.03,
     );
     for f in report["vs_peft"]["figures"]
         .as_array()
@@ -414,7 +431,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
