@@ -95,10 +95,8 @@ fn step<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
     seed: u64,
 ) -> Llama<B> {
     let grads = if by_layer {
-        m.loss_and_grads_by_layer(ids.clone(), None, seed, |l| {
-            causal_lm_loss(l, ids.clone())
-        })
-        .1
+        m.loss_and_grads_by_layer(ids.clone(), None, seed, |l| causal_lm_loss(l, ids.clone()))
+            .1
     } else {
         let loss = causal_lm_loss(m.forward(ids.clone(), None), ids.clone());
         GradientsParams::from_grads(loss.backward(), &m)

@@ -269,6 +269,13 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
         0.5,
     );
     goal(
+        "QLoRA (GGUF Q4 base) held-out perplexity within 3% of the f32 base's",
+        "qlora",
+        "q4_base_by_layer_step",
+        "held_out_ppl_ratio_vs_f32",
+        1.03,
+    );
+    goal(
         "QLoRA (NF4 base) held-out perplexity within 3% of the f32 base's",
         "qlora",
         "nf4_base_by_layer_step",

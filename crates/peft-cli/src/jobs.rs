@@ -22,7 +22,7 @@ use crate::data;
 use crate::tasks::{
     self, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Lm, Method, PromptLm,
 };
-use crate::train::{fit, Metric, RunDir, TrainConfig};
+use crate::train::{fit, BatchLoss, Metric, RunDir, TrainConfig};
 
 /// What to train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,36 @@ pub enum Task {
     SeqCls,
     /// Causal language modelling (Llama, GPT-2): plain text.
     CausalLm,
+}
+
+/// How `peft train --quantize` keeps the frozen base (QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// The GGUF file's own blocks (Q4_1, Q8_0, ...): Llama from GGUF only.
+    Gguf,
+    /// NF4 with double quantization, for every adaptable linear layer.
+    Nf4,
+}
+
+impl Quantize {
+    /// The name used on the command line and in `train_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Gguf => "gguf",
+            Quantize::Nf4 => "nf4",
+        }
+    }
+
+    /// The inverse of [`name`](Self::name).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gguf" => Ok(Quantize::Gguf),
+            "nf4" => Ok(Quantize::Nf4),
+            other => Err(PeftError::Config(format!(
+                "quantize `{other}` is not known (gguf, nf4)"
+            ))),
+        }
+    }
 }
 
 /// Everything `peft train` needs.
@@ -60,6 +90,8 @@ pub struct TrainJob {
     pub block_size: usize,
     /// Continue the run in `out` from its `last/` checkpoint.
     pub resume: bool,
+    /// Keep the frozen base quantized (QLoRA); `None`: `f32`.
+    pub quantize: Option<Quantize>,
 }
 
 impl TrainJob {
@@ -91,6 +123,10 @@ impl TrainJob {
             })
         }
         let task: String = get(&v, "task", &path)?;
+        let quantize = match v.get("quantize").and_then(|q| q.as_str()) {
+            Some(q) => Some(Quantize::parse(q)?),
+            None => None,
+        };
         Ok(TrainJob {
             model: get(&v, "model", &path)?,
             data: get(&v, "data", &path)?,
@@ -108,6 +144,7 @@ impl TrainJob {
             max_train: get(&v, "max_train", &path)?,
             block_size: get(&v, "block_size", &path)?,
             resume: true,
+            quantize,
         })
     }
 
@@ -121,6 +158,7 @@ impl TrainJob {
             "train": self.train, "held_out": self.held_out, "text_column": self.text_column,
             "label_column": self.label_column, "max_train": self.max_train,
             "block_size": self.block_size,
+            "quantize": self.quantize.map(Quantize::name),
         });
         if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
             o.extend(e);
@@ -209,7 +247,19 @@ fn train_seq_cls<B: AutodiffBackend>(
     B::seed(&device, job.train.seed);
     let (labels, train, held) = seq_cls_data(job)?;
     let tok = tasks::tokenizer_of(&job.model)?;
-    let bert = Bert::<B>::load(&job.model, &device)?;
+    let mut bert = Bert::<B>::load(&job.model, &device)?;
+    match job.quantize {
+        None => {}
+        Some(Quantize::Nf4) => {
+            peft_core::PeftModel::quantize_base_nf4(&mut bert)?;
+        }
+        Some(Quantize::Gguf) => {
+            return Err(PeftError::Config(
+                "--quantize gguf keeps a GGUF file's blocks; BERT loads from safetensors (use nf4)"
+                    .into(),
+            ))
+        }
+    }
     let d = bert.config.hidden_size;
     let head = tasks::new_head::<B>(d, labels.len(), &device);
     let head = match job.last() {
@@ -294,7 +344,7 @@ where
         &job.train,
         train.texts.len(),
         run,
-        |m, idx| tasks::classifier_loss(m, tok, train, idx),
+        |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
         |m| tasks::accuracy(m, tok, held),
         |m, dir| {
             save_encoder(m, dir)?;
@@ -383,7 +433,7 @@ where
     B::seed(&device, job.train.seed);
     let tok = tasks::tokenizer_of(&job.model)?;
     let (train, held) = lm_blocks(job, &tok)?;
-    let base = M::load_from(&job.model, &device)?;
+    let base = M::load_quantized(&job.model, &device, job.quantize)?;
     let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(
         &job.out.join("train_config.json"),
@@ -489,7 +539,24 @@ where
         &job.train,
         train.len(),
         &mut run,
-        |m, idx| tasks::lm_loss(m, &train, idx, &device),
+        |m, idx| match (m, job.quantize) {
+            // QLoRA: one layer's weights dequantized at a time.
+            (Lm::Slots(model), Some(_)) => {
+                let ids = tasks::ids_batch::<B>(&train, idx, &device);
+                let seed = idx.iter().fold(job.train.seed, |h, &i| {
+                    peft_core::rng::SplitMix64(h ^ i as u64).next_u64()
+                });
+                match model.loss_and_grads_by_layer(ids, seed) {
+                    Some((value, grads)) => Ok((
+                        BatchLoss::Differentiated { value, grads },
+                        idx.len() * train[0].len(),
+                    )),
+                    None => tasks::lm_loss(m, &train, idx, &device)
+                        .map(|(l, n)| (BatchLoss::Graph(l), n)),
+                }
+            }
+            _ => tasks::lm_loss(m, &train, idx, &device).map(|(l, n)| (BatchLoss::Graph(l), n)),
+        },
         |m| tasks::perplexity(m, &held, &inner_device),
         |m, dir| save(m, dir),
         progress,

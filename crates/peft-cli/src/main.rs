@@ -62,6 +62,13 @@ impl From<TaskArg> for Task {
     }
 }
 
+/// `--quantize`.
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantizeArg {
+    Gguf,
+    Nf4,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ScheduleArg {
     Linear,
@@ -173,6 +180,12 @@ enum Command {
         /// Tokens per block (causal-lm).
         #[arg(long, default_value_t = 128)]
         block_size: usize,
+        /// QLoRA: keep the frozen base quantized: `gguf` keeps a Llama GGUF
+        /// file's own blocks, `nf4` quantizes every adaptable linear layer to
+        /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³) on Llama then
+        /// train layer by layer, one layer's weights dequantized at a time.
+        #[arg(long, value_enum)]
+        quantize: Option<QuantizeArg>,
     },
     /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
     Eval {
@@ -399,6 +412,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             text_column,
             label_column,
             block_size,
+            quantize,
         } => {
             let job = match resume {
                 Some(dir) => {
@@ -452,6 +466,10 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                         max_train,
                         block_size,
                         resume: false,
+                        quantize: quantize.map(|q| match q {
+                            QuantizeArg::Gguf => jobs::Quantize::Gguf,
+                            QuantizeArg::Nf4 => jobs::Quantize::Nf4,
+                        }),
                     }
                 }
             };

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
@@ -24,6 +25,7 @@ use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::Value;
 
+use crate::jobs::Quantize;
 use crate::train::Metric;
 
 /// A PEFT method with its config. (Built once per run: its size does not matter.)
@@ -300,6 +302,38 @@ pub trait CausalModel<B: Backend>:
     fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
     /// Loads the model at `path`.
     fn load_from(path: &Path, device: &B::Device) -> Result<Self>;
+
+    /// Loads the model at `path` with its frozen linear weights kept
+    /// quantized as `quantize` says (`None`: `f32`, as `load_from`).
+    fn load_quantized(path: &Path, device: &B::Device, quantize: Option<Quantize>) -> Result<Self> {
+        let mut model = match quantize {
+            Some(Quantize::Gguf) => {
+                return Err(PeftError::Config(format!(
+                    "--quantize gguf keeps the blocks of a Llama GGUF file; {} is not one",
+                    path.display()
+                )))
+            }
+            _ => Self::load_from(path, device)?,
+        };
+        if quantize == Some(Quantize::Nf4) {
+            model.quantize_base_nf4()?;
+        }
+        Ok(model)
+    }
+
+    /// The causal-LM loss of `ids` and the parameter gradients, computed one
+    /// layer at a time (for a quantized base), where the model can; `None`
+    /// where it cannot (one ordinary backward pass is then used).
+    fn loss_and_grads_by_layer(
+        &self,
+        _ids: Tensor<B, 2, Int>,
+        _seed: u64,
+    ) -> Option<(f64, GradientsParams)>
+    where
+        B: AutodiffBackend,
+    {
+        None
+    }
 }
 
 impl<B: Backend> CausalModel<B> for Llama<B> {
@@ -312,6 +346,40 @@ impl<B: Backend> CausalModel<B> for Llama<B> {
         } else {
             Llama::load(path, device)
         }
+    }
+
+    fn load_quantized(path: &Path, device: &B::Device, quantize: Option<Quantize>) -> Result<Self> {
+        let gguf = path.extension().is_some_and(|e| e == "gguf");
+        match quantize {
+            Some(Quantize::Gguf) if gguf => Llama::from_gguf_quantized(path, device),
+            Some(Quantize::Gguf) => Err(PeftError::Config(format!(
+                "--quantize gguf keeps a GGUF file's blocks; {} is a Hugging Face folder (use nf4)",
+                path.display()
+            ))),
+            Some(Quantize::Nf4) => {
+                let mut m = Self::load_from(path, device)?;
+                m.quantize_base_nf4()?;
+                Ok(m)
+            }
+            None => Self::load_from(path, device),
+        }
+    }
+
+    fn loss_and_grads_by_layer(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        seed: u64,
+    ) -> Option<(f64, GradientsParams)>
+    where
+        B: AutodiffBackend,
+    {
+        Some(Llama::loss_and_grads_by_layer(
+            self,
+            ids.clone(),
+            None,
+            seed,
+            |logits| causal_lm_loss_after_prompt(logits, ids, 0),
+        ))
     }
 }
 
@@ -388,7 +456,7 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Lm<B, M> {
     }
 }
 
-fn ids_batch<B: Backend>(
+pub fn ids_batch<B: Backend>(
     blocks: &[Vec<u32>],
     idx: &[usize],
     device: &B::Device,

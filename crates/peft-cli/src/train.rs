@@ -414,6 +414,45 @@ fn non_finite_gradient<B: AutodiffBackend, M: AutodiffModule<B>>(
     check.bad
 }
 
+/// The loss of one micro-batch, as `fit`'s `loss` gives it.
+pub enum BatchLoss<B: AutodiffBackend> {
+    /// A loss with its graph: `fit` runs the backward pass.
+    Graph(Tensor<B, 1>),
+    /// A loss already differentiated (layer by layer, for a quantized base):
+    /// its value and the gradients of every trainable parameter.
+    Differentiated {
+        /// The loss.
+        value: f64,
+        /// Its gradients, unscaled.
+        grads: GradientsParams,
+    },
+}
+
+/// Multiplies every gradient in `grads` that belongs to `model` by `factor`.
+fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: GradientsParams,
+    factor: f64,
+) -> GradientsParams {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut grads = grads;
+    model.visit(&mut Scale {
+        grads: &mut grads,
+        factor,
+    });
+    grads
+}
+
 /// Trains `model`. `loss` gives the mean loss of a batch of training-example
 /// indices and its token count; `eval` scores the inference module on the
 /// held-out split; `save` writes a checkpoint folder. Returns the model at
@@ -424,7 +463,7 @@ pub fn fit<B, M>(
     config: &TrainConfig,
     n_train: usize,
     run: &mut RunDir,
-    mut loss: impl FnMut(&M, &[usize]) -> Result<(Tensor<B, 1>, usize)>,
+    mut loss: impl FnMut(&M, &[usize]) -> Result<(BatchLoss<B>, usize)>,
     mut eval: impl FnMut(&M::InnerModule) -> Result<Metric>,
     mut save: impl FnMut(&M::InnerModule, &Path) -> Result<()>,
     progress: &indicatif::ProgressBar,
@@ -573,7 +612,10 @@ where
                         .wrapping_add((step * config.grad_accum + k) as u64),
                 );
                 let (l, n_tokens) = loss(&model, batch)?;
-                let value: f64 = l.clone().into_scalar().elem::<f32>() as f64;
+                let value: f64 = match &l {
+                    BatchLoss::Graph(l) => l.clone().into_scalar().elem::<f32>() as f64,
+                    BatchLoss::Differentiated { value, .. } => *value,
+                };
                 if !value.is_finite() {
                     return Err(non_finite(
                         run,
@@ -582,8 +624,16 @@ where
                 }
                 step_loss += value / group.len() as f64;
                 state.tokens += n_tokens;
-                let grads = (l / group.len() as f64).backward();
-                accum.accumulate(&model, GradientsParams::from_grads(grads, &model));
+                let grads = match l {
+                    BatchLoss::Graph(l) => {
+                        GradientsParams::from_grads((l / group.len() as f64).backward(), &model)
+                    }
+                    BatchLoss::Differentiated { grads, .. } if group.len() == 1 => grads,
+                    BatchLoss::Differentiated { grads, .. } => {
+                        scale_grads(&model, grads, 1.0 / group.len() as f64)
+                    }
+                };
+                accum.accumulate(&model, grads);
             }
             let grads = accum.grads();
             // A finite loss can still have an infinite or NaN gradient; one
@@ -754,7 +804,7 @@ mod tests {
             |m: &Weights<B>, _| {
                 let l = m.w.val().abs().sqrt().sum();
                 assert!(l.clone().into_scalar().elem::<f32>().is_finite());
-                Ok((l, 1))
+                Ok((BatchLoss::Graph(l), 1))
             },
             |_| {
                 Ok(Metric {

@@ -68,6 +68,7 @@ fn job(
         max_train: None,
         block_size: 32,
         resume: false,
+        quantize: None,
     }
 }
 
@@ -656,6 +657,7 @@ fn resumed_prefix_and_p_tuning_runs_equal_uninterrupted_ones() {
             max_train: Some(3),
             block_size: 8,
             resume: false,
+            quantize: None,
         };
         let hidden = indicatif::ProgressBar::hidden();
         let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden).unwrap();
@@ -895,6 +897,7 @@ fn causal_lm_runs_with_every_method() {
             max_train: Some(2),
             block_size: 16,
             resume: false,
+            quantize: None,
         };
         let r = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap();
         assert_eq!(r.steps, 1, "{name}");
@@ -923,5 +926,94 @@ fn causal_lm_runs_with_every_method() {
             jobs::generate::<Inference>(&gguf, Some(&best), "Call me", 3, &mut sampler).unwrap();
         assert!(!g.is_empty(), "{name}: nothing generated");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--quantize gguf` on the tiny GGUF Llama (whose tensors are F32, so the
+/// kept blocks hold the same numbers): layer-by-layer training with
+/// gradient accumulation logs the losses of the ordinary run and saves the
+/// same adapter; the choice is recorded and a resumed run keeps it.
+/// `--quantize nf4` trains too, and BERT refuses `gguf`.
+#[test]
+fn quantized_base_runs_match_the_f32_run() {
+    let _turn = serial();
+    let dir = temp("qlora");
+    let data_file = dir.join("text.txt");
+    std::fs::write(
+        &data_file,
+        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
+         little and see the watery part of the world. It is a way I have of driving off the spleen.",
+    )
+    .unwrap();
+    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let make = |out: &str, quantize: Option<jobs::Quantize>| TrainJob {
+        model: gguf.clone(),
+        data: data_file.clone(),
+        task: Task::CausalLm,
+        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])),
+        out: dir.join(out),
+        train: TrainConfig {
+            batch: 1,
+            grad_accum: 2,
+            lr: 1e-2,
+            ..Default::default()
+        },
+        text_column: "text".into(),
+        label_column: "label".into(),
+        held_out: 0.25,
+        max_train: Some(4),
+        block_size: 8,
+        resume: false,
+        quantize,
+    };
+    let hidden = indicatif::ProgressBar::hidden();
+    let dense = jobs::train::<CpuTrainBackend>(&make("f32", None), &hidden).unwrap();
+    let kept =
+        jobs::train::<CpuTrainBackend>(&make("gguf", Some(jobs::Quantize::Gguf)), &hidden).unwrap();
+    assert_eq!((dense.steps, kept.steps), (2, 2));
+    assert_eq!(dense.params, kept.params);
+    let losses = |run: &str| -> Vec<f64> {
+        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (losses("f32"), losses("gguf"));
+    assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "losses {a:?} vs {b:?}");
+    }
+    assert!((dense.after.value - kept.after.value).abs() < 1e-4 * dense.after.value);
+    let read = |run: &str| {
+        peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
+            .unwrap()
+    };
+    let (x, y) = (read("f32"), read("gguf"));
+    assert_eq!(x.len(), y.len());
+    for (k, t) in &x {
+        let d = t
+            .data
+            .iter()
+            .zip(&y[k].data)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-5, "{k} differs by {d:e}");
+    }
+    let resumed = TrainJob::resume_from(&dir.join("gguf")).unwrap();
+    assert_eq!(resumed.quantize, Some(jobs::Quantize::Gguf));
+
+    let nf4 =
+        jobs::train::<CpuTrainBackend>(&make("nf4", Some(jobs::Quantize::Nf4)), &hidden).unwrap();
+    assert!(nf4.after.value.is_finite() && nf4.after.value < nf4.before.value);
+
+    let minilm = assets::fetch("minilm").unwrap();
+    let mut bert = make("bert", Some(jobs::Quantize::Gguf));
+    bert.model = minilm;
+    bert.task = Task::SeqCls;
+    bert.data = sentiment_file(&dir, 8);
+    let err = jobs::train::<CpuTrainBackend>(&bert, &hidden).unwrap_err();
+    assert!(err.to_string().contains("nf4"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

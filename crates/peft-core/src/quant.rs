@@ -144,7 +144,6 @@ fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-
 /// The 16 NF4 levels (QLoRA's `NF4` data type, as in bitsandbytes):
 /// quantiles of a unit normal rescaled to `[-1, 1]`, with an exact zero.
 pub const NF4_LEVELS: [f32; 16] = [

@@ -141,11 +141,17 @@ fn layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::D
         let x = ids::<B>(2, 9, 96, device);
         let loss = causal_lm_loss(model.forward(x.clone(), None), x.clone());
         let want_loss = loss.clone().into_scalar().elem::<f64>();
-        let want = grads_by_id(&model, &GradientsParams::from_grads(loss.backward(), &model));
+        let want = grads_by_id(
+            &model,
+            &GradientsParams::from_grads(loss.backward(), &model),
+        );
         let (got_loss, grads) =
             model.loss_and_grads_by_layer(x.clone(), None, 5, |l| causal_lm_loss(l, x));
         let got = grads_by_id(&model, &grads);
-        assert!((got_loss - want_loss).abs() < 1e-5, "{got_loss} vs {want_loss}");
+        assert!(
+            (got_loss - want_loss).abs() < 1e-5,
+            "{got_loss} vs {want_loss}"
+        );
         // 7 targets × 2 factors in each of 3 layers, and the head's 2.
         assert_eq!(want.len(), 3 * 7 * 2 + 2, "nf4 = {nf4}");
         assert_eq!(got.len(), want.len(), "nf4 = {nf4}");
@@ -153,7 +159,10 @@ fn layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::D
             let g = &got[id];
             let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             let d = max_abs_diff(w, g) / scale;
-            assert!(d < 1e-4, "nf4 = {nf4}: gradient differs by {d:e} (relative)");
+            assert!(
+                d < 1e-4,
+                "nf4 = {nf4}: gradient differs by {d:e} (relative)"
+            );
         }
     }
 }
@@ -193,7 +202,11 @@ fn minilm_to_nf4_keeps_its_embeddings() {
     let device = Default::default();
     let dense = Bert::<NdArray>::load(&dir, &device).unwrap();
     let mut quant = dense.clone();
-    assert_eq!(quant.quantize_base_nf4().unwrap(), 6 * 6 + 1, "and the pooler");
+    assert_eq!(
+        quant.quantize_base_nf4().unwrap(),
+        6 * 6 + 1,
+        "and the pooler"
+    );
     assert_eq!(quant.param_count().all, dense.param_count().all);
     let mut bytes = 0;
     quant.visit_linears(&mut |_, s| bytes += s.quantized.as_ref().unwrap().stored_bytes());
@@ -244,14 +257,25 @@ fn qlora_trains_smollm2_on_its_quantized_base() {
     {
         let dense = Llama::<NdArray>::from_gguf(&path, &device).unwrap();
         let inner = quant.valid();
-        let d = max_abs_diff(&logits(&dense, &x.clone().inner()), &logits(&inner, &x.clone().inner()));
-        assert!(d < 1e-4, "quantized SmolLM2 differs from the dequantized load by {d:e}");
+        let d = max_abs_diff(
+            &logits(&dense, &x.clone().inner()),
+            &logits(&inner, &x.clone().inner()),
+        );
+        assert!(
+            d < 1e-4,
+            "quantized SmolLM2 differs from the dequantized load by {d:e}"
+        );
     }
     let text = "The old lighthouse keeper climbed the narrow stairs every evening, \
                 lit the great lamp, and watched the ships pass safely along the rocky coast.";
     let gguf = peft_models::gguf::Gguf::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let passage: Vec<i64> = tok.encode(text).unwrap().into_iter().map(i64::from).collect();
+    let passage: Vec<i64> = tok
+        .encode(text)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
     let n = passage.len();
     let batch = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(passage, [1, n]), &device);
     Cpu::seed(&device, 1);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use crate::attention::Hook;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
@@ -514,13 +514,7 @@ impl<B: AutodiffBackend> Llama<B> {
         let device = ids.device();
         let t = ids.dims()[1];
         let mask = decoder_mask::<B>(t, attention_mask, &device);
-        let rope = rope_tables::<B>(
-            t,
-            0,
-            self.config.head_dim(),
-            self.config.theta(),
-            &device,
-        );
+        let rope = rope_tables::<B>(t, 0, self.config.head_dim(), self.config.theta(), &device);
         let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // Pass 1: nothing tracked (every parameter frozen in this clone), so
         // no graph is recorded; dropout still runs as in training.
