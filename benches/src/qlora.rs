@@ -6,7 +6,8 @@
 //! measured on chapter 2. The `f32` base is the file's own weights
 //! dequantized, so the Q4 run computes the same numbers by another route;
 //! a third run re-quantizes that `f32` base to NF4, which does lose
-//! precision, and shows what 4-bit storage costs in perplexity. Peak memory is measured per variant in a fresh
+//! precision, and shows what 4-bit storage costs in perplexity; a fourth
+//! starts the adapters with LoftQ on that NF4 base. Peak memory is measured per variant in a fresh
 //! process (`--memory-probe qlora_*`), also for the `f32` base trained layer
 //! by layer, which separates what recomputation saves from what
 //! quantization saves.
@@ -75,6 +76,17 @@ fn load_nf4<B: Backend>(device: &B::Device) -> Llama<B> {
     let mut base = Llama::<B>::from_gguf(&gguf_path(), device).expect("SmolLM2 loads");
     peft_core::PeftModel::quantize_base_nf4(&mut base).expect("NF4");
     with_lora(base, device)
+}
+
+/// NF4 everywhere, the q/v adapters initialised by LoftQ (one iteration).
+fn load_loftq<B: Backend>(device: &B::Device) -> Llama<B> {
+    let base = Llama::<B>::from_gguf(&gguf_path(), device).expect("SmolLM2 loads");
+    let mut config = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
+    config.init_lora_weights = peft_core::config::InitLoraWeights::Named("loftq".into());
+    let mut model = LoraModel::new(base, config).expect("LoftQ").model;
+    // LoftQ quantized the targeted layers; the rest are quantized plainly.
+    peft_core::PeftModel::quantize_base_nf4(&mut model).expect("NF4");
+    model
 }
 
 fn load<B: Backend>(quantized: bool, device: &B::Device) -> Llama<B> {
@@ -166,11 +178,16 @@ pub fn qlora_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let f32_model = RefCell::new(Some(load::<A<B>>(false, device)));
     let q4_model = RefCell::new(Some(load::<A<B>>(true, device)));
     let nf4_model = RefCell::new(Some(load_nf4::<A<B>>(device)));
+    let loftq_model = RefCell::new(Some(load_loftq::<A<B>>(device)));
+    let ppl_loftq_before = perplexity(&loftq_model.borrow().as_ref().unwrap().valid(), &held_out);
+    let ppl_nf4_before = perplexity(&nf4_model.borrow().as_ref().unwrap().valid(), &held_out);
     let ppl_before = perplexity(&f32_model.borrow().as_ref().unwrap().valid(), &held_out);
     let mut f32_opt = AdamWConfig::new().init::<A<B>, Llama<A<B>>>();
     let mut q4_opt = AdamWConfig::new().init::<A<B>, Llama<A<B>>>();
     let mut nf4_opt = AdamWConfig::new().init::<A<B>, Llama<A<B>>>();
-    let (f32_i, q4_i, nf4_i) = (
+    let mut loftq_opt = AdamWConfig::new().init::<A<B>, Llama<A<B>>>();
+    let (f32_i, q4_i, nf4_i, loftq_i) = (
+        RefCell::new(0usize),
         RefCell::new(0usize),
         RefCell::new(0usize),
         RefCell::new(0usize),
@@ -196,12 +213,19 @@ pub fn qlora_suite<B: Backend>(o: &Opts, device: &B::Device) {
                 let m = step(m, &mut nf4_opt, &train[i], true, i as u64);
                 *nf4_model.borrow_mut() = Some(m);
             },
+            &mut || {
+                let i = loftq_i.replace_with(|i| *i + 1);
+                let m = loftq_model.borrow_mut().take().unwrap();
+                let m = step(m, &mut loftq_opt, &train[i], true, i as u64);
+                *loftq_model.borrow_mut() = Some(m);
+            },
         ],
     );
     let ppl_f32 = perplexity(&f32_model.borrow().as_ref().unwrap().valid(), &held_out);
     let ppl_q4 = perplexity(&q4_model.borrow().as_ref().unwrap().valid(), &held_out);
     let ppl_nf4 = perplexity(&nf4_model.borrow().as_ref().unwrap().valid(), &held_out);
-    drop((f32_model, q4_model, nf4_model));
+    let ppl_loftq = perplexity(&loftq_model.borrow().as_ref().unwrap().valid(), &held_out);
+    drop((f32_model, q4_model, nf4_model, loftq_model));
     let peak_f32 = probe_child(o, "qlora_f32");
     let peak_f32_by_layer = probe_child(o, "qlora_f32_by_layer");
     let peak_q4 = probe_child(o, "qlora_q4");
@@ -229,7 +253,7 @@ pub fn qlora_suite<B: Backend>(o: &Opts, device: &B::Device) {
     );
     let nf4_extra = json!({
         "tokens": len, "steps": steps + 1, "lr": LR,
-        "held_out_ppl_before": ppl_before,
+        "held_out_ppl_before": ppl_nf4_before,
         "held_out_ppl": ppl_nf4,
         "held_out_ppl_ratio_vs_f32": ppl_nf4 / ppl_f32,
     });
@@ -240,5 +264,19 @@ pub fn qlora_suite<B: Backend>(o: &Opts, device: &B::Device) {
         &mut t[2],
         Some(b),
         nf4_extra,
+    );
+    let loftq_extra = json!({
+        "tokens": len, "steps": steps + 1, "lr": LR,
+        "held_out_ppl_before": ppl_loftq_before,
+        "held_out_ppl": ppl_loftq,
+        "held_out_ppl_ratio_vs_f32": ppl_loftq / ppl_f32,
+    });
+    emit(
+        o,
+        "qlora",
+        "nf4_loftq_by_layer_step",
+        &mut t[3],
+        Some(b),
+        loftq_extra,
     );
 }

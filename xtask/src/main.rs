@@ -282,6 +282,13 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
         "held_out_ppl_ratio_vs_f32",
         1.03,
     );
+    goal(
+        "QLoRA (NF4 base, LoftQ init) held-out perplexity within 3% of the f32 base's",
+        "qlora",
+        "nf4_loftq_by_layer_step",
+        "held_out_ppl_ratio_vs_f32",
+        1.03,
+    );
     for f in report["vs_peft"]["figures"]
         .as_array()
         .cloned()

@@ -298,13 +298,47 @@ impl LoraConfig {
         match &self.init_lora_weights {
             InitLoraWeights::Bool(_) => {}
             InitLoraWeights::Named(n) if n == "gaussian" => {}
-            InitLoraWeights::Named(n) => {
-                return Err(PeftError::Config(format!(
-                    "init_lora_weights `{n}` is not supported (true, false, \"gaussian\")"
-                )))
+            InitLoraWeights::Named(n) if n == "loftq" => {
+                self.loftq()?;
             }
+            InitLoraWeights::Named(n) => return Err(PeftError::Config(format!(
+                "init_lora_weights `{n}` is not supported (true, false, \"gaussian\", \"loftq\")"
+            ))),
         }
         Ok(())
+    }
+
+    /// With `init_lora_weights: "loftq"`, PEFT's `loftq_config`
+    /// (`loftq_bits`, default 4; `loftq_iter`, default 1) as
+    /// `Some((bits, iterations))`; `None` for other inits. Only 4 bits (NF4)
+    /// is supported.
+    pub fn loftq(&self) -> Result<Option<(usize, usize)>> {
+        if self.init_lora_weights != InitLoraWeights::Named("loftq".into()) {
+            return Ok(None);
+        }
+        let c = self.extra.get("loftq_config");
+        let get = |key: &str, default: u64| -> Result<usize> {
+            match c.and_then(|c| c.get(key)) {
+                None | Some(Value::Null) => Ok(default as usize),
+                Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    PeftError::Config(format!(
+                        "loftq_config.{key} must be a whole number, not {v}"
+                    ))
+                }),
+            }
+        };
+        let (bits, iterations) = (get("loftq_bits", 4)?, get("loftq_iter", 1)?);
+        if bits != 4 {
+            return Err(PeftError::Config(format!(
+                "loftq_bits {bits} is not supported (4: NF4)"
+            )));
+        }
+        if !(1..=64).contains(&iterations) {
+            return Err(PeftError::Config(format!(
+                "loftq_iter {iterations} is not in 1..=64"
+            )));
+        }
+        Ok(Some((bits, iterations)))
     }
 
     /// The scaling factor for a given rank and alpha: `α/r`, or `α/√r` with rsLoRA.

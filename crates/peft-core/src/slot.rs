@@ -283,10 +283,24 @@ impl<B: Backend> LinearSlot<B> {
             .map_err(|e| PeftError::State(format!("{path}: weight not readable: {e:?}")))?;
         let q = QuantizedMatrix::nf4(&values, d_out, d_in)
             .map_err(|e| PeftError::Config(format!("{path}: {e}")))?;
+        self.set_quantized_base(Arc::new(q))
+    }
+
+    /// Replaces the base weight by `weight`, kept quantized (`[out, in]`,
+    /// the shape of the current base). Adapters stay as they are.
+    pub fn set_quantized_base(&mut self, weight: Arc<QuantizedMatrix>) -> Result<()> {
+        let (d_in, d_out) = (self.d_input(), self.d_output());
+        if (weight.rows, weight.cols) != (d_out, d_in) {
+            return Err(PeftError::Shape {
+                name: "quantized base weight".into(),
+                expected: vec![d_out, d_in],
+                found: vec![weight.rows, weight.cols],
+            });
+        }
         let device = self.device();
         let empty = Tensor::<B, 2>::from_data(TensorData::new(Vec::<f32>::new(), [0, 0]), &device);
         self.set_base_weight(empty);
-        self.quantized = Some(Arc::new(q));
+        self.quantized = Some(weight);
         Ok(())
     }
 

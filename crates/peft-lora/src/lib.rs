@@ -17,6 +17,7 @@
 //! everything that spans a model.
 
 mod files;
+mod loftq;
 mod model;
 pub mod weighted;
 

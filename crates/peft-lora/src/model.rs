@@ -4,9 +4,10 @@ use std::marker::PhantomData;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
 use indexmap::IndexMap;
 use peft_core::config::InitLoraWeights;
+use peft_core::io::HostTensor;
 use peft_core::slot::column_norm;
 use peft_core::target::{is_target, rank_and_alpha};
 use peft_core::{
@@ -86,6 +87,57 @@ fn new_entry<B: Backend>(
     }
 }
 
+/// A LoftQ entry for `slot` (rank `meta.rank`, `iterations` rounds): the
+/// slot's dense base weight becomes NF4 and the factors start at the
+/// low-rank part of what quantization lost (see [`crate::loftq`]).
+fn loftq_entry<B: Backend>(
+    slot: &mut LinearSlot<B>,
+    meta: LoraMeta,
+    use_dora: bool,
+    iterations: usize,
+    path: &str,
+) -> Result<LoraEntry<B>> {
+    if slot.is_quantized() {
+        return Err(PeftError::Config(format!(
+            "{path}: LoftQ quantizes the f32 base weight itself; this one is already quantized"
+        )));
+    }
+    if slot.any_merged() {
+        return Err(PeftError::State(format!(
+            "{path}: unmerge its adapters before a LoftQ init"
+        )));
+    }
+    let device = slot.device();
+    let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
+    let w = HostTensor::from_tensor(slot.base_weight()).transposed(); // [out, in]
+                                                                      // A seed per module path: reproducible, independent of visiting order.
+    let seed = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let q = crate::loftq::loftq(&w.data, d_out, d_in, r, iterations, seed)
+        .map_err(|e| PeftError::Config(format!("{path}: {e}")))?;
+    let root = meta.scaling.sqrt();
+    let a: Vec<f32> = (0..d_in * r)
+        .map(|k| (q.r[(k % r, k / r)] / root) as f32)
+        .collect();
+    let b: Vec<f32> = (0..r * d_out)
+        .map(|k| (q.l[(k % d_out, k / d_out)] / root) as f32)
+        .collect();
+    slot.set_quantized_base(std::sync::Arc::new(q.base))?;
+    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
+    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
+    let magnitude = use_dora.then(|| {
+        let delta = a.clone().matmul(b.clone()) * meta.scaling;
+        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
+    });
+    Ok(LoraEntry {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        magnitude,
+        meta,
+    })
+}
+
 impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
     /// Wraps `model` and attaches `config` as the adapter `default`.
     pub fn new(model: M, config: LoraConfig) -> Result<Self> {
@@ -162,6 +214,12 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
             Some(()) => Init::Zeros,
             None => Init::Config(&config.init_lora_weights),
         };
+        // LoftQ replaces base weights: only for a fresh adapter, not for
+        // one whose factors a file or arithmetic will fill.
+        let loftq = match init {
+            Init::Config(_) => config.loftq()?.map(|(_, iterations)| iterations),
+            Init::Zeros => None,
+        };
         let mut result = Ok(());
         let mut i = 0;
         self.model.visit_linears_mut(&mut |path, slot| {
@@ -179,8 +237,11 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
                 merged: false,
                 dora_merge_norm: None,
             };
-            let entry = new_entry(slot, meta, config.use_dora, init);
-            result = slot.add_lora(entry, path);
+            let entry = match loftq {
+                Some(iterations) => loftq_entry(slot, meta, config.use_dora, iterations, path),
+                None => Ok(new_entry(slot, meta, config.use_dora, init)),
+            };
+            result = entry.and_then(|e| slot.add_lora(e, path));
         });
         result?;
         let adapted = plan.into_iter().map(|(p, _, _)| p).collect();

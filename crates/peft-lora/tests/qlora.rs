@@ -184,7 +184,81 @@ fn nf4_base_computes_with_its_dequantized_weights<B: AutodiffBackend>(device: &B
     assert!(8 * bytes < 5 * values, "{bytes} bytes for {values} values");
 }
 
+/// LoftQ (`init_lora_weights: "loftq"`): every targeted layer becomes NF4
+/// and its adapter starts at the low-rank part of the quantization error,
+/// so the model is closer to the `f32` one than plain NF4 is, in every
+/// weight and in the logits; untargeted layers stay `f32`.
+fn loftq_init_starts_closer_to_the_f32_model<B: AutodiffBackend>(device: &B::Device) {
+    let mut cfg = LlamaConfig::new(96, 64, 128, 2, 4, 2);
+    cfg.tie_word_embeddings = false;
+    B::seed(device, 4);
+    let dense = cfg.init::<B>(device).unwrap();
+    let mut plain = dense.clone();
+    plain.quantize_base_nf4().unwrap();
+    let mut config = LoraConfig::new(8, 16.0, &["q_proj", "v_proj", "up_proj", "down_proj"]);
+    config.init_lora_weights = InitLoraWeights::Named("loftq".into());
+    config.extra.insert(
+        "loftq_config".into(),
+        serde_json::json!({"loftq_bits": 4, "loftq_iter": 2}),
+    );
+    let loftq = LoraModel::new(dense.clone(), config.clone()).unwrap();
+    let (mut targeted, mut untouched) = (0, 0);
+    let mut weights = Vec::new();
+    dense.visit_linears(&mut |p, s| {
+        weights.push((p.to_string(), HostTensor::from_tensor(s.base_weight())))
+    });
+    let mut plain_w = Vec::new();
+    plain.visit_linears(&mut |_, s| plain_w.push(HostTensor::from_tensor(s.base_weight())));
+    let mut i = 0;
+    loftq.model.visit_linears(&mut |p, s| {
+        let (path, w) = &weights[i];
+        assert_eq!(path, p);
+        match s.lora_entry("default") {
+            None => {
+                assert!(!s.is_quantized(), "{p}");
+                untouched += 1;
+            }
+            Some(e) => {
+                assert!(s.is_quantized(), "{p}");
+                targeted += 1;
+                let approx = HostTensor::from_tensor(s.base_weight() + e.delta_weight());
+                let err = |t: &HostTensor| {
+                    t.data
+                        .iter()
+                        .zip(&w.data)
+                        .map(|(a, b)| (a - b).powi(2))
+                        .sum::<f32>()
+                        .sqrt()
+                };
+                let (ours, nf4) = (err(&approx), err(&plain_w[i]));
+                assert!(ours < 0.97 * nf4, "{p}: LoftQ error {ours} vs NF4 {nf4}");
+            }
+        }
+        i += 1;
+    });
+    assert_eq!((targeted, untouched), (2 * 4, 2 * 3 + 1));
+    let x = ids::<B>(2, 6, 96, device);
+    let want = logits(&dense, &x);
+    let (d_loftq, d_plain) = (
+        max_abs_diff(&want, &logits(&loftq.model, &x)),
+        max_abs_diff(&want, &logits(&plain, &x)),
+    );
+    assert!(d_loftq < d_plain, "LoftQ {d_loftq:e} vs NF4 {d_plain:e}");
+
+    // Only NF4; LoftQ on an already quantized base is an error naming it.
+    let mut eight = config.clone();
+    eight
+        .extra
+        .insert("loftq_config".into(), serde_json::json!({"loftq_bits": 8}));
+    assert!(LoraModel::new(dense.clone(), eight).is_err());
+    let e = LoraModel::new(plain, config)
+        .err()
+        .expect("already quantized");
+    assert!(e.to_string().contains("already quantized"), "{e}");
+}
+
 autodiff_backend_tests!(
+    loftq_init_starts_closer_to_the_f32_model,
     quantized_gguf_equals_dequantized_load,
     layerwise_gradients_equal_one_backward_pass,
     nf4_base_computes_with_its_dequantized_weights,
