@@ -1124,6 +1124,9 @@ fn merge_gguf<B: Backend>(
         source,
     })?;
     write_weights(&out.join("model.safetensors"), &after, dtype)?;
+    // The tokenizer lives in the GGUF metadata; the folder gets its own.
+    let tokenizer = Tokenizer::from_gguf(&peft_models::gguf::Gguf::open(gguf)?)?;
+    peft_core::io::write_atomic(&out.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
     peft_core::io::write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)

@@ -186,6 +186,11 @@ enum Command {
         /// train layer by layer, one layer's weights dequantized at a time.
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
+        /// Data-parallel workers: each micro-batch is split across this many
+        /// model replicas (threads, peers of Burn's collective) whose
+        /// gradients are summed by an all-reduce.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
     },
     /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
     Eval {
@@ -413,6 +418,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             label_column,
             block_size,
             quantize,
+            devices,
         } => {
             let job = match resume {
                 Some(dir) => {
@@ -459,6 +465,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                             seed,
                             max_steps,
                             stop_after,
+                            devices,
                         },
                         text_column,
                         label_column,
@@ -567,6 +574,12 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 out.display(),
                 dtype.name()
             );
+            if model.extension().is_some_and(|e| e == "gguf") {
+                println!(
+                    "the GGUF base's quantized blocks were dequantized: the merged model is {}, not re-quantized",
+                    dtype.name()
+                );
+            }
             Ok(())
         }
         Command::Inspect { dir } => {

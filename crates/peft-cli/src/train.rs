@@ -69,6 +69,17 @@ pub struct TrainConfig {
     /// `--resume` continues it.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Data-parallel workers: each micro-batch is split into this many
+    /// shards, each run by its own model replica on its own thread, and the
+    /// gradients are summed by an all-reduce of Burn's collective (each
+    /// worker a peer). The update equals that of one worker on the whole
+    /// micro-batch; dropout masks then depend on thread timing.
+    #[serde(default = "one")]
+    pub devices: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -87,6 +98,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_steps: None,
             stop_after: None,
+            devices: 1,
         }
     }
 }
@@ -98,8 +110,14 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate must be positive, got {}", self.lr));
         }
-        if self.batch == 0 || self.grad_accum == 0 || self.epochs == 0 {
-            return bad("batch, grad-accum and epochs must be at least 1".into());
+        if self.batch == 0 || self.grad_accum == 0 || self.epochs == 0 || self.devices == 0 {
+            return bad("batch, grad-accum, epochs and devices must be at least 1".into());
+        }
+        if self.devices > self.batch {
+            return bad(format!(
+                "{} data-parallel devices need micro-batches of at least as many examples (batch {})",
+                self.devices, self.batch
+            ));
         }
         if !(0.0..1.0).contains(&self.warmup) {
             return bad(format!(
@@ -453,6 +471,144 @@ fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads
 }
 
+/// The value of a micro-batch's loss, its token count, and its gradients
+/// scaled by `weight`.
+fn differentiate<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    (loss, n_tokens): (BatchLoss<B>, usize),
+    weight: f64,
+) -> (f64, usize, GradientsParams) {
+    match loss {
+        BatchLoss::Graph(l) => {
+            let value = l.clone().into_scalar().elem::<f32>() as f64;
+            let grads = GradientsParams::from_grads((l * weight).backward(), model);
+            (value, n_tokens, grads)
+        }
+        BatchLoss::Differentiated { value, grads } if weight == 1.0 => (value, n_tokens, grads),
+        BatchLoss::Differentiated { value, grads } => {
+            (value, n_tokens, scale_grads(model, grads, weight))
+        }
+    }
+}
+
+/// The data-parallel workers of a run: peers `0..n` of Burn's collective,
+/// registered for the run's lifetime (unregistered when dropped).
+struct Peers<B: AutodiffBackend> {
+    n: usize,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> Peers<B> {
+    /// `None` for one device; otherwise `n` registered peers on `device`.
+    fn register(n: usize, device: &B::Device) -> Result<Option<Self>> {
+        use burn::collective::{register, reset_collective, CollectiveConfig, PeerId};
+        if n <= 1 {
+            return Ok(None);
+        }
+        // A run that failed earlier in this process may have left peers.
+        reset_collective::<B::InnerBackend>();
+        let config = CollectiveConfig::default().with_num_devices(n);
+        // Registration is a barrier: every peer registers at once.
+        std::thread::scope(|s| {
+            let joins: Vec<_> = (0..n)
+                .map(|i| {
+                    let (device, config) = (device.clone(), config.clone());
+                    s.spawn(move || register::<B::InnerBackend>(PeerId::from(i), device, config))
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("a registering thread panicked"))
+                .collect::<std::result::Result<Vec<()>, _>>()
+        })
+        .map_err(|e| PeftError::State(format!("data-parallel peers do not register: {e:?}")))?;
+        Ok(Some(Peers {
+            n,
+            _b: std::marker::PhantomData,
+        }))
+    }
+
+    /// One micro-batch split into `n` contiguous shards, each run on its own
+    /// replica of `model` in its own thread; every shard's gradient is
+    /// weighted by its share of the micro-batch (times `weight`) and the
+    /// shards' gradients are summed by an all-reduce. Returns the weighted
+    /// mean loss, the tokens, and the summed gradients.
+    fn step<M, L>(
+        &self,
+        model: &M,
+        batch: &[usize],
+        weight: f64,
+        loss: &L,
+    ) -> Result<(f64, usize, GradientsParams)>
+    where
+        M: AutodiffModule<B> + Clone,
+        L: Fn(&M, &[usize]) -> Result<(BatchLoss<B>, usize)> + Sync,
+    {
+        use burn::collective::{PeerId, ReduceOperation};
+        let size = batch.len().div_ceil(self.n);
+        let shards: Vec<&[usize]> = batch.chunks(size).collect();
+        // Phase 1: every shard's loss and gradients (an error here leaves no
+        // peer waiting in an all-reduce).
+        let parts: Vec<Result<(f64, usize, GradientsParams)>> = std::thread::scope(|s| {
+            let joins: Vec<_> = shards
+                .iter()
+                .map(|shard| {
+                    let replica = model.clone();
+                    let share = shard.len() as f64 / batch.len() as f64;
+                    s.spawn(move || {
+                        let (value, n, grads) =
+                            differentiate(&replica, loss(&replica, shard)?, weight * share);
+                        Ok((value * share, n, grads))
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("a data-parallel worker panicked"))
+                .collect()
+        });
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        let value = parts.iter().map(|p| p.0).sum();
+        let tokens = parts.iter().map(|p| p.1).sum();
+        if parts.len() < self.n {
+            // Fewer shards than peers (a short last batch): sum here.
+            let mut accum = GradientsAccumulator::<M>::new();
+            for (_, _, g) in parts {
+                accum.accumulate(model, g);
+            }
+            return Ok((value, tokens, accum.grads()));
+        }
+        // Phase 2: the all-reduce, every peer at once.
+        let reduced: Vec<_> = std::thread::scope(|s| {
+            let joins: Vec<_> = parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, (_, _, grads))| {
+                    s.spawn(move || {
+                        grads.all_reduce::<B::InnerBackend>(PeerId::from(i), ReduceOperation::Sum)
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| j.join().expect("an all-reduce thread panicked"))
+                .collect()
+        });
+        let mut reduced = reduced
+            .into_iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| PeftError::State(format!("the gradient all-reduce failed: {e:?}")))?;
+        // Every peer now holds the same sum.
+        Ok((value, tokens, reduced.swap_remove(0)))
+    }
+}
+
+impl<B: AutodiffBackend> Drop for Peers<B> {
+    fn drop(&mut self) {
+        burn::collective::reset_collective::<B::InnerBackend>();
+    }
+}
+
 /// Trains `model`. `loss` gives the mean loss of a batch of training-example
 /// indices and its token count; `eval` scores the inference module on the
 /// held-out split; `save` writes a checkpoint folder. Returns the model at
@@ -463,7 +619,7 @@ pub fn fit<B, M>(
     config: &TrainConfig,
     n_train: usize,
     run: &mut RunDir,
-    mut loss: impl FnMut(&M, &[usize]) -> Result<(BatchLoss<B>, usize)>,
+    loss: impl Fn(&M, &[usize]) -> Result<(BatchLoss<B>, usize)> + Sync,
     mut eval: impl FnMut(&M::InnerModule) -> Result<Metric>,
     mut save: impl FnMut(&M::InnerModule, &Path) -> Result<()>,
     progress: &indicatif::ProgressBar,
@@ -475,6 +631,7 @@ where
 {
     config.validate()?;
     let device = model.devices().into_iter().next().unwrap_or_default();
+    let peers = Peers::<B>::register(config.devices, &device)?;
     let total = config.total_steps(n_train);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
@@ -611,10 +768,10 @@ where
                         .seed
                         .wrapping_add((step * config.grad_accum + k) as u64),
                 );
-                let (l, n_tokens) = loss(&model, batch)?;
-                let value: f64 = match &l {
-                    BatchLoss::Graph(l) => l.clone().into_scalar().elem::<f32>() as f64,
-                    BatchLoss::Differentiated { value, .. } => *value,
+                let weight = 1.0 / group.len() as f64;
+                let (value, n_tokens, grads) = match peers.as_ref().filter(|p| batch.len() >= p.n) {
+                    Some(p) => p.step(&model, batch, weight, &loss)?,
+                    None => differentiate(&model, loss(&model, batch)?, weight),
                 };
                 if !value.is_finite() {
                     return Err(non_finite(
@@ -622,17 +779,8 @@ where
                         format!("training loss is {value} at step {step} (epoch {epoch})"),
                     ));
                 }
-                step_loss += value / group.len() as f64;
+                step_loss += value * weight;
                 state.tokens += n_tokens;
-                let grads = match l {
-                    BatchLoss::Graph(l) => {
-                        GradientsParams::from_grads((l / group.len() as f64).backward(), &model)
-                    }
-                    BatchLoss::Differentiated { grads, .. } if group.len() == 1 => grads,
-                    BatchLoss::Differentiated { grads, .. } => {
-                        scale_grads(&model, grads, 1.0 / group.len() as f64)
-                    }
-                };
                 accum.accumulate(&model, grads);
             }
             let grads = accum.grads();

@@ -503,7 +503,8 @@ fn merge_writes_shards_and_half_precision() {
 
 /// A GGUF model (the tiny Llama as llama.cpp stores it, q/k permuted) runs
 /// PEFT's adapter exactly, and merges into a Hugging Face folder whose plain
-/// forward pass is PEFT's merged model.
+/// forward pass is PEFT's merged model and whose `tokenizer.json` is the
+/// GGUF's tokenizer.
 #[test]
 fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
     let dir = temp("merge-gguf");
@@ -532,6 +533,18 @@ fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
         "GGUF merged into a Hugging Face folder",
         &peft_core::io::read_safetensors(&out).unwrap()["output"],
         c.want("logits_merged"),
+    );
+    // The folder carries the GGUF's tokenizer as tokenizer.json.
+    let from_gguf = peft_models::tokenizer::Tokenizer::from_gguf(
+        &peft_models::gguf::Gguf::open(&gguf).unwrap(),
+    )
+    .unwrap();
+    let from_json =
+        peft_models::tokenizer::Tokenizer::from_file(&merged.join("tokenizer.json")).unwrap();
+    let text = "Call me Ishmael, said the whale.";
+    assert_eq!(
+        from_json.encode(text).unwrap(),
+        from_gguf.encode(text).unwrap()
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1015,5 +1028,80 @@ fn quantized_base_runs_match_the_f32_run() {
     bert.data = sentiment_file(&dir, 8);
     let err = jobs::train::<CpuTrainBackend>(&bert, &hidden).unwrap_err();
     assert!(err.to_string().contains("nf4"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--devices 2`: each micro-batch split across two replicas, peers of
+/// Burn's collective, whose gradients an all-reduce sums: the run logs the
+/// losses and saves the adapter of the one-device run (an odd micro-batch
+/// included, and with a quantized base trained layer by layer).
+#[test]
+fn data_parallel_run_equals_one_device() {
+    let _turn = serial();
+    let dir = temp("ddp");
+    let data_file = dir.join("text.txt");
+    std::fs::write(
+        &data_file,
+        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
+         little and see the watery part of the world. It is a way I have of driving off the spleen, \
+         and regulating the circulation. Whenever I find myself growing grim about the mouth.",
+    )
+    .unwrap();
+    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let make = |out: &str, devices: usize, quantize: Option<jobs::Quantize>| TrainJob {
+        model: gguf.clone(),
+        data: data_file.clone(),
+        task: Task::CausalLm,
+        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
+        out: dir.join(out),
+        train: TrainConfig {
+            batch: 3,
+            lr: 1e-2,
+            devices,
+            ..Default::default()
+        },
+        text_column: "text".into(),
+        label_column: "label".into(),
+        held_out: 0.2,
+        max_train: Some(7),
+        block_size: 8,
+        resume: false,
+        quantize,
+    };
+    let hidden = indicatif::ProgressBar::hidden();
+    for (one, two, quantize) in [
+        ("one", "two", None),
+        ("one-q", "two-q", Some(jobs::Quantize::Gguf)),
+    ] {
+        let a = jobs::train::<CpuTrainBackend>(&make(one, 1, quantize), &hidden).unwrap();
+        let b = jobs::train::<CpuTrainBackend>(&make(two, 2, quantize), &hidden).unwrap();
+        assert_eq!((a.steps, b.steps), (3, 3), "7 blocks in batches of 3");
+        assert!(
+            (a.after.value - b.after.value).abs() < 1e-4 * a.after.value,
+            "{} vs {}",
+            a.after.value,
+            b.after.value
+        );
+        let read = |run: &str| {
+            peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
+                .unwrap()
+        };
+        let (x, y) = (read(one), read(two));
+        assert_eq!(x.len(), y.len());
+        for (k, t) in &x {
+            let d = t
+                .data
+                .iter()
+                .zip(&y[k].data)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-5, "{two}: {k} differs by {d:e}");
+        }
+    }
+    let mut bad = make("bad", 4, None);
+    bad.train.batch = 2;
+    let e = jobs::train::<CpuTrainBackend>(&bad, &hidden).unwrap_err();
+    assert!(e.to_string().contains("devices"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -301,9 +301,11 @@ impl LoraConfig {
             InitLoraWeights::Named(n) if n == "loftq" => {
                 self.loftq()?;
             }
-            InitLoraWeights::Named(n) => return Err(PeftError::Config(format!(
+            InitLoraWeights::Named(n) => {
+                return Err(PeftError::Config(format!(
                 "init_lora_weights `{n}` is not supported (true, false, \"gaussian\", \"loftq\")"
-            ))),
+            )))
+            }
         }
         Ok(())
     }

@@ -127,7 +127,15 @@ impl Tokenizer {
         Ok(Tokenizer { inner, pad_id })
     }
 
-    /// Token ids of `text`, with the tokenizer's special tokens.
+    /// The tokenizer as a `tokenizer.json` document (Hugging Face's format),
+    /// e.g. to write one beside a model converted from GGUF.
+    pub fn to_json(&self) -> Result<String> {
+        guarded(|| self.inner.to_string(true))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| PeftError::Config(format!("cannot write the tokenizer as JSON: {e}")))
+    }
+
+    /// Token ids of `text` (special tokens added as the tokenizer says).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         guarded(|| self.inner.encode(text, true))
             .and_then(|r| r.map_err(|e| e.to_string()))
