@@ -227,7 +227,7 @@ impl QuantizedMatrix {
                 ggml_type_name(ggml_type)
             ))
         })?;
-        if cols == 0 || rows == 0 || cols % per_block != 0 {
+        if cols == 0 || rows == 0 || !cols.is_multiple_of(per_block) {
             return Err(PeftError::Config(format!(
                 "a {rows}×{cols} {} matrix: rows must be whole blocks of {per_block}",
                 ggml_type_name(ggml_type)
@@ -303,7 +303,7 @@ impl QuantizedMatrix {
                 let x = if a > 0.0 { v / a } else { 0.0 };
                 let code = mids.iter().take_while(|&&m| x > m).count() as u8;
                 let i = b * NF4_BLOCK + j;
-                data[i / 2] |= if i % 2 == 0 { code } else { code << 4 };
+                data[i / 2] |= if i.is_multiple_of(2) { code } else { code << 4 };
             }
             // Padding past the end keeps code 0 (−1) but is never read.
         }
@@ -348,7 +348,9 @@ impl QuantizedMatrix {
     fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         match (self.ggml_layout(), &self.nf4) {
             (Some((t, per_block, block_bytes)), _) => {
-                debug_assert!(start % self.cols == 0 && out.len() % self.cols == 0);
+                debug_assert!(
+                    start.is_multiple_of(self.cols) && out.len().is_multiple_of(self.cols)
+                );
                 let row_bytes = self.cols / per_block * block_bytes;
                 let (r0, r1) = (start / self.cols, (start + out.len()) / self.cols);
                 let v = dequantize_ggml(t, &self.data[r0 * row_bytes..r1 * row_bytes], out.len());

@@ -251,9 +251,9 @@ fn loftq_init_starts_closer_to_the_f32_model<B: AutodiffBackend>(device: &B::Dev
         .extra
         .insert("loftq_config".into(), serde_json::json!({"loftq_bits": 8}));
     assert!(LoraModel::new(dense.clone(), eight).is_err());
-    let e = LoraModel::new(plain, config)
-        .err()
-        .expect("already quantized");
+    let Err(e) = LoraModel::new(plain, config) else {
+        panic!("LoftQ on an already quantized base was accepted");
+    };
     assert!(e.to_string().contains("already quantized"), "{e}");
 }
 
