@@ -546,14 +546,11 @@ where
                 let seed = idx.iter().fold(job.train.seed, |h, &i| {
                     peft_core::rng::SplitMix64(h ^ i as u64).next_u64()
                 });
-                match model.loss_and_grads_by_layer(ids, seed) {
-                    Some((value, grads)) => Ok((
-                        BatchLoss::Differentiated { value, grads },
-                        idx.len() * train[0].len(),
-                    )),
-                    None => tasks::lm_loss(m, &train, idx, &device)
-                        .map(|(l, n)| (BatchLoss::Graph(l), n)),
-                }
+                let (value, grads) = model.causal_loss_by_layer(ids, seed);
+                Ok((
+                    BatchLoss::Differentiated { value, grads },
+                    idx.len() * train[0].len(),
+                ))
             }
             _ => tasks::lm_loss(m, &train, idx, &device).map(|(l, n)| (BatchLoss::Graph(l), n)),
         },

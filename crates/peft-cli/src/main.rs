@@ -182,7 +182,7 @@ enum Command {
         block_size: usize,
         /// QLoRA: keep the frozen base quantized: `gguf` keeps a Llama GGUF
         /// file's own blocks, `nf4` quantizes every adaptable linear layer to
-        /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³) on Llama then
+        /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³) on Llama and GPT-2 then
         /// train layer by layer, one layer's weights dequantized at a time.
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,

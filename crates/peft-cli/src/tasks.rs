@@ -293,6 +293,7 @@ pub fn new_head<B: Backend>(d: usize, labels: usize, device: &B::Device) -> Line
 /// A causal LM `peft` can train: logits for ids, and the seams.
 pub trait CausalModel<B: Backend>:
     PeftModel<B>
+    + peft_core::layered::LayeredModel<B>
     + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
     + AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>
     + EmbeddingSeam<B, Output = Tensor<B, 3>>
@@ -322,17 +323,15 @@ pub trait CausalModel<B: Backend>:
     }
 
     /// The causal-LM loss of `ids` and the parameter gradients, computed one
-    /// layer at a time (for a quantized base), where the model can; `None`
-    /// where it cannot (one ordinary backward pass is then used).
-    fn loss_and_grads_by_layer(
-        &self,
-        _ids: Tensor<B, 2, Int>,
-        _seed: u64,
-    ) -> Option<(f64, GradientsParams)>
+    /// layer at a time (for a quantized base).
+    fn causal_loss_by_layer(&self, ids: Tensor<B, 2, Int>, seed: u64) -> (f64, GradientsParams)
     where
         B: AutodiffBackend,
+        Self: AutodiffModule<B>,
     {
-        None
+        peft_core::layered::loss_and_grads_by_layer(self, ids.clone(), None, seed, |logits| {
+            causal_lm_loss_after_prompt(logits, ids, 0)
+        })
     }
 }
 
@@ -363,23 +362,6 @@ impl<B: Backend> CausalModel<B> for Llama<B> {
             }
             None => Self::load_from(path, device),
         }
-    }
-
-    fn loss_and_grads_by_layer(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        seed: u64,
-    ) -> Option<(f64, GradientsParams)>
-    where
-        B: AutodiffBackend,
-    {
-        Some(Llama::loss_and_grads_by_layer(
-            self,
-            ids.clone(),
-            None,
-            seed,
-            |logits| causal_lm_loss_after_prompt(logits, ids, 0),
-        ))
     }
 }
 

@@ -491,6 +491,26 @@ fn differentiate<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 }
 
+/// Gives every trainable parameter a fresh autodiff leaf (same values, same
+/// `ParamId`). Replicas built this way record separate graphs: Burn 0.21's
+/// autodiff deadlocks when two threads extend graphs that share a leaf
+/// (one thread in `backward` holding the graph while waiting for the graph
+/// locator, the other holding the locator while waiting for that graph).
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        if param.is_require_grad() {
+            param.set_require_grad(false).set_require_grad(true)
+        } else {
+            param
+        }
+    }
+}
+
 /// The data-parallel workers of a run: peers `0..n` of Burn's collective,
 /// registered for the run's lifetime (unregistered when dropped).
 struct Peers<B: AutodiffBackend> {
@@ -553,7 +573,7 @@ impl<B: AutodiffBackend> Peers<B> {
             let joins: Vec<_> = shards
                 .iter()
                 .map(|shard| {
-                    let replica = model.clone();
+                    let replica = model.clone().map(&mut FreshLeaves);
                     let share = shard.len() as f64 / batch.len() as f64;
                     s.spawn(move || {
                         let (value, n, grads) =

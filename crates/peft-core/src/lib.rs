@@ -30,6 +30,7 @@ pub mod error;
 pub mod generate;
 pub mod io;
 pub mod kv;
+pub mod layered;
 pub mod linear_adapters;
 pub mod loss;
 pub mod model;

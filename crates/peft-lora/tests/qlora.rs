@@ -167,6 +167,41 @@ fn layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::D
     }
 }
 
+/// The same on GPT-2 (fused `c_attn`, learned positions, tied head), through
+/// the generic [`peft_core::layered`] seam, on an NF4 base.
+fn gpt2_layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::Device) {
+    B::seed(device, 12);
+    let mut base = peft_models::fixtures::tiny_gpt2::<B>(device);
+    base.quantize_base_nf4().unwrap();
+    let mut config = LoraConfig::new(4, 8.0, &["c_attn", "c_proj", "c_fc"]);
+    config.init_lora_weights = InitLoraWeights::Bool(false);
+    let model = LoraModel::new(base, config).unwrap().model;
+    let vocab = model.config.vocab_size;
+    let x = ids::<B>(2, 7, vocab, device);
+    let loss = causal_lm_loss(model.forward(x.clone(), None), x.clone());
+    let want_loss = loss.clone().into_scalar().elem::<f64>();
+    let want = grads_by_id(
+        &model,
+        &GradientsParams::from_grads(loss.backward(), &model),
+    );
+    let (got_loss, grads) =
+        peft_core::layered::loss_and_grads_by_layer(&model, x.clone(), None, 3, |l| {
+            causal_lm_loss(l, x)
+        });
+    let got = grads_by_id(&model, &grads);
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5,
+        "{got_loss} vs {want_loss}"
+    );
+    assert!(!want.is_empty());
+    assert_eq!(got.len(), want.len());
+    for (id, w) in &want {
+        let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(w, &got[id]) / scale;
+        assert!(d < 1e-4, "gradient differs by {d:e} (relative)");
+    }
+}
+
 /// NF4 quantization of NF4-friendly numbers: the NF4 model's outputs are
 /// those of a dense model holding the dequantized weights.
 fn nf4_base_computes_with_its_dequantized_weights<B: AutodiffBackend>(device: &B::Device) {
@@ -261,6 +296,7 @@ autodiff_backend_tests!(
     loftq_init_starts_closer_to_the_f32_model,
     quantized_gguf_equals_dequantized_load,
     layerwise_gradients_equal_one_backward_pass,
+    gpt2_layerwise_gradients_equal_one_backward_pass,
     nf4_base_computes_with_its_dequantized_weights,
 );
 

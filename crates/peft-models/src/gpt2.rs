@@ -232,6 +232,35 @@ impl<B: Backend> Gpt2<B> {
     }
 }
 
+impl<B: Backend> peft_core::layered::LayeredModel<B> for Gpt2<B> {
+    /// The attention mask.
+    type Context = Tensor<B, 4>;
+
+    fn layer_input(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 3>, Self::Context) {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let mask = decoder_mask::<B>(t, attention_mask, &device);
+        let x = self.wte.forward(ids) + self.wpe.forward(positions::<B>(b, t, 0, &device));
+        (x, mask)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    fn run_layer(&self, i: usize, x: Tensor<B, 3>, mask: &Self::Context) -> Tensor<B, 3> {
+        self.h[i].forward(x, self.config.n_head, mask, None, None)
+    }
+
+    fn run_head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        tied_head(self.ln_f.forward(x), self.wte.weight.val())
+    }
+}
+
 impl<B: Backend> CausalLm<B> for Gpt2<B> {
     fn device(&self) -> B::Device {
         self.wte.weight.device()

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use crate::attention::Hook;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::layered::LayeredModel;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{
     join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
@@ -484,26 +485,41 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+impl<B: Backend> LayeredModel<B> for Llama<B> {
+    /// RoPE tables and the attention mask.
+    type Context = ((Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 4>);
+
+    fn layer_input(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 3>, Self::Context) {
+        let device = ids.device();
+        let t = ids.dims()[1];
+        let mask = decoder_mask::<B>(t, attention_mask, &device);
+        let rope = rope_tables::<B>(t, 0, self.config.head_dim(), self.config.theta(), &device);
+        (self.embed(ids), (rope, mask))
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn run_layer(&self, i: usize, x: Tensor<B, 3>, (rope, mask): &Self::Context) -> Tensor<B, 3> {
+        self.layers[i].forward(x, &self.config, rope, mask, None, None)
+    }
+
+    fn run_head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.head(x)
+    }
+}
+
 impl<B: AutodiffBackend> Llama<B> {
     /// The loss of one batch and the gradients of every trainable parameter,
-    /// computed one decoder layer at a time (gradient checkpointing at layer
-    /// granularity), so that a quantized base never has more than one layer's
-    /// weights dequantized at once and the autodiff graph never spans more
-    /// than one layer.
-    ///
-    /// 1. A forward pass without any graph keeps only each layer's input
-    ///    `[b, t, d]`.
-    /// 2. The head's loss is differentiated with respect to the last hidden
-    ///    state; then, from the last layer down, layer `i` is run again on its
-    ///    kept input and `(y_i · g_{i+1}).sum()` is differentiated, which gives
-    ///    layer `i`'s parameter gradients and `g_i`, the gradient of its input.
-    ///
-    /// The gradients equal those of one ordinary backward pass (the tests
-    /// check it). Dropout draws the same masks in both passes: the RNG is
-    /// reseeded from `seed` before each layer. `loss` maps logits
-    /// `[b, t, vocab]` to the scalar to differentiate; the token embeddings
-    /// and the parameters of prompt-learning wrappers are not reached (they
-    /// are not part of this model).
+    /// computed one decoder layer at a time, so that a quantized base never
+    /// has more than one layer's weights dequantized at once
+    /// ([`peft_core::layered::loss_and_grads_by_layer`]). `loss` maps logits
+    /// `[b, t, vocab]` to the scalar to differentiate.
     pub fn loss_and_grads_by_layer(
         &self,
         ids: Tensor<B, 2, Int>,
@@ -511,43 +527,7 @@ impl<B: AutodiffBackend> Llama<B> {
         seed: u64,
         loss: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 1>,
     ) -> (f64, GradientsParams) {
-        let device = ids.device();
-        let t = ids.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &device);
-        let rope = rope_tables::<B>(t, 0, self.config.head_dim(), self.config.theta(), &device);
-        let layer_seed = |i: usize| seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        // Pass 1: nothing tracked (every parameter frozen in this clone), so
-        // no graph is recorded; dropout still runs as in training.
-        let frozen = self.clone().no_grad();
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut x = frozen.embed(ids);
-        for (i, layer) in frozen.layers.iter().enumerate() {
-            inputs.push(x.clone());
-            B::seed(&device, layer_seed(i));
-            x = layer.forward(x, &self.config, &rope, &mask, None, None);
-        }
-        // Pass 2: the head, then each layer from the top.
-        let mut accum = GradientsAccumulator::<Self>::new();
-        let last = x.detach().require_grad();
-        B::seed(&device, layer_seed(self.layers.len()));
-        let l = loss(self.head(last.clone()));
-        let value = l.clone().into_scalar().elem::<f64>();
-        let mut grads = l.backward();
-        let mut upstream = last.grad(&grads);
-        accum.accumulate(self, GradientsParams::from_module(&mut grads, self));
-        for (i, layer) in self.layers.iter().enumerate().rev() {
-            let Some(g) = upstream.take() else { break };
-            let x = inputs.pop().expect("one input per layer").detach();
-            let x = if i > 0 { x.require_grad() } else { x };
-            B::seed(&device, layer_seed(i));
-            let y = layer.forward(x.clone(), &self.config, &rope, &mask, None, None);
-            let mut grads = (y * Tensor::from_inner(g)).sum().backward();
-            if i > 0 {
-                upstream = x.grad(&grads);
-            }
-            accum.accumulate(self, GradientsParams::from_module(&mut grads, layer));
-        }
-        (value, accum.grads())
+        peft_core::layered::loss_and_grads_by_layer(self, ids, attention_mask, seed, loss)
     }
 }
 
