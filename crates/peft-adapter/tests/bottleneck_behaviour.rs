@@ -20,6 +20,14 @@ fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
     Bert::load(&fixtures_dir().join("bert"), d).unwrap()
 }
 
+/// The CPU backends' RNG is process-wide: tests that seed it and then draw
+/// from it take turns, or another test's draws change their weights.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
     Tensor::from_data(TensorData::new(vec![2i64, 0, 1], [3]), d)
 }
@@ -27,6 +35,7 @@ fn labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
 /// Pfeiffer on the tiny BERT: 12 AdamW steps lower the loss; the inactive
 /// adapter and the base get no gradient and stay bit for bit.
 fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) {
+    let _turn = rng_turn();
     B::seed(d, 3);
     let config = BnConfig::seq_bn().with_reduction_factor(4.0);
     let mut model = AdapterModel::new(bert::<B>(d), "task", config.clone()).unwrap();
@@ -90,6 +99,7 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
 
 /// Fusion training: gradients reach the fusion layers only.
 fn fusion_training_touches_only_the_fusion<B: AutodiffBackend>(d: &B::Device) {
+    let _turn = rng_turn();
     let c = FixtureCase::open("bert", "bn_compose");
     let mut model = AdapterModel::wrap(bert::<B>(d));
     model.load_adapter(&c.dir.join("a"), None).unwrap();
@@ -262,6 +272,7 @@ fn mistakes_are_typed_errors<B: Backend>(d: &B::Device) {
 /// A fresh `par_bn` (identity init) and `leave_out` of every layer leave the
 /// model's output exactly as it was; `disable` restores the base.
 fn identity_inits_and_disable<B: Backend>(d: &B::Device) {
+    let _turn = rng_turn();
     let base = Llama::<B>::load(&fixtures_dir().join("llama"), d).unwrap();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![3i64, 1, 4, 1, 5], [1, 5]), d);
     let want = HostTensor::from_tensor(base.forward(ids.clone(), None));
