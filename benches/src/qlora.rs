@@ -29,7 +29,7 @@ use peft_models::loss::causal_lm_loss;
 use peft_models::tokenizer::Tokenizer;
 use serde_json::json;
 
-use crate::{emit, interleaved, peak_rss_mib, Opts};
+use crate::{emit, interleaved, memory_probe, peak_rss_mib, Opts};
 
 const LR: f64 = 1e-3;
 
@@ -138,18 +138,6 @@ fn shape(o: &Opts) -> (usize, usize) {
     }
 }
 
-/// Runs `--memory-probe VARIANT` in a child process: its peak RSS in MiB.
-fn probe_child(o: &Opts, variant: &str) -> Option<f64> {
-    let exe = std::env::current_exe().ok()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["--backend", &o.backend, "--memory-probe", variant]);
-    if o.quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd.output().ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
-
 /// Loads one variant and trains it for two steps; prints the peak RSS (MiB).
 pub fn probe<B: Backend>(o: &Opts, variant: &str) {
     type A<B> = Autodiff<B>;
@@ -226,9 +214,9 @@ pub fn qlora_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let ppl_nf4 = perplexity(&nf4_model.borrow().as_ref().unwrap().valid(), &held_out);
     let ppl_loftq = perplexity(&loftq_model.borrow().as_ref().unwrap().valid(), &held_out);
     drop((f32_model, q4_model, nf4_model, loftq_model));
-    let peak_f32 = probe_child(o, "qlora_f32");
-    let peak_f32_by_layer = probe_child(o, "qlora_f32_by_layer");
-    let peak_q4 = probe_child(o, "qlora_q4");
+    let peak_f32 = memory_probe(o, "qlora_f32");
+    let peak_f32_by_layer = memory_probe(o, "qlora_f32_by_layer");
+    let peak_q4 = memory_probe(o, "qlora_q4");
     let common = json!({
         "tokens": len, "steps": steps + 1, "lr": LR,
         "held_out_ppl_before": ppl_before,

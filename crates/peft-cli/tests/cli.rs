@@ -330,6 +330,21 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
 }
 
 /// A fixture case's `input_ids` as the JSON file `peft forward` reads.
+/// `dir/text.txt`: the opening of *Moby-Dick*, a plain-text corpus for
+/// causal-LM runs.
+fn ishmael_file(dir: &Path) -> PathBuf {
+    let path = dir.join("text.txt");
+    std::fs::write(
+        &path,
+        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
+         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
+         little and see the watery part of the world. It is a way I have of driving off the spleen, \
+         and regulating the circulation. Whenever I find myself growing grim about the mouth.",
+    )
+    .unwrap();
+    path
+}
+
 fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
     let t = c.want("input_ids");
     let ids: Vec<Vec<u32>> = t
@@ -624,14 +639,7 @@ fn resumed_prefix_and_p_tuning_runs_equal_uninterrupted_ones() {
     use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig};
     let _turn = serial();
     let dir = temp("resume-encoders");
-    let data_file = dir.join("text.txt");
-    std::fs::write(
-        &data_file,
-        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
-         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
-         little and see the watery part of the world. It is a way I have of driving off the spleen.",
-    )
-    .unwrap();
+    let data_file = ishmael_file(&dir);
     let gguf = assets::fetch("smollm2")
         .unwrap()
         .join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -951,14 +959,7 @@ fn causal_lm_runs_with_every_method() {
 fn quantized_base_runs_match_the_f32_run() {
     let _turn = serial();
     let dir = temp("qlora");
-    let data_file = dir.join("text.txt");
-    std::fs::write(
-        &data_file,
-        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
-         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
-         little and see the watery part of the world. It is a way I have of driving off the spleen.",
-    )
-    .unwrap();
+    let data_file = ishmael_file(&dir);
     let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
     let make = |out: &str, quantize: Option<jobs::Quantize>| TrainJob {
         model: gguf.clone(),
@@ -1039,15 +1040,7 @@ fn quantized_base_runs_match_the_f32_run() {
 fn data_parallel_run_equals_one_device() {
     let _turn = serial();
     let dir = temp("ddp");
-    let data_file = dir.join("text.txt");
-    std::fs::write(
-        &data_file,
-        "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money \
-         in my purse, and nothing particular to interest me on shore, I thought I would sail about a \
-         little and see the watery part of the world. It is a way I have of driving off the spleen, \
-         and regulating the circulation. Whenever I find myself growing grim about the mouth.",
-    )
-    .unwrap();
+    let data_file = ishmael_file(&dir);
     let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
     let make = |out: &str, devices: usize, quantize: Option<jobs::Quantize>| TrainJob {
         model: gguf.clone(),

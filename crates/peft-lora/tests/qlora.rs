@@ -15,7 +15,7 @@ use peft_core::{autodiff_backend_tests, LoraConfig, PeftModel};
 use peft_lora::LoraModel;
 use peft_models::assets;
 use peft_models::bert::Bert;
-use peft_models::fixtures::fixtures_dir;
+use peft_models::fixtures::{fixtures_dir, max_diff as max_abs_diff};
 use peft_models::llama::{Llama, LlamaConfig};
 use peft_models::loss::causal_lm_loss;
 use peft_models::tokenizer::Tokenizer;
@@ -31,13 +31,20 @@ fn logits<B: Backend>(m: &Llama<B>, ids: &Tensor<B, 2, Int>) -> HostTensor {
     HostTensor::from_tensor(m.forward(ids.clone(), None))
 }
 
-fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+/// Asserts that `got` holds the gradients of `want` (the same parameters,
+/// each within 1e-4 of its largest entry).
+fn assert_same_grads(
+    want: &HashMap<ParamId, HostTensor>,
+    got: &HashMap<ParamId, HostTensor>,
+    what: &str,
+) {
+    assert!(!want.is_empty(), "{what}: no gradient");
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (id, w) in want {
+        let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(w, &got[id]) / scale;
+        assert!(d < 1e-4, "{what}: gradient differs by {d:e} (relative)");
+    }
 }
 
 /// Every trainable parameter's gradient, by parameter id.
@@ -154,16 +161,7 @@ fn layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: &B::D
         );
         // 7 targets × 2 factors in each of 3 layers, and the head's 2.
         assert_eq!(want.len(), 3 * 7 * 2 + 2, "nf4 = {nf4}");
-        assert_eq!(got.len(), want.len(), "nf4 = {nf4}");
-        for (id, w) in &want {
-            let g = &got[id];
-            let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-            let d = max_abs_diff(w, g) / scale;
-            assert!(
-                d < 1e-4,
-                "nf4 = {nf4}: gradient differs by {d:e} (relative)"
-            );
-        }
+        assert_same_grads(&want, &got, &format!("nf4 = {nf4}"));
     }
 }
 
@@ -193,13 +191,7 @@ fn gpt2_layerwise_gradients_equal_one_backward_pass<B: AutodiffBackend>(device: 
         (got_loss - want_loss).abs() < 1e-5,
         "{got_loss} vs {want_loss}"
     );
-    assert!(!want.is_empty());
-    assert_eq!(got.len(), want.len());
-    for (id, w) in &want {
-        let scale = w.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let d = max_abs_diff(w, &got[id]) / scale;
-        assert!(d < 1e-4, "gradient differs by {d:e} (relative)");
-    }
+    assert_same_grads(&want, &got, "GPT-2");
 }
 
 /// NF4 quantization of NF4-friendly numbers: the NF4 model's outputs are
