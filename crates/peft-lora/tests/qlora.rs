@@ -211,6 +211,44 @@ fn nf4_base_computes_with_its_dequantized_weights<B: AutodiffBackend>(device: &B
     assert!(8 * bytes < 5 * values, "{bytes} bytes for {values} values");
 }
 
+/// DoRA on an NF4 base (its column norm reads the dequantized weight):
+/// logits and layer-by-layer gradients are those of a dense model holding
+/// the dequantized weights, and merging leaves an `f32` weight.
+fn dora_on_an_nf4_base<B: AutodiffBackend>(device: &B::Device) {
+    let mut cfg = LlamaConfig::new(96, 64, 128, 2, 4, 2);
+    cfg.tie_word_embeddings = false;
+    B::seed(device, 8);
+    let mut base = cfg.init::<B>(device).unwrap();
+    base.quantize_base_nf4().unwrap();
+    let mut config = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+    config.use_dora = true;
+    config.init_lora_weights = InitLoraWeights::Bool(false);
+    let quant = LoraModel::new(base, config).unwrap();
+    let mut dense = quant.model.clone();
+    dense.visit_linears_mut(&mut |_, s| s.dequantize_base());
+    let x = ids::<B>(2, 6, 96, device);
+    let d = max_abs_diff(&logits(&quant.model, &x), &logits(&dense, &x));
+    assert!(d < 1e-5, "{d:e}");
+    let loss = causal_lm_loss(dense.forward(x.clone(), None), x.clone());
+    let want = grads_by_id(
+        &dense,
+        &GradientsParams::from_grads(loss.backward(), &dense),
+    );
+    let (_, grads) = quant
+        .model
+        .loss_and_grads_by_layer(x.clone(), None, 1, |l| causal_lm_loss(l, x.clone()));
+    // A, B and the magnitude in 3 targets of 2 layers.
+    assert_eq!(want.len(), 2 * 3 * 3);
+    assert_same_grads(&want, &grads_by_id(&quant.model, &grads), "DoRA");
+    let mut merged = quant;
+    merged.merge_adapter().unwrap();
+    let d = max_abs_diff(&logits(&merged.model, &x), &logits(&dense, &x));
+    assert!(d < 1e-4, "merged DoRA on NF4: {d:e}");
+    merged.model.visit_linears(&mut |p, s| {
+        assert_eq!(s.is_quantized(), s.lora.is_empty(), "{p}");
+    });
+}
+
 /// LoftQ (`init_lora_weights: "loftq"`): every targeted layer becomes NF4
 /// and its adapter starts at the low-rank part of the quantization error,
 /// so the model is closer to the `f32` one than plain NF4 is, in every
@@ -290,6 +328,7 @@ autodiff_backend_tests!(
     layerwise_gradients_equal_one_backward_pass,
     gpt2_layerwise_gradients_equal_one_backward_pass,
     nf4_base_computes_with_its_dequantized_weights,
+    dora_on_an_nf4_base,
 );
 
 type Cpu = Autodiff<NdArray>;
