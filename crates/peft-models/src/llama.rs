@@ -707,21 +707,13 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
 /// giving back the Hugging Face layout of `w: [heads·head_dim, in]`.
 fn unpermute_rows(w: &HostTensor, heads: usize) -> HostTensor {
     let (rows, cols) = (w.shape[0], w.shape[1]);
-    let hd = rows / heads;
-    let mut out = vec![0.0f32; rows * cols];
-    for h in 0..heads {
-        for a in 0..2 {
-            for b in 0..hd / 2 {
-                let hf = h * hd + a * (hd / 2) + b;
-                let gguf = h * hd + 2 * b + a;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&w.data[gguf * cols..(gguf + 1) * cols]);
-            }
-        }
-    }
+    let data = unpermuted_sources(rows, heads)
+        .into_iter()
+        .flat_map(|gguf| w.data[gguf * cols..(gguf + 1) * cols].iter().copied())
+        .collect();
     HostTensor {
         shape: w.shape.clone(),
-        data: out,
+        data,
     }
 }
 
