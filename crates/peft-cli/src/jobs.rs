@@ -7,8 +7,6 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use peft_adapter::AdapterModel;
 use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::prompt_learning::save_prompt_adapter;
-use peft_core::DEFAULT_ADAPTER;
 use peft_core::{ParamCount, PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
@@ -20,7 +18,7 @@ use serde_json::json;
 
 use crate::data;
 use crate::tasks::{
-    self, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Lm, Method, PromptLm,
+    self, Adapted, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Method,
 };
 use crate::train::{fit, BatchLoss, Metric, RunDir, TrainConfig};
 
@@ -294,6 +292,25 @@ fn train_seq_cls<B: AutodiffBackend>(
                 },
             )
         }
+        method @ (Method::Prefix(_) | Method::Prompt(_)) => {
+            let (encoder, config, count) =
+                tasks::start_virtual::<B, Bert<B>>(&bert, method, job.last().as_deref())?;
+            let model = Classifier { encoder, head };
+            fit_classifier(
+                model,
+                count,
+                &tok,
+                &train,
+                &held,
+                job,
+                &mut run,
+                progress,
+                move |m, dir| {
+                    tasks::save_virtual(&m.encoder, &config, dir)?;
+                    with_labels(dir)
+                },
+            )
+        }
         method => {
             let (encoder, count, save) =
                 tasks::attach_slots::<B, Bert<B>>(bert, method, job.last().as_deref())?;
@@ -368,8 +385,9 @@ where
 type Blocks = Vec<Vec<u32>>;
 
 /// The saver of a causal-LM run's inference model.
-type LmSaver<B, M> =
-    tasks::Saver<Lm<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>>;
+type LmSaver<B, M> = tasks::Saver<
+    Adapted<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>,
+>;
 
 fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
     let text = data::read_text(&job.data)?;
@@ -392,36 +410,9 @@ fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
     Ok((train, held))
 }
 
-/// Beside a projected prefix's or a P-tuning prompt's adapter in a
-/// checkpoint: the unfolded encoder (embedding and MLP / LSTM, PyTorch's
-/// `state_dict` names), from which `--resume` continues. PEFT's own file
-/// holds only the folded prompt.
-pub const ENCODER_STATE_FILE: &str = "encoder_state.safetensors";
-
-/// Writes a prompt-learning checkpoint: PEFT's file with the folded
-/// `prompt` `[n_virtual, width]`, and the full encoder's `state` beside it
-/// when it has more than the prompt.
-fn save_virtual<B: Backend>(
-    dir: &Path,
-    config: &peft_core::prompt_learning::PromptLearningConfig,
-    prompt: burn::tensor::Tensor<B, 2>,
-    state: Option<Vec<(String, HostTensor)>>,
-) -> Result<()> {
-    if let Some(state) = state {
-        peft_core::io::write_atomic(
-            &dir.join(ENCODER_STATE_FILE),
-            &peft_core::io::serialize_safetensors(&state, None),
-        )?;
-    }
-    save_prompt_adapter(dir, config, HostTensor::from_tensor(prompt))
-}
-
-/// The full encoder kept in checkpoint `last`: its path and tensors.
-fn encoder_state(last: &Path) -> Result<(PathBuf, std::collections::HashMap<String, HostTensor>)> {
-    let path = last.join(ENCODER_STATE_FILE);
-    let state = read_safetensors(&path)?;
-    Ok((path, state))
-}
+/// Beside a reparameterised prefix's or prompt's adapter in a checkpoint:
+/// the full encoder, from which `--resume` continues.
+pub use peft_core::prompt_learning::ENCODER_STATE_FILE;
 
 fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
 where
@@ -440,97 +431,30 @@ where
         &job.config_json(json!({})),
     )?;
     let inner_device = burn::tensor::Device::<B::InnerBackend>::default();
-    let (model, count, save): (Lm<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
+    let (model, count, save): (Adapted<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
         Method::Adapter(c) => {
             let a = adapter_model(base, c, job.last().as_deref())?;
             let count = a.param_count();
             let save: LmSaver<B, M> = Box::new(|m, dir| match m {
-                Lm::Adapters(a) => a.save_adapter("default", dir),
+                Adapted::Adapters(a) => a.save_adapter("default", dir),
                 _ => unreachable!("an adapter run keeps its adapters"),
             });
-            (Lm::Adapters(a), count, save)
+            (Adapted::Adapters(a), count, save)
         }
-        Method::Prefix(c) => {
-            let p = match job.last() {
-                Some(last) => PrefixTuningModel::from_pretrained(base.clone(), &last)?,
-                None => PrefixTuningModel::new(base.clone(), c.clone())?,
-            };
-            let mut config = p.config(DEFAULT_ADAPTER)?.clone();
-            let mut encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
-            // The saved adapter is the folded prefix (PEFT's file, loaded for
-            // inference); a projected run continues from the full encoder
-            // kept beside it.
-            if let Some(last) = job
-                .last()
-                .filter(|_| config.prefix_projection == Some(true))
-            {
-                config.inference_mode = false;
-                let (path, state) = encoder_state(&last)?;
-                encoder =
-                    peft_prefix::PrefixEncoder::from_torch_state(&config, state, &path, &device)?;
-            }
-            let count = p.param_count();
-            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prefix(p) => save_virtual(
-                    dir,
-                    &config,
-                    p.encoder.folded().prefix(),
-                    p.encoder
-                        .transform
-                        .is_some()
-                        .then(|| p.encoder.torch_state()),
-                ),
-                _ => unreachable!("a prefix run keeps its prefix"),
-            });
-            let model = PromptLm {
-                model: base.no_grad(),
-                encoder,
-                _b: std::marker::PhantomData,
-            };
-            (Lm::Prefix(model), count, save)
-        }
-        Method::Prompt(c) => {
-            let p = match job.last() {
-                Some(last) => PromptTuningModel::from_pretrained(base.clone(), &last)?,
-                None => PromptTuningModel::new(base.clone(), c.clone())?,
-            };
-            let mut config = p.config(DEFAULT_ADAPTER)?.clone();
-            let mut encoder = p.encoder(DEFAULT_ADAPTER)?.clone();
-            // As for prefixes: a P-tuning run continues from its encoder.
-            let p_tuning =
-                config.peft_type == peft_core::prompt_learning::PromptLearningType::PTuning;
-            if let Some(last) = job.last().filter(|_| p_tuning) {
-                config.inference_mode = false;
-                let (path, state) = encoder_state(&last)?;
-                encoder =
-                    peft_prompt::PromptEncoder::from_torch_state(&config, state, &path, &device)?;
-            }
-            let count = p.param_count();
-            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Prompt(p) => save_virtual(
-                    dir,
-                    &config,
-                    p.encoder.folded().prompt(),
-                    (p.encoder.mlp.is_some() || p.encoder.lstm.is_some())
-                        .then(|| p.encoder.torch_state()),
-                ),
-                _ => unreachable!("a prompt run keeps its prompt"),
-            });
-            let model = PromptLm {
-                model: base.no_grad(),
-                encoder,
-                _b: std::marker::PhantomData,
-            };
-            (Lm::Prompt(model), count, save)
+        method @ (Method::Prefix(_) | Method::Prompt(_)) => {
+            let (model, config, count) =
+                tasks::start_virtual::<B, M>(&base, method, job.last().as_deref())?;
+            let save: LmSaver<B, M> = Box::new(move |m, dir| tasks::save_virtual(m, &config, dir));
+            (model, count, save)
         }
         method => {
             let (m, count, slot_save) =
                 tasks::attach_slots::<B, M>(base, method, job.last().as_deref())?;
             let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Lm::Slots(m) => slot_save(m, dir),
+                Adapted::Slots(m) => slot_save(m, dir),
                 _ => unreachable!("a slot run keeps its slots"),
             });
-            (Lm::Slots(m), count, save)
+            (Adapted::Slots(m), count, save)
         }
     };
     let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
@@ -541,7 +465,7 @@ where
         &mut run,
         |m, idx| match (m, job.quantize) {
             // QLoRA: one layer's weights dequantized at a time.
-            (Lm::Slots(model), Some(_)) => {
+            (Adapted::Slots(model), Some(_)) => {
                 let ids = tasks::ids_batch::<B>(&train, idx, &device);
                 let seed = idx.iter().fold(job.train.seed, |h, &i| {
                     peft_core::rng::SplitMix64(h ^ i as u64).next_u64()
@@ -624,16 +548,21 @@ pub fn eval<B: Backend>(
             };
             let bert = Bert::<B>::load(model, &device)?;
             let head = tasks::load_head::<B>(dir, bert.config.hidden_size, &device)?;
-            match tasks::load_attached(bert, dir)? {
+            match tasks::load_attached(bert.clone(), dir)? {
                 Attached::Slots(m, _) => {
                     tasks::accuracy(&Classifier { encoder: m, head }, &tok, &enc)
                 }
                 Attached::Adapters(a, _) => {
                     tasks::accuracy(&Classifier { encoder: a, head }, &tok, &enc)
                 }
-                Attached::Virtual(_) => Err(PeftError::Config(
-                    "prefix / prompt tuning runs only on causal LMs in this command".into(),
-                )),
+                Attached::Virtual(_) => tasks::accuracy(
+                    &Classifier {
+                        encoder: tasks::load_virtual(bert, dir)?,
+                        head,
+                    },
+                    &tok,
+                    &enc,
+                ),
             }
         }
         (Task::CausalLm, Arch::Llama) => {
@@ -666,10 +595,10 @@ fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     }
     let base = M::load_from(model, &device)?;
     let lm = match adapter {
-        None => Lm::Slots(base),
+        None => Adapted::Slots(base),
         Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(m, _) => Lm::Slots(m),
-            Attached::Adapters(a, _) => Lm::Adapters(a),
+            Attached::Slots(m, _) => Adapted::Slots(m),
+            Attached::Adapters(a, _) => Adapted::Adapters(a),
             Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
         },
     };
@@ -798,18 +727,15 @@ pub fn forward<B: Backend>(
         Arch::Bert => {
             let bert = Bert::<B>::load(model, &device)?;
             let mask = burn::tensor::Tensor::ones([rows.len(), t], &device);
-            let h = match adapter {
-                None => bert.encode(ids, Some(mask)),
-                Some(dir) => match tasks::load_attached(bert, dir)? {
-                    Attached::Slots(m, _) => m.encode(ids, Some(mask)),
-                    Attached::Adapters(a, _) => a.forward(ids, Some(mask))?,
-                    Attached::Virtual(_) => {
-                        return Err(PeftError::Config(
-                            "prefix / prompt tuning runs only on causal LMs in this command".into(),
-                        ))
-                    }
+            let adapted = match adapter {
+                None => Adapted::Slots(bert),
+                Some(dir) => match tasks::load_attached(bert.clone(), dir)? {
+                    Attached::Slots(m, _) => Adapted::Slots(m),
+                    Attached::Adapters(a, _) => Adapted::Adapters(a),
+                    Attached::Virtual(_) => tasks::load_virtual(bert, dir)?,
                 },
             };
+            let h = adapted.hidden(ids, mask)?;
             peft_core::io::HostTensor::from_tensor(h)
         }
     };
@@ -828,10 +754,10 @@ fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(
 ) -> Result<peft_core::io::HostTensor> {
     let base = M::load_from(model, &ids.device())?;
     let lm = match adapter {
-        None => Lm::Slots(base),
+        None => Adapted::Slots(base),
         Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(m, _) => Lm::Slots(m),
-            Attached::Adapters(a, _) => Lm::Adapters(a),
+            Attached::Slots(m, _) => Adapted::Slots(m),
+            Attached::Adapters(a, _) => Adapted::Adapters(a),
             Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
         },
     };

@@ -191,6 +191,28 @@ enum Command {
         /// gradients are summed by an all-reduce.
         #[arg(long, default_value_t = 1)]
         devices: usize,
+        /// Several machines: nodes in the data-parallel job. Every node runs
+        /// this same command (same data and settings) with its own
+        /// --node-rank and --node-address; `peft orchestrator` must run.
+        #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
+        nodes: Option<usize>,
+        /// This node's index, 0..nodes.
+        #[arg(long, requires = "nodes")]
+        node_rank: Option<usize>,
+        /// The orchestrator's address, ws://host:port.
+        #[arg(long, requires = "nodes")]
+        orchestrator: Option<String>,
+        /// This node's address as the other nodes reach it, ws://host:port
+        /// (its tensor data service listens on that port).
+        #[arg(long, requires = "nodes")]
+        node_address: Option<String>,
+    },
+    /// Coordinate a multi-machine data-parallel `peft train --nodes N`:
+    /// Burn's global collective orchestrator, listening until stopped.
+    Orchestrator {
+        /// Port to listen on (the nodes' --orchestrator ws://host:PORT).
+        #[arg(long)]
+        port: u16,
     },
     /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
     Eval {
@@ -332,7 +354,13 @@ fn method_from(
             None => PromptLearningConfig::prefix_tuning(virtual_tokens),
         }),
         MethodArg::Prompt => Method::Prompt(match config {
-            Some(p) => PromptLearningConfig::from_file(p, &[PromptLearningType::PromptTuning])?,
+            Some(p) => PromptLearningConfig::from_file(
+                p,
+                &[
+                    PromptLearningType::PromptTuning,
+                    PromptLearningType::PTuning,
+                ],
+            )?,
             None => {
                 let init = match prompt_init {
                     "random" => PromptTuningInit::Random,
@@ -419,8 +447,23 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             block_size,
             quantize,
             devices,
+            nodes,
+            node_rank,
+            orchestrator,
+            node_address,
         } => {
-            let job = match resume {
+            let cluster = match (nodes, node_rank, orchestrator, node_address) {
+                (Some(nodes), Some(rank), Some(orchestrator), Some(address)) => {
+                    Some(peft_cli::train::Cluster {
+                        nodes,
+                        rank,
+                        orchestrator,
+                        address,
+                    })
+                }
+                _ => None,
+            };
+            let mut job = match resume {
                 Some(dir) => {
                     let mut job = TrainJob::resume_from(&dir)?;
                     job.train.stop_after = stop_after;
@@ -466,6 +509,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                             max_steps,
                             stop_after,
                             devices,
+                            cluster: None,
                         },
                         text_column,
                         label_column,
@@ -480,6 +524,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                     }
                 }
             };
+            job.train.cluster = cluster;
             let report = jobs::train::<CpuTrainBackend>(&job, &progress_bar())?;
             let p = report.params;
             println!(
@@ -580,6 +625,15 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                     dtype.name()
                 );
             }
+            Ok(())
+        }
+        Command::Orchestrator { port } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| PeftError::State(format!("no async runtime: {e}")))?;
+            println!("orchestrator listening on port {port}");
+            runtime.block_on(burn_collective::start_global_orchestrator(port));
             Ok(())
         }
         Command::Inspect { dir } => {

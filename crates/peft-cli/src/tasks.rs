@@ -1,6 +1,7 @@
 //! What `peft train` / `peft eval` run: a model (BERT for sequence
 //! classification; Llama or GPT-2 for causal LM) with one method (LoRA,
-//! DoRA, (IA)³ or a bottleneck adapter), the loss and the evaluation.
+//! DoRA, (IA)³, a bottleneck adapter, a prefix or a soft prompt), the loss and
+//! the evaluation.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
-use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
 use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result};
 use peft_lora::LoraModel;
 use peft_models::bert::Bert;
@@ -374,11 +375,12 @@ impl<B: Backend> CausalModel<B> for Gpt2<B> {
     }
 }
 
-/// A causal LM with its method: the plain model (LoRA / (IA)³ live in its
-/// slots) or the model with bottleneck adapters.
+/// A model with its method: the plain model (LoRA / (IA)³ live in its
+/// slots), the model with bottleneck adapters, or a frozen model after
+/// trainable virtual tokens.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
-pub enum Lm<B: Backend, M: Module<B>> {
+pub enum Adapted<B: Backend, M: Module<B>> {
     /// LoRA, DoRA, (IA)³.
     Slots(M),
     /// Bottleneck adapters.
@@ -400,41 +402,104 @@ pub struct PromptLm<B: Backend, M: Module<B>, E: Module<B>> {
     pub _b: std::marker::PhantomData<B>,
 }
 
-impl<B: Backend, M: CausalModel<B> + Module<B>> Lm<B, M> {
+impl<B: Backend, M: Module<B>, E: Module<B>> PromptLm<B, M, E> {
+    /// `model` frozen, before `encoder`.
+    pub fn new(model: M, encoder: E) -> Self {
+        PromptLm {
+            model: model.no_grad(),
+            encoder,
+            _b: std::marker::PhantomData,
+        }
+    }
+}
+
+/// How an encoder's virtual tokens enter a frozen model `M`.
+pub trait Virtual<B: Backend, M>: VirtualTokenEncoder<B> {
+    /// The model's output `[b, positions + t, ·]` on `ids: [b, t]` after the
+    /// virtual tokens; `mask: [b, t]` covers the real tokens.
+    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3>;
+    /// Positions the virtual tokens add at the front of the output (a soft
+    /// prompt's; a prefix adds none).
+    fn positions(&self) -> usize;
+}
+
+impl<B: Backend, M: AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>> Virtual<B, M>
+    for PrefixEncoder<B>
+{
+    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let (kv_heads, head_dim) = model.kv_shape();
+        let cache = self.cache(
+            ids.dims()[0],
+            model.num_attention_layers(),
+            kv_heads,
+            head_dim,
+        );
+        model.forward_with_prefix(ids, mask, cache)
+    }
+
+    fn positions(&self) -> usize {
+        0
+    }
+}
+
+impl<B: Backend, M: EmbeddingSeam<B, Output = Tensor<B, 3>>> Virtual<B, M> for PromptEncoder<B> {
+    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let b = ids.dims()[0];
+        let prompt = self.prompt();
+        let [n, d] = prompt.dims();
+        let embeds = Tensor::cat(
+            vec![
+                prompt.unsqueeze::<3>().expand([b, n, d]),
+                model.embed_tokens(ids),
+            ],
+            1,
+        );
+        let mask = mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &m.device()), m], 1));
+        model.forward_embeds(embeds, mask)
+    }
+
+    fn positions(&self) -> usize {
+        self.num_virtual_tokens()
+    }
+}
+
+impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     /// Logits `[b, n + t, vocab]`, `n` = [`virtual_tokens`](Self::virtual_tokens)
     /// (a soft prompt's positions come first; a prefix has none).
     pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
-        let b = ids.dims()[0];
         match self {
-            Lm::Slots(m) => Ok(m.lm_logits(ids)),
-            Lm::Adapters(a) => a.forward(ids, None),
-            Lm::Prefix(p) => {
-                let (kv_heads, head_dim) = p.model.kv_shape();
-                let layers = p.model.num_attention_layers();
-                let cache = p.encoder.cache(b, layers, kv_heads, head_dim);
-                Ok(p.model.forward_with_prefix(ids, None, cache))
-            }
-            Lm::Prompt(p) => {
-                let prompt = p.encoder.prompt();
-                let [n, d] = prompt.dims();
-                let embeds = Tensor::cat(
-                    vec![
-                        prompt.unsqueeze::<3>().expand([b, n, d]),
-                        p.model.embed_tokens(ids),
-                    ],
-                    1,
-                );
-                Ok(p.model.forward_embeds(embeds, None))
-            }
+            Adapted::Slots(m) => Ok(m.lm_logits(ids)),
+            Adapted::Adapters(a) => a.forward(ids, None),
+            Adapted::Prefix(p) => Ok(p.encoder.run(&p.model, ids, None)),
+            Adapted::Prompt(p) => Ok(p.encoder.run(&p.model, ids, None)),
         }
     }
 
     /// Virtual positions at the start of the logits (a soft prompt's).
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Lm::Prompt(p) => p.encoder.num_virtual_tokens(),
+            Adapted::Prefix(p) => Virtual::<B, M>::positions(&p.encoder),
+            Adapted::Prompt(p) => Virtual::<B, M>::positions(&p.encoder),
             _ => 0,
         }
+    }
+}
+
+impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
+    /// The real tokens' hidden states (a soft prompt's positions dropped:
+    /// pooling reads the real tokens, which attended to it).
+    fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+        let t = ids.dims()[1];
+        let after = |h: Tensor<B, 3>, n: usize| h.narrow(1, n, t);
+        Ok(match self {
+            Adapted::Slots(m) => m.encode(ids, Some(mask)),
+            Adapted::Adapters(a) => a.forward(ids, Some(mask))?,
+            Adapted::Prefix(p) => p.encoder.run(&p.model, ids, Some(mask)),
+            Adapted::Prompt(p) => after(
+                p.encoder.run(&p.model, ids, Some(mask)),
+                Virtual::<B, Bert<B>>::positions(&p.encoder),
+            ),
+        })
     }
 }
 
@@ -453,7 +518,7 @@ pub fn ids_batch<B: Backend>(
 
 /// Mean next-token loss of a batch of blocks, and its token count.
 pub fn lm_loss<B: Backend, M: CausalModel<B> + Module<B>>(
-    model: &Lm<B, M>,
+    model: &Adapted<B, M>,
     blocks: &[Vec<u32>],
     idx: &[usize],
     device: &B::Device,
@@ -469,7 +534,7 @@ pub fn lm_loss<B: Backend, M: CausalModel<B> + Module<B>>(
 
 /// Perplexity on `blocks` (the exponential of the mean next-token loss).
 pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
-    model: &Lm<B, M>,
+    model: &Adapted<B, M>,
     blocks: &[Vec<u32>],
     device: &B::Device,
 ) -> Result<Metric> {
@@ -539,33 +604,24 @@ pub enum Attached<B: Backend, M: Module<B>> {
     Slots(M, peft_core::ParamCount),
     /// Bottleneck adapters around the model.
     Adapters(AdapterModel<B, M>, peft_core::ParamCount),
-    /// Prefix or prompt tuning (only for causal LMs; see [`load_virtual`]).
+    /// Prefix or prompt tuning (attach with [`load_virtual`]: it is not in the model's slots).
     Virtual(Method),
 }
 
-/// A saved prefix / prompt folder as a causal LM with it.
-pub fn load_virtual<B: Backend, M: CausalModel<B> + Module<B>>(
-    model: M,
-    dir: &Path,
-) -> Result<Lm<B, M>> {
+/// A saved prefix / prompt folder before `model` (for evaluation).
+pub fn load_virtual<B: Backend, M>(model: M, dir: &Path) -> Result<Adapted<B, M>>
+where
+    M: AttentionPrefixSeam<B> + EmbeddingSeam<B> + Module<B> + Clone,
+{
+    let default = peft_core::DEFAULT_ADAPTER;
     Ok(match Method::detect(dir)? {
         Method::Prefix(_) => {
             let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;
-            let encoder = p.encoder(peft_core::DEFAULT_ADAPTER)?.clone();
-            Lm::Prefix(PromptLm {
-                model,
-                encoder,
-                _b: std::marker::PhantomData,
-            })
+            Adapted::Prefix(PromptLm::new(model, p.encoder(default)?.clone()))
         }
         Method::Prompt(_) => {
             let p = PromptTuningModel::from_pretrained(model.clone(), dir)?;
-            let encoder = p.encoder(peft_core::DEFAULT_ADAPTER)?.clone();
-            Lm::Prompt(PromptLm {
-                model,
-                encoder,
-                _b: std::marker::PhantomData,
-            })
+            Adapted::Prompt(PromptLm::new(model, p.encoder(default)?.clone()))
         }
         other => {
             return Err(PeftError::Config(format!(
@@ -574,6 +630,87 @@ pub fn load_virtual<B: Backend, M: CausalModel<B> + Module<B>>(
             )))
         }
     })
+}
+
+/// The encoder of a prefix / prompt run to train, its config (model fields
+/// filled) and the parameter count: fresh per `config`, or continued from
+/// the `last/` checkpoint `from` (its full encoder when it kept one).
+pub fn start_virtual<B: Backend, M>(
+    model: &M,
+    method: &Method,
+    from: Option<&Path>,
+) -> Result<(Adapted<B, M>, PromptLearningConfig, peft_core::ParamCount)>
+where
+    M: AttentionPrefixSeam<B> + EmbeddingSeam<B> + Module<B> + Clone,
+{
+    let default = peft_core::DEFAULT_ADAPTER;
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    Ok(match (method, from) {
+        (Method::Prefix(_), Some(dir)) => {
+            let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;
+            let config = p.config(default)?.clone();
+            let encoder = PrefixEncoder::load_to_train(dir, &config, &device)?;
+            let count = p.param_count();
+            (
+                Adapted::Prefix(PromptLm::new(p.model, encoder)),
+                config,
+                count,
+            )
+        }
+        (Method::Prefix(c), None) => {
+            let p = PrefixTuningModel::new(model.clone(), c.clone())?;
+            let (config, count) = (p.config(default)?.clone(), p.param_count());
+            let encoder = p.encoder(default)?.clone();
+            (
+                Adapted::Prefix(PromptLm::new(p.model, encoder)),
+                config,
+                count,
+            )
+        }
+        (Method::Prompt(_), Some(dir)) => {
+            let p = PromptTuningModel::from_pretrained(model.clone(), dir)?;
+            let config = p.config(default)?.clone();
+            let encoder = PromptEncoder::load_to_train(dir, &config, &device)?;
+            let count = p.param_count();
+            (
+                Adapted::Prompt(PromptLm::new(p.model, encoder)),
+                config,
+                count,
+            )
+        }
+        (Method::Prompt(c), None) => {
+            let p = PromptTuningModel::new(model.clone(), c.clone())?;
+            let (config, count) = (p.config(default)?.clone(), p.param_count());
+            let encoder = p.encoder(default)?.clone();
+            (
+                Adapted::Prompt(PromptLm::new(p.model, encoder)),
+                config,
+                count,
+            )
+        }
+        (other, _) => {
+            return Err(PeftError::Config(format!(
+                "{} is not a prefix or prompt",
+                other.name()
+            )))
+        }
+    })
+}
+
+/// Writes the adapter of a prefix / prompt run (PEFT's files, and the full
+/// encoder beside them when it has a reparameterisation).
+pub fn save_virtual<B: Backend, M: Module<B>>(
+    model: &Adapted<B, M>,
+    config: &PromptLearningConfig,
+    dir: &Path,
+) -> Result<()> {
+    match model {
+        Adapted::Prefix(p) => p.encoder.save(dir, config),
+        Adapted::Prompt(p) => p.encoder.save(dir, config),
+        _ => Err(PeftError::State(
+            "a prefix / prompt run lost its virtual tokens".into(),
+        )),
+    }
 }
 
 /// Saves the adapter carried by a model into a folder.

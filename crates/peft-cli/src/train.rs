@@ -76,6 +76,65 @@ pub struct TrainConfig {
     /// micro-batch; dropout masks then depend on thread timing.
     #[serde(default = "one")]
     pub devices: usize,
+    /// Several machines: this process is one node of a data-parallel job
+    /// whose nodes meet through Burn's global collective. Not saved with the
+    /// run (addresses change): a resumed node is given it again.
+    #[serde(skip)]
+    pub cluster: Option<Cluster>,
+}
+
+/// This process's place in a multi-machine data-parallel job.
+///
+/// Every node runs the same `peft train` (same data, seed and settings)
+/// with `devices` replicas; each micro-batch is cut into `nodes · devices`
+/// shards, node `rank` computing shards `rank·devices ..`, and the
+/// gradients are summed over all of them (Burn's collective: within the
+/// node, then a tree across nodes through the orchestrator). Every node then
+/// takes the same optimizer step, so all hold the same adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Nodes in the job.
+    pub nodes: usize,
+    /// This node's index in `0..nodes`.
+    pub rank: usize,
+    /// The orchestrator (`peft orchestrator --port P`): `ws://host:P`.
+    pub orchestrator: String,
+    /// This node as the others reach it, `ws://host:port`; its tensor data
+    /// service listens on that port.
+    pub address: String,
+}
+
+impl Cluster {
+    /// The port of [`address`](Self::address).
+    pub fn data_port(&self) -> Result<u16> {
+        self.address
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| {
+                PeftError::Config(format!(
+                    "node address {} has no port (ws://host:port)",
+                    self.address
+                ))
+            })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.nodes == 0 || self.rank >= self.nodes {
+            return Err(PeftError::Config(format!(
+                "node rank {} is not in 0..{} nodes",
+                self.rank, self.nodes
+            )));
+        }
+        for a in [&self.orchestrator, &self.address] {
+            if !a.starts_with("ws://") {
+                return Err(PeftError::Config(format!(
+                    "{a} is not a ws://host:port address"
+                )));
+            }
+        }
+        self.data_port().map(|_| ())
+    }
 }
 
 fn one() -> usize {
@@ -99,6 +158,7 @@ impl Default for TrainConfig {
             max_steps: None,
             stop_after: None,
             devices: 1,
+            cluster: None,
         }
     }
 }
@@ -113,10 +173,19 @@ impl TrainConfig {
         if self.batch == 0 || self.grad_accum == 0 || self.epochs == 0 || self.devices == 0 {
             return bad("batch, grad-accum, epochs and devices must be at least 1".into());
         }
-        if self.devices > self.batch {
+        let nodes = match &self.cluster {
+            Some(c) => {
+                c.check()?;
+                c.nodes
+            }
+            None => 1,
+        };
+        if self.devices * nodes > self.batch {
             return bad(format!(
-                "{} data-parallel devices need micro-batches of at least as many examples (batch {})",
-                self.devices, self.batch
+                "{} data-parallel workers ({nodes} node(s) × {} devices) need micro-batches of at least as many examples (batch {})",
+                self.devices * nodes,
+                self.devices,
+                self.batch
             ));
         }
         if !(0.0..1.0).contains(&self.warmup) {
@@ -511,29 +580,60 @@ impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for FreshLeaves {
     }
 }
 
-/// The data-parallel workers of a run: peers `0..n` of Burn's collective,
-/// registered for the run's lifetime (unregistered when dropped).
+/// The data-parallel workers of a run: this process's peers of Burn's
+/// collective (one per device), registered for the run's lifetime and, in a
+/// multi-machine job, joined to the other nodes' through the orchestrator.
 struct Peers<B: AutodiffBackend> {
-    n: usize,
+    /// Replicas in this process.
+    local: usize,
+    /// Index of this process's first shard among all the job's shards.
+    first: usize,
+    /// Shards of each micro-batch over the whole job.
+    total: usize,
     _b: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> Peers<B> {
-    /// `None` for one device; otherwise `n` registered peers on `device`.
-    fn register(n: usize, device: &B::Device) -> Result<Option<Self>> {
-        use burn::collective::{register, reset_collective, CollectiveConfig, PeerId};
-        if n <= 1 {
+    /// `None` for one device on one machine; otherwise `devices` registered
+    /// peers on `device`.
+    fn register(
+        devices: usize,
+        cluster: Option<&Cluster>,
+        device: &B::Device,
+    ) -> Result<Option<Self>> {
+        use burn::collective::{register, reset_collective, AllReduceStrategy, CollectiveConfig};
+        if devices <= 1 && cluster.is_none() {
             return Ok(None);
         }
         // A run that failed earlier in this process may have left peers.
         reset_collective::<B::InnerBackend>();
-        let config = CollectiveConfig::default().with_num_devices(n);
-        // Registration is a barrier: every peer registers at once.
+        let mut config = CollectiveConfig::default().with_num_devices(devices);
+        let (first, total) = match cluster {
+            None => (0, devices),
+            Some(c) => {
+                let address = |a: &str| {
+                    a.parse::<burn_communication::Address>()
+                        .map_err(|e| PeftError::Config(format!("address {a}: {e}")))
+                };
+                // A tree, not Burn's default ring, across nodes: a ring
+                // cuts every tensor into one slice per node and refuses
+                // tensors smaller than that (a bias of a small head).
+                config = config
+                    .with_num_nodes(c.nodes as u32)
+                    .with_global_address(address(&c.orchestrator)?)
+                    .with_node_address(address(&c.address)?)
+                    .with_data_service_port(c.data_port()?)
+                    .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2));
+                (c.rank * devices, c.nodes * devices)
+            }
+        };
+        // Registration is a barrier: every peer registers at once (and, in
+        // a multi-machine job, every node).
         std::thread::scope(|s| {
-            let joins: Vec<_> = (0..n)
+            let joins: Vec<_> = (0..devices)
                 .map(|i| {
                     let (device, config) = (device.clone(), config.clone());
-                    s.spawn(move || register::<B::InnerBackend>(PeerId::from(i), device, config))
+                    s.spawn(move || register::<B::InnerBackend>(i.into(), device, config))
                 })
                 .collect();
             joins
@@ -543,16 +643,21 @@ impl<B: AutodiffBackend> Peers<B> {
         })
         .map_err(|e| PeftError::State(format!("data-parallel peers do not register: {e:?}")))?;
         Ok(Some(Peers {
-            n,
+            local: devices,
+            first,
+            total,
             _b: std::marker::PhantomData,
         }))
     }
 
-    /// One micro-batch split into `n` contiguous shards, each run on its own
-    /// replica of `model` in its own thread; every shard's gradient is
-    /// weighted by its share of the micro-batch (times `weight`) and the
-    /// shards' gradients are summed by an all-reduce. Returns the weighted
-    /// mean loss, the tokens, and the summed gradients.
+    /// One micro-batch cut into the job's `total` contiguous shards, this
+    /// process's run each on its own replica of `model` in its own thread;
+    /// every shard's gradient is weighted by its share of the micro-batch
+    /// (times `weight`), and an all-reduce sums the gradients, the loss and
+    /// the token count over every shard of the job. A shard past the end of
+    /// a short last batch contributes zeros (the all-reduce needs every
+    /// peer). Returns the weighted mean loss, the tokens, and the summed
+    /// gradients.
     fn step<M, L>(
         &self,
         model: &M,
@@ -565,19 +670,26 @@ impl<B: AutodiffBackend> Peers<B> {
         L: Fn(&M, &[usize]) -> Result<(BatchLoss<B>, usize)> + Sync,
     {
         use burn::collective::{PeerId, ReduceOperation};
-        let size = batch.len().div_ceil(self.n);
-        let shards: Vec<&[usize]> = batch.chunks(size).collect();
-        // Phase 1: every shard's loss and gradients (an error here leaves no
-        // peer waiting in an all-reduce).
+        let size = batch.len().div_ceil(self.total);
+        let shard = |k: usize| {
+            let from = (k * size).min(batch.len());
+            &batch[from..(from + size).min(batch.len())]
+        };
+        // Phase 1: every local shard's loss and gradients (an error here
+        // leaves no local peer waiting in an all-reduce).
         let parts: Vec<Result<(f64, usize, GradientsParams)>> = std::thread::scope(|s| {
-            let joins: Vec<_> = shards
-                .iter()
-                .map(|shard| {
+            let joins: Vec<_> = (0..self.local)
+                .map(|i| {
+                    let rows = shard(self.first + i);
                     let replica = model.clone().map(&mut FreshLeaves);
-                    let share = shard.len() as f64 / batch.len() as f64;
+                    let share = rows.len() as f64 / batch.len() as f64;
                     s.spawn(move || {
+                        // An empty shard still differentiates (one row,
+                        // weight 0) so that its peer has every gradient.
+                        let run = if rows.is_empty() { &batch[..1] } else { rows };
                         let (value, n, grads) =
-                            differentiate(&replica, loss(&replica, shard)?, weight * share);
+                            differentiate(&replica, loss(&replica, run)?, weight * share);
+                        let n = if rows.is_empty() { 0 } else { n };
                         Ok((value * share, n, grads))
                     })
                 })
@@ -588,24 +700,35 @@ impl<B: AutodiffBackend> Peers<B> {
                 .collect()
         });
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
-        let value = parts.iter().map(|p| p.0).sum();
-        let tokens = parts.iter().map(|p| p.1).sum();
-        if parts.len() < self.n {
-            // Fewer shards than peers (a short last batch): sum here.
-            let mut accum = GradientsAccumulator::<M>::new();
-            for (_, _, g) in parts {
-                accum.accumulate(model, g);
-            }
-            return Ok((value, tokens, accum.grads()));
-        }
-        // Phase 2: the all-reduce, every peer at once.
+        let device = model.devices().into_iter().next().unwrap_or_default();
+        // Phase 2: the all-reduce, every peer at once: gradients, then the
+        // loss and token count (so every node logs, and stops on, the
+        // job's loss).
         let reduced: Vec<_> = std::thread::scope(|s| {
             let joins: Vec<_> = parts
                 .into_iter()
                 .enumerate()
-                .map(|(i, (_, _, grads))| {
+                .map(|(i, (value, n, grads))| {
+                    let (device, model) = (device.clone(), model.clone());
                     s.spawn(move || {
-                        grads.all_reduce::<B::InnerBackend>(PeerId::from(i), ReduceOperation::Sum)
+                        let grads = all_reduce_grads(&model, grads, PeerId::from(i))?;
+                        let stats = Tensor::<B::InnerBackend, 1>::from_floats(
+                            [value as f32, n as f32],
+                            &device,
+                        );
+                        let stats = burn::collective::all_reduce::<B::InnerBackend>(
+                            PeerId::from(i),
+                            stats.into_primitive().tensor(),
+                            ReduceOperation::Sum,
+                        )?;
+                        let stats: Vec<f32> = Tensor::<B::InnerBackend, 1>::from_primitive(
+                            burn::tensor::TensorPrimitive::Float(stats),
+                        )
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec()
+                        .unwrap_or_default();
+                        Ok::<_, burn::collective::CollectiveError>((stats, grads))
                     })
                 })
                 .collect();
@@ -618,13 +741,71 @@ impl<B: AutodiffBackend> Peers<B> {
             .into_iter()
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| PeftError::State(format!("the gradient all-reduce failed: {e:?}")))?;
-        // Every peer now holds the same sum.
-        Ok((value, tokens, reduced.swap_remove(0)))
+        // Every peer now holds the same sums.
+        let (stats, grads) = reduced.swap_remove(0);
+        Ok((stats[0] as f64, stats[1].round() as usize, grads))
+    }
+}
+
+/// Sums every gradient over all peers of the collective, parameter by
+/// parameter in the model's visiting order, which is the same in every
+/// process. (Burn's `GradientsParams::all_reduce` goes in `ParamId` order,
+/// and ids are drawn anew in each process: two nodes would pair different
+/// parameters.)
+fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: GradientsParams,
+    peer: burn::collective::PeerId,
+) -> std::result::Result<GradientsParams, burn::collective::CollectiveError> {
+    struct Reduce {
+        grads: GradientsParams,
+        peer: burn::collective::PeerId,
+        done: std::collections::HashSet<ParamId>,
+        error: Option<burn::collective::CollectiveError>,
+    }
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Reduce {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            // A shared parameter is visited once per use, reduced once.
+            if self.error.is_some() || !self.done.insert(param.id) {
+                return;
+            }
+            let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+                return;
+            };
+            match burn::collective::all_reduce::<B::InnerBackend>(
+                self.peer,
+                g.into_primitive().tensor(),
+                burn::collective::ReduceOperation::Sum,
+            ) {
+                Ok(sum) => self.grads.register(
+                    param.id,
+                    Tensor::<B::InnerBackend, D>::from_primitive(
+                        burn::tensor::TensorPrimitive::Float(sum),
+                    ),
+                ),
+                Err(e) => self.error = Some(e),
+            }
+        }
+    }
+    let mut reduce = Reduce {
+        grads,
+        peer,
+        done: Default::default(),
+        error: None,
+    };
+    model.visit(&mut reduce);
+    match reduce.error {
+        Some(e) => Err(e),
+        None => Ok(reduce.grads),
     }
 }
 
 impl<B: AutodiffBackend> Drop for Peers<B> {
     fn drop(&mut self) {
+        for i in 0..self.local {
+            // Closes the node's link to the orchestrator after the last peer.
+            let _ = burn::collective::finish_collective::<B::InnerBackend>(i.into());
+        }
         burn::collective::reset_collective::<B::InnerBackend>();
     }
 }
@@ -651,7 +832,7 @@ where
 {
     config.validate()?;
     let device = model.devices().into_iter().next().unwrap_or_default();
-    let peers = Peers::<B>::register(config.devices, &device)?;
+    let peers = Peers::<B>::register(config.devices, config.cluster.as_ref(), &device)?;
     let total = config.total_steps(n_train);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
@@ -789,7 +970,7 @@ where
                         .wrapping_add((step * config.grad_accum + k) as u64),
                 );
                 let weight = 1.0 / group.len() as f64;
-                let (value, n_tokens, grads) = match peers.as_ref().filter(|p| batch.len() >= p.n) {
+                let (value, n_tokens, grads) = match &peers {
                     Some(p) => p.step(&model, batch, weight, &loss)?,
                     None => differentiate(&model, loss(&model, batch)?, weight),
                 };

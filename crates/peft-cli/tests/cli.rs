@@ -11,6 +11,7 @@ use peft_cli::jobs::{self, Task, TrainJob};
 use peft_cli::tasks::Method;
 use peft_cli::train::TrainConfig;
 use peft_core::backends::CpuTrainBackend;
+use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
 use peft_models::assets;
 use peft_models::datasets::rotten_tomatoes;
@@ -136,10 +137,26 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³ and a bottleneck adapter run through the same pipeline.
+    // (IA)³, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // LSTM (with encoder dropout) run through the same pipeline: the frozen
+    // BERT, the method's parameters and the head.
+    let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
+    lstm.encoder_dropout = Some(0.1);
     for (name, method) in [
         ("ia3", Method::Ia3(Ia3Config::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
+        (
+            "prefix",
+            Method::Prefix(PromptLearningConfig::prefix_tuning(3)),
+        ),
+        (
+            "prompt",
+            Method::Prompt(PromptLearningConfig::prompt_tuning(
+                4,
+                PromptTuningInit::SampleVocab,
+            )),
+        ),
+        ("p-tuning", Method::Prompt(lstm)),
     ] {
         let out = dir.join(name);
         let train = TrainConfig {
@@ -168,6 +185,30 @@ fn a_short_run_writes_what_eval_reads_back() {
         )
         .unwrap();
         assert_eq!(m.value, r.after.value, "{name}");
+        let virtual_params = match name {
+            // 3 virtual tokens × 6 layers × (key + value) × 384.
+            "prefix" => Some(3 * 6 * 2 * 384),
+            "prompt" => Some(4 * 384),
+            _ => None,
+        };
+        if let Some(n) = virtual_params {
+            assert_eq!(
+                r.params.trainable,
+                n + 770,
+                "{name}: only tokens and head train"
+            );
+            // `peft forward` returns the real tokens' hidden states.
+            let ids = dir.join("ids.json");
+            std::fs::write(&ids, "[[101, 2023, 3185, 102]]").unwrap();
+            let shape = jobs::forward::<Inference>(
+                &minilm,
+                Some(&out.join("best")),
+                &ids,
+                &dir.join(format!("{name}.safetensors")),
+            )
+            .unwrap();
+            assert_eq!(shape, vec![1, 4, 384], "{name}");
+        }
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -636,7 +677,6 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
 /// unfolded encoder beside PEFT's folded file.
 #[test]
 fn resumed_prefix_and_p_tuning_runs_equal_uninterrupted_ones() {
-    use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig};
     let _turn = serial();
     let dir = temp("resume-encoders");
     let data_file = ishmael_file(&dir);
@@ -1096,5 +1136,178 @@ fn data_parallel_run_equals_one_device() {
     bad.train.batch = 2;
     let e = jobs::train::<CpuTrainBackend>(&bad, &hidden).unwrap_err();
     assert!(e.to_string().contains("devices"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Kills the processes it holds when dropped (a failed test leaves none).
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Several machines, as two `peft train --nodes 2` processes on this one
+/// joined by `peft orchestrator` (Burn's global collective over
+/// WebSockets): each node computes its shard of every micro-batch (an odd
+/// last batch included), and both save the adapter of the one-process run.
+#[test]
+fn two_nodes_train_as_one_process() {
+    let _turn = serial();
+    let dir = temp("nodes");
+    let data_file = ishmael_file(&dir);
+    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let one = TrainJob {
+        model: gguf.clone(),
+        data: data_file.clone(),
+        task: Task::CausalLm,
+        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
+        out: dir.join("one"),
+        train: TrainConfig {
+            batch: 3,
+            lr: 1e-2,
+            ..Default::default()
+        },
+        text_column: "text".into(),
+        label_column: "label".into(),
+        held_out: 0.2,
+        max_train: Some(7),
+        block_size: 8,
+        resume: false,
+        quantize: None,
+    };
+    let a = jobs::train::<CpuTrainBackend>(&one, &indicatif::ProgressBar::hidden()).unwrap();
+    assert_eq!(a.steps, 3, "7 blocks in batches of 3");
+
+    let port = free_port();
+    let mut children = Children(vec![Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args(["orchestrator", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()]);
+    let orchestrator = format!("ws://127.0.0.1:{port}");
+    let nodes: Vec<usize> = (0..2)
+        .map(|rank| {
+            let out = dir.join(format!("node{rank}"));
+            let args: Vec<String> = [
+                "train",
+                "--method",
+                "lora",
+                "--task",
+                "causal-lm",
+                "--r",
+                "4",
+                "--alpha",
+                "8",
+                "--targets",
+                "q_proj,v_proj,up_proj",
+                "--batch",
+                "3",
+                "--lr",
+                "0.01",
+                "--held-out",
+                "0.2",
+                "--max-train",
+                "7",
+                "--block-size",
+                "8",
+                "--nodes",
+                "2",
+                "--orchestrator",
+                &orchestrator,
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([
+                "--model".into(),
+                gguf.display().to_string(),
+                "--data".into(),
+                data_file.display().to_string(),
+                "--out".into(),
+                out.display().to_string(),
+                "--node-rank".into(),
+                rank.to_string(),
+                "--node-address".into(),
+                format!("ws://127.0.0.1:{}", free_port()),
+            ])
+            .collect();
+            children.0.push(
+                Command::new(env!("CARGO_BIN_EXE_peft"))
+                    .args(&args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            children.0.len() - 1
+        })
+        .collect();
+    // A node that never hears from the other would wait forever: give up
+    // after five minutes (the children are killed on the way out).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    for &i in &nodes {
+        loop {
+            if let Some(status) = children.0[i].try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                children.0[i]
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert!(status.success(), "node {i}: {err}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the nodes did not finish in 5 minutes"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let read = |run: &str| {
+        peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
+            .unwrap()
+    };
+    let (x, n0, n1) = (read("one"), read("node0"), read("node1"));
+    assert_eq!(n0, n1, "the nodes hold different adapters");
+    assert_eq!(x.len(), n0.len());
+    for (k, t) in &x {
+        let d = t
+            .data
+            .iter()
+            .zip(&n0[k].data)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-5, "{k} differs by {d:e}");
+    }
+    // Both nodes logged the job's loss (all-reduced), the one-process run's.
+    let losses = |run: &str| {
+        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect::<Vec<f64>>()
+    };
+    let (l1, l0) = (losses("one"), losses("node0"));
+    assert_eq!(l1.len(), l0.len());
+    for (p, q) in l1.iter().zip(&l0) {
+        assert!((p - q).abs() < 1e-4 * p.abs(), "loss {p} vs {q}");
+    }
+    drop(children);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -102,6 +102,20 @@ impl<T> NamedAdapters<T> {
         Ok(())
     }
 
+    /// The same names, activation and switch, each adapter replaced by
+    /// `f(adapter)`: e.g. every encoder as its inference module.
+    pub fn map_all<U>(&self, mut f: impl FnMut(&T) -> U) -> NamedAdapters<U> {
+        NamedAdapters {
+            entries: self
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), f(v)))
+                .collect(),
+            active: self.active.clone(),
+            disabled: self.disabled,
+        }
+    }
+
     /// Adapter names, in insertion order.
     pub fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
@@ -149,6 +163,8 @@ mod tests {
         a.enable();
         a.map("x", |v| v + 1).unwrap();
         assert_eq!(a.running(), Some(("x", &6)));
+        let doubled = a.map_all(|v| 2 * v);
+        assert_eq!(doubled.running(), Some(("x", &12)));
         assert!(a.map("y", |v| v).is_err());
     }
 }

@@ -511,3 +511,90 @@ mod tests {
         assert!(t.validate().is_err(), "TEXT without text");
     }
 }
+
+/// The trainable part of one prompt-learning adapter (a prefix, a soft
+/// prompt, a P-tuning encoder): what a training loop, a checkpoint and
+/// PEFT's file need from it, whichever method it belongs to.
+///
+/// Invariant: [`prompt_embeddings`](Self::prompt_embeddings) has the shape
+/// [`PromptLearningConfig::embedding_shape`] of the config the encoder was
+/// built for, and [`from_embeddings`](Self::from_embeddings) of it gives an
+/// encoder with the same output.
+pub trait VirtualTokenEncoder<B: burn::tensor::backend::Backend>:
+    burn::module::Module<B> + Sized
+{
+    /// The `peft_type`s whose files this encoder reads.
+    const PEFT_TYPES: &'static [PromptLearningType];
+
+    /// Number of virtual tokens.
+    fn num_virtual_tokens(&self) -> usize;
+
+    /// `[n_virtual, width]`, through the reparameterisation when there is
+    /// one: what PEFT saves as `prompt_embeddings`.
+    fn prompt_embeddings(&self) -> burn::tensor::Tensor<B, 2>;
+
+    /// Whether the encoder holds a reparameterisation (a prefix projection,
+    /// a P-tuning MLP or LSTM) that the saved `prompt_embeddings` fold away:
+    /// a run that is to continue must keep [`torch_state`](Self::torch_state).
+    fn is_reparameterised(&self) -> bool;
+
+    /// The encoder as PyTorch's `state_dict()` names and lays it out.
+    fn torch_state(&self) -> Vec<(String, HostTensor)>;
+
+    /// An encoder from [`torch_state`](Self::torch_state)'s tensors, every
+    /// one used; `path` names their source in errors.
+    fn from_torch_state(
+        config: &PromptLearningConfig,
+        tensors: HashMap<String, HostTensor>,
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<Self>;
+
+    /// A folded encoder holding saved `prompt_embeddings`.
+    fn from_embeddings(
+        config: &PromptLearningConfig,
+        embeddings: &HostTensor,
+        device: &B::Device,
+    ) -> Result<Self>;
+
+    /// Writes PEFT's adapter files for this encoder into `dir` (folded), and
+    /// beside them, when the encoder is reparameterised, its full state as
+    /// [`ENCODER_STATE_FILE`] (PEFT's file cannot continue training).
+    fn save(&self, dir: &Path, config: &PromptLearningConfig) -> Result<()> {
+        if self.is_reparameterised() {
+            write_atomic(
+                &dir.join(ENCODER_STATE_FILE),
+                &serialize_safetensors(&self.torch_state(), None),
+            )?;
+        }
+        save_prompt_adapter(
+            dir,
+            config,
+            HostTensor::from_tensor(self.prompt_embeddings()),
+        )
+    }
+
+    /// Reads an adapter folder written by [`save`](Self::save) (or by PEFT)
+    /// to continue training: the full encoder from [`ENCODER_STATE_FILE`]
+    /// when the folder has one, else the folded `prompt_embeddings` (which
+    /// then train directly). `config` is the folder's, model fields filled.
+    fn load_to_train(
+        dir: &Path,
+        config: &PromptLearningConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let state = dir.join(ENCODER_STATE_FILE);
+        if state.is_file() {
+            let mut config = config.clone();
+            config.inference_mode = false;
+            return Self::from_torch_state(&config, read_safetensors(&state)?, &state, device);
+        }
+        let (_, embeddings) = load_prompt_adapter(dir, Self::PEFT_TYPES)?;
+        Self::from_embeddings(config, &embeddings, device)
+    }
+}
+
+/// Beside a reparameterised adapter's PEFT files: the unfolded encoder
+/// (PyTorch's `state_dict` names), from which training continues. PEFT's own
+/// file holds only the folded `prompt_embeddings`.
+pub const ENCODER_STATE_FILE: &str = "encoder_state.safetensors";

@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
-use peft_core::prompt_learning::PromptLearningConfig;
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
 use peft_core::{PeftError, Result};
 
 /// The reparameterisation MLP of a projected prefix.
@@ -264,4 +264,41 @@ pub(crate) fn split_layers<B: Backend>(
 fn expand_batch<B: Backend>(x: Tensor<B, 4>, batch: usize) -> Tensor<B, 4> {
     let [_, h, n, d] = x.dims();
     x.expand([batch, h, n, d])
+}
+
+impl<B: Backend> VirtualTokenEncoder<B> for PrefixEncoder<B> {
+    const PEFT_TYPES: &'static [PromptLearningType] = &[PromptLearningType::PrefixTuning];
+
+    fn num_virtual_tokens(&self) -> usize {
+        self.num_virtual_tokens()
+    }
+
+    fn prompt_embeddings(&self) -> Tensor<B, 2> {
+        self.prefix()
+    }
+
+    fn is_reparameterised(&self) -> bool {
+        self.transform.is_some()
+    }
+
+    fn torch_state(&self) -> Vec<(String, HostTensor)> {
+        self.torch_state()
+    }
+
+    fn from_torch_state(
+        config: &PromptLearningConfig,
+        tensors: HashMap<String, HostTensor>,
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_torch_state(config, tensors, path, device)
+    }
+
+    fn from_embeddings(
+        config: &PromptLearningConfig,
+        embeddings: &HostTensor,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_embeddings(config, embeddings, device)
+    }
 }

@@ -3,8 +3,8 @@
 use std::marker::PhantomData;
 use std::path::Path;
 
-use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{adapter_dir, adapter_subdirs, HostTensor};
@@ -342,5 +342,25 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         }
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
+    }
+}
+
+impl<B: AutodiffBackend, M: AttentionPrefixSeam<B> + AutodiffModule<B>> PrefixTuningModel<B, M>
+where
+    M::InnerModule: AttentionPrefixSeam<B::InnerBackend>,
+{
+    /// The inference view: the model and every encoder on the inner
+    /// (non-autodiff) backend, names and activation kept. Evaluate and
+    /// generate through it during training: passes through a trainable
+    /// encoder on an autodiff backend record a graph that only a backward
+    /// pass frees.
+    pub fn valid(&self) -> PrefixTuningModel<B::InnerBackend, M::InnerModule> {
+        PrefixTuningModel {
+            model: self.model.valid(),
+            prefixes: self
+                .prefixes
+                .map_all(|(config, encoder)| (config.clone(), encoder.valid())),
+            _backend: PhantomData,
+        }
     }
 }

@@ -314,7 +314,30 @@ backend_tests!(
     gpt2_prefix_projection,
     mixed_batch_and_switching
 );
-autodiff_backend_tests!(llama_gradients, gpt2_gradients);
+/// The inference view (`valid()`) keeps names and activation and gives the
+/// training model's logits on the inner backend, with a projected prefix
+/// (whose encoder is a trainable MLP).
+fn inference_view<B: AutodiffBackend>(device: &B::Device) {
+    let c = FixtureCase::open("llama", "prefix_proj");
+    let ids = c.ints::<B, 2>("input_ids", device);
+    let mut pm = PrefixTuningModel::wrap(tiny_llama::<B>(device));
+    pm.add_adapter("other", PromptLearningConfig::prefix_tuning(3))
+        .unwrap();
+    let (config, enc) = training_encoder(&c, device);
+    pm.add_adapter("default", config).unwrap();
+    pm.map_encoder("default", |_| enc).unwrap();
+    let view = pm.valid();
+    assert_eq!(view.adapter_names(), vec!["other", "default"]);
+    assert_eq!(view.active_adapter(), Some("default"));
+    assert_close(
+        "inference view logits",
+        &HostTensor::from_tensor(view.forward(ids.clone().inner(), None)),
+        &HostTensor::from_tensor(pm.forward(ids, None)),
+    );
+    assert_eq!(view.param_count(), pm.param_count());
+}
+
+autodiff_backend_tests!(llama_gradients, gpt2_gradients, inference_view);
 
 #[test]
 fn wrong_files_are_typed_errors() {

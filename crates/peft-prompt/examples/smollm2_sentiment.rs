@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -37,6 +37,8 @@ use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
 
 type B = CpuTrainBackend;
+/// The plain backend evaluation runs on (no autodiff graph).
+type Inner = <B as AutodiffBackend>::InnerBackend;
 type Device = burn::backend::ndarray::NdArrayDevice;
 
 const INSTRUCTION: &str = "Classify the sentiment of the movie review as positive or negative.";
@@ -92,14 +94,14 @@ struct Example {
 
 /// A right-padded batch: ids `[b, t]`, mask `[b, t]`, each row's last real
 /// position, labels.
-struct Batch {
-    ids: Tensor<B, 2, Int>,
-    mask: Tensor<B, 2>,
+struct Batch<BK: Backend> {
+    ids: Tensor<BK, 2, Int>,
+    mask: Tensor<BK, 2>,
     last: Vec<usize>,
     labels: Vec<usize>,
 }
 
-fn batch(examples: &[&Example], pad: u32, device: &Device) -> Batch {
+fn batch<BK: Backend>(examples: &[&Example], pad: u32, device: &BK::Device) -> Batch<BK> {
     let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for e in examples {
@@ -135,23 +137,14 @@ fn last_logits<BK: Backend>(logits: Tensor<BK, 3>, last: &[usize], offset: usize
     Tensor::cat(rows, 0)
 }
 
-/// Sets `require_grad` on every parameter: off while evaluating, so forward
-/// passes build no autodiff graph (one that is never consumed by a backward
-/// pass would hold every activation of every batch).
-struct RequireGrad(bool);
-
-impl<BK: Backend> ModuleMapper<BK> for RequireGrad {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<BK, D>>) -> Param<Tensor<BK, D>> {
-        param.set_require_grad(self.0)
-    }
-}
-
 /// A method under test: how it runs a batch and trains its prompt.
 trait Tuned {
-    /// Turns gradient tracking of the prompt's parameters on or off.
-    fn track(&mut self, on: bool);
-    /// Logits `[b, vocab]` at each row's last real position.
-    fn scores(&self, b: &Batch) -> Tensor<B, 2>;
+    /// Logits `[b, vocab]` at each row's last real position (training).
+    fn scores(&self, b: &Batch<B>) -> Tensor<B, 2>;
+    /// The same through the inference view (`valid()`: no autodiff graph,
+    /// which a forward pass never followed by a backward pass would leave
+    /// holding every activation), one tensor per batch.
+    fn eval_scores(&self, batches: &[Batch<Inner>]) -> Vec<Tensor<Inner, 2>>;
     /// One optimizer step on the active prompt's parameters.
     fn step(&mut self, grads: <B as AutodiffBackend>::Gradients, lr: f64);
     fn set_enabled(&mut self, on: bool);
@@ -170,18 +163,28 @@ macro_rules! tuned_run {
         }
 
         impl Tuned for $run {
-            fn track(&mut self, on: bool) {
-                self.model
-                    .map_encoder("default", |e| e.map(&mut RequireGrad(on)))
-                    .expect("the adapter exists");
-            }
-            fn scores(&self, b: &Batch) -> Tensor<B, 2> {
+            fn scores(&self, b: &Batch<B>) -> Tensor<B, 2> {
                 let offset: fn(&$model) -> usize = $offset;
                 last_logits(
                     self.model.forward(b.ids.clone(), Some(b.mask.clone())),
                     &b.last,
                     offset(&self.model),
                 )
+            }
+            fn eval_scores(&self, batches: &[Batch<Inner>]) -> Vec<Tensor<Inner, 2>> {
+                let offset: fn(&$model) -> usize = $offset;
+                let n = offset(&self.model);
+                let view = self.model.valid();
+                batches
+                    .iter()
+                    .map(|b| {
+                        last_logits(
+                            view.forward(b.ids.clone(), Some(b.mask.clone())),
+                            &b.last,
+                            n,
+                        )
+                    })
+                    .collect()
             }
             fn step(&mut self, grads: <B as AutodiffBackend>::Gradients, lr: f64) {
                 let optim = &mut self.optim;
@@ -227,9 +230,8 @@ tuned_run!(
     |_| 0
 );
 
-/// The label words' logits `[b, 2]` (negative, positive) of a batch.
-fn verbaliser(run: &dyn Tuned, b: &Batch, words: [u32; 2]) -> Tensor<B, 2> {
-    let s = run.scores(b);
+/// The label words' logits `[b, 2]` (negative, positive) of last-position scores.
+fn verbaliser<BK: Backend>(s: Tensor<BK, 2>, words: [u32; 2]) -> Tensor<BK, 2> {
     Tensor::cat(
         words
             .iter()
@@ -242,14 +244,15 @@ fn verbaliser(run: &dyn Tuned, b: &Batch, words: [u32; 2]) -> Tensor<B, 2> {
 /// Share of `examples` whose positive-word logit beats the negative one
 /// exactly when the label is positive; also prints the share predicted
 /// positive (a shifted decision bias shows there first).
-fn accuracy(run: &mut dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) -> f64 {
-    run.track(false);
+fn accuracy(run: &dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) -> f64 {
     let device = Default::default();
+    let batches: Vec<Batch<Inner>> = examples
+        .chunks(16)
+        .map(|chunk| batch(&chunk.iter().collect::<Vec<_>>(), pad, &device))
+        .collect();
     let (mut right, mut positive) = (0, 0);
-    for chunk in examples.chunks(16) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let b = batch(&refs, pad, &device);
-        let predicted: Vec<i64> = verbaliser(&*run, &b, words)
+    for (b, scores) in batches.iter().zip(run.eval_scores(&batches)) {
+        let predicted: Vec<i64> = verbaliser(scores, words)
             .argmax(1)
             .into_data()
             .convert::<i64>()
@@ -267,7 +270,6 @@ fn accuracy(run: &mut dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32
         "    predicted positive {positive}/{n}, truly positive {truly}/{n}",
         n = examples.len()
     );
-    run.track(true);
     right as f64 / examples.len() as f64
 }
 
@@ -352,9 +354,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .lr
             .unwrap_or(if method == "prompt" { 1e-4 } else { 1e-3 });
         run.set_enabled(false);
-        let base = accuracy(run.as_mut(), &eval, words, pad);
+        let base = accuracy(run.as_ref(), &eval, words, pad);
         run.set_enabled(true);
-        let init = accuracy(run.as_mut(), &eval, words, pad);
+        let init = accuracy(run.as_ref(), &eval, words, pad);
         println!(
             "[{method}] held-out accuracy: model alone {base:.4}, with the instruction (init) {init:.4}; trainable {} params",
             run.trainable()
@@ -364,11 +366,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for step in 0..args.steps {
             let from = (step * args.batch) % (train.len() - args.batch);
             let refs: Vec<&Example> = train[from..from + args.batch].iter().collect();
-            let b = batch(&refs, pad, &device);
+            let b = batch::<B>(&refs, pad, &device);
             tokens += b.last.iter().map(|l| l + 1).sum::<usize>();
             let labels: Vec<i64> = b.labels.iter().map(|&l| l as i64).collect();
             let targets = Tensor::from_data(TensorData::new(labels, [b.labels.len()]), &device);
-            let loss = cross_entropy(verbaliser(run.as_ref(), &b, words), targets);
+            let loss = cross_entropy(verbaliser(run.scores(&b), words), targets);
             let value: f32 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(format!("[{method}] step {step}: loss is {value}").into());
@@ -381,7 +383,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
-        let after = accuracy(run.as_mut(), &eval, words, pad);
+        let after = accuracy(run.as_ref(), &eval, words, pad);
         println!(
             "[{method}] held-out accuracy after {} steps (lr {lr}): {after:.4} (init {init:.4}, model alone {base:.4}); trained in {:.0}s",
             args.steps,

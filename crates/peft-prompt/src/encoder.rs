@@ -9,7 +9,10 @@ use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
-use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig, EMBEDDINGS_KEY};
+use peft_core::prompt_learning::{
+    PromptEncoderType, PromptLearningConfig, PromptLearningType, VirtualTokenEncoder,
+    EMBEDDINGS_KEY,
+};
 use peft_core::{PeftError, Result};
 
 /// Linear layers with ReLU between them.
@@ -152,14 +155,38 @@ impl<B: Backend> LstmDirection<B> {
 pub struct BiLstm<B: Backend> {
     /// `(forward, backward)` per layer; layer `l > 0` reads `2·hidden` inputs.
     pub layers: Vec<(LstmDirection<B>, LstmDirection<B>)>,
+    /// Dropout probability on every layer's output but the last, in
+    /// training only (an autodiff backend), as PyTorch's `dropout` argument
+    /// (P-tuning's `encoder_dropout`).
+    #[module(skip)]
+    pub dropout: f64,
 }
 
 impl<B: Backend> BiLstm<B> {
     fn forward(&self, mut x: Tensor<B, 2>) -> Tensor<B, 2> {
-        for (fwd, bwd) in &self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (l, (fwd, bwd)) in self.layers.iter().enumerate() {
             x = Tensor::cat(vec![fwd.run(x.clone(), false), bwd.run(x, true)], 1);
+            if l < last {
+                x = self.drop(x);
+            }
         }
         x
+    }
+
+    /// Inverted dropout between layers: kept values scaled by `1/(1-p)`;
+    /// `p = 1` drops everything (PyTorch's rule), where Burn's `Dropout`
+    /// would divide by zero.
+    fn drop(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        if self.dropout <= 0.0 || !B::ad_enabled(&x.device()) {
+            return x;
+        }
+        if self.dropout >= 1.0 {
+            return x.zeros_like();
+        }
+        let keep = 1.0 - self.dropout;
+        let mask = x.random_like(Distribution::Bernoulli(keep));
+        x * mask / keep
     }
 }
 
@@ -200,6 +227,7 @@ impl<B: Backend> PromptEncoder<B> {
                 PromptEncoder {
                     embedding: Param::from_tensor(embedding),
                     lstm: Some(BiLstm {
+                        dropout: config.encoder_dropout.unwrap_or(0.0),
                         layers: (0..layers)
                             .map(|l| {
                                 let d_in = if l == 0 { d } else { 2 * hidden };
@@ -299,7 +327,10 @@ impl<B: Backend> PromptEncoder<B> {
                         ))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                this.lstm = Some(BiLstm { layers: lstm });
+                this.lstm = Some(BiLstm {
+                    layers: lstm,
+                    dropout: config.encoder_dropout.unwrap_or(0.0),
+                });
             }
             _ => {}
         }
@@ -375,5 +406,45 @@ impl<B: Backend> PromptEncoder<B> {
     /// This prompt folded: its encoder evaluated once and dropped.
     pub fn folded(&self) -> Self {
         Self::from_tensor(self.prompt().detach())
+    }
+}
+
+impl<B: Backend> VirtualTokenEncoder<B> for PromptEncoder<B> {
+    const PEFT_TYPES: &'static [PromptLearningType] = &[
+        PromptLearningType::PromptTuning,
+        PromptLearningType::PTuning,
+    ];
+
+    fn num_virtual_tokens(&self) -> usize {
+        self.num_virtual_tokens()
+    }
+
+    fn prompt_embeddings(&self) -> Tensor<B, 2> {
+        self.prompt()
+    }
+
+    fn is_reparameterised(&self) -> bool {
+        self.mlp.is_some() || self.lstm.is_some()
+    }
+
+    fn torch_state(&self) -> Vec<(String, HostTensor)> {
+        self.torch_state()
+    }
+
+    fn from_torch_state(
+        config: &PromptLearningConfig,
+        tensors: HashMap<String, HostTensor>,
+        path: &Path,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_torch_state(config, tensors, path, device)
+    }
+
+    fn from_embeddings(
+        config: &PromptLearningConfig,
+        embeddings: &HostTensor,
+        device: &B::Device,
+    ) -> Result<Self> {
+        Self::from_embeddings(config, embeddings, device)
     }
 }

@@ -3,8 +3,8 @@
 use std::marker::PhantomData;
 use std::path::Path;
 
-use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{adapter_dir, adapter_subdirs, HostTensor};
@@ -59,14 +59,6 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         if config.peft_type == PromptLearningType::PrefixTuning {
             return Err(PeftError::Config(
                 "peft_type PREFIX_TUNING belongs to peft-prefix, not to prompt tuning".into(),
-            ));
-        }
-        if config.peft_type == PromptLearningType::PTuning
-            && !config.inference_mode
-            && config.encoder_dropout.unwrap_or(0.0) > 0.0
-        {
-            return Err(PeftError::Config(
-                "P-tuning with encoder_dropout > 0 is not supported yet (set it to 0)".into(),
             ));
         }
         // PEFT records the model's attention heads and layers; the prompt
@@ -385,5 +377,25 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         }
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
+    }
+}
+
+impl<B: AutodiffBackend, M: EmbeddingSeam<B> + AutodiffModule<B>> PromptTuningModel<B, M>
+where
+    M::InnerModule: EmbeddingSeam<B::InnerBackend>,
+{
+    /// The inference view: the model and every encoder on the inner
+    /// (non-autodiff) backend, names and activation kept. Evaluate and
+    /// generate through it during training: passes through a trainable
+    /// encoder on an autodiff backend record a graph that only a backward
+    /// pass frees.
+    pub fn valid(&self) -> PromptTuningModel<B::InnerBackend, M::InnerModule> {
+        PromptTuningModel {
+            model: self.model.valid(),
+            prompts: self
+                .prompts
+                .map_all(|(config, encoder)| (config.clone(), encoder.valid())),
+            _backend: PhantomData,
+        }
     }
 }

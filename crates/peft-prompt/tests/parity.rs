@@ -17,7 +17,8 @@ use peft_core::model::EmbeddingSeam;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, CONFIG_FILE};
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
 use peft_models::fixtures::{
-    assert_close, fixtures_dir, params_with_grad, temp_dir, tiny_gpt2, tiny_llama, FixtureCase,
+    assert_close, fixtures_dir, max_diff, params_with_grad, temp_dir, tiny_gpt2, tiny_llama,
+    FixtureCase,
 };
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
@@ -329,12 +330,62 @@ fn mixed_batch_switching_and_inits<B: Backend>(device: &B::Device) {
     );
     let mut dropout = PromptLearningConfig::p_tuning(4, PromptEncoderType::Lstm, 6);
     dropout.encoder_dropout = Some(0.1);
-    let err = pm.add_adapter("dropout", dropout).unwrap_err();
-    assert!(err.to_string().contains("encoder_dropout"), "{err}");
+    pm.add_adapter("dropout", dropout).unwrap();
+    assert_eq!(
+        pm.encoder("dropout")
+            .unwrap()
+            .lstm
+            .as_ref()
+            .unwrap()
+            .dropout,
+        0.1
+    );
     let err = pm
         .forward_mixed(&["default", "text", "default"], ids, None)
         .unwrap_err();
     assert!(err.to_string().contains("one length"), "{err}");
+}
+
+/// `encoder_dropout` (PyTorch's LSTM `dropout`) acts on every LSTM layer's
+/// output but the last, in training only: with p = 1 the first layer's
+/// weights no longer matter; with p = 0.5 two passes differ; the inference
+/// module ignores it and still gives PEFT's prompt.
+fn lstm_encoder_dropout<B: AutodiffBackend>(device: &B::Device) {
+    let c = FixtureCase::open("llama", "ptuning_lstm");
+    let (config, plain) = training_encoder::<B>(&c, device);
+    assert!(config.encoder_num_layers.unwrap_or(2) >= 2);
+    let saved = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
+    let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
+    let with_dropout = |p: f64| {
+        let mut e = plain.clone();
+        e.lstm.as_mut().unwrap().dropout = p;
+        e
+    };
+    // Training with p = 1: the second layer sees zeros, whatever the first.
+    let all = with_dropout(1.0);
+    let mut other_first = all.clone();
+    let first = &mut other_first.lstm.as_mut().unwrap().layers[0].0;
+    first.w_ih = Param::from_tensor(first.w_ih.val() * 3.0 + 0.5);
+    let out = host(all.prompt());
+    assert_eq!(max_diff(&out, &host(other_first.prompt())), 0.0);
+    assert!(
+        max_diff(&out, &host(plain.prompt())) > 1e-3,
+        "p = 1 must change the prompt"
+    );
+    // Training with p = 0.5: a fresh mask each pass; the gradient flows.
+    let half = with_dropout(0.5);
+    let a = half.prompt();
+    assert!(max_diff(&host(a.clone()), &host(half.prompt())) > 0.0);
+    let grads = a.sum().backward();
+    assert!(half.embedding.grad(&grads).is_some());
+    // Inference: no dropout, PEFT's folded prompt.
+    for p in [0.5, 1.0] {
+        assert_close(
+            "inference ignores encoder_dropout",
+            &HostTensor::from_tensor(with_dropout(p).valid().prompt()),
+            &saved["prompt_embeddings"],
+        );
+    }
 }
 
 backend_tests!(
@@ -342,7 +393,34 @@ backend_tests!(
     gpt2_prompt_cases,
     mixed_batch_switching_and_inits
 );
-autodiff_backend_tests!(llama_gradients, gpt2_gradients);
+/// The inference view (`valid()`) keeps names, activation and the disabled
+/// switch, and gives the training model's logits on the inner backend.
+fn inference_view<B: AutodiffBackend>(device: &B::Device) {
+    let c = FixtureCase::open("llama", "ptuning_mlp");
+    let ids = c.ints::<B, 2>("input_ids", device);
+    let mut pm = with_training_encoder::<B, Llama<B>>(&c, device);
+    let view = pm.valid();
+    assert_eq!(view.active_adapter(), Some("default"));
+    assert_close(
+        "inference view logits",
+        &HostTensor::from_tensor(view.forward(ids.clone().inner(), None)),
+        &HostTensor::from_tensor(pm.forward(ids.clone(), None)),
+    );
+    assert_eq!(view.param_count(), pm.param_count());
+    pm.disable();
+    assert_eq!(
+        pm.valid().num_virtual_tokens(),
+        0,
+        "disabled stays disabled"
+    );
+}
+
+autodiff_backend_tests!(
+    llama_gradients,
+    gpt2_gradients,
+    lstm_encoder_dropout,
+    inference_view
+);
 
 #[test]
 fn wrong_files_are_typed_errors() {
