@@ -466,6 +466,9 @@ where
         |m, idx| match (m, job.quantize) {
             // QLoRA: one layer's weights dequantized at a time.
             (Adapted::Slots(model), Some(_)) => {
+                // The replica's own device (data-parallel replicas may sit
+                // on other GPUs than the model).
+                let device = tasks::device_of(model);
                 let ids = tasks::ids_batch::<B>(&train, idx, &device);
                 let seed = idx.iter().fold(job.train.seed, |h, &i| {
                     peft_core::rng::SplitMix64(h ^ i as u64).next_u64()
@@ -476,7 +479,8 @@ where
                     idx.len() * train[0].len(),
                 ))
             }
-            _ => tasks::lm_loss(m, &train, idx, &device).map(|(l, n)| (BatchLoss::Graph(l), n)),
+            _ => tasks::lm_loss(m, &train, idx, &tasks::device_of(m))
+                .map(|(l, n)| (BatchLoss::Graph(l), n)),
         },
         |m| tasks::perplexity(m, &held, &inner_device),
         |m, dir| save(m, dir),

@@ -187,8 +187,8 @@ enum Command {
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
         /// Data-parallel workers: each micro-batch is split across this many
-        /// model replicas (threads, peers of Burn's collective) whose
-        /// gradients are summed by an all-reduce.
+        /// model replicas (threads, peers of Burn's collective; replica i on
+        /// GPU i of a GPU backend) whose gradients are summed by an all-reduce.
         #[arg(long, default_value_t = 1)]
         devices: usize,
         /// Several machines: nodes in the data-parallel job. Every node runs

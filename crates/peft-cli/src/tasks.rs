@@ -503,6 +503,12 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
     }
 }
 
+/// The device a module's parameters are on (the default device for a
+/// module without any).
+pub fn device_of<B: Backend, M: Module<B>>(m: &M) -> B::Device {
+    m.devices().into_iter().next().unwrap_or_default()
+}
+
 pub fn ids_batch<B: Backend>(
     blocks: &[Vec<u32>],
     idx: &[usize],

@@ -586,6 +586,8 @@ impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for FreshLeaves {
 struct Peers<B: AutodiffBackend> {
     /// Replicas in this process.
     local: usize,
+    /// Replica `i`'s device.
+    devices: Vec<B::Device>,
     /// Index of this process's first shard among all the job's shards.
     first: usize,
     /// Shards of each micro-batch over the whole job.
@@ -595,7 +597,7 @@ struct Peers<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Peers<B> {
     /// `None` for one device on one machine; otherwise `devices` registered
-    /// peers on `device`.
+    /// peers, peer `i` on [`replica_device`]`(device, i)`.
     fn register(
         devices: usize,
         cluster: Option<&Cluster>,
@@ -627,11 +629,14 @@ impl<B: AutodiffBackend> Peers<B> {
                 (c.rank * devices, c.nodes * devices)
             }
         };
+        let placed: Vec<B::Device> = (0..devices).map(|i| replica_device(device, i)).collect();
         // Registration is a barrier: every peer registers at once (and, in
         // a multi-machine job, every node).
         std::thread::scope(|s| {
-            let joins: Vec<_> = (0..devices)
-                .map(|i| {
+            let joins: Vec<_> = placed
+                .iter()
+                .enumerate()
+                .map(|(i, device)| {
                     let (device, config) = (device.clone(), config.clone());
                     s.spawn(move || register::<B::InnerBackend>(i.into(), device, config))
                 })
@@ -644,6 +649,7 @@ impl<B: AutodiffBackend> Peers<B> {
         .map_err(|e| PeftError::State(format!("data-parallel peers do not register: {e:?}")))?;
         Ok(Some(Peers {
             local: devices,
+            devices: placed,
             first,
             total,
             _b: std::marker::PhantomData,
@@ -681,7 +687,10 @@ impl<B: AutodiffBackend> Peers<B> {
             let joins: Vec<_> = (0..self.local)
                 .map(|i| {
                     let rows = shard(self.first + i);
-                    let replica = model.clone().map(&mut FreshLeaves);
+                    let mut replica = model.clone().map(&mut FreshLeaves);
+                    if self.devices[i] != self.devices[0] {
+                        replica = replica.fork(&self.devices[i]);
+                    }
                     let share = rows.len() as f64 / batch.len() as f64;
                     s.spawn(move || {
                         // An empty shard still differentiates (one row,
@@ -745,6 +754,17 @@ impl<B: AutodiffBackend> Peers<B> {
         let (stats, grads) = reduced.swap_remove(0);
         Ok((stats[0] as f64, stats[1].round() as usize, grads))
     }
+}
+
+/// The device of data-parallel replica `i`: device `i` of the main device's
+/// kind (GPU `i` on CUDA or WGPU when the main device is GPU 0); on a CPU
+/// backend, whose devices are all one, the main device itself.
+pub fn replica_device<D: burn::tensor::backend::DeviceOps>(main: &D, i: usize) -> D {
+    let id = main.to_id();
+    D::from_id(burn::tensor::backend::DeviceId {
+        type_id: id.type_id,
+        index_id: id.index_id + i as u16,
+    })
 }
 
 /// Sums every gradient over all peers of the collective, parameter by
@@ -1089,6 +1109,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_of_a_cpu_backend_share_its_device() {
+        let cpu = burn::backend::ndarray::NdArrayDevice::Cpu;
+        assert_eq!(replica_device(&cpu, 0), cpu);
+        assert_eq!(replica_device(&cpu, 3), cpu);
+    }
 
     #[test]
     fn schedules_warm_up_then_decay() {

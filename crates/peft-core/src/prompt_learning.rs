@@ -460,58 +460,6 @@ pub fn load_prompt_adapter(
     Ok((config, embeddings))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peft_files_parse_and_round_trip() {
-        let text = r#"{"auto_mapping": null, "base_model_name_or_path": null,
-            "encoder_hidden_size": 12, "inference_mode": true, "init_weights": null,
-            "modules_to_save": null, "num_attention_heads": 2, "num_layers": 2,
-            "num_transformer_submodules": 1, "num_virtual_tokens": 3,
-            "peft_type": "PREFIX_TUNING", "peft_version": "0.21.2",
-            "prefix_projection": true, "revision": null, "task_type": "CAUSAL_LM",
-            "token_dim": 8}"#;
-        let origin = Path::new("adapter_config.json");
-        let c =
-            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PrefixTuning])
-                .unwrap();
-        assert_eq!(c.embedding_shape(), [3, 32]);
-        assert!(!c.projected(), "a saved (inference-mode) prefix is folded");
-        let back: Value = serde_json::from_str(&c.to_json_string()).unwrap();
-        assert_eq!(back["peft_version"], "0.21.2", "unknown keys are kept");
-        assert_eq!(back["peft_type"], "PREFIX_TUNING");
-        assert!(back.get("prompt_tuning_init").is_none());
-
-        let wrong =
-            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PromptTuning]);
-        assert!(wrong
-            .unwrap_err()
-            .to_string()
-            .contains("is not PROMPT_TUNING"));
-        let zero = text.replace("\"num_virtual_tokens\": 3", "\"num_virtual_tokens\": 0");
-        let err =
-            PromptLearningConfig::from_json_str(&zero, origin, &[PromptLearningType::PrefixTuning])
-                .unwrap_err();
-        assert!(err.to_string().contains("num_virtual_tokens"), "{err}");
-    }
-
-    #[test]
-    fn model_fields_are_filled_or_checked() {
-        let mut c = PromptLearningConfig::prefix_tuning(4);
-        c.fill_from_model(2, 8, 2).unwrap();
-        assert_eq!(c.embedding_shape(), [4, 32]);
-        let err = c.fill_from_model(3, 8, 2).unwrap_err();
-        assert!(err.to_string().contains("num_layers"), "{err}");
-        let mut p = PromptLearningConfig::p_tuning(5, PromptEncoderType::Lstm, 6);
-        p.fill_from_model(2, 16, 4).unwrap();
-        assert_eq!(p.embedding_shape(), [5, 16]);
-        let t = PromptLearningConfig::prompt_tuning(3, PromptTuningInit::Text);
-        assert!(t.validate().is_err(), "TEXT without text");
-    }
-}
-
 /// The trainable part of one prompt-learning adapter (a prefix, a soft
 /// prompt, a P-tuning encoder): what a training loop, a checkpoint and
 /// PEFT's file need from it, whichever method it belongs to.
@@ -598,3 +546,55 @@ pub trait VirtualTokenEncoder<B: burn::tensor::backend::Backend>:
 /// (PyTorch's `state_dict` names), from which training continues. PEFT's own
 /// file holds only the folded `prompt_embeddings`.
 pub const ENCODER_STATE_FILE: &str = "encoder_state.safetensors";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_files_parse_and_round_trip() {
+        let text = r#"{"auto_mapping": null, "base_model_name_or_path": null,
+            "encoder_hidden_size": 12, "inference_mode": true, "init_weights": null,
+            "modules_to_save": null, "num_attention_heads": 2, "num_layers": 2,
+            "num_transformer_submodules": 1, "num_virtual_tokens": 3,
+            "peft_type": "PREFIX_TUNING", "peft_version": "0.21.2",
+            "prefix_projection": true, "revision": null, "task_type": "CAUSAL_LM",
+            "token_dim": 8}"#;
+        let origin = Path::new("adapter_config.json");
+        let c =
+            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PrefixTuning])
+                .unwrap();
+        assert_eq!(c.embedding_shape(), [3, 32]);
+        assert!(!c.projected(), "a saved (inference-mode) prefix is folded");
+        let back: Value = serde_json::from_str(&c.to_json_string()).unwrap();
+        assert_eq!(back["peft_version"], "0.21.2", "unknown keys are kept");
+        assert_eq!(back["peft_type"], "PREFIX_TUNING");
+        assert!(back.get("prompt_tuning_init").is_none());
+
+        let wrong =
+            PromptLearningConfig::from_json_str(text, origin, &[PromptLearningType::PromptTuning]);
+        assert!(wrong
+            .unwrap_err()
+            .to_string()
+            .contains("is not PROMPT_TUNING"));
+        let zero = text.replace("\"num_virtual_tokens\": 3", "\"num_virtual_tokens\": 0");
+        let err =
+            PromptLearningConfig::from_json_str(&zero, origin, &[PromptLearningType::PrefixTuning])
+                .unwrap_err();
+        assert!(err.to_string().contains("num_virtual_tokens"), "{err}");
+    }
+
+    #[test]
+    fn model_fields_are_filled_or_checked() {
+        let mut c = PromptLearningConfig::prefix_tuning(4);
+        c.fill_from_model(2, 8, 2).unwrap();
+        assert_eq!(c.embedding_shape(), [4, 32]);
+        let err = c.fill_from_model(3, 8, 2).unwrap_err();
+        assert!(err.to_string().contains("num_layers"), "{err}");
+        let mut p = PromptLearningConfig::p_tuning(5, PromptEncoderType::Lstm, 6);
+        p.fill_from_model(2, 16, 4).unwrap();
+        assert_eq!(p.embedding_shape(), [5, 16]);
+        let t = PromptLearningConfig::prompt_tuning(3, PromptTuningInit::Text);
+        assert!(t.validate().is_err(), "TEXT without text");
+    }
+}

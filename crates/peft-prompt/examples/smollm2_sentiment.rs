@@ -19,7 +19,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -39,7 +38,6 @@ use peft_prompt::PromptTuningModel;
 type B = CpuTrainBackend;
 /// The plain backend evaluation runs on (no autodiff graph).
 type Inner = <B as AutodiffBackend>::InnerBackend;
-type Device = burn::backend::ndarray::NdArrayDevice;
 
 const INSTRUCTION: &str = "Classify the sentiment of the movie review as positive or negative.";
 /// Longest review kept, in tokens (a few outliers would dominate padding).
