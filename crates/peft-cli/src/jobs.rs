@@ -272,65 +272,50 @@ fn train_seq_cls<B: AutodiffBackend>(
     )?;
     let labels_json = json!(labels);
     let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
-    match &job.method {
-        Method::Adapter(c) => {
-            let encoder = adapter_model(bert, c, job.last().as_deref())?;
-            let count = encoder.param_count();
-            let model = Classifier { encoder, head };
-            fit_classifier(
-                model,
-                count,
-                &tok,
-                &train,
-                &held,
-                job,
-                &mut run,
-                progress,
-                move |m, dir| {
-                    m.encoder.save_adapter("default", dir)?;
-                    with_labels(dir)
-                },
-            )
-        }
-        method @ (Method::Prefix(_) | Method::Prompt(_)) => {
-            let (encoder, config, count) =
-                tasks::start_virtual::<B, Bert<B>>(&bert, method, job.last().as_deref())?;
-            let model = Classifier { encoder, head };
-            fit_classifier(
-                model,
-                count,
-                &tok,
-                &train,
-                &held,
-                job,
-                &mut run,
-                progress,
-                move |m, dir| {
-                    tasks::save_virtual(&m.encoder, &config, dir)?;
-                    with_labels(dir)
-                },
-            )
-        }
-        method => {
-            let (encoder, count, save) =
-                tasks::attach_slots::<B, Bert<B>>(bert, method, job.last().as_deref())?;
-            let model = Classifier { encoder, head };
-            fit_classifier(
-                model,
-                count,
-                &tok,
-                &train,
-                &held,
-                job,
-                &mut run,
-                progress,
-                move |m, dir| {
-                    save(&m.encoder, dir)?;
-                    with_labels(dir)
-                },
-            )
-        }
-    }
+    type Inner<B> =
+        Adapted<<B as AutodiffBackend>::InnerBackend, Bert<<B as AutodiffBackend>::InnerBackend>>;
+    let (encoder, count, save): (Adapted<B, Bert<B>>, ParamCount, tasks::Saver<Inner<B>>) =
+        match &job.method {
+            Method::Adapter(c) => {
+                let a = adapter_model(bert, c, job.last().as_deref())?;
+                let count = a.param_count();
+                let save: tasks::Saver<Inner<B>> = Box::new(|m, dir| match m {
+                    Adapted::Adapters(a) => a.save_adapter("default", dir),
+                    _ => unreachable!("an adapter run keeps its adapters"),
+                });
+                (Adapted::Adapters(a), count, save)
+            }
+            method @ (Method::Prefix(_) | Method::Prompt(_)) => {
+                let (model, config, count) =
+                    tasks::start_virtual::<B, Bert<B>>(&bert, method, job.last().as_deref())?;
+                let save: tasks::Saver<Inner<B>> =
+                    Box::new(move |m, dir| tasks::save_virtual(m, &config, dir));
+                (model, count, save)
+            }
+            method => {
+                let (m, count, slot_save) =
+                    tasks::attach_slots::<B, Bert<B>>(bert, method, job.last().as_deref())?;
+                let save: tasks::Saver<Inner<B>> = Box::new(move |m, dir| match m {
+                    Adapted::Slots(m) => slot_save(m, dir),
+                    _ => unreachable!("a slot run keeps its slots"),
+                });
+                (Adapted::Slots(m), count, save)
+            }
+        };
+    fit_classifier(
+        Classifier { encoder, head },
+        count,
+        &tok,
+        &train,
+        &held,
+        job,
+        &mut run,
+        progress,
+        move |m, dir| {
+            save(&m.encoder, dir)?;
+            with_labels(dir)
+        },
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -552,22 +537,8 @@ pub fn eval<B: Backend>(
             };
             let bert = Bert::<B>::load(model, &device)?;
             let head = tasks::load_head::<B>(dir, bert.config.hidden_size, &device)?;
-            match tasks::load_attached(bert.clone(), dir)? {
-                Attached::Slots(m, _) => {
-                    tasks::accuracy(&Classifier { encoder: m, head }, &tok, &enc)
-                }
-                Attached::Adapters(a, _) => {
-                    tasks::accuracy(&Classifier { encoder: a, head }, &tok, &enc)
-                }
-                Attached::Virtual(_) => tasks::accuracy(
-                    &Classifier {
-                        encoder: tasks::load_virtual(bert, dir)?,
-                        head,
-                    },
-                    &tok,
-                    &enc,
-                ),
-            }
+            let encoder = tasks::load_adapted(bert, Some(dir))?;
+            tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
         }
         (Task::CausalLm, Arch::Llama) => {
             eval_lm::<B, Llama<B>>(model, adapter, data_file, &tok, block_size)
@@ -598,14 +569,7 @@ fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
         });
     }
     let base = M::load_from(model, &device)?;
-    let lm = match adapter {
-        None => Adapted::Slots(base),
-        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(m, _) => Adapted::Slots(m),
-            Attached::Adapters(a, _) => Adapted::Adapters(a),
-            Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
-        },
-    };
+    let lm = tasks::load_adapted(base, adapter)?;
     tasks::perplexity(&lm, &blocks, &device)
 }
 
@@ -731,15 +695,7 @@ pub fn forward<B: Backend>(
         Arch::Bert => {
             let bert = Bert::<B>::load(model, &device)?;
             let mask = burn::tensor::Tensor::ones([rows.len(), t], &device);
-            let adapted = match adapter {
-                None => Adapted::Slots(bert),
-                Some(dir) => match tasks::load_attached(bert.clone(), dir)? {
-                    Attached::Slots(m, _) => Adapted::Slots(m),
-                    Attached::Adapters(a, _) => Adapted::Adapters(a),
-                    Attached::Virtual(_) => tasks::load_virtual(bert, dir)?,
-                },
-            };
-            let h = adapted.hidden(ids, mask)?;
+            let h = tasks::load_adapted(bert, adapter)?.hidden(ids, mask)?;
             peft_core::io::HostTensor::from_tensor(h)
         }
     };
@@ -757,14 +713,7 @@ fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     ids: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
 ) -> Result<peft_core::io::HostTensor> {
     let base = M::load_from(model, &ids.device())?;
-    let lm = match adapter {
-        None => Adapted::Slots(base),
-        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(m, _) => Adapted::Slots(m),
-            Attached::Adapters(a, _) => Adapted::Adapters(a),
-            Attached::Virtual(_) => tasks::load_virtual(base, dir)?,
-        },
-    };
+    let lm = tasks::load_adapted(base, adapter)?;
     Ok(peft_core::io::HostTensor::from_tensor(lm.logits(ids)?))
 }
 

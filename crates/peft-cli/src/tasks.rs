@@ -750,6 +750,22 @@ where
     })
 }
 
+/// `model` with the adapter folder `dir` attached (detected method), or
+/// plain without one: what `eval` and `forward` run.
+pub fn load_adapted<B: Backend, M>(model: M, dir: Option<&Path>) -> Result<Adapted<B, M>>
+where
+    M: PeftModel<B> + BottleneckSeam<B> + AttentionPrefixSeam<B> + EmbeddingSeam<B> + Clone,
+{
+    let Some(dir) = dir else {
+        return Ok(Adapted::Slots(model));
+    };
+    Ok(match load_attached(model.clone(), dir)? {
+        Attached::Slots(m, _) => Adapted::Slots(m),
+        Attached::Adapters(a, _) => Adapted::Adapters(a),
+        Attached::Virtual(_) => load_virtual(model, dir)?,
+    })
+}
+
 /// The path of a run's best checkpoint.
 pub fn best_dir(out: &Path) -> PathBuf {
     out.join("best")

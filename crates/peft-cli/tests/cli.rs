@@ -386,6 +386,29 @@ fn ishmael_file(dir: &Path) -> PathBuf {
     path
 }
 
+/// The adapter tensors of run `run`'s `last/` checkpoint under `dir`.
+fn last_adapter(
+    dir: &Path,
+    run: &str,
+) -> std::collections::HashMap<String, peft_core::io::HostTensor> {
+    peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors")).unwrap()
+}
+
+/// Asserts that two runs saved the same adapter tensors, within 1e-5.
+fn assert_same_adapter(dir: &Path, a: &str, b: &str) {
+    let (x, y) = (last_adapter(dir, a), last_adapter(dir, b));
+    assert_eq!(x.len(), y.len(), "{a} vs {b}: tensors");
+    for (k, t) in &x {
+        let d = t
+            .data
+            .iter()
+            .zip(&y[k].data)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-5, "{a} vs {b}: {k} differs by {d:e}");
+    }
+}
+
 fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
     let t = c.want("input_ids");
     let ids: Vec<Vec<u32>> = t
@@ -1040,21 +1063,7 @@ fn quantized_base_runs_match_the_f32_run() {
         assert!((x - y).abs() < 1e-5, "losses {a:?} vs {b:?}");
     }
     assert!((dense.after.value - kept.after.value).abs() < 1e-4 * dense.after.value);
-    let read = |run: &str| {
-        peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
-            .unwrap()
-    };
-    let (x, y) = (read("f32"), read("gguf"));
-    assert_eq!(x.len(), y.len());
-    for (k, t) in &x {
-        let d = t
-            .data
-            .iter()
-            .zip(&y[k].data)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(d < 1e-5, "{k} differs by {d:e}");
-    }
+    assert_same_adapter(&dir, "f32", "gguf");
     let resumed = TrainJob::resume_from(&dir.join("gguf")).unwrap();
     assert_eq!(resumed.quantize, Some(jobs::Quantize::Gguf));
 
@@ -1116,21 +1125,7 @@ fn data_parallel_run_equals_one_device() {
             a.after.value,
             b.after.value
         );
-        let read = |run: &str| {
-            peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
-                .unwrap()
-        };
-        let (x, y) = (read(one), read(two));
-        assert_eq!(x.len(), y.len());
-        for (k, t) in &x {
-            let d = t
-                .data
-                .iter()
-                .zip(&y[k].data)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0f32, f32::max);
-            assert!(d < 1e-5, "{two}: {k} differs by {d:e}");
-        }
+        assert_same_adapter(&dir, one, two);
     }
     let mut bad = make("bad", 4, None);
     bad.train.batch = 2;
@@ -1278,22 +1273,12 @@ fn two_nodes_train_as_one_process() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
-    let read = |run: &str| {
-        peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors"))
-            .unwrap()
-    };
-    let (x, n0, n1) = (read("one"), read("node0"), read("node1"));
-    assert_eq!(n0, n1, "the nodes hold different adapters");
-    assert_eq!(x.len(), n0.len());
-    for (k, t) in &x {
-        let d = t
-            .data
-            .iter()
-            .zip(&n0[k].data)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
-        assert!(d < 1e-5, "{k} differs by {d:e}");
-    }
+    assert_eq!(
+        last_adapter(&dir, "node0"),
+        last_adapter(&dir, "node1"),
+        "the nodes hold different adapters"
+    );
+    assert_same_adapter(&dir, "one", "node0");
     // Both nodes logged the job's loss (all-reduced), the one-process run's.
     let losses = |run: &str| {
         std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
