@@ -584,9 +584,7 @@ impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for FreshLeaves {
 /// collective (one per device), registered for the run's lifetime and, in a
 /// multi-machine job, joined to the other nodes' through the orchestrator.
 struct Peers<B: AutodiffBackend> {
-    /// Replicas in this process.
-    local: usize,
-    /// Replica `i`'s device.
+    /// Replica `i`'s device (one per replica in this process).
     devices: Vec<B::Device>,
     /// Index of this process's first shard among all the job's shards.
     first: usize,
@@ -648,7 +646,6 @@ impl<B: AutodiffBackend> Peers<B> {
         })
         .map_err(|e| PeftError::State(format!("data-parallel peers do not register: {e:?}")))?;
         Ok(Some(Peers {
-            local: devices,
             devices: placed,
             first,
             total,
@@ -684,7 +681,7 @@ impl<B: AutodiffBackend> Peers<B> {
         // Phase 1: every local shard's loss and gradients (an error here
         // leaves no local peer waiting in an all-reduce).
         let parts: Vec<Result<(f64, usize, GradientsParams)>> = std::thread::scope(|s| {
-            let joins: Vec<_> = (0..self.local)
+            let joins: Vec<_> = (0..self.devices.len())
                 .map(|i| {
                     let rows = shard(self.first + i);
                     let mut replica = model.clone().map(&mut FreshLeaves);
@@ -822,7 +819,7 @@ fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 impl<B: AutodiffBackend> Drop for Peers<B> {
     fn drop(&mut self) {
-        for i in 0..self.local {
+        for i in 0..self.devices.len() {
             // Closes the node's link to the orchestrator after the last peer.
             let _ = burn::collective::finish_collective::<B::InnerBackend>(i.into());
         }
