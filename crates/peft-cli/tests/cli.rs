@@ -1081,19 +1081,18 @@ fn quantized_base_runs_match_the_f32_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--devices 2`: each micro-batch split across two replicas, peers of
-/// Burn's collective, whose gradients an all-reduce sums: the run logs the
-/// losses and saves the adapter of the one-device run (an odd micro-batch
-/// included, and with a quantized base trained layer by layer).
-#[test]
-fn data_parallel_run_equals_one_device() {
-    let _turn = serial();
-    let dir = temp("ddp");
-    let data_file = ishmael_file(&dir);
-    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
-    let make = |out: &str, devices: usize, quantize: Option<jobs::Quantize>| TrainJob {
-        model: gguf.clone(),
-        data: data_file.clone(),
+/// LoRA r 4 on q/v/up of the tiny GGUF Llama, causal LM on the Ishmael
+/// text (7 blocks of 8 tokens in batches of 3, so one odd last batch), run
+/// folder `dir/out`: the job the data-parallel tests split.
+fn tiny_lora_job(
+    dir: &Path,
+    out: &str,
+    devices: usize,
+    quantize: Option<jobs::Quantize>,
+) -> TrainJob {
+    TrainJob {
+        model: peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf"),
+        data: ishmael_file(dir),
         task: Task::CausalLm,
         method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
         out: dir.join(out),
@@ -1110,6 +1109,19 @@ fn data_parallel_run_equals_one_device() {
         block_size: 8,
         resume: false,
         quantize,
+    }
+}
+
+/// `--devices 2`: each micro-batch split across two replicas, peers of
+/// Burn's collective, whose gradients an all-reduce sums: the run logs the
+/// losses and saves the adapter of the one-device run (an odd micro-batch
+/// included, and with a quantized base trained layer by layer).
+#[test]
+fn data_parallel_run_equals_one_device() {
+    let _turn = serial();
+    let dir = temp("ddp");
+    let make = |out: &str, devices: usize, quantize: Option<jobs::Quantize>| {
+        tiny_lora_job(&dir, out, devices, quantize)
     };
     let hidden = indicatif::ProgressBar::hidden();
     for (one, two, quantize) in [
@@ -1162,27 +1174,8 @@ fn free_port() -> u16 {
 fn two_nodes_train_as_one_process() {
     let _turn = serial();
     let dir = temp("nodes");
-    let data_file = ishmael_file(&dir);
-    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
-    let one = TrainJob {
-        model: gguf.clone(),
-        data: data_file.clone(),
-        task: Task::CausalLm,
-        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
-        out: dir.join("one"),
-        train: TrainConfig {
-            batch: 3,
-            lr: 1e-2,
-            ..Default::default()
-        },
-        text_column: "text".into(),
-        label_column: "label".into(),
-        held_out: 0.2,
-        max_train: Some(7),
-        block_size: 8,
-        resume: false,
-        quantize: None,
-    };
+    let one = tiny_lora_job(&dir, "one", 1, None);
+    let (gguf, data_file) = (one.model.clone(), one.data.clone());
     let a = jobs::train::<CpuTrainBackend>(&one, &indicatif::ProgressBar::hidden()).unwrap();
     assert_eq!(a.steps, 3, "7 blocks in batches of 3");
 
