@@ -427,14 +427,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>> Virtual
     for PrefixEncoder<B>
 {
     fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        let (kv_heads, head_dim) = model.kv_shape();
-        let cache = self.cache(
-            ids.dims()[0],
-            model.num_attention_layers(),
-            kv_heads,
-            head_dim,
-        );
-        model.forward_with_prefix(ids, mask, cache)
+        self.forward_before(model, ids, mask)
     }
 
     fn positions(&self) -> usize {
@@ -444,18 +437,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>> Virtual
 
 impl<B: Backend, M: EmbeddingSeam<B, Output = Tensor<B, 3>>> Virtual<B, M> for PromptEncoder<B> {
     fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        let b = ids.dims()[0];
-        let prompt = self.prompt();
-        let [n, d] = prompt.dims();
-        let embeds = Tensor::cat(
-            vec![
-                prompt.unsqueeze::<3>().expand([b, n, d]),
-                model.embed_tokens(ids),
-            ],
-            1,
-        );
-        let mask = mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &m.device()), m], 1));
-        model.forward_embeds(embeds, mask)
+        self.forward_before(model, ids, mask)
     }
 
     fn positions(&self) -> usize {

@@ -7,9 +7,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
+use peft_core::model::AttentionPrefixSeam;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
 use peft_core::{PeftError, Result};
 
@@ -213,6 +214,25 @@ impl<B: Backend> PrefixEncoder<B> {
             embedding: Param::from_tensor(self.prefix().detach()),
             transform: None,
         }
+    }
+
+    /// `model`'s forward pass on `ids: [b, t]` after this prefix (the first
+    /// entry of every layer's KV cache); `attention_mask: [b, t]` covers the
+    /// real tokens.
+    pub fn forward_before<M: AttentionPrefixSeam<B>>(
+        &self,
+        model: &M,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> M::PrefixOutput {
+        let (kv_heads, head_dim) = model.kv_shape();
+        let cache = self.cache(
+            ids.dims()[0],
+            model.num_attention_layers(),
+            kv_heads,
+            head_dim,
+        );
+        model.forward_with_prefix(ids, attention_mask, cache)
     }
 
     /// The prefix as a cache of `layers` layers of `[batch, kv_heads,

@@ -197,13 +197,15 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> M::PrefixOutput {
-        let cache = match self.running() {
+        match self.running() {
             Some(name) => self
-                .prefix_cache(name, ids.dims()[0])
-                .expect("the active prefix exists"),
-            None => self.empty_cache(),
-        };
-        self.model.forward_with_prefix(ids, attention_mask, cache)
+                .encoder(name)
+                .expect("the active prefix exists")
+                .forward_before(&self.model, ids, attention_mask),
+            None => self
+                .model
+                .forward_with_prefix(ids, attention_mask, self.empty_cache()),
+        }
     }
 
     /// A batch whose row `i` runs after prefix `names[i]`. The prefixes

@@ -17,7 +17,7 @@ use peft_core::prompt_learning::{
 };
 use peft_core::{ParamCount, PeftError, Result, DEFAULT_ADAPTER};
 
-use crate::encoder::PromptEncoder;
+use crate::encoder::{prepend, PromptEncoder};
 
 /// A model carrying named soft prompts (prompt tuning or P-tuning), at most
 /// one active.
@@ -214,24 +214,6 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         self.prompts.running().map(|(n, (_, e))| (n, e))
     }
 
-    /// `prompts: [b, n, d]` before the embeddings of `ids`, the mask extended.
-    fn run(
-        &self,
-        prompts: Option<Tensor<B, 3>>,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> M::Output {
-        let embeds = self.model.embed_tokens(ids);
-        let Some(prompts) = prompts else {
-            return self.model.forward_embeds(embeds, attention_mask);
-        };
-        let [b, n, _] = prompts.dims();
-        let mask =
-            attention_mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &m.device()), m], 1));
-        self.model
-            .forward_embeds(Tensor::cat(vec![prompts, embeds], 1), mask)
-    }
-
     /// The model's forward pass on the active prompt followed by `ids`
     /// (the plain model when there is none or when disabled). The output
     /// covers the `n_virtual` prompt positions first, as PEFT's does;
@@ -241,13 +223,10 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> M::Output {
-        let b = ids.dims()[0];
-        let prompts = self.running().map(|(_, e)| {
-            let p = e.prompt();
-            let [n, d] = p.dims();
-            p.unsqueeze::<3>().expand([b, n, d])
-        });
-        self.run(prompts, ids, attention_mask)
+        match self.running() {
+            Some((_, e)) => e.forward_before(&self.model, ids, attention_mask),
+            None => prepend(&self.model, None, ids, attention_mask),
+        }
     }
 
     /// A batch whose row `i` runs after prompt `names[i]`. The prompts must
@@ -292,7 +271,12 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
                     .clone()
             })
             .collect();
-        Ok(self.run(Some(Tensor::cat(rows, 0)), ids, attention_mask))
+        Ok(prepend(
+            &self.model,
+            Some(Tensor::cat(rows, 0)),
+            ids,
+            attention_mask,
+        ))
     }
 
     /// Trainable (the active prompt's encoder) and total parameters, as
