@@ -31,14 +31,22 @@ def inputs(rows: int, length: int):
     return ids, mask, labels
 
 
-def interleaved(runs: int, fns):
+def sync(device: torch.device) -> None:
+    # CUDA runs asynchronously: a timing ends when the device is done.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(runs: int, fns, device: torch.device):
     for f in fns:
         f()
+    sync(device)
     out = [[] for _ in fns]
     for _ in range(runs):
         for i, f in enumerate(fns):
             t = time.perf_counter()
             f()
+            sync(device)
             out[i].append(time.perf_counter() - t)
     return out
 
@@ -56,14 +64,16 @@ def main() -> None:
     p.add_argument("--model", required=True, help="the all-MiniLM-L6-v2 folder")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu, or cuda:N (ours: --backend cuda --device N)")
     a = p.parse_args()
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rows, length = (4, 32) if a.quick else (16, 128)
-    ids, mask, labels = inputs(rows, length)
+    ids, mask, labels = (t.to(device) for t in inputs(rows, length))
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
 
-    base = AutoModel.from_pretrained(a.model).eval()
+    base = AutoModel.from_pretrained(a.model).eval().to(device)
     unmerged = get_peft_model(copy.deepcopy(base), config).eval()
     merged = copy.deepcopy(unmerged).merge_and_unload().eval()
 
@@ -72,14 +82,14 @@ def main() -> None:
             m(input_ids=ids, attention_mask=mask).last_hidden_state
 
     runs = 5 if a.quick else 15
-    t = interleaved(runs, [lambda: run(base), lambda: run(unmerged), lambda: run(merged)])
+    t = interleaved(runs, [lambda: run(base), lambda: run(unmerged), lambda: run(merged)], device)
     info = {"tokens": rows * length}
     emit("forward_base", t[0], info)
     emit("forward_lora_r8_q_v_unmerged", t[1], info)
     emit("forward_lora_r8_q_v_merged", t[2], info)
 
     bert = get_peft_model(copy.deepcopy(base), config).eval()
-    head = torch.nn.Linear(384, 2)
+    head = torch.nn.Linear(384, 2).to(device)
     params = [q for q in bert.parameters() if q.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
 
@@ -92,7 +102,7 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t = interleaved(3 if a.quick else 8, [step])
+    t = interleaved(3 if a.quick else 8, [step], device)
     emit("train_step_lora_r8_q_v", t[0],
          {"tokens": rows * length, "tokens_per_s": rows * length / statistics.median(t[0])})
 

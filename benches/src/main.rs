@@ -27,6 +27,9 @@ use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::json;
 
+use peft_core::backends::BackendChoice;
+
+mod ops;
 mod qlora;
 mod real;
 
@@ -34,6 +37,8 @@ struct Opts {
     quick: bool,
     suites: Vec<String>,
     backend: String,
+    /// `--device N`: the device index on the backend (default: its default device).
+    device: Option<usize>,
     memory_probe: Option<String>,
 }
 
@@ -287,6 +292,9 @@ fn memory_probe(o: &Opts, variant: &str) -> Option<f64> {
     let exe = std::env::current_exe().ok()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--backend", &o.backend, "--memory-probe", variant]);
+    if let Some(i) = o.device {
+        cmd.args(["--device", &i.to_string()]);
+    }
     if o.quick {
         cmd.arg("--quick");
     }
@@ -295,8 +303,8 @@ fn memory_probe(o: &Opts, variant: &str) -> Option<f64> {
 }
 
 /// Two training steps of one variant; prints the process's peak RSS (MiB).
-fn probe<B: AutodiffBackend>(o: &Opts, variant: &str) {
-    let device = B::Device::default();
+fn probe<B: AutodiffBackend>(o: &Opts, variant: &str, device: &B::Device) {
+    let device = device.clone();
     let cfg = stack_config(o.quick);
     let (rows, len) = if o.quick { (2, 64) } else { (4, 128) };
     let ids = batch_ids::<B>(rows, len, &device);
@@ -504,7 +512,7 @@ fn prompt_suite<B: Backend>(o: &Opts, device: &B::Device) {
         emit(o, "prompt", name, &mut t[i], baseline, extra);
     }
 
-    prompt_train_suite::<Autodiff<B>>(o, &Default::default());
+    prompt_train_suite::<Autodiff<B>>(o, device);
 }
 
 /// Training steps of prefix and prompt tuning at LoRA r8 q/v's
@@ -624,7 +632,7 @@ fn adapter_suite<B: Backend>(o: &Opts, device: &B::Device) {
         let extra = json!({"trainable_params": counts[i], "tokens": rows * len});
         emit(o, "adapter", name, &mut t[i + 1], Some(b), extra);
     }
-    adapter_train_suite::<Autodiff<B>>(o, &Default::default());
+    adapter_train_suite::<Autodiff<B>>(o, device);
 }
 
 /// `seq_bn`, `double_seq_bn`, `par_bn` (reduction 16) on `base`, with
@@ -744,14 +752,14 @@ fn adapter_train_suite<B: AutodiffBackend>(o: &Opts, device: &B::Device) {
     );
 }
 
-fn run<B: Backend>(o: &Opts) {
+fn run<B: Backend>(o: &Opts, device: &B::Device) {
     if let Some(v) = &o.memory_probe {
         if v.starts_with("qlora") {
-            return qlora::probe::<B>(o, v);
+            return qlora::probe::<B>(o, v, device);
         }
-        return probe::<Autodiff<B>>(o, v);
+        return probe::<Autodiff<B>>(o, v, device);
     }
-    let device = B::Device::default();
+    let device = device.clone();
     for s in &o.suites {
         match s.as_str() {
             "forward" => forward_suite::<B>(o, &device),
@@ -762,6 +770,7 @@ fn run<B: Backend>(o: &Opts) {
             "adapter" => adapter_suite::<B>(o, &device),
             "rank" => rank_suite::<B>(o, &device),
             "minilm" => real::minilm_suite::<B>(o, &device),
+            "ops" => ops::ops_suite::<B>(o, &device),
             "smollm2" => real::smollm2_suite::<B>(o, &device),
             "qlora" => qlora::qlora_suite::<B>(o, &device),
             other => {
@@ -774,10 +783,12 @@ fn run<B: Backend>(o: &Opts) {
 }
 
 fn main() {
+    peft_core::memory::keep_freed_memory();
     let mut o = Opts {
         quick: false,
         suites: Vec::new(),
         backend: "ndarray".into(),
+        device: None,
         memory_probe: None,
     };
     let mut args = std::env::args().skip(1);
@@ -786,6 +797,13 @@ fn main() {
             "--quick" => o.quick = true,
             "--suite" => o.suites.extend(args.next()),
             "--backend" => o.backend = args.next().unwrap_or_default(),
+            "--device" => match args.next().map(|d| d.parse::<usize>()) {
+                Some(Ok(i)) => o.device = Some(i),
+                _ => {
+                    eprintln!("--device needs a device index (0, 1, ...)");
+                    std::process::exit(2);
+                }
+            },
             "--memory-probe" => o.memory_probe = args.next(),
             other => {
                 eprintln!("unknown argument `{other}`");
@@ -806,16 +824,18 @@ fn main() {
             "qlora".into(),
         ];
     }
-    match o.backend.as_str() {
-        "ndarray" => run::<burn::backend::NdArray>(&o),
-        "flex" => run::<burn::backend::Flex>(&o),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => run::<burn::backend::Wgpu>(&o),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<burn::backend::Cuda>(&o),
-        other => {
-            eprintln!("backend `{other}` is not compiled in (ndarray, flex; wgpu/cuda need their feature)");
-            std::process::exit(2);
-        }
+    let ran = o.backend.parse().and_then(|kind| {
+        let choice = BackendChoice {
+            kind,
+            device: o.device,
+        };
+        peft_core::with_backend!(choice, |B, device| {
+            run::<B>(&o, &device);
+            Ok(())
+        })
+    });
+    if let Err(e) = ran {
+        eprintln!("{e}");
+        std::process::exit(2);
     }
 }

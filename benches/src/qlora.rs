@@ -139,9 +139,9 @@ fn shape(o: &Opts) -> (usize, usize) {
 }
 
 /// Loads one variant and trains it for two steps; prints the peak RSS (MiB).
-pub fn probe<B: Backend>(o: &Opts, variant: &str) {
+pub fn probe<B: Backend>(o: &Opts, variant: &str, device: &B::Device) {
     type A<B> = Autodiff<B>;
-    let device = B::Device::default();
+    let device = device.clone();
     let (len, _) = shape(o);
     let data = blocks::<A<B>>("chapter_1", len, 2, &device);
     let (quantized, by_layer) = match variant {

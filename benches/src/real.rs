@@ -110,7 +110,7 @@ pub fn minilm_suite<B: Backend>(o: &Opts, device: &B::Device) {
         Some(b),
         info,
     );
-    minilm_train::<Autodiff<B>>(o, &Default::default(), b);
+    minilm_train::<Autodiff<B>>(o, device, b);
 }
 
 fn minilm_train<B: AutodiffBackend>(o: &Opts, device: &B::Device, forward_s: f64) {

@@ -1,6 +1,6 @@
 //! Project commands, run as `cargo xtask <command>`.
 //!
-//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--quick] [--vs-peft PYTHON]`:
+//! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--device N] [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
 //!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora,
 //!   cpu_backends), and writes `target/bench-report/` with `report.json`,
@@ -60,6 +60,10 @@ fn bench(args: &[String]) -> Result<(), String> {
                 passthrough.push(it.next().ok_or("--suite needs a value")?.clone());
             }
             "--quick" => passthrough.push("--quick".into()),
+            "--device" => {
+                passthrough.push("--device".to_string());
+                passthrough.push(it.next().ok_or("--device needs an index")?.clone());
+            }
             "--vs-peft" => vs_peft = Some(it.next().ok_or("--vs-peft needs a Python")?.clone()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -165,6 +169,19 @@ fn compare_with_peft(
     if quick {
         ours_args.push("--quick".into());
     }
+    let device = passthrough
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| passthrough.get(i + 1));
+    if let Some(i) = device {
+        ours_args.extend(["--device".to_string(), i.clone()]);
+    }
+    // PyTorch on the same hardware: the CPU for a CPU backend, CUDA device
+    // N for `--backend cuda --device N`.
+    let torch_device = match backend {
+        "cuda" => format!("cuda:{}", device.map_or("0", String::as_str)),
+        _ => "cpu".to_string(),
+    };
     let assets = std::env::var_os("PEFT_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -179,7 +196,8 @@ fn compare_with_peft(
         let mut cmd = Command::new(python);
         cmd.arg(root.join("benches/peft_reference.py"))
             .arg("--model")
-            .arg(assets.join("minilm"));
+            .arg(assets.join("minilm"))
+            .args(["--device", &torch_device]);
         if quick {
             cmd.arg("--quick");
         }
@@ -218,6 +236,7 @@ fn compare_with_peft(
         "backend": backend,
         "rounds": ROUNDS,
         "python": python,
+        "torch_device": torch_device,
         "torch_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "figures": rows,
     }))
@@ -445,7 +464,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--quick] [--vs-peft PYTHON]".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

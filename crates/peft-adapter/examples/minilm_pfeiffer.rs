@@ -202,6 +202,7 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
 }
 
 fn main() {
+    peft_core::memory::keep_freed_memory();
     let outcome = parse_args()
         .map_err(|e| e.to_string())
         .and_then(|a| run::<CpuTrainBackend>(a).map_err(|e| e.to_string()));

@@ -197,13 +197,14 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 pub fn train<B: AutodiffBackend>(
     job: &TrainJob,
     progress: &indicatif::ProgressBar,
+    device: &B::Device,
 ) -> Result<Report> {
     job.train.validate()?;
     let arch = tasks::arch_of(&job.model)?;
     match (job.task, arch) {
-        (Task::SeqCls, Arch::Bert) => train_seq_cls::<B>(job, progress),
-        (Task::CausalLm, Arch::Llama) => train_causal::<B, Llama<B>>(job, progress),
-        (Task::CausalLm, Arch::Gpt2) => train_causal::<B, Gpt2<B>>(job, progress),
+        (Task::SeqCls, Arch::Bert) => train_seq_cls::<B>(job, progress, device),
+        (Task::CausalLm, Arch::Llama) => train_causal::<B, Llama<B>>(job, progress, device),
+        (Task::CausalLm, Arch::Gpt2) => train_causal::<B, Gpt2<B>>(job, progress, device),
         (Task::SeqCls, other) => Err(PeftError::Config(format!(
             "seq-cls needs a BERT model; {} is {other:?}",
             job.model.display()
@@ -240,8 +241,9 @@ fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
 fn train_seq_cls<B: AutodiffBackend>(
     job: &TrainJob,
     progress: &indicatif::ProgressBar,
+    device: &B::Device,
 ) -> Result<Report> {
-    let device = B::Device::default();
+    let device = device.clone();
     B::seed(&device, job.train.seed);
     let (labels, train, held) = seq_cls_data(job)?;
     let tok = tasks::tokenizer_of(&job.model)?;
@@ -399,13 +401,17 @@ fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
 /// the full encoder, from which `--resume` continues.
 pub use peft_core::prompt_learning::ENCODER_STATE_FILE;
 
-fn train_causal<B, M>(job: &TrainJob, progress: &indicatif::ProgressBar) -> Result<Report>
+fn train_causal<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report>
 where
     B: AutodiffBackend,
     M: CausalModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
     M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
 {
-    let device = B::Device::default();
+    let device = device.clone();
     B::seed(&device, job.train.seed);
     let tok = tasks::tokenizer_of(&job.model)?;
     let (train, held) = lm_blocks(job, &tok)?;
@@ -415,7 +421,7 @@ where
         &job.out.join("train_config.json"),
         &job.config_json(json!({})),
     )?;
-    let inner_device = burn::tensor::Device::<B::InnerBackend>::default();
+    let inner_device = device.clone();
     let (model, count, save): (Adapted<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
         Method::Adapter(c) => {
             let a = adapter_model(base, c, job.last().as_deref())?;
@@ -510,8 +516,8 @@ pub fn eval<B: Backend>(
     task: Task,
     columns: (&str, &str),
     block_size: usize,
+    device: &B::Device,
 ) -> Result<Metric> {
-    let device = B::Device::default();
     let tok = tasks::tokenizer_of(model)?;
     match (task, tasks::arch_of(model)?) {
         (Task::SeqCls, Arch::Bert) => {
@@ -535,16 +541,16 @@ pub fn eval<B: Backend>(
                 texts: examples.into_iter().map(|e| e.text).collect(),
                 labels: ids,
             };
-            let bert = Bert::<B>::load(model, &device)?;
-            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, &device)?;
+            let bert = Bert::<B>::load(model, device)?;
+            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, device)?;
             let encoder = tasks::load_adapted(bert, Some(dir))?;
             tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
         }
         (Task::CausalLm, Arch::Llama) => {
-            eval_lm::<B, Llama<B>>(model, adapter, data_file, &tok, block_size)
+            eval_lm::<B, Llama<B>>(model, adapter, data_file, &tok, block_size, device)
         }
         (Task::CausalLm, Arch::Gpt2) => {
-            eval_lm::<B, Gpt2<B>>(model, adapter, data_file, &tok, block_size)
+            eval_lm::<B, Gpt2<B>>(model, adapter, data_file, &tok, block_size, device)
         }
         (t, a) => Err(PeftError::Config(format!(
             "task {t:?} does not fit a {a:?} model"
@@ -558,8 +564,8 @@ fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
     data_file: &Path,
     tok: &Tokenizer,
     block_size: usize,
+    device: &B::Device,
 ) -> Result<Metric> {
-    let device = B::Device::default();
     let ids = tok.encode(&data::read_text(data_file)?)?;
     let blocks = data::blocks(&ids, block_size);
     if blocks.is_empty() {
@@ -568,9 +574,9 @@ fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(
             message: format!("{} tokens: not one block of {block_size}", ids.len()),
         });
     }
-    let base = M::load_from(model, &device)?;
+    let base = M::load_from(model, device)?;
     let lm = tasks::load_adapted(base, adapter)?;
-    tasks::perplexity(&lm, &blocks, &device)
+    tasks::perplexity(&lm, &blocks, device)
 }
 
 /// `peft generate`: greedy (or sampled) text from a Llama / GPT-2 model,
@@ -581,15 +587,15 @@ pub fn generate<B: Backend>(
     prompt: &str,
     max_new: usize,
     sampler: &mut Sampler,
+    device: &B::Device,
 ) -> Result<String> {
-    let device = B::Device::default();
     let tok = tasks::tokenizer_of(model)?;
     let ids = tok.encode(prompt)?;
     let out = match tasks::arch_of(model)? {
         Arch::Llama => {
-            generate_with::<B, Llama<B>>(model, adapter, &ids, max_new, sampler, &device)?
+            generate_with::<B, Llama<B>>(model, adapter, &ids, max_new, sampler, device)?
         }
-        Arch::Gpt2 => generate_with::<B, Gpt2<B>>(model, adapter, &ids, max_new, sampler, &device)?,
+        Arch::Gpt2 => generate_with::<B, Gpt2<B>>(model, adapter, &ids, max_new, sampler, device)?,
         Arch::Bert => return Err(PeftError::Config("BERT does not generate text".into())),
     };
     tok.decode(&out)
@@ -667,8 +673,8 @@ pub fn forward<B: Backend>(
     adapter: Option<&Path>,
     ids_file: &Path,
     out: &Path,
+    device: &B::Device,
 ) -> Result<Vec<usize>> {
-    let device = B::Device::default();
     let text = std::fs::read_to_string(ids_file).map_err(|source| PeftError::Io {
         path: ids_file.to_path_buf(),
         source,
@@ -687,14 +693,14 @@ pub fn forward<B: Backend>(
     let flat: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
     let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
         burn::tensor::TensorData::new(flat, [rows.len(), t]),
-        &device,
+        device,
     );
     let output = match tasks::arch_of(model)? {
         Arch::Llama => forward_lm::<B, Llama<B>>(model, adapter, ids)?,
         Arch::Gpt2 => forward_lm::<B, Gpt2<B>>(model, adapter, ids)?,
         Arch::Bert => {
-            let bert = Bert::<B>::load(model, &device)?;
-            let mask = burn::tensor::Tensor::ones([rows.len(), t], &device);
+            let bert = Bert::<B>::load(model, device)?;
+            let mask = burn::tensor::Tensor::ones([rows.len(), t], device);
             let h = tasks::load_adapted(bert, adapter)?.hidden(ids, mask)?;
             peft_core::io::HostTensor::from_tensor(h)
         }
@@ -822,11 +828,11 @@ pub fn merge<B: Backend>(
     adapter: &Path,
     out: &Path,
     dtype: MergeDtype,
+    device: &B::Device,
 ) -> Result<Vec<String>> {
     if model.extension().is_some_and(|e| e == "gguf") {
-        return merge_gguf::<B>(model, adapter, out, dtype);
+        return merge_gguf::<B>(model, adapter, out, dtype, device);
     }
-    let device = B::Device::default();
     let (files, index) = weight_files(model)?;
     let target = MergeTarget {
         model,
@@ -837,10 +843,10 @@ pub fn merge<B: Backend>(
         dtype,
     };
     match tasks::arch_of(model)? {
-        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, &device)?, &target, true),
-        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, &device)?, &target, true),
+        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, true),
+        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, device)?, &target, true),
         // GPT-2's Conv1D stores [in, out], as Burn does.
-        Arch::Gpt2 => merge_into::<B, Gpt2<B>>(Gpt2::load(model, &device)?, &target, false),
+        Arch::Gpt2 => merge_into::<B, Gpt2<B>>(Gpt2::load(model, device)?, &target, false),
     }
 }
 
@@ -945,8 +951,9 @@ fn merge_gguf<B: Backend>(
     adapter: &Path,
     out: &Path,
     dtype: MergeDtype,
+    device: &B::Device,
 ) -> Result<Vec<String>> {
-    let base = Llama::<B>::from_gguf(gguf, &B::Device::default())?;
+    let base = Llama::<B>::from_gguf(gguf, device)?;
     let before = llama_hf_tensors(&base);
     let merged = merged_model(base, adapter)?;
     let after = llama_hf_tensors(&merged);

@@ -18,13 +18,11 @@ use peft_adapter::BnConfig;
 use peft_cli::jobs::{self, Task, TrainJob};
 use peft_cli::tasks::Method;
 use peft_cli::train::{Schedule, TrainConfig};
-use peft_core::backends::CpuTrainBackend;
+use peft_core::backends::{BackendChoice, BackendKind};
 use peft_core::config::TargetModules;
 use peft_core::generate::Sampler;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
-
-type Inference = burn::backend::NdArray;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +33,34 @@ type Inference = burn::backend::NdArray;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where a command computes: `--backend` and `--device`, on every command
+/// that runs a model.
+#[derive(clap::Args, Clone, Copy)]
+struct BackendArgs {
+    /// Backend: flex (CPU, the default), ndarray (CPU), wgpu or cuda (GPU;
+    /// each needs the cargo feature of its name, e.g. `cargo install --path
+    /// crates/peft-cli --features cuda`).
+    #[arg(long, default_value = "flex", value_parser = parse_backend)]
+    backend: BackendKind,
+    /// Device index on that backend (GPU i; a CPU backend has device 0 only).
+    /// Default: the backend's default device.
+    #[arg(long)]
+    device: Option<usize>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse().map_err(|e: PeftError| e.to_string())
+}
+
+impl From<BackendArgs> for BackendChoice {
+    fn from(a: BackendArgs) -> Self {
+        BackendChoice {
+            kind: a.backend,
+            device: a.device,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,6 +109,8 @@ enum Command {
     /// Fine-tune a model with an adapter; writes metrics.jsonl, loss.svg and
     /// the best checkpoint (PEFT's / AdapterHub's format) under --out.
     Train {
+        #[command(flatten)]
+        on: BackendArgs,
         /// The method.
         #[arg(long, value_enum, required_unless_present = "resume")]
         method: Option<MethodArg>,
@@ -216,6 +244,8 @@ enum Command {
     },
     /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
     Eval {
+        #[command(flatten)]
+        on: BackendArgs,
         #[arg(long)]
         model: PathBuf,
         /// Adapter folder (for seq-cls: a run's best/ folder, with its head).
@@ -234,6 +264,8 @@ enum Command {
     },
     /// Generate text (causal LM), with an adapter or without.
     Generate {
+        #[command(flatten)]
+        on: BackendArgs,
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -251,6 +283,8 @@ enum Command {
     /// Run a model (with an adapter or none) on token ids from a JSON file
     /// and write the output as a safetensors file.
     Forward {
+        #[command(flatten)]
+        on: BackendArgs,
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -266,6 +300,8 @@ enum Command {
     /// (single or sharded safetensors) and write the merged model, in the
     /// same files, as f32, f16 or bf16.
     Merge {
+        #[command(flatten)]
+        on: BackendArgs,
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -411,6 +447,7 @@ fn progress_bar() -> indicatif::ProgressBar {
 fn run(cli: Cli) -> peft_core::Result<()> {
     match cli.command {
         Command::Train {
+            on,
             method,
             resume,
             stop_after,
@@ -525,7 +562,9 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 }
             };
             job.train.cluster = cluster;
-            let report = jobs::train::<CpuTrainBackend>(&job, &progress_bar())?;
+            let report = peft_core::with_backend!(autodiff on.into(), |B, device| {
+                jobs::train::<B>(&job, &progress_bar(), &device)
+            })?;
             let p = report.params;
             println!(
                 "{} on {} training / {} held-out examples: {} steps{}",
@@ -548,6 +587,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             Ok(())
         }
         Command::Eval {
+            on,
             model,
             adapter,
             data,
@@ -556,18 +596,22 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             label_column,
             block_size,
         } => {
-            let m = jobs::eval::<Inference>(
-                &model,
-                adapter.as_deref(),
-                &data,
-                task.into(),
-                (&text_column, &label_column),
-                block_size,
-            )?;
+            let m = peft_core::with_backend!(on.into(), |B, device| {
+                jobs::eval::<B>(
+                    &model,
+                    adapter.as_deref(),
+                    &data,
+                    task.into(),
+                    (&text_column, &label_column),
+                    block_size,
+                    &device,
+                )
+            })?;
             println!("{}: {:.4}", m.name, m.value);
             Ok(())
         }
         Command::Generate {
+            on,
             model,
             adapter,
             prompt,
@@ -585,34 +629,43 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             } else {
                 Sampler::Greedy
             };
-            let text = jobs::generate::<Inference>(
-                &model,
-                adapter.as_deref(),
-                &prompt,
-                max,
-                &mut sampler,
-            )?;
+            let text = peft_core::with_backend!(on.into(), |B, device| {
+                jobs::generate::<B>(
+                    &model,
+                    adapter.as_deref(),
+                    &prompt,
+                    max,
+                    &mut sampler,
+                    &device,
+                )
+            })?;
             println!("{prompt}{text}");
             Ok(())
         }
         Command::Forward {
+            on,
             model,
             adapter,
             ids,
             out,
         } => {
-            let shape = jobs::forward::<Inference>(&model, adapter.as_deref(), &ids, &out)?;
+            let shape = peft_core::with_backend!(on.into(), |B, device| {
+                jobs::forward::<B>(&model, adapter.as_deref(), &ids, &out, &device)
+            })?;
             println!("wrote output {shape:?} to {}", out.display());
             Ok(())
         }
         Command::Merge {
+            on,
             model,
             adapter,
             out,
             dtype,
         } => {
             let dtype = jobs::MergeDtype::parse(&dtype)?;
-            let changed = jobs::merge::<Inference>(&model, &adapter, &out, dtype)?;
+            let changed = peft_core::with_backend!(on.into(), |B, device| {
+                jobs::merge::<B>(&model, &adapter, &out, dtype, &device)
+            })?;
             println!(
                 "merged {} tensors into {} ({})",
                 changed.len(),
@@ -644,6 +697,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
 }
 
 fn main() -> ExitCode {
+    peft_core::memory::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -93,7 +93,9 @@ fn a_short_run_writes_what_eval_reads_back() {
         Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
         train.clone(),
     );
-    let report = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap();
+    let report =
+        jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
+            .unwrap();
     assert_eq!(report.steps, 2);
     assert_eq!(report.sizes, (36, 12));
     // LoRA r4 on query/value of 6 layers (4·384·2 per module) + head 384·2 + 2.
@@ -129,6 +131,7 @@ fn a_short_run_writes_what_eval_reads_back() {
         Task::SeqCls,
         ("text", "label"),
         32,
+        &Default::default(),
     )
     .unwrap();
     assert_eq!(
@@ -173,6 +176,7 @@ fn a_short_run_writes_what_eval_reads_back() {
                 train,
             ),
             &indicatif::ProgressBar::hidden(),
+            &Default::default(),
         )
         .unwrap();
         let m = jobs::eval::<Inference>(
@@ -182,6 +186,7 @@ fn a_short_run_writes_what_eval_reads_back() {
             Task::SeqCls,
             ("text", "label"),
             32,
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(m.value, r.after.value, "{name}");
@@ -205,6 +210,7 @@ fn a_short_run_writes_what_eval_reads_back() {
                 Some(&out.join("best")),
                 &ids,
                 &dir.join(format!("{name}.safetensors")),
+                &Default::default(),
             )
             .unwrap();
             assert_eq!(shape, vec![1, 4, 384], "{name}");
@@ -235,7 +241,9 @@ fn a_nan_loss_stops_training_naming_the_step() {
         Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
         train,
     );
-    let err = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap_err();
+    let err =
+        jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
+            .unwrap_err();
     assert!(matches!(err, PeftError::NonFinite(_)), "{err}");
     assert!(err.to_string().contains("at step"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -399,12 +407,7 @@ fn assert_same_adapter(dir: &Path, a: &str, b: &str) {
     let (x, y) = (last_adapter(dir, a), last_adapter(dir, b));
     assert_eq!(x.len(), y.len(), "{a} vs {b}: tensors");
     for (k, t) in &x {
-        let d = t
-            .data
-            .iter()
-            .zip(&y[k].data)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0f32, f32::max);
+        let d = peft_core::compare::max_abs_diff(&t.data, &y[k].data);
         assert!(d < 1e-5, "{a} vs {b}: {k} differs by {d:e}");
     }
 }
@@ -439,7 +442,8 @@ fn forward_and_merge_reproduce_peft() {
         let ids_file = ids_file(&c, &dir);
         let out = dir.join(format!("{arch}-{case}.safetensors"));
         let model = fixtures.join(arch);
-        jobs::forward::<Inference>(&model, Some(&c.dir), &ids_file, &out).unwrap();
+        jobs::forward::<Inference>(&model, Some(&c.dir), &ids_file, &out, &Default::default())
+            .unwrap();
         let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
         peft_models::fixtures::assert_close(
             &format!("{arch}/{case} forward"),
@@ -448,10 +452,16 @@ fn forward_and_merge_reproduce_peft() {
         );
 
         let merged = dir.join(format!("{arch}-{case}-merged"));
-        let changed =
-            jobs::merge::<Inference>(&model, &c.dir, &merged, jobs::MergeDtype::F32).unwrap();
+        let changed = jobs::merge::<Inference>(
+            &model,
+            &c.dir,
+            &merged,
+            jobs::MergeDtype::F32,
+            &Default::default(),
+        )
+        .unwrap();
         assert!(!changed.is_empty());
-        jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+        jobs::forward::<Inference>(&merged, None, &ids_file, &out, &Default::default()).unwrap();
         let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
         peft_models::fixtures::assert_close(
             &format!("{arch}/{case} merged"),
@@ -569,7 +579,7 @@ fn merge_writes_shards_and_half_precision() {
             .sum();
         assert_eq!(index["metadata"]["total_size"], shard_bytes);
         let out = dir.join(format!("logits-{flag}.safetensors"));
-        jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+        jobs::forward::<Inference>(&merged, None, &ids_file, &out, &Default::default()).unwrap();
         let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
         let d = peft_models::fixtures::max_diff(got, c.want("logits_merged"));
         assert!(
@@ -591,14 +601,21 @@ fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
     let c = peft_models::fixtures::FixtureCase::open("llama", "lora");
     let ids_file = ids_file(&c, &dir);
     let out = dir.join("logits.safetensors");
-    jobs::forward::<Inference>(&gguf, Some(&c.dir), &ids_file, &out).unwrap();
+    jobs::forward::<Inference>(&gguf, Some(&c.dir), &ids_file, &out, &Default::default()).unwrap();
     peft_models::fixtures::assert_close(
         "GGUF + adapter",
         &peft_core::io::read_safetensors(&out).unwrap()["output"],
         c.want("logits_unmerged"),
     );
     let merged = dir.join("merged");
-    let changed = jobs::merge::<Inference>(&gguf, &c.dir, &merged, jobs::MergeDtype::F32).unwrap();
+    let changed = jobs::merge::<Inference>(
+        &gguf,
+        &c.dir,
+        &merged,
+        jobs::MergeDtype::F32,
+        &Default::default(),
+    )
+    .unwrap();
     // The adapter's targets (down_proj, q_proj, v_proj) in both layers, and nothing else.
     let want: Vec<String> = (0..2)
         .flat_map(|i| {
@@ -607,7 +624,7 @@ fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
         })
         .collect();
     assert_eq!(changed, want);
-    jobs::forward::<Inference>(&merged, None, &ids_file, &out).unwrap();
+    jobs::forward::<Inference>(&merged, None, &ids_file, &out, &Default::default()).unwrap();
     peft_models::fixtures::assert_close(
         "GGUF merged into a Hugging Face folder",
         &peft_core::io::read_safetensors(&out).unwrap()["output"],
@@ -653,7 +670,12 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         Method::Lora(lora.clone()),
         train.clone(),
     );
-    let a = jobs::train::<CpuTrainBackend>(&whole, &indicatif::ProgressBar::hidden()).unwrap();
+    let a = jobs::train::<CpuTrainBackend>(
+        &whole,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .unwrap();
 
     let halted = TrainConfig {
         stop_after: Some(3),
@@ -666,11 +688,21 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         Method::Lora(lora),
         halted,
     );
-    let part = jobs::train::<CpuTrainBackend>(&first, &indicatif::ProgressBar::hidden()).unwrap();
+    let part = jobs::train::<CpuTrainBackend>(
+        &first,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(part.steps, 3);
     let mut second = TrainJob::resume_from(&dir.join("parts")).unwrap();
     second.train.stop_after = None;
-    let b = jobs::train::<CpuTrainBackend>(&second, &indicatif::ProgressBar::hidden()).unwrap();
+    let b = jobs::train::<CpuTrainBackend>(
+        &second,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(b.steps, 6);
     assert_eq!(a.after.value, b.after.value);
     for f in ["adapter_model.safetensors", "head.safetensors"] {
@@ -744,12 +776,15 @@ fn resumed_prefix_and_p_tuning_runs_equal_uninterrupted_ones() {
             quantize: None,
         };
         let hidden = indicatif::ProgressBar::hidden();
-        let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden).unwrap();
-        let part = jobs::train::<CpuTrainBackend>(&make("parts", Some(2)), &hidden).unwrap();
+        let a = jobs::train::<CpuTrainBackend>(&make("whole", None), &hidden, &Default::default())
+            .unwrap();
+        let part =
+            jobs::train::<CpuTrainBackend>(&make("parts", Some(2)), &hidden, &Default::default())
+                .unwrap();
         assert_eq!(part.steps, 2, "{name}");
         let mut second = TrainJob::resume_from(&dir.join(name).join("parts")).unwrap();
         second.train.stop_after = None;
-        let b = jobs::train::<CpuTrainBackend>(&second, &hidden).unwrap();
+        let b = jobs::train::<CpuTrainBackend>(&second, &hidden, &Default::default()).unwrap();
         assert_eq!((a.steps, b.steps), (3, 3), "{name}: one epoch of 3 blocks");
         assert_eq!(a.after.value, b.after.value, "{name}");
         for f in [jobs::ENCODER_STATE_FILE, "adapter_model.safetensors"] {
@@ -983,7 +1018,12 @@ fn causal_lm_runs_with_every_method() {
             resume: false,
             quantize: None,
         };
-        let r = jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden()).unwrap();
+        let r = jobs::train::<CpuTrainBackend>(
+            &j,
+            &indicatif::ProgressBar::hidden(),
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(r.steps, 1, "{name}");
         assert!(
             r.before.value > 1.0 && r.before.value < 1e4,
@@ -998,6 +1038,7 @@ fn causal_lm_runs_with_every_method() {
             Task::CausalLm,
             ("text", "label"),
             16,
+            &Default::default(),
         )
         .unwrap();
         assert!(
@@ -1006,8 +1047,15 @@ fn causal_lm_runs_with_every_method() {
             m.value
         );
         let mut sampler = peft_core::generate::Sampler::Greedy;
-        let g =
-            jobs::generate::<Inference>(&gguf, Some(&best), "Call me", 3, &mut sampler).unwrap();
+        let g = jobs::generate::<Inference>(
+            &gguf,
+            Some(&best),
+            "Call me",
+            3,
+            &mut sampler,
+            &Default::default(),
+        )
+        .unwrap();
         assert!(!g.is_empty(), "{name}: nothing generated");
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -1045,9 +1093,14 @@ fn quantized_base_runs_match_the_f32_run() {
         quantize,
     };
     let hidden = indicatif::ProgressBar::hidden();
-    let dense = jobs::train::<CpuTrainBackend>(&make("f32", None), &hidden).unwrap();
-    let kept =
-        jobs::train::<CpuTrainBackend>(&make("gguf", Some(jobs::Quantize::Gguf)), &hidden).unwrap();
+    let dense =
+        jobs::train::<CpuTrainBackend>(&make("f32", None), &hidden, &Default::default()).unwrap();
+    let kept = jobs::train::<CpuTrainBackend>(
+        &make("gguf", Some(jobs::Quantize::Gguf)),
+        &hidden,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!((dense.steps, kept.steps), (2, 2));
     assert_eq!(dense.params, kept.params);
     let losses = |run: &str| -> Vec<f64> {
@@ -1067,8 +1120,12 @@ fn quantized_base_runs_match_the_f32_run() {
     let resumed = TrainJob::resume_from(&dir.join("gguf")).unwrap();
     assert_eq!(resumed.quantize, Some(jobs::Quantize::Gguf));
 
-    let nf4 =
-        jobs::train::<CpuTrainBackend>(&make("nf4", Some(jobs::Quantize::Nf4)), &hidden).unwrap();
+    let nf4 = jobs::train::<CpuTrainBackend>(
+        &make("nf4", Some(jobs::Quantize::Nf4)),
+        &hidden,
+        &Default::default(),
+    )
+    .unwrap();
     assert!(nf4.after.value.is_finite() && nf4.after.value < nf4.before.value);
 
     let minilm = assets::fetch("minilm").unwrap();
@@ -1076,7 +1133,7 @@ fn quantized_base_runs_match_the_f32_run() {
     bert.model = minilm;
     bert.task = Task::SeqCls;
     bert.data = sentiment_file(&dir, 8);
-    let err = jobs::train::<CpuTrainBackend>(&bert, &hidden).unwrap_err();
+    let err = jobs::train::<CpuTrainBackend>(&bert, &hidden, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("nf4"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1128,8 +1185,12 @@ fn data_parallel_run_equals_one_device() {
         ("one", "two", None),
         ("one-q", "two-q", Some(jobs::Quantize::Gguf)),
     ] {
-        let a = jobs::train::<CpuTrainBackend>(&make(one, 1, quantize), &hidden).unwrap();
-        let b = jobs::train::<CpuTrainBackend>(&make(two, 2, quantize), &hidden).unwrap();
+        let a =
+            jobs::train::<CpuTrainBackend>(&make(one, 1, quantize), &hidden, &Default::default())
+                .unwrap();
+        let b =
+            jobs::train::<CpuTrainBackend>(&make(two, 2, quantize), &hidden, &Default::default())
+                .unwrap();
         assert_eq!((a.steps, b.steps), (3, 3), "7 blocks in batches of 3");
         assert!(
             (a.after.value - b.after.value).abs() < 1e-4 * a.after.value,
@@ -1141,7 +1202,7 @@ fn data_parallel_run_equals_one_device() {
     }
     let mut bad = make("bad", 4, None);
     bad.train.batch = 2;
-    let e = jobs::train::<CpuTrainBackend>(&bad, &hidden).unwrap_err();
+    let e = jobs::train::<CpuTrainBackend>(&bad, &hidden, &Default::default()).unwrap_err();
     assert!(e.to_string().contains("devices"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1176,7 +1237,12 @@ fn two_nodes_train_as_one_process() {
     let dir = temp("nodes");
     let one = tiny_lora_job(&dir, "one", 1, None);
     let (gguf, data_file) = (one.model.clone(), one.data.clone());
-    let a = jobs::train::<CpuTrainBackend>(&one, &indicatif::ProgressBar::hidden()).unwrap();
+    let a = jobs::train::<CpuTrainBackend>(
+        &one,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(a.steps, 3, "7 blocks in batches of 3");
 
     let port = free_port();

@@ -96,4 +96,13 @@ pub enum PeftError {
     /// A non-finite value (NaN/Inf) where a finite one is required.
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// A backend or device that this build cannot run on.
+    #[error("backend `{backend}`: {message}")]
+    Backend {
+        /// The backend asked for (`ndarray`, `flex`, `wgpu`, `cuda`).
+        backend: String,
+        /// What is wrong: the cargo feature that compiles it in, or the
+        /// device index that does not exist.
+        message: String,
+    },
 }

@@ -24,6 +24,7 @@ use burn_flex as _;
 use burn_ndarray as _;
 
 pub mod backends;
+pub mod compare;
 pub mod config;
 pub mod count;
 pub mod error;
@@ -33,6 +34,7 @@ pub mod kv;
 pub mod layered;
 pub mod linear_adapters;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod named;
 pub mod prompt_learning;

@@ -213,6 +213,7 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
 }
 
 fn main() {
+    peft_core::memory::keep_freed_memory();
     if let Err(e) = run::<CpuTrainBackend>(parse_args()) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -33,11 +33,7 @@ fn logits(m: &Llama<B>) -> HostTensor {
 }
 
 fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    peft_core::compare::max_abs_diff(&a.data, &b.data)
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -272,9 +268,10 @@ fn mixed_batch_equals_per_row_runs_across_ranks_and_dora() {
             logits(&lora.model)
         };
         let n = single.data.len() / 3;
-        let d = (0..n)
-            .map(|j| (mixed.data[row * n + j] - single.data[row * n + j]).abs())
-            .fold(0.0, f32::max);
+        let d = peft_core::compare::max_abs_diff(
+            &mixed.data[row * n..(row + 1) * n],
+            &single.data[row * n..(row + 1) * n],
+        );
         assert!(d < 1e-5, "row {row} ({name}) differs by {d:e}");
     }
 }

@@ -31,6 +31,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    peft_core::memory::keep_freed_memory();
     let mut prompt = "The capital of France is".to_string();
     let (mut temperature, mut top_k, mut top_p, mut seed, mut max) =
         (0.0f32, 0usize, 1.0f32, 0u64, 24usize);

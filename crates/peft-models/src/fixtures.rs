@@ -20,11 +20,7 @@ pub fn fixtures_dir() -> PathBuf {
 /// Max |a − b| over two tensors of one shape.
 pub fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
     assert_eq!(a.shape, b.shape, "shapes differ");
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    peft_core::compare::max_abs_diff(&a.data, &b.data)
 }
 
 /// Panics, naming `what`, unless `got` is within [`TOL`] of `want`.

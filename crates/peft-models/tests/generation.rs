@@ -76,12 +76,7 @@ where
     let full = model.logits(ids(&[4, 8, 15, 16, 23, 42, 7]));
     let [_, _, v] = full.dims();
     let tail = HostTensor::from_tensor(full.slice([0..1, 3..7, 0..v]));
-    let d = with_prefix
-        .data
-        .iter()
-        .zip(&tail.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = peft_core::compare::max_abs_diff(&with_prefix.data, &tail.data);
     assert!(d < 1e-5, "prefix ≠ context: {d:e}");
     assert_eq!(with_prefix, masked);
 }
@@ -127,12 +122,7 @@ fn bert_prefix<B: Backend>(device: &B::Device) {
         0..3,
         0..16,
     ]));
-    let d = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let d = peft_core::compare::max_abs_diff(&a.data, &b.data);
     assert!(d < 1e-6, "a padded token leaked through the mask: {d:e}");
     let plain = HostTensor::from_tensor(m.encode(ids(3), None).slice([0..1, 0..3, 0..16]));
     assert!(

@@ -67,11 +67,6 @@ fn minilm_tokenizes_and_embeds_like_the_reference() {
         })
         .collect();
     assert_eq!(emb.data.len(), want.len());
-    let d = emb
-        .data
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = peft_core::compare::max_abs_diff(&emb.data, &want);
     assert!(d < 1e-4, "embeddings differ from the reference by {d:e}");
 }

@@ -272,6 +272,7 @@ fn accuracy(run: &dyn Tuned, examples: &[Example], words: [u32; 2], pad: u32) ->
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    peft_core::memory::keep_freed_memory();
     let args = parse_args()?;
     let device = Default::default();
     let start = Instant::now();
