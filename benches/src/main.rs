@@ -29,6 +29,7 @@ use serde_json::json;
 
 use peft_core::backends::BackendChoice;
 
+mod epoch;
 mod ops;
 mod qlora;
 mod real;
@@ -771,11 +772,12 @@ fn run<B: Backend>(o: &Opts, device: &B::Device) {
             "rank" => rank_suite::<B>(o, &device),
             "minilm" => real::minilm_suite::<B>(o, &device),
             "ops" => ops::ops_suite::<B>(o, &device),
+            "epoch" => epoch::epoch_suite::<B>(o, &device),
             "smollm2" => real::smollm2_suite::<B>(o, &device),
             "qlora" => qlora::qlora_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, cpu_backends)"
+                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, cpu_backends, ops, epoch)"
                 )
             }
         }

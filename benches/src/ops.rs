@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::{emit, interleaved, Opts};
 
 fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
-    let _ = t.flatten::<1>(0, D - 1).slice([0..1]).into_data();
+    let _ = t.flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
 }
 
 /// Per-op timings of one MiniLM layer's forward pass.
@@ -39,7 +39,7 @@ pub fn ops_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let norm = LayerNormConfig::new(d).init::<B>(device);
     let runs = if o.quick { 5 } else { 10 };
     // (name, count per model of 6 layers)
-    let names: [(&str, usize); 12] = [
+    let names: [(&str, usize); 13] = [
         ("linear_384x384", 24),
         ("linear_384x1536", 6),
         ("linear_1536x384", 6),
@@ -52,6 +52,7 @@ pub fn ops_suite<B: Backend>(o: &Opts, device: &B::Device) {
         ("merge_heads", 6),
         ("gelu_1536", 6),
         ("layer_norm", 12),
+        ("attention_op", 6),
     ];
     let mut t_all = interleaved(
         runs,
@@ -68,6 +69,16 @@ pub fn ops_suite<B: Backend>(o: &Opts, device: &B::Device) {
             &mut || sync(merge_heads(q.clone())),
             &mut || sync(gelu(up.clone())),
             &mut || sync(norm.forward(x3.clone())),
+            &mut || {
+                sync(burn::tensor::module::attention(
+                    q.clone(),
+                    q.clone(),
+                    q.clone(),
+                    None,
+                    Some(mask.clone()),
+                    Default::default(),
+                ))
+            },
         ],
     );
     for (i, (name, count)) in names.iter().enumerate() {

@@ -154,9 +154,10 @@ fn parse_lines(stdout: &[u8]) -> Result<Vec<Value>, String> {
     Ok(results)
 }
 
-/// Rounds of our `minilm` suite and PEFT's, alternating (ours, theirs,
-/// ours, theirs), so that machine noise hits both; per figure, the median
-/// over rounds of each side's median, and their ratio.
+/// Rounds of our `minilm` and `epoch` suites and PEFT's (the ones asked
+/// for with `--suite`, both when none is), alternating (ours, theirs, ours,
+/// theirs), so that machine noise hits both; per figure, the median over
+/// rounds of each side's median, and their ratio.
 fn compare_with_peft(
     root: &Path,
     backend: &str,
@@ -165,7 +166,22 @@ fn compare_with_peft(
 ) -> Result<Value, String> {
     const ROUNDS: usize = 3;
     let quick = passthrough.iter().any(|a| a == "--quick");
-    let mut ours_args = vec!["--suite".to_string(), "minilm".to_string()];
+    let asked: Vec<&str> = passthrough
+        .windows(2)
+        .filter(|w| w[0] == "--suite")
+        .map(|w| w[1].as_str())
+        .collect();
+    let suites: Vec<&str> = ["minilm", "epoch"]
+        .into_iter()
+        .filter(|s| asked.is_empty() || asked.contains(s))
+        .collect();
+    if suites.is_empty() {
+        return Err("--vs-peft compares the minilm and epoch suites; none was asked for".into());
+    }
+    let mut ours_args = Vec::new();
+    for s in &suites {
+        ours_args.extend(["--suite".to_string(), s.to_string()]);
+    }
     if quick {
         ours_args.push("--quick".into());
     }
@@ -193,24 +209,28 @@ fn compare_with_peft(
     for round in 0..ROUNDS {
         eprintln!("vs-peft: round {} of {ROUNDS}", round + 1);
         ours.extend(run_ours(root, backend, &ours_args)?);
-        let mut cmd = Command::new(python);
-        cmd.arg(root.join("benches/peft_reference.py"))
-            .arg("--model")
-            .arg(assets.join("minilm"))
-            .args(["--device", &torch_device]);
-        if quick {
-            cmd.arg("--quick");
+        for suite in &suites {
+            let mut cmd = Command::new(python);
+            cmd.arg(root.join("benches/peft_reference.py"))
+                .arg("--model")
+                .arg(assets.join("minilm"))
+                .args(["--device", &torch_device, "--suite", suite])
+                .arg("--data")
+                .arg(assets.join("rotten-tomatoes/rotten_tomatoes.jsonl"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            let out = cmd
+                .output()
+                .map_err(|e| format!("cannot run {python}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "benches/peft_reference.py failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            theirs.extend(parse_lines(&out.stdout)?);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run {python}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "benches/peft_reference.py failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        theirs.extend(parse_lines(&out.stdout)?);
     }
     let median_of = |set: &[Value], name: &str| -> Option<f64> {
         let mut v: Vec<f64> = set
@@ -227,6 +247,8 @@ fn compare_with_peft(
         "forward_lora_r8_q_v_unmerged",
         "forward_lora_r8_q_v_merged",
         "train_step_lora_r8_q_v",
+        "train_epoch_lora_r8_q_v",
+        "eval_sentences",
     ] {
         if let (Some(a), Some(b)) = (median_of(&ours, name), median_of(&theirs, name)) {
             rows.push(json!({"name": name, "ours_ms": a, "peft_ms": b, "ratio": a / b}));
@@ -420,7 +442,7 @@ fn markdown(report: &Value) -> String {
     }
     if let Some(rows) = report["vs_peft"]["figures"].as_array() {
         s += &format!(
-            "\n## Against Hugging Face PEFT + PyTorch\n\nall-MiniLM-L6-v2, batch 16 × 128, LoRA r 8 on query/value; {} rounds alternating ours and theirs, medians of the rounds' medians; backend {}.\n\n| figure | ours ms | PEFT ms | ours / PEFT |\n|---|---|---|---|\n",
+            "\n## Against Hugging Face PEFT + PyTorch\n\nall-MiniLM-L6-v2, LoRA r 8 on query/value: forward passes and one training step at batch 16 × 128 (`minilm`), one epoch of the main job's recipe and an evaluation of 1,000 sentences (`epoch`); {} rounds alternating ours and theirs, medians of the rounds' medians; backend {}.\n\n| figure | ours ms | PEFT ms | ours / PEFT |\n|---|---|---|---|\n",
             report["vs_peft"]["rounds"], report["vs_peft"]["backend"].as_str().unwrap_or("?")
         );
         for r in rows {

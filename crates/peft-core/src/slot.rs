@@ -482,7 +482,10 @@ impl<B: Backend> LinearSlot<B> {
                 prob: entry.meta.dropout,
             };
             let xd = dropout.forward(x.clone());
-            let lora = xd.clone().matmul(entry.a.val()).matmul(entry.b.val()) * entry.meta.scaling;
+            // The scale multiplies the rank-r intermediate `[n, r]`, not the
+            // `[n, d_out]` product: one pass over the activation fewer.
+            let lora =
+                (xd.clone().matmul(entry.a.val()) * entry.meta.scaling).matmul(entry.b.val());
             match &entry.magnitude {
                 None => y = y + lora,
                 Some(m) => {

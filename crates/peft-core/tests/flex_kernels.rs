@@ -126,9 +126,10 @@ fn flex_row_broadcasts_equal_ndarray() {
     let l = Tensor::<Flex, 3>::from_data(TensorData::new(lhs.clone(), [b * h, t, s]), &d);
     let r = Tensor::<Flex, 3>::from_data(TensorData::new(lhs.clone(), [t, b * h, s]), &d)
         .swap_dims(0, 1);
-    let l_nd = Tensor::<NdArray, 3>::from_data(TensorData::new(lhs.clone(), [b * h, t, s]), &d);
+    let dn = Default::default();
+    let l_nd = Tensor::<NdArray, 3>::from_data(TensorData::new(lhs.clone(), [b * h, t, s]), &dn);
     let r_nd =
-        Tensor::<NdArray, 3>::from_data(TensorData::new(lhs, [t, b * h, s]), &d).swap_dims(0, 1);
+        Tensor::<NdArray, 3>::from_data(TensorData::new(lhs, [t, b * h, s]), &dn).swap_dims(0, 1);
     check_close_slices(
         "permuted rows",
         &(l + r).into_data().to_vec::<f32>().unwrap(),
