@@ -260,6 +260,72 @@ fn peft(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `--backend` and `--device` reach the job: `peft forward` on the tiny
+/// Llama gives the same logits on flex and ndarray (different kernels, so
+/// not bit-identical, but within f32 rounding), a backend this build lacks
+/// names its cargo feature, and a CPU device other than 0 is refused.
+#[test]
+fn every_backend_runs_the_same_job() {
+    let dir = temp("backends");
+    let model = peft_models::fixtures::fixtures_dir().join("llama");
+    let ids = dir.join("ids.json");
+    std::fs::write(&ids, "[[1, 5, 9, 2], [7, 3, 3, 8]]").unwrap();
+    let mut outputs = Vec::new();
+    for backend in ["flex", "ndarray"] {
+        let out = dir.join(format!("{backend}.safetensors"));
+        let (ok, err) = peft(&[
+            "forward",
+            "--backend",
+            backend,
+            "--device",
+            "0",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{backend}: {err}");
+        let mut t = peft_core::io::read_safetensors(&out).unwrap();
+        outputs.push(t.remove("output").unwrap());
+    }
+    peft_core::compare::assert_close(
+        "flex vs ndarray logits",
+        &outputs[0],
+        &outputs[1],
+        peft_core::compare::Tolerance::new(1e-5, 1e-6),
+    );
+    let forward = |extra: &[&str]| {
+        let mut args = vec![
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            "/dev/null",
+        ];
+        args.extend_from_slice(extra);
+        peft(&args)
+    };
+    for (kind, feature) in [("cuda", "cuda"), ("wgpu", "wgpu")] {
+        let compiled: peft_core::backends::BackendKind = kind.parse().unwrap();
+        if !compiled.compiled() {
+            let (ok, err) = forward(&["--backend", kind]);
+            assert!(!ok);
+            assert!(err.contains(&format!("--features {feature}")), "{err}");
+        }
+    }
+    let (ok, err) = forward(&["--backend", "flex", "--device", "1"]);
+    assert!(!ok);
+    assert!(err.contains("--device 1"), "{err}");
+    let (ok, err) = forward(&["--backend", "tpu"]);
+    assert!(!ok);
+    assert!(err.contains("ndarray, flex, wgpu, cuda"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_inputs_are_non_zero_exits_naming_the_problem() {
     let dir = temp("bad");

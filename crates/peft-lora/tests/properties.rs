@@ -10,10 +10,10 @@
 //!   (f32 rounding of `W + ΔW − ΔW`, and DoRA's divide by its norm scale);
 //! - merged and unmerged forward passes agree within [`MERGED`] on the
 //!   logits (unless a DoRA adapter is stacked with others: see the test);
-//! - a mixed batch equals per-row runs within [`TIGHT`];
+//! - a mixed batch equals per-row runs within [`REORDERED`];
 //! - a `cat` combination's weight delta is `Σ wᵢ·ΔWᵢ` within 1e-5 of the
 //!   base weight's scale, and with weights 1, 1 it runs like both adapters
-//!   active, within [`TIGHT`].
+//!   active, within [`REORDERED`].
 
 use std::path::Path;
 
@@ -59,8 +59,15 @@ fn logits(m: &Llama<B>, rows: usize) -> HostTensor {
 /// magnitude ~1 (a fresh random case failed at 1.06e-5).
 const TIGHT: Tolerance = Tolerance::new(1e-5, 1e-6);
 
-/// Merged against unmerged logits: `ΔW` is added to `W` in f32 first.
-const MERGED: Tolerance = Tolerance::new(1e-4, 1e-6);
+/// Merged against unmerged logits (`ΔW` is added to `W` in f32 first): an
+/// absolute 1e-4, as before this file used `peft_core::compare`.
+const MERGED: Tolerance = Tolerance::new(0.0, 1e-4);
+
+/// Two computations that differ in order (a mixed batch's gathered
+/// products; one rank-2 `cat` adapter against two rank-1 ones): f32
+/// rounding through the layers reaches about 1.3e-4 of the logits' scale
+/// (3.1e-5 at max |logit| 0.25 seen in a randomized run).
+const REORDERED: Tolerance = Tolerance::new(2e-4, 1e-6);
 
 /// `prop_assert!` that `a` is close to `b`.
 macro_rules! prop_assert_close {
@@ -136,7 +143,13 @@ fn spec(dora: impl Strategy<Value = bool>) -> impl Strategy<Value = Spec> {
         })
 }
 
+/// The adapters of `specs`, with weights drawn from a seeded backend RNG:
+/// the RNG is process-wide and the tests run in parallel, so they take
+/// turns, and a case draws the same weights on every run.
 fn with_adapters(specs: &[Spec]) -> LoraModel<B, Llama<B>> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    <B as burn::tensor::backend::Backend>::seed(&Default::default(), 0x5eed);
     let mut lora = LoraModel::wrap(model());
     for (i, s) in specs.iter().enumerate() {
         lora.add_adapter(&format!("a{i}"), s.config()).unwrap();
@@ -205,7 +218,7 @@ proptest! {
                 logits(&lora.model, rows)
             };
             let span = row * per_row..(row + 1) * per_row;
-            let check = check_close_slices(&format!("row {row} ({name})"), &mixed.data[span.clone()], &single.data[span], TIGHT);
+            let check = check_close_slices(&format!("row {row} ({name})"), &mixed.data[span.clone()], &single.data[span], REORDERED);
             prop_assert!(check.is_ok(), "{}", check.unwrap_err());
         }
     }
@@ -256,6 +269,6 @@ proptest! {
         lora.set_adapter(&["sum"]).unwrap();
         let sum = logits(&lora.model, 2);
         lora.set_adapter(&["a0", "a1"]).unwrap();
-        prop_assert_close!("cat(1, 1) vs both active", &sum, &logits(&lora.model, 2), TIGHT);
+        prop_assert_close!("cat(1, 1) vs both active", &sum, &logits(&lora.model, 2), REORDERED);
     }
 }
