@@ -4,6 +4,7 @@
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::compare::{check_close_slices, Tolerance};
 
@@ -83,6 +84,22 @@ fn flex_gelu_and_its_gradient_match_the_exact_formula() {
     assert!(out[2].is_nan(), "NaN must stay NaN: {out:?}");
 }
 
+/// `lhs [b, h, t, s]` with `rhs [b, 1, 1, s]` added, subtracted,
+/// multiplied and divided on backend `B`.
+fn row_ops<B: Backend>(lhs: &[f32], rhs: &[f32], [b, h, t, s]: [usize; 4]) -> [Vec<f32>; 4] {
+    let d = Default::default();
+    let l = Tensor::<B, 4>::from_data(TensorData::new(lhs.to_vec(), [b, h, t, s]), &d);
+    let r =
+        Tensor::<B, 2>::from_data(TensorData::new(rhs.to_vec(), [b, s]), &d).reshape([b, 1, 1, s]);
+    [
+        l.clone() + r.clone(),
+        l.clone() - r.clone(),
+        l.clone() * r.clone(),
+        l / r,
+    ]
+    .map(|t| t.into_data().to_vec::<f32>().unwrap())
+}
+
 #[test]
 fn flex_row_broadcasts_equal_ndarray() {
     let (b, h, t, s) = (3, 4, 5, 16);
@@ -90,33 +107,11 @@ fn flex_row_broadcasts_equal_ndarray() {
         .map(|i| (i % 97) as f32 * 0.25 - 3.0)
         .collect();
     let rhs: Vec<f32> = (0..b * s).map(|i| (i % 13) as f32 * 0.5 + 0.5).collect();
-    let flex = |l: &Vec<f32>, r: &Vec<f32>| {
-        let d = Default::default();
-        let l = Tensor::<Flex, 4>::from_data(TensorData::new(l.clone(), [b, h, t, s]), &d);
-        let r = Tensor::<Flex, 2>::from_data(TensorData::new(r.clone(), [b, s]), &d)
-            .reshape([b, 1, 1, s]);
-        [
-            l.clone() + r.clone(),
-            l.clone() - r.clone(),
-            l.clone() * r.clone(),
-            l / r,
-        ]
-        .map(|t| t.into_data().to_vec::<f32>().unwrap())
-    };
-    let nd = |l: &Vec<f32>, r: &Vec<f32>| {
-        let d = Default::default();
-        let l = Tensor::<NdArray, 4>::from_data(TensorData::new(l.clone(), [b, h, t, s]), &d);
-        let r = Tensor::<NdArray, 2>::from_data(TensorData::new(r.clone(), [b, s]), &d)
-            .reshape([b, 1, 1, s]);
-        [
-            l.clone() + r.clone(),
-            l.clone() - r.clone(),
-            l.clone() * r.clone(),
-            l / r,
-        ]
-        .map(|t| t.into_data().to_vec::<f32>().unwrap())
-    };
-    let (f, n) = (flex(&lhs, &rhs), nd(&lhs, &rhs));
+    let shape = [b, h, t, s];
+    let (f, n) = (
+        row_ops::<Flex>(&lhs, &rhs, shape),
+        row_ops::<NdArray>(&lhs, &rhs, shape),
+    );
     for (op, (f, n)) in ["add", "sub", "mul", "div"].iter().zip(f.iter().zip(&n)) {
         check_close_slices(op, f, n, Tolerance::new(0.0, 0.0)).unwrap();
     }
