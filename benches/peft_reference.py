@@ -51,8 +51,8 @@ def interleaved(runs: int, fns, device: torch.device):
     return out
 
 
-def emit(name: str, samples, extra=None):
-    v = {"suite": "minilm", "name": name, "impl": "peft", "runs": len(samples),
+def emit(name: str, samples, extra=None, suite: str = "minilm"):
+    v = {"suite": suite, "name": name, "impl": "peft", "runs": len(samples),
          "median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3,
          "max_ms": max(samples) * 1e3}
     v.update(extra or {})
@@ -118,9 +118,10 @@ def epoch(a, device: torch.device) -> None:
     CLI's linear schedule with 10 % warm-up, clipping at 1.0), one epoch of
     3,000 shuffled sentences in batches of 32 padded to each batch's longest;
     then accuracy on the file's last 1,000 sentences in batches of 64."""
+    import random
+
     from transformers import AutoTokenizer
 
-    random = __import__("random")
     train_n, eval_n = (320, 100) if a.quick else (3000, 1000)
     rows = [json.loads(l) for l in open(a.data)]
     labels = sorted({r["label"] for r in rows})
@@ -160,7 +161,7 @@ def epoch(a, device: torch.device) -> None:
         sched.step()
     sync(device)
     epoch_s = time.perf_counter() - start
-    emit_suite("epoch", "train_epoch_lora_r8_q_v", [epoch_s], {"sentences": len(train), "batch": 32})
+    emit("train_epoch_lora_r8_q_v", [epoch_s], {"sentences": len(train), "batch": 32}, suite="epoch")
     start = time.perf_counter()
     correct = 0
     with torch.no_grad():
@@ -170,16 +171,9 @@ def epoch(a, device: torch.device) -> None:
             correct += sum(int(p == y) for p, (_, y) in zip(pred, batch))
     sync(device)
     eval_s = time.perf_counter() - start
-    emit_suite("epoch", "eval_sentences", [eval_s],
-               {"sentences": len(held), "sentences_per_s": len(held) / eval_s, "accuracy": correct / len(held)})
-
-
-def emit_suite(suite: str, name: str, samples, extra=None):
-    v = {"suite": suite, "name": name, "impl": "peft", "runs": len(samples),
-         "median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3,
-         "max_ms": max(samples) * 1e3}
-    v.update(extra or {})
-    print(json.dumps(v), flush=True)
+    emit("eval_sentences", [eval_s],
+         {"sentences": len(held), "sentences_per_s": len(held) / eval_s, "accuracy": correct / len(held)},
+         suite="epoch")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ for line in sys.stdin:
     tar -C "$PACK" -cJf "$PACK/bin.tar.xz" bin && rm -rf "$PACK/bin"
     local a=~/.cache/peft-rs/assets
     cp -r "$a/minilm" "$PACK/assets/"
-    head -n 2000 "$a/rotten-tomatoes/rotten_tomatoes.jsonl" >"$PACK/assets/rt.jsonl" 2>/dev/null ||
-        cp "$a"/rotten-tomatoes/*.jsonl "$PACK/assets/rt.jsonl"
+    head -n 2000 "$a/rotten-tomatoes/rotten_tomatoes.jsonl" >"$PACK/assets/rt.jsonl"
     cp benches/peft_reference.py "$PACK/"
     du -sh "$PACK"
 }
@@ -55,13 +54,16 @@ run() {
     tar -C "$PACK" -xJf "$PACK/bin.tar.xz"
     local bin=$PACK/bin status=0
     # 1. Every test body on CUDA and WGPU (the `::cuda` / `::wgpu` cases).
+    # The loop writes to the log itself (a `| tee` would run it in a
+    # subshell and lose `status`).
     for t in "$bin"/*-*; do
         case "$(basename "$t")" in peft | peft-bench) continue ;; esac
         for backend in cuda wgpu; do
             echo "== $(basename "$t") ::$backend"
             "$t" "::$backend" --test-threads 1 2>&1 | tail -n 5 || status=1
         done
-    done | tee "$OUT/tests.log"
+    done >"$OUT/tests.log"
+    cat "$OUT/tests.log"
     grep -E "test result|FAILED|panicked" "$OUT/tests.log" | sort | uniq -c | tee "$OUT/tests-summary.txt"
     # 2. The main job's recipe on CUDA.
     local A=$PACK/assets
