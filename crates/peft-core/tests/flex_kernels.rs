@@ -1,6 +1,7 @@
 //! The patched kernels of the vendored Flex backend (`vendor/README.md`)
 //! against references: GELU and its derivative against the f64 formula,
-//! row broadcasts against NdArray (which computes them element by element).
+//! row broadcasts against NdArray (which computes them element by element),
+//! `exp` and softmax against f64.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::gelu;
@@ -132,4 +133,105 @@ fn flex_row_broadcasts_equal_ndarray() {
         Tolerance::new(0.0, 0.0),
     )
     .unwrap();
+}
+
+#[test]
+fn flex_exp_matches_f64_over_the_whole_range() {
+    let device = Default::default();
+    let mut xs: Vec<f32> = (-1_100_000..=900_000).map(|i| i as f32 * 1e-4).collect();
+    xs.extend([
+        88.7,
+        88.72,
+        88.8,
+        100.0,
+        -103.0,
+        -110.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ]);
+    let n = xs.len();
+    let x = Tensor::<Flex, 1>::from_data(TensorData::new(xs.clone(), [n]), &device);
+    let got = values(x.exp());
+    for (&x, &got) in xs.iter().zip(&got) {
+        let want = (x as f64).exp();
+        if want > f32::MAX as f64 {
+            assert_eq!(got, f32::INFINITY, "exp({x})");
+        } else if want < f32::MIN_POSITIVE as f64 {
+            // Subnormal results: within one subnormal step.
+            assert!(
+                (got as f64 - want).abs() <= 1.5e-45,
+                "exp({x}) = {got}, want {want}"
+            );
+        } else {
+            let rel = ((got as f64 - want) / want).abs();
+            assert!(
+                rel < 4e-7,
+                "exp({x}) = {got}, want {want}: relative error {rel}"
+            );
+        }
+    }
+    let nan = values(Tensor::<Flex, 1>::from_floats([f32::NAN], &device).exp());
+    assert!(nan[0].is_nan(), "NaN must stay NaN");
+}
+
+#[test]
+fn flex_softmax_matches_f64() {
+    let device = Default::default();
+    // Rows of 37 (not a multiple of the 16 lanes), a masked -1e30 entry in
+    // each, 4,000 rows (several parallel tasks).
+    let row = 37;
+    let xs: Vec<f32> = (0..row * 4000)
+        .map(|i| {
+            if i % row == 5 {
+                -1e30
+            } else {
+                ((i * 7919) % 1000) as f32 * 0.03 - 15.0
+            }
+        })
+        .collect();
+    let x = Tensor::<Flex, 2>::from_data(TensorData::new(xs.clone(), [4000, row]), &device);
+    let got = burn::tensor::activation::softmax(x, 1)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let want: Vec<f32> = xs
+        .chunks(row)
+        .flat_map(|r| {
+            let max = r.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = r.iter().map(|&x| (x as f64 - max).exp()).sum();
+            r.iter()
+                .map(move |&x| ((x as f64 - max).exp() / sum) as f32)
+        })
+        .collect();
+    check_close_slices("softmax", &got, &want, Tolerance::new(1e-6, 1e-9)).unwrap();
+}
+
+/// `x [a, b, c, d]` permuted by `axes`, then made contiguous by a reshape
+/// to one dim, on backend `B`.
+fn permuted_copy<B: Backend>(xs: &[f32], shape: [usize; 4], axes: [usize; 4]) -> Vec<f32> {
+    let t = Tensor::<B, 4>::from_data(TensorData::new(xs.to_vec(), shape), &Default::default());
+    t.permute(axes)
+        .reshape([xs.len()])
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn flex_strided_copies_equal_ndarray() {
+    // Small (one thread) and large (blocks split across threads); inner
+    // rows contiguous (heads merged back) and not (a transposed inner pair).
+    for shape in [[3, 4, 5, 6], [16, 12, 32, 16]] {
+        let n: usize = shape.iter().product();
+        let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        for axes in [[0, 2, 1, 3], [0, 1, 3, 2], [2, 0, 3, 1], [1, 0, 2, 3]] {
+            check_close_slices(
+                &format!("{shape:?} permuted {axes:?}"),
+                &permuted_copy::<Flex>(&xs, shape, axes),
+                &permuted_copy::<NdArray>(&xs, shape, axes),
+                Tolerance::new(0.0, 0.0),
+            )
+            .unwrap();
+        }
+    }
 }

@@ -86,26 +86,67 @@ pub fn prefix_mask<B: Backend>(
 /// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query
 /// attention when `kv_h < h`: query head `i` uses key/value head
 /// `i / (h / kv_h)`), with an additive `mask` broadcastable to `[b, h, t, s]`.
-/// Returns `[b, t, h·d]`.
+/// Returns `[b, t, h·d]`. On Flex (with or without autodiff) one fused
+/// kernel computes it ([`crate::fused::attention`]); elsewhere
+/// [`attend_composite`].
 pub fn attend<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 3> {
-    let [b, h, _, d] = q.dims();
-    let [_, kv_h, s, _] = k.dims();
-    let (k, v) = if kv_h == h {
-        (k, v)
-    } else {
-        let rep = h / kv_h;
-        let expand = |x: Tensor<B, 4>| {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kv_h, rep, s, d])
-                .reshape([b, h, s, d])
-        };
-        (expand(k), expand(v))
+    attend_fused(&q, &k, &v, mask.as_ref()).unwrap_or_else(|| attend_composite(q, k, v, mask))
+}
+
+/// [`attend`] by the fused kernel: `Some` on Flex, with or without
+/// autodiff, when the operands suit it (f32, non-negative strides, a mask
+/// that needs no gradient); `None` otherwise.
+pub fn attend_fused<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+) -> Option<Tensor<B, 3>> {
+    if !crate::fused::attention::available::<B>() {
+        return None;
+    }
+    let (k, v) = repeat_kv(q.dims()[1], k.clone(), v.clone());
+    let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+    crate::fused::attention::attention(q, &k, &v, mask, scale).map(merge_heads)
+}
+
+/// Key/value heads repeated to the query heads' count (grouped-query
+/// attention): `[b, kv_h, s, d]` → `[b, h, s, d]`.
+fn repeat_kv<B: Backend>(
+    h: usize,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, kv_h, s, _] = k.dims();
+    if kv_h == h {
+        return (k, v);
+    }
+    let rep = h / kv_h;
+    let expand = |x: Tensor<B, 4>| {
+        let d = x.dims()[3];
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kv_h, rep, s, d])
+            .reshape([b, h, s, d])
     };
+    (expand(k), expand(v))
+}
+
+/// [`attend`] composed from tensor ops, on every backend: the path of
+/// backends without a fused kernel, and the reference that kernel is
+/// tested against.
+pub fn attend_composite<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    let (k, v) = repeat_kv(q.dims()[1], k, v);
+    let d = q.dims()[3];
     let mut scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
     if let Some(mask) = mask {
         scores = scores + mask;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
+
+use crate::norm::LayerNorm;
 use burn::tensor::backend::Backend;
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{LinearSlot, PeftError, Result};
@@ -215,7 +217,7 @@ impl<'d, B: Backend> Checkpoint<'d, B> {
 
     /// A LayerNorm with `weight`/`bias` under `path`.
     pub fn layer_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
-        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(self.device);
+        let mut ln = LayerNorm::new(d, eps, self.device);
         ln.gamma = self
             .param(&format!("{path}.weight"), [d])?
             .set_require_grad(false);

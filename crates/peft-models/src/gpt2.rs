@@ -6,7 +6,9 @@ use std::path::Path;
 
 use crate::attention::Hook;
 use burn::module::Module;
-use burn::nn::{Embedding, LayerNorm};
+use burn::nn::Embedding;
+
+use crate::norm::LayerNorm;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};

@@ -108,8 +108,7 @@ fn gelu_chunk(v: &mut [f32]) {
             // SAFETY: the features were detected on this CPU.
             return unsafe { gelu_avx512(v) };
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
             return unsafe { gelu_avx2(v) };
@@ -130,8 +129,7 @@ fn grad_chunk(x: &[f32], g: &mut [f32]) {
             // SAFETY: the features were detected on this CPU.
             return unsafe { grad_avx512(x, g) };
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
             return unsafe { grad_avx2(x, g) };

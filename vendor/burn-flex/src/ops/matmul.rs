@@ -261,7 +261,12 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    // gemm overwrites the output when k > 0 (`read_dst` is false).
+    let mut output = if k > 0 {
+        FlexTensor::for_overwrite::<T>(out_shape)
+    } else {
+        FlexTensor::empty(out_shape, T::dtype())
+    };
     let out_data: &mut [T] = output.storage_mut();
 
     let parallelism = get_parallelism(m, n, k);
@@ -364,7 +369,12 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     out_dims.push(n);
     let out_shape = Shape::from(out_dims);
 
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    // gemm overwrites every output matrix when k > 0 (`read_dst` is false).
+    let mut output = if k > 0 {
+        FlexTensor::for_overwrite::<T>(out_shape)
+    } else {
+        FlexTensor::empty(out_shape, T::dtype())
+    };
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();

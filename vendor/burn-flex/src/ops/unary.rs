@@ -163,6 +163,17 @@ where
 
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
+    // peft-rs patch: vectorized, multi-threaded f32 path.
+    if tensor.dtype() == DType::F32 {
+        let n = tensor.layout().num_elements();
+        let mut t = if tensor.is_unique() && tensor.layout().contiguous_offsets() == Some((0, n)) {
+            tensor
+        } else {
+            tensor.to_contiguous()
+        };
+        crate::ops::exp_fast::exp_inplace(&mut t.storage_mut::<f32>()[..n]);
+        return t;
+    }
     unary_op(tensor, |x| x.exp(), |x| x.exp())
 }
 

@@ -1,0 +1,337 @@
+//! `exp` and the last-axis softmax for f32, vectorized and split across
+//! threads. peft-rs patch (see `vendor/README.md` in the peft-rs workspace):
+//! upstream evaluates `expf` one element at a time, on one thread for
+//! `float_exp`, which made `exp` 7–8 % of a BERT training step (autodiff
+//! decomposes softmax into max/sub/exp/sum/div).
+//!
+//! `exp` is a Cody–Waite reduction with a degree-7 polynomial (relative
+//! error about 2 ulp), branch-free so that the loops vectorize; compiled for
+//! AVX-512 and AVX2+FMA and picked at run time. Full range: overflow gives
+//! `inf`, underflow gradual subnormals then 0, NaN stays NaN.
+
+/// Elements per parallel task.
+#[cfg(feature = "rayon")]
+const CHUNK: usize = 1 << 15;
+
+/// `e^y` for every f32 `y`, branch-free.
+#[inline(always)]
+pub(crate) fn exp_f32(y: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Beyond 88.8 the result is inf, below -104 it rounds to 0; the clamp
+    // keeps `n` in [-150, 128] (NaN passes through `clamp`).
+    let y = y.clamp(-104.0, 88.8);
+    let n = (y * LOG2E).round_ties_even();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, y));
+    // e^r on |r| ≤ ln2/2: Taylor to degree 7 (truncation < 1e-8).
+    let mut p: f32 = 1.0 / 5040.0;
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    let n = if n.is_nan() { 0.0 } else { n };
+    // SAFETY: `n` is finite and within [-150, 128].
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    // 2^n as two normal powers of two, so that n = 128 (overflow to inf)
+    // and n < -126 (subnormal results) come out right.
+    let half = n >> 1;
+    let s1 = f32::from_bits(((half + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n - half + 127) as u32) << 23);
+    p * s1 * s2
+}
+
+/// Sum of a row in sixteen partial sums (one accumulator does not vectorize).
+#[inline(always)]
+fn row_sum(row: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for &v in chunks.remainder() {
+        sum += v;
+    }
+    sum
+}
+
+/// Maximum of a row in sixteen partial maxima, so that it vectorizes. A NaN
+/// is skipped here and propagates through `exp` instead.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
+/// Softmax of one row in place; returns its maximum and the inverse of
+/// `Σ e^(x − max)`. (Not the log-sum-exp: `max + ln Σ` loses the sum where
+/// masked scores of −1e30 make the maximum huge.)
+#[inline(always)]
+fn softmax_row_stats(row: &mut [f32]) -> [f32; 2] {
+    let max = row_max(row);
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - max);
+    }
+    let inv = 1.0 / row_sum(row);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+    [max, inv]
+}
+
+/// The probabilities of a row of scores from [`softmax_row_stats`]' result.
+#[inline(always)]
+fn softmax_row_from_stats(row: &mut [f32], [max, inv]: [f32; 2]) {
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - max) * inv;
+    }
+}
+
+#[inline(always)]
+fn softmax_row(input: &[f32], output: &mut [f32]) {
+    let max = row_max(input);
+    // A row of -inf (everything masked) gives NaN as upstream's does.
+    for (o, &x) in output.iter_mut().zip(input) {
+        *o = exp_f32(x - max);
+    }
+    let inv = 1.0 / row_sum(output);
+    for o in output.iter_mut() {
+        *o *= inv;
+    }
+}
+
+macro_rules! kernels {
+    ($exp_inplace:ident, $softmax_rows:ident, $stats_rows:ident, $from_stats_rows:ident, $feat:literal) => {
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[target_feature(enable = $feat)]
+        unsafe fn $stats_rows(x: &mut [f32], row: usize, stats: &mut [[f32; 2]]) {
+            for (r, st) in x.chunks_exact_mut(row).zip(stats) {
+                *st = softmax_row_stats(r);
+            }
+        }
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[target_feature(enable = $feat)]
+        unsafe fn $from_stats_rows(x: &mut [f32], row: usize, stats: &[[f32; 2]]) {
+            for (r, &st) in x.chunks_exact_mut(row).zip(stats) {
+                softmax_row_from_stats(r, st);
+            }
+        }
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[target_feature(enable = $feat)]
+        unsafe fn $exp_inplace(v: &mut [f32]) {
+            for x in v.iter_mut() {
+                *x = exp_f32(*x);
+            }
+        }
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[target_feature(enable = $feat)]
+        unsafe fn $softmax_rows(input: &[f32], output: &mut [f32], row: usize) {
+            for (i, o) in input.chunks_exact(row).zip(output.chunks_exact_mut(row)) {
+                softmax_row(i, o);
+            }
+        }
+    };
+}
+
+kernels!(
+    exp_avx512,
+    softmax_avx512,
+    stats_avx512,
+    from_stats_avx512,
+    "avx512f,avx512dq,fma"
+);
+kernels!(
+    exp_avx2,
+    softmax_avx2,
+    stats_avx2,
+    from_stats_avx2,
+    "avx2,fma"
+);
+
+#[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+fn exp_chunk(v: &mut [f32]) {
+    #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        if has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { exp_avx512(v) };
+        }
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { exp_avx2(v) };
+        }
+    }
+    for x in v.iter_mut() {
+        *x = exp_f32(*x);
+    }
+}
+
+fn softmax_chunk(input: &[f32], output: &mut [f32], row: usize) {
+    #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        if has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { softmax_avx512(input, output, row) };
+        }
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { softmax_avx2(input, output, row) };
+        }
+    }
+    for (i, o) in input.chunks_exact(row).zip(output.chunks_exact_mut(row)) {
+        softmax_row(i, o);
+    }
+}
+
+/// Softmax of each `row`-long row of `x` in place, on this thread, with
+/// each row's `[max, 1 / Σ e^(x − max)]` in `stats`, from which
+/// [`softmax_rows_from_stats_inplace`] gives the same probabilities again.
+pub fn softmax_rows_stats_inplace(x: &mut [f32], row: usize, stats: &mut [[f32; 2]]) {
+    assert!(row > 0 && x.len() == row * stats.len());
+    #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        if has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { stats_avx512(x, row, stats) };
+        }
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { stats_avx2(x, row, stats) };
+        }
+    }
+    for (r, st) in x.chunks_exact_mut(row).zip(stats) {
+        *st = softmax_row_stats(r);
+    }
+}
+
+/// Scores to probabilities with the `stats` of
+/// [`softmax_rows_stats_inplace`], in place, on this thread.
+pub fn softmax_rows_from_stats_inplace(x: &mut [f32], row: usize, stats: &[[f32; 2]]) {
+    assert!(row > 0 && x.len() == row * stats.len());
+    #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        if has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { from_stats_avx512(x, row, stats) };
+        }
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { from_stats_avx2(x, row, stats) };
+        }
+    }
+    for (r, &st) in x.chunks_exact_mut(row).zip(stats) {
+        softmax_row_from_stats(r, st);
+    }
+}
+
+/// `e^x` of every value, in place.
+pub fn exp_inplace(v: &mut [f32]) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        if v.len() > CHUNK {
+            v.par_chunks_mut(CHUNK).for_each(exp_chunk);
+            return;
+        }
+    }
+    exp_chunk(v)
+}
+
+/// Softmax of each `row`-long row of `input` into `output`.
+pub fn softmax_rows(input: &[f32], output: &mut [f32], row: usize) {
+    assert_eq!(input.len(), output.len());
+    assert!(row > 0 && input.len() % row == 0);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        if input.len() > CHUNK {
+            let rows_per_task = (CHUNK / row).max(1);
+            output
+                .par_chunks_mut(rows_per_task * row)
+                .zip(input.par_chunks(rows_per_task * row))
+                .for_each(|(o, i)| softmax_chunk(i, o, row));
+            return;
+        }
+    }
+    softmax_chunk(input, output, row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_over_the_whole_range() {
+        let xs: alloc::vec::Vec<f32> = (-1_100_000..=1_000_000)
+            .map(|i| i as f32 * 1e-4)
+            .chain([88.7, 88.72, 88.8, 100.0, -103.0, -110.0, f32::INFINITY])
+            .chain([f32::NEG_INFINITY])
+            .collect();
+        let mut fast = xs.clone();
+        exp_inplace(&mut fast);
+        for (&x, &got) in xs.iter().zip(&fast) {
+            let want = libm::exp(x as f64);
+            if want > f32::MAX as f64 {
+                assert_eq!(got, f32::INFINITY, "exp({x})");
+            } else if want < f32::MIN_POSITIVE as f64 {
+                assert!(
+                    (got as f64 - want).abs() <= 2e-45,
+                    "exp({x}) = {got}, want {want}"
+                );
+            } else {
+                let rel = ((got as f64 - want) / want).abs();
+                assert!(rel < 4e-7, "exp({x}) = {got}, want {want}: rel {rel}");
+            }
+        }
+        let mut nan = [f32::NAN];
+        exp_inplace(&mut nan);
+        assert!(nan[0].is_nan());
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_f64() {
+        let row = 37;
+        let input: alloc::vec::Vec<f32> = (0..row * 5000)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.03 - 15.0)
+            .collect();
+        let mut out = alloc::vec![0.0f32; input.len()];
+        softmax_rows(&input, &mut out, row);
+        for (i, o) in input.chunks(row).zip(out.chunks(row)) {
+            let max = i.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = i.iter().map(|&x| (x as f64 - max).exp()).sum();
+            for (&x, &y) in i.iter().zip(o) {
+                let want = (x as f64 - max).exp() / sum;
+                assert!((y as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-9);
+            }
+        }
+    }
+}
