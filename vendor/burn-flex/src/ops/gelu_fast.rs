@@ -3,42 +3,15 @@
 //! upstream evaluates `libm::erff` one element at a time on one thread,
 //! which made GELU about 15 % of a BERT forward pass.
 //!
-//! `erf` is Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7) with a
-//! branch-free `exp` (Cody–Waite reduction, degree-7 polynomial, relative
-//! error ≈ 1e-7), so the loops below vectorize; they are compiled for
-//! AVX-512 and AVX2+FMA and picked at run time.
+//! `erf` is Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7) with the
+//! branch-free `exp` of `exp_fast`, so the loops below vectorize; they are
+//! compiled for AVX-512 and AVX2+FMA and picked at run time.
+
+use crate::ops::exp_fast::exp_f32;
 
 /// Elements per parallel task.
 #[cfg(feature = "rayon")]
 const CHUNK: usize = 1 << 15;
-
-#[inline(always)]
-fn exp_neg(y: f32) -> f32 {
-    // exp(y) for y ≤ 0 (and moderate positive y), branch-free.
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let y = y.clamp(-87.0, 88.0);
-    let n = (y * LOG2E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, y));
-    // e^r on |r| ≤ ln2/2: Taylor to degree 7.
-    let mut p: f32 = 1.0 / 5040.0;
-    p = p.mul_add(r, 1.0 / 720.0);
-    p = p.mul_add(r, 1.0 / 120.0);
-    p = p.mul_add(r, 1.0 / 24.0);
-    p = p.mul_add(r, 1.0 / 6.0);
-    p = p.mul_add(r, 0.5);
-    p = p.mul_add(r, 1.0);
-    p = p.mul_add(r, 1.0);
-    // `n` is in [-126, 127] (y is clamped), or NaN, mapped to 0 here (the
-    // result stays NaN through `r`). `to_int_unchecked` vectorizes where
-    // the saturating `as` does not.
-    let n_int = if n.is_nan() { 0.0 } else { n };
-    // SAFETY: `n_int` is finite and within i32's range.
-    let n_int = unsafe { n_int.to_int_unchecked::<i32>() };
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
-    p * scale
-}
 
 /// `erf(x)` (absolute error ≤ 2e-7) and `exp(-x²)`.
 #[inline(always)]
@@ -57,7 +30,7 @@ fn erf_and_gauss(x: f32) -> (f32, f32) {
     poly = poly.mul_add(t, A2);
     poly = poly.mul_add(t, A1);
     poly *= t;
-    let gauss = exp_neg(-a * a);
+    let gauss = exp_f32(-a * a);
     let e = 1.0 - poly * gauss;
     (e.copysign(x), gauss)
 }
