@@ -172,6 +172,26 @@ const KNOWN_UNMODELLED: &[&str] = &[
     "peft_version",
 ];
 
+/// PEFT options that change what an adapter computes and that this crate
+/// does not implement: a set value is refused with an error naming the
+/// field; an unset one (null, false, empty) is kept, as PEFT writes them.
+const UNSUPPORTED_WHEN_SET: &[&str] = &[
+    "layer_replication",
+    "lora_bias",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "trainable_token_indices",
+    "megatron_config",
+];
+
+/// Whether a config value is PEFT's "not set": null, false, `{}` or `[]`.
+fn is_unset(value: &Value) -> bool {
+    matches!(value, Value::Null | Value::Bool(false))
+        || value.as_object().is_some_and(|o| o.is_empty())
+        || value.as_array().is_some_and(|a| a.is_empty())
+}
+
 /// Pretty JSON with sorted keys, as PEFT's `to_dict` writes it: files then
 /// diff cleanly against PEFT's own.
 pub(crate) fn sorted_json<T: Serialize>(config: &T) -> String {
@@ -188,9 +208,7 @@ pub(crate) fn sorted_json<T: Serialize>(config: &T) -> String {
 /// have; only a set one can change the meaning.
 pub(crate) fn warn_unknown_keys(extra: &Map<String, Value>, known: &[&str], origin: &Path) {
     for (key, value) in extra {
-        let inert = matches!(value, Value::Null | Value::Bool(false))
-            || value.as_object().is_some_and(|o| o.is_empty());
-        if !inert && !known.contains(&key.as_str()) {
+        if !is_unset(value) && !known.contains(&key.as_str()) {
             eprintln!(
                 "warning: {}: unknown key `{key}` kept as is",
                 origin.display()
@@ -294,6 +312,13 @@ impl LoraConfig {
             return Err(PeftError::Config(
                 "`modules_to_save` is not supported yet".into(),
             ));
+        }
+        for key in UNSUPPORTED_WHEN_SET {
+            if let Some(v) = self.extra.get(*key).filter(|v| !is_unset(v)) {
+                return Err(PeftError::Config(format!(
+                    "`{key}` = {v} is not supported (only its default: unset)"
+                )));
+            }
         }
         match &self.init_lora_weights {
             InitLoraWeights::Bool(_) => {}
@@ -560,6 +585,27 @@ mod tests {
             Err(PeftError::Json { .. })
         ));
         assert!(LoraConfig::from_json_str(r#"{"r":-3}"#, p).is_err());
+        // Options PEFT has and this crate does not: refused when set,
+        // naming the field; accepted at PEFT's defaults.
+        for (key, set) in [
+            ("layer_replication", "[[0, 2], [1, 3]]"),
+            ("lora_bias", "true"),
+            ("use_qalora", "true"),
+            ("alora_invocation_tokens", "[1, 2]"),
+            ("target_parameters", r#"["experts.gate_up_proj"]"#),
+            ("trainable_token_indices", "[5, 7]"),
+            ("megatron_config", r#"{"tensor_model_parallel_size": 2}"#),
+        ] {
+            let json = format!(r#"{{"r":8,"target_modules":["q"],"{key}":{set}}}"#);
+            match LoraConfig::from_json_str(&json, p) {
+                Err(PeftError::Config(m)) => assert!(m.contains(key), "{m}"),
+                other => panic!("{key} = {set}: {other:?}"),
+            }
+        }
+        let defaults = r#"{"r":8,"target_modules":["q"],"layer_replication":null,"lora_bias":false,
+            "use_qalora":false,"alora_invocation_tokens":null,"target_parameters":[],
+            "trainable_token_indices":null,"megatron_config":null}"#;
+        LoraConfig::from_json_str(defaults, p).unwrap();
     }
 
     #[test]
