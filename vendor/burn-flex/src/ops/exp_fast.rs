@@ -44,20 +44,21 @@ pub(crate) fn exp_f32(y: f32) -> f32 {
     p * s1 * s2
 }
 
-/// Sum of a row in sixteen partial sums (one accumulator does not vectorize).
+/// `Σ f(x)` over a row in sixteen partial sums (one accumulator does not
+/// vectorize). Also layer norm's reduction (`fused_layer_norm`).
 #[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
+pub(crate) fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0.0f32; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(v);
         }
     }
     let mut sum: f32 = acc.iter().sum();
     for &v in chunks.remainder() {
-        sum += v;
+        sum += f(v);
     }
     sum
 }
@@ -90,7 +91,7 @@ fn softmax_row_stats(row: &mut [f32]) -> [f32; 2] {
     for x in row.iter_mut() {
         *x = exp_f32(*x - max);
     }
-    let inv = 1.0 / row_sum(row);
+    let inv = 1.0 / lane_sum(row, |v| v);
     for x in row.iter_mut() {
         *x *= inv;
     }
@@ -105,17 +106,12 @@ fn softmax_row_from_stats(row: &mut [f32], [max, inv]: [f32; 2]) {
     }
 }
 
+/// Softmax of `input` into `output`. (A row of -inf, everything masked,
+/// gives NaN as upstream's does.)
 #[inline(always)]
 fn softmax_row(input: &[f32], output: &mut [f32]) {
-    let max = row_max(input);
-    // A row of -inf (everything masked) gives NaN as upstream's does.
-    for (o, &x) in output.iter_mut().zip(input) {
-        *o = exp_f32(x - max);
-    }
-    let inv = 1.0 / row_sum(output);
-    for o in output.iter_mut() {
-        *o *= inv;
-    }
+    output.copy_from_slice(input);
+    softmax_row_stats(output);
 }
 
 macro_rules! kernels {

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
+use crate::ops::exp_fast::lane_sum;
 use crate::{FlexTensor, Layout};
 
 /// Rows per parallel task.
@@ -22,26 +23,9 @@ fn row_stats(x: &[f32], eps: f32) -> [f32; 2] {
     // Two passes (mean, then the centred second moment) as the composed
     // ops compute it.
     let n = x.len() as f32;
-    let mean = sum16(x, |v| v) / n;
-    let var = sum16(x, |v| (v - mean) * (v - mean)) / n;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     [mean, 1.0 / (var + eps).sqrt()]
-}
-
-/// `Σ f(x)` in sixteen partial sums, so that it vectorizes.
-#[inline(always)]
-fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for &v in chunks.remainder() {
-        sum += f(v);
-    }
-    sum
 }
 
 #[inline(always)]
