@@ -1,7 +1,8 @@
 //! The patched kernels of the vendored Flex backend (`vendor/README.md`)
 //! against references: GELU and its derivative against the f64 formula,
 //! row broadcasts against NdArray (which computes them element by element),
-//! `exp` and softmax against f64.
+//! `exp` and softmax against f64, matrix products with a side of at most 16
+//! (LoRA's rank) against f64.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::gelu;
@@ -232,6 +233,86 @@ fn flex_strided_copies_equal_ndarray() {
                 Tolerance::new(0.0, 0.0),
             )
             .unwrap();
+        }
+    }
+}
+
+/// A `rows × cols` operand on Flex with the given layout: row-major,
+/// transposed (stored as `cols × rows`), or a window (offset start, rows
+/// two columns longer than it shows). Returns the tensor and its values in
+/// logical row-major order.
+fn operand(rows: usize, cols: usize, layout: &str, seed: usize) -> (Tensor<Flex, 2>, Vec<f32>) {
+    let device = Default::default();
+    let value = |i: usize| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+    let logical: Vec<f32> = (0..rows * cols).map(value).collect();
+    let t = match layout {
+        "row-major" => Tensor::from_data(TensorData::new(logical.clone(), [rows, cols]), &device),
+        "transposed" => {
+            let stored: Vec<f32> = (0..cols * rows)
+                .map(|s| logical[(s % rows) * cols + s / rows])
+                .collect();
+            Tensor::<Flex, 2>::from_data(TensorData::new(stored, [cols, rows]), &device).transpose()
+        }
+        "window" => {
+            let wide = cols + 2;
+            let stored: Vec<f32> = (0..(rows + 1) * wide)
+                .map(|s| match (s / wide, s % wide) {
+                    (r, c) if r >= 1 && (1..=cols).contains(&c) => logical[(r - 1) * cols + c - 1],
+                    _ => f32::NAN,
+                })
+                .collect();
+            Tensor::<Flex, 2>::from_data(TensorData::new(stored, [rows + 1, wide]), &device)
+                .slice([1..rows + 1, 1..cols + 1])
+        }
+        other => unreachable!("layout {other}"),
+    };
+    (t, logical)
+}
+
+#[test]
+fn flex_skinny_matmuls_match_f64_in_every_layout() {
+    // LoRA's shapes (x·A, (x·A)·B and the gradients' transposed operands)
+    // with sides that are not multiples of the kernels' tiles (8 rows,
+    // 32 columns, 16 lanes), plus a decode step (m = 1) and its tied LM
+    // head, and products big enough to run on several threads.
+    let shapes = [
+        (2048, 384, 8),
+        (2048, 8, 384),
+        (384, 2048, 8),
+        (8, 2048, 384),
+        (203, 45, 13),
+        (13, 45, 203),
+        (203, 5, 77),
+        (1, 576, 1531),
+        (11, 17, 3),
+        (3, 1, 70),
+    ];
+    let layouts = ["row-major", "transposed", "window"];
+    for (m, k, n) in shapes {
+        for la in layouts {
+            for lb in layouts {
+                let (a, av) = operand(m, k, la, 1);
+                let (b, bv) = operand(k, n, lb, 2);
+                let got = a.matmul(b).into_data();
+                assert_eq!(got.shape, vec![m, n].into(), "{m}×{k}×{n} {la}·{lb}: shape");
+                let want: Vec<f32> = (0..m * n)
+                    .map(|o| {
+                        let (i, j) = (o / n, o % n);
+                        (0..k)
+                            .map(|t| av[i * k + t] as f64 * bv[t * n + j] as f64)
+                            .sum::<f64>() as f32
+                    })
+                    .collect();
+                // f32 sums of k products of magnitude ≤ 1: rounding grows
+                // with √k; relative to the result's largest entry.
+                check_close_slices(
+                    &format!("{m}×{k}×{n} {la}·{lb}"),
+                    &got.to_vec::<f32>().unwrap(),
+                    &want,
+                    Tolerance::new(1e-5, 1e-6),
+                )
+                .unwrap();
+            }
         }
     }
 }

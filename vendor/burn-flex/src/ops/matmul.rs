@@ -96,6 +96,12 @@ pub fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     let k_rhs = rhs_shape[rhs_rank - 2];
     assert_eq!(k_lhs, k_rhs, "matmul: inner dimensions must match");
 
+    // peft-rs patch: a side of at most 16 (LoRA's rank) has its own loops.
+    if lhs.dtype() == DType::F32 && lhs_rank == 2 && rhs_rank == 2 {
+        if let Some(out) = crate::ops::skinny_matmul::try_matmul(&lhs, &rhs) {
+            return out;
+        }
+    }
     match lhs.dtype() {
         DType::F32 => matmul_gemm::<f32>(lhs, rhs),
         DType::F64 => matmul_gemm::<f64>(lhs, rhs),

@@ -119,6 +119,7 @@ pub mod pool;
 mod qtensor;
 pub mod reduce;
 pub mod repeat_dim;
+pub mod skinny_matmul;
 pub mod slice;
 pub mod sort;
 mod transaction;
