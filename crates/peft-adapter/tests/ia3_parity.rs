@@ -8,6 +8,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::Ia3Model;
+use peft_core::compare;
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{autodiff_backend_tests, backend_tests, Ia3Config, PeftError, PeftModel};
 use peft_models::bert::Bert;
@@ -207,8 +208,13 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     ia3.set_adapter(&["default"]).unwrap();
     let loss = loss_fn(&ia3.model, c.ints::<B, 2>("input_ids", device));
     let got = loss.clone().into_scalar().elem::<f32>();
-    let want = c.want("train_loss").data[0];
-    assert!((got - want).abs() < 1e-5, "loss {got} vs PEFT {want}");
+    compare::check_close_slices(
+        "loss",
+        &[got],
+        &c.want("train_loss").data,
+        compare::Tolerance::new(1e-5, 0.0),
+    )
+    .unwrap();
     let grads = loss.backward();
     let mut checked = 0;
     ia3.model.visit_linears(&mut |path, slot| {
@@ -228,8 +234,7 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
         let mut got = HostTensor::from_tensor(e.scale.grad(&grads).unwrap());
         let want = c.want(&format!("grad.base_model.model.{path}.ia3_l"));
         got.shape = want.shape.clone();
-        let d = max_diff(&got, want);
-        assert!(d < 1e-5, "{path}: gradient off by {d:e}");
+        compare::assert_close(path, &got, want, compare::GRADIENTS);
         checked += 1;
     });
     let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();

@@ -6,36 +6,43 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
+use std::collections::BTreeSet;
+
+use peft_core::compare::{assert_close, check_close_slices, Tolerance, GRADIENTS};
 use peft_core::io::HostTensor;
 use peft_core::{autodiff_backend_tests, PeftModel};
 use peft_lora::LoraModel;
 use peft_models::bert::Bert;
-use peft_models::fixtures::{fixtures_dir, max_diff, FixtureCase};
+use peft_models::fixtures::{fixtures_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 
-/// Loss and gradients of the `default` adapter vs PEFT's; no gradient
-/// reaches the base or the inactive adapter.
+/// Loss and gradients of the `default` adapter vs PEFT's; every gradient
+/// the fixture stores is checked; no gradient reaches the base or the
+/// inactive adapter.
 fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     arch: &str,
     case: &str,
     model: M,
     loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
+    tol: Tolerance,
     device: &B::Device,
 ) {
     let c = FixtureCase::open(arch, case);
     let expected = &c.expected;
     let lora = LoraModel::from_pretrained(model, &c.dir).unwrap();
     let loss = loss_fn(&lora.model, c.ints::<B, 2>("input_ids", device));
-    let want_loss = expected["train_loss"].data[0];
     let got_loss = loss.clone().into_scalar().elem::<f32>();
-    assert!(
-        (got_loss - want_loss).abs() < 1e-5,
-        "loss {got_loss} vs PEFT {want_loss}"
-    );
+    check_close_slices(
+        &format!("{arch}/{case} loss"),
+        &[got_loss],
+        &expected["train_loss"].data,
+        Tolerance::new(1e-5, 0.0),
+    )
+    .unwrap();
     let grads = loss.backward();
-    let mut checked = 0;
+    let mut checked = BTreeSet::new();
     lora.model.visit_linears(&mut |path, slot| {
         assert!(
             slot.base.weight.grad(&grads).is_none(),
@@ -54,33 +61,40 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
             return;
         };
         let key = format!("grad.base_model.model.{path}");
-        let pairs = [
+        let mut pairs = vec![
             (
-                "lora_A.weight",
+                format!("{key}.lora_A.weight"),
                 HostTensor::from_tensor(e.a.grad(&grads).unwrap()).transposed(),
             ),
             (
-                "lora_B.weight",
+                format!("{key}.lora_B.weight"),
                 HostTensor::from_tensor(e.b.grad(&grads).unwrap()).transposed(),
             ),
         ];
-        for (suffix, got) in pairs {
-            let want = &expected[&format!("{key}.{suffix}")];
-            let d = max_diff(&got, want);
-            assert!(d < 1e-5, "{path}.{suffix}: gradient off by {d:e}");
-            checked += 1;
-        }
         if let Some(m) = &e.magnitude {
-            let got = HostTensor::from_tensor(m.grad(&grads).unwrap());
-            let d = max_diff(
-                &got,
-                &expected[&format!("{key}.lora_magnitude_vector.weight")],
-            );
-            assert!(d < 1e-5, "{path}.magnitude: gradient off by {d:e}");
-            checked += 1;
+            pairs.push((
+                format!("{key}.lora_magnitude_vector.weight"),
+                HostTensor::from_tensor(m.grad(&grads).unwrap()),
+            ));
+        }
+        for (name, got) in pairs {
+            let want = expected
+                .get(&name)
+                .unwrap_or_else(|| panic!("{arch}/{case}: no reference for {name}"));
+            assert_close(&name, &got, want, tol);
+            checked.insert(name);
         }
     });
-    assert!(checked > 0);
+    let stored: BTreeSet<String> = expected
+        .keys()
+        .filter(|k| k.starts_with("grad."))
+        .cloned()
+        .collect();
+    assert!(!stored.is_empty(), "{arch}/{case} stores no gradients");
+    assert_eq!(
+        checked, stored,
+        "{arch}/{case}: gradients checked vs stored"
+    );
 }
 
 fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
@@ -90,6 +104,7 @@ fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
         "dora_rslora",
         model,
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        GRADIENTS,
         device,
     );
 }
@@ -101,6 +116,7 @@ fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
         "lora",
         model,
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        GRADIENTS,
         device,
     );
 }
@@ -111,13 +127,50 @@ fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
         "bert",
         "dora",
         model,
-        |m, ids| {
-            let labels = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(vec![2i64, 0, 1], [3]),
-                &ids.device(),
-            );
-            cross_entropy(m.classify(ids, None).unwrap(), labels)
-        },
+        bert_classifier_loss,
+        GRADIENTS,
+        device,
+    );
+}
+
+fn gpt2_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    let model = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), device).unwrap();
+    check_gradients(
+        "gpt2",
+        "dora",
+        model,
+        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        GRADIENTS,
+        device,
+    );
+}
+
+fn llama_regex_layers_gradients<B: AutodiffBackend>(device: &B::Device) {
+    let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
+    check_gradients(
+        "llama",
+        "regex_layers",
+        model,
+        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+        GRADIENTS,
+        device,
+    );
+}
+
+fn bert_classifier_loss<B: AutodiffBackend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let labels =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![2i64, 0, 1], [3]), &ids.device());
+    cross_entropy(m.classify(ids, None).unwrap(), labels)
+}
+
+fn bert_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    let model = Bert::<B>::load(&fixtures_dir().join("bert"), device).unwrap();
+    check_gradients(
+        "bert",
+        "lora",
+        model,
+        bert_classifier_loss,
+        GRADIENTS,
         device,
     );
 }
@@ -171,6 +224,9 @@ use burn::tensor::ElementConversion;
 autodiff_backend_tests!(
     llama_dora_gradients,
     gpt2_lora_gradients,
+    gpt2_dora_gradients,
+    llama_regex_layers_gradients,
     bert_dora_gradients,
+    bert_lora_gradients,
     lora_training_lowers_loss
 );

@@ -9,6 +9,7 @@ use std::path::Path;
 use burn::module::{AutodiffModule, Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use peft_core::compare;
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::kv::KvCache;
@@ -191,18 +192,20 @@ fn check_gradients<B: AutodiffBackend, M: Lm<B> + AutodiffModule<B>>(
     let check2 = |name: &str, p: &Param<Tensor<B, 2>>, transpose: bool| {
         let g = HostTensor::from_tensor(p.val().grad(&grads).expect("a gradient"));
         let g = if transpose { g.transposed() } else { g };
-        assert_close(
+        compare::assert_close(
             &format!("{arch}/{case} grad {name}"),
             &g,
             c.want(&format!("grad.{name}")),
+            compare::GRADIENTS,
         );
     };
     let check1 = |name: &str, p: &Param<Tensor<B, 1>>| {
         let g = HostTensor::from_tensor(p.val().grad(&grads).expect("a gradient"));
-        assert_close(
+        compare::assert_close(
             &format!("{arch}/{case} grad {name}"),
             &g,
             c.want(&format!("grad.{name}")),
+            compare::GRADIENTS,
         );
     };
     check2("embedding.weight", &enc.embedding, false);
