@@ -50,10 +50,17 @@ def write_case(arch, case, kwargs, model_dir, ids):
         tensors["logits_disabled"] = logits(peft_model, ids)
     torch.manual_seed(4)
     peft_model.add_adapter("other", IA3Config(task_type=None, **kwargs))
-    train_a_few_steps(peft_model, arch, "other")
+    # (IA)³ vectors start at ones whatever the seed: `other` trains on other
+    # batches (seed 5), or it would be byte-identical to `default` and no
+    # switching, mixed-batch or saving test could tell them apart.
+    train_a_few_steps(peft_model, arch, "other", seed=5)
     peft_model.set_adapter("other")
     tensors["logits_other"] = logits(peft_model, ids)
     peft_model.save_pretrained(out_dir)
+    for d in (out_dir, os.path.join(out_dir, "other")):
+        # PEFT's generated model card: not a fixture.
+        if os.path.exists(os.path.join(d, "README.md")):
+            os.remove(os.path.join(d, "README.md"))
     # Both active: PEFT multiplies the vectors of a layer.
     peft_model.base_model.set_adapter(["default", "other"])
     tensors["logits_both"] = logits(peft_model, ids)
@@ -70,8 +77,11 @@ def write_case(arch, case, kwargs, model_dir, ids):
             "mixed_adapter_names": names, "task": task}
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    gap = (tensors["logits_other"] - tensors["logits_unmerged"]).abs().max().item()
+    assert gap > 1e-3, f"{arch}/{case}: `other` is indistinguishable from `default` ({gap:.3g})"
     print(arch, case, trainable, total,
-          "max|adapted-base|=%.3g" % (tensors["logits_unmerged"] - base).abs().max().item())
+          "max|adapted-base|=%.3g" % (tensors["logits_unmerged"] - base).abs().max().item(),
+          "max|other-default|=%.3g" % gap)
 
 
 def main():
