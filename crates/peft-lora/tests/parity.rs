@@ -74,7 +74,15 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     );
     lora.enable_adapters();
 
-    if c.meta.get("weighted").is_some() {
+    // The script writes weighted combinations for every case but DoRA and
+    // rank patterns (PEFT refuses those); tensors and metadata must agree.
+    let weighted = c.expected.keys().any(|k| k.starts_with("logits_weighted_"));
+    assert_eq!(
+        weighted,
+        c.meta.get("weighted").is_some(),
+        "weighted logits vs the `weighted` entry of expected.json"
+    );
+    if weighted {
         let opts = WeightedOptions {
             density: Some(c.meta["weighted"]["ties_density"].as_f64().unwrap()),
             ..Default::default()

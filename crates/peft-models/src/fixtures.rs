@@ -46,10 +46,13 @@ impl FixtureCase {
         let dir = fixtures_dir().join(arch).join(case);
         let expected = read_safetensors(&dir.join("expected.safetensors"))
             .unwrap_or_else(|e| panic!("fixture {arch}/{case}: {e}"));
-        let meta = std::fs::read_to_string(dir.join("expected.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null);
+        // Missing or unreadable reference data fails the test: a check
+        // keyed on a field of it must not be skipped silently.
+        let meta_path = dir.join("expected.json");
+        let meta = std::fs::read_to_string(&meta_path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| panic!("fixture {arch}/{case}: {}: {e}", meta_path.display()));
         FixtureCase {
             dir,
             expected,
