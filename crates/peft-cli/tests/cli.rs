@@ -1239,6 +1239,39 @@ fn tiny_lora_job(
     }
 }
 
+/// `--patience 2`: a run whose held-out loss stops improving ends two
+/// evaluations after its best. A learning rate of 1e-30 leaves the adapter
+/// (B = 0) where it started, so every evaluation after the first equals
+/// it; the same run without patience takes all its steps.
+#[test]
+fn patience_stops_a_run_that_no_longer_improves() {
+    let _turn = serial();
+    let dir = temp("patience");
+    let run = |out: &str, patience: Option<usize>| {
+        let mut j = tiny_lora_job(&dir, out, 1, None);
+        j.train = TrainConfig {
+            lr: 1e-30,
+            epochs: 4,
+            eval_every: 1,
+            max_steps: Some(8),
+            patience,
+            ..j.train
+        };
+        jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
+            .unwrap()
+    };
+    let patient = run("patient", Some(2));
+    assert!(patient.stopped_early);
+    // Evaluations after steps 1 (the best), 2 and 3 (no better): stop.
+    assert_eq!(patient.steps, 3);
+    let log = std::fs::read_to_string(dir.join("patient/metrics.jsonl")).unwrap();
+    assert_eq!(log.matches("\"eval\"").count(), 3, "{log}");
+    let full = run("full", None);
+    assert!(!full.stopped_early);
+    assert_eq!(full.steps, 8);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--devices 2`: each micro-batch split across two replicas, peers of
 /// Burn's collective, whose gradients an all-reduce sums: the run logs the
 /// losses and saves the adapter of the one-device run (an odd micro-batch

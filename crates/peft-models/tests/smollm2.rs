@@ -1,7 +1,8 @@
 //! The real SmolLM2-135M-Instruct from its GGUF file (Q4_1/Q8_0, fetched by
 //! `scripts/fetch_assets.py`): the tokenizer rebuilt from GGUF metadata, the
 //! dequantised weights with llama.cpp's q/k permutation undone, perplexity
-//! on a fixed passage and greedy generation all match transformers'
+//! on a fixed passage, the first position's logits and greedy generation
+//! all match transformers'
 //! reference (`scripts/smollm2_reference.py`); generation with the KV cache
 //! equals generation without it.
 
@@ -9,6 +10,7 @@ use std::path::Path;
 
 use burn::backend::NdArray;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use peft_core::compare::{check_close_slices, Tolerance};
 use peft_models::assets;
 use peft_models::generate::{CausalLm, Sampler};
 use peft_models::gguf::Gguf;
@@ -70,9 +72,30 @@ fn smollm2_from_gguf_matches_the_reference() {
         ),
         &device,
     );
-    let loss: f32 = causal_lm_loss(model.forward(t.clone(), None), t)
-        .into_scalar()
-        .elem();
+    let logits = model.forward(t.clone(), None);
+    // The first position's first 8 logits, as transformers computes them
+    // from the same dequantised weights (measured: 4.4e-5 apart on logits
+    // of magnitude 16, NdArray).
+    let first = logits
+        .clone()
+        .slice([0..1, 0..1, 0..8])
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let want_first: Vec<f32> = reference["first_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    check_close_slices(
+        "first logits",
+        &first,
+        &want_first,
+        Tolerance::new(2e-5, 0.0),
+    )
+    .unwrap();
+    let loss: f32 = causal_lm_loss(logits, t).into_scalar().elem();
     let ppl = loss.exp() as f64;
     let want = reference["perplexity"].as_f64().unwrap();
     assert!(
