@@ -114,9 +114,16 @@ enum Command {
         /// The method.
         #[arg(long, value_enum, required_unless_present = "resume")]
         method: Option<MethodArg>,
-        /// Continue the run in this folder from its last checkpoint (its
-        /// settings come from the run; other flags but --stop-after are ignored).
-        #[arg(long)]
+        /// Continue the run in this folder from its last checkpoint. Its
+        /// settings come from the run: the job's flags are refused beside it
+        /// (--stop-after, the backend and the node flags apply).
+        #[arg(long, conflicts_with_all = [
+            "method", "config", "model", "data", "out", "task", "r", "alpha", "targets",
+            "feedforward", "lora_dropout", "adapter_preset", "reduction", "virtual_tokens",
+            "prompt_init", "lr", "epochs", "batch", "grad_accum", "warmup", "schedule",
+            "weight_decay", "clip", "eval_every", "patience", "seed", "max_steps", "max_train",
+            "held_out", "text_column", "label_column", "block_size", "quantize", "devices",
+        ])]
         resume: Option<PathBuf>,
         /// Stop after N optimizer steps in this process (the schedule is the
         /// whole run's; continue with --resume).
@@ -153,18 +160,18 @@ enum Command {
         /// LoRA dropout.
         #[arg(long)]
         lora_dropout: Option<f64>,
-        /// Bottleneck preset: seq_bn, double_seq_bn, par_bn.
-        #[arg(long, default_value = "seq_bn")]
-        adapter_preset: String,
+        /// Bottleneck preset: seq_bn (default), double_seq_bn, par_bn.
+        #[arg(long)]
+        adapter_preset: Option<String>,
         /// Bottleneck reduction factor.
         #[arg(long)]
         reduction: Option<f64>,
-        /// Virtual tokens of a prefix or soft prompt.
-        #[arg(long, default_value_t = 20)]
-        virtual_tokens: usize,
+        /// Virtual tokens of a prefix or soft prompt (default 20).
+        #[arg(long)]
+        virtual_tokens: Option<usize>,
         /// Soft-prompt initialisation: random (PEFT's default) or sample-vocab.
-        #[arg(long, default_value = "random")]
-        prompt_init: String,
+        #[arg(long)]
+        prompt_init: Option<String>,
         /// Peak learning rate.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
@@ -327,20 +334,72 @@ fn names(list: &str) -> TargetModules {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The method flags of `peft train`, as given (`None`: not on the command
+/// line).
+struct MethodFlags<'a> {
+    r: Option<usize>,
+    alpha: Option<f64>,
+    targets: Option<&'a str>,
+    feedforward: Option<&'a str>,
+    lora_dropout: Option<f64>,
+    adapter_preset: Option<&'a str>,
+    reduction: Option<f64>,
+    virtual_tokens: Option<usize>,
+    prompt_init: Option<&'a str>,
+}
+
+impl MethodFlags<'_> {
+    /// Refuses a flag given for a method it does not configure (naming the
+    /// flag and what the method takes): a flag is honoured or refused,
+    /// never dropped.
+    fn check_apply_to(&self, method: MethodArg) -> peft_core::Result<()> {
+        let given = [
+            ("r", self.r.is_some()),
+            ("alpha", self.alpha.is_some()),
+            ("targets", self.targets.is_some()),
+            ("feedforward", self.feedforward.is_some()),
+            ("lora-dropout", self.lora_dropout.is_some()),
+            ("adapter-preset", self.adapter_preset.is_some()),
+            ("reduction", self.reduction.is_some()),
+            ("virtual-tokens", self.virtual_tokens.is_some()),
+            ("prompt-init", self.prompt_init.is_some()),
+        ];
+        let (name, takes): (&str, &[&str]) = match method {
+            MethodArg::Lora => ("lora", &["r", "alpha", "targets", "lora-dropout"]),
+            MethodArg::Dora => ("dora", &["r", "alpha", "targets", "lora-dropout"]),
+            MethodArg::Ia3 => ("ia3", &["targets", "feedforward"]),
+            MethodArg::Adapter => ("adapter", &["adapter-preset", "reduction"]),
+            MethodArg::Prefix => ("prefix", &["virtual-tokens"]),
+            MethodArg::Prompt => ("prompt", &["virtual-tokens", "prompt-init"]),
+        };
+        match given.iter().find(|(f, set)| *set && !takes.contains(f)) {
+            Some((flag, _)) => Err(PeftError::Config(format!(
+                "--{flag} does not apply to --method {name} (it takes --{})",
+                takes.join(", --")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
+    match name {
+        "random" => Ok(PromptTuningInit::Random),
+        "sample-vocab" => Ok(PromptTuningInit::SampleVocab),
+        other => Err(PeftError::Config(format!(
+            "--prompt-init `{other}` is not one of random, sample-vocab"
+        ))),
+    }
+}
+
+/// The method of `peft train`: `--config`'s file (if any), then the flags
+/// over it.
 fn method_from(
     method: MethodArg,
     config: Option<&PathBuf>,
-    r: Option<usize>,
-    alpha: Option<f64>,
-    targets: Option<&str>,
-    feedforward: Option<&str>,
-    dropout: Option<f64>,
-    preset: &str,
-    reduction: Option<f64>,
-    virtual_tokens: usize,
-    prompt_init: &str,
+    flags: &MethodFlags<'_>,
 ) -> peft_core::Result<Method> {
+    flags.check_apply_to(method)?;
     let text = config
         .map(|p| {
             std::fs::read_to_string(p).map_err(|source| PeftError::Io {
@@ -356,16 +415,16 @@ fn method_from(
                 Some(t) => LoraConfig::from_json_str(t, &origin)?,
                 None => LoraConfig::new(8, 16.0, &["query", "value", "q_proj", "v_proj", "c_attn"]),
             };
-            if let Some(r) = r {
+            if let Some(r) = flags.r {
                 c.r = r;
             }
-            if let Some(a) = alpha {
+            if let Some(a) = flags.alpha {
                 c.lora_alpha = a;
             }
-            if let Some(t) = targets {
+            if let Some(t) = flags.targets {
                 c.target_modules = Some(names(t));
             }
-            if let Some(d) = dropout {
+            if let Some(d) = flags.lora_dropout {
                 c.lora_dropout = d;
             }
             c.use_dora |= matches!(method, MethodArg::Dora);
@@ -377,56 +436,70 @@ fn method_from(
                 Some(t) => Ia3Config::from_json_str(t, &origin)?,
                 None => Ia3Config::default(),
             };
-            if let Some(t) = targets {
+            if let Some(t) = flags.targets {
                 c.target_modules = Some(names(t));
             }
-            if let Some(f) = feedforward {
+            if let Some(f) = flags.feedforward {
                 c.feedforward_modules = Some(names(f));
             }
             Method::Ia3(c)
         }
-        MethodArg::Prefix => Method::Prefix(match config {
-            Some(p) => PromptLearningConfig::from_file(p, &[PromptLearningType::PrefixTuning])?,
-            None => PromptLearningConfig::prefix_tuning(virtual_tokens),
-        }),
-        MethodArg::Prompt => Method::Prompt(match config {
-            Some(p) => PromptLearningConfig::from_file(
-                p,
-                &[
-                    PromptLearningType::PromptTuning,
-                    PromptLearningType::PTuning,
-                ],
-            )?,
-            None => {
-                let init = match prompt_init {
-                    "random" => PromptTuningInit::Random,
-                    "sample-vocab" => PromptTuningInit::SampleVocab,
-                    other => {
-                        return Err(PeftError::Config(format!(
-                            "--prompt-init `{other}` is not one of random, sample-vocab"
-                        )))
-                    }
-                };
-                PromptLearningConfig::prompt_tuning(virtual_tokens, init)
+        MethodArg::Prefix | MethodArg::Prompt => {
+            let mut c = match (config, method) {
+                (Some(p), MethodArg::Prefix) => {
+                    PromptLearningConfig::from_file(p, &[PromptLearningType::PrefixTuning])?
+                }
+                (Some(p), _) => PromptLearningConfig::from_file(
+                    p,
+                    &[
+                        PromptLearningType::PromptTuning,
+                        PromptLearningType::PTuning,
+                    ],
+                )?,
+                (None, MethodArg::Prefix) => PromptLearningConfig::prefix_tuning(20),
+                (None, _) => PromptLearningConfig::prompt_tuning(20, PromptTuningInit::Random),
+            };
+            if let Some(n) = flags.virtual_tokens {
+                c.num_virtual_tokens = n;
             }
-        }),
+            if let Some(init) = flags.prompt_init {
+                if c.peft_type != PromptLearningType::PromptTuning {
+                    return Err(PeftError::Config(format!(
+                        "--prompt-init applies to prompt tuning; {} is {:?}",
+                        origin.display(),
+                        c.peft_type
+                    )));
+                }
+                c.prompt_tuning_init = Some(prompt_init_of(init)?);
+            }
+            c.validate()?;
+            match method {
+                MethodArg::Prefix => Method::Prefix(c),
+                _ => Method::Prompt(c),
+            }
+        }
         MethodArg::Adapter => {
-            let mut c = match &text {
-                Some(t) => {
-                    let v: serde_json::Value =
-                        serde_json::from_str(t).map_err(|source| PeftError::Json {
+            let mut c =
+                match (&text, flags.adapter_preset) {
+                    (Some(_), Some(_)) => return Err(PeftError::Config(
+                        "--adapter-preset and --config both give the adapter's config: pass one"
+                            .into(),
+                    )),
+                    (Some(t), None) => {
+                        let v: serde_json::Value =
+                            serde_json::from_str(t).map_err(|source| PeftError::Json {
+                                path: origin.clone(),
+                                source,
+                            })?;
+                        let inner = v.get("config").cloned().unwrap_or(v);
+                        serde_json::from_value(inner).map_err(|source| PeftError::Json {
                             path: origin.clone(),
                             source,
-                        })?;
-                    let inner = v.get("config").cloned().unwrap_or(v);
-                    serde_json::from_value(inner).map_err(|source| PeftError::Json {
-                        path: origin.clone(),
-                        source,
-                    })?
-                }
-                None => BnConfig::by_name(preset)?,
-            };
-            if let Some(f) = reduction {
+                        })?
+                    }
+                    (None, preset) => BnConfig::by_name(preset.unwrap_or("seq_bn"))?,
+                };
+            if let Some(f) = flags.reduction {
                 c = c.with_reduction_factor(f);
             }
             c.validate()?;
@@ -508,18 +581,21 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 }
                 None => {
                     let missing = |what: &str| PeftError::Config(format!("--{what} is required"));
+                    let flags = MethodFlags {
+                        r,
+                        alpha,
+                        targets: targets.as_deref(),
+                        feedforward: feedforward.as_deref(),
+                        lora_dropout,
+                        adapter_preset: adapter_preset.as_deref(),
+                        reduction,
+                        virtual_tokens,
+                        prompt_init: prompt_init.as_deref(),
+                    };
                     let method = method_from(
                         method.ok_or_else(|| missing("method"))?,
                         config.as_ref(),
-                        r,
-                        alpha,
-                        targets.as_deref(),
-                        feedforward.as_deref(),
-                        lora_dropout,
-                        &adapter_preset,
-                        reduction,
-                        virtual_tokens,
-                        &prompt_init,
+                        &flags,
                     )?;
                     TrainJob {
                         model: model.ok_or_else(|| missing("model"))?,
@@ -704,5 +780,117 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(case: &str) -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/gpt2")
+            .join(case)
+            .join("adapter_config.json")
+    }
+
+    fn none() -> MethodFlags<'static> {
+        MethodFlags {
+            r: None,
+            alpha: None,
+            targets: None,
+            feedforward: None,
+            lora_dropout: None,
+            adapter_preset: None,
+            reduction: None,
+            virtual_tokens: None,
+            prompt_init: None,
+        }
+    }
+
+    #[test]
+    fn flags_override_a_prompt_learning_config() {
+        let flags = MethodFlags {
+            virtual_tokens: Some(7),
+            ..none()
+        };
+        let Method::Prefix(c) =
+            method_from(MethodArg::Prefix, Some(&fixture("prefix")), &flags).unwrap()
+        else {
+            panic!("not a prefix")
+        };
+        assert_eq!(c.num_virtual_tokens, 7, "the file says 3");
+        let flags = MethodFlags {
+            virtual_tokens: Some(5),
+            prompt_init: Some("sample-vocab"),
+            ..none()
+        };
+        let Method::Prompt(c) =
+            method_from(MethodArg::Prompt, Some(&fixture("prompt_random")), &flags).unwrap()
+        else {
+            panic!("not a prompt")
+        };
+        assert_eq!(c.num_virtual_tokens, 5, "the file says 4");
+        assert_eq!(c.prompt_tuning_init, Some(PromptTuningInit::SampleVocab));
+        // Without flags the file's values stand.
+        let Method::Prefix(c) =
+            method_from(MethodArg::Prefix, Some(&fixture("prefix")), &none()).unwrap()
+        else {
+            panic!("not a prefix")
+        };
+        assert_eq!(c.num_virtual_tokens, 3);
+    }
+
+    #[test]
+    fn flags_that_do_not_apply_are_refused_by_name() {
+        let cases: [(MethodArg, MethodFlags, &str); 4] = [
+            (
+                MethodArg::Ia3,
+                MethodFlags {
+                    r: Some(4),
+                    ..none()
+                },
+                "--r does not apply",
+            ),
+            (
+                MethodArg::Prefix,
+                MethodFlags {
+                    prompt_init: Some("random"),
+                    ..none()
+                },
+                "--prompt-init does not apply",
+            ),
+            (
+                MethodArg::Lora,
+                MethodFlags {
+                    virtual_tokens: Some(3),
+                    ..none()
+                },
+                "--virtual-tokens does not apply",
+            ),
+            (
+                MethodArg::Adapter,
+                MethodFlags {
+                    targets: Some("query"),
+                    ..none()
+                },
+                "--targets does not apply",
+            ),
+        ];
+        for (method, flags, needle) in cases {
+            let err = method_from(method, None, &flags).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let flags = MethodFlags {
+            prompt_init: Some("random"),
+            ..none()
+        };
+        let err = method_from(MethodArg::Prompt, Some(&fixture("ptuning_lstm")), &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--prompt-init applies to prompt tuning"),
+            "{err}"
+        );
     }
 }

@@ -432,6 +432,17 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
             vec!["inspect", dir.to_str().unwrap()],
             "adapter_config.json",
         ),
+        // A flag is honoured or refused, never dropped.
+        (
+            vec![
+                "train", "--method", "ia3", "--model", m, "--data", d, "--out", o, "--r", "4",
+            ],
+            "--r does not apply to --method ia3",
+        ),
+        (
+            vec!["train", "--resume", o, "--lr", "0.1"],
+            "cannot be used with '--lr",
+        ),
     ];
     for (args, needle) in cases {
         let (ok, stderr) = peft(&args);
