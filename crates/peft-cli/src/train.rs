@@ -659,15 +659,15 @@ impl<B: AutodiffBackend> Peers<B> {
     /// (times `weight`), and an all-reduce sums the gradients, the loss and
     /// the token count over every shard of the job. A shard past the end of
     /// a short last batch contributes zeros (the all-reduce needs every
-    /// peer). Returns the weighted mean loss, the tokens, and the summed
-    /// gradients.
+    /// peer). Returns the weighted mean loss, the tokens, the summed
+    /// gradients, and each local shard's rows and mean loss.
     fn step<M, L>(
         &self,
         model: &M,
         batch: &[usize],
         weight: f64,
         loss: &L,
-    ) -> Result<(f64, usize, GradientsParams)>
+    ) -> Result<(f64, usize, GradientsParams, Vec<Shard>)>
     where
         M: AutodiffModule<B> + Clone,
         L: Fn(&M, &[usize]) -> Result<(BatchLoss<B>, usize)> + Sync,
@@ -680,7 +680,7 @@ impl<B: AutodiffBackend> Peers<B> {
         };
         // Phase 1: every local shard's loss and gradients (an error here
         // leaves no local peer waiting in an all-reduce).
-        let parts: Vec<Result<(f64, usize, GradientsParams)>> = std::thread::scope(|s| {
+        let parts: Vec<Result<(f64, usize, GradientsParams, Shard)>> = std::thread::scope(|s| {
             let joins: Vec<_> = (0..self.devices.len())
                 .map(|i| {
                     let rows = shard(self.first + i);
@@ -696,7 +696,11 @@ impl<B: AutodiffBackend> Peers<B> {
                         let (value, n, grads) =
                             differentiate(&replica, loss(&replica, run)?, weight * share);
                         let n = if rows.is_empty() { 0 } else { n };
-                        Ok((value * share, n, grads))
+                        let seen = Shard {
+                            rows: rows.len(),
+                            loss: value,
+                        };
+                        Ok((value * share, n, grads, seen))
                     })
                 })
                 .collect();
@@ -706,6 +710,7 @@ impl<B: AutodiffBackend> Peers<B> {
                 .collect()
         });
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        let shards: Vec<Shard> = parts.iter().map(|p| p.3).collect();
         let device = model.devices().into_iter().next().unwrap_or_default();
         // Phase 2: the all-reduce, every peer at once: gradients, then the
         // loss and token count (so every node logs, and stops on, the
@@ -714,7 +719,7 @@ impl<B: AutodiffBackend> Peers<B> {
             let joins: Vec<_> = parts
                 .into_iter()
                 .enumerate()
-                .map(|(i, (value, n, grads))| {
+                .map(|(i, (value, n, grads, _))| {
                     let (device, model) = (device.clone(), model.clone());
                     s.spawn(move || {
                         let grads = all_reduce_grads(&model, grads, PeerId::from(i))?;
@@ -749,7 +754,49 @@ impl<B: AutodiffBackend> Peers<B> {
             .map_err(|e| PeftError::State(format!("the gradient all-reduce failed: {e:?}")))?;
         // Every peer now holds the same sums.
         let (stats, grads) = reduced.swap_remove(0);
-        Ok((stats[0] as f64, stats[1].round() as usize, grads))
+        Ok((stats[0] as f64, stats[1].round() as usize, grads, shards))
+    }
+}
+
+/// What one data-parallel replica computed for one micro-batch.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    /// Rows of the micro-batch it ran (0: past the end of a short batch).
+    rows: usize,
+    /// Its mean loss over those rows (meaningless when `rows` is 0).
+    loss: f64,
+}
+
+/// Each local replica's rows and loss since the last log line: what
+/// `metrics.jsonl` shows of data parallelism (so a run can be seen to have
+/// split its batches).
+#[derive(Default)]
+struct ReplicaTally {
+    rows: Vec<usize>,
+    loss_sum: Vec<f64>,
+}
+
+impl ReplicaTally {
+    fn add(&mut self, shards: &[Shard]) {
+        self.rows.resize(shards.len(), 0);
+        self.loss_sum.resize(shards.len(), 0.0);
+        for (i, s) in shards.iter().enumerate() {
+            self.rows[i] += s.rows;
+            self.loss_sum[i] += s.loss * s.rows as f64;
+        }
+    }
+
+    /// `[{rows, loss}]` per replica (the row-weighted mean loss), and a
+    /// fresh tally.
+    fn take(&mut self) -> serde_json::Value {
+        let out = self
+            .rows
+            .iter()
+            .zip(&self.loss_sum)
+            .map(|(&rows, &sum)| json!({"rows": rows, "loss": sum / rows.max(1) as f64}))
+            .collect();
+        *self = Self::default();
+        serde_json::Value::Array(out)
     }
 }
 
@@ -966,6 +1013,7 @@ where
         Ok(())
     };
     let mut stopped_early = false;
+    let mut replicas = ReplicaTally::default();
     let mut halted = false;
     let first_step = state.step;
     'epochs: while state.epoch < config.epochs && state.step < total {
@@ -988,7 +1036,11 @@ where
                 );
                 let weight = 1.0 / group.len() as f64;
                 let (value, n_tokens, grads) = match &peers {
-                    Some(p) => p.step(&model, batch, weight, &loss)?,
+                    Some(p) => {
+                        let (value, n, grads, shards) = p.step(&model, batch, weight, &loss)?;
+                        replicas.add(&shards);
+                        (value, n, grads)
+                    }
                     None => differentiate(&model, loss(&model, batch)?, weight),
                 };
                 if !value.is_finite() {
@@ -1023,10 +1075,12 @@ where
                 let mean = state.window.iter().sum::<f64>() / state.window.len() as f64;
                 state.window.clear();
                 state.losses.push((state.step, mean));
-                run.log(
-                    json!({"step": state.step, "epoch": epoch, "loss": mean, "lr": lr,
-                               "tokens_per_s": rate, "elapsed_s": secs}),
-                )?;
+                let mut line = json!({"step": state.step, "epoch": epoch, "loss": mean, "lr": lr,
+                               "tokens_per_s": rate, "elapsed_s": secs});
+                if peers.is_some() {
+                    line["replicas"] = replicas.take();
+                }
+                run.log(line)?;
             }
             let epoch_done = state.steps_in_epoch * config.grad_accum >= batches.len();
             if epoch_done {

@@ -1313,6 +1313,40 @@ fn data_parallel_run_equals_one_device() {
             b.after.value
         );
         assert_same_adapter(&dir, one, two);
+        // Not a one-device run under another name: the two replicas ran
+        // their own shards (batches 3, 3, 1 cut into [2, 1], [2, 1], [1, 0]
+        // rows) on different data (different losses), and the logged
+        // training losses are the one-device run's.
+        let train_lines = |run: &str| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v.get("loss").is_some())
+                .collect()
+        };
+        let (lines_one, lines_two) = (train_lines(one), train_lines(two));
+        assert!(!lines_two.is_empty());
+        assert_eq!(lines_one.len(), lines_two.len());
+        for (a, b) in lines_one.iter().zip(&lines_two) {
+            assert!(a.get("replicas").is_none(), "{a}");
+            let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!((la - lb).abs() <= 1e-5 * la.abs(), "loss {la} vs {lb}");
+        }
+        let replicas = lines_two.last().unwrap()["replicas"].as_array().unwrap();
+        let rows: Vec<u64> = replicas
+            .iter()
+            .map(|r| r["rows"].as_u64().unwrap())
+            .collect();
+        assert_eq!(rows, [5, 2], "{replicas:?}");
+        let losses: Vec<f64> = replicas
+            .iter()
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect();
+        assert!(
+            losses.iter().all(|l| l.is_finite()) && (losses[0] - losses[1]).abs() > 1e-4,
+            "replicas on different shards report different losses: {losses:?}"
+        );
     }
     let mut bad = make("bad", 4, None);
     bad.train.batch = 2;
@@ -1466,6 +1500,22 @@ fn two_nodes_train_as_one_process() {
     for (p, q) in l1.iter().zip(&l0) {
         assert!((p - q).abs() < 1e-4 * p.abs(), "loss {p} vs {q}");
     }
+    // Each node ran its own shard of every batch (3, 3, 1 rows cut into
+    // [2, 1], [2, 1], [1, 0]): not two copies of a one-node run.
+    let local = |run: &str| {
+        let text = std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
+        let last = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("replicas").is_some())
+            .last()
+            .unwrap_or_else(|| panic!("{run} logged no replicas:\n{text}"));
+        let r = &last["replicas"][0];
+        (r["rows"].as_u64().unwrap(), r["loss"].as_f64().unwrap())
+    };
+    let ((rows0, loss0), (rows1, loss1)) = (local("node0"), local("node1"));
+    assert_eq!((rows0, rows1), (5, 2));
+    assert!((loss0 - loss1).abs() > 1e-4, "{loss0} vs {loss1}");
     drop(children);
     std::fs::remove_dir_all(&dir).unwrap();
 }
