@@ -1506,9 +1506,9 @@ fn two_nodes_train_as_one_process() {
         let text = std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
         let last = text
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v.get("replicas").is_some())
-            .last()
+            .find(|v| v.get("replicas").is_some())
             .unwrap_or_else(|| panic!("{run} logged no replicas:\n{text}"));
         let r = &last["replicas"][0];
         (r["rows"].as_u64().unwrap(), r["loss"].as_f64().unwrap())
