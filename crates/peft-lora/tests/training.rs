@@ -26,7 +26,6 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     case: &str,
     model: M,
     loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
-    tol: Tolerance,
     device: &B::Device,
 ) {
     let c = FixtureCase::open(arch, case);
@@ -81,7 +80,7 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
             let want = expected
                 .get(&name)
                 .unwrap_or_else(|| panic!("{arch}/{case}: no reference for {name}"));
-            assert_close(&name, &got, want, tol);
+            assert_close(&name, &got, want, GRADIENTS);
             checked.insert(name);
         }
     });
@@ -97,82 +96,61 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     );
 }
 
-fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+fn llama_gradients<B: AutodiffBackend>(case: &str, device: &B::Device) {
     let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
     check_gradients(
         "llama",
-        "dora_rslora",
+        case,
         model,
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
-        GRADIENTS,
         device,
     );
 }
 
-fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
+fn gpt2_gradients<B: AutodiffBackend>(case: &str, device: &B::Device) {
     let model = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), device).unwrap();
     check_gradients(
         "gpt2",
-        "lora",
+        case,
         model,
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
-        GRADIENTS,
         device,
     );
 }
 
-fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+/// BERT's sequence classification with the fixture script's labels.
+fn bert_gradients<B: AutodiffBackend>(case: &str, device: &B::Device) {
     let model = Bert::<B>::load(&fixtures_dir().join("bert"), device).unwrap();
-    check_gradients(
-        "bert",
-        "dora",
-        model,
-        bert_classifier_loss,
-        GRADIENTS,
-        device,
-    );
+    let loss = |m: &Bert<B>, ids: Tensor<B, 2, Int>| {
+        let labels =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(vec![2i64, 0, 1], [3]), &ids.device());
+        cross_entropy(m.classify(ids, None).unwrap(), labels)
+    };
+    check_gradients("bert", case, model, loss, device);
 }
 
-fn gpt2_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), device).unwrap();
-    check_gradients(
-        "gpt2",
-        "dora",
-        model,
-        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
-        GRADIENTS,
-        device,
-    );
+fn llama_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    llama_gradients::<B>("dora_rslora", device);
 }
 
 fn llama_regex_layers_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Llama::<B>::load(&fixtures_dir().join("llama"), device).unwrap();
-    check_gradients(
-        "llama",
-        "regex_layers",
-        model,
-        |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
-        GRADIENTS,
-        device,
-    );
+    llama_gradients::<B>("regex_layers", device);
 }
 
-fn bert_classifier_loss<B: AutodiffBackend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let labels =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![2i64, 0, 1], [3]), &ids.device());
-    cross_entropy(m.classify(ids, None).unwrap(), labels)
+fn gpt2_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    gpt2_gradients::<B>("lora", device);
+}
+
+fn gpt2_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    gpt2_gradients::<B>("dora", device);
+}
+
+fn bert_dora_gradients<B: AutodiffBackend>(device: &B::Device) {
+    bert_gradients::<B>("dora", device);
 }
 
 fn bert_lora_gradients<B: AutodiffBackend>(device: &B::Device) {
-    let model = Bert::<B>::load(&fixtures_dir().join("bert"), device).unwrap();
-    check_gradients(
-        "bert",
-        "lora",
-        model,
-        bert_classifier_loss,
-        GRADIENTS,
-        device,
-    );
+    bert_gradients::<B>("lora", device);
 }
 
 /// Fresh LoRA (B = 0) on the tiny Llama: AdamW steps lower the loss; the
