@@ -135,6 +135,15 @@ fn truncated_normal(shape: [usize; 2], std: f64, bound: f64, seed: u64) -> Tenso
     TensorData::new(values, shape)
 }
 
+/// U(±bound) from `seed`.
+fn seeded_uniform(shape: [usize; 2], bound: f64, seed: u64) -> TensorData {
+    let mut rng = SplitMix64(seed);
+    let values = (0..shape[0] * shape[1])
+        .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+        .collect();
+    TensorData::new(values, shape)
+}
+
 impl<B: Backend> Bottleneck<B> {
     /// A freshly initialised bottleneck `d → m → d` per `config`.
     pub fn init(
@@ -149,23 +158,35 @@ impl<B: Backend> Bottleneck<B> {
             weight: Param::from_tensor(w),
             bias: Some(Param::from_tensor(Tensor::zeros([o], device))),
         };
+        // With `init_weights_seed` every draw comes from `seed` (host-side);
+        // without it `bert` and `mam_adapter` draw from the backend's RNG.
+        let seeded = config.init_weights_seed.is_some();
+        let normal = |shape: [usize; 2], salt: u64| -> Tensor<B, 2> {
+            if seeded {
+                Tensor::from_data(
+                    truncated_normal(shape, 0.02, f64::INFINITY, seed ^ salt),
+                    device,
+                )
+            } else {
+                Tensor::random(shape, Distribution::Normal(0.0, 0.02), device)
+            }
+        };
         let (down_w, up_w) = match config.init_weights.as_str() {
             "mam_adapter" => {
                 // PyTorch's kaiming_uniform_(a=√5) on `[m, d]`: U(±1/√d).
                 let bound = 1.0 / (d as f64).sqrt();
-                (
-                    Tensor::random([d, m], Distribution::Uniform(-bound, bound), device),
-                    Tensor::zeros([m, d], device),
-                )
+                let down = if seeded {
+                    Tensor::from_data(seeded_uniform([d, m], bound, seed), device)
+                } else {
+                    Tensor::random([d, m], Distribution::Uniform(-bound, bound), device)
+                };
+                (down, Tensor::zeros([m, d], device))
             }
             "houlsby" => (
                 Tensor::from_data(truncated_normal([d, m], 1e-2, 2e-2, seed), device),
                 Tensor::from_data(truncated_normal([m, d], 1e-2, 2e-2, seed ^ 0x9e37), device),
             ),
-            _ => (
-                Tensor::random([d, m], Distribution::Normal(0.0, 0.02), device),
-                Tensor::random([m, d], Distribution::Normal(0.0, 0.02), device),
-            ),
+            _ => (normal([d, m], 0), normal([m, d], 0x9e37)),
         };
         let (scaling, learned_scaling) = match &config.scaling {
             Scaling::Fixed(s) => (*s, None),

@@ -81,7 +81,9 @@ pub struct BnConfig {
     /// down, zero up: identity) or `houlsby` (N(0, 0.01) truncated at ±0.02).
     #[serde(default = "bert_init")]
     pub init_weights: String,
-    /// Seed of the initialisation (informational here: our draws are Burn's).
+    /// Seed of the initialisation: the same seed draws the same weights
+    /// whatever the adapter's name (our draws, not PyTorch's). Without it
+    /// the seed is derived from the name.
     #[serde(default)]
     pub init_weights_seed: Option<u64>,
     /// A parallel adapter: reads the join's residual input, adds to its output.
@@ -267,7 +269,9 @@ pub struct FusionConfig {
     pub value: bool,
     /// The query is taken before the model's norm.
     pub query_before_ln: bool,
-    /// Regularisation of the value matrix towards identity (a training loss term).
+    /// Regularisation of the value matrix towards identity, a training loss
+    /// term: [`AdapterModel::fusion_regularization_loss`](crate::AdapterModel::fusion_regularization_loss)
+    /// gives it, for the training loop to add (as AdapterHub's trainer does).
     pub regularization: bool,
     /// The residual is added to the values before attention (not supported).
     pub residual_before: bool,
@@ -277,7 +281,8 @@ pub struct FusionConfig {
     pub value_before_softmax: bool,
     /// The value projection starts as identity (1e-6 off the diagonal).
     pub value_initialized: Value,
-    /// Attention dropout (training only).
+    /// Attention dropout (training only): read and written back; training a
+    /// fusion with a non-zero value is refused (not implemented).
     #[serde(default)]
     pub dropout_prob: Option<f64>,
 }

@@ -160,8 +160,10 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             attention: Vec::new(),
             output: Vec::new(),
         };
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        let seed = config.init_weights_seed.unwrap_or_else(|| {
+            name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            })
         });
         for layer in 0..layers {
             let m = ((d as f64 / config.reduction_for(layer)?).floor() as usize).max(1);
@@ -303,9 +305,52 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
                 "train_fusion: the setup has no Fuse block".into(),
             ));
         }
+        for name in &fusions {
+            let i = self.fusion_index(name)?;
+            if let Some(p) = self.set.fusion_configs[i]
+                .dropout_prob
+                .filter(|&p| p != 0.0)
+            {
+                return Err(PeftError::Config(format!(
+                    "fusion `{name}`: training with dropout_prob {p} is not supported (set it to 0 or null)"
+                )));
+            }
+        }
         self.set_trainable(&[], &fusions);
         self.setup = Some(setup);
         Ok(())
+    }
+
+    /// AdapterHub's fusion regularisation, `0.01 · Σ ‖I − V‖²` over the
+    /// value matrices of the fusions being trained whose config has
+    /// `regularization` (`None` when there are none): a term for the
+    /// training loop to add to its loss, as AdapterHub's trainer adds
+    /// `get_fusion_regularization_loss()`.
+    pub fn fusion_regularization_loss(&self) -> Option<Tensor<B, 1>> {
+        let mut total: Option<Tensor<B, 1>> = None;
+        for ((fusion, name), config) in self
+            .set
+            .fusions
+            .iter()
+            .zip(&self.set.fusion_names)
+            .zip(&self.set.fusion_configs)
+        {
+            if !config.regularization || !self.trainable_fusions.contains(name) {
+                continue;
+            }
+            let layers = fusion.attention.iter().chain(&fusion.output).flatten();
+            for value in layers.filter_map(|l| l.value.as_ref()) {
+                let w = value.weight.val();
+                let [d, _] = w.dims();
+                let eye = Tensor::<B, 2>::eye(d, &w.device());
+                let term = (eye - w).powi_scalar(2).sum().mul_scalar(0.01);
+                total = Some(match total {
+                    Some(t) => t + term,
+                    None => term,
+                });
+            }
+        }
+        total
     }
 
     fn set_trainable(&mut self, adapters: &[String], fusions: &[String]) {

@@ -7,6 +7,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig, FusionConfig, Setup};
+use peft_core::compare::{check_close_slices, Tolerance};
 use peft_core::io::{read_safetensors, serialize_safetensors, HostTensor};
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
 use peft_models::bert::Bert;
@@ -293,7 +294,109 @@ fn identity_inits_and_disable<B: Backend>(d: &B::Device) {
     );
 }
 
-backend_tests!(mistakes_are_typed_errors, identity_inits_and_disable);
+/// `init_weights_seed`, fusion `regularization` and `dropout_prob` are
+/// honoured or refused: the seed fixes the draws whatever the name; the
+/// regularisation term is AdapterHub's `0.01 · Σ ‖I − V‖²` over the trained
+/// fusions that ask for it; training a fusion with dropout is refused.
+fn config_fields_are_honoured_or_refused<B: Backend>(d: &B::Device) {
+    let mut model = AdapterModel::wrap(bert::<B>(d));
+    let seeded = |seed: Option<u64>| BnConfig {
+        init_weights_seed: seed,
+        ..BnConfig::seq_bn()
+    };
+    for (name, seed) in [
+        ("x", Some(7)),
+        ("y", Some(7)),
+        ("z", Some(8)),
+        ("p", None),
+        ("q", None),
+    ] {
+        model.add_adapter(name, seeded(seed)).unwrap();
+    }
+    let down = |i: usize| {
+        HostTensor::from_tensor(
+            model.set.adapters[i].output[0]
+                .as_ref()
+                .unwrap()
+                .down
+                .weight
+                .val(),
+        )
+    };
+    assert_eq!(down(0), down(1), "same seed, other name: same weights");
+    assert_ne!(down(0), down(2), "another seed");
+    assert_ne!(down(3), down(4), "no seed: drawn from the name");
+
+    // A fusion whose value starts random (not identity), regularised.
+    let config = FusionConfig {
+        value_initialized: serde_json::Value::Bool(false),
+        ..FusionConfig::dynamic()
+    };
+    model.add_fusion(&["x", "z"], config).unwrap();
+    model
+        .add_fusion(&["x", "p"], FusionConfig::static_())
+        .unwrap();
+    assert!(
+        model.fusion_regularization_loss().is_none(),
+        "nothing trains yet"
+    );
+    model.train_fusion(Setup::fuse(&["x", "z"])).unwrap();
+    let got: f32 = model
+        .fusion_regularization_loss()
+        .unwrap()
+        .into_scalar()
+        .elem();
+    let fusion = &model.set.fusions[0];
+    let want: f64 = fusion
+        .attention
+        .iter()
+        .chain(&fusion.output)
+        .flatten()
+        .map(|l| {
+            let w = HostTensor::from_tensor(l.value.as_ref().unwrap().weight.val());
+            let n = w.shape[0];
+            let sq: f64 = w
+                .data
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| {
+                    let eye = if k / n == k % n { 1.0 } else { 0.0 };
+                    (eye - v as f64).powi(2)
+                })
+                .sum();
+            0.01 * sq
+        })
+        .sum();
+    assert!(
+        want > 0.01,
+        "a random value matrix is far from identity: {want}"
+    );
+    check_close_slices(
+        "regularization",
+        &[got],
+        &[want as f32],
+        Tolerance::new(1e-5, 0.0),
+    )
+    .unwrap();
+    // A static fusion has no value matrix and no regularisation.
+    model.train_fusion(Setup::fuse(&["x", "p"])).unwrap();
+    assert!(model.fusion_regularization_loss().is_none());
+
+    let dropout = FusionConfig {
+        dropout_prob: Some(0.1),
+        ..FusionConfig::dynamic()
+    };
+    model.add_fusion(&["y", "q"], dropout).unwrap();
+    let err = model.train_fusion(Setup::fuse(&["y", "q"])).unwrap_err();
+    assert!(matches!(err, PeftError::Config(_)), "{err}");
+    assert!(err.to_string().contains("dropout_prob"), "{err}");
+}
+
+backend_tests!(
+    mistakes_are_typed_errors,
+    identity_inits_and_disable,
+    config_fields_are_honoured_or_refused
+);
 
 /// Generation with bottleneck adapters through the model's KV cache gives
 /// the tokens of recomputing the whole sequence at every step (Llama and
