@@ -455,6 +455,24 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Copies the folder `from` to `to`, recursively (symbolic links, such as
+/// a run's `best` and `last`, copied as links).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        let kind = e.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), target).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
 /// A fixture case's `input_ids` as the JSON file `peft forward` reads.
 /// `dir/text.txt`: the opening of *Moby-Dick*, a plain-text corpus for
 /// causal-LM runs.
@@ -772,6 +790,17 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     )
     .unwrap();
     assert_eq!(part.steps, 3);
+    // A copy of the halted run whose saved AdamW moments are overwritten:
+    // resuming it must not give the uninterrupted run's adapter, or the
+    // resume never read them.
+    let corrupt = dir.join("corrupt");
+    copy_tree(&dir.join("parts"), &corrupt);
+    let moments = corrupt.join("last/optimizer.bin");
+    let mut bytes = std::fs::read(&moments).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 256].fill(0x3f);
+    std::fs::write(&moments, bytes).unwrap();
+
     let mut second = TrainJob::resume_from(&dir.join("parts")).unwrap();
     second.train.stop_after = None;
     let b = jobs::train::<CpuTrainBackend>(
@@ -781,6 +810,41 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     )
     .unwrap();
     assert_eq!(b.steps, 6);
+    // The resumed process ran steps 4–6 only: its evaluations (every 2
+    // steps) follow the first process's in the run's log, none repeated.
+    let eval_steps = |run: &str| -> Vec<u64> {
+        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("eval").is_some())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(eval_steps("parts"), eval_steps("whole"));
+    assert!(
+        eval_steps("whole").ends_with(&[2, 4, 6]),
+        "{:?}",
+        eval_steps("whole")
+    );
+    let mut third = TrainJob::resume_from(&corrupt).unwrap();
+    third.train.stop_after = None;
+    third.out = corrupt.clone();
+    let corrupted = jobs::train::<CpuTrainBackend>(
+        &third,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    );
+    if corrupted.is_ok() {
+        let x = peft_core::io::read_safetensors(&dir.join("whole/last/adapter_model.safetensors"))
+            .unwrap();
+        let y = peft_core::io::read_safetensors(&corrupt.join("last/adapter_model.safetensors"))
+            .unwrap();
+        assert!(
+            x.iter().any(|(k, t)| y.get(k) != Some(t)),
+            "overwritten optimizer moments changed nothing: the resume ignored them"
+        );
+    }
     assert_eq!(a.after.value, b.after.value);
     for f in ["adapter_model.safetensors", "head.safetensors"] {
         let x = peft_core::io::read_safetensors(&dir.join("whole/last").join(f)).unwrap();
