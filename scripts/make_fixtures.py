@@ -124,7 +124,10 @@ CASES = {
     "bert": {
         "lora": dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                      exclude_modules=["pooler.dense"]),
-        "dora": dict(r=4, lora_alpha=16, target_modules=["query", "key"], use_dora=True),
+        # query + value: on query + key the tiny BERT's logits moved by at
+        # most 5.5e-5 (the attention pattern barely matters at this size),
+        # too close to the 1e-5 tolerance; with value they move by 6.9e-3.
+        "dora": dict(r=4, lora_alpha=16, target_modules=["query", "value"], use_dora=True),
     },
 }
 
