@@ -138,6 +138,10 @@ kernels!(forward_avx512, backward_avx512, "avx512f,avx512dq,fma");
 kernels!(forward_avx2, backward_avx2, "avx2,fma");
 
 #[derive(Clone, Copy, PartialEq)]
+#[cfg_attr(
+    not(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64"))),
+    allow(dead_code)
+)]
 enum Isa {
     Avx512,
     Avx2,
@@ -147,11 +151,11 @@ enum Isa {
 fn isa() -> Isa {
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
     {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512dq") && has!("fma") {
+        use crate::ops::exp_fast::{has_avx2, has_avx512};
+        if has_avx512() {
             return Isa::Avx512;
         }
-        if has!("avx2") && has!("fma") {
+        if has_avx2() {
             return Isa::Avx2;
         }
     }
@@ -199,10 +203,12 @@ pub fn forward(
     let mut stats = vec![[0.0f32; 2]; rows];
     let isa = isa();
     let run = |x: &[f32], y: &mut [f32], st: &mut [[f32; 2]]| match isa {
-        // SAFETY: the features were detected on this CPU.
+        // SAFETY (both): the features were detected on this CPU.
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         Isa::Avx512 => unsafe { forward_avx512(x, y, st, g, b, eps) },
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         Isa::Avx2 => unsafe { forward_avx2(x, y, st, g, b, eps) },
-        Isa::Baseline => forward_rows(x, y, st, g, b, eps),
+        _ => forward_rows(x, y, st, g, b, eps),
     };
     #[cfg(feature = "rayon")]
     {
@@ -255,10 +261,12 @@ pub fn backward(
     let run = |x: &[f32], dy: &[f32], dx: &mut [f32], st: &[[f32; 2]]| {
         let (mut dg, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
         match isa {
-            // SAFETY: the features were detected on this CPU.
+            // SAFETY (both): the features were detected on this CPU.
+            #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
             Isa::Avx512 => unsafe { backward_avx512(x, dy, dx, st, g, &mut dg, &mut db) },
+            #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
             Isa::Avx2 => unsafe { backward_avx2(x, dy, dx, st, g, &mut dg, &mut db) },
-            Isa::Baseline => backward_rows(x, dy, dx, st, g, &mut dg, &mut db),
+            _ => backward_rows(x, dy, dx, st, g, &mut dg, &mut db),
         }
         (dg, db)
     };

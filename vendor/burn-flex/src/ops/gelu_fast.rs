@@ -74,15 +74,11 @@ kernels!(gelu_avx2, grad_avx2, "avx2,fma");
 fn gelu_chunk(v: &mut [f32]) {
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::ops::exp_fast::has_avx512() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { gelu_avx512(v) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::ops::exp_fast::has_avx2() {
             // SAFETY: as above.
             return unsafe { gelu_avx2(v) };
         }
@@ -95,15 +91,11 @@ fn gelu_chunk(v: &mut [f32]) {
 fn grad_chunk(x: &[f32], g: &mut [f32]) {
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::ops::exp_fast::has_avx512() {
             // SAFETY: the features were detected on this CPU.
             return unsafe { grad_avx512(x, g) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::ops::exp_fast::has_avx2() {
             // SAFETY: as above.
             return unsafe { grad_avx2(x, g) };
         }
