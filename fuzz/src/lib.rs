@@ -189,7 +189,8 @@ pub fn model_checkpoint(data: &[u8]) -> bool {
 }
 
 /// A GGUF file: the header, metadata and tensor directory, every tensor
-/// dequantised, the tokenizer in its metadata, and a Llama built from it.
+/// dequantised, the tokenizer in its metadata, and a Llama built from it
+/// (dense, and with its blocks kept quantized).
 /// Accepted when every tensor dequantises (and, for a Llama file, the
 /// model and its tokenizer load).
 pub fn gguf(data: &[u8]) -> bool {
@@ -214,6 +215,10 @@ pub fn gguf(data: &[u8]) -> bool {
     drop(g);
     if is_llama {
         accepted &= Llama::<B>::from_gguf(&path, &dev())
+            .map(|m| one_token(&m))
+            .is_ok();
+        // QLoRA's loader: the blocks kept as stored, q/k rows moved whole.
+        accepted &= Llama::<B>::from_gguf_quantized(&path, &dev())
             .map(|m| one_token(&m))
             .is_ok();
     }

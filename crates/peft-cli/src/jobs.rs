@@ -178,6 +178,10 @@ pub struct Report {
     pub after: Metric,
     /// Trainable and all parameters (the head included for seq-cls).
     pub params: ParamCount,
+    /// Of `params.all`, the frozen base's parameters held quantized (GGUF
+    /// blocks or NF4 codes, per `--quantize`) rather than in `f32`; 0 for an
+    /// `f32` base.
+    pub quantized_params: usize,
     /// Optimizer steps.
     pub steps: usize,
     /// Whether early stopping ended the run.
@@ -191,6 +195,13 @@ pub struct Report {
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
     peft_core::io::write_atomic(path, text.as_bytes())
+}
+
+/// Parameters of `model` held quantized: its count of all parameters less
+/// those that tensors hold (a quantized weight is a parameter no tensor
+/// holds).
+fn quantized_params<B: Backend, M: peft_core::PeftModel<B>>(model: &M) -> usize {
+    model.param_count().all - model.num_params()
 }
 
 /// Trains per `job` on backend `B`.
@@ -260,6 +271,7 @@ fn train_seq_cls<B: AutodiffBackend>(
             ))
         }
     }
+    let quantized_params = quantized_params(&bert);
     let d = bert.config.hidden_size;
     let head = tasks::new_head::<B>(d, labels.len(), &device);
     let head = match job.last() {
@@ -304,7 +316,7 @@ fn train_seq_cls<B: AutodiffBackend>(
                 (Adapted::Slots(m), count, save)
             }
         };
-    fit_classifier(
+    let report = fit_classifier(
         Classifier { encoder, head },
         count,
         &tok,
@@ -317,7 +329,11 @@ fn train_seq_cls<B: AutodiffBackend>(
             save(&m.encoder, dir)?;
             with_labels(dir)
         },
-    )
+    )?;
+    Ok(Report {
+        quantized_params,
+        ..report
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -361,6 +377,8 @@ where
         before,
         after: out.best.unwrap_or(before),
         params,
+        // The encoder's, filled in by the caller that loaded it.
+        quantized_params: 0,
         steps: out.steps,
         stopped_early: out.stopped_early,
         best: tasks::best_dir(&job.out),
@@ -416,6 +434,7 @@ where
     let tok = tasks::tokenizer_of(&job.model)?;
     let (train, held) = lm_blocks(job, &tok)?;
     let base = M::load_quantized(&job.model, &device, job.quantize)?;
+    let quantized_params = quantized_params(&base);
     let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(
         &job.out.join("train_config.json"),
@@ -482,6 +501,7 @@ where
         before,
         after: out.best.unwrap_or(before),
         params: count,
+        quantized_params,
         steps: out.steps,
         stopped_early: out.stopped_early,
         best: tasks::best_dir(&job.out),

@@ -655,6 +655,13 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 }
             );
             println!("{p}");
+            if report.quantized_params > 0 {
+                println!(
+                    "frozen base: {} parameters kept quantized (--quantize {})",
+                    report.quantized_params,
+                    job.quantize.map_or("?", jobs::Quantize::name)
+                );
+            }
             println!(
                 "held-out {}: {:.4} before, {:.4} after",
                 report.before.name, report.before.value, report.after.value

@@ -326,6 +326,119 @@ fn every_backend_runs_the_same_job() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The GPU path on WGPU (Mesa's lavapipe in CI): `peft forward --backend
+/// wgpu` reproduces PEFT's logits on the fixtures (LoRA, DoRA with rsLoRA,
+/// (IA)³), `peft train --backend wgpu` lowers the held-out perplexity of a
+/// causal-LM LoRA run on the tiny GGUF Llama, and the adapter it saved
+/// scores the same on WGPU as on Flex.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_runs_forward_train_and_eval() {
+    let dir = temp("wgpu");
+    let fixtures = peft_models::fixtures::fixtures_dir();
+    for (arch, case) in [("llama", "lora"), ("llama", "dora_rslora"), ("gpt2", "ia3")] {
+        let c = peft_models::fixtures::FixtureCase::open(arch, case);
+        let ids = ids_file(&c, &dir);
+        let out = dir.join(format!("{arch}-{case}.safetensors"));
+        let (ok, err) = peft(&[
+            "forward",
+            "--backend",
+            "wgpu",
+            "--model",
+            fixtures.join(arch).to_str().unwrap(),
+            "--adapter",
+            c.dir.to_str().unwrap(),
+            "--ids",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{arch}/{case}: {err}");
+        let got = &peft_core::io::read_safetensors(&out).unwrap()["output"];
+        peft_models::fixtures::assert_close(
+            &format!("{arch}/{case} on wgpu"),
+            got,
+            c.want("logits_unmerged"),
+        );
+    }
+
+    let model = fixtures.join("gguf/tiny_llama.gguf");
+    let text = ishmael_file(&dir);
+    let run = dir.join("run");
+    let (ok, err) = peft(&[
+        "train",
+        "--backend",
+        "wgpu",
+        "--method",
+        "lora",
+        "--task",
+        "causal-lm",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--r",
+        "4",
+        "--targets",
+        "q_proj,v_proj,up_proj",
+        "--lr",
+        "0.01",
+        "--batch",
+        "3",
+        "--epochs",
+        "2",
+        "--block-size",
+        "8",
+        "--held-out",
+        "0.2",
+    ]);
+    assert!(ok, "peft train --backend wgpu: {err}");
+    let perplexities: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["eval"]["perplexity"].as_f64()
+        })
+        .collect();
+    assert!(perplexities.len() >= 2, "{perplexities:?}");
+    let (first, last) = (perplexities[0], perplexities[perplexities.len() - 1]);
+    assert!(
+        first.is_finite() && last.is_finite() && last < first,
+        "held-out perplexity did not fall on wgpu: {perplexities:?}"
+    );
+
+    let best = run.join("best");
+    let gpu = jobs::eval::<burn::backend::Wgpu>(
+        &model,
+        Some(&best),
+        &text,
+        Task::CausalLm,
+        ("text", "label"),
+        8,
+        &Default::default(),
+    )
+    .unwrap()
+    .value;
+    let cpu = jobs::eval::<burn::backend::Flex>(
+        &model,
+        Some(&best),
+        &text,
+        Task::CausalLm,
+        ("text", "label"),
+        8,
+        &Default::default(),
+    )
+    .unwrap()
+    .value;
+    assert!(
+        gpu.is_finite() && (gpu - cpu).abs() <= 1e-4 * cpu.abs(),
+        "perplexity of the wgpu-trained adapter: wgpu {gpu} vs flex {cpu}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_inputs_are_non_zero_exits_naming_the_problem() {
     let dir = temp("bad");
@@ -1206,17 +1319,20 @@ fn causal_lm_runs_with_every_method() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--quantize gguf` on the tiny GGUF Llama (whose tensors are F32, so the
-/// kept blocks hold the same numbers): layer-by-layer training with
-/// gradient accumulation logs the losses of the ordinary run and saves the
-/// same adapter; the choice is recorded and a resumed run keeps it.
+/// `--quantize gguf` on a GGUF Llama whose matrices are Q8_0, Q4_0, Q4_1,
+/// Q4_K, Q6_K, F16 and BF16 blocks (`fixtures/gguf/quant_llama.gguf`): the
+/// run keeps every matrix and the embedding in its blocks (the report counts
+/// them; the f32 run of the same file keeps none), and layer-by-layer
+/// training with gradient accumulation logs the losses of the f32 run and
+/// saves the same adapter (the kept blocks dequantize to the f32 load's
+/// weights); the choice is recorded and a resumed run keeps it.
 /// `--quantize nf4` trains too, and BERT refuses `gguf`.
 #[test]
 fn quantized_base_runs_match_the_f32_run() {
     let _turn = serial();
     let dir = temp("qlora");
     let data_file = ishmael_file(&dir);
-    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let gguf = peft_models::fixtures::fixtures_dir().join("gguf/quant_llama.gguf");
     let make = |out: &str, quantize: Option<jobs::Quantize>| TrainJob {
         model: gguf.clone(),
         data: data_file.clone(),
@@ -1248,6 +1364,13 @@ fn quantized_base_runs_match_the_f32_run() {
     .unwrap();
     assert_eq!((dense.steps, kept.steps), (2, 2));
     assert_eq!(dense.params, kept.params);
+    // 2 layers × (4 attention + 3 MLP matrices) and the 64 × 256 embedding
+    // that the tied head shares.
+    let matrices = 2 * (256 * 256 * 2 + 128 * 256 * 2 + 256 * 256 * 3) + 64 * 256;
+    assert_eq!(
+        (dense.quantized_params, kept.quantized_params),
+        (0, matrices)
+    );
     let losses = |run: &str| -> Vec<f64> {
         std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
             .unwrap()

@@ -76,40 +76,150 @@ fn grads_by_id<B: AutodiffBackend, M: AutodiffModule<B>>(
 /// A GGUF loaded with its matrices kept quantized computes exactly what the
 /// dequantizing loader computes (the q/k permutation undone on whole rows of
 /// blocks, the tied head sharing the embedding table), counts the same
-/// parameters, and merging a LoRA into it gives a dense `f32` base.
+/// parameters, and merging a LoRA into it gives a dense `f32` base: on the
+/// F32 tiny Llama and on one stored in every kept GGML type.
 fn quantized_gguf_equals_dequantized_load<B: AutodiffBackend>(device: &B::Device) {
-    let path = fixtures_dir().join("gguf/tiny_llama.gguf");
+    for file in ["tiny_llama.gguf", "quant_llama.gguf"] {
+        let path = fixtures_dir().join("gguf").join(file);
+        let dense = Llama::<B>::from_gguf(&path, device).unwrap();
+        let quant = Llama::<B>::from_gguf_quantized(&path, device).unwrap();
+        let (mut slots, mut quantized_slots) = (0, 0);
+        quant.visit_linears(&mut |_, s| {
+            slots += 1;
+            quantized_slots += usize::from(s.is_quantized());
+        });
+        assert_eq!(quantized_slots, slots, "{file}");
+        assert!(slots >= dense.linear_paths().len(), "{file}");
+        assert!(quant.embed_quantized.is_some(), "{file}");
+        assert_eq!(
+            quant.param_count().all,
+            dense.param_count().all,
+            "{file}: quantized weights still count as parameters"
+        );
+        let x = ids::<B>(2, 7, dense.config.vocab_size, device);
+        let want = logits(&dense, &x);
+        peft_core::compare::assert_close(
+            &format!("{file}: kept quantized vs dequantized load"),
+            &logits(&quant, &x),
+            &want,
+            peft_core::compare::Tolerance::new(1e-6, 0.0),
+        );
+
+        let mut config = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
+        config.init_lora_weights = InitLoraWeights::Bool(false);
+        B::seed(device, 3);
+        let mut lora = LoraModel::new(quant, config).unwrap();
+        let unmerged = logits(&lora.model, &x);
+        lora.merge_adapter().unwrap();
+        let mut dense_after = 0;
+        lora.model.visit_linears(&mut |p, s| {
+            if s.lora_entry("default").is_some() {
+                assert!(!s.is_quantized(), "{file} {p}: merged weight must be f32");
+                dense_after += 1;
+            }
+        });
+        assert_eq!(dense_after, 3 * dense.layers.len());
+        peft_core::compare::assert_close(
+            &format!("{file}: merged into a quantized base"),
+            &logits(&lora.model, &x),
+            &unmerged,
+            peft_core::compare::Tolerance::new(1e-5, 0.0),
+        );
+    }
+}
+
+/// Every matrix of `fixtures/gguf/quant_llama.gguf` (Q8_0, Q4_0, Q4_1,
+/// Q4_K, Q6_K, F16, BF16; q and k in several types, their rows permuted
+/// by llama.cpp) reads as gguf-py dequantises it
+/// (`scripts/make_gguf_quant_llama_fixture.py`), in Hugging Face's layout,
+/// from the dense load and from the blocks kept by the quantized load.
+fn gguf_blocks_of_every_type_read_as_gguf_py_dequantises<B: AutodiffBackend>(device: &B::Device) {
+    let dir = fixtures_dir().join("gguf");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("quant_llama.json")).unwrap())
+            .unwrap();
+    let path = dir.join("quant_llama.gguf");
     let dense = Llama::<B>::from_gguf(&path, device).unwrap();
     let quant = Llama::<B>::from_gguf_quantized(&path, device).unwrap();
-    let mut quantized_slots = 0;
-    quant.visit_linears(&mut |_, s| quantized_slots += usize::from(s.is_quantized()));
-    assert_eq!(quantized_slots, dense.linear_paths().len());
-    assert!(quant.embed_quantized.is_some());
-    assert_eq!(
-        quant.param_count().all,
-        dense.param_count().all,
-        "quantized weights still count as parameters"
-    );
-    let x = ids::<B>(2, 7, dense.config.vocab_size, device);
-    let d = max_abs_diff(&logits(&dense, &x), &logits(&quant, &x));
-    assert!(d < 1e-6, "quantized load differs by {d:e}");
-
-    let mut config = LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"]);
-    config.init_lora_weights = InitLoraWeights::Bool(false);
-    B::seed(device, 3);
-    let mut lora = LoraModel::new(quant, config).unwrap();
-    let unmerged = logits(&lora.model, &x);
-    lora.merge_adapter().unwrap();
-    let mut dense_after = 0;
-    lora.model.visit_linears(&mut |p, s| {
-        if s.lora_entry("default").is_some() {
-            assert!(!s.is_quantized(), "{p}: merged weight must be f32");
-            dense_after += 1;
+    let check = |what: &str, key: &str, shape: [usize; 2], values: &[f32]| {
+        let w = &want[key];
+        assert!(w.is_object(), "{key}: not in quant_llama.json");
+        let expected_shape: Vec<usize> = serde_json::from_value(w["shape"].clone()).unwrap();
+        assert_eq!(expected_shape, shape, "{what} {key}: shape");
+        assert!(
+            values.iter().all(|v| v.is_finite()),
+            "{what} {key}: NaN/Inf"
+        );
+        let (sum, sum_sq) = values.iter().fold((0f64, 0f64), |(s, q), &v| {
+            (s + v as f64, q + v as f64 * v as f64)
+        });
+        let scale = w["sum_sq"].as_f64().unwrap();
+        assert!(
+            (sum - w["sum"].as_f64().unwrap()).abs() <= 1e-6 * scale,
+            "{what} {key}: sum {sum} vs {}",
+            w["sum"]
+        );
+        assert!(
+            (sum_sq - scale).abs() <= 1e-6 * scale,
+            "{what} {key}: sum of squares {sum_sq} vs {scale}"
+        );
+        let samples = w["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 64, "{key}");
+        for s in samples {
+            let (i, v) = (s[0].as_u64().unwrap() as usize, s[1].as_f64().unwrap());
+            let got = values[i] as f64;
+            assert!(
+                (got - v).abs() <= 1e-6 * v.abs().max(1e-3),
+                "{what} {key}[{i}]: {got} vs {v}"
+            );
         }
-    });
-    assert_eq!(dense_after, 3 * dense.layers.len());
-    let d = max_abs_diff(&unmerged, &logits(&lora.model, &x));
-    assert!(d < 1e-5, "merged into a quantized base: {d:e}");
+    };
+    // `[d_in, d_out]` → PyTorch's `[out, in]`, row-major.
+    let torch_layout = |w: Tensor<B, 2>| {
+        let [i, o] = w.dims();
+        let t = HostTensor::from_tensor(w.transpose());
+        assert_eq!(t.shape, vec![o, i]);
+        ([o, i], t.data)
+    };
+    let mut checked = 0;
+    for (what, model) in [("dense", &dense), ("kept quantized", &quant)] {
+        model.visit_linears(&mut |p, s| {
+            let key = format!("{p}.weight");
+            if p == "lm_head" {
+                return; // tied: the embedding, checked below
+            }
+            let (shape, values) = torch_layout(s.base_weight());
+            check(what, &key, shape, &values);
+            checked += 1;
+        });
+    }
+    assert_eq!(checked, 2 * 14);
+    let table = quant.embed_quantized.as_ref().unwrap();
+    check(
+        "kept quantized",
+        "model.embed_tokens.weight",
+        [table.rows, table.cols],
+        &table.dequantize(),
+    );
+    let e = HostTensor::from_tensor(dense.embed_tokens.weight.val());
+    check(
+        "dense",
+        "model.embed_tokens.weight",
+        [e.shape[0], e.shape[1]],
+        &e.data,
+    );
+    let mut types: Vec<&str> = want
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|v| v["ggml_type"].as_str())
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(
+        types,
+        ["BF16", "F16", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"]
+    );
 }
 
 /// A tiny Llama with LoRA (random `B`, so every factor has a gradient) on
@@ -325,6 +435,7 @@ fn loftq_init_starts_closer_to_the_f32_model<B: AutodiffBackend>(device: &B::Dev
 autodiff_backend_tests!(
     loftq_init_starts_closer_to_the_f32_model,
     quantized_gguf_equals_dequantized_load,
+    gguf_blocks_of_every_type_read_as_gguf_py_dequantises,
     layerwise_gradients_equal_one_backward_pass,
     gpt2_layerwise_gradients_equal_one_backward_pass,
     nf4_base_computes_with_its_dequantized_weights,
