@@ -410,28 +410,25 @@ fn wgpu_runs_forward_train_and_eval() {
     );
 
     let best = run.join("best");
-    let gpu = jobs::eval::<burn::backend::Wgpu>(
-        &model,
-        Some(&best),
-        &text,
-        Task::CausalLm,
-        ("text", "label"),
-        8,
-        &Default::default(),
-    )
-    .unwrap()
-    .value;
-    let cpu = jobs::eval::<burn::backend::Flex>(
-        &model,
-        Some(&best),
-        &text,
-        Task::CausalLm,
-        ("text", "label"),
-        8,
-        &Default::default(),
-    )
-    .unwrap()
-    .value;
+    fn perplexity<B: burn::tensor::backend::Backend>(
+        model: &Path,
+        adapter: &Path,
+        text: &Path,
+    ) -> f64 {
+        jobs::eval::<B>(
+            model,
+            Some(adapter),
+            text,
+            Task::CausalLm,
+            ("text", "label"),
+            8,
+            &Default::default(),
+        )
+        .unwrap()
+        .value
+    }
+    let gpu = perplexity::<burn::backend::Wgpu>(&model, &best, &text);
+    let cpu = perplexity::<burn::backend::Flex>(&model, &best, &text);
     assert!(
         gpu.is_finite() && (gpu - cpu).abs() <= 1e-4 * cpu.abs(),
         "perplexity of the wgpu-trained adapter: wgpu {gpu} vs flex {cpu}"
