@@ -14,6 +14,7 @@
 //! `model.safetensors`), converting `[out, in]` weights to Burn's `[in, out]`
 //! at load time only.
 
+pub mod activation;
 pub mod assets;
 pub mod attention;
 pub mod bert;

@@ -8,7 +8,6 @@ use crate::attention::Hook;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::optim::GradientsParams;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::layered::LayeredModel;
@@ -21,10 +20,12 @@ use peft_core::slot::LinearSlotConfig;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
+use crate::activation::swiglu;
 use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
 use crate::checkpoint::{check_dims, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 use crate::gguf::{Gguf, MetaValue};
+use crate::norm::rms_norm;
 use peft_core::io::HostTensor;
 
 /// RoPE settings as transformers ≥ 5 writes them.
@@ -240,7 +241,7 @@ impl<B: Backend> LlamaLayer<B> {
         cache: Option<&mut LayerCache<B>>,
         hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
-        let h = self.input_layernorm.forward(x.clone());
+        let h = rms_norm(&self.input_layernorm, x.clone());
         let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
         let k = split_heads(self.k_proj.forward(h.clone()), config.kv_heads());
         let v = split_heads(self.v_proj.forward(h), config.kv_heads());
@@ -250,8 +251,8 @@ impl<B: Backend> LlamaLayer<B> {
         let attn = attend(q, k, v, Some(mask.clone()));
         let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
         let x = join(hook, AfterAttention, i, self.o_proj.forward(attn), x, None);
-        let h = self.post_attention_layernorm.forward(x.clone());
-        let ff = silu(self.gate_proj.forward(h.clone())) * self.up_proj.forward(h);
+        let h = rms_norm(&self.post_attention_layernorm, x.clone());
+        let ff = swiglu(self.gate_proj.forward(h.clone()), self.up_proj.forward(h));
         join(
             hook,
             AfterFeedForward,
@@ -446,7 +447,7 @@ impl<B: Backend> Llama<B> {
     /// Final norm and output head: logits `[b, t, vocab]` of the last
     /// hidden states `[b, t, d]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.norm.forward(x);
+        let h = rms_norm(&self.norm, x);
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => tied_head(h, self.embed_tokens.weight.val()),

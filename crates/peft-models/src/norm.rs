@@ -2,9 +2,11 @@
 //! `nn::LayerNorm` keeps its epsilon private, and the fused kernel under
 //! autodiff on Flex ([`crate::fused`]) needs it. Same parameters and
 //! record as Burn's (`gamma`, optional `beta`), same forward pass
-//! (`B::layer_norm`) on every other backend.
+//! (`B::layer_norm`) on every other backend. Also [`rms_norm`]: Burn's
+//! `nn::RmsNorm` by the same kernel on Flex.
 
 use burn::module::{Module, Param};
+use burn::nn::RmsNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
@@ -50,4 +52,21 @@ impl<B: Backend> LayerNorm<B> {
         let beta = self.beta.as_ref().map(|b| b.val());
         crate::fused::layer_norm::layer_norm(x, &self.gamma.val(), beta.as_ref(), self.epsilon)
     }
+}
+
+/// `norm.forward(x)` for Burn's `RmsNorm` (`x / √(mean(x²) + eps) · gamma`
+/// over the last dim): on Flex, with or without autodiff, one fused kernel
+/// each way ([`rms_norm_fused`]), where Burn composes six ops; Burn's own
+/// forward pass on every other backend.
+pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    rms_norm_fused(norm, &x).unwrap_or_else(|| norm.forward(x))
+}
+
+/// [`rms_norm`] by the fused kernel: `Some` on Flex and `Autodiff<Flex>`
+/// with f32 operands, `None` otherwise.
+pub fn rms_norm_fused<B: Backend, const D: usize>(
+    norm: &RmsNorm<B>,
+    x: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    crate::fused::layer_norm::rms_norm(x, &norm.gamma.val(), norm.epsilon)
 }

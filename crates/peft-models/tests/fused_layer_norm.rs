@@ -1,14 +1,16 @@
 //! Layer norm under autodiff on Flex (one fused kernel each way,
 //! `vendor/burn-flex`) against the composed ops Burn's autodiff uses
 //! elsewhere (NdArray): the output and the gradients of the input, the
-//! scale and the shift, for a trained norm and a frozen one.
+//! scale and the shift, for a trained norm and a frozen one; the same for
+//! RMS norm (Llama's), on Flex with and without autodiff.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::Param;
+use burn::nn::RmsNormConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::compare::{check_close_slices, Tolerance};
-use peft_models::norm::LayerNorm;
+use peft_models::norm::{rms_norm, rms_norm_fused, LayerNorm};
 
 /// f32 against the f64 formulas, relative to each tensor's scale.
 const TOL: Tolerance = Tolerance::new(1e-5, 1e-7);
@@ -117,5 +119,103 @@ fn the_fused_layer_norm_has_the_exact_outputs_and_gradients() {
                 }
             }
         }
+    }
+}
+
+/// Output and gradients (x, gamma) of `Σ w ⊙ rms_norm(x)` on `B` for
+/// `x: [3, 70, d]`; `None` for a frozen scale.
+fn run_rms<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Option<Vec<f32>>> {
+    let device = Default::default();
+    let rows = 3 * 70;
+    let x: Vec<f32> = values(rows * d, 1).iter().map(|v| v * 3.0 + 1.0).collect();
+    let x = Tensor::<B, 3>::from_data(TensorData::new(x, [3, 70, d]), &device).require_grad();
+    let mut norm = RmsNormConfig::new(d).with_epsilon(1e-5).init::<B>(&device);
+    norm.gamma = Param::from_tensor(Tensor::from_data(
+        TensorData::new(values(d, 2), [d]),
+        &device,
+    ))
+    .set_require_grad(trained);
+    let y = if fused {
+        rms_norm_fused(&norm, &x).expect("Autodiff<Flex> takes the fused kernel")
+    } else {
+        assert!(rms_norm_fused(&norm, &x).is_none(), "only Flex is fused");
+        rms_norm(&norm, x.clone())
+    };
+    let w = Tensor::<B, 3>::from_data(TensorData::new(values(rows * d, 4), [3, 70, d]), &device);
+    let grads = (y.clone() * w).sum().backward();
+    let host =
+        |t: Option<Tensor<B::InnerBackend, 1>>| t.map(|t| t.into_data().to_vec::<f32>().unwrap());
+    vec![
+        Some(y.into_data().to_vec::<f32>().unwrap()),
+        host(x.grad(&grads).map(|g| g.flatten(0, 2))),
+        host(norm.gamma.val().grad(&grads)),
+    ]
+}
+
+/// `y`, `dx`, `dgamma` of [`run_rms`] in f64 from the formulas.
+fn reference_rms(d: usize) -> [Vec<f32>; 3] {
+    let rows = 3 * 70;
+    let x: Vec<f64> = values(rows * d, 1)
+        .iter()
+        .map(|&v| (v * 3.0 + 1.0) as f64)
+        .collect();
+    let (gamma, w) = (values(d, 2), values(rows * d, 4));
+    let (mut y, mut dx, mut dgamma) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; d]);
+    for r in 0..rows {
+        let xr = &x[r * d..][..d];
+        let rstd = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-5).sqrt();
+        let g: Vec<f64> = (0..d)
+            .map(|i| w[r * d + i] as f64 * gamma[i] as f64)
+            .collect();
+        let mean_gx = (0..d).map(|i| g[i] * xr[i] * rstd).sum::<f64>() / d as f64;
+        for i in 0..d {
+            let xhat = xr[i] * rstd;
+            y[r * d + i] = xhat * gamma[i] as f64;
+            dx[r * d + i] = rstd * (g[i] - xhat * mean_gx);
+            dgamma[i] += w[r * d + i] as f64 * xhat;
+        }
+    }
+    [y, dx, dgamma].map(|v: Vec<f64>| v.into_iter().map(|x| x as f32).collect())
+}
+
+#[test]
+fn the_fused_rms_norm_has_the_exact_outputs_and_gradients() {
+    // 576 (SmolLM2), 37 (not a multiple of the 16 lanes).
+    for d in [576, 37] {
+        let want = reference_rms(d);
+        for trained in [true, false] {
+            let fused = run_rms::<Autodiff<Flex>>(d, trained, true);
+            let composed = run_rms::<Autodiff<NdArray>>(d, trained, false);
+            for (i, what) in ["y", "dx", "dgamma"].iter().enumerate() {
+                let what = format!("RMS d {d}, trained {trained}: {what}");
+                let frozen = !trained && i == 2;
+                match (&fused[i], &composed[i]) {
+                    (Some(f), Some(c)) if !frozen => {
+                        check_close_slices(&what, f, &want[i], TOL).unwrap();
+                        check_close_slices(&format!("{what} (composed)"), c, &want[i], LOOSE)
+                            .unwrap();
+                    }
+                    (None, None) if frozen => {}
+                    _ => panic!("{what}: a gradient where none is due, or none where one is"),
+                }
+            }
+        }
+        // Without autodiff, Flex's fused forward pass.
+        let device = Default::default();
+        let mut norm = RmsNormConfig::new(d)
+            .with_epsilon(1e-5)
+            .init::<Flex>(&device);
+        norm.gamma = Param::from_tensor(Tensor::from_data(
+            TensorData::new(values(d, 2), [d]),
+            &device,
+        ));
+        let x: Vec<f32> = values(3 * 70 * d, 1)
+            .iter()
+            .map(|v| v * 3.0 + 1.0)
+            .collect();
+        let x = Tensor::<Flex, 3>::from_data(TensorData::new(x, [3, 70, d]), &device);
+        let y = rms_norm_fused(&norm, &x).expect("Flex takes the fused kernel");
+        let y = y.into_data().to_vec::<f32>().unwrap();
+        check_close_slices(&format!("RMS d {d}: Flex y"), &y, &want[0], TOL).unwrap();
     }
 }

@@ -1,5 +1,5 @@
-//! Layer norm under autodiff on Flex by one kernel each way
-//! (`burn_flex::ops::fused_layer_norm`).
+//! Layer norm under autodiff on Flex, and RMS norm on Flex with or without
+//! autodiff, by one kernel each way (`burn_flex::ops::fused_layer_norm`).
 
 use std::any::TypeId;
 
@@ -96,4 +96,75 @@ fn tracked_layer_norm(
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
     })
+}
+
+/// `x / √(mean(x²) + eps) · gamma` over the last dim (Burn's `RmsNorm`)
+/// by the fused kernel when `B` is Flex or `Autodiff<Flex>` and the
+/// operands are f32; `None` otherwise.
+pub(crate) fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    gamma: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    let backend = TypeId::of::<B>();
+    if backend == TypeId::of::<Flex>() {
+        let x = same::<_, Tensor<Flex, D>>(x.clone())
+            .into_primitive()
+            .tensor();
+        let gamma = same::<_, Tensor<Flex, 1>>(gamma.clone())
+            .into_primitive()
+            .tensor();
+        let (out, _) = fused_layer_norm::forward_rms(&x, &gamma, eps as f32)?;
+        return Some(same(Tensor::<Flex, D>::from_primitive(
+            TensorPrimitive::Float(out),
+        )));
+    }
+    if backend != TypeId::of::<FlexAutodiff>() {
+        return None;
+    }
+    let x = same::<_, Tensor<FlexAutodiff, D>>(x.clone())
+        .into_primitive()
+        .tensor();
+    let gamma = same::<_, Tensor<FlexAutodiff, 1>>(gamma.clone())
+        .into_primitive()
+        .tensor();
+    let (out, stats) = fused_layer_norm::forward_rms(&x.primitive, &gamma.primitive, eps as f32)?;
+    let prep = FusedRmsNormBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])
+        .compute_bound()
+        .stateful();
+    let out = match prep {
+        OpsKind::Tracked(prep) => prep.finish(
+            Saved {
+                x: x.primitive,
+                gamma: gamma.primitive,
+                stats,
+            },
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Some(same(Tensor::<FlexAutodiff, D>::from_primitive(
+        TensorPrimitive::Float(out),
+    )))
+}
+
+#[derive(Debug)]
+struct FusedRmsNormBackward;
+
+impl Backward<Flex, 2> for FusedRmsNormBackward {
+    type State = Saved;
+
+    fn backward(self, ops: Ops<Saved, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let (dx, dgamma) = fused_layer_norm::backward_rms(&s.x, &s.gamma, &s.stats, &grad)
+            .expect("the forward pass accepted these operands");
+        for (node, g) in [(node_x, dx), (node_gamma, dgamma)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
+    }
 }

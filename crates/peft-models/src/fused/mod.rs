@@ -1,6 +1,7 @@
 //! Fused CPU kernels where the backend is Flex, with or without autodiff
-//! (`burn_flex::ops::fused_attention` and `fused_layer_norm`, peft-rs
-//! patches in `vendor/burn-flex`): attention and layer norm, each one pass
+//! (`burn_flex::ops::fused_attention`, `fused_layer_norm` and
+//! `fused_swiglu`, peft-rs patches in `vendor/burn-flex`): attention, layer
+//! norm and Llama's gated activation, each one pass
 //! forward and one backward where Burn composes them from tensor ops.
 //! Every other backend keeps the composed ops.
 //!
@@ -17,6 +18,7 @@ use burn::backend::{Autodiff, Flex};
 
 pub(crate) mod attention;
 pub(crate) mod layer_norm;
+pub(crate) mod swiglu;
 
 /// Flex under autodiff (Burn's default checkpointing: none).
 pub(crate) type FlexAutodiff = Autodiff<Flex>;

@@ -1,6 +1,7 @@
-//! Layer normalisation for f32 with its gradient: the forward pass keeps
-//! each row's mean and inverse standard deviation, and the backward pass
-//! gives the input's, the scale's and the bias's gradients in one sweep.
+//! Layer normalisation and RMS normalisation for f32 with their gradients:
+//! the forward pass keeps each row's mean (0 for RMS) and inverse standard
+//! deviation (inverse root mean square), and the backward pass gives the
+//! input's, the scale's and the bias's gradients in one sweep.
 //! peft-rs patch (see `vendor/README.md` in the peft-rs workspace), called
 //! by `peft-models` for `Autodiff<Flex>`; Burn's autodiff otherwise
 //! differentiates layer norm as nine tensor ops (mean, subtract, square,
@@ -19,11 +20,11 @@ use crate::{FlexTensor, Layout};
 const ROWS: usize = 64;
 
 #[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> [f32; 2] {
+fn row_stats(x: &[f32], eps: f32, centred: bool) -> [f32; 2] {
     // Two passes (mean, then the centred second moment) as the composed
-    // ops compute it.
+    // ops compute it; RMS norm (not `centred`) takes the mean as 0.
     let n = x.len() as f32;
-    let mean = lane_sum(x, |v| v) / n;
+    let mean = if centred { lane_sum(x, |v| v) / n } else { 0.0 };
     let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     [mean, 1.0 / (var + eps).sqrt()]
 }
@@ -36,10 +37,11 @@ fn forward_rows(
     gamma: &[f32],
     beta: Option<&[f32]>,
     eps: f32,
+    centred: bool,
 ) {
     let d = gamma.len();
     for ((xr, yr), st) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(stats) {
-        let [mean, rstd] = row_stats(xr, eps);
+        let [mean, rstd] = row_stats(xr, eps, centred);
         *st = [mean, rstd];
         match beta {
             Some(beta) => {
@@ -58,6 +60,7 @@ fn forward_rows(
 
 /// `dx` for rows of `x`, adding `dy ⊙ x̂` and `dy` to `dgamma` / `dbeta`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn backward_rows(
     x: &[f32],
     dy: &[f32],
@@ -66,6 +69,7 @@ fn backward_rows(
     gamma: &[f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    centred: bool,
 ) {
     let d = gamma.len();
     let n = d as f32;
@@ -74,7 +78,8 @@ fn backward_rows(
         .zip(dy.chunks_exact(d))
         .zip(dx.chunks_exact_mut(d));
     for (((xr, gr), dxr), &[mean, rstd]) in rows.zip(stats) {
-        // dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ
+        // dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = dy ⊙ γ; RMS
+        // norm has no mean(g) term (its mean is not subtracted).
         let (mut acc_g, mut acc_gx) = ([0.0f32; 16], [0.0f32; 16]);
         let lanes = xr
             .chunks_exact(16)
@@ -93,7 +98,8 @@ fn backward_rows(
             sum_g += g;
             sum_gx += g * (xr[i] - mean) * rstd;
         }
-        let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+        let mean_g = if centred { sum_g / n } else { 0.0 };
+        let mean_gx = sum_gx / n;
         let out = dxr.iter_mut().zip(xr).zip(gr).zip(gamma);
         for ((((o, &v), &dyv), &gm), (dg, db)) in out.zip(dgamma.iter_mut().zip(dbeta.iter_mut())) {
             let xhat = (v - mean) * rstd;
@@ -115,11 +121,13 @@ macro_rules! kernels {
             gamma: &[f32],
             beta: Option<&[f32]>,
             eps: f32,
+            centred: bool,
         ) {
-            forward_rows(x, y, stats, gamma, beta, eps)
+            forward_rows(x, y, stats, gamma, beta, eps, centred)
         }
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $bwd(
             x: &[f32],
             dy: &[f32],
@@ -128,8 +136,9 @@ macro_rules! kernels {
             gamma: &[f32],
             dgamma: &mut [f32],
             dbeta: &mut [f32],
+            centred: bool,
         ) {
-            backward_rows(x, dy, dx, stats, gamma, dgamma, dbeta)
+            backward_rows(x, dy, dx, stats, gamma, dgamma, dbeta, centred)
         }
     };
 }
@@ -184,6 +193,28 @@ pub fn forward(
     beta: Option<&FlexTensor>,
     eps: f32,
 ) -> Option<(FlexTensor, FlexTensor)> {
+    normalise(x, gamma, beta, eps, true)
+}
+
+/// `x / √(mean(x²) + eps) · gamma` over `x`'s last dim (RMS norm), and each
+/// row's `[0, 1/√(mean(x²) + eps)]` (`[rows, 2]`) for [`backward_rms`].
+/// `None` unless both operands are f32 and `gamma` is a vector of `x`'s
+/// last dim.
+pub fn forward_rms(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    eps: f32,
+) -> Option<(FlexTensor, FlexTensor)> {
+    normalise(x, gamma, None, eps, false)
+}
+
+fn normalise(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: Option<&FlexTensor>,
+    eps: f32,
+    centred: bool,
+) -> Option<(FlexTensor, FlexTensor)> {
     let gamma = vector(gamma)?;
     let d = gamma.layout().num_elements();
     let beta = match beta {
@@ -205,10 +236,10 @@ pub fn forward(
     let run = |x: &[f32], y: &mut [f32], st: &mut [[f32; 2]]| match isa {
         // SAFETY (both): the features were detected on this CPU.
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
-        Isa::Avx512 => unsafe { forward_avx512(x, y, st, g, b, eps) },
+        Isa::Avx512 => unsafe { forward_avx512(x, y, st, g, b, eps, centred) },
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
-        Isa::Avx2 => unsafe { forward_avx2(x, y, st, g, b, eps) },
-        _ => forward_rows(x, y, st, g, b, eps),
+        Isa::Avx2 => unsafe { forward_avx2(x, y, st, g, b, eps, centred) },
+        _ => forward_rows(x, y, st, g, b, eps, centred),
     };
     #[cfg(feature = "rayon")]
     {
@@ -242,6 +273,28 @@ pub fn backward(
     stats: &FlexTensor,
     grad: &FlexTensor,
 ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    gradients(x, gamma, stats, grad, true)
+}
+
+/// Gradients of [`forward_rms`] with respect to `x` and `gamma`, given the
+/// upstream gradient `grad` and forward's `stats`. `None` under the same
+/// conditions as [`forward_rms`].
+pub fn backward_rms(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    stats: &FlexTensor,
+    grad: &FlexTensor,
+) -> Option<(FlexTensor, FlexTensor)> {
+    gradients(x, gamma, stats, grad, false).map(|(dx, dgamma, _)| (dx, dgamma))
+}
+
+fn gradients(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    stats: &FlexTensor,
+    grad: &FlexTensor,
+    centred: bool,
+) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
     let gamma = vector(gamma)?;
     let d = gamma.layout().num_elements();
     let x = rows_of(x, d)?;
@@ -263,10 +316,10 @@ pub fn backward(
         match isa {
             // SAFETY (both): the features were detected on this CPU.
             #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
-            Isa::Avx512 => unsafe { backward_avx512(x, dy, dx, st, g, &mut dg, &mut db) },
+            Isa::Avx512 => unsafe { backward_avx512(x, dy, dx, st, g, &mut dg, &mut db, centred) },
             #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
-            Isa::Avx2 => unsafe { backward_avx2(x, dy, dx, st, g, &mut dg, &mut db) },
-            _ => backward_rows(x, dy, dx, st, g, &mut dg, &mut db),
+            Isa::Avx2 => unsafe { backward_avx2(x, dy, dx, st, g, &mut dg, &mut db, centred) },
+            _ => backward_rows(x, dy, dx, st, g, &mut dg, &mut db, centred),
         }
         (dg, db)
     };

@@ -107,6 +107,7 @@ pub mod flip;
 mod float;
 pub mod fused_attention;
 pub mod fused_layer_norm;
+pub mod fused_swiglu;
 pub mod gather_scatter;
 pub mod gelu_fast;
 pub mod grid_sample;
