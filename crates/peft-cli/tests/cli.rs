@@ -607,13 +607,27 @@ fn last_adapter(
     peft_core::io::read_safetensors(&dir.join(run).join("last/adapter_model.safetensors")).unwrap()
 }
 
-/// Asserts that two runs saved the same adapter tensors, within 1e-5.
+/// Asserts that two runs saved the same adapter tensors: each difference's
+/// L2 norm within 1e-3 of the tensor's. Not entry by entry: Adam's first
+/// steps move every entry by about the learning rate whatever the size of
+/// its gradient, so f32 rounding in a gradient near 0 moves single entries
+/// far more than the rest (measured: one entry of a dense vs kept-quantized
+/// run 8e-4 of the tensor's largest value off, the norms 4e-5 apart).
 fn assert_same_adapter(dir: &Path, a: &str, b: &str) {
     let (x, y) = (last_adapter(dir, a), last_adapter(dir, b));
     assert_eq!(x.len(), y.len(), "{a} vs {b}: tensors");
-    for (k, t) in &x {
-        let d = peft_core::compare::max_abs_diff(&t.data, &y[k].data);
-        assert!(d < 1e-5, "{a} vs {b}: {k} differs by {d:e}");
+    let l2 = |v: &mut dyn Iterator<Item = f32>| v.map(|e| (e as f64).powi(2)).sum::<f64>().sqrt();
+    for (k, want) in &x {
+        let got = &y[k];
+        assert_eq!(got.shape, want.shape, "{a} vs {b}: {k}");
+        let all = || got.data.iter().chain(&want.data);
+        assert!(all().all(|v| v.is_finite()), "{a} vs {b}: {k} not finite");
+        let diff = l2(&mut want.data.iter().zip(&got.data).map(|(p, q)| p - q));
+        let scale = l2(&mut want.data.iter().copied());
+        assert!(
+            diff <= 1e-3 * scale,
+            "{a} vs {b}: {k} differs by ‖·‖₂ {diff:e} (the tensor's {scale:e})"
+        );
     }
 }
 
