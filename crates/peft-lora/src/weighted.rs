@@ -11,7 +11,9 @@
 //!
 //! The new adapter has `lora_alpha = r`, so its scaling is 1 (or `√r` with
 //! rsLoRA, as PEFT's config copy implies). `dare_*` draw their masks from a
-//! seeded generator: reproducible here, but not the same draws as PyTorch's.
+//! seeded generator: reproducible here, but not the same draws as PyTorch's;
+//! [`WeightedOptions::dare_masks`] takes masks drawn elsewhere (recorded
+//! from PEFT, say) instead, and then the result is PEFT's.
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -111,6 +113,14 @@ pub struct WeightedOptions {
     pub majority_sign: MajoritySign,
     /// Seed of DARE's random masks.
     pub seed: u64,
+    /// DARE's keep masks (1 keep, 0 drop) given instead of drawn from
+    /// `seed`, in the order PEFT draws them: target modules in model order;
+    /// in each, every source adapter's `A` factor then every one's `B`
+    /// factor (`dare_*_svd`: every adapter's full update `ΔW`). Each mask
+    /// has the shape of the tensor it prunes in Burn's layout (`A [in, r]`,
+    /// `B [r, out]`, `ΔW [in, out]`). Too few or too many masks, a shape
+    /// that differs or a value other than 0 and 1 is a `Config` error.
+    pub dare_masks: Option<Vec<HostTensor>>,
 }
 
 impl Default for WeightedOptions {
@@ -120,6 +130,7 @@ impl Default for WeightedOptions {
             svd_rank: None,
             majority_sign: MajoritySign::Total,
             seed: 0,
+            dare_masks: None,
         }
     }
 }
@@ -139,20 +150,56 @@ fn magnitude_prune(t: &[f32], density: f64) -> Vec<f32> {
     out
 }
 
-/// PEFT's `random_pruning` with rescaling.
-fn random_prune(t: &[f32], density: f64, rng: &mut SplitMix64) -> Vec<f32> {
-    if density >= 1.0 {
-        return t.to_vec();
+/// Where DARE's keep masks come from.
+enum Masks<'a> {
+    /// Drawn here: keep with probability `density`.
+    Drawn(SplitMix64),
+    /// Given ([`WeightedOptions::dare_masks`]), consumed in order.
+    Given(std::slice::Iter<'a, HostTensor>),
+}
+
+impl Masks<'_> {
+    /// Whether each of `n` entries of a tensor of `shape` is kept.
+    fn next(&mut self, shape: &[usize], density: f64) -> Result<Vec<bool>> {
+        let n = shape.iter().product::<usize>();
+        match self {
+            Masks::Drawn(rng) => Ok((0..n).map(|_| rng.next_f64() < density).collect()),
+            Masks::Given(masks) => {
+                let refuse = |why: String| Err(PeftError::Config(format!("dare_masks: {why}")));
+                let Some(m) = masks.next() else {
+                    return refuse("fewer masks than the combination prunes tensors".into());
+                };
+                if m.shape != shape {
+                    return refuse(format!(
+                        "a mask of shape {:?} for a tensor of shape {shape:?}",
+                        m.shape
+                    ));
+                }
+                if let Some(v) = m.data.iter().find(|&&v| v != 0.0 && v != 1.0) {
+                    return refuse(format!("a mask holds {v}; masks hold only 0 and 1"));
+                }
+                Ok(m.data.iter().map(|&v| v == 1.0).collect())
+            }
+        }
     }
-    t.iter()
-        .map(|&v| {
-            if rng.next_f64() < density {
+}
+
+/// PEFT's `random_pruning` with rescaling, on a tensor of `shape`.
+fn random_prune(t: &[f32], shape: &[usize], density: f64, masks: &mut Masks) -> Result<Vec<f32>> {
+    if density >= 1.0 {
+        return Ok(t.to_vec());
+    }
+    let keep = masks.next(shape, density)?;
+    Ok(t.iter()
+        .zip(keep)
+        .map(|(&v, keep)| {
+            if keep {
                 (v as f64 / density) as f32
             } else {
                 0.0
             }
         })
-        .collect()
+        .collect())
 }
 
 fn weighted_sum(ts: &[Vec<f32>], w: &[f64]) -> Vec<f32> {
@@ -195,17 +242,23 @@ fn disjoint_merge(ts: &[Vec<f32>], w: &[f64], method: MajoritySign) -> Vec<f32> 
         .collect()
 }
 
-/// One of PEFT's merge functions on task tensors of equal length.
+/// One of PEFT's merge functions on task tensors of one `shape`.
 fn combine(
     kind: Combination,
     ts: &[Vec<f32>],
+    shape: &[usize],
     w: &[f64],
     opts: &WeightedOptions,
-    rng: &mut SplitMix64,
-) -> Vec<f32> {
+    masks: &mut Masks,
+) -> Result<Vec<f32>> {
     use Combination::*;
     let density = opts.density.unwrap_or(1.0);
-    match kind {
+    let dare = |masks: &mut Masks| -> Result<Vec<Vec<f32>>> {
+        ts.iter()
+            .map(|t| random_prune(t, shape, density, masks))
+            .collect()
+    };
+    Ok(match kind {
         Linear | Svd | Cat => weighted_sum(ts, w),
         MagnitudePrune | MagnitudePruneSvd => {
             let p: Vec<_> = ts.iter().map(|t| magnitude_prune(t, density)).collect();
@@ -215,15 +268,9 @@ fn combine(
             let p: Vec<_> = ts.iter().map(|t| magnitude_prune(t, density)).collect();
             disjoint_merge(&p, w, opts.majority_sign)
         }
-        DareLinear | DareLinearSvd => {
-            let p: Vec<_> = ts.iter().map(|t| random_prune(t, density, rng)).collect();
-            weighted_sum(&p, w)
-        }
-        DareTies | DareTiesSvd => {
-            let p: Vec<_> = ts.iter().map(|t| random_prune(t, density, rng)).collect();
-            disjoint_merge(&p, w, opts.majority_sign)
-        }
-    }
+        DareLinear | DareLinearSvd => weighted_sum(&dare(masks)?, w),
+        DareTies | DareTiesSvd => disjoint_merge(&dare(masks)?, w, opts.majority_sign),
+    })
 }
 
 /// `(A [in, r], B [r, out])` of rank ≤ `rank` whose product best approximates
@@ -342,8 +389,8 @@ fn combine_module(
     sources: &[Source],
     new_rank: usize,
     opts: &WeightedOptions,
-    rng: &mut SplitMix64,
-) -> (HostTensor, HostTensor) {
+    masks: &mut Masks,
+) -> Result<(HostTensor, HostTensor)> {
     if kind == Combination::Cat {
         let a: Vec<HostTensor> = sources
             .iter()
@@ -358,7 +405,7 @@ fn combine_module(
             })
             .collect();
         let b: Vec<HostTensor> = sources.iter().map(|s| s.b.clone()).collect();
-        return (pad(cat(&a, 1), 1, new_rank), pad(cat(&b, 0), 0, new_rank));
+        return Ok((pad(cat(&a, 1), 1, new_rank), pad(cat(&b, 0), 0, new_rank)));
     }
     if kind.is_svd() {
         let deltas: Vec<HostTensor> = sources
@@ -367,11 +414,12 @@ fn combine_module(
             .collect();
         let w: Vec<f64> = sources.iter().map(|s| s.weight).collect();
         let data: Vec<Vec<f32>> = deltas.iter().map(|d| d.data.clone()).collect();
+        let shape = deltas[0].shape.clone();
         let combined = HostTensor {
-            shape: deltas[0].shape.clone(),
-            data: combine(kind, &data, &w, opts, rng),
+            data: combine(kind, &data, &shape, &w, opts, masks)?,
+            shape,
         };
-        return truncated_svd(&combined, new_rank);
+        return Ok(truncated_svd(&combined, new_rank));
     }
     let ws: Vec<f64> = sources.iter().map(|s| s.weight * s.scaling).collect();
     let wa: Vec<f64> = ws
@@ -381,16 +429,17 @@ fn combine_module(
     let wb: Vec<f64> = ws.iter().map(|w| w.abs().sqrt()).collect();
     let a: Vec<Vec<f32>> = sources.iter().map(|s| s.a.data.clone()).collect();
     let b: Vec<Vec<f32>> = sources.iter().map(|s| s.b.data.clone()).collect();
-    (
+    let (a_shape, b_shape) = (sources[0].a.shape.clone(), sources[0].b.shape.clone());
+    Ok((
         HostTensor {
-            shape: sources[0].a.shape.clone(),
-            data: combine(kind, &a, &wa, opts, rng),
+            data: combine(kind, &a, &a_shape, &wa, opts, masks)?,
+            shape: a_shape,
         },
         HostTensor {
-            shape: sources[0].b.shape.clone(),
-            data: combine(kind, &b, &wb, opts, rng),
+            data: combine(kind, &b, &b_shape, &wb, opts, masks)?,
+            shape: b_shape,
         },
-    )
+    ))
 }
 
 fn set_factors<B: Backend>(
@@ -518,7 +567,10 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         let scaling = config.scaling_for(new_rank, new_rank as f64);
         self.inject(name, config, Some(()))?;
 
-        let mut rng = SplitMix64(opts.seed);
+        let mut masks = match &opts.dare_masks {
+            Some(given) => Masks::Given(given.iter()),
+            None => Masks::Drawn(SplitMix64(opts.seed)),
+        };
         let mut result = Ok(());
         self.model.visit_linears_mut(&mut |_, slot| {
             if result.is_err() || slot.lora_entry(name).is_none() {
@@ -548,9 +600,17 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
                 )));
                 return;
             }
-            let (a, b) = combine_module(combination, &sources, new_rank, opts, &mut rng);
-            result = set_factors(slot, name, a, b, scaling);
+            result = combine_module(combination, &sources, new_rank, opts, &mut masks)
+                .and_then(|(a, b)| set_factors(slot, name, a, b, scaling));
         });
+        if let (Ok(()), Masks::Given(left)) = (&result, &masks) {
+            if !left.as_slice().is_empty() {
+                result = Err(PeftError::Config(format!(
+                    "dare_masks: {} more masks than the combination prunes tensors",
+                    left.as_slice().len()
+                )));
+            }
+        }
         if result.is_err() {
             self.delete_adapter(name)?;
         }
@@ -603,12 +663,33 @@ mod tests {
     #[test]
     fn dare_is_reproducible_and_rescales() {
         let t = vec![1.0f32; 10_000];
-        let p1 = random_prune(&t, 0.3, &mut SplitMix64(7));
-        let p2 = random_prune(&t, 0.3, &mut SplitMix64(7));
+        let shape = [100, 100];
+        let draw = |seed| random_prune(&t, &shape, 0.3, &mut Masks::Drawn(SplitMix64(seed)));
+        let (p1, p2) = (draw(7).unwrap(), draw(7).unwrap());
         assert_eq!(p1, p2);
         let kept = p1.iter().filter(|v| **v != 0.0).count() as f64 / 10_000.0;
         assert!((kept - 0.3).abs() < 0.03, "kept {kept}");
         let mean: f32 = p1.iter().sum::<f32>() / 10_000.0;
         assert!((mean - 1.0).abs() < 0.1, "mean {mean}");
+    }
+
+    #[test]
+    fn given_dare_masks_are_replayed_and_checked() {
+        let t = [2.0f32, -1.0, 4.0, 3.0];
+        let mask = |data: Vec<f32>, shape: Vec<usize>| HostTensor { shape, data };
+        let given = [mask(vec![1.0, 0.0, 0.0, 1.0], vec![2, 2])];
+        let mut masks = Masks::Given(given.iter());
+        let p = random_prune(&t, &[2, 2], 0.5, &mut masks).unwrap();
+        assert_eq!(p, vec![4.0, 0.0, 0.0, 6.0]);
+        let err = random_prune(&t, &[2, 2], 0.5, &mut masks).unwrap_err();
+        assert!(err.to_string().contains("fewer masks"), "{err}");
+        for (bad, why) in [
+            (mask(vec![1.0; 4], vec![4, 1]), "shape"),
+            (mask(vec![1.0, 0.5, 0.0, 1.0], vec![2, 2]), "only 0 and 1"),
+        ] {
+            let given = [bad];
+            let err = random_prune(&t, &[2, 2], 0.5, &mut Masks::Given(given.iter())).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+        }
     }
 }

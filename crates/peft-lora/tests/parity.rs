@@ -11,7 +11,7 @@ use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{backend_tests, PeftModel};
 use peft_lora::{Combination, LoraModel, WeightedOptions};
 use peft_models::bert::Bert;
-use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, FixtureCase};
+use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, FixtureCase, TOL};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 
@@ -105,6 +105,7 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
             );
             lora.delete_adapter(&new).unwrap();
         }
+        check_pruning_combinations(&mut lora, &c, ids.clone(), forward);
         lora.set_adapter(&["default"]).unwrap();
     }
 
@@ -190,6 +191,91 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
         c.meta["all_params"].as_u64().unwrap(),
         "{count}"
     );
+}
+
+/// PEFT's pruning combinations (`scripts/make_weighted_fixtures.py`,
+/// `weighted.safetensors` beside the case): magnitude pruning and TIES with
+/// SVD as they are, DARE with the masks PyTorch drew replayed through
+/// `dare_masks`. Without the masks DARE must differ (different draws), and a
+/// wrong count of masks is refused.
+fn check_pruning_combinations<B: Backend, M: PeftModel<B> + Clone>(
+    lora: &mut LoraModel<B, M>,
+    c: &FixtureCase,
+    ids: Tensor<B, 2, Int>,
+    forward: Forward<B, M>,
+) {
+    let path = c.dir.join("weighted.safetensors");
+    let want = read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("weighted.json")).unwrap())
+            .unwrap();
+    let weights: Vec<f64> = serde_json::from_value(meta["weights"].clone()).unwrap();
+    let combinations: Vec<String> = serde_json::from_value(meta["combinations"].clone()).unwrap();
+    assert_eq!(combinations.len(), 7, "{}", c.dir.display());
+    for name in &combinations {
+        let kind = Combination::parse(name).unwrap();
+        let mut masks: Vec<(&String, &HostTensor)> = want
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("mask.{name}.")))
+            .collect();
+        masks.sort_by_key(|(k, _)| *k);
+        let masks: Vec<HostTensor> = masks.into_iter().map(|(_, m)| m.clone()).collect();
+        assert_eq!(
+            masks.len() as u64,
+            meta["masks"][name].as_u64().unwrap_or(0),
+            "{name}: masks in weighted.safetensors vs weighted.json"
+        );
+        assert_eq!(name.starts_with("dare"), !masks.is_empty(), "{name}");
+        let opts = WeightedOptions {
+            density: meta["density"].as_f64(),
+            dare_masks: (!masks.is_empty()).then(|| masks.clone()),
+            ..Default::default()
+        };
+        let expected = &want[&format!("logits_{name}")];
+        let run = |lora: &mut LoraModel<B, M>, opts: &WeightedOptions| {
+            lora.add_weighted_adapter(&["default", "other"], &weights, "w", kind, opts)?;
+            lora.set_adapter(&["w"]).unwrap();
+            let got = forward(&lora.model, ids.clone());
+            lora.set_adapter(&["default"]).unwrap();
+            lora.delete_adapter("w").unwrap();
+            Ok::<_, peft_core::PeftError>(got)
+        };
+        assert_close(
+            &format!("weighted {name}"),
+            &run(lora, &opts).unwrap(),
+            expected,
+        );
+        if masks.is_empty() {
+            continue;
+        }
+        let drawn = run(
+            lora,
+            &WeightedOptions {
+                dare_masks: None,
+                ..opts.clone()
+            },
+        )
+        .unwrap();
+        // Ten tolerances away: an implementation that ignored the given
+        // masks would fail the comparison above.
+        let d = max_diff(&drawn, expected);
+        assert!(
+            d > 10.0 * TOL,
+            "{name}: masks drawn here came within {d:e} of PEFT's logits, so the check above cannot tell a replay"
+        );
+        for wrong in [
+            &masks[1..],
+            &[masks.clone(), masks[..1].to_vec()].concat()[..],
+        ] {
+            let wrong = WeightedOptions {
+                dare_masks: Some(wrong.to_vec()),
+                ..opts.clone()
+            };
+            let err = run(lora, &wrong).unwrap_err().to_string();
+            assert!(err.contains("dare_masks"), "{name}: {err}");
+            assert!(!lora.adapter_names().contains(&"w".to_string()));
+        }
+    }
 }
 
 fn llama<B: Backend>(dir: &Path, device: &B::Device) -> Llama<B> {
