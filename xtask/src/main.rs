@@ -8,6 +8,12 @@
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
 //!   on PyTorch) alternately with our `minilm` suite on the first backend
 //!   and reports our/their ratios.
+//!
+//! Its tests also guard the workspace's layout: no crate's modules import
+//! each other in a loop (`module_graph`).
+
+#[cfg(test)]
+mod module_graph;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

@@ -19,47 +19,10 @@ use peft_core::model::{residual_join, InsertionPoint, JoinNorm, ResidualHook};
 use peft_core::rng::SplitMix64;
 use peft_core::{PeftError, Result};
 
+pub use crate::config::Activation;
 use crate::config::{BnConfig, FusionConfig, ResidualBeforeLn, Scaling};
 
-/// The non-linearity of a bottleneck (AdapterHub's `get_activation` names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `relu`.
-    Relu,
-    /// `swish` / `silu`.
-    Silu,
-    /// `gelu` (exact, erf).
-    Gelu,
-    /// `gelu_new` (tanh approximation).
-    GeluNew,
-    /// `tanh`.
-    Tanh,
-    /// `sigmoid`.
-    Sigmoid,
-    /// `leakyrelu` (slope 0.01).
-    LeakyRelu,
-}
-
 impl Activation {
-    /// Parses AdapterHub's `non_linearity` (case-insensitive).
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name.to_lowercase().as_str() {
-            "relu" => Self::Relu,
-            "swish" | "silu" => Self::Silu,
-            "gelu" => Self::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluNew,
-            "tanh" => Self::Tanh,
-            "sigmoid" => Self::Sigmoid,
-            "leakyrelu" => Self::LeakyRelu,
-            other => {
-                return Err(PeftError::Config(format!(
-                    "non_linearity `{other}` is not supported \
-                     (relu, swish, silu, gelu, gelu_new, tanh, sigmoid, leakyrelu)"
-                )))
-            }
-        })
-    }
-
     fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Relu => relu(x),

@@ -197,7 +197,7 @@ impl BnConfig {
                 "bottleneck option `{what}` is not supported"
             )));
         }
-        crate::bottleneck::Activation::parse(&self.non_linearity)?;
+        Activation::parse(&self.non_linearity)?;
         if !matches!(
             self.init_weights.as_str(),
             "bert" | "mam_adapter" | "houlsby"
@@ -357,4 +357,43 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(value: Value, path: &Pat
         path: path.to_path_buf(),
         source,
     })
+}
+/// The non-linearity of a bottleneck (AdapterHub's `get_activation` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `relu`.
+    Relu,
+    /// `swish` / `silu`.
+    Silu,
+    /// `gelu` (exact, erf).
+    Gelu,
+    /// `gelu_new` (tanh approximation).
+    GeluNew,
+    /// `tanh`.
+    Tanh,
+    /// `sigmoid`.
+    Sigmoid,
+    /// `leakyrelu` (slope 0.01).
+    LeakyRelu,
+}
+
+impl Activation {
+    /// Parses AdapterHub's `non_linearity` (case-insensitive).
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name.to_lowercase().as_str() {
+            "relu" => Self::Relu,
+            "swish" | "silu" => Self::Silu,
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluNew,
+            "tanh" => Self::Tanh,
+            "sigmoid" => Self::Sigmoid,
+            "leakyrelu" => Self::LeakyRelu,
+            other => {
+                return Err(PeftError::Config(format!(
+                    "non_linearity `{other}` is not supported \
+                     (relu, swish, silu, gelu, gelu_new, tanh, sigmoid, leakyrelu)"
+                )))
+            }
+        })
+    }
 }

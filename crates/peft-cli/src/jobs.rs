@@ -17,6 +17,7 @@ use peft_prompt::PromptTuningModel;
 use serde_json::json;
 
 use crate::data;
+pub use crate::tasks::Quantize;
 use crate::tasks::{
     self, Adapted, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Method,
 };
@@ -29,36 +30,6 @@ pub enum Task {
     SeqCls,
     /// Causal language modelling (Llama, GPT-2): plain text.
     CausalLm,
-}
-
-/// How `peft train --quantize` keeps the frozen base (QLoRA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantize {
-    /// The GGUF file's own blocks (Q4_1, Q8_0, ...): Llama from GGUF only.
-    Gguf,
-    /// NF4 with double quantization, for every adaptable linear layer.
-    Nf4,
-}
-
-impl Quantize {
-    /// The name used on the command line and in `train_config.json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Quantize::Gguf => "gguf",
-            Quantize::Nf4 => "nf4",
-        }
-    }
-
-    /// The inverse of [`name`](Self::name).
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "gguf" => Ok(Quantize::Gguf),
-            "nf4" => Ok(Quantize::Nf4),
-            other => Err(PeftError::Config(format!(
-                "quantize `{other}` is not known (gguf, nf4)"
-            ))),
-        }
-    }
 }
 
 /// Everything `peft train` needs.

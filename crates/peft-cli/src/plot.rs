@@ -1,10 +1,20 @@
 //! The loss curve of a run as a small standalone SVG.
 
-use crate::train::Outcome;
+/// A run's curve: what [`svg`] draws.
+pub struct Curve<'a> {
+    /// Optimizer steps taken (the x axis' end).
+    pub steps: usize,
+    /// Mean training loss per logged interval: `(step, loss)`.
+    pub losses: &'a [(usize, f64)],
+    /// Evaluations: `(step, value)`.
+    pub evals: &'a [(usize, f64)],
+    /// The evaluation metric's name.
+    pub metric: &'a str,
+}
 
 /// An SVG with the training loss (blue) and, on its own scale, the
 /// evaluation metric (orange dots) against optimizer steps.
-pub fn svg(out: &Outcome) -> String {
+pub fn svg(out: &Curve) -> String {
     let (w, h, pad) = (640.0, 360.0, 48.0);
     let max_step = out.steps.max(1) as f64;
     let scale = |vals: &[f64]| {
@@ -41,22 +51,22 @@ pub fn svg(out: &Outcome) -> String {
             pad - 8.0
         );
     }
-    if let Some((_, first)) = out.evals.first() {
-        let vals: Vec<f64> = out.evals.iter().map(|e| e.1.value).collect();
+    if !out.evals.is_empty() {
+        let vals: Vec<f64> = out.evals.iter().map(|e| e.1).collect();
         let (lo, hi, span) = scale(&vals);
         let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / span;
-        for (s, m) in &out.evals {
+        for (s, v) in out.evals {
             svg += &format!(
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#ff7f0e\"/>\n",
                 x(*s),
-                y(m.value)
+                y(*v)
             );
         }
         svg += &format!(
             "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#ff7f0e\">held-out {} {lo:.4} … {hi:.4}</text>\n",
             w - pad,
             pad - 8.0,
-            first.name
+            out.metric
         );
     }
     svg + "</svg>\n"

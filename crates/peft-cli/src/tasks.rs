@@ -26,8 +26,37 @@ use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::Value;
 
-use crate::jobs::Quantize;
 use crate::train::Metric;
+
+/// How `peft train --quantize` keeps the frozen base (QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// The GGUF file's own blocks (Q4_1, Q8_0, ...): Llama from GGUF only.
+    Gguf,
+    /// NF4 with double quantization, for every adaptable linear layer.
+    Nf4,
+}
+
+impl Quantize {
+    /// The name used on the command line and in `train_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Gguf => "gguf",
+            Quantize::Nf4 => "nf4",
+        }
+    }
+
+    /// The inverse of [`name`](Self::name).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gguf" => Ok(Quantize::Gguf),
+            "nf4" => Ok(Quantize::Nf4),
+            other => Err(PeftError::Config(format!(
+                "quantize `{other}` is not known (gguf, nf4)"
+            ))),
+        }
+    }
+}
 
 /// A PEFT method with its config. (Built once per run: its size does not matter.)
 #[allow(clippy::large_enum_variant)]

@@ -1147,12 +1147,17 @@ where
         best,
         stopped_early,
     };
-    std::fs::write(run.path().join("loss.svg"), crate::plot::svg(&out)).map_err(|source| {
-        PeftError::Io {
-            path: run.path().join("loss.svg"),
-            source,
-        }
-    })?;
+    let evals: Vec<(usize, f64)> = out.evals.iter().map(|(s, m)| (*s, m.value)).collect();
+    let curve = crate::plot::Curve {
+        steps: out.steps,
+        losses: &out.losses,
+        evals: &evals,
+        metric: out.evals.first().map_or("", |e| e.1.name),
+    };
+    write_atomic(
+        &run.path().join("loss.svg"),
+        crate::plot::svg(&curve).as_bytes(),
+    )?;
     let last = model.valid();
     Ok((best_model.unwrap_or(last), out))
 }

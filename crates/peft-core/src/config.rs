@@ -541,7 +541,7 @@ impl Ia3Config {
     pub fn is_feedforward(&self, path: &str) -> Result<bool> {
         match &self.feedforward_modules {
             None => Ok(false),
-            Some(TargetModules::Pattern(p)) => crate::target::full_match(p, path),
+            Some(TargetModules::Pattern(p)) => crate::regex_match::full_match(p, path),
             Some(TargetModules::List(l)) => Ok(l.iter().any(|n| path.ends_with(n.as_str()))),
         }
     }

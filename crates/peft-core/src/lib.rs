@@ -39,6 +39,7 @@ pub mod model;
 pub mod named;
 pub mod prompt_learning;
 pub mod quant;
+mod regex_match;
 pub mod rng;
 pub mod routing;
 pub mod slot;

@@ -15,14 +15,7 @@ use regex::Regex;
 
 use crate::config::{LayerIndices, LayersPattern, LoraConfig, TargetModules};
 use crate::error::{PeftError, Result};
-
-pub(crate) fn full_match(pattern: &str, text: &str) -> Result<bool> {
-    let re = Regex::new(&format!("^(?:{pattern})$")).map_err(|e| PeftError::Regex {
-        pattern: pattern.to_string(),
-        message: e.to_string(),
-    })?;
-    Ok(re.is_match(text))
-}
+use crate::regex_match::full_match;
 
 fn list_match(names: &[String], path: &str) -> bool {
     names
