@@ -37,6 +37,7 @@ pub mod loss;
 pub mod memory;
 pub mod model;
 pub mod named;
+mod nf4_dynamic_map;
 pub mod prompt_learning;
 pub mod quant;
 mod regex_match;

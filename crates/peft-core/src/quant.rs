@@ -188,15 +188,17 @@ impl std::fmt::Display for QuantFormat {
     }
 }
 
-/// NF4's second-level scales: `absmax[i] = offset + q[i]·scale[i / 256]`.
+/// NF4's second-level scales, as bitsandbytes' double quantization:
+/// `absmax[i] = DYNAMIC_MAP[code[i]] · scale[i / 256] + offset`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Scales {
     /// The mean of all block absmax values, subtracted before quantizing.
     pub offset: f32,
-    /// One `f32` per group of 256 blocks.
+    /// One `f32` per group of 256 blocks: the largest |absmax − offset|.
     pub group_scale: Vec<f32>,
-    /// One signed 8-bit code per block.
-    pub block_code: Vec<i8>,
+    /// One 8-bit code per block: an index into bitsandbytes' dynamic code
+    /// book (`create_dynamic_map`).
+    pub block_code: Vec<u8>,
 }
 
 /// A frozen weight matrix kept quantized, `[rows = out, cols = in]`.
@@ -209,8 +211,8 @@ pub struct QuantizedMatrix {
     /// Input features (columns of the PyTorch weight).
     pub cols: usize,
     /// GGML: `rows` runs of `cols / block` blocks. NF4: two codes per byte
-    /// over the row-major values (element `2i` in the low nibble), padded
-    /// with zero codes to whole blocks.
+    /// over the row-major values (element `2i` in the high nibble, as
+    /// bitsandbytes packs them), padded with zero codes to whole blocks.
     pub data: Vec<u8>,
     /// NF4 only: the double-quantized block scales.
     pub nf4: Option<Nf4Scales>,
@@ -253,7 +255,10 @@ impl QuantizedMatrix {
     }
 
     /// Quantizes row-major `values: [rows, cols]` to NF4 with double
-    /// quantization of the block absmax values.
+    /// quantization of the block absmax values, exactly as bitsandbytes'
+    /// `quantize_4bit(quant_type="nf4", blocksize=64,
+    /// compress_statistics=True)` does on the CPU (same codes, same scales;
+    /// `tests/nf4_bitsandbytes.rs`).
     pub fn nf4(values: &[f32], rows: usize, cols: usize) -> Result<Self> {
         if values.len() != rows * cols || values.is_empty() {
             return Err(PeftError::Config(format!(
@@ -272,38 +277,28 @@ impl QuantizedMatrix {
             .chunks(NF4_BLOCK)
             .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())))
             .collect();
-        let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / blocks as f64) as f32;
-        let mut group_scale = Vec::with_capacity(blocks.div_ceil(NF4_SCALE_GROUP));
-        let mut block_code = Vec::with_capacity(blocks);
-        for group in absmax.chunks(NF4_SCALE_GROUP) {
-            let span = group.iter().fold(0.0f32, |m, a| m.max((a - offset).abs()));
-            let scale = if span > 0.0 { span / 127.0 } else { 1.0 };
-            group_scale.push(scale);
-            block_code.extend(
-                group
-                    .iter()
-                    .map(|a| ((a - offset) / scale).round().clamp(-127.0, 127.0) as i8),
-            );
-        }
-        let scales = Nf4Scales {
-            offset,
-            group_scale,
-            block_code,
-        };
-        // Midpoints between neighbouring levels: the nearest level is the
-        // number of midpoints below the value.
-        let mids: Vec<f32> = NF4_LEVELS.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let scales = Nf4Scales::quantize(&absmax);
+        // Midpoints between neighbouring levels: the level of `x` is the
+        // number of midpoints below it (`torch.bucketize`).
+        let mids: Vec<f32> = NF4_LEVELS.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
         let mut data = vec![0u8; blocks * NF4_BLOCK / 2];
         for (b, block) in values.chunks(NF4_BLOCK).enumerate() {
-            // Normalise by the absmax the dequantizer will see (after the
-            // second-level rounding), so that the block's largest value
-            // still maps to ±1 as closely as the scales allow.
-            let a = scales.absmax(b);
+            // Each block is normalised by its exact absmax (its stored
+            // scale is quantized afterwards): whole blocks by multiplying
+            // with the reciprocal, a short last block by dividing, as
+            // bitsandbytes does.
+            let a = absmax[b].max(1e-38);
+            let inv = 1.0 / a;
             for (j, &v) in block.iter().enumerate() {
-                let x = if a > 0.0 { v / a } else { 0.0 };
+                let x = if block.len() == NF4_BLOCK {
+                    v * inv
+                } else {
+                    v / a
+                };
+                let x = x.clamp(-1.0, 1.0);
                 let code = mids.iter().take_while(|&&m| x > m).count() as u8;
                 let i = b * NF4_BLOCK + j;
-                data[i / 2] |= if i.is_multiple_of(2) { code } else { code << 4 };
+                data[i / 2] |= if i.is_multiple_of(2) { code << 4 } else { code };
             }
             // Padding past the end keeps code 0 (−1) but is never read.
         }
@@ -365,7 +360,7 @@ impl QuantizedMatrix {
                         block = i / NF4_BLOCK;
                         a = s.absmax(block);
                     }
-                    let code = (self.data[i / 2] >> (4 * (i % 2))) & 0x0F;
+                    let code = (self.data[i / 2] >> (4 * (1 - i % 2))) & 0x0F;
                     *o = NF4_LEVELS[code as usize] * a;
                 }
             }
@@ -434,10 +429,49 @@ impl QuantizedMatrix {
 }
 
 impl Nf4Scales {
+    /// bitsandbytes' `quantize_blockwise(absmax − mean, blocksize=256)`
+    /// with its dynamic code book: per group of 256 blocks, each
+    /// `(a − offset) / max|a − offset|` to the nearest code (the lower one
+    /// on a tie).
+    fn quantize(absmax: &[f32]) -> Self {
+        let map = dynamic_map();
+        let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
+        let offset = (sum / absmax.len() as f64) as f32;
+        let mut group_scale = Vec::with_capacity(absmax.len().div_ceil(NF4_SCALE_GROUP));
+        let mut block_code = Vec::with_capacity(absmax.len());
+        for group in absmax.chunks(NF4_SCALE_GROUP) {
+            let centred: Vec<f32> = group.iter().map(|a| a - offset).collect();
+            let scale = centred.iter().fold(0.0f32, |m, c| m.max(c.abs()));
+            group_scale.push(scale);
+            block_code.extend(centred.iter().map(|&c| {
+                let x = if scale > 0.0 { c / scale } else { 0.0 };
+                let left = map.partition_point(|&m| m <= x).saturating_sub(1);
+                let right = (left + 1).min(255);
+                if (x - map[right]).abs() < (x - map[left]).abs() {
+                    right as u8
+                } else {
+                    left as u8
+                }
+            }));
+        }
+        Nf4Scales {
+            offset,
+            group_scale,
+            block_code,
+        }
+    }
+
     /// The dequantized absmax of block `b`.
     fn absmax(&self, b: usize) -> f32 {
-        self.offset + self.block_code[b] as f32 * self.group_scale[b / NF4_SCALE_GROUP]
+        dynamic_map()[self.block_code[b] as usize] * self.group_scale[b / NF4_SCALE_GROUP]
+            + self.offset
     }
+}
+
+/// bitsandbytes' 8-bit dynamic code book, ascending.
+pub fn dynamic_map() -> &'static [f32; 256] {
+    static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| crate::nf4_dynamic_map::DYNAMIC_MAP_BITS.map(f32::from_bits))
 }
 
 #[cfg(test)]
