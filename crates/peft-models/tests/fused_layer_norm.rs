@@ -52,16 +52,29 @@ fn run<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Option<V
         );
         norm.forward(x.clone())
     };
-    let w = Tensor::<B, 3>::from_data(TensorData::new(values(rows * d, 4), [3, 70, d]), &device);
+    let beta = norm.beta.as_ref().unwrap().val();
+    outputs(y, &x, &[norm.gamma.val(), beta])
+}
+
+/// `y` and the gradients of `Σ w ⊙ y` (`w` fixed values) for `x` and
+/// `params` (`None` where one is frozen), as host vectors.
+fn outputs<B: AutodiffBackend>(
+    y: Tensor<B, 3>,
+    x: &Tensor<B, 3>,
+    params: &[Tensor<B, 1>],
+) -> Vec<Option<Vec<f32>>> {
+    let dims = y.dims();
+    let n = dims.iter().product();
+    let w = Tensor::<B, 3>::from_data(TensorData::new(values(n, 4), dims), &y.device());
     let grads = (y.clone() * w).sum().backward();
     let host =
         |t: Option<Tensor<B::InnerBackend, 1>>| t.map(|t| t.into_data().to_vec::<f32>().unwrap());
-    vec![
+    let mut out = vec![
         Some(y.into_data().to_vec::<f32>().unwrap()),
         host(x.grad(&grads).map(|g| g.flatten(0, 2))),
-        host(norm.gamma.val().grad(&grads)),
-        host(norm.beta.as_ref().unwrap().val().grad(&grads)),
-    ]
+    ];
+    out.extend(params.iter().map(|p| host(p.grad(&grads))));
+    out
 }
 
 /// The same in f64 from the formulas: `y`, `dx`, `dgamma`, `dbeta`.
@@ -141,15 +154,7 @@ fn run_rms<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Opti
         assert!(rms_norm_fused(&norm, &x).is_none(), "only Flex is fused");
         rms_norm(&norm, x.clone())
     };
-    let w = Tensor::<B, 3>::from_data(TensorData::new(values(rows * d, 4), [3, 70, d]), &device);
-    let grads = (y.clone() * w).sum().backward();
-    let host =
-        |t: Option<Tensor<B::InnerBackend, 1>>| t.map(|t| t.into_data().to_vec::<f32>().unwrap());
-    vec![
-        Some(y.into_data().to_vec::<f32>().unwrap()),
-        host(x.grad(&grads).map(|g| g.flatten(0, 2))),
-        host(norm.gamma.val().grad(&grads)),
-    ]
+    outputs(y, &x, &[norm.gamma.val()])
 }
 
 /// `y`, `dx`, `dgamma` of [`run_rms`] in f64 from the formulas.
