@@ -117,20 +117,35 @@ fn the_fused_layer_norm_has_the_exact_outputs_and_gradients() {
             let fused = run::<Autodiff<Flex>>(d, trained, true);
             let composed = run::<Autodiff<NdArray>>(d, trained, false);
             let names = ["y", "dx", "dgamma", "dbeta"];
-            for (i, what) in names.iter().enumerate() {
-                let what = format!("d {d}, trained {trained}: {what}");
-                let frozen = !trained && i >= 2;
-                match (&fused[i], &composed[i]) {
-                    (Some(f), Some(c)) if !frozen => {
-                        check_close_slices(&what, f, &want[i], TOL).unwrap();
-                        // The reference itself, against Burn's composed ops.
-                        check_close_slices(&format!("{what} (composed)"), c, &want[i], LOOSE)
-                            .unwrap();
-                    }
-                    (None, None) if frozen => {}
-                    _ => panic!("{what}: a gradient where none is due, or none where one is"),
-                }
+            let label = format!("d {d}, trained {trained}");
+            check_all(&label, &names, &fused, &composed, &want, |i| {
+                trained || i < 2
+            });
+        }
+    }
+}
+
+/// Each of `names` (outputs of [`outputs`]): the fused result within
+/// [`TOL`] of the f64 reference and Burn's composed one within [`LOOSE`]
+/// where `due(i)`; both `None` (a frozen parameter) where not.
+fn check_all(
+    label: &str,
+    names: &[&str],
+    fused: &[Option<Vec<f32>>],
+    composed: &[Option<Vec<f32>>],
+    want: &[Vec<f32>],
+    due: impl Fn(usize) -> bool,
+) {
+    for (i, name) in names.iter().enumerate() {
+        let what = format!("{label}: {name}");
+        match (&fused[i], &composed[i]) {
+            (Some(f), Some(c)) if due(i) => {
+                check_close_slices(&what, f, &want[i], TOL).unwrap();
+                // The reference itself, against Burn's composed ops.
+                check_close_slices(&format!("{what} (composed)"), c, &want[i], LOOSE).unwrap();
             }
+            (None, None) if !due(i) => {}
+            _ => panic!("{what}: a gradient where none is due, or none where one is"),
         }
     }
 }
@@ -191,19 +206,11 @@ fn the_fused_rms_norm_has_the_exact_outputs_and_gradients() {
         for trained in [true, false] {
             let fused = run_rms::<Autodiff<Flex>>(d, trained, true);
             let composed = run_rms::<Autodiff<NdArray>>(d, trained, false);
-            for (i, what) in ["y", "dx", "dgamma"].iter().enumerate() {
-                let what = format!("RMS d {d}, trained {trained}: {what}");
-                let frozen = !trained && i == 2;
-                match (&fused[i], &composed[i]) {
-                    (Some(f), Some(c)) if !frozen => {
-                        check_close_slices(&what, f, &want[i], TOL).unwrap();
-                        check_close_slices(&format!("{what} (composed)"), c, &want[i], LOOSE)
-                            .unwrap();
-                    }
-                    (None, None) if frozen => {}
-                    _ => panic!("{what}: a gradient where none is due, or none where one is"),
-                }
-            }
+            let label = format!("RMS d {d}, trained {trained}");
+            let names = ["y", "dx", "dgamma"];
+            check_all(&label, &names, &fused, &composed, &want, |i| {
+                trained || i < 2
+            });
         }
         // Without autodiff, Flex's fused forward pass.
         let device = Default::default();
