@@ -9,11 +9,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 use burn_flex::ops::fused_attention;
 use burn_flex::FlexTensor;
 
-use super::{same, FlexAutodiff, FlexAutodiffTensor};
+use super::{primitive, wrap, FlexAutodiff, FlexAutodiffTensor};
 
 /// Whether `B` has the fused kernel (Flex, with or without autodiff).
 pub(crate) fn available<B: Backend>() -> bool {
@@ -36,25 +36,15 @@ pub(crate) fn attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     let backend = TypeId::of::<B>();
     if backend == TypeId::of::<Flex>() {
-        let raw = |t: &Tensor<B, 4>| {
-            same::<_, Tensor<Flex, 4>>(t.clone())
-                .into_primitive()
-                .tensor()
-        };
+        let raw = primitive::<Flex, B, 4>;
         let bias = bias.map(raw);
         let (out, _) = fused_attention::forward(&raw(q), &raw(k), &raw(v), bias.as_ref(), scale)?;
-        let out = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(out));
-        return Some(same(out));
+        return Some(wrap::<Flex, B, 4>(out));
     }
     if backend == TypeId::of::<FlexAutodiff>() {
-        let raw = |t: &Tensor<B, 4>| {
-            same::<_, Tensor<FlexAutodiff, 4>>(t.clone())
-                .into_primitive()
-                .tensor()
-        };
+        let raw = primitive::<FlexAutodiff, B, 4>;
         let out = tracked_attention(raw(q), raw(k), raw(v), bias.map(raw), scale)?;
-        let out = Tensor::<FlexAutodiff, 4>::from_primitive(TensorPrimitive::Float(out));
-        return Some(same(out));
+        return Some(wrap::<FlexAutodiff, B, 4>(out));
     }
     None
 }

@@ -9,11 +9,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 use burn_flex::ops::fused_layer_norm;
 use burn_flex::FlexTensor;
 
-use super::{same, FlexAutodiff, FlexAutodiffTensor};
+use super::{primitive, wrap, FlexAutodiff, FlexAutodiffTensor};
 
 /// `(x − mean) / √(var + eps) · gamma + beta` over the last dim by the fused
 /// kernel when `B` is `Autodiff<Flex>`, the operands are f32 and there is a
@@ -27,18 +27,10 @@ pub(crate) fn layer_norm<B: Backend, const D: usize>(
     if TypeId::of::<B>() != TypeId::of::<FlexAutodiff>() {
         return None;
     }
-    let x = same::<_, Tensor<FlexAutodiff, D>>(x.clone())
-        .into_primitive()
-        .tensor();
-    let raw = |t: &Tensor<B, 1>| {
-        same::<_, Tensor<FlexAutodiff, 1>>(t.clone())
-            .into_primitive()
-            .tensor()
-    };
+    let raw = primitive::<FlexAutodiff, B, 1>;
+    let x = primitive::<FlexAutodiff, B, D>(x);
     let out = tracked_layer_norm(x, raw(gamma), beta.map(raw), eps as f32)?;
-    Some(same(Tensor::<FlexAutodiff, D>::from_primitive(
-        TensorPrimitive::Float(out),
-    )))
+    Some(wrap::<FlexAutodiff, B, D>(out))
 }
 
 /// What the backward pass needs: the input, the scale and each row's mean
@@ -108,26 +100,15 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
 ) -> Option<Tensor<B, D>> {
     let backend = TypeId::of::<B>();
     if backend == TypeId::of::<Flex>() {
-        let x = same::<_, Tensor<Flex, D>>(x.clone())
-            .into_primitive()
-            .tensor();
-        let gamma = same::<_, Tensor<Flex, 1>>(gamma.clone())
-            .into_primitive()
-            .tensor();
+        let (x, gamma) = (primitive::<Flex, B, D>(x), primitive::<Flex, B, 1>(gamma));
         let (out, _) = fused_layer_norm::forward_rms(&x, &gamma, eps as f32)?;
-        return Some(same(Tensor::<Flex, D>::from_primitive(
-            TensorPrimitive::Float(out),
-        )));
+        return Some(wrap::<Flex, B, D>(out));
     }
     if backend != TypeId::of::<FlexAutodiff>() {
         return None;
     }
-    let x = same::<_, Tensor<FlexAutodiff, D>>(x.clone())
-        .into_primitive()
-        .tensor();
-    let gamma = same::<_, Tensor<FlexAutodiff, 1>>(gamma.clone())
-        .into_primitive()
-        .tensor();
+    let x = primitive::<FlexAutodiff, B, D>(x);
+    let gamma = primitive::<FlexAutodiff, B, 1>(gamma);
     let (out, stats) = fused_layer_norm::forward_rms(&x.primitive, &gamma.primitive, eps as f32)?;
     let prep = FusedRmsNormBackward
         .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])
@@ -144,9 +125,7 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
         ),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Some(same(Tensor::<FlexAutodiff, D>::from_primitive(
-        TensorPrimitive::Float(out),
-    )))
+    Some(wrap::<FlexAutodiff, B, D>(out))
 }
 
 #[derive(Debug)]

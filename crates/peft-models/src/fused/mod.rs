@@ -15,6 +15,9 @@
 use std::any::Any;
 
 use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
 
 pub(crate) mod attention;
 pub(crate) mod layer_norm;
@@ -24,11 +27,23 @@ pub(crate) mod swiglu;
 pub(crate) type FlexAutodiff = Autodiff<Flex>;
 
 /// The float tensor of [`FlexAutodiff`]: a Flex tensor and its graph node.
-pub(crate) type FlexAutodiffTensor = burn::tensor::ops::FloatTensor<FlexAutodiff>;
+pub(crate) type FlexAutodiffTensor = FloatTensor<FlexAutodiff>;
 
 /// `x` as the type `U` it is at run time. Callers compare `TypeId`s first.
 pub(crate) fn same<T: 'static, U: 'static>(x: T) -> U {
     *(Box::new(x) as Box<dyn Any>)
         .downcast::<U>()
         .expect("the caller compared the TypeIds")
+}
+
+/// The float primitive of `t`, whose backend `B` is `C` at run time.
+pub(crate) fn primitive<C: Backend, B: Backend, const D: usize>(
+    t: &Tensor<B, D>,
+) -> FloatTensor<C> {
+    same::<_, Tensor<C, D>>(t.clone()).into_primitive().tensor()
+}
+
+/// A float primitive of `C` as a tensor of `B`, which is `C` at run time.
+pub(crate) fn wrap<C: Backend, B: Backend, const D: usize>(out: FloatTensor<C>) -> Tensor<B, D> {
+    same(Tensor::<C, D>::from_primitive(TensorPrimitive::Float(out)))
 }

@@ -9,11 +9,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 use burn_flex::ops::fused_swiglu;
 use burn_flex::FlexTensor;
 
-use super::{same, FlexAutodiff, FlexAutodiffTensor};
+use super::{primitive, wrap, FlexAutodiff, FlexAutodiffTensor};
 
 /// `silu(gate) ⊙ up` by the fused kernel when `B` is Flex or
 /// `Autodiff<Flex>` and both operands are f32 of one shape; `None`
@@ -24,22 +24,14 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(
 ) -> Option<Tensor<B, D>> {
     let backend = TypeId::of::<B>();
     if backend == TypeId::of::<Flex>() {
-        let raw = |t: &Tensor<B, D>| same::<_, Tensor<Flex, D>>(t.clone()).into_primitive();
-        let out = fused_swiglu::forward(&raw(gate).tensor(), &raw(up).tensor())?;
-        return Some(same(Tensor::<Flex, D>::from_primitive(
-            TensorPrimitive::Float(out),
-        )));
+        let raw = primitive::<Flex, B, D>;
+        let out = fused_swiglu::forward(&raw(gate), &raw(up))?;
+        return Some(wrap::<Flex, B, D>(out));
     }
     if backend == TypeId::of::<FlexAutodiff>() {
-        let raw = |t: &Tensor<B, D>| {
-            same::<_, Tensor<FlexAutodiff, D>>(t.clone())
-                .into_primitive()
-                .tensor()
-        };
+        let raw = primitive::<FlexAutodiff, B, D>;
         let out = tracked_swiglu(raw(gate), raw(up))?;
-        return Some(same(Tensor::<FlexAutodiff, D>::from_primitive(
-            TensorPrimitive::Float(out),
-        )));
+        return Some(wrap::<FlexAutodiff, B, D>(out));
     }
     None
 }
