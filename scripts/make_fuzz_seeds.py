@@ -89,7 +89,53 @@ def datasets() -> None:
     put("dataset", "seed-txt", b"\3" + b"Call me Ishmael. Some years ago\n\nnever mind how long precisely.\n")
 
 
+def fusion() -> None:
+    d = FIX / "bert" / "bn_compose" / "fusion"
+    put("fusion", "seed-config", b"\0" + (d / "adapter_fusion_config.json").read_bytes())
+    put("fusion", "seed-weights", b"\1" + (d / "model_adapter_fusion.safetensors").read_bytes())
+
+
+def safetensors_keys(path: Path) -> list:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return sorted(k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__")
+
+
+def shard_indices() -> None:
+    # The shards `shard_index` writes: the fixture's tensors alternately, in
+    # name order (SHARDS in fuzz/src/lib.rs).
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for i, arch in enumerate(["llama", "gpt2", "bert"]):
+        keys = safetensors_keys(FIX / arch / "model.safetensors")
+        index = {"metadata": {"total_size": 0}, "weight_map": {k: shards[j % 2] for j, k in enumerate(keys)}}
+        put("shard_index", f"seed-{arch}", bytes([i]) + json.dumps(index, indent=2).encode())
+
+
+def safetensors_bytes(tensors: dict) -> bytes:
+    header, body = {}, b""
+    for name, (shape, values) in tensors.items():
+        data = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [len(body), len(body) + len(data)]}
+        body += data
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def heads() -> None:
+    # Two labels over the BERT fixture's 16 hidden units (HEAD_INPUTS).
+    weight = [((i * 7) % 5 - 2) / 10 for i in range(2 * 16)]
+    head = safetensors_bytes({"classifier.weight": ([2, 16], weight), "classifier.bias": ([2], [0.1, -0.1])})
+    put("head", "seed-head", b"\0" + head)
+    put("head", "seed-labels", b"\1" + b'["negative", "positive"]')
+
+
 if __name__ == "__main__":
+    # `run_state`'s seeds come from a real halted run:
+    # cargo test -p peft-cli --test fuzz_regressions -- --ignored write_run_state_seeds
+    fusion()
+    shard_indices()
+    heads()
     adapters()
     models()
     gguf_seeds()

@@ -13,10 +13,12 @@
 //! crates that `peft-cli`'s tests also have.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor};
-use peft_adapter::{AdapterModel, Ia3Model};
+use peft_adapter::model::{FUSION_CONFIG_FILE, FUSION_WEIGHTS_FILE};
+use peft_adapter::{AdapterModel, Ia3Model, Setup};
 use peft_core::generate::CausalLm;
 use peft_lora::LoraModel;
 use peft_models::bert::Bert;
@@ -41,6 +43,10 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("gguf", gguf),
     ("tokenizer", tokenizer),
     ("dataset", dataset),
+    ("fusion", fusion),
+    ("shard_index", shard_index),
+    ("head", head),
+    ("run_state", run_state),
 ];
 
 /// Puts back the default panic hook in place of libfuzzer-sys's, which
@@ -265,5 +271,221 @@ pub fn dataset(data: &[u8]) -> bool {
             peft_cli::data::label_ids(&examples, &labels, &path).is_ok()
         }
         Err(_) => false,
+    }
+}
+
+/// An AdapterHub fusion folder over the fixture's adapters `a` and `b`
+/// (`fixtures/bert/bn_compose`): byte 0 picks the file the rest replaces
+/// (`adapter_fusion_config.json`, `model_adapter_fusion.safetensors`);
+/// then the fusion is loaded and run.
+pub fn fusion(data: &[u8]) -> bool {
+    let Some((i, file)) = choose(data, 2) else {
+        return false;
+    };
+    let root = fixtures_dir().join("bert/bn_compose");
+    let dir = scratch_copy("fusion", &root.join("fusion"));
+    write(
+        &dir.join([FUSION_CONFIG_FILE, FUSION_WEIGHTS_FILE][i]),
+        file,
+    );
+    let d = dev();
+    let Ok(bert) = Bert::<B>::load(&fixtures_dir().join("bert"), &d) else {
+        panic!("the BERT fixture loads");
+    };
+    let mut m = AdapterModel::wrap(bert);
+    for name in ["a", "b"] {
+        if m.load_adapter(&root.join(name), None).is_err() {
+            panic!("fixture adapter {name} loads");
+        }
+    }
+    let Ok(name) = m.load_fusion(&dir) else {
+        return false;
+    };
+    let children = name.split(',').map(Setup::single).collect();
+    m.set_active(Setup::Fuse(children)).is_ok()
+        && m.forward(Tensor::zeros([1, 2], &d), None).is_ok()
+}
+
+/// Shard names of [`shard_index`]'s folders.
+const SHARDS: [&str; 2] = [
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+];
+
+/// A sharded Hugging Face checkpoint: byte 0 picks the architecture
+/// (Llama, GPT-2, BERT); the rest is `model.safetensors.index.json`, beside
+/// the fixture model's `config.json` and its tensors split into two shards
+/// (alternately, in name order). Then the model loads and runs.
+pub fn shard_index(data: &[u8]) -> bool {
+    let Some((arch, index)) = choose(data, 3) else {
+        return false;
+    };
+    let name = ["llama", "gpt2", "bert"][arch];
+    let from = fixtures_dir().join(name);
+    let dir = scratch("shard_index");
+    std::fs::copy(from.join("config.json"), dir.join("config.json")).expect("copy config");
+    let Ok(tensors) = peft_core::io::read_safetensors(&from.join("model.safetensors")) else {
+        panic!("the {name} fixture reads");
+    };
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for (k, shard) in SHARDS.iter().enumerate() {
+        let part: Vec<(String, peft_core::io::HostTensor)> = names
+            .iter()
+            .skip(k)
+            .step_by(2)
+            .map(|n| (n.to_string(), tensors[*n].clone()))
+            .collect();
+        write(
+            &dir.join(shard),
+            &peft_core::io::serialize_safetensors(&part, None),
+        );
+    }
+    write(&dir.join("model.safetensors.index.json"), index);
+    let d = dev();
+    match arch {
+        0 => Llama::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
+        1 => Gpt2::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
+        _ => Bert::<B>::load(&dir, &d)
+            .map(|m| m.encode(Tensor::zeros([1, 1], &d), None))
+            .is_ok(),
+    }
+}
+
+/// The input width of [`head`]'s heads (the BERT fixture's hidden size).
+const HEAD_INPUTS: usize = 16;
+
+/// A sequence-classification run's head files: byte 0 picks the file the
+/// rest replaces (`head.safetensors`, `labels.json`) in a folder holding a
+/// valid pair (two labels); then both are read as `peft eval` reads them
+/// and the head classifies one row.
+pub fn head(data: &[u8]) -> bool {
+    let Some((i, file)) = choose(data, 2) else {
+        return false;
+    };
+    let dir = scratch("head");
+    let d = dev();
+    let valid = peft_cli::tasks::new_head::<B>(HEAD_INPUTS, 2, &d);
+    if peft_cli::tasks::save_head(&valid, &dir).is_err() {
+        panic!("a head saves");
+    }
+    write(&dir.join("labels.json"), br#"["negative", "positive"]"#);
+    write(&dir.join(["head.safetensors", "labels.json"][i]), file);
+    let Ok(labels) = peft_cli::tasks::read_labels(&dir) else {
+        return false;
+    };
+    let Ok(head) = peft_cli::tasks::load_head::<B>(&dir, HEAD_INPUTS, labels.len(), &d) else {
+        return false;
+    };
+    let logits = head.forward(Tensor::<B, 2>::zeros([1, HEAD_INPUTS], &d));
+    let class = logits.argmax(1).into_scalar() as usize;
+    class < labels.len()
+}
+
+/// The files of a run's folder that `--resume` reads, in the order byte 0
+/// of a [`run_state`] input picks them.
+const RUN_FILES: [&str; 3] = [
+    "train_config.json",
+    "last/trainer_state.json",
+    "last/optimizer.bin",
+];
+
+/// A run halted after its first of three steps (LoRA on the tiny GGUF
+/// Llama, causal LM), made once per process: what [`run_state`] resumes.
+/// Also what `fuzz_regressions.rs` writes the run-state seeds from.
+pub fn halted_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = scratch("run_state-base");
+        let text = dir.join("text.txt");
+        write(
+            &text,
+            b"Call me Ishmael. Some years ago, never mind how long precisely, having little or no \
+              money in my purse, and nothing particular to interest me on shore, I thought I would \
+              sail about a little and see the watery part of the world.",
+        );
+        let job = peft_cli::jobs::TrainJob {
+            model: fixtures_dir().join("gguf/tiny_llama.gguf"),
+            data: text,
+            task: peft_cli::jobs::Task::CausalLm,
+            method: peft_cli::tasks::Method::Lora(peft_core::LoraConfig::new(
+                2,
+                4.0,
+                &["q_proj", "v_proj"],
+            )),
+            out: dir.join("run"),
+            train: peft_cli::train::TrainConfig {
+                batch: 1,
+                max_steps: Some(3),
+                stop_after: Some(1),
+                ..Default::default()
+            },
+            text_column: "text".into(),
+            label_column: "label".into(),
+            held_out: 0.25,
+            max_train: Some(4),
+            block_size: 8,
+            resume: false,
+            quantize: None,
+        };
+        let trained = peft_cli::jobs::train::<peft_core::backends::CpuTrainBackend>(
+            &job,
+            &indicatif::ProgressBar::hidden(),
+            &Default::default(),
+        );
+        if let Err(e) = trained {
+            panic!("the run to resume trains: {e}");
+        }
+        dir.join("run")
+    })
+}
+
+/// `--resume` of a halted run: byte 0 picks the file the rest replaces
+/// (`train_config.json`, `last/trainer_state.json`, `last/optimizer.bin`);
+/// then the run continues to its end. The run's model and data paths are
+/// put back after `train_config.json` is read (the input's own would point
+/// anywhere on the machine).
+pub fn run_state(data: &[u8]) -> bool {
+    let Some((i, file)) = choose(data, RUN_FILES.len()) else {
+        return false;
+    };
+    let base = halted_run();
+    let dir = scratch("run_state");
+    copy_run(base, &dir);
+    write(&dir.join(RUN_FILES[i]), file);
+    let Ok(mut job) = peft_cli::jobs::TrainJob::resume_from(&dir) else {
+        return false;
+    };
+    let Ok(original) = peft_cli::jobs::TrainJob::resume_from(base) else {
+        panic!("the halted run resumes");
+    };
+    job.model = original.model;
+    job.data = original.data;
+    job.train.stop_after = None;
+    peft_cli::jobs::train::<peft_core::backends::CpuTrainBackend>(
+        &job,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .is_ok()
+}
+
+/// Copies a run folder: its checkpoint links (`last`, `best`, relative)
+/// as links to the copied versions, so that the copy's files can be
+/// replaced without touching the original.
+fn copy_run(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).expect("run folder") {
+        let e = e.expect("run entry");
+        let name = e.file_name();
+        let path = e.path();
+        if e.file_type().expect("file type").is_symlink() {
+            let target = std::fs::read_link(&path).expect("checkpoint link");
+            std::os::unix::fs::symlink(target, to.join(&name)).expect("copy link");
+        } else if path.is_dir() {
+            std::fs::create_dir_all(to.join(&name)).expect("copy folder");
+            copy_run(&path, &to.join(&name));
+        } else {
+            std::fs::copy(&path, to.join(&name)).expect("copy run file");
+        }
     }
 }

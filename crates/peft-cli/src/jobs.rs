@@ -246,7 +246,7 @@ fn train_seq_cls<B: AutodiffBackend>(
     let d = bert.config.hidden_size;
     let head = tasks::new_head::<B>(d, labels.len(), &device);
     let head = match job.last() {
-        Some(last) => tasks::load_head::<B>(&last, d, &device)?,
+        Some(last) => tasks::load_head::<B>(&last, d, labels.len(), &device)?,
         None => head,
     };
     let mut run = RunDir::create(&job.out, job.resume)?;
@@ -518,14 +518,7 @@ pub fn eval<B: Backend>(
                         .into(),
                 )
             })?;
-            let labels: Vec<String> = {
-                let p = dir.join("labels.json");
-                let t = std::fs::read_to_string(&p).map_err(|source| PeftError::Io {
-                    path: p.clone(),
-                    source,
-                })?;
-                serde_json::from_str(&t).map_err(|source| PeftError::Json { path: p, source })?
-            };
+            let labels = tasks::read_labels(dir)?;
             let examples = data::read_labelled(data_file, columns.0, columns.1)?;
             let ids = data::label_ids(&examples, &labels, data_file)?;
             let enc = Encoded {
@@ -533,7 +526,7 @@ pub fn eval<B: Backend>(
                 labels: ids,
             };
             let bert = Bert::<B>::load(model, device)?;
-            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, device)?;
+            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, labels.len(), device)?;
             let encoder = tasks::load_adapted(bert, Some(dir))?;
             tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
         }

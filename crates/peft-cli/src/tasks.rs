@@ -306,15 +306,46 @@ pub fn save_head<B: Backend>(head: &Linear<B>, dir: &Path) -> Result<()> {
     )
 }
 
-/// Reads `head.safetensors` for `d` inputs.
-pub fn load_head<B: Backend>(dir: &Path, d: usize, device: &B::Device) -> Result<Linear<B>> {
+/// Reads `head.safetensors` for `d` inputs and `labels` classes: a head of
+/// another width or for another number of labels is an error naming the
+/// file (a head with more rows than labels would predict classes no label
+/// names; one with none cannot predict at all).
+pub fn load_head<B: Backend>(
+    dir: &Path,
+    d: usize,
+    labels: usize,
+    device: &B::Device,
+) -> Result<Linear<B>> {
     let file = dir.join("head.safetensors");
     let mut t = read_safetensors(&file)?;
-    let labels = t
-        .get("classifier.weight")
-        .and_then(|w| w.shape.first().copied())
-        .unwrap_or(0);
     peft_core::io::linear_from_torch(&mut t, "classifier", [d, labels], &file, device)
+}
+
+/// Reads a run's `labels.json` (the class names, in the head's row order):
+/// a list of distinct strings, at least one.
+pub fn read_labels(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join("labels.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let labels: Vec<String> = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    let message = if labels.is_empty() {
+        Some("no labels".to_string())
+    } else {
+        let mut seen = std::collections::HashSet::new();
+        labels
+            .iter()
+            .find(|l| !seen.insert(l.as_str()))
+            .map(|l| format!("label `{l}` is listed twice"))
+    };
+    match message {
+        Some(message) => Err(PeftError::Checkpoint { path, message }),
+        None => Ok(labels),
+    }
 }
 
 /// A new head `[d, labels]`.

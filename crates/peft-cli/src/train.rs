@@ -282,6 +282,41 @@ pub struct RunState {
     pub since_best: usize,
 }
 
+impl RunState {
+    /// Refuses a saved state this run cannot continue from: past the run's
+    /// last step or epoch, or further into an epoch than it has steps (the
+    /// epoch loop would then skip every batch and never end).
+    fn check_resumable(&self, config: &TrainConfig, n_train: usize, path: &Path) -> Result<()> {
+        let steps_per_epoch = n_train.div_ceil(config.batch).div_ceil(config.grad_accum);
+        let total = config.total_steps(n_train);
+        let problem = if self.step > total {
+            Some(format!(
+                "step {} is past the run's {total} steps",
+                self.step
+            ))
+        } else if self.epoch > config.epochs {
+            Some(format!(
+                "epoch {} is past the run's {} epochs",
+                self.epoch, config.epochs
+            ))
+        } else if self.steps_in_epoch >= steps_per_epoch.max(1) {
+            Some(format!(
+                "{} steps into an epoch of {steps_per_epoch}",
+                self.steps_in_epoch
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => Err(PeftError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("cannot resume: {message}"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The optimizer's state: per parameter id.
 type OptimRecord<M, B> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
 
@@ -918,6 +953,7 @@ where
             path: path.clone(),
             source,
         })?;
+        state.check_resumable(config, n_train, &path)?;
         let path = dir.join(OPTIMIZER_FILE);
         let bytes = std::fs::read(&path).map_err(|source| PeftError::Io {
             path: path.clone(),
@@ -1050,7 +1086,7 @@ where
                     ));
                 }
                 step_loss += value * weight;
-                state.tokens += n_tokens;
+                state.tokens = state.tokens.saturating_add(n_tokens);
                 accum.accumulate(&model, grads);
             }
             let grads = accum.grads();
@@ -1068,7 +1104,7 @@ where
             state.steps_in_epoch += 1;
             state.window.push(step_loss);
             let secs = start.elapsed().as_secs_f64();
-            let rate = (state.tokens - start_tokens) as f64 / secs;
+            let rate = state.tokens.saturating_sub(start_tokens) as f64 / secs;
             progress.set_position(state.step as u64);
             progress.set_message(format!("loss {step_loss:.4}  {rate:.0} tok/s"));
             if state.step.is_multiple_of(10) || state.step == total {
