@@ -24,6 +24,16 @@ ADAPTERS = [
     ("prompt", "llama/prompt_random", "adapter_model.safetensors"),
     ("ptuning", "llama/ptuning_mlp", "adapter_model.safetensors"),
     ("bottleneck", "bert/bn_seq/a", "adapter.safetensors"),
+    ("lora", "gpt2/lora", "adapter_model.safetensors"),
+    ("dora", "gpt2/dora", "adapter_model.safetensors"),
+    ("ia3", "gpt2/ia3", "adapter_model.safetensors"),
+    ("prefix", "gpt2/prefix", "adapter_model.safetensors"),
+    ("prompt", "gpt2/prompt_vocab", "adapter_model.safetensors"),
+    ("ptuning", "gpt2/ptuning_lstm", "adapter_model.safetensors"),
+    ("lora", "bert/lora", "adapter_model.safetensors"),
+    ("dora", "bert/dora", "adapter_model.safetensors"),
+    ("ia3", "bert/ia3", "adapter_model.safetensors"),
+    ("bottleneck", "gpt2/bn_seq_gpt2/a", "adapter.safetensors"),
 ]
 
 
@@ -36,8 +46,10 @@ def put(target: str, name: str, data: bytes) -> None:
 def adapters() -> None:
     for i, (method, folder, weights) in enumerate(ADAPTERS):
         d = FIX / folder
-        put("adapter_config", f"seed-{method}", bytes([i]) + (d / "adapter_config.json").read_bytes())
-        put("adapter_weights", f"seed-{method}", bytes([i]) + (d / weights).read_bytes())
+        # The first seven (Llama, and BERT's bottleneck) keep their names.
+        name = method if i < 7 else folder.replace("/", "-")
+        put("adapter_config", f"seed-{name}", bytes([i]) + (d / "adapter_config.json").read_bytes())
+        put("adapter_weights", f"seed-{name}", bytes([i]) + (d / weights).read_bytes())
 
 
 def models() -> None:

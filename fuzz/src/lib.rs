@@ -94,7 +94,8 @@ fn one_token(model: &impl CausalLm<B>) -> bool {
 }
 
 /// The adapter folders the first input byte chooses between: method, the
-/// fixture folder it starts from.
+/// fixture folder it starts from (whose first component names the tiny
+/// model it loads onto).
 const ADAPTERS: &[(&str, &str)] = &[
     ("lora", "llama/lora"),
     ("dora", "llama/dora_rslora"),
@@ -103,34 +104,90 @@ const ADAPTERS: &[(&str, &str)] = &[
     ("prompt", "llama/prompt_random"),
     ("ptuning", "llama/ptuning_mlp"),
     ("bottleneck", "bert/bn_seq/a"),
+    ("lora", "gpt2/lora"),
+    ("dora", "gpt2/dora"),
+    ("ia3", "gpt2/ia3"),
+    ("prefix", "gpt2/prefix"),
+    ("prompt", "gpt2/prompt_vocab"),
+    ("ptuning", "gpt2/ptuning_lstm"),
+    ("lora", "bert/lora"),
+    ("dora", "bert/dora"),
+    ("ia3", "bert/ia3"),
+    ("bottleneck", "gpt2/bn_seq_gpt2/a"),
 ];
 
-/// Loads the adapter folder `dir` as `method` onto its tiny model and, when
-/// that succeeds, runs a forward pass through it. Whether it loaded.
-fn load_adapter(method: &str, dir: &Path) -> bool {
-    let d = dev();
+/// Loads the slot-method (LoRA, DoRA, (IA)³) adapter folder `dir` onto
+/// `model` and, when that succeeds, runs `forward` through it. Whether it
+/// loaded.
+fn load_slot_adapter<M: peft_core::PeftModel<B>>(
+    method: &str,
+    model: M,
+    dir: &Path,
+    forward: impl Fn(&M) -> bool,
+) -> bool {
     match method {
-        "lora" | "dora" => LoraModel::from_pretrained(tiny_llama::<B>(&d), dir)
-            .map(|m| one_token(&m.model))
+        "lora" | "dora" => LoraModel::from_pretrained(model, dir)
+            .map(|m| forward(&m.model))
             .is_ok(),
-        "ia3" => Ia3Model::from_pretrained(tiny_llama::<B>(&d), dir)
-            .map(|m| one_token(&m.model))
+        "ia3" => Ia3Model::from_pretrained(model, dir)
+            .map(|m| forward(&m.model))
             .is_ok(),
-        "prefix" => PrefixTuningModel::from_pretrained(tiny_llama::<B>(&d), dir)
+        other => unreachable!("no slot method {other}"),
+    }
+}
+
+/// Loads the adapter folder `dir` as `method` onto the tiny model of
+/// `arch` and, when that succeeds, runs a forward pass through it. Whether
+/// it loaded.
+fn load_adapter(method: &str, arch: &str, dir: &Path) -> bool {
+    let d = dev();
+    let gpt2 = || match Gpt2::<B>::load(&fixtures_dir().join("gpt2"), &d) {
+        Ok(m) => m,
+        Err(e) => panic!("the GPT-2 fixture loads: {e}"),
+    };
+    let bert = || match Bert::<B>::load(&fixtures_dir().join("bert"), &d) {
+        Ok(m) => m,
+        Err(e) => panic!("the BERT fixture loads: {e}"),
+    };
+    let encode = |m: &Bert<B>| {
+        m.encode(Tensor::zeros([1, 2], &d), None);
+        true
+    };
+    match (method, arch) {
+        ("lora" | "dora" | "ia3", "llama") => {
+            load_slot_adapter(method, tiny_llama::<B>(&d), dir, one_token)
+        }
+        ("lora" | "dora" | "ia3", "gpt2") => load_slot_adapter(method, gpt2(), dir, one_token),
+        ("lora" | "dora" | "ia3", "bert") => load_slot_adapter(method, bert(), dir, encode),
+        ("prefix", "llama") => PrefixTuningModel::from_pretrained(tiny_llama::<B>(&d), dir)
             .map(|m| m.forward(Tensor::zeros([1, 1], &d), None))
             .is_ok(),
-        "prompt" | "ptuning" => PromptTuningModel::from_pretrained(tiny_llama::<B>(&d), dir)
+        ("prefix", "gpt2") => PrefixTuningModel::from_pretrained(gpt2(), dir)
             .map(|m| m.forward(Tensor::zeros([1, 1], &d), None))
             .is_ok(),
-        "bottleneck" => {
-            let Ok(bert) = Bert::<B>::load(&fixtures_dir().join("bert"), &d) else {
-                panic!("the BERT fixture loads");
-            };
-            let mut m = AdapterModel::wrap(bert);
+        ("prompt" | "ptuning", "llama") => {
+            PromptTuningModel::from_pretrained(tiny_llama::<B>(&d), dir)
+                .map(|m| m.forward(Tensor::zeros([1, 1], &d), None))
+                .is_ok()
+        }
+        ("prompt" | "ptuning", "gpt2") => PromptTuningModel::from_pretrained(gpt2(), dir)
+            .map(|m| m.forward(Tensor::zeros([1, 1], &d), None))
+            .is_ok(),
+        ("bottleneck", "bert") => {
+            let mut m = AdapterModel::wrap(bert());
             m.load_adapter(dir, None).is_ok() && m.forward(Tensor::zeros([1, 2], &d), None).is_ok()
         }
-        other => unreachable!("no adapter method {other}"),
+        ("bottleneck", "gpt2") => {
+            let mut m = AdapterModel::wrap(gpt2());
+            m.load_adapter(dir, None).is_ok() && m.forward(Tensor::zeros([1, 2], &d), None).is_ok()
+        }
+        other => unreachable!("no adapter case {other:?}"),
     }
+}
+
+/// The model a fixture adapter folder belongs to: its first component.
+fn arch_of(fixture: &str) -> &str {
+    fixture.split('/').next().unwrap_or(fixture)
 }
 
 /// Splits off the first byte as a choice among `n`.
@@ -148,7 +205,7 @@ pub fn adapter_config(data: &[u8]) -> bool {
     let (method, fixture) = ADAPTERS[i];
     let dir = scratch_copy("adapter_config", &fixtures_dir().join(fixture));
     write(&dir.join("adapter_config.json"), config);
-    load_adapter(method, &dir)
+    load_adapter(method, arch_of(fixture), &dir)
 }
 
 /// Adapter weights (`adapter_model.safetensors`, AdapterHub's
@@ -166,7 +223,7 @@ pub fn adapter_weights(data: &[u8]) -> bool {
         "adapter_model.safetensors"
     };
     write(&dir.join(file), weights);
-    load_adapter(method, &dir)
+    load_adapter(method, arch_of(fixture), &dir)
 }
 
 /// A Hugging Face model folder: byte 0 picks the architecture (Llama,
