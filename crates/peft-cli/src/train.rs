@@ -959,13 +959,32 @@ where
             path: path.clone(),
             source,
         })?;
-        let saved: OptimRecord<M, B> =
-            recorder
-                .load(bytes, &device)
-                .map_err(|e| PeftError::Checkpoint {
+        // Burn's record conversion panics (rather than erring) on a tensor
+        // whose rank or size disagrees with its shape (found by `cargo fuzz
+        // run run_state`): a damaged file must be an error, not a crash.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            recorder.load::<OptimRecord<M, B>>(bytes, &device)
+        }));
+        let saved: OptimRecord<M, B> = match loaded {
+            Ok(Ok(saved)) => saved,
+            Ok(Err(e)) => {
+                return Err(PeftError::Checkpoint {
                     path: path.clone(),
                     message: format!("optimizer state does not load: {e}"),
-                })?;
+                })
+            }
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return Err(PeftError::Checkpoint {
+                    path: path.clone(),
+                    message: format!("optimizer state is damaged: {}", why.trim()),
+                });
+            }
+        };
         // Saved under visiting positions; this process's ids differ.
         let ids = param_ids(&model);
         let mut record = Vec::new();
