@@ -347,6 +347,45 @@ fn param_ids<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
     ids.0
 }
 
+/// The shapes of float parameters of `module`, in [`param_ids`]' order.
+fn param_shapes<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
+    module: &M,
+) -> Vec<Vec<usize>> {
+    struct Shapes(Vec<Vec<usize>>);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Shapes {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0.push(param.val().dims().to_vec());
+        }
+    }
+    let mut shapes = Shapes(Vec::new());
+    module.visit(&mut shapes);
+    shapes.0
+}
+
+/// The shapes of a saved AdamW state's two moments; `None` for a rank no
+/// parameter of ours has (above 4).
+fn moment_shapes<B: AutodiffBackend>(
+    record: &burn::optim::record::AdaptorRecord<AdamW, B>,
+) -> Option<[Vec<usize>; 2]> {
+    use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+    let AdaptorRecord::V1(v1) = record;
+    macro_rules! moments {
+        ($s:expr) => {
+            Some([
+                $s.momentum.moment_1.dims().to_vec(),
+                $s.momentum.moment_2.dims().to_vec(),
+            ])
+        };
+    }
+    match v1 {
+        AdaptorRecordV1::Rank1(s) => moments!(s),
+        AdaptorRecordV1::Rank2(s) => moments!(s),
+        AdaptorRecordV1::Rank3(s) => moments!(s),
+        AdaptorRecordV1::Rank4(s) => moments!(s),
+        _ => None,
+    }
+}
+
 /// Where a run writes: `metrics.jsonl`, `best/` (the best checkpoint,
 /// replaced atomically), `loss.svg`.
 pub struct RunDir {
@@ -987,14 +1026,25 @@ where
         };
         // Saved under visiting positions; this process's ids differ.
         let ids = param_ids(&model);
+        let shapes = param_shapes(&model);
         let mut record = Vec::new();
         for (position, value) in saved {
-            let id = ids
-                .get(position.val() as usize)
-                .ok_or_else(|| PeftError::Checkpoint {
+            let at = position.val() as usize;
+            let id = ids.get(at).ok_or_else(|| PeftError::Checkpoint {
+                path: path.clone(),
+                message: "optimizer state for a parameter this model does not have".into(),
+            })?;
+            // A moment of another shape would fail (panic) in the first
+            // optimizer step; refuse it here, naming the parameter.
+            if moment_shapes(&value).is_none_or(|m| m.iter().any(|d| *d != shapes[at])) {
+                return Err(PeftError::Checkpoint {
                     path: path.clone(),
-                    message: "optimizer state for a parameter this model does not have".into(),
-                })?;
+                    message: format!(
+                        "optimizer state of parameter {at} does not have its shape {:?}",
+                        shapes[at]
+                    ),
+                });
+            }
             record.push((*id, value));
         }
         optim = optim.load_record(record.into_iter().collect());
