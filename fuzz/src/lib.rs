@@ -226,6 +226,19 @@ pub fn adapter_weights(data: &[u8]) -> bool {
     load_adapter(method, arch_of(fixture), &dir)
 }
 
+/// Loads the Hugging Face folder `dir` as architecture `arch` (0 Llama,
+/// 1 GPT-2, else BERT) and runs one token through it. Whether it loaded.
+fn load_model(arch: usize, dir: &Path) -> bool {
+    let d = dev();
+    match arch {
+        0 => Llama::<B>::load(dir, &d).map(|m| one_token(&m)).is_ok(),
+        1 => Gpt2::<B>::load(dir, &d).map(|m| one_token(&m)).is_ok(),
+        _ => Bert::<B>::load(dir, &d)
+            .map(|m| m.encode(Tensor::zeros([1, 1], &d), None))
+            .is_ok(),
+    }
+}
+
 /// A Hugging Face model folder: byte 0 picks the architecture (Llama,
 /// GPT-2, BERT), bytes 1–2 (little-endian) the length of `config.json`,
 /// which follows; the rest is `model.safetensors`.
@@ -241,14 +254,7 @@ pub fn model_checkpoint(data: &[u8]) -> bool {
     let dir = scratch("model_checkpoint");
     write(&dir.join("config.json"), config);
     write(&dir.join("model.safetensors"), weights);
-    let d = dev();
-    match arch {
-        0 => Llama::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
-        1 => Gpt2::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
-        _ => Bert::<B>::load(&dir, &d)
-            .map(|m| m.encode(Tensor::zeros([1, 1], &d), None))
-            .is_ok(),
-    }
+    load_model(arch, &dir)
 }
 
 /// A GGUF file: the header, metadata and tensor directory, every tensor
@@ -399,14 +405,7 @@ pub fn shard_index(data: &[u8]) -> bool {
         );
     }
     write(&dir.join("model.safetensors.index.json"), index);
-    let d = dev();
-    match arch {
-        0 => Llama::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
-        1 => Gpt2::<B>::load(&dir, &d).map(|m| one_token(&m)).is_ok(),
-        _ => Bert::<B>::load(&dir, &d)
-            .map(|m| m.encode(Tensor::zeros([1, 1], &d), None))
-            .is_ok(),
-    }
+    load_model(arch, &dir)
 }
 
 /// The input width of [`head`]'s heads (the BERT fixture's hidden size).
