@@ -38,9 +38,12 @@ fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     let mut ia3 = Ia3Model::from_pretrained(base_model.clone(), &c.dir).unwrap();
     assert_eq!(ia3.adapter_names(), vec!["default", "other"]);
     assert_close("default", &run(&ia3.model), c.want("logits_unmerged"));
+    assert_eq!(ia3.active_adapters(), ["default"]);
     ia3.set_adapter(&["other"]).unwrap();
+    assert_eq!(ia3.active_adapters(), ["other"]);
     assert_close("other", &run(&ia3.model), c.want("logits_other"));
     ia3.set_adapter(&["default", "other"]).unwrap();
+    assert_eq!(ia3.active_adapters(), ["default", "other"]);
     assert_close("both active", &run(&ia3.model), c.want("logits_both"));
     ia3.set_adapter(&["default"]).unwrap();
 
@@ -273,3 +276,44 @@ fn bert_gradients<B: AutodiffBackend>(d: &B::Device) {
 }
 
 autodiff_backend_tests!(llama_gradients, gpt2_gradients, bert_gradients);
+
+/// `init_ia3_weights: false` draws the vectors at random, so a fresh
+/// adapter is not all ones; with the default it is exactly ones. The
+/// disable switch reports its state, and `unload` removes every vector.
+fn ia3_init_weights_is_honoured<B: Backend>(device: &B::Device) {
+    let scales = |init: bool| -> Vec<f32> {
+        let config = Ia3Config {
+            init_ia3_weights: init,
+            ..Ia3Config::new(&["q_proj", "down_proj"], &["down_proj"])
+        };
+        let model = Ia3Model::new(peft_models::fixtures::tiny_llama::<B>(device), config).unwrap();
+        let mut values = Vec::new();
+        model.model.visit_linears(&mut |_, slot| {
+            if let Some(e) = slot.ia3_entry("default") {
+                values.extend(HostTensor::from_tensor(e.scale.val()).data);
+            }
+        });
+        assert!(!values.is_empty(), "no (IA)³ vector was injected");
+        values
+    };
+    assert!(scales(true).iter().all(|&v| v == 1.0));
+    // The switch reports itself, and unloading takes every vector out.
+    let config = Ia3Config::new(&["q_proj"], &[]);
+    let mut model = Ia3Model::new(peft_models::fixtures::tiny_llama::<B>(device), config).unwrap();
+    assert!(!model.is_disabled());
+    model.disable_adapters().unwrap();
+    assert!(model.is_disabled());
+    model.enable_adapters();
+    assert!(!model.is_disabled());
+    let plain = model.unload();
+    let mut left = 0;
+    plain.visit_linears(&mut |_, slot| left += slot.ia3_entry("default").is_some() as usize);
+    assert_eq!(left, 0, "unload left (IA)³ vectors in the model");
+    let drawn = scales(false);
+    assert!(
+        drawn.iter().all(|v| v.is_finite()) && drawn.iter().any(|&v| v != 1.0),
+        "init_ia3_weights: false left the vectors at ones"
+    );
+}
+
+backend_tests!(ia3_init_weights_is_honoured);
