@@ -529,7 +529,7 @@ pub fn run_state(data: &[u8]) -> bool {
 /// Copies a run folder: its checkpoint links (`last`, `best`, relative)
 /// as links to the copied versions, so that the copy's files can be
 /// replaced without touching the original.
-fn copy_run(from: &Path, to: &Path) {
+pub fn copy_run(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).expect("run folder") {
         let e = e.expect("run entry");
         let name = e.file_name();

@@ -297,6 +297,11 @@ fn ia3_init_weights_is_honoured<B: Backend>(device: &B::Device) {
         values
     };
     assert!(scales(true).iter().all(|&v| v == 1.0));
+    let drawn = scales(false);
+    assert!(
+        drawn.iter().all(|v| v.is_finite()) && drawn.iter().any(|&v| v != 1.0),
+        "init_ia3_weights: false left the vectors at ones"
+    );
     // The switch reports itself, and unloading takes every vector out.
     let config = Ia3Config::new(&["q_proj"], &[]);
     let mut model = Ia3Model::new(peft_models::fixtures::tiny_llama::<B>(device), config).unwrap();
@@ -309,11 +314,6 @@ fn ia3_init_weights_is_honoured<B: Backend>(device: &B::Device) {
     let mut left = 0;
     plain.visit_linears(&mut |_, slot| left += slot.ia3_entry("default").is_some() as usize);
     assert_eq!(left, 0, "unload left (IA)³ vectors in the model");
-    let drawn = scales(false);
-    assert!(
-        drawn.iter().all(|v| v.is_finite()) && drawn.iter().any(|&v| v != 1.0),
-        "init_ia3_weights: false left the vectors at ones"
-    );
 }
 
 backend_tests!(ia3_init_weights_is_honoured);

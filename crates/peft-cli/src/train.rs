@@ -202,9 +202,13 @@ impl TrainConfig {
 
     /// Optimizer steps of the whole run for `n_train` examples.
     pub fn total_steps(&self, n_train: usize) -> usize {
-        let per_epoch = n_train.div_ceil(self.batch).div_ceil(self.grad_accum);
-        let total = per_epoch * self.epochs;
+        let total = self.steps_per_epoch(n_train) * self.epochs;
         self.max_steps.map_or(total, |m| m.min(total)).max(1)
+    }
+
+    /// Optimizer steps in one epoch of `n_train` examples.
+    pub fn steps_per_epoch(&self, n_train: usize) -> usize {
+        n_train.div_ceil(self.batch).div_ceil(self.grad_accum)
     }
 
     /// The learning rate of optimizer step `step` (0-based) of `total`.
@@ -287,7 +291,7 @@ impl RunState {
     /// last step or epoch, or further into an epoch than it has steps (the
     /// epoch loop would then skip every batch and never end).
     fn check_resumable(&self, config: &TrainConfig, n_train: usize, path: &Path) -> Result<()> {
-        let steps_per_epoch = n_train.div_ceil(config.batch).div_ceil(config.grad_accum);
+        let steps_per_epoch = config.steps_per_epoch(n_train);
         let total = config.total_steps(n_train);
         let problem = if self.step > total {
             Some(format!(
@@ -1001,9 +1005,10 @@ where
         // Burn's record conversion panics (rather than erring) on a tensor
         // whose rank or size disagrees with its shape (found by `cargo fuzz
         // run run_state`): a damaged file must be an error, not a crash.
-        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            recorder.load::<OptimRecord<M, B>>(bytes, &device)
-        }));
+        let loaded = peft_core::error::catch_panic(
+            || recorder.load::<OptimRecord<M, B>>(bytes, &device),
+            "",
+        );
         let saved: OptimRecord<M, B> = match loaded {
             Ok(Ok(saved)) => saved,
             Ok(Err(e)) => {
@@ -1012,12 +1017,7 @@ where
                     message: format!("optimizer state does not load: {e}"),
                 })
             }
-            Err(panic) => {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+            Err(why) => {
                 return Err(PeftError::Checkpoint {
                     path: path.clone(),
                     message: format!("optimizer state is damaged: {}", why.trim()),

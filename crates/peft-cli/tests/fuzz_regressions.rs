@@ -51,13 +51,7 @@ fn halted_copy(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::pat
         std::env::temp_dir().join(format!("peft-fuzz-regression-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", base.display()))
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    targets::copy_run(base, &dir);
     let state = dir.join("last/trainer_state.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();

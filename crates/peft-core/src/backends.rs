@@ -220,16 +220,13 @@ pub fn check_device<B: Backend>(choice: &BackendChoice, device: &B::Device) -> R
         return Ok(());
     }
     let id = device.to_id();
-    let count = std::panic::catch_unwind(|| B::device_count(id.type_id)).map_err(|panic| {
-        let why = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "the runtime failed to start".into());
-        PeftError::Backend {
-            backend: choice.kind.name().into(),
-            message: format!("no device found: {why}"),
-        }
+    let count = crate::error::catch_panic(
+        || B::device_count(id.type_id),
+        "the runtime failed to start",
+    )
+    .map_err(|why| PeftError::Backend {
+        backend: choice.kind.name().into(),
+        message: format!("no device found: {why}"),
     })?;
     if index >= count {
         return Err(PeftError::Backend {

@@ -106,3 +106,17 @@ pub enum PeftError {
         message: String,
     },
 }
+
+/// Runs `f`, turning a panic into its message (`otherwise` when the panic
+/// carried none): for calls into crates that panic on malformed input where
+/// the toolkit must answer with an error (the `tokenizers` crate, Burn's
+/// record decoding, a GPU runtime that fails to start).
+pub fn catch_panic<T>(f: impl FnOnce() -> T, otherwise: &str) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| otherwise.to_string())
+    })
+}

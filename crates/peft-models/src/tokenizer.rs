@@ -12,12 +12,7 @@ use peft_core::{PeftError, Result};
 /// decoder deserialiser, found by `cargo fuzz run tokenizer`), and a bad
 /// file must be an error, not a crash.
 fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        p.downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "the tokenizer library failed".into())
-    })
+    peft_core::error::catch_panic(f, "the tokenizer library failed")
 }
 
 /// A Hugging Face tokenizer.
