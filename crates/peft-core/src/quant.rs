@@ -11,7 +11,9 @@
 //! - NF4 as QLoRA defines it (Dettmers et al., 2023): 4-bit NormalFloat codes
 //!   in blocks of 64 over the row-major data, one absmax per block, and the
 //!   absmax values double-quantized to 8 bits in groups of 256 (after
-//!   subtracting their mean), ≈ 4.127 bits per weight.
+//!   subtracting their mean), ≈ 4.127 bits per weight; or, for a LoftQ
+//!   base, the absmax values kept exact (4.5 bits per weight), as PEFT's
+//!   LoftQ quantizes.
 //!
 //! Invariant: dequantization is deterministic and exact to the format, so a
 //! quantized base gives the same numbers on every run and backend; the
@@ -188,10 +190,23 @@ impl std::fmt::Display for QuantFormat {
     }
 }
 
+/// NF4's block absmax values, in either of the two ways bitsandbytes
+/// stores them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Nf4Scales {
+    /// `compress_statistics=True`: QLoRA's double quantization (what a
+    /// QLoRA base is kept as, ≈ 4.127 bits per weight).
+    Double(Nf4DoubleScales),
+    /// `compress_statistics=False`: one exact `f32` absmax per block (4.5
+    /// bits per weight). PEFT's LoftQ quantizes this way, so a LoftQ base
+    /// dequantizes to exactly the weight PEFT puts in the model.
+    Exact(Vec<f32>),
+}
+
 /// NF4's second-level scales, as bitsandbytes' double quantization:
 /// `absmax[i] = DYNAMIC_MAP[code[i]] · scale[i / 256] + offset`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Nf4Scales {
+pub struct Nf4DoubleScales {
     /// The mean of all block absmax values, subtracted before quantizing.
     pub offset: f32,
     /// One `f32` per group of 256 blocks: the largest |absmax − offset|.
@@ -214,7 +229,7 @@ pub struct QuantizedMatrix {
     /// over the row-major values (element `2i` in the high nibble, as
     /// bitsandbytes packs them), padded with zero codes to whole blocks.
     pub data: Vec<u8>,
-    /// NF4 only: the double-quantized block scales.
+    /// NF4 only: the block scales.
     pub nf4: Option<Nf4Scales>,
 }
 
@@ -260,6 +275,18 @@ impl QuantizedMatrix {
     /// compress_statistics=True)` does on the CPU (same codes, same scales;
     /// `tests/nf4_bitsandbytes.rs`).
     pub fn nf4(values: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::nf4_with(values, rows, cols, true)
+    }
+
+    /// NF4 with one exact `f32` absmax per block, as bitsandbytes'
+    /// `quantize_4bit(quant_type="nf4", blocksize=64,
+    /// compress_statistics=False)`: the codes equal [`Self::nf4`]'s, only
+    /// the scales are not compressed.
+    pub fn nf4_exact_absmax(values: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::nf4_with(values, rows, cols, false)
+    }
+
+    fn nf4_with(values: &[f32], rows: usize, cols: usize, double_quant: bool) -> Result<Self> {
         if values.len() != rows * cols || values.is_empty() {
             return Err(PeftError::Config(format!(
                 "NF4: {} values do not make a {rows}×{cols} matrix",
@@ -277,7 +304,6 @@ impl QuantizedMatrix {
             .chunks(NF4_BLOCK)
             .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())))
             .collect();
-        let scales = Nf4Scales::quantize(&absmax);
         // Midpoints between neighbouring levels: the level of `x` is the
         // number of midpoints below it (`torch.bucketize`).
         let mids: Vec<f32> = NF4_LEVELS.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
@@ -302,6 +328,11 @@ impl QuantizedMatrix {
             }
             // Padding past the end keeps code 0 (−1) but is never read.
         }
+        let scales = if double_quant {
+            Nf4Scales::Double(Nf4DoubleScales::quantize(&absmax))
+        } else {
+            Nf4Scales::Exact(absmax)
+        };
         Ok(QuantizedMatrix {
             format: QuantFormat::Nf4,
             rows,
@@ -314,10 +345,10 @@ impl QuantizedMatrix {
     /// Bytes held (codes and scales).
     pub fn stored_bytes(&self) -> usize {
         self.data.len()
-            + self
-                .nf4
-                .as_ref()
-                .map_or(0, |s| 4 + 4 * s.group_scale.len() + s.block_code.len())
+            + self.nf4.as_ref().map_or(0, |s| match s {
+                Nf4Scales::Double(d) => 4 + 4 * d.group_scale.len() + d.block_code.len(),
+                Nf4Scales::Exact(a) => 4 * a.len(),
+            })
     }
 
     /// Number of values, `rows · cols`.
@@ -429,6 +460,16 @@ impl QuantizedMatrix {
 }
 
 impl Nf4Scales {
+    /// The absmax of block `b`, as dequantization uses it.
+    fn absmax(&self, b: usize) -> f32 {
+        match self {
+            Nf4Scales::Double(d) => d.absmax(b),
+            Nf4Scales::Exact(a) => a[b],
+        }
+    }
+}
+
+impl Nf4DoubleScales {
     /// bitsandbytes' `quantize_blockwise(absmax − mean, blocksize=256)`
     /// with its dynamic code book: per group of 256 blocks, each
     /// `(a − offset) / max|a − offset|` to the nearest code (the lower one
@@ -454,7 +495,7 @@ impl Nf4Scales {
                 }
             }));
         }
-        Nf4Scales {
+        Nf4DoubleScales {
             offset,
             group_scale,
             block_code,
@@ -507,7 +548,9 @@ mod tests {
         let v = normal_values(rows * cols, 7);
         let q = QuantizedMatrix::nf4(&v, rows, cols).unwrap();
         let d = q.dequantize();
-        let s = q.nf4.as_ref().unwrap();
+        let Some(Nf4Scales::Double(s)) = q.nf4.as_ref() else {
+            panic!("NF4 keeps double-quantized scales");
+        };
         let widest_gap = NF4_LEVELS
             .windows(2)
             .map(|w| w[1] - w[0])
@@ -535,6 +578,35 @@ mod tests {
         assert_eq!(&g[..cols], &d[95 * cols..96 * cols]);
         assert_eq!(&g[2 * cols..], &d[37 * cols..38 * cols]);
         assert!(q.gather_rows(&[96]).is_err());
+    }
+
+    /// Exact block scales: the same 4-bit codes as the double-quantized
+    /// form, each value exactly `level · absmax` of its block's true
+    /// absmax, 4.5 bits per value.
+    #[test]
+    fn nf4_with_exact_absmax_keeps_the_codes_and_the_true_scales() {
+        let (rows, cols) = (30, 70); // a short last block
+        let v = normal_values(rows * cols, 11);
+        let double = QuantizedMatrix::nf4(&v, rows, cols).unwrap();
+        let exact = QuantizedMatrix::nf4_exact_absmax(&v, rows, cols).unwrap();
+        assert_eq!(exact.data, double.data);
+        let Some(Nf4Scales::Exact(absmax)) = exact.nf4.as_ref() else {
+            panic!("exact scales expected");
+        };
+        let d = exact.dequantize();
+        for (b, block) in v.chunks(NF4_BLOCK).enumerate() {
+            let true_max = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert_eq!(absmax[b], true_max, "block {b}");
+            for (j, _) in block.iter().enumerate() {
+                let i = b * NF4_BLOCK + j;
+                let code = (exact.data[i / 2] >> (4 * (1 - i % 2))) & 0x0F;
+                assert_eq!(d[i], NF4_LEVELS[code as usize] * true_max, "value {i}");
+            }
+        }
+        assert_ne!(d, double.dequantize(), "the scales must differ somewhere");
+        let blocks = (rows * cols).div_ceil(NF4_BLOCK);
+        assert_eq!(exact.stored_bytes(), blocks * NF4_BLOCK / 2 + 4 * blocks);
+        assert!(QuantizedMatrix::nf4_exact_absmax(&[f32::INFINITY], 1, 1).is_err());
     }
 
     #[test]

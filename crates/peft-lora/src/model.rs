@@ -110,11 +110,7 @@ fn loftq_entry<B: Backend>(
     let device = slot.device();
     let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
     let w = HostTensor::from_tensor(slot.base_weight()).transposed(); // [out, in]
-                                                                      // A seed per module path: reproducible, independent of visiting order.
-    let seed = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    let q = crate::loftq::loftq(&w.data, d_out, d_in, r, iterations, seed)
+    let q = crate::loftq::loftq(&w.data, d_out, d_in, r, iterations)
         .map_err(|e| PeftError::Config(format!("{path}: {e}")))?;
     let root = meta.scaling.sqrt();
     let a: Vec<f32> = (0..d_in * r)
