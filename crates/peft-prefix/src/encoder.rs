@@ -322,3 +322,103 @@ impl<B: Backend> VirtualTokenEncoder<B> for PrefixEncoder<B> {
         Self::from_embeddings(config, embeddings, device)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    type B = NdArray;
+
+    fn values(t: Tensor<B, 2>) -> Vec<f32> {
+        t.to_data().to_vec::<f32>().unwrap()
+    }
+
+    /// PEFT's `past_key_values` view on three layers (two would not tell
+    /// `2·L` from `2 + L`): value (token i, layer l, key/value j, head h,
+    /// dim d) of the flat prefix is layer l's key (j = 0) or value (j = 1)
+    /// at `[0, h, i, d]`, and `from_cache` inverts the split.
+    #[test]
+    fn split_layers_is_pefts_past_key_values_view() {
+        let (n, layers, heads, dim) = (2, 3, 2, 4);
+        let width = layers * 2 * heads * dim;
+        let flat: Vec<f32> = (0..n * width).map(|x| x as f32).collect();
+        let device = Default::default();
+        let prefix = Tensor::<B, 2>::from_data(TensorData::new(flat.clone(), [n, width]), &device);
+        let split = split_layers(prefix.clone(), layers, heads, dim);
+        assert_eq!(split.len(), layers);
+        for (l, (k, v)) in split.iter().enumerate() {
+            for (j, t) in [k, v].into_iter().enumerate() {
+                assert_eq!(t.dims(), [1, heads, n, dim], "layer {l}, {j}");
+                let got = t.to_data().to_vec::<f32>().unwrap();
+                for h in 0..heads {
+                    for i in 0..n {
+                        for d in 0..dim {
+                            let want = flat[i * width + ((2 * l + j) * heads + h) * dim + d];
+                            let at = (h * n + i) * dim + d;
+                            assert_eq!(got[at], want, "layer {l}, {j}, head {h}, token {i}");
+                        }
+                    }
+                }
+            }
+        }
+        let encoder = PrefixEncoder {
+            embedding: Param::from_tensor(prefix),
+            transform: None,
+        };
+        let cache = encoder.cache(1, layers, heads, dim);
+        let back = PrefixEncoder::from_cache(&cache).unwrap();
+        assert_eq!(values(back.prefix()), flat);
+    }
+
+    /// What a training loop asks of the encoder, through the shared
+    /// `VirtualTokenEncoder` interface: its number of virtual tokens,
+    /// whether it is reparameterised (and not once folded), and PyTorch's
+    /// `state_dict`, which loads back into the same prefix.
+    #[test]
+    fn the_encoder_interface_reports_tokens_kind_and_state() {
+        let device = Default::default();
+        for projected in [false, true] {
+            let mut config = if projected {
+                PromptLearningConfig::prefix_tuning_projected(5, 6)
+            } else {
+                PromptLearningConfig::prefix_tuning(5)
+            };
+            config.fill_from_model(3, 8, 2).unwrap();
+            let encoder = PrefixEncoder::<B>::new(&config, &device);
+            assert_eq!(encoder.num_virtual_tokens(), 5);
+            assert_eq!(VirtualTokenEncoder::<B>::num_virtual_tokens(&encoder), 5);
+            assert_eq!(
+                VirtualTokenEncoder::<B>::is_reparameterised(&encoder),
+                projected
+            );
+            let folded = encoder.folded();
+            assert!(!VirtualTokenEncoder::<B>::is_reparameterised(&folded));
+            assert_eq!(values(folded.prefix()), values(encoder.prefix()));
+            let state = VirtualTokenEncoder::<B>::torch_state(&encoder);
+            let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+            let want: &[&str] = if projected {
+                &[
+                    "embedding.weight",
+                    "transform.0.weight",
+                    "transform.0.bias",
+                    "transform.2.weight",
+                    "transform.2.bias",
+                ]
+            } else {
+                &["embedding.weight"]
+            };
+            assert_eq!(names, want);
+            let back = <PrefixEncoder<B> as VirtualTokenEncoder<B>>::from_torch_state(
+                &config,
+                state.into_iter().collect(),
+                Path::new("state"),
+                &device,
+            )
+            .unwrap();
+            assert_eq!(back.transform.is_some(), projected);
+            assert_eq!(values(back.prefix()), values(encoder.prefix()));
+        }
+    }
+}
