@@ -28,6 +28,7 @@ pub mod compare;
 pub mod config;
 pub mod count;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod io;
 pub mod kv;

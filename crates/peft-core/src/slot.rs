@@ -406,8 +406,10 @@ impl<B: Backend> LinearSlot<B> {
         y.reshape(out)
     }
 
-    fn base_nobias(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.base_weight())
+    /// The frozen layer alone, `x·W + b`: one kernel on Flex
+    /// ([`crate::fused::linear`]).
+    fn base_biased(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+        crate::fused::linear(x, w, self.base.bias.as_ref().map(|b| b.val()).as_ref())
     }
 
     /// `x·W` with `W` already at hand (dequantized once per pass).
@@ -447,6 +449,21 @@ impl<B: Backend> LinearSlot<B> {
         (input, output)
     }
 
+    /// `(x·A · scaling)·B` on the (dropped-out) input. The scale multiplies
+    /// the rank-r intermediate `[n, r]`, not the `[n, d_out]` product: one
+    /// pass over the activation fewer.
+    fn lora_product(entry: &LoraEntry<B>, xd: Tensor<B, 2>) -> Tensor<B, 2> {
+        (xd.matmul(entry.a.val()) * entry.meta.scaling).matmul(entry.b.val())
+    }
+
+    /// A plain LoRA entry's delta on `x`, dropout included.
+    fn lora_delta(entry: &LoraEntry<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let dropout = Dropout {
+            prob: entry.meta.dropout,
+        };
+        Self::lora_product(entry, dropout.forward(x))
+    }
+
     /// `x: [n, d_in]` where the first dimension is `rows` batch rows of equal length.
     fn forward_2d(&self, x: Tensor<B, 2>, rows: usize) -> Tensor<B, 2> {
         let unmerged_active = || {
@@ -457,16 +474,29 @@ impl<B: Backend> LinearSlot<B> {
                 .filter(|e| !e.meta.merged)
         };
         if self.state.disabled || (self.lora.is_empty() && self.ia3.is_empty()) {
-            return self.add_bias(self.base_nobias(x));
+            return self.base_biased(x, &self.base_weight());
         }
         if let Some(names) = routing::row_adapters() {
             return self.forward_mixed(x, rows, &names);
         }
         let (ia3_in, ia3_out) = self.ia3_scales(&self.state.active);
         if unmerged_active().next().is_none() && ia3_in.is_none() && ia3_out.is_none() {
-            return self.add_bias(self.base_nobias(x));
+            return self.base_biased(x, &self.base_weight());
         }
         let w = self.base_weight();
+        // Plain LoRA adds its deltas to `x·W + b`, computed in one kernel;
+        // DoRA and an output-side (IA)³ vector need `x·W` without the bias.
+        if ia3_out.is_none() && unmerged_active().all(|e| e.magnitude.is_none()) {
+            let x_in = match &ia3_in {
+                Some(l) => x.clone() * l.clone().unsqueeze_dim(0),
+                None => x.clone(),
+            };
+            let mut y = self.base_biased(x_in, &w);
+            for entry in unmerged_active() {
+                y = y + Self::lora_delta(entry, x.clone());
+            }
+            return y;
+        }
         // (IA)³: `(x ⊙ l_in)·W + b`, or `(x·W + b) ⊙ l_out`.
         let base = match &ia3_in {
             Some(l) => Self::times(x.clone() * l.clone().unsqueeze_dim(0), &w),
@@ -482,10 +512,7 @@ impl<B: Backend> LinearSlot<B> {
                 prob: entry.meta.dropout,
             };
             let xd = dropout.forward(x.clone());
-            // The scale multiplies the rank-r intermediate `[n, r]`, not the
-            // `[n, d_out]` product: one pass over the activation fewer.
-            let lora =
-                (xd.clone().matmul(entry.a.val()) * entry.meta.scaling).matmul(entry.b.val());
+            let lora = Self::lora_product(entry, xd.clone());
             match &entry.magnitude {
                 None => y = y + lora,
                 Some(m) => {

@@ -2,7 +2,9 @@
 //! against references: GELU and its derivative against the f64 formula,
 //! row broadcasts against NdArray (which computes them element by element),
 //! `exp` and softmax against f64, matrix products with a side of at most 16
-//! (LoRA's rank) against f64.
+//! (LoRA's rank) against f64, the linear layer's product-plus-bias kernel
+//! and its gradients against f64, element-wise operations on shared
+//! operands (written to a new buffer, in parallel) against f64.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::gelu;
@@ -63,11 +65,19 @@ fn flex_gelu_and_its_gradient_match_the_exact_formula() {
         })
         .unzip();
     let tol = Tolerance::new(0.0, 2e-6);
+    // Not unique (the input is still held): written to a new buffer, and
+    // the input must not be overwritten.
     check_close_slices("gelu", &values(gelu(x.clone())), &want, tol).unwrap();
-    // Not unique (the input is still held): the result must not overwrite it.
-    let held = x.clone();
-    let _ = gelu(x.clone());
-    check_close_slices("input kept", &values(held), &xs, Tolerance::new(0.0, 0.0)).unwrap();
+    check_close_slices(
+        "input kept",
+        &values(x.clone()),
+        &xs,
+        Tolerance::new(0.0, 0.0),
+    )
+    .unwrap();
+    // Unique: rewritten in place.
+    let unique = Tensor::<Flex, 1>::from_data(TensorData::new(xs.clone(), [n]), &device);
+    check_close_slices("gelu in place", &values(gelu(unique)), &want, tol).unwrap();
 
     let xa = Tensor::<Autodiff<Flex>, 1>::from_data(TensorData::new(xs.clone(), [n]), &device)
         .require_grad();
@@ -313,6 +323,213 @@ fn flex_skinny_matmuls_match_f64_in_every_layout() {
                 )
                 .unwrap();
             }
+        }
+    }
+}
+
+/// `a · b (+ bias)` in f64 from logical row-major values.
+fn product_f64(
+    av: &[f32],
+    bv: &[f32],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) -> Vec<f32> {
+    (0..m * n)
+        .map(|o| {
+            let (i, j) = (o / n, o % n);
+            let dot: f64 = (0..k)
+                .map(|t| av[i * k + t] as f64 * bv[t * n + j] as f64)
+                .sum();
+            (dot + bias.map_or(0.0, |b| b[j] as f64)) as f32
+        })
+        .collect()
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn flex_linear_with_bias_matches_f64_in_every_layout() {
+    // One thread (under 192³ multiply-adds) and several; sides that are not
+    // multiples of gemm's tiles. The bias is a vector or a window of one.
+    let device = Default::default();
+    let layouts = ["row-major", "transposed", "window"];
+    for (m, k, n) in [(203, 45, 77), (300, 200, 130)] {
+        for la in layouts {
+            for lb in layouts {
+                let (x, xv) = operand(m, k, la, 3);
+                let (w, wv) = operand(k, n, lb, 4);
+                let (wide, bv) = operand(2, n, lb, 5);
+                let bias = wide.slice([1..2, 0..n]).reshape([n]);
+                let got = peft_core::fused::linear_fused(&x, &w, &bias)
+                    .unwrap_or_else(|| panic!("{m}×{k}×{n} {la}·{lb}: the kernel declined"));
+                assert_eq!(got.dims(), [m, n], "{m}×{k}×{n} {la}·{lb}: shape");
+                check_close_slices(
+                    &format!("linear {m}×{k}×{n} {la}·{lb}"),
+                    &host(got),
+                    &product_f64(&xv, &wv, Some(&bv[n..]), (m, k, n)),
+                    Tolerance::new(1e-5, 1e-6),
+                )
+                .unwrap();
+            }
+        }
+    }
+    // LoRA-rank and single-row products are Flex's skinny kernels' (the
+    // kernel declines them), and other backends compose: `linear` still
+    // adds the bias.
+    for (m, k, n) in [(64, 8, 40), (1, 40, 64), (40, 64, 8)] {
+        let (x, xv) = operand(m, k, "row-major", 6);
+        let (w, wv) = operand(k, n, "row-major", 7);
+        let bias = Tensor::<Flex, 1>::from_data(TensorData::new(wv[..n].to_vec(), [n]), &device);
+        assert!(
+            peft_core::fused::linear_fused(&x, &w, &bias).is_none(),
+            "{m}×{k}×{n}"
+        );
+        let got = host(peft_core::fused::linear(x, &w, Some(&bias)));
+        let want = product_f64(&xv, &wv, Some(&wv[..n]), (m, k, n));
+        check_close_slices(
+            &format!("composed {m}×{k}×{n}"),
+            &got,
+            &want,
+            Tolerance::new(1e-5, 1e-6),
+        )
+        .unwrap();
+    }
+    let nd_device = Default::default();
+    let nd = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<NdArray, 2>::from_data(TensorData::new(v.to_vec(), shape), &nd_device)
+    };
+    let b = Tensor::<NdArray, 1>::zeros([64], &nd_device);
+    assert!(peft_core::fused::linear_fused(
+        &nd(&[0.5; 64 * 40], [64, 40]),
+        &nd(&[0.5; 40 * 64], [40, 64]),
+        &b
+    )
+    .is_none());
+}
+
+#[test]
+fn flex_linear_with_bias_gradients_match_f64() {
+    type A = Autodiff<Flex>;
+    let device = Default::default();
+    let (m, k, n) = (150, 90, 70);
+    let value = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+    let data = |len: usize, seed: usize| (0..len).map(|i| value(i, seed)).collect::<Vec<f32>>();
+    let (xv, wv, bv, gv) = (data(m * k, 1), data(k * n, 2), data(n, 3), data(m * n, 4));
+    let tensor = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<A, 2>::from_data(TensorData::new(v.to_vec(), shape), &device)
+    };
+    let upstream = tensor(&gv, [m, n]);
+    // dx = g·wᵀ, dw = xᵀ·g, db = Σ_rows g (f64).
+    let transpose = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|o| v[(o % rows) * cols + o / rows])
+            .collect()
+    };
+    let dx = product_f64(&gv, &transpose(&wv, k, n), None, (m, n, k));
+    let dw = product_f64(&transpose(&xv, m, k), &gv, None, (k, m, n));
+    let db: Vec<f32> = (0..n)
+        .map(|j| (0..m).map(|i| gv[i * n + j] as f64).sum::<f64>() as f32)
+        .collect();
+    let tol = Tolerance::new(1e-5, 0.0);
+    for tracked in [
+        [true, true, true],
+        [true, false, false],
+        [false, true, true],
+    ] {
+        let track = |t: Tensor<A, 2>, on: bool| if on { t.require_grad() } else { t };
+        let x = track(tensor(&xv, [m, k]), tracked[0]);
+        let w = track(tensor(&wv, [k, n]), tracked[1]);
+        let b = Tensor::<A, 1>::from_data(TensorData::new(bv.clone(), [n]), &device);
+        let b = if tracked[2] { b.require_grad() } else { b };
+        let y = peft_core::fused::linear_fused(&x, &w, &b).expect("the kernel takes these shapes");
+        check_close_slices(
+            "forward",
+            &host(y.clone()),
+            &product_f64(&xv, &wv, Some(&bv), (m, k, n)),
+            tol,
+        )
+        .unwrap();
+        let grads = (y * upstream.clone()).sum().backward();
+        let what = format!("tracked {tracked:?}");
+        match x.grad(&grads) {
+            Some(g) if tracked[0] => {
+                check_close_slices(&format!("{what}: dx"), &host(g), &dx, tol).unwrap()
+            }
+            None if !tracked[0] => 0.0,
+            g => panic!("{what}: dx {:?}", g.map(|g| g.dims())),
+        };
+        match w.grad(&grads) {
+            Some(g) if tracked[1] => {
+                check_close_slices(&format!("{what}: dw"), &host(g), &dw, tol).unwrap()
+            }
+            None if !tracked[1] => 0.0,
+            g => panic!("{what}: dw {:?}", g.map(|g| g.dims())),
+        };
+        match b.grad(&grads) {
+            Some(g) if tracked[2] => {
+                check_close_slices(&format!("{what}: db"), &host(g), &db, tol).unwrap()
+            }
+            None if !tracked[2] => 0.0,
+            g => panic!("{what}: db {:?}", g.map(|g| g.dims())),
+        };
+    }
+}
+
+#[test]
+fn flex_elementwise_ops_on_shared_operands_match_f64() {
+    // Above and below the parallel thresholds (128 K elements; 128 K for
+    // the shared-operand path); a length that is no multiple of the chunks.
+    let device = Default::default();
+    for len in [1000usize, 131_072 + 37, 786_432] {
+        let a: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..len)
+            .map(|i| ((i * 104_729) % 1999) as f32 / 1000.0 + 0.5)
+            .collect();
+        let t =
+            |v: &[f32]| Tensor::<Flex, 1>::from_data(TensorData::new(v.to_vec(), [len]), &device);
+        type Op = fn(f64, f64) -> f64;
+        let ops: [(&str, Op); 4] = [
+            ("add", |x, y| x + y),
+            ("sub", |x, y| x - y),
+            ("mul", |x, y| x * y),
+            ("div", |x, y| x / y),
+        ];
+        for (name, f) in ops {
+            let want: Vec<f32> = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| f(x as f64, y as f64) as f32)
+                .collect();
+            let run = |lhs: Tensor<Flex, 1>, rhs: Tensor<Flex, 1>| match name {
+                "add" => lhs + rhs,
+                "sub" => lhs - rhs,
+                "mul" => lhs * rhs,
+                _ => lhs / rhs,
+            };
+            let tol = Tolerance::new(1e-6, 0.0);
+            // lhs unique: in place.
+            check_close_slices(
+                &format!("{name} {len} in place"),
+                &values(run(t(&a), t(&b))),
+                &want,
+                tol,
+            )
+            .unwrap();
+            // lhs shared: a new buffer, lhs left as it was.
+            let lhs = t(&a);
+            let got = values(run(lhs.clone(), t(&b)));
+            check_close_slices(&format!("{name} {len} shared"), &got, &want, tol).unwrap();
+            check_close_slices(
+                &format!("{name} {len} lhs kept"),
+                &values(lhs),
+                &a,
+                Tolerance::new(0.0, 0.0),
+            )
+            .unwrap();
         }
     }
 }

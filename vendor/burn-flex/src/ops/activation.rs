@@ -59,10 +59,16 @@ impl ActivationOps<Flex> for Flex {
     fn gelu(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
         // peft-rs patch: vectorized, multi-threaded f32 path.
         if tensor.dtype() == DType::F32 {
-            let mut t = if tensor.is_unique()
-                && tensor.layout().contiguous_offsets() == Some((0, tensor.layout().num_elements()))
-            {
+            let offsets = tensor.layout().contiguous_offsets();
+            let mut t = if tensor.is_unique() && offsets == Some((0, tensor.layout().num_elements())) {
                 tensor
+            } else if let Some((start, end)) = offsets {
+                // Shared (autodiff keeps GELU's input for the backward
+                // pass): write into a new buffer instead of copying the
+                // input first and rewriting the copy.
+                let mut out = FlexTensor::for_overwrite::<f32>(tensor.layout().shape().clone());
+                crate::ops::gelu_fast::gelu_into(&tensor.storage::<f32>()[start..end], out.storage_mut());
+                return out;
             } else {
                 tensor.to_contiguous()
             };

@@ -106,6 +106,27 @@ where
         return lhs;
     }
 
+    // peft-rs patch: lhs shared (an activation kept for a backward pass, as
+    // a residual's input is), both contiguous and of one length: lhs op rhs
+    // into a new buffer, chunk by chunk and in parallel, instead of
+    // `binary_op_typed`'s one-thread scalar zip-and-collect.
+    if let Some(simd_op) = simd_hint
+        && let (Some((l_start, l_end)), Some((r_start, r_end))) = (
+            lhs.layout().contiguous_offsets(),
+            rhs.layout().contiguous_offsets(),
+        )
+        && l_end - l_start == r_end - r_start
+    {
+        let mut out = FlexTensor::for_overwrite::<f32>(lhs.layout().shape().clone());
+        simd_into_f32(
+            out.storage_mut(),
+            &lhs.storage()[l_start..l_end],
+            &rhs.storage()[r_start..r_end],
+            simd_op,
+        );
+        return out;
+    }
+
     // Broadcast SIMD fast path: rhs is broadcast via stride-0 dims in
     // one of two hot shapes that dominate layer_norm decomposition --
     // shared-row (`gamma.unsqueeze() * x`) or per-row scalar
@@ -408,6 +429,35 @@ where
             *x = op(*x, scalar);
         }
     }
+}
+
+/// `out = l op r` for slices of one length: each chunk is copied from `l`
+/// and combined with `r` while in cache (peft-rs patch), in parallel where
+/// the slices are long.
+#[cfg(feature = "simd")]
+fn simd_into_f32(out: &mut [f32], l: &[f32], r: &[f32], simd_op: BinaryOp) {
+    /// Elements per task: 64 KB of each operand.
+    const CHUNK: usize = 16 * 1024;
+    let run = |(o, (l, r)): (&mut [f32], (&[f32], &[f32]))| {
+        o.copy_from_slice(l);
+        match simd_op {
+            BinaryOp::Add => simd::add_inplace_f32(o, r),
+            BinaryOp::Sub => simd::sub_inplace_f32(o, r),
+            BinaryOp::Mul => simd::mul_inplace_f32(o, r),
+            BinaryOp::Div => simd::div_inplace_f32(o, r),
+        }
+    };
+    #[cfg(feature = "rayon")]
+    if out.len() >= 8 * CHUNK {
+        use rayon::prelude::*;
+        out.par_chunks_mut(CHUNK)
+            .zip(l.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))
+            .for_each(run);
+        return;
+    }
+    out.chunks_mut(CHUNK)
+        .zip(l.chunks(CHUNK).zip(r.chunks(CHUNK)))
+        .for_each(run);
 }
 
 /// Fallback when SIMD is disabled.

@@ -118,6 +118,24 @@ pub fn gelu_inplace(v: &mut [f32]) {
     gelu_chunk(v)
 }
 
+/// `out[i] ← GELU(x[i])`: each chunk copied, then rewritten while in cache.
+pub fn gelu_into(x: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(x.len(), out.len());
+    let run = |(o, x): (&mut [f32], &[f32])| {
+        o.copy_from_slice(x);
+        gelu_chunk(o);
+    };
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        if out.len() > CHUNK {
+            out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(run);
+            return;
+        }
+    }
+    run((out, x))
+}
+
 /// `grad[i] ← grad[i] · GELU'(x[i])`.
 pub fn gelu_backward_inplace(x: &[f32], grad: &mut [f32]) {
     debug_assert_eq!(x.len(), grad.len());

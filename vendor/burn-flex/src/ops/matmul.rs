@@ -63,7 +63,8 @@ const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 const BATCH_PARALLEL_THRESHOLD: usize = 128 * 128 * 128; // ~2M ops total
 
 /// Get parallelism setting based on matrix size.
-fn get_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+// peft-rs patch: crate-visible for `matmul_bias`.
+pub(crate) fn get_parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let ops = m.saturating_mul(n).saturating_mul(k);
     if ops >= PARALLEL_THRESHOLD {
         #[cfg(feature = "rayon")]
@@ -113,7 +114,8 @@ pub fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
 
 /// Extract 2D matrix strides from a tensor layout.
 /// Returns (row_stride, col_stride) for the last two dimensions.
-fn get_2d_strides(layout: &Layout) -> (isize, isize) {
+// peft-rs patch: crate-visible for `matmul_bias`.
+pub(crate) fn get_2d_strides(layout: &Layout) -> (isize, isize) {
     let strides = layout.strides();
     let ndim = strides.len();
     let row_stride = strides[ndim - 2];

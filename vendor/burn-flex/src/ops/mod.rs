@@ -115,6 +115,7 @@ mod int;
 pub mod interpolate;
 pub mod mask;
 pub mod matmul;
+pub mod matmul_bias;
 mod module;
 pub mod pool;
 mod qtensor;
