@@ -484,13 +484,15 @@ impl<B: Backend> LinearSlot<B> {
             return self.base_biased(x, &self.base_weight());
         }
         let w = self.base_weight();
+        // (IA)³ on the input side scales what the base weight sees; LoRA
+        // reads the unscaled `x`.
+        let x_in = match &ia3_in {
+            Some(l) => x.clone() * l.clone().unsqueeze_dim(0),
+            None => x.clone(),
+        };
         // Plain LoRA adds its deltas to `x·W + b`, computed in one kernel;
         // DoRA and an output-side (IA)³ vector need `x·W` without the bias.
         if ia3_out.is_none() && unmerged_active().all(|e| e.magnitude.is_none()) {
-            let x_in = match &ia3_in {
-                Some(l) => x.clone() * l.clone().unsqueeze_dim(0),
-                None => x.clone(),
-            };
             let mut y = self.base_biased(x_in, &w);
             for entry in unmerged_active() {
                 y = y + Self::lora_delta(entry, x.clone());
@@ -498,10 +500,7 @@ impl<B: Backend> LinearSlot<B> {
             return y;
         }
         // (IA)³: `(x ⊙ l_in)·W + b`, or `(x·W + b) ⊙ l_out`.
-        let base = match &ia3_in {
-            Some(l) => Self::times(x.clone() * l.clone().unsqueeze_dim(0), &w),
-            None => Self::times(x.clone(), &w),
-        };
+        let base = Self::times(x_in, &w);
         let base = match &ia3_out {
             Some(l) => self.add_bias(base) * l.clone().unsqueeze_dim(0),
             None => base,

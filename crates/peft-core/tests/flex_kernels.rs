@@ -533,3 +533,66 @@ fn flex_elementwise_ops_on_shared_operands_match_f64() {
         }
     }
 }
+
+/// Attention's softmax with statistics (`exp_fast::softmax_rows_stats_inplace`
+/// and its recomputation from the statistics in the backward pass) at every
+/// row length from 1 to 40 and at 55, 64, 128: whole 16-lane vectors, a
+/// masked tail, or both. Against f64; the recomputation must equal the
+/// forward's probabilities bit for bit (the backward pass relies on it).
+#[test]
+fn flex_attention_softmax_rows_match_f64_at_every_tail_length() {
+    use burn_flex::ops::exp_fast::{softmax_rows_from_stats_inplace, softmax_rows_stats_inplace};
+    let rows = 7;
+    for len in (1..=40).chain([55, 64, 128]) {
+        let scores: Vec<f32> = (0..rows * len)
+            .map(|i| match (i % len, i / len) {
+                // A masked key (BERT's padding) in rows of more than two.
+                (1, _) if len > 2 => -1e30,
+                (_, r) => ((i * 7919 + r) % 1000) as f32 * 0.02 - 10.0,
+            })
+            .collect();
+        let mut probs = scores.clone();
+        let mut stats = vec![[0.0f32; 2]; rows];
+        softmax_rows_stats_inplace(&mut probs, len, &mut stats);
+        let want: Vec<f32> = scores
+            .chunks(len)
+            .flat_map(|r| {
+                let max = r.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let sum: f64 = r.iter().map(|&x| (x as f64 - max).exp()).sum();
+                r.iter()
+                    .map(move |&x| ((x as f64 - max).exp() / sum) as f32)
+            })
+            .collect();
+        check_close_slices(
+            &format!("softmax rows of {len}"),
+            &probs,
+            &want,
+            Tolerance::new(1e-6, 1e-9),
+        )
+        .unwrap();
+        let mut again = scores.clone();
+        softmax_rows_from_stats_inplace(&mut again, len, &stats);
+        let same = again
+            .iter()
+            .zip(&probs)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "rows of {len}: recomputed from the statistics, the probabilities differ"
+        );
+    }
+    // NaN in a row makes that row NaN and leaves the next one alone.
+    let len = 21;
+    let mut x: Vec<f32> = (0..2 * len).map(|i| i as f32 * 0.1).collect();
+    x[len - 1] = f32::NAN;
+    let mut stats = vec![[0.0f32; 2]; 2];
+    softmax_rows_stats_inplace(&mut x, len, &mut stats);
+    assert!(
+        x[..len].iter().all(|v| v.is_nan()),
+        "a NaN score must poison its row"
+    );
+    assert!(
+        x[len..].iter().all(|v| v.is_finite()),
+        "the next row must stay finite"
+    );
+}

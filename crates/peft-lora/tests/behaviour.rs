@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::config::InitLoraWeights;
+use peft_core::config::{InitLoraWeights, TargetModules};
 use peft_core::io::{read_safetensors, serialize_safetensors, HostTensor};
 use peft_core::{LoraConfig, PeftError, PeftModel, BASE_ROW};
 use peft_lora::{Combination, LoraModel, WeightedOptions};
@@ -299,4 +299,202 @@ fn several_active_adapters_add_up_and_merge_and_unload_is_the_merged_model() {
     merged.visit_linears(&mut |_, s| entries += s.lora.len());
     assert_eq!(entries, 0, "unloaded");
     assert!(max_diff(&logits(&merged), &both) < 1e-5);
+}
+
+/// Two adapters with fresh random `B` (so that each changes the logits) on
+/// different modules: `a` rank 2 on `q_proj`, `b` rank 3 on `q_proj` and
+/// `v_proj`.
+fn two_random_adapters() -> LoraModel<B, Llama<B>> {
+    let random = |r: usize, targets: &[&str]| LoraConfig {
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..LoraConfig::new(r, 2.0 * r as f64, targets)
+    };
+    let mut lora = LoraModel::new(model(), random(2, &["q_proj"])).unwrap();
+    lora.add_adapter("b", random(3, &["q_proj", "v_proj"]))
+        .unwrap();
+    lora
+}
+
+#[test]
+fn weighted_combinations_refuse_what_they_cannot_combine() {
+    let mut lora = two_random_adapters();
+    let both = ["default", "b"];
+    let opts = |density: Option<f64>| WeightedOptions {
+        density,
+        ..Default::default()
+    };
+    let refused =
+        |lora: &mut LoraModel<B, Llama<B>>, kind, weights: &[f64], o: WeightedOptions| match lora
+            .add_weighted_adapter(&both, weights, "w", kind, &o)
+        {
+            Err(PeftError::Config(m)) => m,
+            other => panic!("{kind:?} {weights:?} {o:?}: {other:?}"),
+        };
+    // Pruning combinations need a density in [0, 1].
+    for kind in [
+        Combination::Ties,
+        Combination::DareLinear,
+        Combination::MagnitudePrune,
+    ] {
+        for density in [None, Some(-0.1), Some(1.5), Some(f64::NAN)] {
+            let m = refused(&mut lora, kind, &[1.0, 1.0], opts(density));
+            assert!(m.contains("density"), "{kind:?} {density:?}: {m}");
+        }
+    }
+    // Factor-wise sums need one rank (2 and 3 here); a weight per adapter;
+    // an SVD rank of at least 1.
+    let m = refused(&mut lora, Combination::Linear, &[1.0, 1.0], opts(None));
+    assert!(m.contains("one rank"), "{m}");
+    let m = refused(&mut lora, Combination::Ties, &[1.0, 1.0], opts(Some(0.5)));
+    assert!(m.contains("one rank"), "{m}");
+    let m = refused(&mut lora, Combination::Cat, &[1.0], opts(None));
+    assert!(m.contains("one weight per adapter"), "{m}");
+    let zero_rank = WeightedOptions {
+        svd_rank: Some(0),
+        ..Default::default()
+    };
+    let m = refused(&mut lora, Combination::Svd, &[1.0, 1.0], zero_rank);
+    assert!(m.contains("svd_rank"), "{m}");
+    // Targets given as a list and as a pattern; ranks equal per adapter
+    // (2 and max(1, 2)) but not in `q_proj` (2 and 1).
+    let pattern = LoraConfig {
+        target_modules: Some(TargetModules::Pattern(r".*\.q_proj".into())),
+        ..LoraConfig::new(2, 4.0, &[])
+    };
+    lora.add_adapter("pattern", pattern).unwrap();
+    let mut uneven = LoraConfig::new(2, 4.0, &["q_proj", "v_proj"]);
+    uneven.rank_pattern.insert("q_proj".into(), 1);
+    lora.add_adapter("uneven", uneven).unwrap();
+    let all_linear = LoraConfig {
+        target_modules: Some(TargetModules::Pattern("all-linear".into())),
+        ..LoraConfig::new(2, 4.0, &[])
+    };
+    lora.add_adapter("all-linear", all_linear).unwrap();
+    let refusals = [
+        (["default", "pattern"], "one type"),
+        (["pattern", "default"], "one type"),
+        (["pattern", "all-linear"], "not all-linear"),
+        (["default", "uneven"], "equal ranks in every module"),
+    ];
+    for (pair, want) in refusals {
+        let o = WeightedOptions::default();
+        match lora.add_weighted_adapter(&pair, &[1.0, 1.0], "w", Combination::Linear, &o) {
+            Err(PeftError::Config(m)) => assert!(m.contains(want), "{pair:?}: {m}"),
+            res => panic!("{pair:?}: {res:?}"),
+        }
+    }
+    // Nothing refused was added; the densities at the ends of [0, 1] are
+    // accepted (an SVD combination takes any ranks).
+    assert!(
+        lora.config("w").is_err(),
+        "a refused combination left an adapter"
+    );
+    // Two patterns combine into their alternation.
+    let o = WeightedOptions::default();
+    lora.add_weighted_adapter(
+        &["pattern", "pattern"],
+        &[1.0, 0.5],
+        "patterns",
+        Combination::Linear,
+        &o,
+    )
+    .unwrap();
+    for density in [0.0, 1.0] {
+        let name = format!("ties_svd_{density}");
+        lora.add_weighted_adapter(
+            &both,
+            &[1.0, 1.0],
+            &name,
+            Combination::TiesSvd,
+            &opts(Some(density)),
+        )
+        .unwrap_or_else(|e| panic!("density {density}: {e}"));
+    }
+}
+
+#[test]
+fn a_concatenation_pads_modules_that_only_some_adapters_target() {
+    // `v_proj` has only `b`'s rank 3 of the combination's rank 5: PEFT pads
+    // it with zeros, and `cat` with weights 1, 1 is both adapters active.
+    let mut lora = two_random_adapters();
+    lora.set_adapter(&["default", "b"]).unwrap();
+    let both = logits(&lora.model);
+    let opts = WeightedOptions::default();
+    lora.add_weighted_adapter(
+        &["default", "b"],
+        &[1.0, 1.0],
+        "cat",
+        Combination::Cat,
+        &opts,
+    )
+    .unwrap();
+    lora.set_adapter(&["cat"]).unwrap();
+    let d = max_diff(&logits(&lora.model), &both);
+    assert!(d < 1e-5, "cat differs from both adapters active by {d:e}");
+    lora.set_adapter(&["b"]).unwrap();
+    let b_alone = logits(&lora.model);
+    assert!(
+        max_diff(&both, &b_alone) > 1e-3,
+        "adapter `default` changes nothing"
+    );
+    // Every module has the combination's rank in the file, as PEFT (which
+    // reads the rank from the config) needs to load it.
+    let dir = temp("cat-pad");
+    lora.save_adapter("cat", &dir).unwrap();
+    let saved = read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
+    let mut factors = 0;
+    for (key, t) in &saved {
+        if key.contains("lora_A") {
+            assert_eq!(t.shape[0], 5, "{key}: {:?}", t.shape);
+            factors += 1;
+        } else if key.contains("lora_B") {
+            assert_eq!(t.shape[1], 5, "{key}: {:?}", t.shape);
+        }
+    }
+    assert!(factors > 2, "{factors} lora_A tensors saved");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_negative_weight_subtracts_the_adapter() {
+    // One adapter is always PEFT's `linear`, whose factors carry
+    // sign(w)·√|w·s| and √|w·s|: the update is w·s·B·A. `cat` (two adapters,
+    // the second at weight 0) puts w·s in A alone: the same update by
+    // another route.
+    let mut lora = two_random_adapters();
+    let opts = WeightedOptions::default();
+    lora.add_weighted_adapter(&["b"], &[-0.6], "linear", Combination::Linear, &opts)
+        .unwrap();
+    lora.add_weighted_adapter(
+        &["b", "default"],
+        &[-0.6, 0.0],
+        "cat",
+        Combination::Cat,
+        &opts,
+    )
+    .unwrap();
+    lora.set_adapter(&["linear"]).unwrap();
+    let linear = logits(&lora.model);
+    lora.set_adapter(&["cat"]).unwrap();
+    let cat = logits(&lora.model);
+    let d = max_diff(&linear, &cat);
+    assert!(d < 1e-5, "linear and cat of weight -0.6 differ by {d:e}");
+    // Weights w and -w of one adapter cancel: the base model's logits.
+    lora.add_weighted_adapter(
+        &["b", "b"],
+        &[0.8, -0.8],
+        "zero",
+        Combination::Linear,
+        &opts,
+    )
+    .unwrap();
+    lora.set_adapter(&["zero"]).unwrap();
+    let zero = logits(&lora.model);
+    lora.disable_adapters().unwrap();
+    let base = logits(&lora.model);
+    assert!(max_diff(&zero, &base) < 1e-6, "w and -w do not cancel");
+    assert!(
+        max_diff(&linear, &base) > 1e-3,
+        "weight -0.6 changes nothing"
+    );
 }

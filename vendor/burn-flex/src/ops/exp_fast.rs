@@ -114,8 +114,10 @@ fn softmax_row(input: &[f32], output: &mut [f32]) {
     softmax_row_stats(output);
 }
 
-macro_rules! kernels {
-    ($exp_inplace:ident, $softmax_rows:ident, $stats_rows:ident, $from_stats_rows:ident, $feat:literal) => {
+/// The row kernels with statistics, auto-vectorized for `$feat` (the
+/// AVX-512 ones are written out in [`avx512`] instead).
+macro_rules! row_kernels {
+    ($stats_rows:ident, $from_stats_rows:ident, $feat:literal) => {
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         #[target_feature(enable = $feat)]
         unsafe fn $stats_rows(x: &mut [f32], row: usize, stats: &mut [[f32; 2]]) {
@@ -130,6 +132,11 @@ macro_rules! kernels {
                 softmax_row_from_stats(r, st);
             }
         }
+    };
+}
+
+macro_rules! kernels {
+    ($exp_inplace:ident, $softmax_rows:ident, $feat:literal) => {
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         #[target_feature(enable = $feat)]
         unsafe fn $exp_inplace(v: &mut [f32]) {
@@ -147,20 +154,113 @@ macro_rules! kernels {
     };
 }
 
-kernels!(
-    exp_avx512,
-    softmax_avx512,
-    stats_avx512,
-    from_stats_avx512,
-    "avx512f,avx512dq,fma"
-);
-kernels!(
-    exp_avx2,
-    softmax_avx2,
-    stats_avx2,
-    from_stats_avx2,
-    "avx2,fma"
-);
+kernels!(exp_avx512, softmax_avx512, "avx512f,avx512dq,fma");
+kernels!(exp_avx2, softmax_avx2, "avx2,fma");
+row_kernels!(stats_avx2, from_stats_avx2, "avx2,fma");
+
+/// Attention's softmax rows with statistics, written out for AVX-512
+/// (peft-rs patch). Attention rows are as long as the batch's longest
+/// sentence (about 55 in the main job's batches), and the auto-vectorized
+/// loops ran each row's last `len % 16` values four wide and one at a time:
+/// those tails took half the kernel's time. Here a row is whole 16-lane
+/// vectors, the last one masked.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+mod avx512 {
+    use core::arch::x86_64::*;
+
+    /// [`super::exp_f32`] on 16 lanes: the same reduction and polynomial;
+    /// `2^n` by `vscalefps`, which overflows to `inf` and underflows
+    /// gradually as the two-step scaling does.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    fn exp(y: __m512) -> __m512 {
+        // `max`/`min` return their second operand when one is NaN: `y`
+        // second lets NaN through, as `clamp` does.
+        let y = _mm512_min_ps(_mm512_set1_ps(88.8), _mm512_max_ps(_mm512_set1_ps(-104.0), y));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(y, _mm512_set1_ps(core::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(
+            n,
+            _mm512_set1_ps(1.428_606_8e-6),
+            _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), y),
+        );
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Lanes `0..len` of the row's last vector.
+    fn tail_mask(row: usize) -> __mmask16 {
+        ((1u32 << (row % 16)) - 1) as __mmask16
+    }
+
+    /// # Safety
+    /// AVX-512F/DQ and FMA are available; `x.len() == row * stats.len()`.
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub(super) unsafe fn stats_rows(x: &mut [f32], row: usize, stats: &mut [[f32; 2]]) {
+        let (full, mask) = (row / 16, tail_mask(row));
+        for (r, st) in x.chunks_exact_mut(row).zip(stats) {
+            let p = r.as_mut_ptr();
+            // SAFETY (every access): vector `i < full` covers r[16i..16i+16]
+            // and the masked tail r[16·full..row], all inside the row.
+            unsafe {
+                // A NaN lane is skipped here (the loaded value goes first)
+                // and propagates through `exp` instead.
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                for i in 0..full {
+                    m = _mm512_max_ps(_mm512_loadu_ps(p.add(16 * i)), m);
+                }
+                let tail = _mm512_mask_loadu_ps(m, mask, p.add(16 * full));
+                let max = _mm512_reduce_max_ps(_mm512_max_ps(tail, m));
+                let mv = _mm512_set1_ps(max);
+                let mut sum = _mm512_setzero_ps();
+                for i in 0..full {
+                    let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(16 * i)), mv));
+                    _mm512_storeu_ps(p.add(16 * i), e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p.add(16 * full)), mv));
+                _mm512_mask_storeu_ps(p.add(16 * full), mask, e);
+                sum = _mm512_mask_add_ps(sum, mask, sum, e);
+                let inv = 1.0 / _mm512_reduce_add_ps(sum);
+                let iv = _mm512_set1_ps(inv);
+                for i in 0..full {
+                    let q = p.add(16 * i);
+                    _mm512_storeu_ps(q, _mm512_mul_ps(_mm512_loadu_ps(q), iv));
+                }
+                let q = p.add(16 * full);
+                _mm512_mask_storeu_ps(q, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, q), iv));
+                *st = [max, inv];
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`stats_rows`]. Gives bit for bit what `stats_rows` wrote: the
+    /// same operations on the same values.
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub(super) unsafe fn from_stats_rows(x: &mut [f32], row: usize, stats: &[[f32; 2]]) {
+        let (full, mask) = (row / 16, tail_mask(row));
+        for (r, &[max, inv]) in x.chunks_exact_mut(row).zip(stats) {
+            let p = r.as_mut_ptr();
+            let (mv, iv) = (_mm512_set1_ps(max), _mm512_set1_ps(inv));
+            // SAFETY: as in `stats_rows`.
+            unsafe {
+                for i in 0..full {
+                    let q = p.add(16 * i);
+                    let e = exp(_mm512_sub_ps(_mm512_loadu_ps(q), mv));
+                    _mm512_storeu_ps(q, _mm512_mul_ps(e, iv));
+                }
+                let q = p.add(16 * full);
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, q), mv));
+                _mm512_mask_storeu_ps(q, mask, _mm512_mul_ps(e, iv));
+            }
+        }
+    }
+}
 
 #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
 pub(crate) fn has_avx512() -> bool {
@@ -215,9 +315,11 @@ pub fn softmax_rows_stats_inplace(x: &mut [f32], row: usize, stats: &mut [[f32; 
     assert!(row > 0 && x.len() == row * stats.len());
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
     {
+        #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            // SAFETY: the features were detected on this CPU.
-            return unsafe { stats_avx512(x, row, stats) };
+            // SAFETY: the features were detected on this CPU; the lengths
+            // were asserted above.
+            return unsafe { avx512::stats_rows(x, row, stats) };
         }
         if has_avx2() {
             // SAFETY: as above.
@@ -235,9 +337,11 @@ pub fn softmax_rows_from_stats_inplace(x: &mut [f32], row: usize, stats: &[[f32;
     assert!(row > 0 && x.len() == row * stats.len());
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
     {
+        #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            // SAFETY: the features were detected on this CPU.
-            return unsafe { from_stats_avx512(x, row, stats) };
+            // SAFETY: the features were detected on this CPU; the lengths
+            // were asserted above.
+            return unsafe { avx512::from_stats_rows(x, row, stats) };
         }
         if has_avx2() {
             // SAFETY: as above.

@@ -128,10 +128,8 @@ unsafe fn gemm(
 
 /// An uninitialised `[b, h, rows, d]` f32 buffer laid out `[b, rows, h, d]`.
 fn heads_major(b: usize, h: usize, rows: usize, d: usize) -> (Vec<f32>, Layout) {
-    let n = b * h * rows * d;
-    let mut data = Vec::with_capacity(n);
-    // SAFETY: f32 is plain old data; the kernels write every element.
-    unsafe { data.set_len(n) };
+    // The kernels write every element.
+    let data = crate::ops::uninit_f32(b * h * rows * d);
     let strides = vec![(rows * h * d) as isize, d as isize, (h * d) as isize, 1];
     (
         data,

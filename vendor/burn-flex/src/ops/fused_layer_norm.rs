@@ -230,7 +230,8 @@ fn normalise(
     let xs: &[f32] = &x.storage::<f32>()[..n];
     let g: &[f32] = &gamma.storage::<f32>()[..d];
     let b: Option<&[f32]> = beta.as_ref().map(|b| &b.storage::<f32>()[..d]);
-    let mut y = vec![0.0f32; n];
+    // Every row of `y` is written by the kernel below.
+    let mut y = crate::ops::uninit_f32(n);
     let mut stats = vec![[0.0f32; 2]; rows];
     let isa = isa();
     let run = |x: &[f32], y: &mut [f32], st: &mut [[f32; 2]]| match isa {
@@ -309,7 +310,8 @@ fn gradients(
     let xs: &[f32] = &x.storage::<f32>()[..n];
     let dy: &[f32] = &grad.storage::<f32>()[..n];
     let g: &[f32] = &gamma.storage::<f32>()[..d];
-    let mut dx = vec![0.0f32; n];
+    // Every row of `dx` is written by the kernel below.
+    let mut dx = crate::ops::uninit_f32(n);
     let isa = isa();
     let run = |x: &[f32], dy: &[f32], dx: &mut [f32], st: &[[f32; 2]]| {
         let (mut dg, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);

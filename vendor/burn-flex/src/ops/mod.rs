@@ -127,3 +127,15 @@ pub mod sort;
 mod transaction;
 pub mod unary;
 pub mod unfold;
+
+/// An f32 buffer of `n` elements left uninitialised, for kernels that write
+/// every element before anything reads it (peft-rs patch: `vec![0.0; n]`
+/// zeroed layer norm's 3 MB outputs on the calling thread while the pool
+/// waited).
+pub(crate) fn uninit_f32(n: usize) -> alloc::vec::Vec<f32> {
+    let mut data = alloc::vec::Vec::with_capacity(n);
+    // SAFETY: f32 is plain old data; callers overwrite all `n` elements
+    // before reading any.
+    unsafe { data.set_len(n) };
+    data
+}
