@@ -95,7 +95,13 @@ where
     {
         let r_slice: &[f32] = &rhs.storage()[r_start..r_end];
         let lhs_storage: &mut [f32] = lhs.storage_mut();
-        inplace_f32(simd_op, &mut lhs_storage[..l_end], r_slice);
+        let l_slice = &mut lhs_storage[..l_end];
+        match simd_op {
+            BinaryOp::Add => simd::add_inplace_f32(l_slice, r_slice),
+            BinaryOp::Sub => simd::sub_inplace_f32(l_slice, r_slice),
+            BinaryOp::Mul => simd::mul_inplace_f32(l_slice, r_slice),
+            BinaryOp::Div => simd::div_inplace_f32(l_slice, r_slice),
+        }
         return lhs;
     }
 
@@ -424,32 +430,17 @@ where
     }
 }
 
-/// `l = l op r` by the SIMD kernel of `simd_op`.
-#[cfg(feature = "simd")]
-fn inplace_f32(simd_op: BinaryOp, l: &mut [f32], r: &[f32]) {
-    match simd_op {
-        BinaryOp::Add => simd::add_inplace_f32(l, r),
-        BinaryOp::Sub => simd::sub_inplace_f32(l, r),
-        BinaryOp::Mul => simd::mul_inplace_f32(l, r),
-        BinaryOp::Div => simd::div_inplace_f32(l, r),
-    }
-}
-
-/// `out = l op r` for slices of one length: each piece is copied from `l`
-/// and combined with `r` while in cache (peft-rs patch), in parallel where
-/// the slices are long.
+/// `out = l op r` for slices of one length, in one pass with the SIMD
+/// kernels (peft-rs patch), in parallel where the slices are long.
 #[cfg(feature = "simd")]
 fn simd_into_f32(out: &mut [f32], l: &[f32], r: &[f32], simd_op: BinaryOp) {
     /// Elements per task: 64 KB of each operand.
     const CHUNK: usize = 16 * 1024;
-    /// Elements copied then combined at a time: 8 KB, so that the copy is
-    /// still in L1 when the kernel reads it back.
-    const STEP: usize = 2 * 1024;
-    let run = |(o, (l, r)): (&mut [f32], (&[f32], &[f32]))| {
-        for (o, (l, r)) in o.chunks_mut(STEP).zip(l.chunks(STEP).zip(r.chunks(STEP))) {
-            o.copy_from_slice(l);
-            inplace_f32(simd_op, o, r);
-        }
+    let run = |(o, (l, r)): (&mut [f32], (&[f32], &[f32]))| match simd_op {
+        BinaryOp::Add => simd::add_into_f32(o, l, r),
+        BinaryOp::Sub => simd::sub_into_f32(o, l, r),
+        BinaryOp::Mul => simd::mul_into_f32(o, l, r),
+        BinaryOp::Div => simd::div_into_f32(o, l, r),
     };
     #[cfg(feature = "rayon")]
     if out.len() >= 8 * CHUNK {

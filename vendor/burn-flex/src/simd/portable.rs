@@ -78,6 +78,48 @@ define_inplace_f32_op!(mul_inplace_f32, mul_inplace_f32_seq, mul_inplace_f32_par
 define_inplace_f32_op!(div_inplace_f32, div_inplace_f32_seq, div_inplace_f32_par, /);
 
 // ============================================================================
+// f32 binary ops into a third slice (peft-rs patch)
+// ============================================================================
+//
+// `out[i] = a[i] op b[i]` on this thread, for a left operand that must stay
+// as it is (autodiff keeps it): one pass reading `a` and `b`, instead of a
+// copy of `a` into `out` and the in-place kernel over it. The caller splits
+// the work across threads.
+
+macro_rules! define_into_f32_op {
+    ($pub_fn:ident, $op:tt) => {
+        #[macerator::with_simd]
+        #[allow(clippy::assign_op_pattern)]
+        pub fn $pub_fn<S: Simd>(out: &mut [f32], a: &[f32], b: &[f32]) {
+            assert!(a.len() == out.len() && b.len() == out.len());
+            let lanes = S::lanes32();
+            let len = out.len();
+            let simd_len = len / lanes * lanes;
+
+            let mut i = 0;
+            while i < simd_len {
+                // SAFETY: `i + lanes <= len`, the length of all three slices.
+                unsafe {
+                    let va = vload_unaligned(a.as_ptr().add(i));
+                    let vb = vload_unaligned(b.as_ptr().add(i));
+                    vstore_unaligned::<S, _>(out.as_mut_ptr().add(i), va $op vb);
+                }
+                i += lanes;
+            }
+
+            for j in simd_len..len {
+                out[j] = a[j] $op b[j];
+            }
+        }
+    };
+}
+
+define_into_f32_op!(add_into_f32, +);
+define_into_f32_op!(sub_into_f32, -);
+define_into_f32_op!(mul_into_f32, *);
+define_into_f32_op!(div_into_f32, /);
+
+// ============================================================================
 // f32 shared-row broadcast binary ops
 // ============================================================================
 //
