@@ -185,6 +185,18 @@ fn flex_exp_matches_f64_over_the_whole_range() {
     assert!(nan[0].is_nan(), "NaN must stay NaN");
 }
 
+/// Softmax of each `row`-long row of `xs`, in f64.
+fn softmax_f64(xs: &[f32], row: usize) -> Vec<f32> {
+    xs.chunks(row)
+        .flat_map(|r| {
+            let max = r.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let sum: f64 = r.iter().map(|&x| (x as f64 - max).exp()).sum();
+            r.iter()
+                .map(move |&x| ((x as f64 - max).exp() / sum) as f32)
+        })
+        .collect()
+}
+
 #[test]
 fn flex_softmax_matches_f64() {
     let device = Default::default();
@@ -205,15 +217,7 @@ fn flex_softmax_matches_f64() {
         .into_data()
         .to_vec::<f32>()
         .unwrap();
-    let want: Vec<f32> = xs
-        .chunks(row)
-        .flat_map(|r| {
-            let max = r.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let sum: f64 = r.iter().map(|&x| (x as f64 - max).exp()).sum();
-            r.iter()
-                .map(move |&x| ((x as f64 - max).exp() / sum) as f32)
-        })
-        .collect();
+    let want = softmax_f64(&xs, row);
     check_close_slices("softmax", &got, &want, Tolerance::new(1e-6, 1e-9)).unwrap();
 }
 
@@ -554,15 +558,7 @@ fn flex_attention_softmax_rows_match_f64_at_every_tail_length() {
         let mut probs = scores.clone();
         let mut stats = vec![[0.0f32; 2]; rows];
         softmax_rows_stats_inplace(&mut probs, len, &mut stats);
-        let want: Vec<f32> = scores
-            .chunks(len)
-            .flat_map(|r| {
-                let max = r.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-                let sum: f64 = r.iter().map(|&x| (x as f64 - max).exp()).sum();
-                r.iter()
-                    .map(move |&x| ((x as f64 - max).exp() / sum) as f32)
-            })
-            .collect();
+        let want = softmax_f64(&scores, len);
         check_close_slices(
             &format!("softmax rows of {len}"),
             &probs,
