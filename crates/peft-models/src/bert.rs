@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::attention::{attend, padding_mask, positions, split_heads};
 use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
+use crate::packing::Packing;
 use peft_core::kv::{KvCache, LayerCache};
 
 /// The fields of a BERT `config.json` this model uses.
@@ -110,16 +111,25 @@ impl<B: Backend> BertLayer<B> {
         x: Tensor<B, 3>,
         heads: usize,
         mask: Option<&Tensor<B, 4>>,
+        packing: Option<&Packing<B>>,
         prefix: Option<&mut LayerCache<B>>,
         hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
-        let q = split_heads(self.query.forward(x.clone()), heads);
-        let k = split_heads(self.key.forward(x.clone()), heads);
-        let v = split_heads(self.value.forward(x.clone()), heads);
+        // `x` is `[b, t, d]`, or the real tokens `[1, n, d]` under a
+        // packing: attention alone needs the padded layout.
+        let heads_of = |y: Tensor<B, 3>| match packing {
+            Some(p) => split_heads(p.spread(y), heads),
+            None => split_heads(y, heads),
+        };
+        let q = heads_of(self.query.forward(x.clone()));
+        let k = heads_of(self.key.forward(x.clone()));
+        let v = heads_of(self.value.forward(x.clone()));
         let (k, v) = LayerCache::append_to(prefix, k, v);
-        let a = self
-            .attention_output
-            .forward(attend(q, k, v, mask.cloned()));
+        let a = match (attend(q, k, v, mask.cloned()), packing) {
+            (a, Some(p)) => p.pack(a),
+            (a, None) => a,
+        };
+        let a = self.attention_output.forward(a);
         let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
         let norm = |t| self.attention_norm.forward(t);
         let x = join(hook, AfterAttention, i, a, x, Some(&norm));
@@ -333,19 +343,26 @@ impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
         embeds: Tensor<B, 3>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        let mask = attention_mask.map(padding_mask);
-        self.run_layers(embeds, 0, mask, None, None)
+        let mask = attention_mask.clone().map(padding_mask);
+        self.run_layers(embeds, 0, mask, attention_mask.as_ref(), None, None)
     }
 }
 
 impl<B: Backend> Bert<B> {
     /// Embeddings at positions `start..`, then the encoder layers (each after
-    /// its `prefix` entry when given).
+    /// its `prefix` entry when given). `tokens: [b, t]` is the real tokens'
+    /// attention mask, from which `mask` (over the prefix too) was made.
+    ///
+    /// With padding in `tokens`, the layers run on the real tokens alone
+    /// ([`Packing`]) and padded positions of the result are zero. Not with a
+    /// `hook` or a mixed batch ([`peft_core::routing`]): those route each
+    /// batch row to its own adapter.
     fn run_layers(
         &self,
         embeds: Tensor<B, 3>,
         start: usize,
         mask: Option<Tensor<B, 4>>,
+        tokens: Option<&Tensor<B, 2>>,
         mut prefix: Option<&mut KvCache<B>>,
         hook: Option<&dyn ResidualHook<B>>,
     ) -> Tensor<B, 3> {
@@ -356,6 +373,16 @@ impl<B: Backend> Bert<B> {
         let x = embeds
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
+        let packing = match (hook, tokens) {
+            (None, Some(tokens)) if peft_core::routing::row_adapters().is_none() => {
+                Packing::of(tokens)
+            }
+            _ => None,
+        };
+        let x = match &packing {
+            Some(p) => p.pack(x),
+            None => x,
+        };
         let mut x = self.embeddings_norm.forward(x);
         for (i, layer) in self.layers.iter().enumerate() {
             let p = prefix.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -363,11 +390,15 @@ impl<B: Backend> Bert<B> {
                 x,
                 self.config.num_attention_heads,
                 mask.as_ref(),
+                packing.as_ref(),
                 p,
                 hook.map(|h| (h, i)),
             );
         }
-        x
+        match &packing {
+            Some(p) => p.unpack(x),
+            None => x,
+        }
     }
 }
 
@@ -398,7 +429,14 @@ impl<B: Backend> BottleneckSeam<B> for Bert<B> {
         hook: &dyn ResidualHook<B>,
     ) -> Tensor<B, 3> {
         let mask = attention_mask.map(padding_mask);
-        self.run_layers(self.word_embeddings.forward(ids), 0, mask, None, Some(hook))
+        self.run_layers(
+            self.word_embeddings.forward(ids),
+            0,
+            mask,
+            None,
+            None,
+            Some(hook),
+        )
     }
 }
 
@@ -430,9 +468,12 @@ impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
         let [b, t] = ids.dims();
         let past = prefix.len();
         let am = attention_mask.unwrap_or_else(|| Tensor::ones([b, t], &device));
-        let mask = padding_mask(Tensor::cat(vec![Tensor::ones([b, past], &device), am], 1));
+        let mask = padding_mask(Tensor::cat(
+            vec![Tensor::ones([b, past], &device), am.clone()],
+            1,
+        ));
         let x = self.word_embeddings.forward(ids);
-        self.run_layers(x, past, Some(mask), Some(&mut prefix), None)
+        self.run_layers(x, past, Some(mask), Some(&am), Some(&mut prefix), None)
     }
 }
 

@@ -28,4 +28,5 @@ pub mod gpt2;
 pub mod llama;
 pub mod loss;
 pub mod norm;
+pub mod packing;
 pub mod tokenizer;
