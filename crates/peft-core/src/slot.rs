@@ -603,17 +603,13 @@ impl<B: Backend> LinearSlot<B> {
             ),
             None => Self::times(x.clone(), &w),
         };
-        let scaled_output = ia3_out.is_some();
-        let base = match ia3_out {
-            Some(l) => (self.add_bias(base).reshape([rows, t, d_out]) * l).reshape([n, d_out]),
-            None => base,
-        };
-        let finish = |y: Tensor<B, 2>| {
-            if scaled_output {
-                y
-            } else {
-                self.add_bias(y)
-            }
+        // Each row is one adapter's: an output-side (IA)³ row has no LoRA
+        // delta and a LoRA/DoRA row a unit output vector, so `(y + b) ⊙ l`
+        // is `(x·W + b) ⊙ l` for the first and `y + b` for the second (a
+        // DoRA row's bias is not scaled by its factor, as without mixing).
+        let finish = |y: Tensor<B, 2>| match &ia3_out {
+            Some(l) => (self.add_bias(y).reshape([rows, t, d_out]) * l.clone()).reshape([n, d_out]),
+            None => self.add_bias(y),
         };
         // Distinct adapters used in this batch; index 0 is the base (zero delta).
         let mut used: Vec<&LoraEntry<B>> = Vec::new();

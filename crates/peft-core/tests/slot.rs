@@ -1,0 +1,516 @@
+//! `LinearSlot` against a host reference in f64, on every backend: the
+//! forward pass of each adapter kind and their combinations (LoRA, two
+//! LoRAs, DoRA, (IA)³ on either side, (IA)³ with LoRA), disabling, merging
+//! and unmerging each kind, mixed batches, which entries train, and the
+//! typed refusals. Small random operands, all non-zero, so that an entry
+//! dropped, added twice, or scaled wrongly changes the output.
+
+use burn::module::Param;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use peft_core::compare::{check_close_slices, Tolerance};
+use peft_core::rng::SplitMix64;
+use peft_core::slot::column_norm;
+use peft_core::{autodiff_backend_tests, backend_tests, routing};
+use peft_core::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, PeftError, BASE_ROW};
+
+const D_IN: usize = 5;
+const D_OUT: usize = 4;
+const ROWS: usize = 3;
+/// f32 kernels against an f64 reference.
+const TOL: Tolerance = Tolerance::new(1e-5, 1e-6);
+
+/// A row-major host matrix in f64.
+#[derive(Clone, Debug)]
+struct M {
+    r: usize,
+    c: usize,
+    v: Vec<f64>,
+}
+
+impl M {
+    fn random(r: usize, c: usize, rng: &mut SplitMix64, lo: f64, hi: f64) -> Self {
+        let v = (0..r * c)
+            .map(|_| lo + (hi - lo) * rng.next_f64())
+            .collect();
+        M { r, c, v }
+    }
+    fn at(&self, i: usize, j: usize) -> f64 {
+        self.v[i * self.c + j]
+    }
+    fn mm(&self, o: &M) -> M {
+        assert_eq!(self.c, o.r);
+        let mut v = vec![0.0; self.r * o.c];
+        for i in 0..self.r {
+            for j in 0..o.c {
+                v[i * o.c + j] = (0..self.c).map(|k| self.at(i, k) * o.at(k, j)).sum();
+            }
+        }
+        M {
+            r: self.r,
+            c: o.c,
+            v,
+        }
+    }
+    fn map2(&self, o: &M, f: impl Fn(f64, f64) -> f64) -> M {
+        assert_eq!((self.r, self.c), (o.r, o.c));
+        let v = self.v.iter().zip(&o.v).map(|(a, b)| f(*a, *b)).collect();
+        M { v, ..*self }
+    }
+    fn add(&self, o: &M) -> M {
+        self.map2(o, |a, b| a + b)
+    }
+    fn scale(&self, s: f64) -> M {
+        M {
+            v: self.v.iter().map(|x| x * s).collect(),
+            ..*self
+        }
+    }
+    /// Multiplies column j by `l[j]` (`cols`) or row i by `l[i]`.
+    fn scale_by(&self, l: &[f64], cols: bool) -> M {
+        let mut out = self.clone();
+        for i in 0..self.r {
+            for j in 0..self.c {
+                out.v[i * self.c + j] *= if cols { l[j] } else { l[i] };
+            }
+        }
+        out
+    }
+    /// Adds `b` to every row.
+    fn plus_row(&self, b: &[f64]) -> M {
+        self.scale_by(&vec![1.0; self.c], true)
+            .map2(&M::rows_of(b, self.r), |x, y| x + y)
+    }
+    fn rows_of(b: &[f64], r: usize) -> M {
+        M {
+            r,
+            c: b.len(),
+            v: (0..r).flat_map(|_| b.iter().copied()).collect(),
+        }
+    }
+    fn col_norms(&self) -> Vec<f64> {
+        (0..self.c)
+            .map(|j| {
+                (0..self.r)
+                    .map(|i| self.at(i, j).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+    fn row(&self, i: usize) -> M {
+        M {
+            r: 1,
+            c: self.c,
+            v: self.v[i * self.c..(i + 1) * self.c].to_vec(),
+        }
+    }
+    fn tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        let v: Vec<f32> = self.v.iter().map(|&x| x as f32).collect();
+        Tensor::from_data(TensorData::new(v, [self.r, self.c]), device)
+    }
+}
+
+fn vec_tensor<B: Backend>(v: &[f64], device: &B::Device) -> Tensor<B, 1> {
+    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(f, [v.len()]), device)
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+#[track_caller]
+fn assert_near(what: &str, actual: Vec<f32>, expected: &M) {
+    let want: Vec<f32> = expected.v.iter().map(|&x| x as f32).collect();
+    if let Err(m) = check_close_slices(what, &actual, &want, TOL) {
+        panic!("{m}");
+    }
+}
+
+/// A LoRA entry of a [`Case`]: name, `A`, `B`, scaling, DoRA magnitude.
+type LoraCase = (&'static str, M, M, f64, Option<Vec<f64>>);
+
+/// The operands: base `W [d_in, d_out]`, bias, an input, two LoRA
+/// entries of different ranks and scalings, a DoRA entry and (IA)³ vectors
+/// for both sides.
+struct Case {
+    w: M,
+    bias: Vec<f64>,
+    x: M,
+    lora: Vec<LoraCase>,
+    /// (name, l, feedforward)
+    ia3: Vec<(&'static str, Vec<f64>, bool)>,
+}
+
+fn case() -> Case {
+    let mut rng = SplitMix64(7);
+    let mut draw = |r, c| M::random(r, c, &mut rng, -1.0, 1.0);
+    let w = draw(D_IN, D_OUT);
+    let bias = draw(1, D_OUT).v;
+    let x = draw(ROWS, D_IN);
+    let (a1, b1) = (draw(D_IN, 2), draw(2, D_OUT));
+    let (a2, b2) = (draw(D_IN, 3), draw(3, D_OUT));
+    let (a3, b3) = (draw(D_IN, 2), draw(2, D_OUT));
+    let mut rng = SplitMix64(11);
+    let mut positive = |n| M::random(1, n, &mut rng, 0.5, 1.5).v;
+    let magnitude = positive(D_OUT);
+    let l_in = positive(D_IN);
+    let l_out = positive(D_OUT);
+    Case {
+        w,
+        bias,
+        x,
+        lora: vec![
+            ("one", a1, b1, 1.5, None),
+            ("two", a2, b2, 0.25, None),
+            ("dora", a3, b3, 2.0, Some(magnitude)),
+        ],
+        ia3: vec![("in", l_in, true), ("out", l_out, false)],
+    }
+}
+
+impl Case {
+    fn slot<B: Backend>(&self, device: &B::Device) -> LinearSlot<B> {
+        let mut slot =
+            LinearSlot::from_weights(self.w.tensor(device), Some(vec_tensor(&self.bias, device)));
+        for (name, a, b, scaling, m) in &self.lora {
+            let entry = LoraEntry {
+                a: Param::from_tensor(a.tensor(device)),
+                b: Param::from_tensor(b.tensor(device)),
+                magnitude: m
+                    .as_ref()
+                    .map(|m| Param::from_tensor(vec_tensor(m, device))),
+                meta: LoraMeta {
+                    name: name.to_string(),
+                    rank: a.c,
+                    alpha: scaling * a.c as f64,
+                    scaling: *scaling,
+                    dropout: 0.0,
+                    merged: false,
+                    dora_merge_norm: None,
+                },
+            };
+            slot.add_lora(entry, "layer").unwrap();
+        }
+        for (name, l, feedforward) in &self.ia3 {
+            let entry = Ia3Entry {
+                scale: Param::from_tensor(vec_tensor(l, device)),
+                meta: Ia3Meta {
+                    name: name.to_string(),
+                    feedforward: *feedforward,
+                    merged: false,
+                },
+            };
+            slot.add_ia3(entry, "layer").unwrap();
+        }
+        slot
+    }
+
+    fn lora(&self, name: &str) -> &LoraCase {
+        self.lora.iter().find(|e| e.0 == name).unwrap()
+    }
+
+    fn ia3(&self, name: &str) -> &[f64] {
+        &self.ia3.iter().find(|e| e.0 == name).unwrap().1
+    }
+
+    fn delta(&self, name: &str) -> M {
+        let (_, a, b, s, _) = self.lora(name);
+        a.mm(b).scale(*s)
+    }
+
+    /// `x·W + b`.
+    fn base(&self, x: &M) -> M {
+        x.mm(&self.w).plus_row(&self.bias)
+    }
+
+    /// The reference output of `x` with `active` (names), as PEFT computes it.
+    fn expected(&self, x: &M, active: &[&str]) -> M {
+        let l_in = active.iter().find(|n| **n == "in").map(|n| self.ia3(n));
+        let l_out = active.iter().find(|n| **n == "out").map(|n| self.ia3(n));
+        let x_in = match l_in {
+            Some(l) => x.scale_by(l, true),
+            None => x.clone(),
+        };
+        let mut y = x_in.mm(&self.w);
+        if let Some(l) = l_out {
+            y = y.plus_row(&self.bias).scale_by(l, true);
+        }
+        for name in active.iter().filter(|n| !matches!(**n, "in" | "out")) {
+            let (_, a, b, s, m) = self.lora(name);
+            let lora = x.mm(a).mm(b).scale(*s);
+            y = match m {
+                None => y.add(&lora),
+                Some(m) => {
+                    let norms = self.w.add(&self.delta(name)).col_norms();
+                    let g: Vec<f64> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                    y.scale_by(&g, true).add(&lora.scale_by(&g, true))
+                }
+            };
+        }
+        if l_out.is_some() {
+            y
+        } else {
+            y.plus_row(&self.bias)
+        }
+    }
+}
+
+fn names(n: &[&str]) -> Vec<String> {
+    n.iter().map(|s| s.to_string()).collect()
+}
+
+fn forward<B: Backend>(slot: &LinearSlot<B>, x: &M, device: &B::Device) -> Vec<f32> {
+    host(slot.forward(x.tensor::<B>(device)))
+}
+
+fn every_combination_of_entries_computes_the_reference<B: Backend>(device: &B::Device) {
+    let c = case();
+    let mut slot = c.slot::<B>(device);
+    assert_near(
+        "no active adapter",
+        forward(&slot, &c.x, device),
+        &c.base(&c.x),
+    );
+    for active in [
+        &["one"][..],
+        &["two"],
+        &["one", "two"],
+        &["dora"],
+        &["in"],
+        &["out"],
+        &["in", "one"],
+        &["out", "one"],
+        &["in", "out", "two"],
+    ] {
+        slot.set_active(&names(active));
+        assert_eq!(slot.state.active, names(active));
+        let want = c.expected(&c.x, active);
+        assert_near(&format!("{active:?}"), forward(&slot, &c.x, device), &want);
+        // The same through a rank-3 input `[1, rows, d_in]`.
+        let x3 = c.x.tensor::<B>(device).unsqueeze_dim::<3>(0);
+        let y3 = slot.forward(x3);
+        assert_eq!(y3.dims(), [1, ROWS, D_OUT]);
+        assert_near(&format!("{active:?}, rank 3"), host(y3), &want);
+    }
+    slot.set_active(&names(&["one", "missing"]));
+    assert_eq!(
+        slot.state.active,
+        names(&["one"]),
+        "names not attached are dropped"
+    );
+    slot.state.disabled = true;
+    assert_near("disabled", forward(&slot, &c.x, device), &c.base(&c.x));
+}
+
+fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend>(
+    device: &B::Device,
+) {
+    let c = case();
+    let w0 = c.w.clone();
+    for name in ["one", "dora", "in", "out"] {
+        let mut slot = c.slot::<B>(device);
+        slot.set_active(&names(&[name]));
+        let want = c.expected(&c.x, &[name]);
+        assert!(!slot.unmerge(name), "{name}: unmerge before merge");
+        assert!(slot.merge(name), "{name}: merge");
+        assert!(slot.any_merged());
+        assert!(!slot.merge(name), "{name}: merged twice");
+        let merged_w = match name {
+            "in" => w0.scale_by(c.ia3("in"), false),
+            "out" => w0.scale_by(c.ia3("out"), true),
+            "dora" => {
+                let combined = w0.add(&c.delta("dora"));
+                let norms = combined.col_norms();
+                let m = c.lora("dora").4.as_ref().unwrap();
+                let g: Vec<f64> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                combined.scale_by(&g, true)
+            }
+            _ => w0.add(&c.delta(name)),
+        };
+        assert_near(
+            &format!("{name}: merged weight"),
+            host(slot.base_weight()),
+            &merged_w,
+        );
+        let bias = host(slot.base.bias.as_ref().unwrap().val());
+        let want_bias = match name {
+            "out" => M {
+                r: 1,
+                c: D_OUT,
+                v: c.bias.clone(),
+            }
+            .scale_by(c.ia3("out"), true),
+            _ => M {
+                r: 1,
+                c: D_OUT,
+                v: c.bias.clone(),
+            },
+        };
+        assert_near(&format!("{name}: merged bias"), bias, &want_bias);
+        assert_near(
+            &format!("{name}: merged output"),
+            forward(&slot, &c.x, device),
+            &want,
+        );
+        assert!(slot.unmerge(name), "{name}: unmerge");
+        assert!(!slot.any_merged());
+        assert!(!slot.unmerge(name), "{name}: unmerged twice");
+        assert_near(
+            &format!("{name}: unmerged weight"),
+            host(slot.base_weight()),
+            &w0,
+        );
+        assert_near(
+            &format!("{name}: unmerged output"),
+            forward(&slot, &c.x, device),
+            &want,
+        );
+    }
+    let mut slot = c.slot::<B>(device);
+    assert!(!slot.merge("missing") && !slot.unmerge("missing"));
+    // Removing a merged entry takes it out of the weight first.
+    slot.set_active(&names(&["one", "two"]));
+    assert!(slot.merge("one"));
+    assert!(slot.remove_lora("one").is_some());
+    assert_eq!(slot.state.active, names(&["two"]));
+    assert_near("weight after removal", host(slot.base_weight()), &w0);
+    assert!(slot.merge("in"));
+    assert!(slot.remove_ia3("in").is_some());
+    assert_near("weight after (IA)³ removal", host(slot.base_weight()), &w0);
+    assert!(slot.remove_lora("one").is_none() && slot.remove_ia3("in").is_none());
+    assert!(!slot.has_adapter("one") && slot.has_adapter("two") && slot.has_adapter("out"));
+}
+
+fn a_mixed_batch_gives_each_row_its_own_adapter<B: Backend>(device: &B::Device) {
+    let c = case();
+    let mut slot = c.slot::<B>(device);
+    slot.set_active(&names(&["one"]));
+    // Rows of two tokens each; every adapter kind, the base and a repeat.
+    let rows = ["two", BASE_ROW, "one", "dora", "in", "out", "two"];
+    let mut rng = SplitMix64(3);
+    let x = M::random(rows.len() * 2, D_IN, &mut rng, -1.0, 1.0);
+    // Batch rows are the first dimension: `[rows, 2, d_in]`.
+    let x3 = x.tensor::<B>(device).reshape([rows.len(), 2, D_IN]);
+    let got = routing::with_row_adapters(&names(&rows), || host(slot.forward(x3)));
+    for (i, name) in rows.iter().enumerate() {
+        let xi = M {
+            r: 2,
+            c: D_IN,
+            v: [x.row(2 * i).v, x.row(2 * i + 1).v].concat(),
+        };
+        let active: &[&str] = if *name == BASE_ROW { &[] } else { &[name] };
+        let want = c.expected(&xi, active);
+        let row = got[2 * i * D_OUT..(2 * i + 2) * D_OUT].to_vec();
+        assert_near(&format!("row {i} ({name})"), row, &want);
+    }
+}
+
+/// Under autodiff: a plain backend tracks no gradient requirement.
+fn the_active_entries_train_and_are_counted<B: AutodiffBackend>(device: &B::Device) {
+    let c = case();
+    let mut slot = c.slot::<B>(device);
+    slot.set_active(&names(&["two", "dora", "out"]));
+    for e in &slot.lora {
+        let train = e.meta.name != "one";
+        assert_eq!(e.a.is_require_grad(), train, "{}", e.meta.name);
+        assert_eq!(e.b.is_require_grad(), train, "{}", e.meta.name);
+    }
+    for e in &slot.ia3 {
+        assert_eq!(e.scale.is_require_grad(), e.meta.name == "out");
+    }
+    assert!(!slot.base.weight.is_require_grad());
+    // two: 5·3 + 3·4; dora: 5·2 + 2·4 + 4; out: 4.
+    assert_eq!(slot.trainable_params(), 27 + 22 + 4);
+    assert!(slot.merge("two"));
+    assert_eq!(
+        slot.trainable_params(),
+        22 + 4,
+        "a merged entry does not train"
+    );
+    assert_eq!(slot.lora_entry("one").unwrap().num_params(), 5 * 2 + 2 * 4);
+}
+
+fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
+    let c = case();
+    let mut slot = c.slot::<B>(device);
+    let entry = |name: &str, a: [usize; 2], b: [usize; 2], m: Option<usize>| LoraEntry::<B> {
+        a: Param::from_tensor(Tensor::ones(a, device)),
+        b: Param::from_tensor(Tensor::ones(b, device)),
+        magnitude: m.map(|n| Param::from_tensor(Tensor::ones([n], device))),
+        meta: LoraMeta {
+            name: name.into(),
+            rank: 2,
+            alpha: 2.0,
+            scaling: 1.0,
+            dropout: 0.0,
+            merged: false,
+            dora_merge_norm: None,
+        },
+    };
+    let shape_error = |r: peft_core::Result<()>, want: &str| match r {
+        Err(PeftError::Shape { name, .. }) => assert_eq!(name, want),
+        other => panic!("{want}: {other:?}"),
+    };
+    shape_error(
+        slot.add_lora(entry("x", [D_IN + 1, 2], [2, D_OUT], None), "p"),
+        "p.lora_A",
+    );
+    shape_error(
+        slot.add_lora(entry("x", [D_IN, 2], [2, D_OUT + 1], None), "p"),
+        "p.lora_B",
+    );
+    shape_error(
+        slot.add_lora(entry("x", [D_IN, 2], [2, D_OUT], Some(D_OUT + 1)), "p"),
+        "p.lora_magnitude_vector",
+    );
+    assert!(matches!(
+        slot.add_lora(entry("one", [D_IN, 2], [2, D_OUT], None), "p"),
+        Err(PeftError::DuplicateAdapter(n)) if n == "one"
+    ));
+    let ia3 = |name: &str, n: usize, feedforward: bool| Ia3Entry::<B> {
+        scale: Param::from_tensor(Tensor::ones([n], device)),
+        meta: Ia3Meta {
+            name: name.into(),
+            feedforward,
+            merged: false,
+        },
+    };
+    shape_error(slot.add_ia3(ia3("y", D_OUT, true), "p"), "p.ia3_l");
+    shape_error(slot.add_ia3(ia3("y", D_IN, false), "p"), "p.ia3_l");
+    assert!(matches!(
+        slot.add_ia3(ia3("two", D_IN, true), "p"),
+        Err(PeftError::DuplicateAdapter(_))
+    ));
+    assert_eq!(
+        (slot.lora.len(), slot.ia3.len()),
+        (3, 2),
+        "nothing was added"
+    );
+    assert_eq!((slot.d_input(), slot.d_output()), (D_IN, D_OUT));
+    assert!(slot.merge("one"));
+    assert!(matches!(slot.quantize_nf4("p"), Err(PeftError::State(_))));
+}
+
+fn column_norms_are_per_output_feature<B: Backend>(device: &B::Device) {
+    let c = case();
+    assert_near(
+        "column_norm",
+        host(column_norm(c.w.tensor::<B>(device))),
+        &M {
+            r: 1,
+            c: D_OUT,
+            v: c.w.col_norms(),
+        },
+    );
+}
+
+backend_tests!(
+    every_combination_of_entries_computes_the_reference,
+    merging_each_kind_keeps_the_output_and_unmerging_restores_the_base,
+    a_mixed_batch_gives_each_row_its_own_adapter,
+    entries_that_do_not_fit_are_typed_errors,
+    column_norms_are_per_output_feature
+);
+autodiff_backend_tests!(the_active_entries_train_and_are_counted);
