@@ -157,6 +157,7 @@ fn case() -> Case {
     let magnitude = positive(D_OUT);
     let l_in = positive(D_IN);
     let l_out = positive(D_OUT);
+    let l_out2 = positive(D_OUT);
     Case {
         w,
         bias,
@@ -166,7 +167,11 @@ fn case() -> Case {
             ("two", a2, b2, 0.25, None),
             ("dora", a3, b3, 2.0, Some(magnitude)),
         ],
-        ia3: vec![("in", l_in, true), ("out", l_out, false)],
+        ia3: vec![
+            ("in", l_in, true),
+            ("out", l_out, false),
+            ("out2", l_out2, false),
+        ],
     }
 }
 
@@ -194,17 +199,23 @@ impl Case {
             slot.add_lora(entry, "layer").unwrap();
         }
         for (name, l, feedforward) in &self.ia3 {
-            let entry = Ia3Entry {
-                scale: Param::from_tensor(vec_tensor(l, device)),
-                meta: Ia3Meta {
-                    name: name.to_string(),
-                    feedforward: *feedforward,
-                    merged: false,
-                },
-            };
-            slot.add_ia3(entry, "layer").unwrap();
+            slot.add_ia3(ia3_entry(name, l, *feedforward, device), "layer")
+                .unwrap();
         }
         slot
+    }
+
+    fn is_ia3(&self, name: &str) -> bool {
+        self.ia3.iter().any(|e| e.0 == name)
+    }
+
+    /// The product of the active (IA)³ vectors of one side, as PEFT.
+    fn ia3_product(&self, active: &[&str], feedforward: bool) -> Option<Vec<f64>> {
+        self.ia3
+            .iter()
+            .filter(|e| e.2 == feedforward && active.contains(&e.0))
+            .map(|e| e.1.clone())
+            .reduce(|p, l| p.iter().zip(&l).map(|(a, b)| a * b).collect())
     }
 
     fn lora(&self, name: &str) -> &LoraCase {
@@ -227,17 +238,17 @@ impl Case {
 
     /// The reference output of `x` with `active` (names), as PEFT computes it.
     fn expected(&self, x: &M, active: &[&str]) -> M {
-        let l_in = active.iter().find(|n| **n == "in").map(|n| self.ia3(n));
-        let l_out = active.iter().find(|n| **n == "out").map(|n| self.ia3(n));
-        let x_in = match l_in {
+        let l_in = self.ia3_product(active, true);
+        let l_out = self.ia3_product(active, false);
+        let x_in = match &l_in {
             Some(l) => x.scale_by(l, true),
             None => x.clone(),
         };
         let mut y = x_in.mm(&self.w);
-        if let Some(l) = l_out {
+        if let Some(l) = &l_out {
             y = y.plus_row(&self.bias).scale_by(l, true);
         }
-        for name in active.iter().filter(|n| !matches!(**n, "in" | "out")) {
+        for name in active.iter().filter(|n| !self.is_ia3(n)) {
             let (_, a, b, s, m) = self.lora(name);
             let lora = x.mm(a).mm(b).scale(*s);
             y = match m {
@@ -254,6 +265,22 @@ impl Case {
         } else {
             y.plus_row(&self.bias)
         }
+    }
+}
+
+fn ia3_entry<B: Backend>(
+    name: &str,
+    l: &[f64],
+    feedforward: bool,
+    device: &B::Device,
+) -> Ia3Entry<B> {
+    Ia3Entry {
+        scale: Param::from_tensor(vec_tensor(l, device)),
+        meta: Ia3Meta {
+            name: name.to_string(),
+            feedforward,
+            merged: false,
+        },
     }
 }
 
@@ -283,6 +310,7 @@ fn every_combination_of_entries_computes_the_reference<B: Backend>(device: &B::D
         &["in", "one"],
         &["out", "one"],
         &["in", "out", "two"],
+        &["out", "out2", "one"],
     ] {
         slot.set_active(&names(active));
         assert_eq!(slot.state.active, names(active));
@@ -387,13 +415,31 @@ fn a_mixed_batch_gives_each_row_its_own_adapter<B: Backend>(device: &B::Device) 
     let c = case();
     let mut slot = c.slot::<B>(device);
     slot.set_active(&names(&["one"]));
-    // Rows of two tokens each; every adapter kind, the base and a repeat.
-    let rows = ["two", BASE_ROW, "one", "dora", "in", "out", "two"];
+    // Rows of two tokens each: every adapter kind, the base, repeats, two
+    // (IA)³ adapters on one side; then LoRA alone (no DoRA, no (IA)³).
+    check_mixed(
+        &c,
+        &slot,
+        &[
+            "two", BASE_ROW, "one", "dora", "in", "out", "two", "out2", "out", "in",
+        ],
+        device,
+    );
+    check_mixed(&c, &slot, &["one", BASE_ROW, "two", "one"], device);
+    // The base row is the base model even beside an entry of that name.
+    let mut entry = slot.lora_entry("one").unwrap().clone();
+    entry.meta.name = BASE_ROW.into();
+    slot.add_lora(entry, "layer").unwrap();
+    check_mixed(&c, &slot, &[BASE_ROW, "two"], device);
+}
+
+/// Runs `slot` on a mixed batch with one adapter per row of `rows`.
+fn check_mixed<B: Backend>(c: &Case, slot: &LinearSlot<B>, rows: &[&str], device: &B::Device) {
     let mut rng = SplitMix64(3);
     let x = M::random(rows.len() * 2, D_IN, &mut rng, -1.0, 1.0);
     // Batch rows are the first dimension: `[rows, 2, d_in]`.
     let x3 = x.tensor::<B>(device).reshape([rows.len(), 2, D_IN]);
-    let got = routing::with_row_adapters(&names(&rows), || host(slot.forward(x3)));
+    let got = routing::with_row_adapters(&names(rows), || host(slot.forward(x3)));
     for (i, name) in rows.iter().enumerate() {
         let xi = M {
             r: 2,
@@ -403,8 +449,25 @@ fn a_mixed_batch_gives_each_row_its_own_adapter<B: Backend>(device: &B::Device) 
         let active: &[&str] = if *name == BASE_ROW { &[] } else { &[name] };
         let want = c.expected(&xi, active);
         let row = got[2 * i * D_OUT..(2 * i + 2) * D_OUT].to_vec();
-        assert_near(&format!("row {i} ({name})"), row, &want);
+        assert_near(&format!("{rows:?}: row {i} ({name})"), row, &want);
     }
+}
+
+/// PEFT unmerges (IA)³ by dividing by `l + 1e-8`: an element of `l` near
+/// zero does not come back exactly, and ours comes back as PEFT's.
+fn unmerging_ia3_divides_by_l_plus_peft_epsilon<B: Backend>(device: &B::Device) {
+    let c = case();
+    let l = [1e-6, 1.0, 0.5, 2.0];
+    let mut slot = LinearSlot::<B>::from_weights(c.w.tensor(device), None);
+    slot.add_ia3(ia3_entry("tiny", &l, false, device), "layer")
+        .unwrap();
+    assert!(slot.merge("tiny") && slot.unmerge("tiny"));
+    let back: Vec<f64> = l.iter().map(|x| x / (x + 1e-8)).collect();
+    assert_near(
+        "unmerged weight",
+        host(slot.base_weight()),
+        &c.w.scale_by(&back, true),
+    );
 }
 
 /// Under autodiff: a plain backend tracks no gradient requirement.
@@ -485,7 +548,7 @@ fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
     ));
     assert_eq!(
         (slot.lora.len(), slot.ia3.len()),
-        (3, 2),
+        (3, 3),
         "nothing was added"
     );
     assert_eq!((slot.d_input(), slot.d_output()), (D_IN, D_OUT));
@@ -510,6 +573,7 @@ backend_tests!(
     every_combination_of_entries_computes_the_reference,
     merging_each_kind_keeps_the_output_and_unmerging_restores_the_base,
     a_mixed_batch_gives_each_row_its_own_adapter,
+    unmerging_ia3_divides_by_l_plus_peft_epsilon,
     entries_that_do_not_fit_are_typed_errors,
     column_norms_are_per_output_feature
 );
