@@ -78,8 +78,7 @@ impl M {
     }
     /// Adds `b` to every row.
     fn plus_row(&self, b: &[f64]) -> M {
-        self.scale_by(&vec![1.0; self.c], true)
-            .map2(&M::rows_of(b, self.r), |x, y| x + y)
+        self.map2(&M::rows_of(b, self.r), |x, y| x + y)
     }
     fn rows_of(b: &[f64], r: usize) -> M {
         M {
@@ -254,8 +253,7 @@ impl Case {
             y = match m {
                 None => y.add(&lora),
                 Some(m) => {
-                    let norms = self.w.add(&self.delta(name)).col_norms();
-                    let g: Vec<f64> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                    let g = dora_factor(m, &self.w.add(&self.delta(name)));
                     y.scale_by(&g, true).add(&lora.scale_by(&g, true))
                 }
             };
@@ -266,6 +264,12 @@ impl Case {
             y.plus_row(&self.bias)
         }
     }
+}
+
+/// DoRA's factor `m / ‖W'‖` per column of the combined weight `W'`.
+fn dora_factor(magnitude: &[f64], combined: &M) -> Vec<f64> {
+    let norms = combined.col_norms();
+    magnitude.iter().zip(&norms).map(|(m, n)| m / n).collect()
 }
 
 fn ia3_entry<B: Backend>(
@@ -350,9 +354,7 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
             "out" => w0.scale_by(c.ia3("out"), true),
             "dora" => {
                 let combined = w0.add(&c.delta("dora"));
-                let norms = combined.col_norms();
-                let m = c.lora("dora").4.as_ref().unwrap();
-                let g: Vec<f64> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+                let g = dora_factor(c.lora("dora").4.as_ref().unwrap(), &combined);
                 combined.scale_by(&g, true)
             }
             _ => w0.add(&c.delta(name)),
@@ -363,18 +365,14 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
             &merged_w,
         );
         let bias = host(slot.base.bias.as_ref().unwrap().val());
+        let bias0 = M {
+            r: 1,
+            c: D_OUT,
+            v: c.bias.clone(),
+        };
         let want_bias = match name {
-            "out" => M {
-                r: 1,
-                c: D_OUT,
-                v: c.bias.clone(),
-            }
-            .scale_by(c.ia3("out"), true),
-            _ => M {
-                r: 1,
-                c: D_OUT,
-                v: c.bias.clone(),
-            },
+            "out" => bias0.scale_by(c.ia3("out"), true),
+            _ => bias0,
         };
         assert_near(&format!("{name}: merged bias"), bias, &want_bias);
         assert_near(
