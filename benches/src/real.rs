@@ -17,7 +17,9 @@ use peft_models::bert::Bert;
 use peft_models::llama::Llama;
 use serde_json::json;
 
-use crate::{all_linear, emit, interleaved, lora, sync, Opts};
+use std::time::Instant;
+
+use crate::{all_linear, emit, interleaved, lora, stats, sync, Opts};
 
 /// MiniLM's batch: 16 sentences of 128 tokens (`--quick`: 4 × 32).
 fn minilm_batch(o: &Opts) -> (usize, usize) {
@@ -128,14 +130,28 @@ fn minilm_train<B: AutodiffBackend>(o: &Opts, device: &B::Device, forward_s: f64
     };
     let mut opt = AdamWConfig::new().init::<B, Classifier<B>>();
     let runs = if o.quick { 3 } else { 8 };
+    // Each phase's time, so a report shows where a step's time goes (Flex
+    // and ndarray run eagerly; a lazy backend's forward would show in
+    // `backward_ms` instead).
+    let mut phases: [Vec<f64>; 3] = Default::default();
     let mut t = interleaved(
         runs,
         &mut [&mut || {
+            let t0 = Instant::now();
             let loss = model.loss(ids.clone(), mask.clone(), labels.clone());
+            let t1 = Instant::now();
             let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let t2 = Instant::now();
             model = opt.step(1e-3, model.clone(), grads);
+            for (p, (a, b)) in phases
+                .iter_mut()
+                .zip([(t0, t1), (t1, t2), (t2, Instant::now())])
+            {
+                p.push((b - a).as_secs_f64());
+            }
         }],
     );
+    let [forward_ms, backward_ms, optimizer_ms] = phases.map(|mut p| stats(&mut p).0 * 1e3);
     let median = {
         let mut s = t[0].clone();
         s.sort_by(f64::total_cmp);
@@ -152,6 +168,9 @@ fn minilm_train<B: AutodiffBackend>(o: &Opts, device: &B::Device, forward_s: f64
             "tokens_per_s": (rows * len) as f64 / median,
             "trainable_params": count.trainable,
             "ratio_vs_base_forward": median / forward_s,
+            "forward_ms": forward_ms,
+            "backward_ms": backward_ms,
+            "optimizer_ms": optimizer_ms,
         }),
     );
 }

@@ -3,6 +3,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_flex::ops::fused_attention::Extent;
 
 /// The additive value for masked positions: large enough to vanish in the
 /// softmax, small enough that adding two never overflows to `-inf`.
@@ -107,12 +108,54 @@ pub fn attend_fused<B: Backend>(
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4>>,
 ) -> Option<Tensor<B, 3>> {
+    fused_within(q, k, v, mask, None)
+}
+
+/// [`attend`] over a right-padded batch whose row `i` has `real[i]` real
+/// tokens: its first `real[i]` query positions, and as many keys after any
+/// cached (prefix) ones. On Flex only those rows and keys are computed and
+/// the padded query rows come out as zeros; elsewhere, or when `real` does
+/// not fit the shapes, this is [`attend`]. The caller masks the padded keys
+/// and drops the padded rows' outputs, as [`crate::packing`] does: skipping
+/// them is then exact.
+pub fn attend_real<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+    real: &[usize],
+) -> Tensor<B, 3> {
+    let [b, _, t, _] = q.dims();
+    let cached = k.dims()[2].checked_sub(t);
+    let extents: Option<Vec<Extent>> = cached
+        .filter(|_| real.len() == b && real.iter().all(|&n| n <= t))
+        .map(|cached| {
+            real.iter()
+                .map(|&n| Extent {
+                    queries: n,
+                    keys: cached + n,
+                })
+                .collect()
+        });
+    extents
+        .and_then(|e| fused_within(&q, &k, &v, mask.as_ref(), Some(&e)))
+        .unwrap_or_else(|| attend(q, k, v, mask))
+}
+
+/// [`attend_fused`], limited to each batch row's extent when given.
+fn fused_within<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4>>,
+    extents: Option<&[Extent]>,
+) -> Option<Tensor<B, 3>> {
     if !crate::fused::attention::available::<B>() {
         return None;
     }
     let (k, v) = repeat_kv(q.dims()[1], k.clone(), v.clone());
     let scale = 1.0 / (q.dims()[3] as f32).sqrt();
-    crate::fused::attention::attention(q, &k, &v, mask, scale).map(merge_heads)
+    crate::fused::attention::attention(q, &k, &v, mask, scale, extents).map(merge_heads)
 }
 
 /// Key/value heads repeated to the query heads' count (grouped-query

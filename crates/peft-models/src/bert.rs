@@ -18,7 +18,7 @@ use peft_core::model::{
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, padding_mask, positions, split_heads};
+use crate::attention::{attend, attend_real, padding_mask, positions, split_heads};
 use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use crate::packing::Packing;
 use peft_core::kv::{KvCache, LayerCache};
@@ -125,9 +125,12 @@ impl<B: Backend> BertLayer<B> {
         let k = heads_of(self.key.forward(x.clone()));
         let v = heads_of(self.value.forward(x.clone()));
         let (k, v) = LayerCache::append_to(prefix, k, v);
-        let a = match (attend(q, k, v, mask.cloned()), packing) {
-            (a, Some(p)) => p.pack(a),
-            (a, None) => a,
+        // Under a packing only the real queries' outputs are kept: with
+        // right padding, attention computes no others.
+        let a = match (packing, packing.and_then(Packing::lengths)) {
+            (Some(p), Some(real)) => p.pack(attend_real(q, k, v, mask.cloned(), real)),
+            (Some(p), None) => p.pack(attend(q, k, v, mask.cloned())),
+            (None, _) => attend(q, k, v, mask.cloned()),
         };
         let a = self.attention_output.forward(a);
         let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));

@@ -36,6 +36,11 @@ pub struct Packing<B: Backend> {
     t: usize,
     /// Real tokens.
     n: usize,
+    /// Each batch row's real tokens when they are its first positions
+    /// (right padding, as BERT tokenizers pad): what lets attention skip the
+    /// padding too ([`crate::attention::attend_real`]). `None` for any other
+    /// layout (left padding, holes).
+    lengths: Option<Vec<usize>>,
 }
 
 impl<B: Backend> Packing<B> {
@@ -54,6 +59,14 @@ impl<B: Backend> Packing<B> {
         if n == 0 || n == b * t {
             return None;
         }
+        let lengths: Vec<usize> = flags
+            .chunks_exact(t)
+            .map(|row| row.iter().filter(|&&f| f).count())
+            .collect();
+        let right_padded = flags
+            .chunks_exact(t)
+            .zip(&lengths)
+            .all(|(row, &len)| row[..len].iter().all(|&f| f));
         let mut spread = vec![0i64; b * t];
         let mut spread_zeroed = vec![n as i64; b * t];
         for (row, &p) in real.iter().enumerate() {
@@ -71,7 +84,14 @@ impl<B: Backend> Packing<B> {
             b,
             t,
             n,
+            lengths: right_padded.then_some(lengths),
         })
+    }
+
+    /// Each batch row's number of real tokens when they come first in the
+    /// row (right padding); `None` otherwise.
+    pub fn lengths(&self) -> Option<&[usize]> {
+        self.lengths.as_deref()
     }
 
     /// The number of real tokens.

@@ -3,14 +3,15 @@
 //! the shapes the models produce — BERT's padding mask, a decoder's causal
 //! plus padding mask, grouped-query heads, one decoding step over a cache,
 //! more query rows than the kernel's block, heads split from a `[b, t, h·d]`
-//! projection (strided), no mask.
+//! projection (strided), no mask; and right-padded batches computed over
+//! their real rows and keys only (`attend_real`).
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use peft_core::compare::{check_close_slices, Tolerance};
 use peft_models::attention::{
-    attend, attend_composite, attend_fused, causal_mask, padding_mask, split_heads,
+    attend, attend_composite, attend_fused, attend_real, causal_mask, padding_mask, split_heads,
 };
 
 /// The fused kernel sums in another order than the composed ops: f32
@@ -210,4 +211,110 @@ fn a_mask_that_needs_a_gradient_keeps_the_composed_path() {
     assert!(attend_fused(&q, &k, &v, Some(&mask)).is_none());
     let grads = attend(q, k, v, Some(mask.clone())).sum().backward();
     assert!(mask.grad(&grads).is_some(), "the mask's gradient");
+}
+
+/// A right-padded batch: 3 rows of 70 query positions (two of the kernel's
+/// blocks) with 70, 66 and 0 real tokens, after `past` cached keys that
+/// every row sees. Returns the operands, the mask and the real lengths.
+#[allow(clippy::type_complexity)]
+fn right_padded<B: Backend>(
+    past: usize,
+) -> (
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Vec<usize>,
+) {
+    let (b, h, t, d) = (3, 2, 70, 8);
+    let real = vec![70, 66, 0];
+    let s = past + t;
+    let q = split_heads(tensor::<B, 3>(values(b * t * h * d, 5), [b, t, h * d]), h);
+    let k = tensor::<B, 4>(values(b * h * s * d, 6), [b, h, s, d]);
+    let v = tensor::<B, 4>(values(b * h * s * d, 7), [b, h, s, d]);
+    let am: Vec<f32> = (0..b * s)
+        .map(|p| f32::from(u8::from(p % s < past + real[p / s])))
+        .collect();
+    (q, k, v, padding_mask(tensor::<B, 2>(am, [b, s])), real)
+}
+
+/// Splits `[b, t, hd]` values into each batch row's real and padded rows.
+fn real_and_padded(x: &[f32], t: usize, real: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let hd = x.len() / (real.len() * t);
+    let (mut kept, mut padded) = (Vec::new(), Vec::new());
+    for (i, &n) in real.iter().enumerate() {
+        let row = &x[i * t * hd..(i + 1) * t * hd];
+        kept.extend_from_slice(&row[..n * hd]);
+        padded.extend_from_slice(&row[n * hd..]);
+    }
+    (kept, padded)
+}
+
+#[test]
+fn attention_over_real_rows_equals_the_padded_computation_there() {
+    // Buffers the kernel must overwrite whole start as NaN.
+    burn_flex::ops::poison_uninit(true);
+    for past in [0, 3] {
+        let (q, k, v, mask, real) = right_padded::<Flex>(past);
+        let t = q.dims()[2];
+        let skipped = host(attend_real(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            Some(mask.clone()),
+            &real,
+        ));
+        let whole = host(attend_composite(q, k, v, Some(mask)));
+        let (kept, padded) = real_and_padded(&skipped, t, &real);
+        let (want, whole_padded) = real_and_padded(&whole, t, &real);
+        let name = format!("{past} cached keys");
+        check_close_slices(&name, &kept, &want, TOL).unwrap();
+        // The padded rows were not computed: zeros where the padded
+        // computation has values.
+        assert!(padded.iter().all(|&x| x == 0.0), "{name}: padded rows");
+        assert!(
+            whole_padded.iter().any(|&x| x != 0.0),
+            "{name}: a real check"
+        );
+    }
+}
+
+#[test]
+fn attention_over_real_rows_has_the_padded_computation_s_gradients() {
+    type A = Autodiff<Flex>;
+    burn_flex::ops::poison_uninit(true);
+    for past in [0, 3] {
+        let grads_of = |skip: bool| {
+            let (q, k, v, mask, real) = right_padded::<A>(past);
+            let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+            let out = if skip {
+                attend_real(q.clone(), k.clone(), v.clone(), Some(mask), &real)
+            } else {
+                attend_composite(q.clone(), k.clone(), v.clone(), Some(mask))
+            };
+            // Padded rows' outputs are dropped (zero weight), as packing does.
+            let [b, t, hd] = out.dims();
+            let mut w = values(b * t * hd, 8);
+            for (i, &n) in real.iter().enumerate() {
+                w[(i * t + n) * hd..(i + 1) * t * hd].fill(0.0);
+            }
+            let grads = (out * tensor::<A, 3>(w, [b, t, hd])).sum().backward();
+            let g = |x: &Tensor<A, 4>| host(x.grad(&grads).expect("a gradient"));
+            [g(&q), g(&k), g(&v)]
+        };
+        let (skipped, whole) = (grads_of(true), grads_of(false));
+        for (what, (f, r)) in ["dq", "dk", "dv"].iter().zip(skipped.iter().zip(&whole)) {
+            check_close_slices(&format!("{past} cached keys: {what}"), f, r, TOL).unwrap();
+        }
+    }
+}
+
+#[test]
+fn real_lengths_that_do_not_fit_fall_back_to_the_whole_computation() {
+    let (q, k, v, mask, _) = right_padded::<Flex>(0);
+    let whole = host(attend(q.clone(), k.clone(), v.clone(), Some(mask.clone())));
+    for real in [vec![70, 66], vec![70, 71, 0]] {
+        let out = attend_real(q.clone(), k.clone(), v.clone(), Some(mask.clone()), &real);
+        assert_eq!(host(out), whole, "lengths {real:?}");
+    }
 }

@@ -147,3 +147,22 @@ backend_tests!(
     an_attention_prefix_sees_the_same_real_tokens
 );
 autodiff_backend_tests!(gradients_ignore_padding);
+
+/// Attention skips padding only where each row's real tokens come first.
+fn real_lengths_only_for_right_padding<B: Backend>(device: &B::Device) {
+    let packing = |rows: [[f32; 4]; 2]| {
+        let mask = Tensor::<B, 2>::from_data(rows, device);
+        peft_models::packing::Packing::of(&mask).expect("padding to remove")
+    };
+    let right = packing([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]);
+    assert_eq!(right.lengths(), Some(&[3, 1][..]));
+    assert_eq!(right.tokens(), 4);
+    let empty_row = packing([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]);
+    assert_eq!(empty_row.lengths(), Some(&[4, 0][..]));
+    let left = packing([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]);
+    assert_eq!(left.lengths(), None, "left padding");
+    let hole = packing([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]);
+    assert_eq!(hole.lengths(), None, "a hole");
+}
+
+backend_tests!(real_lengths_only_for_right_padding);

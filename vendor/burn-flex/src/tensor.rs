@@ -278,11 +278,9 @@ impl FlexTensor {
     /// is read (a matrix product's output): no zeroing pass. peft-rs patch;
     /// the same uninitialised-then-filled pattern as `copy_contiguous`.
     pub(crate) fn for_overwrite<E: Element + bytemuck::Pod>(shape: Shape) -> Self {
-        let n = shape.num_elements();
-        let mut data: Vec<E> = Vec::with_capacity(n);
-        // SAFETY: `E` is plain old data; the caller overwrites all `n`
-        // elements before reading any (see the doc comment).
-        unsafe { data.set_len(n) };
+        // The caller overwrites all elements before reading any (see the
+        // doc comment).
+        let data: Vec<E> = crate::ops::uninit(shape.num_elements());
         Self {
             data: Arc::new(Bytes::from_elems(data)),
             layout: Layout::contiguous(shape),

@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use burn_flex::ops::fused_attention;
+use burn_flex::ops::fused_attention::{self, Extent};
 use burn_flex::FlexTensor;
 
 use super::{primitive, wrap, FlexAutodiff, FlexAutodiffTensor};
@@ -25,32 +25,37 @@ pub(crate) fn available<B: Backend>() -> bool {
 /// `q: [b, h, t, dh]`, `k: [b, h, s, dh]`, `v: [b, h, s, dv]` and an
 /// additive `bias` broadcastable to `[b, h, t, s]`, by the fused kernel;
 /// `None` when `B` is not Flex or `Autodiff<Flex>`, when the operands do
-/// not suit the kernel (not f32, negative strides), or when the bias itself
-/// needs a gradient.
+/// not suit the kernel (not f32, negative strides, extents that do not
+/// fit), or when the bias itself needs a gradient. With `extents`, only each
+/// batch row's real part is computed ([`Extent`]: padded query rows give
+/// zeros and take no gradient).
 pub(crate) fn attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     bias: Option<&Tensor<B, 4>>,
     scale: f32,
+    extents: Option<&[Extent]>,
 ) -> Option<Tensor<B, 4>> {
     let backend = TypeId::of::<B>();
     if backend == TypeId::of::<Flex>() {
         let raw = primitive::<Flex, B, 4>;
         let bias = bias.map(raw);
-        let (out, _) = fused_attention::forward(&raw(q), &raw(k), &raw(v), bias.as_ref(), scale)?;
+        let (out, _) =
+            fused_attention::forward(&raw(q), &raw(k), &raw(v), bias.as_ref(), scale, extents)?;
         return Some(wrap::<Flex, B, 4>(out));
     }
     if backend == TypeId::of::<FlexAutodiff>() {
         let raw = primitive::<FlexAutodiff, B, 4>;
-        let out = tracked_attention(raw(q), raw(k), raw(v), bias.map(raw), scale)?;
+        let out = tracked_attention(raw(q), raw(k), raw(v), bias.map(raw), scale, extents)?;
         return Some(wrap::<FlexAutodiff, B, 4>(out));
     }
     None
 }
 
-/// What the backward pass needs: the operands, the output and the
-/// log-sum-exp of each query row (the probabilities are recomputed).
+/// What the backward pass needs: the operands, the output, the
+/// log-sum-exp of each query row (the probabilities are recomputed) and the
+/// batch rows' real extents.
 #[derive(Debug, Clone)]
 struct Saved {
     q: FlexTensor,
@@ -60,6 +65,7 @@ struct Saved {
     out: FlexTensor,
     stats: FlexTensor,
     scale: f32,
+    extents: Option<Vec<Extent>>,
 }
 
 #[derive(Debug)]
@@ -79,6 +85,7 @@ impl Backward<Flex, 3> for FusedAttentionBackward {
                 &s.v,
                 s.bias.as_ref(),
                 s.scale,
+                s.extents.as_deref(),
                 &s.out,
                 &s.stats,
                 grad,
@@ -103,6 +110,7 @@ fn tracked_attention(
     v: FlexAutodiffTensor,
     bias: Option<FlexAutodiffTensor>,
     scale: f32,
+    extents: Option<&[Extent]>,
 ) -> Option<FlexAutodiffTensor> {
     if bias.as_ref().is_some_and(|m| !m.node.requirement.is_none()) {
         return None;
@@ -114,6 +122,7 @@ fn tracked_attention(
         &v.primitive,
         bias.as_ref(),
         scale,
+        extents,
     )?;
     let prep = FusedAttentionBackward
         .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
@@ -129,6 +138,7 @@ fn tracked_attention(
                 out: out.clone(),
                 stats,
                 scale,
+                extents: extents.map(<[Extent]>::to_vec),
             };
             prep.finish(saved, out)
         }

@@ -50,12 +50,19 @@ fn gelu_grad_one(x: f32, g: f32) -> f32 {
 }
 
 macro_rules! kernels {
-    ($gelu:ident, $grad:ident, $feat:literal) => {
+    ($gelu:ident, $gelu_into:ident, $grad:ident, $feat:literal) => {
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
         #[target_feature(enable = $feat)]
         unsafe fn $gelu(v: &mut [f32]) {
             for x in v.iter_mut() {
                 *x = gelu_one(*x);
+            }
+        }
+        #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+        #[target_feature(enable = $feat)]
+        unsafe fn $gelu_into(x: &[f32], out: &mut [f32]) {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = gelu_one(x);
             }
         }
         #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
@@ -68,8 +75,8 @@ macro_rules! kernels {
     };
 }
 
-kernels!(gelu_avx512, grad_avx512, "avx512f,avx512dq,fma");
-kernels!(gelu_avx2, grad_avx2, "avx2,fma");
+kernels!(gelu_avx512, gelu_into_avx512, grad_avx512, "avx512f,avx512dq,fma");
+kernels!(gelu_avx2, gelu_into_avx2, grad_avx2, "avx2,fma");
 
 fn gelu_chunk(v: &mut [f32]) {
     #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
@@ -85,6 +92,23 @@ fn gelu_chunk(v: &mut [f32]) {
     }
     for x in v.iter_mut() {
         *x = gelu_one(*x);
+    }
+}
+
+fn gelu_into_chunk(x: &[f32], out: &mut [f32]) {
+    #[cfg(all(feature = "std", any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        if crate::ops::exp_fast::has_avx512() {
+            // SAFETY: the features were detected on this CPU.
+            return unsafe { gelu_into_avx512(x, out) };
+        }
+        if crate::ops::exp_fast::has_avx2() {
+            // SAFETY: as above.
+            return unsafe { gelu_into_avx2(x, out) };
+        }
+    }
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = gelu_one(x);
     }
 }
 
@@ -118,13 +142,11 @@ pub fn gelu_inplace(v: &mut [f32]) {
     gelu_chunk(v)
 }
 
-/// `out[i] ← GELU(x[i])`: each chunk copied, then rewritten while in cache.
+/// `out[i] ← GELU(x[i])`, read from `x` and written to `out` in one pass
+/// (a copy then an in-place pass was 0.6 % of a training step, in memmove).
 pub fn gelu_into(x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(x.len(), out.len());
-    let run = |(o, x): (&mut [f32], &[f32])| {
-        o.copy_from_slice(x);
-        gelu_chunk(o);
-    };
+    let run = |(o, x): (&mut [f32], &[f32])| gelu_into_chunk(x, o);
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;

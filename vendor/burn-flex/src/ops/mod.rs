@@ -133,9 +133,29 @@ pub mod unfold;
 /// zeroed layer norm's 3 MB outputs on the calling thread while the pool
 /// waited).
 pub(crate) fn uninit_f32(n: usize) -> alloc::vec::Vec<f32> {
+    uninit(n)
+}
+
+/// `n` plain-old-data elements for a kernel to overwrite: uninitialised, or
+/// all bits set (NaN for floats) after [`poison_uninit`].
+pub(crate) fn uninit<E: bytemuck::Pod>(n: usize) -> alloc::vec::Vec<E> {
     let mut data = alloc::vec::Vec::with_capacity(n);
-    // SAFETY: f32 is plain old data; callers overwrite all `n` elements
+    if POISON_UNINIT.load(core::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: the capacity is n elements; any bit pattern is a valid E.
+        unsafe { core::ptr::write_bytes(data.as_mut_ptr(), 0xFF, n) };
+    }
+    // SAFETY: E is plain old data; callers overwrite all `n` elements
     // before reading any.
     unsafe { data.set_len(n) };
     data
+}
+
+static POISON_UNINIT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Test hook (peft-rs patch): while on, the buffers that kernels promise to
+/// overwrite whole start with every bit set (NaN for floats) instead of
+/// whatever the allocator held, so an element a kernel leaves unwritten
+/// shows in its output. Process-wide; costs one relaxed load per buffer.
+pub fn poison_uninit(on: bool) {
+    POISON_UNINIT.store(on, core::sync::atomic::Ordering::Relaxed);
 }
