@@ -572,14 +572,28 @@ fn column_norms_are_per_output_feature<B: Backend>(device: &B::Device) {
 fn a_slot_with_one_kind_of_entry_applies_it<B: Backend>(device: &B::Device) {
     let c = case();
     let full = c.slot::<B>(device);
-    let mut lora_only = LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
-    lora_only.add_lora(full.lora_entry("one").unwrap().clone(), "layer").unwrap();
+    let mut lora_only =
+        LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
+    lora_only
+        .add_lora(full.lora_entry("one").unwrap().clone(), "layer")
+        .unwrap();
     lora_only.set_active(&names(&["one"]));
-    assert_near("LoRA only", forward(&lora_only, &c.x, device), &c.expected(&c.x, &["one"]));
-    let mut ia3_only = LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
-    ia3_only.add_ia3(full.ia3_entry("out").unwrap().clone(), "layer").unwrap();
+    assert_near(
+        "LoRA only",
+        forward(&lora_only, &c.x, device),
+        &c.expected(&c.x, &["one"]),
+    );
+    let mut ia3_only =
+        LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
+    ia3_only
+        .add_ia3(full.ia3_entry("out").unwrap().clone(), "layer")
+        .unwrap();
     ia3_only.set_active(&names(&["out"]));
-    assert_near("(IA)3 only", forward(&ia3_only, &c.x, device), &c.expected(&c.x, &["out"]));
+    assert_near(
+        "(IA)3 only",
+        forward(&ia3_only, &c.x, device),
+        &c.expected(&c.x, &["out"]),
+    );
 }
 
 /// Removing an entry drops its name alone from the active list.
@@ -589,11 +603,22 @@ fn removing_an_entry_keeps_the_others_active<B: Backend>(device: &B::Device) {
     slot.set_active(&names(&["in", "one", "out"]));
     assert!(slot.remove_ia3("in").is_some());
     assert_eq!(slot.state.active, names(&["one", "out"]));
-    assert_near("after removing in", forward(&slot, &c.x, device), &c.expected(&c.x, &["one", "out"]));
+    assert_near(
+        "after removing in",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["one", "out"]),
+    );
     assert!(slot.remove_lora("one").is_some());
     assert_eq!(slot.state.active, names(&["out"]));
-    assert!(slot.remove_ia3("one").is_none() && slot.remove_lora("out").is_none(), "wrong kind");
-    assert_near("after removing one", forward(&slot, &c.x, device), &c.expected(&c.x, &["out"]));
+    assert!(
+        slot.remove_ia3("one").is_none() && slot.remove_lora("out").is_none(),
+        "wrong kind"
+    );
+    assert_near(
+        "after removing one",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["out"]),
+    );
 }
 
 /// The accessors for editing reach the named entry of their kind only.
@@ -610,7 +635,11 @@ fn entries_are_edited_through_their_names<B: Backend>(device: &B::Device) {
     input.scale = Param::from_tensor(Tensor::ones([D_IN], device));
     // Both edited entries are now the identity; "two" is untouched.
     slot.set_active(&names(&["one", "in", "two"]));
-    assert_near("edited", forward(&slot, &c.x, device), &c.expected(&c.x, &["two"]));
+    assert_near(
+        "edited",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["two"]),
+    );
 }
 
 /// A base weight kept in NF4 computes with its dequantization, and each
@@ -621,33 +650,56 @@ fn a_quantized_base_computes_with_its_dequantized_weight<B: Backend>(device: &B:
     let w_out_in: Vec<f32> = (0..D_OUT * D_IN)
         .map(|o| c.w.at(o % D_IN, o / D_IN) as f32)
         .collect();
-    let q = std::sync::Arc::new(peft_core::quant::QuantizedMatrix::nf4(&w_out_in, D_OUT, D_IN).unwrap());
+    let q = std::sync::Arc::new(
+        peft_core::quant::QuantizedMatrix::nf4(&w_out_in, D_OUT, D_IN).unwrap(),
+    );
     let deq = q.dequantize();
     let dense = c.w.clone();
     c.w = M {
         r: D_IN,
         c: D_OUT,
-        v: (0..D_IN * D_OUT).map(|o| deq[(o % D_OUT) * D_IN + o / D_OUT] as f64).collect(),
+        v: (0..D_IN * D_OUT)
+            .map(|o| deq[(o % D_OUT) * D_IN + o / D_OUT] as f64)
+            .collect(),
     };
-    assert!(c.w.v.iter().zip(&dense.v).any(|(a, b)| a != b), "NF4 rounds the weight");
+    assert!(
+        c.w.v.iter().zip(&dense.v).any(|(a, b)| a != b),
+        "NF4 rounds the weight"
+    );
     let short_bias = Some(vec_tensor::<B>(&c.bias[..D_OUT - 1], device));
     match LinearSlot::<B>::from_quantized(q.clone(), short_bias, device) {
         Err(PeftError::Shape { name, .. }) => assert_eq!(name, "bias"),
-        other => panic!("a bias of {} for {D_OUT} outputs: {:?}", D_OUT - 1, other.map(|_| ())),
+        other => panic!(
+            "a bias of {} for {D_OUT} outputs: {:?}",
+            D_OUT - 1,
+            other.map(|_| ())
+        ),
     }
-    let mut slot = LinearSlot::<B>::from_quantized(q.clone(), Some(vec_tensor(&c.bias, device)), device).unwrap();
+    let mut slot =
+        LinearSlot::<B>::from_quantized(q.clone(), Some(vec_tensor(&c.bias, device)), device)
+            .unwrap();
     assert!(slot.is_quantized());
-    assert_eq!((slot.d_input(), slot.d_output(), slot.quantized_params()), (D_IN, D_OUT, D_IN * D_OUT));
+    assert_eq!(
+        (slot.d_input(), slot.d_output(), slot.quantized_params()),
+        (D_IN, D_OUT, D_IN * D_OUT)
+    );
     assert_near("dequantized weight", host(slot.base_weight()), &c.w);
     let full = c.slot::<B>(device);
-    slot.add_lora(full.lora_entry("one").unwrap().clone(), "layer").unwrap();
+    slot.add_lora(full.lora_entry("one").unwrap().clone(), "layer")
+        .unwrap();
     slot.set_active(&names(&["one"]));
-    assert_near("quantized base + LoRA", forward(&slot, &c.x, device), &c.expected(&c.x, &["one"]));
+    assert_near(
+        "quantized base + LoRA",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["one"]),
+    );
     slot.dequantize_base();
     assert!(!slot.is_quantized());
     assert_eq!(slot.quantized_params(), 0);
     assert_near("dense again", host(slot.base.weight.val()), &c.w);
-    let wrong = std::sync::Arc::new(peft_core::quant::QuantizedMatrix::nf4(&w_out_in, D_IN, D_OUT).unwrap());
+    let wrong = std::sync::Arc::new(
+        peft_core::quant::QuantizedMatrix::nf4(&w_out_in, D_IN, D_OUT).unwrap(),
+    );
     match slot.set_quantized_base(wrong) {
         Err(PeftError::Shape { name, .. }) => assert_eq!(name, "quantized base weight"),
         other => panic!("a transposed quantized weight: {other:?}"),
@@ -655,7 +707,11 @@ fn a_quantized_base_computes_with_its_dequantized_weight<B: Backend>(device: &B:
     assert!(!slot.is_quantized(), "a refused weight is not kept");
     slot.set_quantized_base(q).unwrap();
     assert!(slot.is_quantized());
-    assert_near("quantized again", forward(&slot, &c.x, device), &c.expected(&c.x, &["one"]));
+    assert_near(
+        "quantized again",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["one"]),
+    );
 }
 
 /// With dropout under autodiff, DoRA's base term reads the dropped-out
@@ -668,9 +724,24 @@ fn dora_with_dropout_recomputes_its_base_term<B: AutodiffBackend>(device: &B::De
     slot.set_active(&names(&["dora"]));
     B::seed(device, 3);
     assert_near("all dropped", forward(&slot, &c.x, device), &c.base(&c.x));
+    // Without dropout the base term is the layer's own `x·W`, which an
+    // input-side (IA)³ vector scales first: not `x·W` recomputed.
+    slot.lora_entry_mut("dora").unwrap().meta.dropout = 0.0;
+    slot.set_active(&names(&["in", "dora"]));
+    assert_near(
+        "no dropout, (IA)3 in",
+        forward(&slot, &c.x, device),
+        &c.expected(&c.x, &["in", "dora"]),
+    );
     let undropped = c.expected(&c.x, &["dora"]);
     assert!(
-        check_close_slices("a real check", &host(c.base(&c.x).tensor::<B>(device)), &undropped.v.iter().map(|&v| v as f32).collect::<Vec<_>>(), TOL).is_err(),
+        check_close_slices(
+            "a real check",
+            &host(c.base(&c.x).tensor::<B>(device)),
+            &undropped.v.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            TOL
+        )
+        .is_err(),
         "DoRA must change this output when nothing is dropped"
     );
 }
