@@ -116,7 +116,7 @@ pub fn attend_fused<B: Backend>(
 /// cached (prefix) ones. On Flex only those rows and keys are computed and
 /// the padded query rows come out as zeros; elsewhere, or when `real` does
 /// not fit the shapes, this is [`attend`]. The caller masks the padded keys
-/// and drops the padded rows' outputs, as [`crate::packing`] does: skipping
+/// and drops the padded rows' outputs, as BERT's padding removal does: skipping
 /// them is then exact.
 pub fn attend_real<B: Backend>(
     q: Tensor<B, 4>,
