@@ -567,33 +567,35 @@ fn column_norms_are_per_output_feature<B: Backend>(device: &B::Device) {
     );
 }
 
+/// The slot's output with its current active entries against the
+/// reference for `active`.
+#[track_caller]
+fn check_active<B: Backend>(
+    c: &Case,
+    slot: &LinearSlot<B>,
+    active: &[&str],
+    what: &str,
+    device: &B::Device,
+) {
+    assert_near(what, forward(slot, &c.x, device), &c.expected(&c.x, active));
+}
+
 /// A slot holding one kind of entry only (the slots above hold both):
 /// each entry still applies.
 fn a_slot_with_one_kind_of_entry_applies_it<B: Backend>(device: &B::Device) {
     let c = case();
     let full = c.slot::<B>(device);
-    let mut lora_only =
-        LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
-    lora_only
-        .add_lora(full.lora_entry("one").unwrap().clone(), "layer")
-        .unwrap();
-    lora_only.set_active(&names(&["one"]));
-    assert_near(
-        "LoRA only",
-        forward(&lora_only, &c.x, device),
-        &c.expected(&c.x, &["one"]),
-    );
-    let mut ia3_only =
-        LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
-    ia3_only
-        .add_ia3(full.ia3_entry("out").unwrap().clone(), "layer")
-        .unwrap();
-    ia3_only.set_active(&names(&["out"]));
-    assert_near(
-        "(IA)3 only",
-        forward(&ia3_only, &c.x, device),
-        &c.expected(&c.x, &["out"]),
-    );
+    for name in ["one", "out"] {
+        let mut slot =
+            LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
+        match (full.lora_entry(name), full.ia3_entry(name)) {
+            (Some(lora), _) => slot.add_lora(lora.clone(), "layer").unwrap(),
+            (_, Some(ia3)) => slot.add_ia3(ia3.clone(), "layer").unwrap(),
+            _ => unreachable!("{name} is attached"),
+        }
+        slot.set_active(&names(&[name]));
+        check_active(&c, &slot, &[name], &format!("{name} alone"), device);
+    }
 }
 
 /// Removing an entry drops its name alone from the active list.
@@ -603,22 +605,14 @@ fn removing_an_entry_keeps_the_others_active<B: Backend>(device: &B::Device) {
     slot.set_active(&names(&["in", "one", "out"]));
     assert!(slot.remove_ia3("in").is_some());
     assert_eq!(slot.state.active, names(&["one", "out"]));
-    assert_near(
-        "after removing in",
-        forward(&slot, &c.x, device),
-        &c.expected(&c.x, &["one", "out"]),
-    );
+    check_active(&c, &slot, &["one", "out"], "after removing in", device);
     assert!(slot.remove_lora("one").is_some());
     assert_eq!(slot.state.active, names(&["out"]));
     assert!(
         slot.remove_ia3("one").is_none() && slot.remove_lora("out").is_none(),
         "wrong kind"
     );
-    assert_near(
-        "after removing one",
-        forward(&slot, &c.x, device),
-        &c.expected(&c.x, &["out"]),
-    );
+    check_active(&c, &slot, &["out"], "after removing one", device);
 }
 
 /// The accessors for editing reach the named entry of their kind only.
@@ -635,11 +629,7 @@ fn entries_are_edited_through_their_names<B: Backend>(device: &B::Device) {
     input.scale = Param::from_tensor(Tensor::ones([D_IN], device));
     // Both edited entries are now the identity; "two" is untouched.
     slot.set_active(&names(&["one", "in", "two"]));
-    assert_near(
-        "edited",
-        forward(&slot, &c.x, device),
-        &c.expected(&c.x, &["two"]),
-    );
+    check_active(&c, &slot, &["two"], "edited", device);
 }
 
 /// A base weight kept in NF4 computes with its dequantization, and each
