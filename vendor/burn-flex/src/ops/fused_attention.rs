@@ -149,7 +149,7 @@ unsafe fn gemm(
 /// An uninitialised `[b, h, rows, d]` f32 buffer laid out `[b, rows, h, d]`.
 fn heads_major(b: usize, h: usize, rows: usize, d: usize) -> (Vec<f32>, Layout) {
     // The kernels write every element.
-    let data = crate::ops::uninit_f32(b * h * rows * d);
+    let data = crate::ops::uninit::<f32>(b * h * rows * d);
     let strides = vec![(rows * h * d) as isize, d as isize, (h * d) as isize, 1];
     (
         data,

@@ -231,7 +231,7 @@ fn normalise(
     let g: &[f32] = &gamma.storage::<f32>()[..d];
     let b: Option<&[f32]> = beta.as_ref().map(|b| &b.storage::<f32>()[..d]);
     // Every row of `y` is written by the kernel below.
-    let mut y = crate::ops::uninit_f32(n);
+    let mut y = crate::ops::uninit::<f32>(n);
     let mut stats = vec![[0.0f32; 2]; rows];
     let isa = isa();
     let run = |x: &[f32], y: &mut [f32], st: &mut [[f32; 2]]| match isa {
@@ -311,7 +311,7 @@ fn gradients(
     let dy: &[f32] = &grad.storage::<f32>()[..n];
     let g: &[f32] = &gamma.storage::<f32>()[..d];
     // Every row of `dx` is written by the kernel below.
-    let mut dx = crate::ops::uninit_f32(n);
+    let mut dx = crate::ops::uninit::<f32>(n);
     let isa = isa();
     let run = |x: &[f32], dy: &[f32], dx: &mut [f32], st: &[[f32; 2]]| {
         let (mut dg, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);

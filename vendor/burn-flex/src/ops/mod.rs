@@ -128,16 +128,10 @@ mod transaction;
 pub mod unary;
 pub mod unfold;
 
-/// An f32 buffer of `n` elements left uninitialised, for kernels that write
-/// every element before anything reads it (peft-rs patch: `vec![0.0; n]`
-/// zeroed layer norm's 3 MB outputs on the calling thread while the pool
-/// waited).
-pub(crate) fn uninit_f32(n: usize) -> alloc::vec::Vec<f32> {
-    uninit(n)
-}
-
-/// `n` plain-old-data elements for a kernel to overwrite: uninitialised, or
-/// all bits set (NaN for floats) after [`poison_uninit`].
+/// `n` plain-old-data elements left uninitialised (or all bits set after
+/// [`poison_uninit`]), for kernels that write every element before
+/// anything reads it (peft-rs patch: `vec![0.0; n]` zeroed layer norm's
+/// 3 MB outputs on the calling thread while the pool waited).
 pub(crate) fn uninit<E: bytemuck::Pod>(n: usize) -> alloc::vec::Vec<E> {
     let mut data = alloc::vec::Vec::with_capacity(n);
     if POISON_UNINIT.load(core::sync::atomic::Ordering::Relaxed) {
@@ -152,10 +146,13 @@ pub(crate) fn uninit<E: bytemuck::Pod>(n: usize) -> alloc::vec::Vec<E> {
 
 static POISON_UNINIT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Test hook (peft-rs patch): while on, the buffers that kernels promise to
-/// overwrite whole start with every bit set (NaN for floats) instead of
-/// whatever the allocator held, so an element a kernel leaves unwritten
-/// shows in its output. Process-wide; costs one relaxed load per buffer.
+/// Test hook (peft-rs patch): while on, the buffers of [`uninit`] and
+/// `FlexTensor::for_overwrite` (the peft-rs kernels' outputs: fused
+/// attention, layer norm, GELU, the product with a bias) start with every
+/// bit set (NaN for floats) instead of whatever the allocator held, so an
+/// element such a kernel leaves unwritten shows in its output. Upstream's
+/// own uninitialised buffers (strided copies, gathers, interpolation) are
+/// not covered. Process-wide; costs one relaxed load per buffer.
 pub fn poison_uninit(on: bool) {
     POISON_UNINIT.store(on, core::sync::atomic::Ordering::Relaxed);
 }
