@@ -21,8 +21,10 @@ fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
     Bert::load(&fixtures_dir().join("bert"), d).unwrap()
 }
 
-/// The CPU backends' RNG is process-wide: tests that seed it and then draw
-/// from it take turns, or another test's draws change their weights.
+/// The CPU backends' RNG is process-wide: every test here that draws from it
+/// takes turns, or a test that seeds it gets other weights from one run to
+/// the next (the training test's loss then stopped falling at every step
+/// once in a full `cargo test --workspace`).
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
@@ -126,6 +128,7 @@ autodiff_backend_tests!(
 
 /// Every mistake a user can make is a typed error that names it.
 fn mistakes_are_typed_errors<B: Backend>(d: &B::Device) {
+    let _turn = rng_turn();
     let c = FixtureCase::open("bert", "bn_compose");
     let mut model = AdapterModel::wrap(bert::<B>(d));
     model.load_adapter(&c.dir.join("a"), None).unwrap();
@@ -299,6 +302,7 @@ fn identity_inits_and_disable<B: Backend>(d: &B::Device) {
 /// regularisation term is AdapterHub's `0.01 · Σ ‖I − V‖²` over the trained
 /// fusions that ask for it; training a fusion with dropout is refused.
 fn config_fields_are_honoured_or_refused<B: Backend>(d: &B::Device) {
+    let _turn = rng_turn();
     let mut model = AdapterModel::wrap(bert::<B>(d));
     let seeded = |seed: Option<u64>| BnConfig {
         init_weights_seed: seed,
@@ -402,6 +406,7 @@ backend_tests!(
 /// the tokens of recomputing the whole sequence at every step (Llama and
 /// GPT-2, a single adapter, a stack and a parallel setup).
 fn generation_through_the_cache<B: Backend>(d: &B::Device) {
+    let _turn = rng_turn();
     use peft_core::generate::{CausalLm, Sampler};
     let llama = Llama::<B>::load(&fixtures_dir().join("llama"), d).unwrap();
     let mut m = AdapterModel::wrap(llama);
