@@ -16,5 +16,5 @@ pub mod model;
 
 pub use bottleneck::{Activation, Bottleneck, BottleneckAdapter, Fusion, FusionLayer, Setup};
 pub use config::{BnConfig, FusionConfig};
-pub use ia3::Ia3Model;
+pub use ia3::{Ia3, Ia3Model};
 pub use model::{AdapterModel, AdapterSet};

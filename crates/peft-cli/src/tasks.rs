@@ -10,13 +10,13 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use peft_adapter::{AdapterModel, BnConfig, Ia3Model};
+use peft_adapter::{AdapterModel, BnConfig, Ia3};
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
-use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result};
-use peft_lora::LoraModel;
+use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotMethod, SlotModel};
+use peft_lora::Lora;
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
@@ -615,36 +615,39 @@ where
     M: PeftModel<B> + AutodiffModule<B> + Clone,
     M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
 {
-    Ok(match method {
-        Method::Lora(c) => {
-            let l = match from {
-                Some(dir) => LoraModel::from_pretrained(model, dir)?,
-                None => LoraModel::new(model, c.clone())?,
-            };
-            let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
-            let count = l.param_count();
-            let save: Saver<M::InnerModule> =
-                Box::new(move |m, dir| template.with_model(m.clone()).save_adapter("default", dir));
-            (l.model, count, save)
-        }
-        Method::Ia3(c) => {
-            let l = match from {
-                Some(dir) => Ia3Model::from_pretrained(model, dir)?,
-                None => Ia3Model::new(model, c.clone())?,
-            };
-            let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
-            let count = l.param_count();
-            let save: Saver<M::InnerModule> =
-                Box::new(move |m, dir| template.with_model(m.clone()).save_adapter("default", dir));
-            (l.model, count, save)
-        }
-        other => {
-            return Err(PeftError::Config(format!(
-                "{} does not live in the linear slots",
-                other.name()
-            )))
-        }
-    })
+    match method {
+        Method::Lora(c) => attach_slot_method::<B, M, Lora>(model, c, from),
+        Method::Ia3(c) => attach_slot_method::<B, M, Ia3>(model, c, from),
+        other => Err(PeftError::Config(format!(
+            "{} does not live in the linear slots",
+            other.name()
+        ))),
+    }
+}
+
+/// [`attach_slots`] for method `K`.
+#[allow(clippy::type_complexity)]
+fn attach_slot_method<B: AutodiffBackend, M, K: SlotMethod>(
+    model: M,
+    config: &K::Config,
+    from: Option<&Path>,
+) -> Result<(M, peft_core::ParamCount, Saver<M::InnerModule>)>
+where
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
+{
+    let l = match from {
+        Some(dir) => SlotModel::<B, M, K>::from_pretrained(model, dir)?,
+        None => SlotModel::new(model, config.clone())?,
+    };
+    let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
+    let count = l.param_count();
+    let save: Saver<M::InnerModule> = Box::new(move |m, dir| {
+        template
+            .with_model(m.clone())
+            .save_adapter(peft_core::DEFAULT_ADAPTER, dir)
+    });
+    Ok((l.model, count, save))
 }
 
 /// A model with its method attached.
@@ -773,16 +776,8 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) => {
-            let l = LoraModel::from_pretrained(model, dir)?;
-            let c = l.param_count();
-            Attached::Slots(l.model, c)
-        }
-        Method::Ia3(_) => {
-            let l = Ia3Model::from_pretrained(model, dir)?;
-            let c = l.param_count();
-            Attached::Slots(l.model, c)
-        }
+        Method::Lora(_) => load_slot_method::<B, M, Lora>(model, dir)?,
+        Method::Ia3(_) => load_slot_method::<B, M, Ia3>(model, dir)?,
         Method::Adapter(_) => {
             let mut a = AdapterModel::wrap(model);
             let name = a.load_adapter(dir, None)?;
@@ -792,6 +787,16 @@ where
         }
         m @ (Method::Prefix(_) | Method::Prompt(_)) => Attached::Virtual(m),
     })
+}
+
+/// [`load_attached`] for slot method `K`.
+fn load_slot_method<B: Backend, M: PeftModel<B>, K: SlotMethod>(
+    model: M,
+    dir: &Path,
+) -> Result<Attached<B, M>> {
+    let l = SlotModel::<B, M, K>::from_pretrained(model, dir)?;
+    let count = l.param_count();
+    Ok(Attached::Slots(l.model, count))
 }
 
 /// `model` with the adapter folder `dir` attached (detected method), or

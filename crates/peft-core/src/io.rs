@@ -16,6 +16,11 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{PeftError, Result};
 
+/// PEFT's config file name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// PEFT's weights file name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
 /// A tensor on the host: row-major `f32` values and a shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
@@ -239,7 +244,7 @@ pub fn adapter_subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("adapter_config.json").is_file())
+        .filter(|p| p.join(CONFIG_FILE).is_file())
         .map(|p| {
             let name = p
                 .file_name()

@@ -9,6 +9,9 @@
 //!   or one per batch row).
 //! - [`model::PeftModel`]: the visitor trait a model implements to name its
 //!   slots by their Hugging Face module paths.
+//! - [`slot_model::SlotModel`]: the wrapper every slot method shares (named
+//!   adapters, activation, merging, mixed batches, PEFT's files); a method
+//!   implements [`slot_method::SlotMethod`].
 //! - [`routing`]: a per-forward context (per-row adapter names for mixed-batch
 //!   inference) that reaches every slot without changing forward signatures.
 //! - [`config`], [`target`]: PEFT's `adapter_config.json` and its target-module
@@ -33,7 +36,6 @@ pub mod generate;
 pub mod io;
 pub mod kv;
 pub mod layered;
-pub mod linear_adapters;
 pub mod loss;
 pub mod memory;
 pub mod model;
@@ -45,6 +47,8 @@ mod regex_match;
 pub mod rng;
 pub mod routing;
 pub mod slot;
+pub mod slot_method;
+pub mod slot_model;
 pub mod target;
 
 pub use config::{Ia3Config, LoraConfig, TargetModules};
@@ -52,6 +56,8 @@ pub use count::ParamCount;
 pub use error::{PeftError, Result};
 pub use model::PeftModel;
 pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta};
+pub use slot_method::SlotMethod;
+pub use slot_model::SlotModel;
 
 /// The adapter name PEFT uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";

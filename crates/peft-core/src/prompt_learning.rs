@@ -20,10 +20,7 @@ use crate::io::{
     ensure_consumed, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
 };
 
-/// File name of the config.
-pub const CONFIG_FILE: &str = "adapter_config.json";
-/// File name of the weights.
-pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub use crate::io::{CONFIG_FILE, WEIGHTS_FILE};
 /// The one tensor of a prompt-learning adapter file.
 pub const EMBEDDINGS_KEY: &str = "prompt_embeddings";
 

@@ -121,6 +121,11 @@ pub struct SlotState {
     /// With `true`, the forward pass is the base layer alone (unmerged
     /// adapters are bypassed).
     pub disabled: bool,
+    /// Names of the merged adapters, in the order they were merged: DoRA's
+    /// and (IA)³'s merges scale the weight, so they do not commute with the
+    /// others, and unmerging must go back in reverse order (PEFT keeps the
+    /// same list per layer, `merged_adapters`).
+    pub merged: Vec<String>,
 }
 
 /// Configuration of a [`LinearSlot`].
@@ -769,6 +774,43 @@ impl<B: Backend> LinearSlot<B> {
     /// Folds adapter `name` (of any kind) into the base weight. Returns
     /// `false` if it is not attached here or already merged.
     pub fn merge(&mut self, name: &str) -> bool {
+        let merged = self.merge_entry(name);
+        if merged {
+            self.state.merged.push(name.to_string());
+        }
+        merged
+    }
+
+    /// Removes adapter `name` (of any kind) from the base weight, taking out
+    /// first, newest first, whatever was merged after it, and merging that
+    /// back afterwards. Returns `false` if it is not attached here or not
+    /// merged.
+    pub fn unmerge(&mut self, name: &str) -> bool {
+        let Some(pos) = self.state.merged.iter().position(|n| n == name) else {
+            // Merged outside this slot's bookkeeping (or not at all).
+            return self.unmerge_entry(name);
+        };
+        let later = self.state.merged.split_off(pos + 1);
+        for n in later.iter().rev() {
+            self.unmerge_entry(n);
+        }
+        self.state.merged.pop();
+        let unmerged = self.unmerge_entry(name);
+        for n in later {
+            self.merge(&n);
+        }
+        unmerged
+    }
+
+    /// Unmerges the merged adapters among `names`, newest merge first.
+    pub fn unmerge_newest_first(&mut self, names: &[String]) {
+        let order: Vec<String> = self.state.merged.iter().rev().cloned().collect();
+        for n in order.iter().chain(names).filter(|n| names.contains(n)) {
+            self.unmerge(n);
+        }
+    }
+
+    fn merge_entry(&mut self, name: &str) -> bool {
         if self.ia3_entry(name).is_some() {
             return self.merge_ia3(name);
         }
@@ -800,9 +842,7 @@ impl<B: Backend> LinearSlot<B> {
         true
     }
 
-    /// Removes adapter `name` (of any kind) from the base weight. Returns
-    /// `false` if it is not attached here or not merged.
-    pub fn unmerge(&mut self, name: &str) -> bool {
+    fn unmerge_entry(&mut self, name: &str) -> bool {
         if self.ia3_entry(name).is_some() {
             return self.unmerge_ia3(name);
         }

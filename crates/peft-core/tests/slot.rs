@@ -409,6 +409,73 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
     assert!(!slot.has_adapter("one") && slot.has_adapter("two") && slot.has_adapter("out"));
 }
 
+/// (IA)³ and DoRA merges scale the weight, so they do not commute with a
+/// LoRA merge: unmerging one that was merged before others takes the later
+/// ones out first and puts them back, as PEFT's per-layer merge list does.
+fn merges_that_do_not_commute_unmerge_in_reverse_order<B: Backend>(device: &B::Device) {
+    let c = case();
+    let w0 = c.w.clone();
+    let bias0 = M {
+        r: 1,
+        c: D_OUT,
+        v: c.bias.clone(),
+    };
+    let bias = |slot: &LinearSlot<B>| host(slot.base.bias.as_ref().unwrap().val());
+    let mut slot = c.slot::<B>(device);
+    slot.set_active(&names(&["out", "one"]));
+    assert!(slot.merge("out") && slot.merge("one"));
+    assert_eq!(slot.state.merged, names(&["out", "one"]));
+    let merged_w = w0.scale_by(c.ia3("out"), true).add(&c.delta("one"));
+    assert_near("merged weight", host(slot.base_weight()), &merged_w);
+    let want = c.expected(&c.x, &["out", "one"]);
+    assert_near("merged output", forward(&slot, &c.x, device), &want);
+    // The older merge out first: "one" stays merged, on the plain weight.
+    assert!(slot.unmerge("out"));
+    assert_eq!(slot.state.merged, names(&["one"]));
+    assert_near(
+        "out unmerged",
+        host(slot.base_weight()),
+        &w0.add(&c.delta("one")),
+    );
+    assert_near("out unmerged: bias", bias(&slot), &bias0);
+    slot.set_active(&names(&["one"]));
+    let want_one = c.expected(&c.x, &["one"]);
+    assert_near(
+        "out unmerged: output",
+        forward(&slot, &c.x, device),
+        &want_one,
+    );
+    assert!(slot.unmerge("one"));
+    assert_near("all unmerged", host(slot.base_weight()), &w0);
+
+    // Every kind merged, then unmerged in the order of addition.
+    let mut slot = c.slot::<B>(device);
+    let all = names(&["in", "dora", "out2", "two"]);
+    for n in &all {
+        assert!(slot.merge(n), "{n}");
+    }
+    slot.unmerge_newest_first(&all);
+    assert!(!slot.any_merged() && slot.state.merged.is_empty());
+    assert_near("all unmerged, newest first", host(slot.base_weight()), &w0);
+    assert_near("all unmerged: bias", bias(&slot), &bias0);
+    for n in &all {
+        assert!(slot.merge(n), "{n}");
+    }
+    for n in &all {
+        assert!(slot.unmerge(n), "{n}");
+    }
+    assert_near("all unmerged, oldest first", host(slot.base_weight()), &w0);
+    // Removing an entry merged before others keeps those merged.
+    assert!(slot.merge("dora") && slot.merge("out"));
+    assert!(slot.remove_lora("dora").is_some());
+    assert_eq!(slot.state.merged, names(&["out"]));
+    assert_near(
+        "dora removed",
+        host(slot.base_weight()),
+        &w0.scale_by(c.ia3("out"), true),
+    );
+}
+
 fn a_mixed_batch_gives_each_row_its_own_adapter<B: Backend>(device: &B::Device) {
     let c = case();
     let mut slot = c.slot::<B>(device);
@@ -747,6 +814,7 @@ autodiff_backend_tests!(dora_with_dropout_recomputes_its_base_term);
 backend_tests!(
     every_combination_of_entries_computes_the_reference,
     merging_each_kind_keeps_the_output_and_unmerging_restores_the_base,
+    merges_that_do_not_commute_unmerge_in_reverse_order,
     a_mixed_batch_gives_each_row_its_own_adapter,
     unmerging_ia3_divides_by_l_plus_peft_epsilon,
     entries_that_do_not_fit_are_typed_errors,

@@ -21,6 +21,7 @@ use nalgebra::DMatrix;
 use peft_core::config::TargetModules;
 use peft_core::io::HostTensor;
 use peft_core::rng::SplitMix64;
+use peft_core::slot_method::Init;
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 
 use crate::LoraModel;
@@ -462,10 +463,22 @@ fn set_factors<B: Backend>(
     Ok(())
 }
 
-impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
+/// PEFT's `add_weighted_adapter` on a [`LoraModel`].
+pub trait AddWeightedAdapter {
     /// Adds adapter `name`, the weighted combination of `adapters` (PEFT's
     /// `add_weighted_adapter`). The new adapter is not activated.
-    pub fn add_weighted_adapter(
+    fn add_weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        name: &str,
+        combination: Combination,
+        opts: &WeightedOptions,
+    ) -> Result<()>;
+}
+
+impl<B: Backend, M: PeftModel<B>> AddWeightedAdapter for LoraModel<B, M> {
+    fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
@@ -565,7 +578,7 @@ impl<B: Backend, M: PeftModel<B>> LoraModel<B, M> {
         config.rank_pattern.clear();
         config.alpha_pattern.clear();
         let scaling = config.scaling_for(new_rank, new_rank as f64);
-        self.inject(name, config, Some(()))?;
+        self.attach(name, config, Init::Placeholder)?;
 
         let mut masks = match &opts.dare_masks {
             Some(given) => Masks::Given(given.iter()),

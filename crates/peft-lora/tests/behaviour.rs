@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::config::{InitLoraWeights, TargetModules};
 use peft_core::io::{read_safetensors, serialize_safetensors, HostTensor};
 use peft_core::{LoraConfig, PeftError, PeftModel, BASE_ROW};
-use peft_lora::{Combination, LoraModel, WeightedOptions};
+use peft_lora::{AddWeightedAdapter, Combination, LoraModel, WeightedOptions};
 use peft_models::llama::Llama;
 
 type B = NdArray;

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{backend_tests, PeftModel};
-use peft_lora::{Combination, LoraModel, WeightedOptions};
+use peft_lora::{AddWeightedAdapter, Combination, LoraModel, WeightedOptions};
 use peft_models::bert::Bert;
 use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, FixtureCase, TOL};
 use peft_models::gpt2::Gpt2;

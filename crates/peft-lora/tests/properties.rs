@@ -23,7 +23,7 @@ use peft_core::compare::{check_close, check_close_slices, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::HostTensor;
 use peft_core::{LoraConfig, PeftModel, BASE_ROW};
-use peft_lora::{Combination, LoraModel, WeightedOptions};
+use peft_lora::{AddWeightedAdapter, Combination, LoraModel, WeightedOptions};
 use peft_models::llama::Llama;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;

@@ -1,0 +1,246 @@
+//! [`SlotMethod`]: what a method whose adapters live in the model's
+//! [`LinearSlot`]s defines for itself (which layers a config targets, how an
+//! entry starts, how its tensors are named in PEFT's file);
+//! [`SlotModel`](crate::SlotModel) does everything else, the same way for
+//! every method. A pair of methods is a method too, whose configs are
+//! [`OneOf`] the two: that is how one model holds LoRA and (IA)³ adapters.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::config::{read_text, Ia3Config, LoraConfig};
+use crate::error::{PeftError, Result};
+use crate::io::HostTensor;
+use crate::slot::LinearSlot;
+
+/// How a new entry's parameters start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// As the config says (PEFT's initialisation for a new adapter).
+    Fresh,
+    /// Placeholder values (no random draw), to be overwritten from a file
+    /// or by arithmetic on other adapters.
+    Placeholder,
+}
+
+/// An `adapter_config.json` as a method reads and writes it.
+pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
+    /// Whether a file whose `peft_type` is `peft_type` (`None`: the field is
+    /// absent) holds this config.
+    fn reads(peft_type: Option<&str>) -> bool;
+
+    /// Reads and checks the file at `path`.
+    fn read(path: &Path) -> Result<Self>;
+
+    /// The JSON PEFT writes into a saved adapter folder.
+    fn saved_json(&self) -> String;
+}
+
+impl AdapterConfig for LoraConfig {
+    /// PEFT's LoRA files name their type; ours did not always, and LoRA is
+    /// what a config without one means.
+    fn reads(peft_type: Option<&str>) -> bool {
+        matches!(peft_type, None | Some("LORA"))
+    }
+
+    fn read(path: &Path) -> Result<Self> {
+        LoraConfig::from_file(path)
+    }
+
+    fn saved_json(&self) -> String {
+        LoraConfig {
+            inference_mode: true,
+            ..self.clone()
+        }
+        .to_json_string()
+    }
+}
+
+impl AdapterConfig for Ia3Config {
+    fn reads(peft_type: Option<&str>) -> bool {
+        peft_type == Some("IA3")
+    }
+
+    fn read(path: &Path) -> Result<Self> {
+        Ia3Config::from_file(path)
+    }
+
+    fn saved_json(&self) -> String {
+        Ia3Config {
+            inference_mode: true,
+            ..self.clone()
+        }
+        .to_json_string()
+    }
+}
+
+/// What a method whose adapters live in [`LinearSlot`]s defines; everything
+/// else is [`SlotModel`](crate::SlotModel)'s. Implemented by a marker type
+/// (`peft_lora::Lora`, `peft_adapter::Ia3`), and by a pair of methods.
+pub trait SlotMethod: Clone + Debug + Send + Sync + 'static {
+    /// The method's `adapter_config.json`.
+    type Config: AdapterConfig;
+
+    /// Checks `config` and fills what PEFT fills for a model of type
+    /// `model_type` before injecting (default targets).
+    fn prepare(config: &mut Self::Config, model_type: Option<&str>) -> Result<()>;
+
+    /// Whether `config` adapts the linear layer at `path` (`output_layers`:
+    /// the model's heads, which `all-linear` leaves out).
+    fn targets(config: &Self::Config, path: &str, output_layers: &[String]) -> Result<bool>;
+
+    /// The config's target rule, to name in an error when nothing matched.
+    fn target_rule(config: &Self::Config) -> String;
+
+    /// Attaches entry `name` to `slot` (module `path`), started per `init`.
+    fn attach<B: Backend>(
+        config: &Self::Config,
+        slot: &mut LinearSlot<B>,
+        path: &str,
+        name: &str,
+        init: Init,
+    ) -> Result<()>;
+
+    /// Appends entry `name` of `slot`, if it has one, to `out` under PEFT's
+    /// keys (module `path`) and in PEFT's layout.
+    fn write_tensors<B: Backend>(
+        config: &Self::Config,
+        slot: &LinearSlot<B>,
+        path: &str,
+        name: &str,
+        out: &mut Vec<(String, HostTensor)>,
+    );
+
+    /// Moves the tensors of entry `name` of module `path` out of `tensors`
+    /// (read from `file`) into `slot`, checking their shapes.
+    fn read_tensors<B: Backend>(
+        config: &Self::Config,
+        slot: &mut LinearSlot<B>,
+        path: &str,
+        name: &str,
+        tensors: &mut HashMap<String, HostTensor>,
+        file: &Path,
+    ) -> Result<()>;
+
+    /// Drops every entry of this method from `slot`.
+    fn clear<B: Backend>(slot: &mut LinearSlot<B>);
+}
+
+/// The config of an adapter in a model that mixes two slot methods.
+#[derive(Debug, Clone)]
+pub enum OneOf<C1, C2> {
+    /// An adapter of the first method.
+    First(C1),
+    /// An adapter of the second method.
+    Second(C2),
+}
+
+impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
+    fn reads(peft_type: Option<&str>) -> bool {
+        C1::reads(peft_type) || C2::reads(peft_type)
+    }
+
+    /// The method the file's `peft_type` names (the first that reads a
+    /// file without one).
+    fn read(path: &Path) -> Result<Self> {
+        let text = read_text(path)?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| PeftError::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let peft_type = value.get("peft_type").and_then(|t| t.as_str());
+        if C1::reads(peft_type) {
+            C1::read(path).map(OneOf::First)
+        } else if C2::reads(peft_type) {
+            C2::read(path).map(OneOf::Second)
+        } else {
+            Err(PeftError::Config(format!(
+                "{}: peft_type {} is none of this model's methods",
+                path.display(),
+                peft_type.map_or("missing".into(), |t| format!("`{t}`"))
+            )))
+        }
+    }
+
+    fn saved_json(&self) -> String {
+        match self {
+            OneOf::First(c) => c.saved_json(),
+            OneOf::Second(c) => c.saved_json(),
+        }
+    }
+}
+
+/// Two slot methods in one model: each adapter is of one of them.
+impl<K1: SlotMethod, K2: SlotMethod> SlotMethod for (K1, K2) {
+    type Config = OneOf<K1::Config, K2::Config>;
+
+    fn prepare(config: &mut Self::Config, model_type: Option<&str>) -> Result<()> {
+        match config {
+            OneOf::First(c) => K1::prepare(c, model_type),
+            OneOf::Second(c) => K2::prepare(c, model_type),
+        }
+    }
+
+    fn targets(config: &Self::Config, path: &str, output_layers: &[String]) -> Result<bool> {
+        match config {
+            OneOf::First(c) => K1::targets(c, path, output_layers),
+            OneOf::Second(c) => K2::targets(c, path, output_layers),
+        }
+    }
+
+    fn target_rule(config: &Self::Config) -> String {
+        match config {
+            OneOf::First(c) => K1::target_rule(c),
+            OneOf::Second(c) => K2::target_rule(c),
+        }
+    }
+
+    fn attach<B: Backend>(
+        config: &Self::Config,
+        slot: &mut LinearSlot<B>,
+        path: &str,
+        name: &str,
+        init: Init,
+    ) -> Result<()> {
+        match config {
+            OneOf::First(c) => K1::attach(c, slot, path, name, init),
+            OneOf::Second(c) => K2::attach(c, slot, path, name, init),
+        }
+    }
+
+    fn write_tensors<B: Backend>(
+        config: &Self::Config,
+        slot: &LinearSlot<B>,
+        path: &str,
+        name: &str,
+        out: &mut Vec<(String, HostTensor)>,
+    ) {
+        match config {
+            OneOf::First(c) => K1::write_tensors(c, slot, path, name, out),
+            OneOf::Second(c) => K2::write_tensors(c, slot, path, name, out),
+        }
+    }
+
+    fn read_tensors<B: Backend>(
+        config: &Self::Config,
+        slot: &mut LinearSlot<B>,
+        path: &str,
+        name: &str,
+        tensors: &mut HashMap<String, HostTensor>,
+        file: &Path,
+    ) -> Result<()> {
+        match config {
+            OneOf::First(c) => K1::read_tensors(c, slot, path, name, tensors, file),
+            OneOf::Second(c) => K2::read_tensors(c, slot, path, name, tensors, file),
+        }
+    }
+
+    fn clear<B: Backend>(slot: &mut LinearSlot<B>) {
+        K1::clear(slot);
+        K2::clear(slot);
+    }
+}

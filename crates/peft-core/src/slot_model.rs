@@ -1,0 +1,376 @@
+//! [`SlotModel`]: the one wrapper for every method whose adapters live in
+//! the model's linear slots (LoRA and its variants, (IA)³). It owns the
+//! named adapters' configs, activation, disabling, merging, deletion,
+//! mixed-batch routing and PEFT's two files; a method says only what is its
+//! own through [`SlotMethod`].
+//!
+//! Two methods in one model: `SlotModel<B, M, (Lora, Ia3)>` holds adapters
+//! of both kinds ([`OneOf`](crate::slot_method::OneOf) configs). Any of them
+//! can be active at once: an (IA)³ vector scales the base path, LoRA deltas
+//! add on top.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use indexmap::IndexMap;
+
+use crate::error::{PeftError, Result};
+use crate::io::{
+    adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, serialize_safetensors,
+    write_atomic, HostTensor,
+};
+use crate::model::PeftModel;
+use crate::slot_method::{AdapterConfig, Init, SlotMethod};
+use crate::{routing, ParamCount, BASE_ROW, DEFAULT_ADAPTER};
+
+pub use crate::io::{CONFIG_FILE, WEIGHTS_FILE};
+
+/// The prefix of every key in PEFT's weights file.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// A model carrying named adapters of method `K` in its linear slots.
+///
+/// The wrapped model stays a plain Burn module (`model`): train it with any
+/// Burn optimizer; only the active adapters' parameters receive gradients.
+#[derive(Debug, Clone)]
+pub struct SlotModel<B: Backend, M: PeftModel<B>, K: SlotMethod> {
+    /// The model, its slots carrying the adapters.
+    pub model: M,
+    /// Each adapter's config (targets filled in), in the order added.
+    configs: IndexMap<String, K::Config>,
+    /// The active adapters, in activation order.
+    active: Vec<String>,
+    /// Whether every unmerged adapter is bypassed.
+    disabled: bool,
+    _types: PhantomData<(B, K)>,
+}
+
+impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
+    /// Wraps `model` and attaches `config` as the adapter `default`.
+    pub fn new(model: M, config: K::Config) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.add_adapter(DEFAULT_ADAPTER, config)?;
+        Ok(this)
+    }
+
+    /// Wraps `model` with no adapter. Every parameter of the model is frozen.
+    pub fn wrap(model: M) -> Self {
+        SlotModel {
+            model: model.no_grad(),
+            configs: IndexMap::new(),
+            active: Vec::new(),
+            disabled: false,
+            _types: PhantomData,
+        }
+    }
+
+    /// The same adapters (configs, activation) around another model that
+    /// carries them, e.g. the inference copy of a trained model
+    /// (`AutodiffModule::valid`), to save it.
+    pub fn with_model<B2: Backend, M2: PeftModel<B2>>(&self, model: M2) -> SlotModel<B2, M2, K> {
+        SlotModel {
+            model,
+            configs: self.configs.clone(),
+            active: self.active.clone(),
+            disabled: self.disabled,
+            _types: PhantomData,
+        }
+    }
+
+    /// Adds adapter `name` per `config` (freshly initialised) and makes it the
+    /// only active adapter, as PEFT's `add_adapter` + `set_adapter` would.
+    pub fn add_adapter(&mut self, name: &str, config: K::Config) -> Result<()> {
+        self.attach(name, config, Init::Fresh)?;
+        self.set_adapter(&[name])
+    }
+
+    /// Attaches entries for `name` on every slot `config` targets, started
+    /// per `init`, without activating them. Returns the adapted paths. On
+    /// error no entry of `name` is left behind.
+    pub fn attach(&mut self, name: &str, mut config: K::Config, init: Init) -> Result<Vec<String>> {
+        K::prepare(&mut config, self.model.model_type())?;
+        if self.configs.contains_key(name) {
+            return Err(PeftError::DuplicateAdapter(name.to_string()));
+        }
+        if name == BASE_ROW {
+            return Err(PeftError::Config(format!("`{BASE_ROW}` is reserved")));
+        }
+        let outputs = self.model.output_layers();
+        let paths = self.model.linear_paths();
+        let mut plan = Vec::new();
+        for path in &paths {
+            if K::targets(&config, path, &outputs)? {
+                plan.push(path.clone());
+            }
+        }
+        if plan.is_empty() {
+            return Err(PeftError::NoTargetMatched {
+                targets: K::target_rule(&config),
+                available: paths,
+            });
+        }
+        let mut result = Ok(());
+        let mut next = plan.iter().peekable();
+        self.model.visit_linears_mut(&mut |path, slot| {
+            if next.next_if(|p| *p == path).is_some() && result.is_ok() {
+                result = K::attach(&config, slot, path, name, init);
+            }
+        });
+        if let Err(e) = result {
+            remove_everywhere(&mut self.model, name);
+            return Err(e);
+        }
+        self.configs.insert(name.to_string(), config);
+        Ok(plan)
+    }
+
+    /// Names of all adapters, in the order they were added.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.configs.keys().cloned().collect()
+    }
+
+    /// The config of adapter `name` (targets filled in).
+    pub fn config(&self, name: &str) -> Result<&K::Config> {
+        self.configs
+            .get(name)
+            .ok_or_else(|| PeftError::UnknownAdapter {
+                name: name.to_string(),
+                available: self.adapter_names(),
+            })
+    }
+
+    /// The active adapters.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Activates `names` (one or several: LoRA deltas add up, (IA)³ vectors
+    /// multiply). Only active adapters train.
+    pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.config(n)?;
+        }
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        self.active = names;
+        Ok(())
+    }
+
+    /// Removes adapter `name` everywhere (unmerging it first if merged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.config(name)?;
+        remove_everywhere(&mut self.model, name);
+        self.configs.shift_remove(name);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// Bypasses every unmerged adapter: the model computes its base output.
+    /// Fails while adapters are merged (their effect is in the base weights).
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        if self.any_merged() {
+            return Err(PeftError::State(
+                "cannot disable adapters while some are merged; unmerge first".into(),
+            ));
+        }
+        self.set_disabled(true);
+        Ok(())
+    }
+
+    /// Undoes [`disable_adapters`](Self::disable_adapters).
+    pub fn enable_adapters(&mut self) {
+        self.set_disabled(false);
+    }
+
+    fn set_disabled(&mut self, disabled: bool) {
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+        self.disabled = disabled;
+    }
+
+    /// Whether adapters are disabled.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// Whether any adapter is merged into its base weights.
+    pub fn any_merged(&self) -> bool {
+        let mut merged = false;
+        self.model
+            .visit_linears(&mut |_, s| merged |= s.any_merged());
+        merged
+    }
+
+    /// Folds the active adapters into the base weights. Afterwards the
+    /// forward pass is exactly the base computation on the merged weights.
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        let names = self.active.clone();
+        self.merge(&names)
+    }
+
+    /// Folds the named adapters into the base weights, in order.
+    pub fn merge(&mut self, names: &[String]) -> Result<()> {
+        for n in names {
+            self.config(n)?;
+        }
+        self.model.visit_linears_mut(&mut |_, slot| {
+            for n in names {
+                slot.merge(n);
+            }
+        });
+        Ok(())
+    }
+
+    /// Takes every merged adapter back out of the base weights, newest merge
+    /// first, so that several merged adapters restore exactly (an (IA)³
+    /// vector is divided out by `l + 1e-8`, as PEFT does).
+    pub fn unmerge_adapter(&mut self) {
+        let names = self.adapter_names();
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.unmerge_newest_first(&names));
+    }
+
+    /// Merges the active adapters and removes all adapters: the plain model,
+    /// with `W' = W + ΔW` (LoRA) or `W ⊙ l` ((IA)³).
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        self.merge_adapter()?;
+        self.strip();
+        Ok(self.model)
+    }
+
+    /// Removes all adapters without merging: the base model.
+    pub fn unload(mut self) -> M {
+        self.unmerge_adapter();
+        self.strip();
+        self.model
+    }
+
+    /// Removes every entry of this method and its routing state.
+    fn strip(&mut self) {
+        self.model.visit_linears_mut(&mut |_, slot| {
+            K::clear(slot);
+            slot.state = Default::default();
+        });
+    }
+
+    /// Trainable and total parameters (PEFT's `get_nb_trainable_parameters`).
+    pub fn param_count(&self) -> ParamCount {
+        self.model.param_count()
+    }
+
+    /// Mixed-batch inference: runs `f` (the model's forward pass on a batch of
+    /// `batch_size` rows) with row `i` routed through adapter `names[i]`
+    /// (`__base__` for none). Merged adapters are not allowed, as in PEFT.
+    pub fn forward_mixed<R>(
+        &self,
+        names: &[&str],
+        batch_size: usize,
+        f: impl FnOnce(&M) -> R,
+    ) -> Result<R> {
+        if names.len() != batch_size {
+            return Err(PeftError::Shape {
+                name: "adapter_names".into(),
+                expected: vec![batch_size],
+                found: vec![names.len()],
+            });
+        }
+        for n in names.iter().filter(|n| **n != BASE_ROW) {
+            self.config(n)?;
+        }
+        if self.any_merged() {
+            return Err(PeftError::State(
+                "cannot route rows to adapters while adapters are merged; unmerge first".into(),
+            ));
+        }
+        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Ok(routing::with_row_adapters(&owned, || f(&self.model)))
+    }
+
+    /// The tensors of adapter `name` under PEFT's keys, in PEFT's layout.
+    pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, HostTensor)>> {
+        let config = self.config(name)?;
+        let mut tensors = Vec::new();
+        self.model.visit_linears(&mut |path, slot| {
+            K::write_tensors(config, slot, path, name, &mut tensors)
+        });
+        Ok(tensors)
+    }
+
+    /// Writes every adapter in PEFT's layout under `dir` (`default` in the
+    /// folder itself, others in sub-folders). Each file is written atomically
+    /// (temporary file, fsync, rename): a crash leaves the previous file or
+    /// the new one, never a torn one.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for name in self.adapter_names() {
+            self.save_adapter(&name, &adapter_dir(dir, &name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes adapter `name` into `dir`: the weights first, then the config,
+    /// so a config on disk always has its weights beside it.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let config = self.config(name)?.saved_json();
+        let tensors = self.adapter_tensors(name)?;
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_atomic(
+            &dir.join(WEIGHTS_FILE),
+            &serialize_safetensors(&tensors, Some(metadata)),
+        )?;
+        write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())
+    }
+
+    /// Loads a PEFT adapter folder as adapter `name`, inactive unless
+    /// activated later (the other adapters keep their activation). Every
+    /// tensor must fit a targeted module and every targeted module must find
+    /// its tensors; on error the model is left as it was.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        let config = K::Config::read(&dir.join(CONFIG_FILE))?;
+        let file = dir.join(WEIGHTS_FILE);
+        let mut tensors = read_safetensors(&file)?;
+        for (k, t) in &tensors {
+            t.check_finite(k, &file)?;
+        }
+        let paths = self.attach(name, config, Init::Placeholder)?;
+        let config = &self.configs[name];
+        let mut filled = Ok(());
+        let mut next = paths.iter().peekable();
+        self.model.visit_linears_mut(&mut |path, slot| {
+            if next.next_if(|p| *p == path).is_some() && filled.is_ok() {
+                filled = K::read_tensors(config, slot, path, name, &mut tensors, &file);
+            }
+        });
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
+        if outcome.is_err() {
+            self.delete_adapter(name)?;
+        }
+        let active = self.active.clone();
+        let refs: Vec<&str> = active.iter().map(String::as_str).collect();
+        self.set_adapter(&refs)?;
+        outcome
+    }
+
+    /// Wraps `model` and loads the PEFT adapter folder `dir` as `default`,
+    /// plus every sub-folder holding an adapter, under the sub-folder's name.
+    /// `default` is active.
+    pub fn from_pretrained(model: M, dir: &Path) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.load_adapter(dir, DEFAULT_ADAPTER)?;
+        for (name, sub) in adapter_subdirs(dir)? {
+            this.load_adapter(&sub, &name)?;
+        }
+        this.set_adapter(&[DEFAULT_ADAPTER])?;
+        Ok(this)
+    }
+}
+
+/// Removes entry `name` (of any kind) from every slot, unmerging it first.
+fn remove_everywhere<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
+    model.visit_linears_mut(&mut |_, slot| {
+        slot.remove_lora(name);
+        slot.remove_ia3(name);
+    });
+}
