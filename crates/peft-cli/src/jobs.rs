@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use peft_adapter::AdapterModel;
 use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{ParamCount, PeftError, Result};
@@ -257,36 +256,8 @@ fn train_seq_cls<B: AutodiffBackend>(
     )?;
     let labels_json = json!(labels);
     let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
-    type Inner<B> =
-        Adapted<<B as AutodiffBackend>::InnerBackend, Bert<<B as AutodiffBackend>::InnerBackend>>;
-    let (encoder, count, save): (Adapted<B, Bert<B>>, ParamCount, tasks::Saver<Inner<B>>) =
-        match &job.method {
-            Method::Adapter(c) => {
-                let a = adapter_model(bert, c, job.last().as_deref())?;
-                let count = a.param_count();
-                let save: tasks::Saver<Inner<B>> = Box::new(|m, dir| match m {
-                    Adapted::Adapters(a) => a.save_adapter("default", dir),
-                    _ => unreachable!("an adapter run keeps its adapters"),
-                });
-                (Adapted::Adapters(a), count, save)
-            }
-            method @ (Method::Prefix(_) | Method::Prompt(_)) => {
-                let (model, config, count) =
-                    tasks::start_virtual::<B, Bert<B>>(&bert, method, job.last().as_deref())?;
-                let save: tasks::Saver<Inner<B>> =
-                    Box::new(move |m, dir| tasks::save_virtual(m, &config, dir));
-                (model, count, save)
-            }
-            method => {
-                let (m, count, slot_save) =
-                    tasks::attach_slots::<B, Bert<B>>(bert, method, job.last().as_deref())?;
-                let save: tasks::Saver<Inner<B>> = Box::new(move |m, dir| match m {
-                    Adapted::Slots(m) => slot_save(m, dir),
-                    _ => unreachable!("a slot run keeps its slots"),
-                });
-                (Adapted::Slots(m), count, save)
-            }
-        };
+    let (encoder, count, save) =
+        tasks::attach_to_train::<B, Bert<B>>(bert, &job.method, job.last().as_deref())?;
     let report = fit_classifier(
         Classifier { encoder, head },
         count,
@@ -360,11 +331,6 @@ where
 /// Token blocks of a text.
 type Blocks = Vec<Vec<u32>>;
 
-/// The saver of a causal-LM run's inference model.
-type LmSaver<B, M> = tasks::Saver<
-    Adapted<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>,
->;
-
 fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
     let text = data::read_text(&job.data)?;
     let ids = tok.encode(&text)?;
@@ -412,32 +378,8 @@ where
         &job.config_json(json!({})),
     )?;
     let inner_device = device.clone();
-    let (model, count, save): (Adapted<B, M>, ParamCount, LmSaver<B, M>) = match &job.method {
-        Method::Adapter(c) => {
-            let a = adapter_model(base, c, job.last().as_deref())?;
-            let count = a.param_count();
-            let save: LmSaver<B, M> = Box::new(|m, dir| match m {
-                Adapted::Adapters(a) => a.save_adapter("default", dir),
-                _ => unreachable!("an adapter run keeps its adapters"),
-            });
-            (Adapted::Adapters(a), count, save)
-        }
-        method @ (Method::Prefix(_) | Method::Prompt(_)) => {
-            let (model, config, count) =
-                tasks::start_virtual::<B, M>(&base, method, job.last().as_deref())?;
-            let save: LmSaver<B, M> = Box::new(move |m, dir| tasks::save_virtual(m, &config, dir));
-            (model, count, save)
-        }
-        method => {
-            let (m, count, slot_save) =
-                tasks::attach_slots::<B, M>(base, method, job.last().as_deref())?;
-            let save: LmSaver<B, M> = Box::new(move |m, dir| match m {
-                Adapted::Slots(m) => slot_save(m, dir),
-                _ => unreachable!("a slot run keeps its slots"),
-            });
-            (Adapted::Slots(m), count, save)
-        }
-    };
+    let (model, count, save) =
+        tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
     let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
     let (_, out) = fit(
         model,
@@ -478,24 +420,6 @@ where
         best: tasks::best_dir(&job.out),
         sizes: (train.len(), held.len()),
     })
-}
-
-/// A bottleneck adapter `default` to train: fresh per `config`, or loaded
-/// from a `last/` checkpoint to continue.
-fn adapter_model<B: Backend, M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B>>(
-    model: M,
-    config: &peft_adapter::BnConfig,
-    from: Option<&Path>,
-) -> Result<AdapterModel<B, M>> {
-    match from {
-        None => AdapterModel::new(model, "default", config.clone()),
-        Some(dir) => {
-            let mut a = AdapterModel::wrap(model);
-            a.load_adapter(dir, Some("default"))?;
-            a.train_adapter(peft_adapter::Setup::single("default"))?;
-            Ok(a)
-        }
-    }
 }
 
 /// `peft eval`: the metric of `model` with the adapter folder `adapter`

@@ -602,6 +602,82 @@ pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
     })
 }
 
+/// The inference copy of a model `M` being trained on `B`.
+pub type InnerAdapted<B, M> =
+    Adapted<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>;
+
+/// `model` with `method` attached as adapter `default` to train (fresh, or
+/// continued from the `last/` checkpoint `from`), its parameter count, and
+/// what writes the trained adapter of an inference copy into a folder in
+/// its method's own format.
+#[allow(clippy::type_complexity)]
+pub fn attach_to_train<B, M>(
+    model: M,
+    method: &Method,
+    from: Option<&Path>,
+) -> Result<(
+    Adapted<B, M>,
+    peft_core::ParamCount,
+    Saver<InnerAdapted<B, M>>,
+)>
+where
+    B: AutodiffBackend,
+    M: PeftModel<B>
+        + BottleneckSeam<B>
+        + AttentionPrefixSeam<B>
+        + EmbeddingSeam<B>
+        + AutodiffModule<B>
+        + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + BottleneckSeam<B::InnerBackend> + Clone + 'static,
+{
+    let lost = |what: &str| format!("a {} run lost its {what}", method.name());
+    Ok(match method {
+        Method::Adapter(c) => {
+            let a = bottleneck_to_train(model, c, from)?;
+            let count = a.param_count();
+            let lost = lost("adapters");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Adapters(a) => a.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Adapters(a), count, save)
+        }
+        Method::Prefix(_) | Method::Prompt(_) => {
+            let (model, config, count) = start_virtual::<B, M>(&model, method, from)?;
+            let save: Saver<InnerAdapted<B, M>> =
+                Box::new(move |m, dir| save_virtual(m, &config, dir));
+            (model, count, save)
+        }
+        Method::Lora(_) | Method::Ia3(_) => {
+            let (m, count, slot_save) = attach_slots::<B, M>(model, method, from)?;
+            let lost = lost("slots");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Slots(m) => slot_save(m, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Slots(m), count, save)
+        }
+    })
+}
+
+/// A bottleneck adapter `default` to train: fresh per `config`, or loaded
+/// from a `last/` checkpoint to continue.
+fn bottleneck_to_train<B: Backend, M: PeftModel<B> + BottleneckSeam<B>>(
+    model: M,
+    config: &BnConfig,
+    from: Option<&Path>,
+) -> Result<AdapterModel<B, M>> {
+    match from {
+        None => AdapterModel::new(model, peft_core::DEFAULT_ADAPTER, config.clone()),
+        Some(dir) => {
+            let mut a = AdapterModel::wrap(model);
+            a.load_adapter(dir, Some(peft_core::DEFAULT_ADAPTER))?;
+            a.train_adapter(peft_adapter::Setup::single(peft_core::DEFAULT_ADAPTER))?;
+            Ok(a)
+        }
+    }
+}
+
 /// Attaches a slot method (LoRA, DoRA, (IA)³) to `model` as adapter
 /// `default`: the model carrying it, its parameter count, and a function
 /// that saves the adapter of a trained (inference) copy in PEFT's format.
