@@ -21,7 +21,7 @@ use peft_core::{
 pub use peft_core::io::{CONFIG_FILE, WEIGHTS_FILE};
 
 /// (IA)³, as PEFT defines it (`peft_type: IA3`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Ia3;
 
 /// A model carrying named (IA)³ adapters (see [`SlotModel`]: on a layer

@@ -388,7 +388,8 @@ where
         &mut run,
         |m, idx| match (m, job.quantize) {
             // QLoRA: one layer's weights dequantized at a time.
-            (Adapted::Slots(model), Some(_)) => {
+            (Adapted::Slots(slots), Some(_)) => {
+                let model = &slots.model;
                 // The replica's own device (data-parallel replicas may sit
                 // on other GPUs than the model).
                 let device = tasks::device_of(model);
@@ -524,7 +525,7 @@ fn generate_with<
     let m = match adapter {
         None => base,
         Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(m, _) => m,
+            Attached::Slots(s, _) => s.model,
             Attached::Adapters(a, _) => return a.generate_checked(ids, max_new, sampler, None),
             Attached::Virtual(Method::Prefix(_)) => {
                 return Ok(PrefixTuningModel::from_pretrained(base, dir)?
@@ -777,9 +778,8 @@ fn merged_model<
     adapter: &Path,
 ) -> Result<M> {
     match Method::detect(adapter)? {
-        Method::Lora(_) => peft_lora::LoraModel::from_pretrained(base, adapter)?.merge_and_unload(),
-        Method::Ia3(_) => {
-            peft_adapter::Ia3Model::from_pretrained(base, adapter)?.merge_and_unload()
+        Method::Lora(_) | Method::Ia3(_) => {
+            tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload()
         }
         other => Err(PeftError::Config(format!(
             "{} adds modules or inputs; it cannot be merged into the base weights",

@@ -15,7 +15,8 @@ use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostT
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
-use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotMethod, SlotModel};
+use peft_core::slot_method::OneOf;
+use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
@@ -75,6 +76,15 @@ pub enum Method {
 }
 
 impl Method {
+    /// The config of a slot method (LoRA, DoRA, (IA)³) for [`Slots`].
+    pub fn slot_config(&self) -> Option<OneOf<LoraConfig, Ia3Config>> {
+        match self {
+            Method::Lora(c) => Some(OneOf::First(c.clone())),
+            Method::Ia3(c) => Some(OneOf::Second(c.clone())),
+            _ => None,
+        }
+    }
+
     /// `lora`, `dora`, `ia3` or `adapter`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -437,14 +447,18 @@ impl<B: Backend> CausalModel<B> for Gpt2<B> {
     }
 }
 
-/// A model with its method: the plain model (LoRA / (IA)³ live in its
-/// slots), the model with bottleneck adapters, or a frozen model after
-/// trainable virtual tokens.
+/// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA) and
+/// (IA)³ adapters live in the model's own linear slots.
+pub type Slots<B, M> = SlotModel<B, M, (Lora, Ia3)>;
+
+/// A model with its method: the model carrying LoRA / (IA)³ adapters (or
+/// none) in its slots, the model with bottleneck adapters, or a frozen model
+/// after trainable virtual tokens.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Adapted<B: Backend, M: Module<B>> {
-    /// LoRA, DoRA, (IA)³.
-    Slots(M),
+    /// LoRA, DoRA, (IA)³, or no adapter.
+    Slots(Slots<B, M>),
     /// Bottleneck adapters.
     Adapters(AdapterModel<B, M>),
     /// A trainable prefix before the frozen model.
@@ -512,7 +526,7 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     /// (a soft prompt's positions come first; a prefix has none).
     pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
         match self {
-            Adapted::Slots(m) => Ok(m.lm_logits(ids)),
+            Adapted::Slots(s) => Ok(s.model.lm_logits(ids)),
             Adapted::Adapters(a) => a.forward(ids, None),
             Adapted::Prefix(p) => Ok(p.encoder.run(&p.model, ids, None)),
             Adapted::Prompt(p) => Ok(p.encoder.run(&p.model, ids, None)),
@@ -536,7 +550,7 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
         let t = ids.dims()[1];
         let after = |h: Tensor<B, 3>, n: usize| h.narrow(1, n, t);
         Ok(match self {
-            Adapted::Slots(m) => m.encode(ids, Some(mask)),
+            Adapted::Slots(s) => s.model.encode(ids, Some(mask)),
             Adapted::Adapters(a) => a.forward(ids, Some(mask))?,
             Adapted::Prefix(p) => p.encoder.run(&p.model, ids, Some(mask)),
             Adapted::Prompt(p) => after(
@@ -649,13 +663,18 @@ where
             (model, count, save)
         }
         Method::Lora(_) | Method::Ia3(_) => {
-            let (m, count, slot_save) = attach_slots::<B, M>(model, method, from)?;
+            let slots = match (from, method.slot_config()) {
+                (Some(dir), _) => Slots::from_pretrained(model, dir)?,
+                (None, Some(config)) => Slots::new(model, config)?,
+                (None, None) => return Err(PeftError::State(lost("config"))),
+            };
+            let count = slots.param_count();
             let lost = lost("slots");
             let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-                Adapted::Slots(m) => slot_save(m, dir),
+                Adapted::Slots(s) => s.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
                 _ => Err(PeftError::State(lost.clone())),
             });
-            (Adapted::Slots(m), count, save)
+            (Adapted::Slots(slots), count, save)
         }
     })
 }
@@ -678,59 +697,11 @@ fn bottleneck_to_train<B: Backend, M: PeftModel<B> + BottleneckSeam<B>>(
     }
 }
 
-/// Attaches a slot method (LoRA, DoRA, (IA)³) to `model` as adapter
-/// `default`: the model carrying it, its parameter count, and a function
-/// that saves the adapter of a trained (inference) copy in PEFT's format.
-#[allow(clippy::type_complexity)]
-pub fn attach_slots<B: AutodiffBackend, M>(
-    model: M,
-    method: &Method,
-    from: Option<&Path>,
-) -> Result<(M, peft_core::ParamCount, Saver<M::InnerModule>)>
-where
-    M: PeftModel<B> + AutodiffModule<B> + Clone,
-    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
-{
-    match method {
-        Method::Lora(c) => attach_slot_method::<B, M, Lora>(model, c, from),
-        Method::Ia3(c) => attach_slot_method::<B, M, Ia3>(model, c, from),
-        other => Err(PeftError::Config(format!(
-            "{} does not live in the linear slots",
-            other.name()
-        ))),
-    }
-}
-
-/// [`attach_slots`] for method `K`.
-#[allow(clippy::type_complexity)]
-fn attach_slot_method<B: AutodiffBackend, M, K: SlotMethod>(
-    model: M,
-    config: &K::Config,
-    from: Option<&Path>,
-) -> Result<(M, peft_core::ParamCount, Saver<M::InnerModule>)>
-where
-    M: PeftModel<B> + AutodiffModule<B> + Clone,
-    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
-{
-    let l = match from {
-        Some(dir) => SlotModel::<B, M, K>::from_pretrained(model, dir)?,
-        None => SlotModel::new(model, config.clone())?,
-    };
-    let template = l.with_model::<B::InnerBackend, M::InnerModule>(l.model.clone().valid());
-    let count = l.param_count();
-    let save: Saver<M::InnerModule> = Box::new(move |m, dir| {
-        template
-            .with_model(m.clone())
-            .save_adapter(peft_core::DEFAULT_ADAPTER, dir)
-    });
-    Ok((l.model, count, save))
-}
-
 /// A model with its method attached.
 #[allow(clippy::large_enum_variant)]
 pub enum Attached<B: Backend, M: Module<B>> {
     /// The model's own slots carry the adapter.
-    Slots(M, peft_core::ParamCount),
+    Slots(Slots<B, M>, peft_core::ParamCount),
     /// Bottleneck adapters around the model.
     Adapters(AdapterModel<B, M>, peft_core::ParamCount),
     /// Prefix or prompt tuning (attach with [`load_virtual`]: it is not in the model's slots).
@@ -852,8 +823,11 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) => load_slot_method::<B, M, Lora>(model, dir)?,
-        Method::Ia3(_) => load_slot_method::<B, M, Ia3>(model, dir)?,
+        Method::Lora(_) | Method::Ia3(_) => {
+            let slots = Slots::from_pretrained(model, dir)?;
+            let count = slots.param_count();
+            Attached::Slots(slots, count)
+        }
         Method::Adapter(_) => {
             let mut a = AdapterModel::wrap(model);
             let name = a.load_adapter(dir, None)?;
@@ -865,16 +839,6 @@ where
     })
 }
 
-/// [`load_attached`] for slot method `K`.
-fn load_slot_method<B: Backend, M: PeftModel<B>, K: SlotMethod>(
-    model: M,
-    dir: &Path,
-) -> Result<Attached<B, M>> {
-    let l = SlotModel::<B, M, K>::from_pretrained(model, dir)?;
-    let count = l.param_count();
-    Ok(Attached::Slots(l.model, count))
-}
-
 /// `model` with the adapter folder `dir` attached (detected method), or
 /// plain without one: what `eval` and `forward` run.
 pub fn load_adapted<B: Backend, M>(model: M, dir: Option<&Path>) -> Result<Adapted<B, M>>
@@ -882,7 +846,7 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + AttentionPrefixSeam<B> + EmbeddingSeam<B> + Clone,
 {
     let Some(dir) = dir else {
-        return Ok(Adapted::Slots(model));
+        return Ok(Adapted::Slots(Slots::wrap(model)));
     };
     Ok(match load_attached(model.clone(), dir)? {
         Attached::Slots(m, _) => Adapted::Slots(m),

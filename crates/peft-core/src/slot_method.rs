@@ -80,7 +80,7 @@ impl AdapterConfig for Ia3Config {
 /// What a method whose adapters live in [`LinearSlot`]s defines; everything
 /// else is [`SlotModel`](crate::SlotModel)'s. Implemented by a marker type
 /// (`peft_lora::Lora`, `peft_adapter::Ia3`), and by a pair of methods.
-pub trait SlotMethod: Clone + Debug + Send + Sync + 'static {
+pub trait SlotMethod: Clone + Debug + Default + Send + Sync + 'static {
     /// The method's `adapter_config.json`.
     type Config: AdapterConfig;
 

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::backend::Backend;
 use indexmap::IndexMap;
 
@@ -32,19 +33,25 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// A model carrying named adapters of method `K` in its linear slots.
 ///
-/// The wrapped model stays a plain Burn module (`model`): train it with any
-/// Burn optimizer; only the active adapters' parameters receive gradients.
-#[derive(Debug, Clone)]
-pub struct SlotModel<B: Backend, M: PeftModel<B>, K: SlotMethod> {
+/// A Burn module: train it (or the wrapped `model`) with any Burn optimizer;
+/// only the active adapters' parameters receive gradients, and its
+/// inference copy (`AutodiffModule::valid`) keeps the adapters' configs, so
+/// it saves as it is.
+#[derive(Module, Debug)]
+pub struct SlotModel<B: Backend, M, K: SlotMethod> {
     /// The model, its slots carrying the adapters.
     pub model: M,
     /// Each adapter's config (targets filled in), in the order added.
+    #[module(skip)]
     configs: IndexMap<String, K::Config>,
     /// The active adapters, in activation order.
     active: Vec<String>,
     /// Whether every unmerged adapter is bypassed.
     disabled: bool,
-    _types: PhantomData<(B, K)>,
+    /// The method (a marker).
+    #[module(skip)]
+    method: K,
+    _backend: PhantomData<B>,
 }
 
 impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
@@ -62,7 +69,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             configs: IndexMap::new(),
             active: Vec::new(),
             disabled: false,
-            _types: PhantomData,
+            method: K::default(),
+            _backend: PhantomData,
         }
     }
 
@@ -75,7 +83,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             configs: self.configs.clone(),
             active: self.active.clone(),
             disabled: self.disabled,
-            _types: PhantomData,
+            method: K::default(),
+            _backend: PhantomData,
         }
     }
 

@@ -18,7 +18,7 @@ use peft_core::{
 };
 
 /// LoRA and its variants, as PEFT defines them (`peft_type: LORA`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Lora;
 
 /// A model carrying named LoRA adapters (see [`SlotModel`] for what it does:
