@@ -157,8 +157,8 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     let err = Ia3Model::new(base.clone(), Ia3Config::new(&["nothing"], &[])).unwrap_err();
     assert!(matches!(err, PeftError::NoTargetMatched { .. }), "{err}");
     assert!(
-        err.to_string().contains("q_proj"),
-        "lists the modules: {err}"
+        err.to_string().contains("q_proj") && err.to_string().contains("\"nothing\""),
+        "names the rule and lists the modules: {err}"
     );
     let err = Ia3Model::new(base.clone(), Ia3Config::new(&["q_proj"], &["down_proj"])).unwrap_err();
     assert!(err.to_string().contains("subset"), "{err}");
