@@ -76,15 +76,6 @@ pub enum Method {
 }
 
 impl Method {
-    /// The config of a slot method (LoRA, DoRA, (IA)³) for [`Slots`].
-    pub fn slot_config(&self) -> Option<OneOf<LoraConfig, Ia3Config>> {
-        match self {
-            Method::Lora(c) => Some(OneOf::First(c.clone())),
-            Method::Ia3(c) => Some(OneOf::Second(c.clone())),
-            _ => None,
-        }
-    }
-
     /// `lora`, `dora`, `ia3` or `adapter`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -662,21 +653,39 @@ where
                 Box::new(move |m, dir| save_virtual(m, &config, dir));
             (model, count, save)
         }
-        Method::Lora(_) | Method::Ia3(_) => {
-            let slots = match (from, method.slot_config()) {
-                (Some(dir), _) => Slots::from_pretrained(model, dir)?,
-                (None, Some(config)) => Slots::new(model, config)?,
-                (None, None) => return Err(PeftError::State(lost("config"))),
-            };
-            let count = slots.param_count();
-            let lost = lost("slots");
-            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-                Adapted::Slots(s) => s.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
-                _ => Err(PeftError::State(lost.clone())),
-            });
-            (Adapted::Slots(slots), count, save)
-        }
+        Method::Lora(c) => slots_to_train(model, OneOf::First(c.clone()), from, lost("slots"))?,
+        Method::Ia3(c) => slots_to_train(model, OneOf::Second(c.clone()), from, lost("slots"))?,
     })
+}
+
+/// [`attach_to_train`] for a slot method: `config` fresh, or the `last/`
+/// checkpoint `from`. The saver answers `lost` when handed another variant.
+#[allow(clippy::type_complexity)]
+fn slots_to_train<B, M>(
+    model: M,
+    config: OneOf<LoraConfig, Ia3Config>,
+    from: Option<&Path>,
+    lost: String,
+) -> Result<(
+    Adapted<B, M>,
+    peft_core::ParamCount,
+    Saver<InnerAdapted<B, M>>,
+)>
+where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
+{
+    let slots = match from {
+        Some(dir) => Slots::from_pretrained(model, dir)?,
+        None => Slots::new(model, config)?,
+    };
+    let count = slots.param_count();
+    let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+        Adapted::Slots(s) => s.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
+        _ => Err(PeftError::State(lost.clone())),
+    });
+    Ok((Adapted::Slots(slots), count, save))
 }
 
 /// A bottleneck adapter `default` to train: fresh per `config`, or loaded
