@@ -185,8 +185,9 @@ pub fn smollm2_suite<B: Backend>(o: &Opts, device: &B::Device) {
     B::seed(device, 6);
     let mut lora = LoraModel::new(model, all_linear(8)).unwrap();
     let mut modules = 0;
-    lora.model
-        .visit_linears(&mut |_, s| modules += usize::from(!s.lora.is_empty()));
+    lora.model.visit_linears(&mut |_, s| {
+        modules += usize::from(s.entries_of::<peft_core::LoraEntry<_>>().next().is_some())
+    });
     let count = lora.param_count();
     let ids = crate::batch_ids::<B>(1, 128, device);
     let sync_weights = |l: &LoraModel<B, Llama<B>>| {

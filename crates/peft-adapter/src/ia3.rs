@@ -62,7 +62,7 @@ impl SlotMethod for Ia3 {
     ) -> Result<()> {
         let random = !config.init_ia3_weights && init == Init::Fresh;
         let entry = new_entry(slot, name, config.is_feedforward(path)?, random);
-        slot.add_ia3(entry, path)
+        slot.add(entry, path)
     }
 
     /// `base_model.model.<path>.ia3_l`, `[out, 1]` or `[1, in]` (feed-forward).
@@ -73,7 +73,7 @@ impl SlotMethod for Ia3 {
         name: &str,
         out: &mut Vec<(String, HostTensor)>,
     ) {
-        if let Some(e) = slot.ia3_entry(name) {
+        if let Some(e) = slot.entry::<Ia3Entry<B>>(name) {
             let mut t = HostTensor::from_tensor(e.scale.val());
             let n = t.shape[0];
             t.shape = if e.meta.feedforward {
@@ -97,7 +97,7 @@ impl SlotMethod for Ia3 {
     }
 
     fn clear<B: Backend>(slot: &mut LinearSlot<B>) {
-        slot.ia3.clear();
+        slot.remove_all::<Ia3Entry<B>>();
     }
 }
 
@@ -138,7 +138,9 @@ fn fill_entry<B: Backend>(
 ) -> Result<()> {
     let device = slot.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
-    let entry = slot.ia3_entry_mut(name).expect("injected before filling");
+    let entry = slot
+        .entry_mut::<Ia3Entry<B>>(name)
+        .expect("injected before filling");
     let key = format!("{KEY_PREFIX}{path}.ia3_l");
     let mut t = take_tensor(tensors, &key, file)?;
     let (expected, n) = match entry.meta.feedforward {

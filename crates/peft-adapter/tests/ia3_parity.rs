@@ -225,13 +225,13 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
             slot.base.weight.grad(&grads).is_none(),
             "{path}: base got a gradient"
         );
-        if let Some(o) = slot.ia3_entry("other") {
+        if let Some(o) = slot.entry::<peft_core::Ia3Entry<_>>("other") {
             assert!(
                 o.scale.grad(&grads).is_none(),
                 "{path}: inactive vector got a gradient"
             );
         }
-        let Some(e) = slot.ia3_entry("default") else {
+        let Some(e) = slot.entry::<peft_core::Ia3Entry<_>>("default") else {
             return;
         };
         let mut got = HostTensor::from_tensor(e.scale.grad(&grads).unwrap());
@@ -289,7 +289,7 @@ fn ia3_init_weights_is_honoured<B: Backend>(device: &B::Device) {
         let model = Ia3Model::new(peft_models::fixtures::tiny_llama::<B>(device), config).unwrap();
         let mut values = Vec::new();
         model.model.visit_linears(&mut |_, slot| {
-            if let Some(e) = slot.ia3_entry("default") {
+            if let Some(e) = slot.entry::<peft_core::Ia3Entry<_>>("default") {
                 values.extend(HostTensor::from_tensor(e.scale.val()).data);
             }
         });
@@ -312,7 +312,9 @@ fn ia3_init_weights_is_honoured<B: Backend>(device: &B::Device) {
     assert!(!model.is_disabled());
     let plain = model.unload();
     let mut left = 0;
-    plain.visit_linears(&mut |_, slot| left += slot.ia3_entry("default").is_some() as usize);
+    plain.visit_linears(&mut |_, slot| {
+        left += slot.entry::<peft_core::Ia3Entry<_>>("default").is_some() as usize
+    });
     assert_eq!(left, 0, "unload left (IA)³ vectors in the model");
 }
 

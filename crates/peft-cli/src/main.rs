@@ -23,6 +23,7 @@ use peft_core::config::TargetModules;
 use peft_core::generate::Sampler;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
+use peft_lycoris::LohaConfig;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +69,7 @@ enum MethodArg {
     Lora,
     Dora,
     Ia3,
+    Loha,
     Adapter,
     Prefix,
     Prompt,
@@ -145,10 +147,10 @@ enum Command {
         /// Run folder.
         #[arg(long, required_unless_present = "resume")]
         out: Option<PathBuf>,
-        /// LoRA rank.
+        /// LoRA / LoHa rank.
         #[arg(long)]
         r: Option<usize>,
-        /// LoRA alpha.
+        /// LoRA / LoHa alpha.
         #[arg(long)]
         alpha: Option<f64>,
         /// Target modules (comma-separated names, or one regex).
@@ -217,7 +219,7 @@ enum Command {
         block_size: usize,
         /// QLoRA: keep the frozen base quantized: `gguf` keeps a Llama GGUF
         /// file's own blocks, `nf4` quantizes every adaptable linear layer to
-        /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³) on Llama and GPT-2 then
+        /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³, LoHa) on Llama and GPT-2 then
         /// train layer by layer, one layer's weights dequantized at a time.
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
@@ -368,6 +370,7 @@ impl MethodFlags<'_> {
             MethodArg::Lora => ("lora", &["r", "alpha", "targets", "lora-dropout"]),
             MethodArg::Dora => ("dora", &["r", "alpha", "targets", "lora-dropout"]),
             MethodArg::Ia3 => ("ia3", &["targets", "feedforward"]),
+            MethodArg::Loha => ("loha", &["r", "alpha", "targets"]),
             MethodArg::Adapter => ("adapter", &["adapter-preset", "reduction"]),
             MethodArg::Prefix => ("prefix", &["virtual-tokens"]),
             MethodArg::Prompt => ("prompt", &["virtual-tokens", "prompt-init"]),
@@ -443,6 +446,23 @@ fn method_from(
                 c.feedforward_modules = Some(names(f));
             }
             Method::Ia3(c)
+        }
+        MethodArg::Loha => {
+            let mut c = match &text {
+                Some(t) => LohaConfig::from_json_str(t, &origin)?,
+                None => LohaConfig::default(),
+            };
+            if let Some(r) = flags.r {
+                c.r = r;
+            }
+            if let Some(a) = flags.alpha {
+                c.alpha = a;
+            }
+            if let Some(t) = flags.targets {
+                c.target_modules = Some(names(t));
+            }
+            c.validate()?;
+            Method::Loha(c)
         }
         MethodArg::Prefix | MethodArg::Prompt => {
             let mut c = match (config, method) {

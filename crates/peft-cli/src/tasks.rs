@@ -18,6 +18,7 @@ use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, Virtu
 use peft_core::slot_method::OneOf;
 use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
+use peft_lycoris::{Loha, LohaConfig};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
@@ -67,6 +68,8 @@ pub enum Method {
     Lora(LoraConfig),
     /// (IA)³ (PEFT's `IA3Config`).
     Ia3(Ia3Config),
+    /// LoHa (PEFT's `LoHaConfig`).
+    Loha(LohaConfig),
     /// An AdapterHub bottleneck adapter.
     Adapter(BnConfig),
     /// Prefix tuning (causal LM).
@@ -76,12 +79,13 @@ pub enum Method {
 }
 
 impl Method {
-    /// `lora`, `dora`, `ia3` or `adapter`.
+    /// The `--method` value that trains it.
     pub fn name(&self) -> &'static str {
         match self {
             Method::Lora(c) if c.use_dora => "dora",
             Method::Lora(_) => "lora",
             Method::Ia3(_) => "ia3",
+            Method::Loha(_) => "loha",
             Method::Adapter(_) => "adapter",
             Method::Prefix(_) => "prefix",
             Method::Prompt(_) => "prompt",
@@ -89,7 +93,7 @@ impl Method {
     }
 
     /// Reads the method of a saved adapter folder: PEFT's
-    /// `adapter_config.json` (`peft_type` LORA or IA3) or AdapterHub's
+    /// `adapter_config.json` (its `peft_type`) or AdapterHub's
     /// (a `config` object).
     pub fn detect(dir: &Path) -> Result<Method> {
         let path = dir.join("adapter_config.json");
@@ -104,6 +108,7 @@ impl Method {
         match (v.get("peft_type").and_then(Value::as_str), v.get("config")) {
             (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
             (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
+            (Some("LOHA"), _) => Ok(Method::Loha(LohaConfig::from_json_str(&text, &path)?)),
             (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
                 &path,
                 &[PromptLearningType::PrefixTuning],
@@ -120,7 +125,7 @@ impl Method {
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
             (Some(other), _) => Err(PeftError::Config(format!(
-                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
                 path.display()
             ))),
             (None, None) => Err(PeftError::Config(format!(
@@ -438,9 +443,13 @@ impl<B: Backend> CausalModel<B> for Gpt2<B> {
     }
 }
 
-/// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA) and
-/// (IA)³ adapters live in the model's own linear slots.
-pub type Slots<B, M> = SlotModel<B, M, (Lora, Ia3)>;
+/// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
+/// (IA)³ and LoHa adapters live in the model's own linear slots. A new slot
+/// method is one more pair level here and one `Method` variant.
+pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, Loha))>;
+
+/// The config of one of [`Slots`]' methods.
+pub type SlotConfig = OneOf<LoraConfig, OneOf<Ia3Config, LohaConfig>>;
 
 /// A model with its method: the model carrying LoRA / (IA)³ adapters (or
 /// none) in its slots, the model with bottleneck adapters, or a frozen model
@@ -654,7 +663,14 @@ where
             (model, count, save)
         }
         Method::Lora(c) => slots_to_train(model, OneOf::First(c.clone()), from, lost("slots"))?,
-        Method::Ia3(c) => slots_to_train(model, OneOf::Second(c.clone()), from, lost("slots"))?,
+        Method::Ia3(c) => {
+            let config = OneOf::Second(OneOf::First(c.clone()));
+            slots_to_train(model, config, from, lost("slots"))?
+        }
+        Method::Loha(c) => {
+            let config = OneOf::Second(OneOf::Second(c.clone()));
+            slots_to_train(model, config, from, lost("slots"))?
+        }
     })
 }
 
@@ -663,7 +679,7 @@ where
 #[allow(clippy::type_complexity)]
 fn slots_to_train<B, M>(
     model: M,
-    config: OneOf<LoraConfig, Ia3Config>,
+    config: SlotConfig,
     from: Option<&Path>,
     lost: String,
 ) -> Result<(
@@ -832,7 +848,7 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) | Method::Ia3(_) => {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) => {
             let slots = Slots::from_pretrained(model, dir)?;
             let count = slots.param_count();
             Attached::Slots(slots, count)

@@ -140,13 +140,14 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head.
     let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
     lstm.encoder_dropout = Some(0.1);
     for (name, method) in [
         ("ia3", Method::Ia3(Ia3Config::default())),
+        ("loha", Method::Loha(peft_lycoris::LohaConfig::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -550,6 +551,22 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
             "--r does not apply to --method ia3",
         ),
         (
+            vec![
+                "train",
+                "--method",
+                "loha",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--out",
+                o,
+                "--feedforward",
+                "down_proj",
+            ],
+            "--feedforward does not apply to --method loha",
+        ),
+        (
             vec!["train", "--resume", o, "--lr", "0.1"],
             "cannot be used with '--lr",
         ),
@@ -646,7 +663,8 @@ fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
 /// `peft forward` is the parity hook: on the tiny fixtures it reproduces
 /// PEFT's logits with the adapter; `peft merge` writes a model whose plain
 /// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
-/// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too).
+/// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too; LoHa's
+/// Hadamard delta with rank and alpha patterns).
 #[test]
 fn forward_and_merge_reproduce_peft() {
     let dir = temp("merge");
@@ -656,6 +674,7 @@ fn forward_and_merge_reproduce_peft() {
         ("gpt2", "lora"),
         ("llama", "ia3"),
         ("gpt2", "ia3"),
+        ("llama", "loha_custom"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -668,6 +687,14 @@ fn forward_and_merge_reproduce_peft() {
             &format!("{arch}/{case} forward"),
             got,
             c.want("logits_unmerged"),
+        );
+        let shown = jobs::inspect(&c.dir).unwrap();
+        let key = ["lora_A.weight", "ia3_l", "hada_w2_b"]
+            .into_iter()
+            .find(|k| shown.contains(k));
+        assert!(
+            key.is_some(),
+            "{arch}/{case}: inspect shows no tensor: {shown}"
         );
 
         let merged = dir.join(format!("{arch}-{case}-merged"));
@@ -1176,7 +1203,7 @@ fn adapter_writer_child() {
         peft_lora::LoraModel::new(model, LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])).unwrap();
     for version in 1u64.. {
         lora.model.visit_linears_mut(&mut |_, slot| {
-            for e in &mut slot.lora {
+            if let Some(e) = slot.entry_mut::<peft_core::LoraEntry<Inference>>("default") {
                 let fill = |t: &burn::tensor::Tensor<Inference, 2>| {
                     Param::from_tensor(t.zeros_like().add_scalar(version as f32))
                 };
@@ -1215,7 +1242,7 @@ fn a_killed_adapter_save_never_loses_the_saved_adapter() {
             .unwrap_or_else(|e| panic!("round {round}: the saved adapter does not load: {e}"));
         let mut values = std::collections::BTreeSet::new();
         lora.model.visit_linears(&mut |_, slot| {
-            for e in &slot.lora {
+            for e in slot.entries_of::<peft_core::LoraEntry<Inference>>() {
                 for t in [e.a.val(), e.b.val()] {
                     for v in t.into_data().to_vec::<f32>().unwrap() {
                         values.insert(v as u64);
@@ -1261,6 +1288,7 @@ fn causal_lm_runs_with_every_method() {
     for method in [
         Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])),
         Method::Ia3(Ia3Config::default()),
+        Method::Loha(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
         Method::Adapter(peft_adapter::BnConfig::seq_bn()),
         Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
         Method::Prompt(prompt.clone()),

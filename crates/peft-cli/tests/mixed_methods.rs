@@ -177,10 +177,14 @@ fn configs_of_either_method_attach_fresh<B: Backend>(d: &B::Device) {
     let mut lora_entries = 0;
     let mut ia3_entries = 0;
     mixed.model.visit_linears(&mut |_, slot| {
-        lora_entries += slot.lora.len();
-        ia3_entries += slot.ia3.len();
-        assert!(slot.lora.iter().all(|e| e.meta.name == "l"));
-        assert!(slot.ia3.iter().all(|e| e.meta.name == "v"));
+        lora_entries += slot.entries_of::<peft_core::LoraEntry<_>>().count();
+        ia3_entries += slot.entries_of::<peft_core::Ia3Entry<_>>().count();
+        assert!(slot
+            .entries_of::<peft_core::LoraEntry<_>>()
+            .all(|e| e.meta.name == "l"));
+        assert!(slot
+            .entries_of::<peft_core::Ia3Entry<_>>()
+            .all(|e| e.meta.name == "v"));
     });
     assert_eq!((lora_entries, ia3_entries), (2, 4));
     // A name is one adapter, whatever its kind.

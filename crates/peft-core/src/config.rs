@@ -151,7 +151,7 @@ impl Default for LoraConfig {
 
 /// Keys PEFT writes that this crate knows and deliberately does not model:
 /// they are kept silently. Others are kept with a warning.
-const KNOWN_UNMODELLED: &[&str] = &[
+pub const KNOWN_UNMODELLED: &[&str] = &[
     "auto_mapping",
     "revision",
     "layer_replication",
@@ -194,7 +194,7 @@ fn is_unset(value: &Value) -> bool {
 
 /// Pretty JSON with sorted keys, as PEFT's `to_dict` writes it: files then
 /// diff cleanly against PEFT's own.
-pub(crate) fn sorted_json<T: Serialize>(config: &T) -> String {
+pub fn sorted_json<T: Serialize>(config: &T) -> String {
     let value = serde_json::to_value(config).expect("configs always serialise");
     let sorted: BTreeMap<String, Value> = match value {
         Value::Object(map) => map.into_iter().collect(),
@@ -206,7 +206,7 @@ pub(crate) fn sorted_json<T: Serialize>(config: &T) -> String {
 /// Warns about keys of `extra` that are set (non-default) and not in `known`.
 /// Newer PEFT versions write many keys for features this crate does not
 /// have; only a set one can change the meaning.
-pub(crate) fn warn_unknown_keys(extra: &Map<String, Value>, known: &[&str], origin: &Path) {
+pub fn warn_unknown_keys(extra: &Map<String, Value>, known: &[&str], origin: &Path) {
     for (key, value) in extra {
         if !is_unset(value) && !known.contains(&key.as_str()) {
             eprintln!(
@@ -218,7 +218,7 @@ pub(crate) fn warn_unknown_keys(extra: &Map<String, Value>, known: &[&str], orig
 }
 
 /// Deserialises a parsed config, naming `origin` in errors.
-pub(crate) fn from_value<T: serde::de::DeserializeOwned>(value: Value, origin: &Path) -> Result<T> {
+pub fn from_value<T: serde::de::DeserializeOwned>(value: Value, origin: &Path) -> Result<T> {
     serde_json::from_value(value).map_err(|source| PeftError::Json {
         path: origin.to_path_buf(),
         source,
@@ -226,7 +226,7 @@ pub(crate) fn from_value<T: serde::de::DeserializeOwned>(value: Value, origin: &
 }
 
 /// Parses `text` as JSON, naming `origin` in errors.
-pub(crate) fn parse_json(text: &str, origin: &Path) -> Result<Value> {
+pub fn parse_json(text: &str, origin: &Path) -> Result<Value> {
     serde_json::from_str(text).map_err(|source| PeftError::Json {
         path: origin.to_path_buf(),
         source,
@@ -234,7 +234,7 @@ pub(crate) fn parse_json(text: &str, origin: &Path) -> Result<Value> {
 }
 
 /// Reads a config file's text, naming it in errors.
-pub(crate) fn read_text(path: &Path) -> Result<String> {
+pub fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| PeftError::Io {
         path: path.to_path_buf(),
         source,

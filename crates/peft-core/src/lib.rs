@@ -55,7 +55,7 @@ pub use config::{Ia3Config, LoraConfig, TargetModules};
 pub use count::ParamCount;
 pub use error::{PeftError, Result};
 pub use model::PeftModel;
-pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta};
+pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
 pub use slot_method::SlotMethod;
 pub use slot_model::SlotModel;
 

@@ -379,7 +379,6 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
 /// Removes entry `name` (of any kind) from every slot, unmerging it first.
 fn remove_everywhere<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
     model.visit_linears_mut(&mut |_, slot| {
-        slot.remove_lora(name);
-        slot.remove_ia3(name);
+        slot.remove(name);
     });
 }

@@ -195,10 +195,10 @@ impl Case {
                     dora_merge_norm: None,
                 },
             };
-            slot.add_lora(entry, "layer").unwrap();
+            slot.add(entry, "layer").unwrap();
         }
         for (name, l, feedforward) in &self.ia3 {
-            slot.add_ia3(ia3_entry(name, l, *feedforward, device), "layer")
+            slot.add(ia3_entry(name, l, *feedforward, device), "layer")
                 .unwrap();
         }
         slot
@@ -399,13 +399,13 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
     // Removing a merged entry takes it out of the weight first.
     slot.set_active(&names(&["one", "two"]));
     assert!(slot.merge("one"));
-    assert!(slot.remove_lora("one").is_some());
+    assert!(slot.remove("one").is_some());
     assert_eq!(slot.state.active, names(&["two"]));
     assert_near("weight after removal", host(slot.base_weight()), &w0);
     assert!(slot.merge("in"));
-    assert!(slot.remove_ia3("in").is_some());
+    assert!(slot.remove("in").is_some());
     assert_near("weight after (IA)³ removal", host(slot.base_weight()), &w0);
-    assert!(slot.remove_lora("one").is_none() && slot.remove_ia3("in").is_none());
+    assert!(slot.remove("one").is_none() && slot.remove("in").is_none());
     assert!(!slot.has_adapter("one") && slot.has_adapter("two") && slot.has_adapter("out"));
 }
 
@@ -467,7 +467,7 @@ fn merges_that_do_not_commute_unmerge_in_reverse_order<B: Backend>(device: &B::D
     assert_near("all unmerged, oldest first", host(slot.base_weight()), &w0);
     // Removing an entry merged before others keeps those merged.
     assert!(slot.merge("dora") && slot.merge("out"));
-    assert!(slot.remove_lora("dora").is_some());
+    assert!(slot.remove("dora").is_some());
     assert_eq!(slot.state.merged, names(&["out"]));
     assert_near(
         "dora removed",
@@ -492,9 +492,9 @@ fn a_mixed_batch_gives_each_row_its_own_adapter<B: Backend>(device: &B::Device) 
     );
     check_mixed(&c, &slot, &["one", BASE_ROW, "two", "one"], device);
     // The base row is the base model even beside an entry of that name.
-    let mut entry = slot.lora_entry("one").unwrap().clone();
+    let mut entry = slot.entry::<LoraEntry<_>>("one").unwrap().clone();
     entry.meta.name = BASE_ROW.into();
-    slot.add_lora(entry, "layer").unwrap();
+    slot.add(entry, "layer").unwrap();
     check_mixed(&c, &slot, &[BASE_ROW, "two"], device);
 }
 
@@ -524,7 +524,7 @@ fn unmerging_ia3_divides_by_l_plus_peft_epsilon<B: Backend>(device: &B::Device) 
     let c = case();
     let l = [1e-6, 1.0, 0.5, 2.0];
     let mut slot = LinearSlot::<B>::from_weights(c.w.tensor(device), None);
-    slot.add_ia3(ia3_entry("tiny", &l, false, device), "layer")
+    slot.add(ia3_entry("tiny", &l, false, device), "layer")
         .unwrap();
     assert!(slot.merge("tiny") && slot.unmerge("tiny"));
     let back: Vec<f64> = l.iter().map(|x| x / (x + 1e-8)).collect();
@@ -540,12 +540,12 @@ fn the_active_entries_train_and_are_counted<B: AutodiffBackend>(device: &B::Devi
     let c = case();
     let mut slot = c.slot::<B>(device);
     slot.set_active(&names(&["two", "dora", "out"]));
-    for e in &slot.lora {
+    for e in slot.entries_of::<LoraEntry<_>>() {
         let train = e.meta.name != "one";
         assert_eq!(e.a.is_require_grad(), train, "{}", e.meta.name);
         assert_eq!(e.b.is_require_grad(), train, "{}", e.meta.name);
     }
-    for e in &slot.ia3 {
+    for e in slot.entries_of::<Ia3Entry<_>>() {
         assert_eq!(e.scale.is_require_grad(), e.meta.name == "out");
     }
     assert!(!slot.base.weight.is_require_grad());
@@ -557,7 +557,10 @@ fn the_active_entries_train_and_are_counted<B: AutodiffBackend>(device: &B::Devi
         22 + 4,
         "a merged entry does not train"
     );
-    assert_eq!(slot.lora_entry("one").unwrap().num_params(), 5 * 2 + 2 * 4);
+    assert_eq!(
+        slot.entry::<LoraEntry<_>>("one").unwrap().num_params(),
+        5 * 2 + 2 * 4
+    );
 }
 
 fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
@@ -582,19 +585,19 @@ fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
         other => panic!("{want}: {other:?}"),
     };
     shape_error(
-        slot.add_lora(entry("x", [D_IN + 1, 2], [2, D_OUT], None), "p"),
+        slot.add(entry("x", [D_IN + 1, 2], [2, D_OUT], None), "p"),
         "p.lora_A",
     );
     shape_error(
-        slot.add_lora(entry("x", [D_IN, 2], [2, D_OUT + 1], None), "p"),
+        slot.add(entry("x", [D_IN, 2], [2, D_OUT + 1], None), "p"),
         "p.lora_B",
     );
     shape_error(
-        slot.add_lora(entry("x", [D_IN, 2], [2, D_OUT], Some(D_OUT + 1)), "p"),
+        slot.add(entry("x", [D_IN, 2], [2, D_OUT], Some(D_OUT + 1)), "p"),
         "p.lora_magnitude_vector",
     );
     assert!(matches!(
-        slot.add_lora(entry("one", [D_IN, 2], [2, D_OUT], None), "p"),
+        slot.add(entry("one", [D_IN, 2], [2, D_OUT], None), "p"),
         Err(PeftError::DuplicateAdapter(n)) if n == "one"
     ));
     let ia3 = |name: &str, n: usize, feedforward: bool| Ia3Entry::<B> {
@@ -605,14 +608,17 @@ fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
             merged: false,
         },
     };
-    shape_error(slot.add_ia3(ia3("y", D_OUT, true), "p"), "p.ia3_l");
-    shape_error(slot.add_ia3(ia3("y", D_IN, false), "p"), "p.ia3_l");
+    shape_error(slot.add(ia3("y", D_OUT, true), "p"), "p.ia3_l");
+    shape_error(slot.add(ia3("y", D_IN, false), "p"), "p.ia3_l");
     assert!(matches!(
-        slot.add_ia3(ia3("two", D_IN, true), "p"),
+        slot.add(ia3("two", D_IN, true), "p"),
         Err(PeftError::DuplicateAdapter(_))
     ));
     assert_eq!(
-        (slot.lora.len(), slot.ia3.len()),
+        (
+            slot.entries_of::<LoraEntry<_>>().count(),
+            slot.entries_of::<Ia3Entry<_>>().count()
+        ),
         (3, 3),
         "nothing was added"
     );
@@ -655,9 +661,12 @@ fn a_slot_with_one_kind_of_entry_applies_it<B: Backend>(device: &B::Device) {
     for name in ["one", "out"] {
         let mut slot =
             LinearSlot::<B>::from_weights(c.w.tensor(device), Some(vec_tensor(&c.bias, device)));
-        match (full.lora_entry(name), full.ia3_entry(name)) {
-            (Some(lora), _) => slot.add_lora(lora.clone(), "layer").unwrap(),
-            (_, Some(ia3)) => slot.add_ia3(ia3.clone(), "layer").unwrap(),
+        match (
+            full.entry::<LoraEntry<_>>(name),
+            full.entry::<Ia3Entry<_>>(name),
+        ) {
+            (Some(lora), _) => slot.add(lora.clone(), "layer").unwrap(),
+            (_, Some(ia3)) => slot.add(ia3.clone(), "layer").unwrap(),
             _ => unreachable!("{name} is attached"),
         }
         slot.set_active(&names(&[name]));
@@ -670,28 +679,31 @@ fn removing_an_entry_keeps_the_others_active<B: Backend>(device: &B::Device) {
     let c = case();
     let mut slot = c.slot::<B>(device);
     slot.set_active(&names(&["in", "one", "out"]));
-    assert!(slot.remove_ia3("in").is_some());
+    assert!(slot.remove("in").is_some());
     assert_eq!(slot.state.active, names(&["one", "out"]));
     check_active(&c, &slot, &["one", "out"], "after removing in", device);
-    assert!(slot.remove_lora("one").is_some());
+    assert!(slot.remove("one").is_some());
     assert_eq!(slot.state.active, names(&["out"]));
-    assert!(
-        slot.remove_ia3("one").is_none() && slot.remove_lora("out").is_none(),
-        "wrong kind"
-    );
+    assert!(slot.remove("one").is_none(), "removed twice");
     check_active(&c, &slot, &["out"], "after removing one", device);
+    // Removing is by name, whatever the kind: the (IA)³ entry goes too.
+    assert!(slot.remove("out").is_some());
+    assert!(slot.state.active.is_empty() && !slot.has_adapter("out"));
 }
 
 /// The accessors for editing reach the named entry of their kind only.
 fn entries_are_edited_through_their_names<B: Backend>(device: &B::Device) {
     let c = case();
     let mut slot = c.slot::<B>(device);
-    assert!(slot.lora_entry_mut("in").is_none() && slot.ia3_entry_mut("one").is_none());
-    assert!(slot.lora_entry_mut("missing").is_none());
-    let one = slot.lora_entry_mut("one").expect("LoRA one");
+    assert!(
+        slot.entry_mut::<LoraEntry<_>>("in").is_none()
+            && slot.entry_mut::<Ia3Entry<_>>("one").is_none()
+    );
+    assert!(slot.entry_mut::<LoraEntry<_>>("missing").is_none());
+    let one = slot.entry_mut::<LoraEntry<_>>("one").expect("LoRA one");
     assert_eq!(one.meta.name, "one");
     one.b = Param::from_tensor(Tensor::zeros([2, D_OUT], device));
-    let input = slot.ia3_entry_mut("in").expect("(IA)3 in");
+    let input = slot.entry_mut::<Ia3Entry<_>>("in").expect("(IA)3 in");
     assert_eq!(input.meta.name, "in");
     input.scale = Param::from_tensor(Tensor::ones([D_IN], device));
     // Both edited entries are now the identity; "two" is untouched.
@@ -742,7 +754,7 @@ fn a_quantized_base_computes_with_its_dequantized_weight<B: Backend>(device: &B:
     );
     assert_near("dequantized weight", host(slot.base_weight()), &c.w);
     let full = c.slot::<B>(device);
-    slot.add_lora(full.lora_entry("one").unwrap().clone(), "layer")
+    slot.add(full.entry::<LoraEntry<_>>("one").unwrap().clone(), "layer")
         .unwrap();
     slot.set_active(&names(&["one"]));
     assert_near(
@@ -777,13 +789,13 @@ fn a_quantized_base_computes_with_its_dequantized_weight<B: Backend>(device: &B:
 fn dora_with_dropout_recomputes_its_base_term<B: AutodiffBackend>(device: &B::Device) {
     let c = case();
     let mut slot = c.slot::<B>(device);
-    slot.lora_entry_mut("dora").unwrap().meta.dropout = 1.0 - 1e-7;
+    slot.entry_mut::<LoraEntry<_>>("dora").unwrap().meta.dropout = 1.0 - 1e-7;
     slot.set_active(&names(&["dora"]));
     B::seed(device, 3);
     assert_near("all dropped", forward(&slot, &c.x, device), &c.base(&c.x));
     // Without dropout the base term is the layer's own `x·W`, which an
     // input-side (IA)³ vector scales first: not `x·W` recomputed.
-    slot.lora_entry_mut("dora").unwrap().meta.dropout = 0.0;
+    slot.entry_mut::<LoraEntry<_>>("dora").unwrap().meta.dropout = 0.0;
     slot.set_active(&names(&["in", "dora"]));
     assert_near(
         "no dropout, (IA)3 in",

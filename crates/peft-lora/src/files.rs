@@ -13,7 +13,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use peft_core::io::HostTensor;
 use peft_core::slot_model::KEY_PREFIX;
-use peft_core::{LinearSlot, PeftError, Result};
+use peft_core::{LinearSlot, LoraEntry, PeftError, Result};
 
 /// Appends entry `name` of `slot` (module `path`), if it has one, to `out`:
 /// `lora_A` `[r, in]`, `lora_B` `[out, r]`, then DoRA's magnitude `[out]`.
@@ -23,7 +23,7 @@ pub(crate) fn write_entry<B: Backend>(
     name: &str,
     out: &mut Vec<(String, HostTensor)>,
 ) {
-    let Some(e) = slot.lora_entry(name) else {
+    let Some(e) = slot.entry::<LoraEntry<B>>(name) else {
         return;
     };
     let key = format!("{KEY_PREFIX}{path}");
@@ -54,7 +54,9 @@ pub(crate) fn fill_entry<B: Backend>(
 ) -> Result<()> {
     let device = slot.device();
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
-    let entry = slot.lora_entry_mut(name).expect("injected before filling");
+    let entry = slot
+        .entry_mut::<LoraEntry<B>>(name)
+        .expect("injected before filling");
     let r = entry.meta.rank;
     let key = format!("{KEY_PREFIX}{path}");
     let mut take = |suffix: &str| {

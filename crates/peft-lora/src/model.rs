@@ -164,7 +164,7 @@ impl SlotMethod for Lora {
             Some(iterations) => loftq_entry(slot, meta, config.use_dora, iterations, path)?,
             None => new_entry(slot, meta, config.use_dora, &config.init_lora_weights, init),
         };
-        slot.add_lora(entry, path)
+        slot.add(entry, path)
     }
 
     fn write_tensors<B: Backend>(
@@ -189,6 +189,6 @@ impl SlotMethod for Lora {
     }
 
     fn clear<B: Backend>(slot: &mut LinearSlot<B>) {
-        slot.lora.clear();
+        slot.remove_all::<LoraEntry<B>>();
     }
 }

@@ -22,7 +22,7 @@ use peft_core::config::TargetModules;
 use peft_core::io::HostTensor;
 use peft_core::rng::SplitMix64;
 use peft_core::slot_method::Init;
-use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use peft_core::{LinearSlot, LoraEntry, PeftError, PeftModel, Result};
 
 use crate::LoraModel;
 
@@ -454,7 +454,7 @@ fn set_factors<B: Backend>(
     let (d_in, d_out) = (slot.d_input(), slot.d_output());
     let r = a.shape[1];
     let entry = slot
-        .lora_entry_mut(name)
+        .entry_mut::<LoraEntry<B>>(name)
         .expect("injected before combining");
     entry.a = Param::from_tensor(a.to_tensor([d_in, r], "lora_A", &device)?);
     entry.b = Param::from_tensor(b.to_tensor([r, d_out], "lora_B", &device)?);
@@ -586,14 +586,14 @@ impl<B: Backend, M: PeftModel<B>> AddWeightedAdapter for LoraModel<B, M> {
         };
         let mut result = Ok(());
         self.model.visit_linears_mut(&mut |_, slot| {
-            if result.is_err() || slot.lora_entry(name).is_none() {
+            if result.is_err() || slot.entry::<LoraEntry<B>>(name).is_none() {
                 return;
             }
             let sources: Vec<Source> = adapters
                 .iter()
                 .zip(weights)
                 .filter_map(|(a, &w)| {
-                    slot.lora_entry(a).map(|e| Source {
+                    slot.entry::<LoraEntry<B>>(a).map(|e| Source {
                         a: HostTensor::from_tensor(e.a.val()),
                         b: HostTensor::from_tensor(e.b.val()),
                         scaling: e.meta.scaling,

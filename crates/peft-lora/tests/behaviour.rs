@@ -129,7 +129,7 @@ fn a_loftq_dora_adapter_starts_its_magnitude_on_the_quantized_base() {
     let lora = LoraModel::new(model(), config).unwrap();
     let mut checked = 0;
     lora.model.visit_linears(&mut |p, s| {
-        if let Some(e) = s.lora_entry("default") {
+        if let Some(e) = s.entry::<peft_core::LoraEntry<_>>("default") {
             assert!(s.is_quantized(), "{p}: LoftQ quantizes the base");
             assert!(
                 HostTensor::from_tensor(e.b.val())
@@ -175,7 +175,7 @@ fn fresh_adapters_start_as_peft_initialises_them() {
         }
         let (mut a_values, mut b_values) = (Vec::new(), Vec::new());
         lora.model.visit_linears(&mut |p, s| {
-            let Some(e) = s.lora_entry("default") else {
+            let Some(e) = s.entry::<peft_core::LoraEntry<_>>("default") else {
                 return;
             };
             let uniform_a = 1.0 / (s.d_input() as f64).sqrt();
@@ -297,8 +297,9 @@ fn bad_adapter_files_are_typed_errors_and_leave_the_model_unchanged() {
             "{what}: a failed load leaves no adapter behind"
         );
         let mut entries = 0;
-        lora.model
-            .visit_linears(&mut |_, s| entries += s.lora.len());
+        lora.model.visit_linears(&mut |_, s| {
+            entries += s.entries_of::<peft_core::LoraEntry<_>>().count()
+        });
         assert_eq!(entries, 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -398,7 +399,7 @@ fn several_active_adapters_add_up_and_merge_and_unload_is_the_merged_model() {
     lora.set_adapter(&["default", "other"]).unwrap();
     let merged = lora.merge_and_unload().unwrap();
     let mut entries = 0;
-    merged.visit_linears(&mut |_, s| entries += s.lora.len());
+    merged.visit_linears(&mut |_, s| entries += s.entries_of::<peft_core::LoraEntry<_>>().count());
     assert_eq!(entries, 0, "unloaded");
     assert!(max_diff(&logits(&merged), &both) < 1e-5);
 }
@@ -580,7 +581,7 @@ fn a_combination_leaves_modules_no_adapter_adapts_at_zero() {
     .unwrap();
     let mut seen = Vec::new();
     lora.model.visit_linears(&mut |p, s| {
-        let Some(e) = s.lora_entry("w") else {
+        let Some(e) = s.entry::<peft_core::LoraEntry<_>>("w") else {
             return;
         };
         seen.push(p.to_string());

@@ -75,7 +75,7 @@ fn modules(base: &Bert<B>, model: &Bert<B>) -> Vec<Module> {
     });
     let mut out = Vec::new();
     model.visit_linears(&mut |path, slot| {
-        let Some(entry) = slot.lora_entry("default") else {
+        let Some(entry) = slot.entry::<peft_core::LoraEntry<_>>("default") else {
             assert!(!slot.is_quantized(), "{path}: untargeted but quantized");
             return;
         };

@@ -116,7 +116,7 @@ fn quantized_gguf_equals_dequantized_load<B: AutodiffBackend>(device: &B::Device
         lora.merge_adapter().unwrap();
         let mut dense_after = 0;
         lora.model.visit_linears(&mut |p, s| {
-            if s.lora_entry("default").is_some() {
+            if s.entry::<peft_core::LoraEntry<_>>("default").is_some() {
                 assert!(!s.is_quantized(), "{file} {p}: merged weight must be f32");
                 dense_after += 1;
             }
@@ -360,7 +360,11 @@ fn dora_on_an_nf4_base<B: AutodiffBackend>(device: &B::Device) {
     let d = max_abs_diff(&logits(&merged.model, &x), &logits(&dense, &x));
     assert!(d < 1e-4, "merged DoRA on NF4: {d:e}");
     merged.model.visit_linears(&mut |p, s| {
-        assert_eq!(s.is_quantized(), s.lora.is_empty(), "{p}");
+        assert_eq!(
+            s.is_quantized(),
+            s.entries_of::<peft_core::LoraEntry<_>>().next().is_none(),
+            "{p}"
+        );
     });
 }
 
@@ -393,7 +397,7 @@ fn loftq_init_starts_closer_to_the_f32_model<B: AutodiffBackend>(device: &B::Dev
     loftq.model.visit_linears(&mut |p, s| {
         let (path, w) = &weights[i];
         assert_eq!(path, p);
-        match s.lora_entry("default") {
+        match s.entry::<peft_core::LoraEntry<_>>("default") {
             None => {
                 assert!(!s.is_quantized(), "{p}");
                 untouched += 1;

@@ -50,13 +50,13 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
         if let Some(b) = &slot.base.bias {
             assert!(b.grad(&grads).is_none(), "{path}: base bias got a gradient");
         }
-        if let Some(other) = slot.lora_entry("other") {
+        if let Some(other) = slot.entry::<peft_core::LoraEntry<_>>("other") {
             assert!(
                 other.a.grad(&grads).is_none(),
                 "{path}: inactive adapter got a gradient"
             );
         }
-        let Some(e) = slot.lora_entry("default") else {
+        let Some(e) = slot.entry::<peft_core::LoraEntry<_>>("default") else {
             return;
         };
         let key = format!("grad.base_model.model.{path}");

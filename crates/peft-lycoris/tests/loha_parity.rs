@@ -1,0 +1,310 @@
+//! LoHa parity with Hugging Face PEFT 0.21 on the fixtures of
+//! `scripts/make_loha_fixtures.py` (tiny Llama and BERT, PEFT's default
+//! targets and a regex case with rank/alpha patterns, factors trained a few
+//! steps in PyTorch): logits in every state, gradients, files and parameter
+//! counts, within 1e-5 on every backend.
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use peft_core::compare;
+use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::slot::LohaEntry;
+use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
+use peft_lycoris::{LohaConfig, LohaModel};
+use peft_models::bert::Bert;
+use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, temp_dir, FixtureCase};
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+use peft_models::loss::{causal_lm_loss, cross_entropy};
+
+type Forward<B, M> = fn(&M, Tensor<B, 2, Int>) -> HostTensor;
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+    HostTensor::from_tensor(t)
+}
+
+fn check_case<B: Backend, M: PeftModel<B> + Clone>(
+    arch: &str,
+    case: &str,
+    base_model: M,
+    forward: Forward<B, M>,
+    device: &B::Device,
+) {
+    let c = FixtureCase::open(arch, case);
+    let ids = c.ints::<B, 2>("input_ids", device);
+    let run = |m: &M| forward(m, ids.clone());
+    assert_close("base", &run(&base_model), c.want("logits_base"));
+
+    let mut loha = LohaModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
+    assert_eq!(loha.adapter_names(), vec!["default", "other"]);
+    assert_close("default", &run(&loha.model), c.want("logits_unmerged"));
+    assert_eq!(loha.active_adapters(), ["default"]);
+    loha.set_adapter(&["other"]).unwrap();
+    assert_eq!(loha.active_adapters(), ["other"]);
+    assert_close("other", &run(&loha.model), c.want("logits_other"));
+    loha.set_adapter(&["default", "other"]).unwrap();
+    assert_eq!(loha.active_adapters(), ["default", "other"]);
+    assert_close("both active", &run(&loha.model), c.want("logits_both"));
+    loha.set_adapter(&["default"]).unwrap();
+
+    let names: Vec<&str> = c.meta["mixed_adapter_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let batch = ids.dims()[0];
+    let mixed = loha.forward_mixed(&names, batch, run).unwrap();
+    assert_close("mixed batch", &mixed, c.want("logits_mixed"));
+
+    loha.disable_adapters().unwrap();
+    assert_close("disabled", &run(&loha.model), c.want("logits_disabled"));
+    loha.enable_adapters();
+
+    let weights = |m: &M| {
+        let mut v = Vec::new();
+        m.visit_linears(&mut |_, s| {
+            v.push(HostTensor::from_tensor(s.base_weight()));
+            if let Some(b) = &s.base.bias {
+                v.push(HostTensor::from_tensor(b.val()));
+            }
+        });
+        v
+    };
+    let before = weights(&loha.model);
+    loha.merge_adapter().unwrap();
+    assert_close("merged", &run(&loha.model), c.want("logits_merged"));
+    assert!(loha.disable_adapters().is_err(), "disable while merged");
+    assert!(loha.forward_mixed(&names, batch, |_| ()).is_err());
+    loha.unmerge_adapter();
+    assert_close(
+        "unmerged again",
+        &run(&loha.model),
+        c.want("logits_unmerged_again"),
+    );
+    for (a, b) in weights(&loha.model).iter().zip(&before) {
+        let d = max_diff(a, b);
+        assert!(d < 1e-5, "merge/unmerge round trip off by {d:e}");
+    }
+
+    // Our files hold PEFT's keys, shapes and values, and load back.
+    let out = temp_dir(&format!("loha-{arch}-{case}"));
+    loha.save_pretrained(&out).unwrap();
+    for sub in ["", "other"] {
+        let theirs = read_safetensors(&c.dir.join(sub).join("adapter_model.safetensors")).unwrap();
+        let ours = read_safetensors(&out.join(sub).join("adapter_model.safetensors")).unwrap();
+        assert_eq!(theirs, ours, "saved `{sub}` differs from PEFT's");
+    }
+    let reloaded = LohaModel::from_pretrained(base_model.clone(), &out).unwrap();
+    assert_close("reloaded", &run(&reloaded.model), c.want("logits_unmerged"));
+    std::fs::remove_dir_all(&out).unwrap();
+
+    loha.delete_adapter("other").unwrap();
+    let count = loha.param_count();
+    assert_eq!(count.trainable, c.meta_usize("trainable_params"), "{count}");
+    assert_eq!(count.all, c.meta_usize("all_params"), "{count}");
+
+    // merge_and_unload: the plain model computes the adapted output.
+    let plain = loha.merge_and_unload().unwrap();
+    assert_close("merge_and_unload", &run(&plain), c.want("logits_unmerged"));
+}
+
+fn llama<B: Backend>(d: &B::Device) -> Llama<B> {
+    Llama::load(&fixtures_dir().join("llama"), d).unwrap()
+}
+fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
+    Bert::load(&fixtures_dir().join("bert"), d).unwrap()
+}
+fn lm<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    host(m.forward(ids, None))
+}
+fn cls<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    host(m.classify(ids, None).unwrap())
+}
+
+fn llama_loha<B: Backend>(d: &B::Device) {
+    check_case("llama", "loha", llama::<B>(d), lm::<B>, d);
+}
+fn llama_loha_custom<B: Backend>(d: &B::Device) {
+    check_case("llama", "loha_custom", llama::<B>(d), lm::<B>, d);
+}
+fn bert_loha<B: Backend>(d: &B::Device) {
+    check_case("bert", "loha", bert::<B>(d), cls::<B>, d);
+}
+
+/// A fresh adapter is the identity (`hada_w2_b` starts at zero) with
+/// PEFT's parameter count; errors name what is wrong, and a refused file
+/// leaves the model as it was.
+fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
+    let base = llama::<B>(d);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), d);
+    let want = host(base.forward(ids.clone(), None));
+    let loha = LohaModel::new(base.clone(), LohaConfig::default()).unwrap();
+    assert_eq!(host(loha.model.forward(ids.clone(), None)).data, want.data);
+    // Default targets q_proj (16 → 16) and v_proj (16 → 8), r = 8: four
+    // factors each, two layers.
+    let per_layer = 2 * (8 * 16 + 16 * 8) + 2 * (8 * 8 + 16 * 8);
+    assert_eq!(loha.param_count().trainable, 2 * per_layer);
+    // init_weights: false starts away from the identity.
+    let random = LohaConfig {
+        init_weights: false,
+        ..LohaConfig::default()
+    };
+    let loha = LohaModel::new(base.clone(), random).unwrap();
+    let got = host(loha.model.forward(ids, None));
+    let moved = max_diff(&got, &want);
+    assert!(
+        moved.is_finite() && moved > 1e-4,
+        "init_weights: false is the identity ({moved:e})"
+    );
+
+    let err = LohaModel::new(base.clone(), LohaConfig::new(4, 8.0, &["nothing"])).unwrap_err();
+    assert!(matches!(err, PeftError::NoTargetMatched { .. }), "{err}");
+    assert!(
+        err.to_string().contains("q_proj") && err.to_string().contains("\"nothing\""),
+        "names the rule and lists the modules: {err}"
+    );
+    let err = LohaModel::new(base.clone(), LohaConfig::new(0, 8.0, &["q_proj"])).unwrap_err();
+    assert!(err.to_string().contains("`r`"), "{err}");
+    let keeps_heads = LohaConfig {
+        modules_to_save: Some(vec!["lm_head".into()]),
+        ..LohaConfig::new(4, 8.0, &["q_proj"])
+    };
+    let err = LohaModel::new(base.clone(), keeps_heads).unwrap_err();
+    assert!(err.to_string().contains("modules_to_save"), "{err}");
+    let gpt2 = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), d).unwrap();
+    let err = LohaModel::new(gpt2, LohaConfig::new(4, 8.0, &["c_attn"])).unwrap_err();
+    assert!(
+        err.to_string().contains("Conv1D"),
+        "GPT-2 refused as PEFT does: {err}"
+    );
+
+    let c = FixtureCase::open("llama", "loha");
+    let dir = temp_dir("loha-bad-shape");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        c.dir.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
+    let key = "base_model.model.model.layers.1.self_attn.v_proj.hada_w2_b";
+    tensors.get_mut(key).unwrap().shape.reverse();
+    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        peft_core::io::serialize_safetensors(&list, None),
+    )
+    .unwrap();
+    let mut loha = LohaModel::wrap(base);
+    let err = loha.load_adapter(&dir, "bad").unwrap_err();
+    assert!(err.to_string().contains(key), "{err}");
+    assert!(loha.adapter_names().is_empty());
+    let mut entries = 0;
+    loha.model
+        .visit_linears(&mut |_, s| entries += s.entries.len());
+    assert_eq!(entries, 0, "a refused file left entries behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+backend_tests!(
+    llama_loha,
+    llama_loha_custom,
+    bert_loha,
+    fresh_is_identity_and_errors_are_typed
+);
+
+/// Loss and the gradient of every `default` factor equal PEFT's; nothing
+/// else gets a gradient.
+fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
+    arch: &str,
+    case: &str,
+    model: M,
+    loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
+    device: &B::Device,
+) {
+    let c = FixtureCase::open(arch, case);
+    let mut loha = LohaModel::wrap(model);
+    loha.load_adapter(&c.dir, "default").unwrap();
+    loha.load_adapter(&c.dir.join("other"), "other").unwrap();
+    loha.set_adapter(&["default"]).unwrap();
+    let loss = loss_fn(&loha.model, c.ints::<B, 2>("input_ids", device));
+    let got = loss.clone().into_scalar().elem::<f32>();
+    compare::check_close_slices(
+        "loss",
+        &[got],
+        &c.want("train_loss").data,
+        compare::Tolerance::new(1e-5, 0.0),
+    )
+    .unwrap();
+    let grads = loss.backward();
+    // A gradient that is f32 noise in PyTorch (BERT's last-layer query,
+    // ~1e-13 against the adapter's largest, ~4e-5: its softmax saturates)
+    // is compared against a floor one millionth of the largest gradient;
+    // every other one at GRADIENTS' relative 1e-3.
+    let largest = c
+        .expected
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .fold(0f32, |m, (_, t)| m.max(compare::max_abs(&t.data)));
+    let tol = compare::Tolerance::new(compare::GRADIENTS.rel, 1e-6 * largest);
+    let mut checked = 0;
+    loha.model.visit_linears(&mut |path, slot| {
+        assert!(
+            slot.base.weight.grad(&grads).is_none(),
+            "{path}: base got a gradient"
+        );
+        if let Some(o) = slot.entry::<LohaEntry<_>>("other") {
+            assert!(
+                o.w1_a.grad(&grads).is_none() && o.w2_b.grad(&grads).is_none(),
+                "{path}: inactive factors got a gradient"
+            );
+        }
+        let Some(e) = slot.entry::<LohaEntry<_>>("default") else {
+            return;
+        };
+        for (key, p) in [
+            ("hada_w1_a", &e.w1_a),
+            ("hada_w1_b", &e.w1_b),
+            ("hada_w2_a", &e.w2_a),
+            ("hada_w2_b", &e.w2_b),
+        ] {
+            let got = HostTensor::from_tensor(p.grad(&grads).unwrap()).transposed();
+            let want = c.want(&format!("grad.base_model.model.{path}.{key}"));
+            compare::assert_close(&format!("{path}.{key}"), &got, want, tol);
+            checked += 1;
+        }
+    });
+    let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked, expected, "every PEFT gradient was compared");
+}
+
+fn llama_gradients<B: AutodiffBackend>(d: &B::Device) {
+    for case in ["loha", "loha_custom"] {
+        check_gradients(
+            "llama",
+            case,
+            llama::<B>(d),
+            |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
+            d,
+        );
+    }
+}
+fn bert_gradients<B: AutodiffBackend>(d: &B::Device) {
+    check_gradients(
+        "bert",
+        "loha",
+        bert::<B>(d),
+        |m, ids| {
+            let labels = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(vec![2i64, 0, 1], [3]),
+                &ids.device(),
+            );
+            cross_entropy(m.classify(ids, None).unwrap(), labels)
+        },
+        d,
+    );
+}
+
+autodiff_backend_tests!(llama_gradients, bert_gradients);

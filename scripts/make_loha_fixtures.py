@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Writes the Hugging Face PEFT parity fixtures for LoHa under
+fixtures/<arch>/<case>/ (tiny Llama and BERT of make_fixtures.py; GPT-2's
+Conv1D layers are refused by PEFT's LoHa, and by ours).
+
+Reference environment as for make_fixtures.py (not needed in CI):
+    ref/bin/python scripts/make_loha_fixtures.py
+
+Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
+`other` in other/), and expected.safetensors with input_ids, logits of the
+base model, of each adapter, of both active at once, disabled, merged and
+unmerged again, a mixed batch, the training loss and every factor's gradient;
+expected.json with parameter counts.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from peft import LoHaConfig, get_peft_model
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import ROOT, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
+
+CASES = {
+    "llama": {
+        # No targets: PEFT's defaults for `llama` (q_proj, v_proj).
+        "loha": dict(r=4, alpha=8),
+        "loha_custom": dict(r=4, alpha=6, target_modules=r".*\.(q_proj|up_proj|o_proj)",
+                            rank_pattern={"up_proj": 2}, alpha_pattern={"o_proj": 3}),
+    },
+    "bert": {"loha": dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])},
+}
+
+
+def write_case(arch, case, kwargs, model_dir, ids):
+    out_dir = os.path.join(model_dir, case)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model = base_model(arch)
+    base = logits(model, ids)
+    task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
+    peft_model = get_peft_model(model, LoHaConfig(task_type=None, **kwargs))
+    train_a_few_steps(peft_model, arch, "default")
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    tensors = {"input_ids": ids.float(), "logits_base": base}
+    tensors.update(training_gradients(peft_model, arch, ids))
+    tensors["logits_unmerged"] = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        tensors["logits_disabled"] = logits(peft_model, ids)
+    torch.manual_seed(4)
+    peft_model.add_adapter("other", LoHaConfig(task_type=None, **kwargs))
+    # `other` trains on other batches (seed 5) too, so that no switching,
+    # mixed-batch or saving test could mistake one for the other.
+    train_a_few_steps(peft_model, arch, "other", seed=5)
+    peft_model.set_adapter("other")
+    tensors["logits_other"] = logits(peft_model, ids)
+    peft_model.save_pretrained(out_dir)
+    for d in (out_dir, os.path.join(out_dir, "other")):
+        # PEFT's generated model card: not a fixture.
+        if os.path.exists(os.path.join(d, "README.md")):
+            os.remove(os.path.join(d, "README.md"))
+    # Both active: PEFT adds both deltas.
+    peft_model.base_model.set_adapter(["default", "other"])
+    tensors["logits_both"] = logits(peft_model, ids)
+    peft_model.set_adapter("default")
+    names = ["other", "__base__", "default"]
+    per = {"other": tensors["logits_other"], "__base__": base, "default": tensors["logits_unmerged"]}
+    tensors["logits_mixed"] = torch.stack([per[n][i] for i, n in enumerate(names)])
+    peft_model.merge_adapter()
+    tensors["logits_merged"] = logits(peft_model, ids)
+    peft_model.unmerge_adapter()
+    tensors["logits_unmerged_again"] = logits(peft_model, ids)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
+    meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
+            "mixed_adapter_names": names, "task": task}
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    gap = (tensors["logits_other"] - tensors["logits_unmerged"]).abs().max().item()
+    assert gap > 1e-3, f"{arch}/{case}: `other` is indistinguishable from `default` ({gap:.3g})"
+    print(arch, case, trainable, total,
+          "max|adapted-base|=%.3g" % (tensors["logits_unmerged"] - base).abs().max().item(),
+          "max|other-default|=%.3g" % gap)
+
+
+def main():
+    torch.set_num_threads(2)
+    for arch, cases in CASES.items():
+        model_dir = os.path.join(ROOT, arch)
+        ids = inputs(arch)
+        for case, kwargs in cases.items():
+            write_case(arch, case, kwargs, model_dir, ids)
+
+
+if __name__ == "__main__":
+    main()
