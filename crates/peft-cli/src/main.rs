@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use peft_adapter::BnConfig;
 use peft_cli::jobs::{self, Task, TrainJob};
 use peft_cli::tasks::Method;
@@ -38,7 +38,7 @@ struct Cli {
 
 /// Where a command computes: `--backend` and `--device`, on every command
 /// that runs a model.
-#[derive(clap::Args, Clone, Copy)]
+#[derive(Args, Clone, Copy)]
 struct BackendArgs {
     /// Backend: flex (CPU, the default), ndarray (CPU), wgpu or cuda (GPU;
     /// each needs the cargo feature of its name, e.g. `cargo install --path
@@ -147,102 +147,20 @@ enum Command {
         /// Run folder.
         #[arg(long, required_unless_present = "resume")]
         out: Option<PathBuf>,
-        /// LoRA / LoHa rank.
-        #[arg(long)]
-        r: Option<usize>,
-        /// LoRA / LoHa alpha.
-        #[arg(long)]
-        alpha: Option<f64>,
-        /// Target modules (comma-separated names, or one regex).
-        #[arg(long)]
-        targets: Option<String>,
-        /// (IA)³ feed-forward modules (comma-separated).
-        #[arg(long)]
-        feedforward: Option<String>,
-        /// LoRA dropout.
-        #[arg(long)]
-        lora_dropout: Option<f64>,
-        /// Bottleneck preset: seq_bn (default), double_seq_bn, par_bn.
-        #[arg(long)]
-        adapter_preset: Option<String>,
-        /// Bottleneck reduction factor.
-        #[arg(long)]
-        reduction: Option<f64>,
-        /// Virtual tokens of a prefix or soft prompt (default 20).
-        #[arg(long)]
-        virtual_tokens: Option<usize>,
-        /// Soft-prompt initialisation: random (PEFT's default) or sample-vocab.
-        #[arg(long)]
-        prompt_init: Option<String>,
-        /// Peak learning rate.
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// Micro-batches per optimizer step.
-        #[arg(long, default_value_t = 1)]
-        grad_accum: usize,
-        /// Warm-up share of the steps.
-        #[arg(long, default_value_t = 0.1)]
-        warmup: f64,
-        #[arg(long, value_enum, default_value = "linear")]
-        schedule: ScheduleArg,
-        #[arg(long, default_value_t = 0.01)]
-        weight_decay: f64,
-        /// Clip gradients to this global norm (0: off).
-        #[arg(long, default_value_t = 1.0)]
-        clip: f64,
-        /// Evaluate every N optimizer steps (0: each epoch).
-        #[arg(long, default_value_t = 0)]
-        eval_every: usize,
-        /// Stop after N evaluations without improvement.
-        #[arg(long)]
-        patience: Option<usize>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        #[arg(long)]
-        max_steps: Option<usize>,
-        /// Use at most N training examples (blocks for causal-lm).
-        #[arg(long)]
-        max_train: Option<usize>,
-        /// Held-out share of the data.
-        #[arg(long, default_value_t = 0.1)]
-        held_out: f64,
-        #[arg(long, default_value = "text")]
-        text_column: String,
-        #[arg(long, default_value = "label")]
-        label_column: String,
-        /// Tokens per block (causal-lm).
-        #[arg(long, default_value_t = 128)]
-        block_size: usize,
         /// QLoRA: keep the frozen base quantized: `gguf` keeps a Llama GGUF
         /// file's own blocks, `nf4` quantizes every adaptable linear layer to
         /// 4-bit NormalFloat. Slot methods (LoRA, DoRA, (IA)³, LoHa) on Llama and GPT-2 then
         /// train layer by layer, one layer's weights dequantized at a time.
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
-        /// Data-parallel workers: each micro-batch is split across this many
-        /// model replicas (threads, peers of Burn's collective; replica i on
-        /// GPU i of a GPU backend) whose gradients are summed by an all-reduce.
-        #[arg(long, default_value_t = 1)]
-        devices: usize,
-        /// Several machines: nodes in the data-parallel job. Every node runs
-        /// this same command (same data and settings) with its own
-        /// --node-rank and --node-address; `peft orchestrator` must run.
-        #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
-        nodes: Option<usize>,
-        /// This node's index, 0..nodes.
-        #[arg(long, requires = "nodes")]
-        node_rank: Option<usize>,
-        /// The orchestrator's address, ws://host:port.
-        #[arg(long, requires = "nodes")]
-        orchestrator: Option<String>,
-        /// This node's address as the other nodes reach it, ws://host:port
-        /// (its tensor data service listens on that port).
-        #[arg(long, requires = "nodes")]
-        node_address: Option<String>,
+        #[command(flatten)]
+        flags: MethodFlags,
+        #[command(flatten)]
+        optim: OptimArgs,
+        #[command(flatten)]
+        columns: DataArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Coordinate a multi-machine data-parallel `peft train --nodes N`:
     /// Burn's global collective orchestrator, listening until stopped.
@@ -305,7 +223,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Fold a LoRA / DoRA / (IA)³ adapter into a Hugging Face model folder
+    /// Fold a LoRA / DoRA / (IA)³ / LoHa adapter into a Hugging Face model folder
     /// (single or sharded safetensors) and write the merged model, in the
     /// same files, as f32, f16 or bf16.
     Merge {
@@ -328,6 +246,57 @@ enum Command {
     },
 }
 
+impl OptimArgs {
+    /// The training settings these flags give, with `devices` replicas and
+    /// at most `stop_after` steps in this process.
+    fn config(&self, stop_after: Option<usize>, devices: usize) -> TrainConfig {
+        TrainConfig {
+            lr: self.lr,
+            epochs: self.epochs,
+            batch: self.batch,
+            grad_accum: self.grad_accum,
+            warmup: self.warmup,
+            schedule: match self.schedule {
+                ScheduleArg::Linear => Schedule::Linear,
+                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Constant => Schedule::Constant,
+            },
+            weight_decay: self.weight_decay,
+            clip_norm: (self.clip > 0.0).then_some(self.clip),
+            eval_every: self.eval_every,
+            patience: self.patience,
+            seed: self.seed,
+            max_steps: self.max_steps,
+            stop_after,
+            devices,
+            cluster: None,
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// The multi-machine job, when `--nodes` and its companions are given
+    /// (clap makes them come together).
+    fn cluster(&self) -> Option<peft_cli::train::Cluster> {
+        match (
+            self.nodes,
+            self.node_rank,
+            self.orchestrator.clone(),
+            self.node_address.clone(),
+        ) {
+            (Some(nodes), Some(rank), Some(orchestrator), Some(address)) => {
+                Some(peft_cli::train::Cluster {
+                    nodes,
+                    rank,
+                    orchestrator,
+                    address,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 fn names(list: &str) -> TargetModules {
     if list.contains(['*', '(', '|', '\\', '$', '^']) {
         TargetModules::Pattern(list.to_string())
@@ -337,20 +306,123 @@ fn names(list: &str) -> TargetModules {
 }
 
 /// The method flags of `peft train`, as given (`None`: not on the command
-/// line).
-struct MethodFlags<'a> {
+/// line): each is honoured by the methods it configures and refused by the
+/// others ([`MethodFlags::check_apply_to`]).
+#[derive(Args, Default)]
+#[command(next_help_heading = "Method flags")]
+struct MethodFlags {
+    /// LoRA / LoHa rank.
+    #[arg(long)]
     r: Option<usize>,
+    /// LoRA / LoHa alpha.
+    #[arg(long)]
     alpha: Option<f64>,
-    targets: Option<&'a str>,
-    feedforward: Option<&'a str>,
+    /// Target modules (comma-separated names, or one regex).
+    #[arg(long)]
+    targets: Option<String>,
+    /// (IA)³ feed-forward modules (comma-separated).
+    #[arg(long)]
+    feedforward: Option<String>,
+    /// LoRA dropout.
+    #[arg(long)]
     lora_dropout: Option<f64>,
-    adapter_preset: Option<&'a str>,
+    /// Bottleneck preset: seq_bn (default), double_seq_bn, par_bn.
+    #[arg(long)]
+    adapter_preset: Option<String>,
+    /// Bottleneck reduction factor.
+    #[arg(long)]
     reduction: Option<f64>,
+    /// Virtual tokens of a prefix or soft prompt (default 20).
+    #[arg(long)]
     virtual_tokens: Option<usize>,
-    prompt_init: Option<&'a str>,
+    /// Soft-prompt initialisation: random (PEFT's default) or sample-vocab.
+    #[arg(long)]
+    prompt_init: Option<String>,
 }
 
-impl MethodFlags<'_> {
+/// `peft train`'s optimisation and schedule.
+#[derive(Args)]
+#[command(next_help_heading = "Optimisation")]
+struct OptimArgs {
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Warm-up share of the steps.
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Evaluate every N optimizer steps (0: each epoch).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Stop after N evaluations without improvement.
+    #[arg(long)]
+    patience: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    max_steps: Option<usize>,
+}
+
+/// Which examples `peft train` reads, and how.
+#[derive(Args)]
+#[command(next_help_heading = "Data")]
+struct DataArgs {
+    /// Use at most N training examples (blocks for causal-lm).
+    #[arg(long)]
+    max_train: Option<usize>,
+    /// Held-out share of the data.
+    #[arg(long, default_value_t = 0.1)]
+    held_out: f64,
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Tokens per block (causal-lm).
+    #[arg(long, default_value_t = 128)]
+    block_size: usize,
+}
+
+/// Data parallelism: replicas on this machine, and the nodes of a
+/// multi-machine job.
+#[derive(Args)]
+#[command(next_help_heading = "Data parallelism")]
+struct ClusterArgs {
+    /// Data-parallel workers: each micro-batch is split across this many
+    /// model replicas (threads, peers of Burn's collective; replica i on
+    /// GPU i of a GPU backend) whose gradients are summed by an all-reduce.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// Several machines: nodes in the data-parallel job. Every node runs
+    /// this same command (same data and settings) with its own
+    /// --node-rank and --node-address; `peft orchestrator` must run.
+    #[arg(long, requires_all = ["node_rank", "orchestrator", "node_address"])]
+    nodes: Option<usize>,
+    /// This node's index, 0..nodes.
+    #[arg(long, requires = "nodes")]
+    node_rank: Option<usize>,
+    /// The orchestrator's address, ws://host:port.
+    #[arg(long, requires = "nodes")]
+    orchestrator: Option<String>,
+    /// This node's address as the other nodes reach it, ws://host:port
+    /// (its tensor data service listens on that port).
+    #[arg(long, requires = "nodes")]
+    node_address: Option<String>,
+}
+
+impl MethodFlags {
     /// Refuses a flag given for a method it does not configure (naming the
     /// flag and what the method takes): a flag is honoured or refused,
     /// never dropped.
@@ -400,7 +472,7 @@ fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
 fn method_from(
     method: MethodArg,
     config: Option<&PathBuf>,
-    flags: &MethodFlags<'_>,
+    flags: &MethodFlags,
 ) -> peft_core::Result<Method> {
     flags.check_apply_to(method)?;
     let text = config
@@ -424,7 +496,7 @@ fn method_from(
             if let Some(a) = flags.alpha {
                 c.lora_alpha = a;
             }
-            if let Some(t) = flags.targets {
+            if let Some(t) = flags.targets.as_deref() {
                 c.target_modules = Some(names(t));
             }
             if let Some(d) = flags.lora_dropout {
@@ -439,10 +511,10 @@ fn method_from(
                 Some(t) => Ia3Config::from_json_str(t, &origin)?,
                 None => Ia3Config::default(),
             };
-            if let Some(t) = flags.targets {
+            if let Some(t) = flags.targets.as_deref() {
                 c.target_modules = Some(names(t));
             }
-            if let Some(f) = flags.feedforward {
+            if let Some(f) = flags.feedforward.as_deref() {
                 c.feedforward_modules = Some(names(f));
             }
             Method::Ia3(c)
@@ -458,7 +530,7 @@ fn method_from(
             if let Some(a) = flags.alpha {
                 c.alpha = a;
             }
-            if let Some(t) = flags.targets {
+            if let Some(t) = flags.targets.as_deref() {
                 c.target_modules = Some(names(t));
             }
             c.validate()?;
@@ -482,7 +554,7 @@ fn method_from(
             if let Some(n) = flags.virtual_tokens {
                 c.num_virtual_tokens = n;
             }
-            if let Some(init) = flags.prompt_init {
+            if let Some(init) = flags.prompt_init.as_deref() {
                 if c.peft_type != PromptLearningType::PromptTuning {
                     return Err(PeftError::Config(format!(
                         "--prompt-init applies to prompt tuning; {} is {:?}",
@@ -500,7 +572,7 @@ fn method_from(
         }
         MethodArg::Adapter => {
             let mut c =
-                match (&text, flags.adapter_preset) {
+                match (&text, flags.adapter_preset.as_deref()) {
                     (Some(_), Some(_)) => return Err(PeftError::Config(
                         "--adapter-preset and --config both give the adapter's config: pass one"
                             .into(),
@@ -549,50 +621,13 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             data,
             task,
             out,
-            r,
-            alpha,
-            targets,
-            feedforward,
-            lora_dropout,
-            adapter_preset,
-            reduction,
-            virtual_tokens,
-            prompt_init,
-            lr,
-            epochs,
-            batch,
-            grad_accum,
-            warmup,
-            schedule,
-            weight_decay,
-            clip,
-            eval_every,
-            patience,
-            seed,
-            max_steps,
-            max_train,
-            held_out,
-            text_column,
-            label_column,
-            block_size,
+            flags,
+            optim,
+            columns,
             quantize,
-            devices,
-            nodes,
-            node_rank,
-            orchestrator,
-            node_address,
+            cluster,
         } => {
-            let cluster = match (nodes, node_rank, orchestrator, node_address) {
-                (Some(nodes), Some(rank), Some(orchestrator), Some(address)) => {
-                    Some(peft_cli::train::Cluster {
-                        nodes,
-                        rank,
-                        orchestrator,
-                        address,
-                    })
-                }
-                _ => None,
-            };
+            let (devices, cluster) = (cluster.devices, cluster.cluster());
             let mut job = match resume {
                 Some(dir) => {
                     let mut job = TrainJob::resume_from(&dir)?;
@@ -601,17 +636,6 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 }
                 None => {
                     let missing = |what: &str| PeftError::Config(format!("--{what} is required"));
-                    let flags = MethodFlags {
-                        r,
-                        alpha,
-                        targets: targets.as_deref(),
-                        feedforward: feedforward.as_deref(),
-                        lora_dropout,
-                        adapter_preset: adapter_preset.as_deref(),
-                        reduction,
-                        virtual_tokens,
-                        prompt_init: prompt_init.as_deref(),
-                    };
                     let method = method_from(
                         method.ok_or_else(|| missing("method"))?,
                         config.as_ref(),
@@ -623,32 +647,12 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                         task: task.into(),
                         method,
                         out: out.ok_or_else(|| missing("out"))?,
-                        train: TrainConfig {
-                            lr,
-                            epochs,
-                            batch,
-                            grad_accum,
-                            warmup,
-                            schedule: match schedule {
-                                ScheduleArg::Linear => Schedule::Linear,
-                                ScheduleArg::Cosine => Schedule::Cosine,
-                                ScheduleArg::Constant => Schedule::Constant,
-                            },
-                            weight_decay,
-                            clip_norm: (clip > 0.0).then_some(clip),
-                            eval_every,
-                            patience,
-                            seed,
-                            max_steps,
-                            stop_after,
-                            devices,
-                            cluster: None,
-                        },
-                        text_column,
-                        label_column,
-                        held_out,
-                        max_train,
-                        block_size,
+                        train: optim.config(stop_after, devices),
+                        text_column: columns.text_column,
+                        label_column: columns.label_column,
+                        held_out: columns.held_out,
+                        max_train: columns.max_train,
+                        block_size: columns.block_size,
                         resume: false,
                         quantize: quantize.map(|q| match q {
                             QuantizeArg::Gguf => jobs::Quantize::Gguf,
@@ -821,18 +825,8 @@ mod tests {
             .join("adapter_config.json")
     }
 
-    fn none() -> MethodFlags<'static> {
-        MethodFlags {
-            r: None,
-            alpha: None,
-            targets: None,
-            feedforward: None,
-            lora_dropout: None,
-            adapter_preset: None,
-            reduction: None,
-            virtual_tokens: None,
-            prompt_init: None,
-        }
+    fn none() -> MethodFlags {
+        MethodFlags::default()
     }
 
     #[test]
@@ -849,7 +843,7 @@ mod tests {
         assert_eq!(c.num_virtual_tokens, 7, "the file says 3");
         let flags = MethodFlags {
             virtual_tokens: Some(5),
-            prompt_init: Some("sample-vocab"),
+            prompt_init: Some("sample-vocab".into()),
             ..none()
         };
         let Method::Prompt(c) =
@@ -882,7 +876,7 @@ mod tests {
             (
                 MethodArg::Prefix,
                 MethodFlags {
-                    prompt_init: Some("random"),
+                    prompt_init: Some("random".into()),
                     ..none()
                 },
                 "--prompt-init does not apply",
@@ -898,7 +892,7 @@ mod tests {
             (
                 MethodArg::Adapter,
                 MethodFlags {
-                    targets: Some("query"),
+                    targets: Some("query".into()),
                     ..none()
                 },
                 "--targets does not apply",
@@ -909,7 +903,7 @@ mod tests {
             assert!(err.contains(needle), "{err}");
         }
         let flags = MethodFlags {
-            prompt_init: Some("random"),
+            prompt_init: Some("random".into()),
             ..none()
         };
         let err = method_from(MethodArg::Prompt, Some(&fixture("ptuning_lstm")), &flags)

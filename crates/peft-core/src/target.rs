@@ -142,17 +142,25 @@ pub fn pattern_key<'a>(
     Ok(None)
 }
 
+/// The value of `pattern` (a `rank_pattern` / `alpha_pattern`) for the
+/// module at `path`, or `default` when no key matches it.
+pub fn pattern_value<T: Copy>(
+    pattern: &indexmap::IndexMap<String, T>,
+    path: &str,
+    default: T,
+) -> Result<T> {
+    Ok(match pattern_key(pattern.keys(), path)? {
+        Some(k) => pattern[k],
+        None => default,
+    })
+}
+
 /// Rank and alpha for the module at `path`, after `rank_pattern` / `alpha_pattern`.
 pub fn rank_and_alpha(config: &LoraConfig, path: &str) -> Result<(usize, f64)> {
-    let r = match pattern_key(config.rank_pattern.keys(), path)? {
-        Some(k) => config.rank_pattern[k],
-        None => config.r,
-    };
-    let alpha = match pattern_key(config.alpha_pattern.keys(), path)? {
-        Some(k) => config.alpha_pattern[k],
-        None => config.lora_alpha,
-    };
-    Ok((r, alpha))
+    Ok((
+        pattern_value(&config.rank_pattern, path, config.r)?,
+        pattern_value(&config.alpha_pattern, path, config.lora_alpha)?,
+    ))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use peft_core::io::{take_tensor, HostTensor};
 use peft_core::slot::{LohaEntry, LohaMeta};
 use peft_core::slot_method::{AdapterConfig, Init};
 use peft_core::slot_model::KEY_PREFIX;
-use peft_core::target::{pattern_key, targets_match};
+use peft_core::target::{pattern_value, targets_match};
 use peft_core::{LinearSlot, PeftError, Result, SlotMethod, SlotModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -202,15 +202,10 @@ impl LohaConfig {
 
     /// Rank and alpha for the module at `path`, after the patterns.
     fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
-        let r = match pattern_key(self.rank_pattern.keys(), path)? {
-            Some(k) => self.rank_pattern[k],
-            None => self.r,
-        };
-        let alpha = match pattern_key(self.alpha_pattern.keys(), path)? {
-            Some(k) => self.alpha_pattern[k],
-            None => self.alpha,
-        };
-        Ok((r, alpha))
+        Ok((
+            pattern_value(&self.rank_pattern, path, self.r)?,
+            pattern_value(&self.alpha_pattern, path, self.alpha)?,
+        ))
     }
 }
 

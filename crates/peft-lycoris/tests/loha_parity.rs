@@ -11,103 +11,16 @@ use peft_core::compare;
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::slot::LohaEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
-use peft_lycoris::{LohaConfig, LohaModel};
+use peft_lycoris::{Loha, LohaConfig, LohaModel};
 use peft_models::bert::Bert;
-use peft_models::fixtures::{assert_close, fixtures_dir, max_diff, temp_dir, FixtureCase};
+use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-
-type Forward<B, M> = fn(&M, Tensor<B, 2, Int>) -> HostTensor;
+use peft_models::slot_parity::check_slot_method_case;
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     HostTensor::from_tensor(t)
-}
-
-fn check_case<B: Backend, M: PeftModel<B> + Clone>(
-    arch: &str,
-    case: &str,
-    base_model: M,
-    forward: Forward<B, M>,
-    device: &B::Device,
-) {
-    let c = FixtureCase::open(arch, case);
-    let ids = c.ints::<B, 2>("input_ids", device);
-    let run = |m: &M| forward(m, ids.clone());
-    assert_close("base", &run(&base_model), c.want("logits_base"));
-
-    let mut loha = LohaModel::from_pretrained(base_model.clone(), &c.dir).unwrap();
-    assert_eq!(loha.adapter_names(), vec!["default", "other"]);
-    assert_close("default", &run(&loha.model), c.want("logits_unmerged"));
-    assert_eq!(loha.active_adapters(), ["default"]);
-    loha.set_adapter(&["other"]).unwrap();
-    assert_eq!(loha.active_adapters(), ["other"]);
-    assert_close("other", &run(&loha.model), c.want("logits_other"));
-    loha.set_adapter(&["default", "other"]).unwrap();
-    assert_eq!(loha.active_adapters(), ["default", "other"]);
-    assert_close("both active", &run(&loha.model), c.want("logits_both"));
-    loha.set_adapter(&["default"]).unwrap();
-
-    let names: Vec<&str> = c.meta["mixed_adapter_names"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    let batch = ids.dims()[0];
-    let mixed = loha.forward_mixed(&names, batch, run).unwrap();
-    assert_close("mixed batch", &mixed, c.want("logits_mixed"));
-
-    loha.disable_adapters().unwrap();
-    assert_close("disabled", &run(&loha.model), c.want("logits_disabled"));
-    loha.enable_adapters();
-
-    let weights = |m: &M| {
-        let mut v = Vec::new();
-        m.visit_linears(&mut |_, s| {
-            v.push(HostTensor::from_tensor(s.base_weight()));
-            if let Some(b) = &s.base.bias {
-                v.push(HostTensor::from_tensor(b.val()));
-            }
-        });
-        v
-    };
-    let before = weights(&loha.model);
-    loha.merge_adapter().unwrap();
-    assert_close("merged", &run(&loha.model), c.want("logits_merged"));
-    assert!(loha.disable_adapters().is_err(), "disable while merged");
-    assert!(loha.forward_mixed(&names, batch, |_| ()).is_err());
-    loha.unmerge_adapter();
-    assert_close(
-        "unmerged again",
-        &run(&loha.model),
-        c.want("logits_unmerged_again"),
-    );
-    for (a, b) in weights(&loha.model).iter().zip(&before) {
-        let d = max_diff(a, b);
-        assert!(d < 1e-5, "merge/unmerge round trip off by {d:e}");
-    }
-
-    // Our files hold PEFT's keys, shapes and values, and load back.
-    let out = temp_dir(&format!("loha-{arch}-{case}"));
-    loha.save_pretrained(&out).unwrap();
-    for sub in ["", "other"] {
-        let theirs = read_safetensors(&c.dir.join(sub).join("adapter_model.safetensors")).unwrap();
-        let ours = read_safetensors(&out.join(sub).join("adapter_model.safetensors")).unwrap();
-        assert_eq!(theirs, ours, "saved `{sub}` differs from PEFT's");
-    }
-    let reloaded = LohaModel::from_pretrained(base_model.clone(), &out).unwrap();
-    assert_close("reloaded", &run(&reloaded.model), c.want("logits_unmerged"));
-    std::fs::remove_dir_all(&out).unwrap();
-
-    loha.delete_adapter("other").unwrap();
-    let count = loha.param_count();
-    assert_eq!(count.trainable, c.meta_usize("trainable_params"), "{count}");
-    assert_eq!(count.all, c.meta_usize("all_params"), "{count}");
-
-    // merge_and_unload: the plain model computes the adapted output.
-    let plain = loha.merge_and_unload().unwrap();
-    assert_close("merge_and_unload", &run(&plain), c.want("logits_unmerged"));
 }
 
 fn llama<B: Backend>(d: &B::Device) -> Llama<B> {
@@ -124,13 +37,13 @@ fn cls<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
 }
 
 fn llama_loha<B: Backend>(d: &B::Device) {
-    check_case("llama", "loha", llama::<B>(d), lm::<B>, d);
+    check_slot_method_case::<B, _, Loha>("llama", "loha", llama::<B>(d), lm::<B>, d);
 }
 fn llama_loha_custom<B: Backend>(d: &B::Device) {
-    check_case("llama", "loha_custom", llama::<B>(d), lm::<B>, d);
+    check_slot_method_case::<B, _, Loha>("llama", "loha_custom", llama::<B>(d), lm::<B>, d);
 }
 fn bert_loha<B: Backend>(d: &B::Device) {
-    check_case("bert", "loha", bert::<B>(d), cls::<B>, d);
+    check_slot_method_case::<B, _, Loha>("bert", "loha", bert::<B>(d), cls::<B>, d);
 }
 
 /// A fresh adapter is the identity (`hada_w2_b` starts at zero) with

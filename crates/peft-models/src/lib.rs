@@ -10,6 +10,9 @@
 //! - [`gpt2::Gpt2`]: `GPT2LMHeadModel` (`Conv1D` weights are already `[in, out]`).
 //! - [`bert::Bert`]: `BertModel` / `BertForSequenceClassification`.
 //!
+//! [`fixtures`] and [`slot_parity`] are the parity-test support the method
+//! crates share.
+//!
 //! Each loads from a Hugging Face directory (`config.json` +
 //! `model.safetensors`), converting `[out, in]` weights to Burn's `[in, out]`
 //! at load time only.
@@ -29,4 +32,5 @@ pub mod llama;
 pub mod loss;
 pub mod norm;
 pub mod packing;
+pub mod slot_parity;
 pub mod tokenizer;
