@@ -7,7 +7,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::routing;
 use crate::BASE_ROW;
 
-use super::adapter::{BasePass, LowRankRows, SlotAdapter};
+use super::adapter::{BasePass, SlotAdapter};
 use super::LinearSlot;
 
 /// The product of the `Some` vectors, `None` when there is none (PEFT
@@ -106,6 +106,42 @@ impl<B: Backend> LinearSlot<B> {
         }
     }
 
+    /// What each row's adapter gives through `pick`, once per distinct
+    /// adapter: `(values, index)`, row `i` taking `values[index[i] - 1]`, or
+    /// nothing (index 0) for [`BASE_ROW`], an adapter this slot does not
+    /// carry, or one for which `pick` gives `None`.
+    fn per_row<T>(
+        &self,
+        names: &[String],
+        pick: impl Fn(&dyn SlotAdapter<B>) -> Option<T>,
+    ) -> (Vec<T>, Vec<i64>) {
+        let mut values = Vec::new();
+        let mut seen: Vec<(&str, usize)> = Vec::new();
+        let mut index = Vec::with_capacity(names.len());
+        for name in names {
+            let slot = match seen.iter().find(|(n, _)| *n == name.as_str()) {
+                Some(&(_, s)) => s,
+                None => {
+                    let value = self
+                        .entry_named(name)
+                        .filter(|_| name != BASE_ROW)
+                        .and_then(|e| pick(e.adapter()));
+                    let s = match value {
+                        Some(v) => {
+                            values.push(v);
+                            values.len()
+                        }
+                        None => 0,
+                    };
+                    seen.push((name, s));
+                    s
+                }
+            };
+            index.push(slot as i64);
+        }
+        (values, index)
+    }
+
     /// Per-row vectors for a mixed batch, `[rows, 1, width]`: row `i` gets
     /// `pick(names[i]'s entry)`, ones where that is `None`; `None` when no
     /// row has one.
@@ -116,35 +152,13 @@ impl<B: Backend> LinearSlot<B> {
         device: &B::Device,
         pick: impl Fn(&dyn SlotAdapter<B>) -> Option<Tensor<B, 1>>,
     ) -> Option<Tensor<B, 3>> {
-        let rows = names.len();
-        let mut table = vec![Tensor::<B, 1>::ones([width], device)];
-        let mut seen: Vec<(&str, usize)> = Vec::new();
-        let mut index = Vec::with_capacity(rows);
-        for name in names {
-            let slot = match seen.iter().find(|(n, _)| *n == name.as_str()) {
-                Some(&(_, s)) => s,
-                None => {
-                    let v = self
-                        .entry_named(name)
-                        .filter(|_| name != BASE_ROW)
-                        .and_then(|e| pick(e.adapter()));
-                    let s = match v {
-                        Some(v) => {
-                            table.push(v);
-                            table.len() - 1
-                        }
-                        None => 0,
-                    };
-                    seen.push((name, s));
-                    s
-                }
-            };
-            index.push(slot as i64);
-        }
-        if table.len() == 1 {
+        let (values, index) = self.per_row(names, pick);
+        if values.is_empty() {
             return None;
         }
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), device);
+        let mut table = vec![Tensor::<B, 1>::ones([width], device)];
+        table.extend(values);
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [names.len()]), device);
         Some(
             Tensor::stack::<2>(table, 0)
                 .select(0, idx)
@@ -188,30 +202,7 @@ impl<B: Backend> LinearSlot<B> {
             None => self.add_bias(y),
         };
         // Distinct factors used in this batch; index 0 is the base (zero delta).
-        let mut used: Vec<LowRankRows<B>> = Vec::new();
-        let mut seen: Vec<(&str, usize)> = Vec::new();
-        let mut index = Vec::with_capacity(rows);
-        for name in names {
-            let slot = match seen.iter().find(|(n, _)| *n == name.as_str()) {
-                Some(&(_, s)) => s,
-                None => {
-                    let factors = self
-                        .entry_named(name)
-                        .filter(|_| name != BASE_ROW)
-                        .and_then(|e| e.adapter().low_rank_rows(&w));
-                    let s = match factors {
-                        Some(f) => {
-                            used.push(f);
-                            used.len()
-                        }
-                        None => 0,
-                    };
-                    seen.push((name, s));
-                    s
-                }
-            };
-            index.push(slot as i64);
-        }
+        let (used, index) = self.per_row(names, |e| e.low_rank_rows(&w));
         if used.is_empty() {
             return finish(base);
         }
