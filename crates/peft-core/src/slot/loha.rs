@@ -65,11 +65,6 @@ impl<B: Backend> LohaEntry<B> {
         (w1 * w2) * self.meta.scaling
     }
 
-    /// Number of parameters in this entry.
-    pub fn num_params(&self) -> usize {
-        Module::num_params(self)
-    }
-
     /// `ΔW` as the training forward pass uses it: `None` when module dropout
     /// skips it, columns dropped by rank dropout.
     fn training_delta(&self, device: &B::Device) -> Option<Tensor<B, 2>> {
