@@ -1,12 +1,20 @@
 //! # peft-lycoris
 //!
 //! The LyCORIS family as Hugging Face PEFT 0.21 defines it, on the model's
-//! [`LinearSlot`](peft_core::LinearSlot)s:
+//! [`LinearSlot`](peft_core::LinearSlot)s, each mergeable, with several
+//! named adapters and mixed batches, in PEFT's file format:
 //!
 //! - [`loha`]: LoHa, the Hadamard product of two low-rank products
-//!   (`peft_type: LOHA`), mergeable, several named adapters and mixed
-//!   batches, in PEFT's file format.
+//!   (`peft_type: LOHA`);
+//! - [`lokr`]: LoKr, the Kronecker product of two factors, each full or
+//!   low-rank (`peft_type: LOKR`);
+//! - [`lycoris`]: what they share (config fields, default targets, their
+//!   factors in PEFT's file).
 
 pub mod loha;
+pub mod lokr;
+pub mod lycoris;
 
 pub use loha::{Loha, LohaConfig, LohaModel};
+pub use lokr::{Lokr, LokrConfig, LokrModel};
+pub use lycoris::LycorisConfig;

@@ -1,32 +1,28 @@
 //! [`Loha`]: LoHa as Hugging Face PEFT 0.21 defines it (`peft_type: LOHA`):
-//! its `adapter_config.json` ([`LohaConfig`]), which layers it targets, how
-//! an entry starts, and its tensors in PEFT's file. The per-layer math is
-//! [`LohaEntry`]'s; everything that spans the model's adapters is
+//! its `adapter_config.json` ([`LohaConfig`]) and how an entry starts. The
+//! per-layer math is [`LohaEntry`]'s; what the LyCORIS methods share is
+//! [`LycorisConfig`]'s; everything that spans the model's adapters is
 //! [`SlotModel`]'s.
 //!
 //! Files: `base_model.model.<path>.hada_w1_a` `[out, r]`, `.hada_w1_b`
-//! `[r, in]`, `.hada_w2_a`, `.hada_w2_b` likewise, transposed to Burn's
-//! layout here and only here.
+//! `[r, in]`, `.hada_w2_a`, `.hada_w2_b` likewise.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Tensor;
 use indexmap::IndexMap;
-use peft_core::config::{
-    from_value, parse_json, read_text, sorted_json, warn_unknown_keys, LayerIndices, LayersPattern,
-    TargetModules, KNOWN_UNMODELLED,
-};
-use peft_core::io::{take_tensor, HostTensor};
-use peft_core::slot::{LohaEntry, LohaMeta};
+use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
+use peft_core::io::HostTensor;
+use peft_core::slot::{DeltaMeta, LohaEntry, LohaFactors};
 use peft_core::slot_method::{AdapterConfig, Init};
-use peft_core::slot_model::KEY_PREFIX;
-use peft_core::target::{pattern_value, targets_match};
-use peft_core::{LinearSlot, PeftError, Result, SlotMethod, SlotModel};
+use peft_core::{LinearSlot, Result, SlotMethod, SlotModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::lycoris::{kaiming, read_factors, write_factors, LycorisConfig, Shared};
 
 /// LoHa, as PEFT defines it (`peft_type: LOHA`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,16 +113,6 @@ impl Default for LohaConfig {
     }
 }
 
-/// PEFT 0.21's `TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING` (a copy
-/// of LoRA's) for the architectures of this workspace.
-const LOHA_DEFAULTS: &[(&str, &[&str])] = &[
-    ("llama", &["q_proj", "v_proj"]),
-    ("mistral", &["q_proj", "v_proj"]),
-    ("bert", &["query", "value"]),
-    ("roberta", &["query", "value"]),
-    ("gpt2", &["c_attn"]),
-];
-
 impl LohaConfig {
     /// A config with rank `r`, alpha `alpha` and the given target names.
     pub fn new(r: usize, alpha: f64, targets: &[&str]) -> Self {
@@ -139,79 +125,40 @@ impl LohaConfig {
             ..Default::default()
         }
     }
+}
 
-    /// Parses `adapter_config.json` text; `origin` names the source in errors.
-    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let value = parse_json(text, origin)?;
-        let peft_type = value.get("peft_type").and_then(Value::as_str);
-        if peft_type != Some("LOHA") {
-            return Err(PeftError::Config(format!(
-                "{}: peft_type {} is not LOHA",
-                origin.display(),
-                peft_type.map_or("missing".into(), |t| format!("`{t}`"))
-            )));
+impl LycorisConfig for LohaConfig {
+    const PEFT_TYPE: &'static str = "LOHA";
+    const METHOD: &'static str = "LoHa";
+
+    fn shared(&self) -> Shared<'_> {
+        Shared {
+            r: self.r,
+            alpha: self.alpha,
+            rank_dropout: self.rank_dropout,
+            module_dropout: self.module_dropout,
+            target_modules: self.target_modules.as_ref(),
+            exclude_modules: self.exclude_modules.as_ref(),
+            layers_to_transform: self.layers_to_transform.as_ref(),
+            layers_pattern: self.layers_pattern.as_ref(),
+            rank_pattern: &self.rank_pattern,
+            alpha_pattern: &self.alpha_pattern,
+            modules_to_save: self.modules_to_save.as_ref(),
         }
-        let config: LohaConfig = from_value(value, origin)?;
-        warn_unknown_keys(&config.extra, KNOWN_UNMODELLED, origin);
-        config.validate()?;
-        Ok(config)
     }
 
-    /// Reads `adapter_config.json` from a file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json_str(&read_text(path)?, path)
+    fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
+        &mut self.target_modules
     }
 
-    /// The JSON text PEFT writes (pretty, keys sorted).
-    pub fn to_json_string(&self) -> String {
-        sorted_json(self)
-    }
-
-    /// Checks values a user can get wrong, as PEFT's `update_layer` and
-    /// `__post_init__` do.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(PeftError::Config(format!("LoHa: {what}")));
-        if self.r == 0 || self.rank_pattern.values().any(|&r| r == 0) {
-            return bad(format!(
-                "`r` should be a positive integer value but the value passed is 0 (r = {}, rank_pattern = {:?})",
-                self.r, self.rank_pattern
-            ));
-        }
-        if !self.alpha.is_finite() || self.alpha_pattern.values().any(|a| !a.is_finite()) {
-            return bad("`alpha` and `alpha_pattern` must be finite".into());
-        }
-        for (field, p) in [
-            ("rank_dropout", self.rank_dropout),
-            ("module_dropout", self.module_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("`{field}` must be in [0, 1), got {p}"));
-            }
-        }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
-            return bad(
-                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
-                    .into(),
-            );
-        }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return bad("`modules_to_save` is not supported yet".into());
-        }
-        Ok(())
-    }
-
-    /// Rank and alpha for the module at `path`, after the patterns.
-    fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
-        Ok((
-            pattern_value(&self.rank_pattern, path, self.r)?,
-            pattern_value(&self.alpha_pattern, path, self.alpha)?,
-        ))
+    fn extra(&self) -> &Map<String, Value> {
+        &self.extra
     }
 }
 
 impl AdapterConfig for LohaConfig {
     fn reads(peft_type: Option<&str>) -> bool {
-        peft_type == Some("LOHA")
+        peft_type == Some(Self::PEFT_TYPE)
     }
 
     fn read(path: &Path) -> Result<Self> {
@@ -219,62 +166,23 @@ impl AdapterConfig for LohaConfig {
     }
 
     fn saved_json(&self) -> String {
-        LohaConfig {
-            inference_mode: true,
-            ..self.clone()
-        }
-        .to_json_string()
+        LycorisConfig::saved_json(self)
     }
-}
-
-/// PyTorch's `kaiming_uniform_(a=√5)` on a `[_, fan_in]` weight: U(±1/√fan_in).
-fn kaiming<B: Backend>(shape: [usize; 2], fan_in: usize, device: &B::Device) -> Tensor<B, 2> {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    Tensor::random(shape, Distribution::Uniform(-bound, bound), device)
 }
 
 impl SlotMethod for Loha {
     type Config = LohaConfig;
 
-    /// Unset targets take PEFT's defaults for the model's type. GPT-2's
-    /// layers are `Conv1D`, which PEFT's LoHa refuses: so do we.
     fn prepare(config: &mut LohaConfig, model_type: Option<&str>) -> Result<()> {
-        if model_type == Some("gpt2") {
-            return Err(PeftError::Config(
-                "LoHa: Target module of type Conv1D not supported, currently only adapters for \
-                 Conv2d, Conv1d, Linear are supported (GPT-2's layers are Conv1D, as in PEFT)"
-                    .into(),
-            ));
-        }
-        if config.target_modules.is_none() {
-            let known: Vec<&str> = LOHA_DEFAULTS.iter().map(|d| d.0).collect();
-            let Some((_, targets)) = LOHA_DEFAULTS.iter().find(|d| Some(d.0) == model_type) else {
-                return Err(PeftError::Config(format!(
-                    "LoHa: set `target_modules`; PEFT's defaults exist only for model types \
-                     {known:?}, and this model's type is {}",
-                    model_type.map_or("unknown".into(), |t| format!("`{t}`"))
-                )));
-            };
-            config.target_modules = Some(TargetModules::List(
-                targets.iter().map(|s| s.to_string()).collect(),
-            ));
-        }
-        config.validate()
+        config.prepare(model_type)
     }
 
     fn targets(config: &LohaConfig, path: &str, output_layers: &[String]) -> Result<bool> {
-        targets_match(
-            config.target_modules.as_ref(),
-            config.exclude_modules.as_ref(),
-            config.layers_to_transform.as_ref(),
-            config.layers_pattern.as_ref(),
-            path,
-            output_layers,
-        )
+        config.targets(path, output_layers)
     }
 
     fn target_rule(config: &LohaConfig) -> String {
-        serde_json::to_string(&config.target_modules).unwrap_or_else(|_| "?".into())
+        config.target_rule()
     }
 
     /// PEFT's `reset_adapter_parameters`: `hada_w1_a`, `hada_w1_b`,
@@ -297,22 +205,23 @@ impl SlotMethod for Loha {
                 false => Tensor::zeros(shape, &device),
             })
         };
-        let entry = LohaEntry {
+        let factors = LohaFactors {
             w1_a: factor([r, d_out], r, fresh),
             w1_b: factor([d_in, r], d_in, fresh),
             w2_a: factor([r, d_out], r, fresh),
             w2_b: factor([d_in, r], d_in, fresh && !config.init_weights),
-            meta: LohaMeta {
-                name: name.to_string(),
-                rank: r,
-                alpha,
-                scaling: alpha / r as f64,
-                rank_dropout: config.rank_dropout,
-                module_dropout: config.module_dropout,
-                merged: false,
-            },
         };
-        slot.add(entry, path)
+        let meta = DeltaMeta {
+            name: name.to_string(),
+            rank: r,
+            alpha,
+            scaling: alpha / r as f64,
+            rank_dropout: config.rank_dropout,
+            rank_dropout_scale: true,
+            module_dropout: config.module_dropout,
+            merged: false,
+        };
+        slot.add(LohaEntry::new(factors, meta), path)
     }
 
     fn write_tensors<B: Backend>(
@@ -322,19 +231,8 @@ impl SlotMethod for Loha {
         name: &str,
         out: &mut Vec<(String, HostTensor)>,
     ) {
-        let Some(e) = slot.entry::<LohaEntry<B>>(name) else {
-            return;
-        };
-        for (key, p) in [
-            ("hada_w1_a", &e.w1_a),
-            ("hada_w1_b", &e.w1_b),
-            ("hada_w2_a", &e.w2_a),
-            ("hada_w2_b", &e.w2_b),
-        ] {
-            out.push((
-                format!("{KEY_PREFIX}{path}.{key}"),
-                HostTensor::from_tensor(p.val()).transposed(),
-            ));
+        if let Some(entry) = slot.entry::<LohaEntry<B>>(name) {
+            write_factors(entry, path, out);
         }
     }
 
@@ -346,34 +244,10 @@ impl SlotMethod for Loha {
         tensors: &mut HashMap<String, HostTensor>,
         file: &Path,
     ) -> Result<()> {
-        let device = slot.device();
-        let (d_in, d_out) = (slot.d_input(), slot.d_output());
         let entry = slot
             .entry_mut::<LohaEntry<B>>(name)
             .expect("injected before filling");
-        let r = entry.meta.rank;
-        let mut take = |key: &str, torch_shape: [usize; 2]| -> Result<Param<Tensor<B, 2>>> {
-            let key = format!("{KEY_PREFIX}{path}.{key}");
-            let t = take_tensor(tensors, &key, file)?;
-            if t.shape != torch_shape {
-                return Err(PeftError::Shape {
-                    name: key,
-                    expected: torch_shape.to_vec(),
-                    found: t.shape,
-                });
-            }
-            let [rows, cols] = torch_shape;
-            Ok(Param::from_tensor(t.transposed().to_tensor(
-                [cols, rows],
-                &key,
-                &device,
-            )?))
-        };
-        entry.w1_a = take("hada_w1_a", [d_out, r])?;
-        entry.w1_b = take("hada_w1_b", [r, d_in])?;
-        entry.w2_a = take("hada_w2_a", [d_out, r])?;
-        entry.w2_b = take("hada_w2_b", [r, d_in])?;
-        Ok(())
+        read_factors(entry, path, tensors, file)
     }
 
     fn clear<B: Backend>(slot: &mut LinearSlot<B>) {

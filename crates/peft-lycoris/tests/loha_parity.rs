@@ -1,40 +1,22 @@
 //! LoHa parity with Hugging Face PEFT 0.21 on the fixtures of
-//! `scripts/make_loha_fixtures.py` (tiny Llama and BERT, PEFT's default
+//! `scripts/make_lycoris_fixtures.py` (tiny Llama and BERT, PEFT's default
 //! targets and a regex case with rank/alpha patterns, factors trained a few
 //! steps in PyTorch): logits in every state, gradients, files and parameter
 //! counts, within 1e-5 on every backend.
 
-use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use peft_core::compare;
+use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::slot::LohaEntry;
+use peft_core::slot::LohaFactors;
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_lycoris::{Loha, LohaConfig, LohaModel};
-use peft_models::bert::Bert;
 use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
-use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::check_slot_method_case;
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
-    HostTensor::from_tensor(t)
-}
-
-fn llama<B: Backend>(d: &B::Device) -> Llama<B> {
-    Llama::load(&fixtures_dir().join("llama"), d).unwrap()
-}
-fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
-    Bert::load(&fixtures_dir().join("bert"), d).unwrap()
-}
-fn lm<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
-    host(m.forward(ids, None))
-}
-fn cls<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
-    host(m.classify(ids, None).unwrap())
-}
+mod common;
+use common::{bert, check_gradients, cls, host, llama, lm};
 
 fn llama_loha<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Loha>("llama", "loha", llama::<B>(d), lm::<B>, d);
@@ -128,74 +110,9 @@ backend_tests!(
     fresh_is_identity_and_errors_are_typed
 );
 
-/// Loss and the gradient of every `default` factor equal PEFT's; nothing
-/// else gets a gradient.
-fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
-    arch: &str,
-    case: &str,
-    model: M,
-    loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
-    device: &B::Device,
-) {
-    let c = FixtureCase::open(arch, case);
-    let mut loha = LohaModel::wrap(model);
-    loha.load_adapter(&c.dir, "default").unwrap();
-    loha.load_adapter(&c.dir.join("other"), "other").unwrap();
-    loha.set_adapter(&["default"]).unwrap();
-    let loss = loss_fn(&loha.model, c.ints::<B, 2>("input_ids", device));
-    let got = loss.clone().into_scalar().elem::<f32>();
-    compare::check_close_slices(
-        "loss",
-        &[got],
-        &c.want("train_loss").data,
-        compare::Tolerance::new(1e-5, 0.0),
-    )
-    .unwrap();
-    let grads = loss.backward();
-    // A gradient that is f32 noise in PyTorch (BERT's last-layer query,
-    // ~1e-13 against the adapter's largest, ~4e-5: its softmax saturates)
-    // is compared against a floor one millionth of the largest gradient;
-    // every other one at GRADIENTS' relative 1e-3.
-    let largest = c
-        .expected
-        .iter()
-        .filter(|(k, _)| k.starts_with("grad."))
-        .fold(0f32, |m, (_, t)| m.max(compare::max_abs(&t.data)));
-    let tol = compare::Tolerance::new(compare::GRADIENTS.rel, 1e-6 * largest);
-    let mut checked = 0;
-    loha.model.visit_linears(&mut |path, slot| {
-        assert!(
-            slot.base.weight.grad(&grads).is_none(),
-            "{path}: base got a gradient"
-        );
-        if let Some(o) = slot.entry::<LohaEntry<_>>("other") {
-            assert!(
-                o.w1_a.grad(&grads).is_none() && o.w2_b.grad(&grads).is_none(),
-                "{path}: inactive factors got a gradient"
-            );
-        }
-        let Some(e) = slot.entry::<LohaEntry<_>>("default") else {
-            return;
-        };
-        for (key, p) in [
-            ("hada_w1_a", &e.w1_a),
-            ("hada_w1_b", &e.w1_b),
-            ("hada_w2_a", &e.w2_a),
-            ("hada_w2_b", &e.w2_b),
-        ] {
-            let got = HostTensor::from_tensor(p.grad(&grads).unwrap()).transposed();
-            let want = c.want(&format!("grad.base_model.model.{path}.{key}"));
-            compare::assert_close(&format!("{path}.{key}"), &got, want, tol);
-            checked += 1;
-        }
-    });
-    let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(checked, expected, "every PEFT gradient was compared");
-}
-
 fn llama_gradients<B: AutodiffBackend>(d: &B::Device) {
     for case in ["loha", "loha_custom"] {
-        check_gradients(
+        check_gradients::<B, _, Loha, LohaFactors<B>>(
             "llama",
             case,
             llama::<B>(d),
@@ -205,7 +122,7 @@ fn llama_gradients<B: AutodiffBackend>(d: &B::Device) {
     }
 }
 fn bert_gradients<B: AutodiffBackend>(d: &B::Device) {
-    check_gradients(
+    check_gradients::<B, _, Loha, LohaFactors<B>>(
         "bert",
         "loha",
         bert::<B>(d),

@@ -12,6 +12,7 @@ use burn::tensor::Tensor;
 use super::adapter::SlotAdapter;
 use super::ia3::Ia3Entry;
 use super::loha::LohaEntry;
+use super::lokr::LokrEntry;
 use super::lora::LoraEntry;
 
 /// A concrete kind listed in [`SlotEntry`]: typed access from the enum.
@@ -107,4 +108,6 @@ slot_entries! {
     Ia3(Ia3Entry),
     /// LoHa ([`LohaEntry`]).
     Loha(LohaEntry),
+    /// LoKr ([`LokrEntry`]).
+    Lokr(LokrEntry),
 }

@@ -2,7 +2,8 @@
 //!
 //! A model holds a `LinearSlot` wherever it would hold a `burn::nn::Linear`
 //! that PEFT may adapt. The slot owns the frozen base layer and the named
-//! adapter entries attached to it ([`SlotEntry`]: LoRA/DoRA, (IA)³, LoHa), and
+//! adapter entries attached to it ([`SlotEntry`]: LoRA/DoRA, (IA)³, LoHa,
+//! LoKr), and
 //! computes the base layer with the active, unmerged entries' effects
 //! composed (`forward.rs`). Merged entries are skipped: with every active
 //! adapter merged, or none attached, the slot runs exactly the base
@@ -10,16 +11,20 @@
 //!
 //! The slot never branches on an entry's kind: each kind says what it does
 //! through [`SlotAdapter`] (`adapter.rs`), in its own file (`lora.rs`,
-//! `ia3.rs`, `loha.rs`), listed once in `entry.rs`'s registry.
+//! `ia3.rs`), listed once in `entry.rs`'s registry. The kinds whose effect
+//! is one weight delta built from factors (LoHa, LoKr) share [`DeltaEntry`]
+//! (`delta.rs`) and only say what their factors are (`loha.rs`, `lokr.rs`).
 //!
 //! Layout: Burn's `[d_in, d_out]` everywhere; `A: [d_in, r]`, `B: [r, d_out]`.
 //! PEFT's `[out, in]` exists only in `io` and the method crates' file code.
 
 mod adapter;
+mod delta;
 mod entry;
 mod forward;
 mod ia3;
 mod loha;
+mod lokr;
 mod lora;
 
 use std::sync::Arc;
@@ -33,9 +38,11 @@ use crate::error::{PeftError, Result};
 use crate::quant::QuantizedMatrix;
 
 pub use adapter::{BaseParts, BasePass, LowRankRows, SlotAdapter};
+pub use delta::{DeltaEntry, DeltaFactors, DeltaMeta};
 pub use entry::{EntryKind, SlotEntry};
 pub use ia3::{Ia3Entry, Ia3Meta};
-pub use loha::{LohaEntry, LohaMeta};
+pub use loha::{LohaEntry, LohaFactors};
+pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
 pub use lora::{column_norm, LoraEntry, LoraMeta};
 
 /// Slot-level state that is not a parameter.

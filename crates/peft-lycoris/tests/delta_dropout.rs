@@ -1,7 +1,8 @@
-//! LoHa's two training-only dropouts, as PEFT applies them: `rank_dropout`
-//! zeroes output columns of `ΔW` and rescales the kept ones by one over the
-//! kept fraction; `module_dropout` skips a layer's whole delta. Neither acts
-//! outside training. PyTorch's random draws cannot be reproduced, so these
+//! The LyCORIS methods' two training-only dropouts, as PEFT applies them:
+//! `rank_dropout` zeroes output columns of `ΔW` and rescales the kept ones
+//! by one over the kept fraction (LoHa always, LoKr with
+//! `rank_dropout_scale`); `module_dropout` skips a layer's whole delta.
+//! Neither acts outside training. PyTorch's random draws cannot be reproduced, so these
 //! check the structure of what the draws do.
 
 use burn::module::AutodiffModule;
@@ -10,14 +11,45 @@ use burn::tensor::{Distribution, Tensor};
 use peft_core::io::HostTensor;
 use peft_core::slot_method::Init;
 use peft_core::{autodiff_backend_tests, LinearSlot, SlotMethod};
-use peft_lycoris::{Loha, LohaConfig};
+use peft_lycoris::lokr::LokrInitWeights;
+use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig};
 
 const D_IN: usize = 12;
 const D_OUT: usize = 16;
 const ROWS: usize = 5;
 
-/// A slot with one random (`init_weights: false`) LoHa entry, active.
-fn loha_slot<B: Backend>(config: LohaConfig, device: &B::Device) -> LinearSlot<B> {
+/// The two methods under test, as configs with the dropouts given.
+#[derive(Debug, Clone)]
+enum Method {
+    Loha(LohaConfig),
+    Lokr(LokrConfig),
+}
+
+impl Method {
+    fn loha(rank_dropout: f64, module_dropout: f64) -> Self {
+        Method::Loha(LohaConfig {
+            rank_dropout,
+            module_dropout,
+            init_weights: false,
+            ..LohaConfig::new(3, 6.0, &["layer"])
+        })
+    }
+
+    /// `r` 1 with `decompose_both`: both Kronecker factors are pairs.
+    fn lokr(rank_dropout: f64, module_dropout: f64, rank_dropout_scale: bool) -> Self {
+        Method::Lokr(LokrConfig {
+            rank_dropout,
+            module_dropout,
+            rank_dropout_scale,
+            decompose_both: true,
+            init_weights: LokrInitWeights::Bool(false),
+            ..LokrConfig::new(1, 6.0, &["layer"])
+        })
+    }
+}
+
+/// A slot with one random entry of `method`, active.
+fn slot_with<B: Backend>(method: &Method, device: &B::Device) -> LinearSlot<B> {
     // Concrete tensors, not `LinearSlotConfig::init`'s lazily drawn ones,
     // which a clone would draw again.
     let normal = Distribution::Normal(0.0, 0.3);
@@ -25,11 +57,11 @@ fn loha_slot<B: Backend>(config: LohaConfig, device: &B::Device) -> LinearSlot<B
         Tensor::random([D_IN, D_OUT], normal, device),
         Some(Tensor::random([D_OUT], normal, device)),
     );
-    let config = LohaConfig {
-        init_weights: false,
-        ..config
-    };
-    Loha::attach(&config, &mut slot, "layer", "default", Init::Fresh).unwrap();
+    match method {
+        Method::Loha(c) => Loha::attach(c, &mut slot, "layer", "default", Init::Fresh),
+        Method::Lokr(c) => Lokr::attach(c, &mut slot, "layer", "default", Init::Fresh),
+    }
+    .unwrap();
     slot.set_active(&["default".to_string()]);
     slot
 }
@@ -56,12 +88,20 @@ fn deltas<B: AutodiffBackend>(slot: &LinearSlot<B>, x: Tensor<B, 2>) -> (HostTen
 }
 
 fn rank_dropout_zeroes_columns_and_rescales_the_rest<B: AutodiffBackend>(device: &B::Device) {
-    B::seed(device, 7);
-    let config = LohaConfig {
-        rank_dropout: 0.5,
-        ..LohaConfig::new(3, 6.0, &["layer"])
-    };
-    let slot = loha_slot::<B>(config, device);
+    for (method, rescales) in [
+        (Method::loha(0.5, 0.0), true),
+        (Method::lokr(0.5, 0.0, true), true),
+        (Method::lokr(0.5, 0.0, false), false),
+    ] {
+        B::seed(device, 7);
+        check_rank_dropout::<B>(&method, rescales, device);
+    }
+}
+
+/// Kept columns of the training delta are the inference ones times one
+/// common factor: `1/mean(kept)` when the method `rescales`, else one.
+fn check_rank_dropout<B: AutodiffBackend>(method: &Method, rescales: bool, device: &B::Device) {
+    let slot = slot_with::<B>(method, device);
     let x = Tensor::<B, 2>::random([ROWS, D_IN], Distribution::Normal(0.0, 1.0), device);
     let (train, eval) = deltas(&slot, x);
     assert!(
@@ -90,43 +130,57 @@ fn rank_dropout_zeroes_columns_and_rescales_the_rest<B: AutodiffBackend>(device:
         for (a, b) in t.iter().zip(&e) {
             assert!(
                 (a - k * b).abs() <= tol * k.abs().max(1.0),
-                "column {j}: not a multiple of the inference column"
+                "{method:?} column {j}: not a multiple of the inference column"
             );
         }
         ratios.push(k);
     }
     assert!(
         kept > 0 && kept < D_OUT,
-        "rank dropout 0.5 kept {kept} of {D_OUT} columns"
+        "{method:?}: rank dropout 0.5 kept {kept} of {D_OUT} columns"
     );
-    let want = D_OUT as f32 / kept as f32;
+    let want = if rescales {
+        D_OUT as f32 / kept as f32
+    } else {
+        1.0
+    };
     for k in ratios {
         assert!(
             (k - want).abs() <= 1e-3 * want,
-            "kept columns scaled by {k}, PEFT by 1/mean = {want}"
+            "{method:?}: kept columns scaled by {k}, PEFT by {want}"
         );
     }
 }
 
 fn module_dropout_skips_the_delta_in_training_only<B: AutodiffBackend>(device: &B::Device) {
-    B::seed(device, 11);
-    let config = LohaConfig {
-        module_dropout: 0.999_999,
-        ..LohaConfig::new(3, 6.0, &["layer"])
-    };
-    let slot = loha_slot::<B>(config, device);
+    for (skipping, plain) in [
+        (Method::loha(0.0, 0.999_999), Method::loha(0.0, 0.0)),
+        (
+            Method::lokr(0.0, 0.999_999, false),
+            Method::lokr(0.0, 0.0, false),
+        ),
+    ] {
+        B::seed(device, 11);
+        check_module_dropout::<B>(&skipping, &plain, device);
+    }
+}
+
+/// `skipping` drops its delta in training only; `plain`, the same method
+/// without module dropout, applies it in training as in inference.
+fn check_module_dropout<B: AutodiffBackend>(skipping: &Method, plain: &Method, device: &B::Device) {
+    let slot = slot_with::<B>(skipping, device);
     let x = Tensor::<B, 2>::random([ROWS, D_IN], Distribution::Normal(0.0, 1.0), device);
     let (train, eval) = deltas(&slot, x.clone());
     assert!(
         train.data.iter().all(|v| *v == 0.0),
-        "training kept a skipped delta"
+        "{skipping:?}: training kept a skipped delta"
     );
     assert!(
         eval.data.iter().any(|v| v.abs() > 1e-4),
-        "inference skipped the delta"
+        "{skipping:?}: inference skipped the delta"
     );
     // Without module dropout, training applies the same delta as inference.
-    let plain = loha_slot::<B>(LohaConfig::new(3, 6.0, &["layer"]), device);
+    let plain = slot_with::<B>(plain, device);
     let (train, eval) = deltas(&plain, x);
     let gap = train
         .data

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Writes the Hugging Face PEFT parity fixtures for LoHa under
-fixtures/<arch>/<case>/ (tiny Llama and BERT of make_fixtures.py; GPT-2's
-Conv1D layers are refused by PEFT's LoHa, and by ours).
+"""Writes the Hugging Face PEFT parity fixtures for the LyCORIS methods
+(LoHa, LoKr) under fixtures/<arch>/<case>/ (tiny Llama and BERT of
+make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's LyCORIS
+methods, and by ours).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_loha_fixtures.py
+    ref/bin/python scripts/make_lycoris_fixtures.py [loha|lokr ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
@@ -18,30 +19,50 @@ import shutil
 import sys
 
 import torch
-from peft import LoHaConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_fixtures import ROOT, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
 
+# case -> (config class, arguments). Tiny Llama: hidden 16, q_proj 16 -> 16,
+# v_proj 16 -> 8, up_proj 16 -> 40; BERT: hidden 16, intermediate 40.
 CASES = {
     "llama": {
         # No targets: PEFT's defaults for `llama` (q_proj, v_proj).
-        "loha": dict(r=4, alpha=8),
-        "loha_custom": dict(r=4, alpha=6, target_modules=r".*\.(q_proj|up_proj|o_proj)",
-                            rank_pattern={"up_proj": 2}, alpha_pattern={"o_proj": 3}),
+        "loha": (LoHaConfig, dict(r=4, alpha=8)),
+        "loha_custom": (LoHaConfig, dict(r=4, alpha=6, target_modules=r".*\.(q_proj|up_proj|o_proj)",
+                                         rank_pattern={"up_proj": 2}, alpha_pattern={"o_proj": 3})),
+        # r 8 is not below half of any factor's larger side: lokr_w1 and
+        # lokr_w2 are full matrices (PEFT's default layout at these sizes).
+        "lokr": (LoKrConfig, dict(r=8, alpha=8)),
+        # decompose_both with r 1: both factors of q_proj (16 -> 16, sides
+        # 4 x 4) and up_proj (16 -> 40: 4 x 4 in, 5 x 8 out) are rank-1
+        # pairs; o_proj at rank 2 (rank_pattern) is not below half a side:
+        # full matrices. An alpha pattern, the LyCORIS initialisation and
+        # rank_dropout_scale (inactive at inference) too.
+        "lokr_custom": (LoKrConfig, dict(r=1, alpha=3, decompose_both=True,
+                                         target_modules=r".*\.(q_proj|up_proj|o_proj)",
+                                         rank_pattern={"o_proj": 2}, alpha_pattern={"up_proj": 5},
+                                         init_weights="lycoris", rank_dropout_scale=True)),
     },
-    "bert": {"loha": dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])},
+    "bert": {
+        "loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])),
+        # decompose_factor 2: every side pair is 2 x n, so W1 stays a full
+        # 2 x 2 matrix while W2 (8 x 8, 8 x 20) is a rank-1 pair.
+        "lokr": (LoKrConfig, dict(r=1, alpha=2, decompose_both=True, decompose_factor=2,
+                                  target_modules=["query", "value", "output.dense"])),
+    },
 }
 
 
-def write_case(arch, case, kwargs, model_dir, ids):
+def write_case(arch, case, config_class, kwargs, model_dir, ids):
     out_dir = os.path.join(model_dir, case)
     shutil.rmtree(out_dir, ignore_errors=True)
     model = base_model(arch)
     base = logits(model, ids)
     task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
-    peft_model = get_peft_model(model, LoHaConfig(task_type=None, **kwargs))
+    peft_model = get_peft_model(model, config_class(task_type=None, **kwargs))
     train_a_few_steps(peft_model, arch, "default")
     trainable, total = peft_model.get_nb_trainable_parameters()
     tensors = {"input_ids": ids.float(), "logits_base": base}
@@ -50,7 +71,7 @@ def write_case(arch, case, kwargs, model_dir, ids):
     with peft_model.disable_adapter():
         tensors["logits_disabled"] = logits(peft_model, ids)
     torch.manual_seed(4)
-    peft_model.add_adapter("other", LoHaConfig(task_type=None, **kwargs))
+    peft_model.add_adapter("other", config_class(task_type=None, **kwargs))
     # `other` trains on other batches (seed 5) too, so that no switching,
     # mixed-batch or saving test could mistake one for the other.
     train_a_few_steps(peft_model, arch, "other", seed=5)
@@ -86,11 +107,13 @@ def write_case(arch, case, kwargs, model_dir, ids):
 
 def main():
     torch.set_num_threads(2)
+    methods = sys.argv[1:] or ["loha", "lokr"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)
-        for case, kwargs in cases.items():
-            write_case(arch, case, kwargs, model_dir, ids)
+        for case, (config_class, kwargs) in cases.items():
+            if case.split("_")[0] in methods:
+                write_case(arch, case, config_class, kwargs, model_dir, ids)
 
 
 if __name__ == "__main__":
