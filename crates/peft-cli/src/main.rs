@@ -10,7 +10,7 @@
 //! Every failure is a message naming the file and the problem, and a
 //! non-zero exit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -23,7 +23,7 @@ use peft_core::config::TargetModules;
 use peft_core::generate::Sampler;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
-use peft_lycoris::LohaConfig;
+use peft_lycoris::{LohaConfig, LokrConfig, LycorisConfig};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +70,7 @@ enum MethodArg {
     Dora,
     Ia3,
     Loha,
+    Lokr,
     Adapter,
     Prefix,
     Prompt,
@@ -311,10 +312,10 @@ fn names(list: &str) -> TargetModules {
 #[derive(Args, Default)]
 #[command(next_help_heading = "Method flags")]
 struct MethodFlags {
-    /// LoRA / LoHa rank.
+    /// LoRA / LoHa / LoKr rank.
     #[arg(long)]
     r: Option<usize>,
-    /// LoRA / LoHa alpha.
+    /// LoRA / LoHa / LoKr alpha.
     #[arg(long)]
     alpha: Option<f64>,
     /// Target modules (comma-separated names, or one regex).
@@ -443,6 +444,7 @@ impl MethodFlags {
             MethodArg::Dora => ("dora", &["r", "alpha", "targets", "lora-dropout"]),
             MethodArg::Ia3 => ("ia3", &["targets", "feedforward"]),
             MethodArg::Loha => ("loha", &["r", "alpha", "targets"]),
+            MethodArg::Lokr => ("lokr", &["r", "alpha", "targets"]),
             MethodArg::Adapter => ("adapter", &["adapter-preset", "reduction"]),
             MethodArg::Prefix => ("prefix", &["virtual-tokens"]),
             MethodArg::Prompt => ("prompt", &["virtual-tokens", "prompt-init"]),
@@ -465,6 +467,32 @@ fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
             "--prompt-init `{other}` is not one of random, sample-vocab"
         ))),
     }
+}
+
+/// A LyCORIS config from `--config`'s text (or the defaults) with `--r`,
+/// `--alpha` and `--targets` over it; `fields` points at those three.
+fn lycoris_from<C: LycorisConfig + Default>(
+    text: &Option<String>,
+    origin: &Path,
+    flags: &MethodFlags,
+    fields: impl FnOnce(&mut C) -> (&mut usize, &mut f64, &mut Option<TargetModules>),
+) -> peft_core::Result<C> {
+    let mut c = match text {
+        Some(t) => C::from_json_str(t, origin)?,
+        None => C::default(),
+    };
+    let (r, alpha, targets) = fields(&mut c);
+    if let Some(v) = flags.r {
+        *r = v;
+    }
+    if let Some(v) = flags.alpha {
+        *alpha = v;
+    }
+    if let Some(t) = flags.targets.as_deref() {
+        *targets = Some(names(t));
+    }
+    c.validate()?;
+    Ok(c)
 }
 
 /// The method of `peft train`: `--config`'s file (if any), then the flags
@@ -519,23 +547,18 @@ fn method_from(
             }
             Method::Ia3(c)
         }
-        MethodArg::Loha => {
-            let mut c = match &text {
-                Some(t) => LohaConfig::from_json_str(t, &origin)?,
-                None => LohaConfig::default(),
-            };
-            if let Some(r) = flags.r {
-                c.r = r;
-            }
-            if let Some(a) = flags.alpha {
-                c.alpha = a;
-            }
-            if let Some(t) = flags.targets.as_deref() {
-                c.target_modules = Some(names(t));
-            }
-            c.validate()?;
-            Method::Loha(c)
-        }
+        MethodArg::Loha => Method::Loha(lycoris_from(
+            &text,
+            &origin,
+            flags,
+            |c: &mut LohaConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
+        )?),
+        MethodArg::Lokr => Method::Lokr(lycoris_from(
+            &text,
+            &origin,
+            flags,
+            |c: &mut LokrConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
+        )?),
         MethodArg::Prefix | MethodArg::Prompt => {
             let mut c = match (config, method) {
                 (Some(p), MethodArg::Prefix) => {

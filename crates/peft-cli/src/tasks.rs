@@ -18,7 +18,7 @@ use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, Virtu
 use peft_core::slot_method::OneOf;
 use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
-use peft_lycoris::{Loha, LohaConfig};
+use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, LycorisConfig};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
@@ -70,6 +70,8 @@ pub enum Method {
     Ia3(Ia3Config),
     /// LoHa (PEFT's `LoHaConfig`).
     Loha(LohaConfig),
+    /// LoKr (PEFT's `LoKrConfig`).
+    Lokr(LokrConfig),
     /// An AdapterHub bottleneck adapter.
     Adapter(BnConfig),
     /// Prefix tuning (causal LM).
@@ -86,10 +88,23 @@ impl Method {
             Method::Lora(_) => "lora",
             Method::Ia3(_) => "ia3",
             Method::Loha(_) => "loha",
+            Method::Lokr(_) => "lokr",
             Method::Adapter(_) => "adapter",
             Method::Prefix(_) => "prefix",
             Method::Prompt(_) => "prompt",
         }
+    }
+
+    /// The config as one of [`Slots`]' methods, for a method whose adapters
+    /// live in the model's linear slots.
+    pub fn slot_config(&self) -> Option<SlotConfig> {
+        Some(match self {
+            Method::Lora(c) => OneOf::First(c.clone()),
+            Method::Ia3(c) => OneOf::Second(OneOf::First(c.clone())),
+            Method::Loha(c) => OneOf::Second(OneOf::Second(OneOf::First(c.clone()))),
+            Method::Lokr(c) => OneOf::Second(OneOf::Second(OneOf::Second(c.clone()))),
+            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => return None,
+        })
     }
 
     /// Reads the method of a saved adapter folder: PEFT's
@@ -109,6 +124,7 @@ impl Method {
             (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
             (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
             (Some("LOHA"), _) => Ok(Method::Loha(LohaConfig::from_json_str(&text, &path)?)),
+            (Some("LOKR"), _) => Ok(Method::Lokr(LokrConfig::from_json_str(&text, &path)?)),
             (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
                 &path,
                 &[PromptLearningType::PrefixTuning],
@@ -125,7 +141,7 @@ impl Method {
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
             (Some(other), _) => Err(PeftError::Config(format!(
-                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, LOKR, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
                 path.display()
             ))),
             (None, None) => Err(PeftError::Config(format!(
@@ -444,12 +460,13 @@ impl<B: Backend> CausalModel<B> for Gpt2<B> {
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
-/// (IA)³ and LoHa adapters live in the model's own linear slots. A new slot
-/// method is one more pair level here and one `Method` variant.
-pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, Loha))>;
+/// (IA)³, LoHa and LoKr adapters live in the model's own linear slots. A
+/// new slot method is one more pair level here and in [`SlotConfig`], one
+/// `Method` variant and its arm in [`Method::slot_config`].
+pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, (Loha, Lokr)))>;
 
 /// The config of one of [`Slots`]' methods.
-pub type SlotConfig = OneOf<LoraConfig, OneOf<Ia3Config, LohaConfig>>;
+pub type SlotConfig = OneOf<LoraConfig, OneOf<Ia3Config, OneOf<LohaConfig, LokrConfig>>>;
 
 /// A model with its method: the model carrying LoRA / (IA)³ adapters (or
 /// none) in its slots, the model with bottleneck adapters, or a frozen model
@@ -662,13 +679,10 @@ where
                 Box::new(move |m, dir| save_virtual(m, &config, dir));
             (model, count, save)
         }
-        Method::Lora(c) => slots_to_train(model, OneOf::First(c.clone()), from, lost("slots"))?,
-        Method::Ia3(c) => {
-            let config = OneOf::Second(OneOf::First(c.clone()));
-            slots_to_train(model, config, from, lost("slots"))?
-        }
-        Method::Loha(c) => {
-            let config = OneOf::Second(OneOf::Second(c.clone()));
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) => {
+            let config = method
+                .slot_config()
+                .ok_or_else(|| PeftError::State(lost("config")))?;
             slots_to_train(model, config, from, lost("slots"))?
         }
     })
@@ -848,7 +862,7 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) => {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) => {
             let slots = Slots::from_pretrained(model, dir)?;
             let count = slots.param_count();
             Attached::Slots(slots, count)

@@ -140,7 +140,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, LoHa, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, LoKr, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head.
     let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
@@ -148,6 +148,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     for (name, method) in [
         ("ia3", Method::Ia3(Ia3Config::default())),
         ("loha", Method::Loha(peft_lycoris::LohaConfig::default())),
+        ("lokr", Method::Lokr(peft_lycoris::LokrConfig::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -664,7 +665,8 @@ fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
 /// PEFT's logits with the adapter; `peft merge` writes a model whose plain
 /// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
 /// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too; LoHa's
-/// Hadamard delta with rank and alpha patterns).
+/// Hadamard delta with rank and alpha patterns; LoKr's Kronecker delta
+/// with full and factored sides).
 #[test]
 fn forward_and_merge_reproduce_peft() {
     let dir = temp("merge");
@@ -675,6 +677,7 @@ fn forward_and_merge_reproduce_peft() {
         ("llama", "ia3"),
         ("gpt2", "ia3"),
         ("llama", "loha_custom"),
+        ("llama", "lokr_custom"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -689,7 +692,7 @@ fn forward_and_merge_reproduce_peft() {
             c.want("logits_unmerged"),
         );
         let shown = jobs::inspect(&c.dir).unwrap();
-        let key = ["lora_A.weight", "ia3_l", "hada_w2_b"]
+        let key = ["lora_A.weight", "ia3_l", "hada_w2_b", "lokr_w1"]
             .into_iter()
             .find(|k| shown.contains(k));
         assert!(
@@ -1289,6 +1292,7 @@ fn causal_lm_runs_with_every_method() {
         Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])),
         Method::Ia3(Ia3Config::default()),
         Method::Loha(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
+        Method::Lokr(peft_lycoris::LokrConfig::new(2, 4.0, &["q_proj", "v_proj"])),
         Method::Adapter(peft_adapter::BnConfig::seq_bn()),
         Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
         Method::Prompt(prompt.clone()),

@@ -111,6 +111,16 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
         let per_layer = (4 * 4 + 4 * 4) + (2 * 4 + 4 * 4);
         assert_eq!(lokr.param_count().trainable, 2 * per_layer);
     }
+    // Saved as PEFT saves (`inference_mode: true`), and read back.
+    let lokr = LokrModel::new(base.clone(), LokrConfig::new(2, 4.0, &["up_proj"])).unwrap();
+    let dir = temp_dir("lokr-fresh-saved");
+    lokr.save_pretrained(&dir).unwrap();
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(saved["inference_mode"], true, "{text}");
+    assert_eq!(saved["peft_type"], "LOKR", "{text}");
+    assert_eq!(LokrConfig::from_json_str(&text, &dir).unwrap().r, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
     let random = LokrConfig {
         init_weights: LokrInitWeights::Bool(false),
         ..LokrConfig::default()

@@ -87,6 +87,11 @@ pub fn check_slot_method_case<B: Backend, M: PeftModel<B> + Clone, K: SlotMethod
         let theirs = read_safetensors(&c.dir.join(sub).join("adapter_model.safetensors")).unwrap();
         let ours = read_safetensors(&out.join(sub).join("adapter_model.safetensors")).unwrap();
         assert_eq!(theirs, ours, "saved `{sub}` differs from PEFT's");
+        let config = |dir: &std::path::Path| -> serde_json::Value {
+            let text = std::fs::read_to_string(dir.join(sub).join("adapter_config.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        assert_same_json(&format!("`{sub}` config"), &config(&c.dir), &config(&out));
     }
     let reloaded = SlotModel::<B, M, K>::from_pretrained(base_model.clone(), &out).unwrap();
     assert_close("reloaded", &run(&reloaded.model), c.want("logits_unmerged"));
@@ -100,4 +105,30 @@ pub fn check_slot_method_case<B: Backend, M: PeftModel<B> + Clone, K: SlotMethod
     // merge_and_unload: the plain model computes the adapted output.
     let plain = adapted.merge_and_unload().unwrap();
     assert_close("merge_and_unload", &run(&plain), c.want("logits_unmerged"));
+}
+
+/// `ours` has every key of `theirs` with the same value, numbers compared
+/// as numbers (PEFT writes `alpha: 8`, we `8.0`).
+fn assert_same_json(what: &str, theirs: &serde_json::Value, ours: &serde_json::Value) {
+    use serde_json::Value;
+    match (theirs, ours) {
+        (Value::Number(a), Value::Number(b)) => {
+            assert_eq!(a.as_f64(), b.as_f64(), "{what}: {a} written as {b}")
+        }
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                let Some(got) = b.get(key) else {
+                    panic!("{what}: PEFT's key `{key}` is missing");
+                };
+                assert_same_json(&format!("{what}.{key}"), value, got);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{what}: {a:?} written as {b:?}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_same_json(&format!("{what}[{i}]"), x, y);
+            }
+        }
+        (a, b) => assert_eq!(a, b, "{what}"),
+    }
 }
