@@ -778,7 +778,7 @@ fn merged_model<
     adapter: &Path,
 ) -> Result<M> {
     match Method::detect(adapter)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) => {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
             tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload()
         }
         other => Err(PeftError::Config(format!(

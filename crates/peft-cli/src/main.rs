@@ -23,7 +23,8 @@ use peft_core::config::TargetModules;
 use peft_core::generate::Sampler;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
-use peft_lycoris::{LohaConfig, LokrConfig, LycorisConfig};
+use peft_lycoris::{LohaConfig, LokrConfig, MethodConfig};
+use peft_oft::OftConfig;
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +72,7 @@ enum MethodArg {
     Ia3,
     Loha,
     Lokr,
+    Oft,
     Adapter,
     Prefix,
     Prompt,
@@ -312,7 +314,8 @@ fn names(list: &str) -> TargetModules {
 #[derive(Args, Default)]
 #[command(next_help_heading = "Method flags")]
 struct MethodFlags {
-    /// LoRA / LoHa / LoKr rank.
+    /// LoRA / LoHa / LoKr rank; OFT's number of blocks per layer (its
+    /// block size then follows from each layer's inputs).
     #[arg(long)]
     r: Option<usize>,
     /// LoRA / LoHa / LoKr alpha.
@@ -445,6 +448,7 @@ impl MethodFlags {
             MethodArg::Ia3 => ("ia3", &["targets", "feedforward"]),
             MethodArg::Loha => ("loha", &["r", "alpha", "targets"]),
             MethodArg::Lokr => ("lokr", &["r", "alpha", "targets"]),
+            MethodArg::Oft => ("oft", &["r", "targets"]),
             MethodArg::Adapter => ("adapter", &["adapter-preset", "reduction"]),
             MethodArg::Prefix => ("prefix", &["virtual-tokens"]),
             MethodArg::Prompt => ("prompt", &["virtual-tokens", "prompt-init"]),
@@ -471,7 +475,7 @@ fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
 
 /// A LyCORIS config from `--config`'s text (or the defaults) with `--r`,
 /// `--alpha` and `--targets` over it; `fields` points at those three.
-fn lycoris_from<C: LycorisConfig + Default>(
+fn lycoris_from<C: MethodConfig + Default>(
     text: &Option<String>,
     origin: &Path,
     flags: &MethodFlags,
@@ -559,6 +563,20 @@ fn method_from(
             flags,
             |c: &mut LokrConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
         )?),
+        MethodArg::Oft => {
+            let mut c = match &text {
+                Some(t) => OftConfig::from_json_str(t, &origin)?,
+                None => OftConfig::default(),
+            };
+            if let Some(r) = flags.r {
+                (c.r, c.oft_block_size) = (r, 0);
+            }
+            if let Some(t) = flags.targets.as_deref() {
+                c.target_modules = Some(names(t));
+            }
+            c.validate()?;
+            Method::Oft(c)
+        }
         MethodArg::Prefix | MethodArg::Prompt => {
             let mut c = match (config, method) {
                 (Some(p), MethodArg::Prefix) => {

@@ -18,12 +18,13 @@ use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, Virtu
 use peft_core::slot_method::OneOf;
 use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
-use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, LycorisConfig};
+use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
+use peft_oft::{Oft, OftConfig};
 use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 use peft_prompt::{PromptEncoder, PromptTuningModel};
 use serde_json::Value;
@@ -72,6 +73,8 @@ pub enum Method {
     Loha(LohaConfig),
     /// LoKr (PEFT's `LoKrConfig`).
     Lokr(LokrConfig),
+    /// OFT (PEFT's `OFTConfig`).
+    Oft(OftConfig),
     /// An AdapterHub bottleneck adapter.
     Adapter(BnConfig),
     /// Prefix tuning (causal LM).
@@ -89,6 +92,7 @@ impl Method {
             Method::Ia3(_) => "ia3",
             Method::Loha(_) => "loha",
             Method::Lokr(_) => "lokr",
+            Method::Oft(_) => "oft",
             Method::Adapter(_) => "adapter",
             Method::Prefix(_) => "prefix",
             Method::Prompt(_) => "prompt",
@@ -102,7 +106,8 @@ impl Method {
             Method::Lora(c) => OneOf::First(c.clone()),
             Method::Ia3(c) => OneOf::Second(OneOf::First(c.clone())),
             Method::Loha(c) => OneOf::Second(OneOf::Second(OneOf::First(c.clone()))),
-            Method::Lokr(c) => OneOf::Second(OneOf::Second(OneOf::Second(c.clone()))),
+            Method::Lokr(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::First(c.clone())))),
+            Method::Oft(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::Second(c.clone())))),
             Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => return None,
         })
     }
@@ -125,6 +130,7 @@ impl Method {
             (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
             (Some("LOHA"), _) => Ok(Method::Loha(LohaConfig::from_json_str(&text, &path)?)),
             (Some("LOKR"), _) => Ok(Method::Lokr(LokrConfig::from_json_str(&text, &path)?)),
+            (Some("OFT"), _) => Ok(Method::Oft(OftConfig::from_json_str(&text, &path)?)),
             (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
                 &path,
                 &[PromptLearningType::PrefixTuning],
@@ -141,7 +147,7 @@ impl Method {
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
             (Some(other), _) => Err(PeftError::Config(format!(
-                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, LOKR, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, LOKR, OFT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
                 path.display()
             ))),
             (None, None) => Err(PeftError::Config(format!(
@@ -460,13 +466,14 @@ impl<B: Backend> CausalModel<B> for Gpt2<B> {
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
-/// (IA)³, LoHa and LoKr adapters live in the model's own linear slots. A
+/// (IA)³, LoHa, LoKr and OFT adapters live in the model's own linear slots. A
 /// new slot method is one more pair level here and in [`SlotConfig`], one
 /// `Method` variant and its arm in [`Method::slot_config`].
-pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, (Loha, Lokr)))>;
+pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, (Loha, (Lokr, Oft))))>;
 
 /// The config of one of [`Slots`]' methods.
-pub type SlotConfig = OneOf<LoraConfig, OneOf<Ia3Config, OneOf<LohaConfig, LokrConfig>>>;
+pub type SlotConfig =
+    OneOf<LoraConfig, OneOf<Ia3Config, OneOf<LohaConfig, OneOf<LokrConfig, OftConfig>>>>;
 
 /// A model with its method: the model carrying LoRA / (IA)³ adapters (or
 /// none) in its slots, the model with bottleneck adapters, or a frozen model
@@ -679,7 +686,7 @@ where
                 Box::new(move |m, dir| save_virtual(m, &config, dir));
             (model, count, save)
         }
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) => {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
             let config = method
                 .slot_config()
                 .ok_or_else(|| PeftError::State(lost("config")))?;
@@ -862,7 +869,7 @@ where
     M: PeftModel<B> + BottleneckSeam<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) => {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
             let slots = Slots::from_pretrained(model, dir)?;
             let count = slots.param_count();
             Attached::Slots(slots, count)

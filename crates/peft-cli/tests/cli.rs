@@ -140,7 +140,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, LoHa, LoKr, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, LoKr, OFT, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head.
     let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
@@ -149,6 +149,7 @@ fn a_short_run_writes_what_eval_reads_back() {
         ("ia3", Method::Ia3(Ia3Config::default())),
         ("loha", Method::Loha(peft_lycoris::LohaConfig::default())),
         ("lokr", Method::Lokr(peft_lycoris::LokrConfig::default())),
+        ("oft", Method::Oft(peft_oft::OftConfig::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -666,7 +667,7 @@ fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
 /// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
 /// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too; LoHa's
 /// Hadamard delta with rank and alpha patterns; LoKr's Kronecker delta
-/// with full and factored sides).
+/// with full and factored sides; OFT's shared-block rotation).
 #[test]
 fn forward_and_merge_reproduce_peft() {
     let dir = temp("merge");
@@ -678,6 +679,7 @@ fn forward_and_merge_reproduce_peft() {
         ("gpt2", "ia3"),
         ("llama", "loha_custom"),
         ("llama", "lokr_custom"),
+        ("llama", "oft_custom"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -692,7 +694,7 @@ fn forward_and_merge_reproduce_peft() {
             c.want("logits_unmerged"),
         );
         let shown = jobs::inspect(&c.dir).unwrap();
-        let key = ["lora_A.weight", "ia3_l", "hada_w2_b", "lokr_w1"]
+        let key = ["lora_A.weight", "ia3_l", "hada_w2_b", "lokr_w1", "oft_R"]
             .into_iter()
             .find(|k| shown.contains(k));
         assert!(
@@ -1293,6 +1295,7 @@ fn causal_lm_runs_with_every_method() {
         Method::Ia3(Ia3Config::default()),
         Method::Loha(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
         Method::Lokr(peft_lycoris::LokrConfig::new(2, 4.0, &["q_proj", "v_proj"])),
+        Method::Oft(peft_oft::OftConfig::new(32, &["q_proj", "v_proj"])),
         Method::Adapter(peft_adapter::BnConfig::seq_bn()),
         Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
         Method::Prompt(prompt.clone()),

@@ -38,6 +38,7 @@ pub mod kv;
 pub mod layered;
 pub mod loss;
 pub mod memory;
+pub mod method_config;
 pub mod model;
 pub mod named;
 mod nf4_dynamic_map;

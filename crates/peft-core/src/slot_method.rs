@@ -14,6 +14,7 @@ use burn::tensor::backend::Backend;
 use crate::config::{read_text, Ia3Config, LoraConfig};
 use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
+use crate::method_config::MethodConfig;
 use crate::slot::LinearSlot;
 
 /// How a new entry's parameters start.
@@ -74,6 +75,22 @@ impl AdapterConfig for Ia3Config {
             ..self.clone()
         }
         .to_json_string()
+    }
+}
+
+/// Every [`MethodConfig`] is an `adapter_config.json` a method reads and
+/// writes as PEFT does.
+impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
+    fn reads(peft_type: Option<&str>) -> bool {
+        peft_type == Some(C::PEFT_TYPE)
+    }
+
+    fn read(path: &Path) -> Result<Self> {
+        C::from_file(path)
+    }
+
+    fn saved_json(&self) -> String {
+        MethodConfig::saved_json(self)
     }
 }
 

@@ -8,8 +8,9 @@
 //!   (`peft_type: LOHA`);
 //! - [`lokr`]: LoKr, the Kronecker product of two factors, each full or
 //!   low-rank (`peft_type: LOKR`);
-//! - [`lycoris`]: what they share (config fields, default targets, their
-//!   factors in PEFT's file).
+//! - [`lycoris`]: what they share (rank fields and their checks, their
+//!   factors in PEFT's file); reading a config, default targets and target
+//!   rules are `peft-core`'s [`MethodConfig`].
 
 pub mod loha;
 pub mod lokr;
@@ -18,3 +19,4 @@ pub mod lycoris;
 pub use loha::{Loha, LohaConfig, LohaModel};
 pub use lokr::{Lokr, LokrConfig, LokrModel};
 pub use lycoris::LycorisConfig;
+pub use peft_core::method_config::MethodConfig;

@@ -17,8 +17,9 @@ use burn::tensor::Tensor;
 use indexmap::IndexMap;
 use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
 use peft_core::io::HostTensor;
+use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec};
 use peft_core::slot::{DeltaMeta, LokrEntry, LokrFactors, LokrLayout};
-use peft_core::slot_method::{AdapterConfig, Init};
+use peft_core::slot_method::Init;
 use peft_core::{LinearSlot, Result, SlotMethod, SlotModel};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -165,23 +166,16 @@ impl LokrConfig {
     }
 }
 
-impl LycorisConfig for LokrConfig {
+impl MethodConfig for LokrConfig {
     const PEFT_TYPE: &'static str = "LOKR";
     const METHOD: &'static str = "LoKr";
 
-    fn shared(&self) -> Shared<'_> {
-        Shared {
-            r: self.r,
-            alpha: self.alpha,
-            rank_dropout: self.rank_dropout,
-            module_dropout: self.module_dropout,
+    fn target_spec(&self) -> TargetSpec<'_> {
+        TargetSpec {
             target_modules: self.target_modules.as_ref(),
             exclude_modules: self.exclude_modules.as_ref(),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
-            rank_pattern: &self.rank_pattern,
-            alpha_pattern: &self.alpha_pattern,
-            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 
@@ -192,19 +186,27 @@ impl LycorisConfig for LokrConfig {
     fn extra(&self) -> &Map<String, Value> {
         &self.extra
     }
+
+    fn validate(&self) -> Result<()> {
+        self.validate_shared()
+    }
+
+    fn check_model_type(model_type: Option<&str>) -> Result<()> {
+        refuse_conv1d(Self::METHOD, model_type)
+    }
 }
 
-impl AdapterConfig for LokrConfig {
-    fn reads(peft_type: Option<&str>) -> bool {
-        peft_type == Some(Self::PEFT_TYPE)
-    }
-
-    fn read(path: &Path) -> Result<Self> {
-        LokrConfig::from_file(path)
-    }
-
-    fn saved_json(&self) -> String {
-        LycorisConfig::saved_json(self)
+impl LycorisConfig for LokrConfig {
+    fn shared(&self) -> Shared<'_> {
+        Shared {
+            r: self.r,
+            alpha: self.alpha,
+            rank_dropout: self.rank_dropout,
+            module_dropout: self.module_dropout,
+            rank_pattern: &self.rank_pattern,
+            alpha_pattern: &self.alpha_pattern,
+            modules_to_save: self.modules_to_save.as_ref(),
+        }
     }
 }
 

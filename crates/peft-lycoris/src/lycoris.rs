@@ -1,9 +1,9 @@
 //! What the LyCORIS methods share, as PEFT 0.21's `LycorisConfig` and
-//! `LycorisTuner` define it: the config fields every one of them has
-//! ([`LycorisConfig`]: reading, checking, default targets, rank/alpha
-//! patterns), and their factors in PEFT's file ([`write_factors`],
-//! [`read_factors`]). A method file adds its own fields and how its factors
-//! start.
+//! `LycorisTuner` define it: the rank fields every one of them has
+//! ([`LycorisConfig`]: their checks, rank/alpha patterns; reading, default
+//! targets and target rules are [`MethodConfig`]'s), and their factors in
+//! PEFT's file ([`write_factors`], [`read_factors`]). A method file adds its
+//! own fields and how its factors start.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,21 +12,15 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use indexmap::IndexMap;
-use peft_core::config::{
-    from_value, parse_json, read_text, sorted_json, warn_unknown_keys, LayerIndices, LayersPattern,
-    TargetModules, KNOWN_UNMODELLED,
-};
 use peft_core::io::{take_tensor, HostTensor};
+use peft_core::method_config::MethodConfig;
 use peft_core::slot::{DeltaEntry, DeltaFactors};
 use peft_core::slot_model::KEY_PREFIX;
-use peft_core::target::{pattern_value, targets_match};
+use peft_core::target::pattern_value;
 use peft_core::{PeftError, Result};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use serde_json::Value;
 
-/// The fields PEFT's `LycorisConfig` gives every LyCORIS method, borrowed
-/// from a method's config.
+/// The rank fields PEFT's `LycorisConfig` gives every LyCORIS method,
+/// borrowed from a method's config.
 #[derive(Debug, Clone, Copy)]
 pub struct Shared<'a> {
     /// Rank `r`.
@@ -37,14 +31,6 @@ pub struct Shared<'a> {
     pub rank_dropout: f64,
     /// Probability of skipping a layer's delta in training.
     pub module_dropout: f64,
-    /// Which modules get an adapter.
-    pub target_modules: Option<&'a TargetModules>,
-    /// Modules never adapted.
-    pub exclude_modules: Option<&'a TargetModules>,
-    /// Restrict adaptation to these layer indices.
-    pub layers_to_transform: Option<&'a LayerIndices>,
-    /// The name of the layer list in module paths.
-    pub layers_pattern: Option<&'a LayersPattern>,
     /// Per-module rank overrides.
     pub rank_pattern: &'a IndexMap<String, usize>,
     /// Per-module alpha overrides.
@@ -53,78 +39,15 @@ pub struct Shared<'a> {
     pub modules_to_save: Option<&'a Vec<String>>,
 }
 
-/// PEFT 0.21's `TRANSFORMERS_MODELS_TO_{LOHA,LOKR}_TARGET_MODULES_MAPPING`
-/// (copies of LoRA's) for the architectures of this workspace.
-const DEFAULT_TARGETS: &[(&str, &[&str])] = &[
-    ("llama", &["q_proj", "v_proj"]),
-    ("mistral", &["q_proj", "v_proj"]),
-    ("bert", &["query", "value"]),
-    ("roberta", &["query", "value"]),
-    ("gpt2", &["c_attn"]),
-];
-
-/// A LyCORIS method's `adapter_config.json`: what it shares with the family
-/// is read through [`shared`](Self::shared), and everything else (parsing,
-/// checks, defaults, patterns, target rules) is provided.
-pub trait LycorisConfig: Serialize + DeserializeOwned + Clone {
-    /// The file's `peft_type` (`"LOHA"`).
-    const PEFT_TYPE: &'static str;
-    /// The method's name in messages (`"LoHa"`).
-    const METHOD: &'static str;
-
+/// A LyCORIS method's config: the family's fields through
+/// [`shared`](Self::shared), their checks and patterns provided.
+pub trait LycorisConfig: MethodConfig {
     /// The family's fields.
     fn shared(&self) -> Shared<'_>;
 
-    /// `target_modules`, to fill with PEFT's defaults.
-    fn target_modules_mut(&mut self) -> &mut Option<TargetModules>;
-
-    /// Keys of the file this version does not model.
-    fn extra(&self) -> &serde_json::Map<String, Value>;
-
-    /// Checks of the method's own fields.
-    fn validate_own(&self) -> Result<()> {
-        Ok(())
-    }
-
-    /// Parses `adapter_config.json` text; `origin` names the source in errors.
-    fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
-        let value = parse_json(text, origin)?;
-        let peft_type = value.get("peft_type").and_then(Value::as_str);
-        if peft_type != Some(Self::PEFT_TYPE) {
-            return Err(PeftError::Config(format!(
-                "{}: peft_type {} is not {}",
-                origin.display(),
-                peft_type.map_or("missing".into(), |t| format!("`{t}`")),
-                Self::PEFT_TYPE
-            )));
-        }
-        let config: Self = from_value(value, origin)?;
-        warn_unknown_keys(config.extra(), KNOWN_UNMODELLED, origin);
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Reads `adapter_config.json` from a file.
-    fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json_str(&read_text(path)?, path)
-    }
-
-    /// The JSON text PEFT writes (pretty, keys sorted).
-    fn to_json_string(&self) -> String {
-        sorted_json(self)
-    }
-
-    /// The JSON PEFT writes into a saved adapter folder
-    /// (`inference_mode: true`).
-    fn saved_json(&self) -> String {
-        let mut value = serde_json::to_value(self).expect("configs always serialise");
-        value["inference_mode"] = Value::Bool(true);
-        sorted_json(&value)
-    }
-
-    /// Checks values a user can get wrong, as PEFT's `update_layer` and
-    /// `__post_init__` do.
-    fn validate(&self) -> Result<()> {
+    /// Checks of the family's fields, as PEFT's `update_layer` and
+    /// `__post_init__` do (the method's [`MethodConfig::validate`] calls it).
+    fn validate_shared(&self) -> Result<()> {
         let s = self.shared();
         let bad = |what: String| Err(PeftError::Config(format!("{}: {what}", Self::METHOD)));
         if s.r == 0 || s.rank_pattern.values().any(|&r| r == 0) {
@@ -144,7 +67,8 @@ pub trait LycorisConfig: Serialize + DeserializeOwned + Clone {
                 return bad(format!("`{field}` must be in [0, 1), got {p}"));
             }
         }
-        if s.layers_pattern.is_some() && s.layers_to_transform.is_none() {
+        let t = self.target_spec();
+        if t.layers_pattern.is_some() && t.layers_to_transform.is_none() {
             return bad(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
                     .into(),
@@ -153,54 +77,7 @@ pub trait LycorisConfig: Serialize + DeserializeOwned + Clone {
         if s.modules_to_save.is_some_and(|m| !m.is_empty()) {
             return bad("`modules_to_save` is not supported yet".into());
         }
-        self.validate_own()
-    }
-
-    /// Checks the config and fills PEFT's default targets for a model of
-    /// type `model_type`. GPT-2's layers are `Conv1D`, which PEFT's LyCORIS
-    /// methods refuse: so do we.
-    fn prepare(&mut self, model_type: Option<&str>) -> Result<()> {
-        if model_type == Some("gpt2") {
-            return Err(PeftError::Config(format!(
-                "{}: Target module of type Conv1D not supported, currently only adapters for \
-                 Conv2d, Conv1d, Linear are supported (GPT-2's layers are Conv1D, as in PEFT)",
-                Self::METHOD
-            )));
-        }
-        let targets = self.target_modules_mut();
-        if targets.is_none() {
-            let known: Vec<&str> = DEFAULT_TARGETS.iter().map(|d| d.0).collect();
-            let Some((_, names)) = DEFAULT_TARGETS.iter().find(|d| Some(d.0) == model_type) else {
-                return Err(PeftError::Config(format!(
-                    "{}: set `target_modules`; PEFT's defaults exist only for model types \
-                     {known:?}, and this model's type is {}",
-                    Self::METHOD,
-                    model_type.map_or("unknown".into(), |t| format!("`{t}`"))
-                )));
-            };
-            *targets = Some(TargetModules::List(
-                names.iter().map(|s| s.to_string()).collect(),
-            ));
-        }
-        self.validate()
-    }
-
-    /// Whether the config adapts the linear layer at `path`.
-    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
-        let s = self.shared();
-        targets_match(
-            s.target_modules,
-            s.exclude_modules,
-            s.layers_to_transform,
-            s.layers_pattern,
-            path,
-            output_layers,
-        )
-    }
-
-    /// The target rule, to name in an error when nothing matched.
-    fn target_rule(&self) -> String {
-        serde_json::to_string(&self.shared().target_modules).unwrap_or_else(|_| "?".into())
+        Ok(())
     }
 
     /// Rank and alpha for the module at `path`, after the patterns.

@@ -13,7 +13,7 @@ use peft_lycoris::{Loha, LohaConfig, LohaModel};
 use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-use peft_models::slot_parity::check_slot_method_case;
+use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
 
 mod common;
 use common::{bert, check_gradients, cls, host, llama, lm};
@@ -137,4 +137,24 @@ fn bert_gradients<B: AutodiffBackend>(d: &B::Device) {
     );
 }
 
-autodiff_backend_tests!(llama_gradients, bert_gradients);
+/// Two Adam steps from the saved `default` give PEFT's tensors.
+fn training_steps<B: AutodiffBackend>(d: &B::Device) {
+    for case in ["loha", "loha_custom"] {
+        check_training_steps::<B, _, Loha>(
+            "llama",
+            case,
+            llama::<B>(d),
+            |m, ids, _| causal_lm_loss(m.forward(ids.clone(), None), ids),
+            d,
+        );
+    }
+    check_training_steps::<B, _, Loha>(
+        "bert",
+        "loha",
+        bert::<B>(d),
+        |m, ids, labels| cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels")),
+        d,
+    );
+}
+
+autodiff_backend_tests!(llama_gradients, bert_gradients, training_steps);

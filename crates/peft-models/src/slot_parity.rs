@@ -3,8 +3,11 @@
 //! `other/`, and `expected.safetensors` with the logits of every state) is
 //! held to PEFT in every state a [`SlotModel`] has, for any [`SlotMethod`].
 
-use burn::tensor::backend::Backend;
+use burn::module::{AutodiffModule, ModuleDisplay};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
+use peft_core::compare::{self, Tolerance};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{PeftModel, SlotMethod, SlotModel};
 
@@ -131,4 +134,83 @@ fn assert_same_json(what: &str, theirs: &serde_json::Value, ours: &serde_json::V
         }
         (a, b) => assert_eq!(a, b, "{what}"),
     }
+}
+
+/// The learning rate of the fixtures' two training steps
+/// (`STEP_LR` in `scripts/make_lycoris_fixtures.py`).
+pub const STEP_LR: f64 = 0.01;
+
+/// Two Adam steps (PyTorch's defaults: betas 0.9 / 0.999, eps 1e-8) from
+/// the fixture's saved `default`, on the fixture's two recorded batches
+/// (`steps.input_ids.i`, and `steps.labels.i` for a classifier): the saved
+/// tensors afterwards equal PEFT's after the same steps (`steps.<key>`),
+/// and the steps moved them well beyond the tolerance. `loss` is the
+/// training loss of a batch (ids, labels if recorded).
+pub fn check_training_steps<B, M, K>(
+    arch: &str,
+    case: &str,
+    model: M,
+    loss: impl Fn(&M, Tensor<B, 2, Int>, Option<Tensor<B, 1, Int>>) -> Tensor<B, 1>,
+    device: &B::Device,
+) where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + ModuleDisplay,
+    K: SlotMethod,
+{
+    let c = FixtureCase::open(arch, case);
+    let mut adapted = SlotModel::<B, M, K>::wrap(model);
+    adapted.load_adapter(&c.dir, "default").unwrap();
+    adapted.set_adapter(&["default"]).unwrap();
+    let before = saved_tensors(&adapted, &format!("{arch}-{case}-before"));
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
+    for i in 0..2 {
+        let ids = c.ints::<B, 2>(&format!("steps.input_ids.{i}"), device);
+        let labels_key = format!("steps.labels.{i}");
+        let labels = c
+            .expected
+            .contains_key(&labels_key)
+            .then(|| c.ints::<B, 1>(&labels_key, device));
+        let grads = loss(&adapted.model, ids, labels).backward();
+        let grads = GradientsParams::from_grads(grads, &adapted);
+        adapted = optim.step(STEP_LR, adapted, grads);
+    }
+    let after = saved_tensors(&adapted, &format!("{arch}-{case}-after"));
+    assert!(!after.is_empty(), "{arch}/{case}: nothing saved");
+    let mut moved_by_a_step = 0;
+    for (key, got) in &after {
+        let want = c.want(&format!("steps.{key}"));
+        // Adam moves an element whose gradient is well above its epsilon
+        // by about the learning rate per step: the tolerance is a
+        // thousandth of that.
+        let tol = Tolerance::new(1e-4, 1e-3 * STEP_LR as f32);
+        compare::assert_close(
+            &format!("{arch}/{case} after two steps: {key}"),
+            got,
+            want,
+            tol,
+        );
+        if max_diff(got, &before[key]) > 0.5 * STEP_LR as f32 {
+            moved_by_a_step += 1;
+        }
+    }
+    // Tensors whose gradient is f32 noise (BERT's saturated last-layer
+    // query) barely move; most must, or the check proves nothing.
+    assert!(
+        2 * moved_by_a_step >= after.len(),
+        "{arch}/{case}: only {moved_by_a_step} of {} tensors moved by a step",
+        after.len()
+    );
+}
+
+/// The tensors `adapted` saves, by key.
+fn saved_tensors<B: Backend, M: PeftModel<B>, K: SlotMethod>(
+    adapted: &SlotModel<B, M, K>,
+    tag: &str,
+) -> std::collections::HashMap<String, HostTensor> {
+    let dir = temp_dir(&format!("slot-steps-{tag}"));
+    adapted.save_pretrained(&dir).unwrap();
+    let tensors = read_safetensors(&dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    tensors
 }

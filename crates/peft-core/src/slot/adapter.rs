@@ -71,6 +71,18 @@ pub trait SlotAdapter<B: Backend>: std::fmt::Debug {
         None
     }
 
+    /// Whether [`transform_input`](Self::transform_input) changes the input.
+    fn transforms_input(&self) -> bool {
+        false
+    }
+
+    /// The input `[n, d_in]` as the base weight sees it, after the input
+    /// scales: OFT's rotation. Applied in activation order; additive entries
+    /// read the untransformed input.
+    fn transform_input(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x
+    }
+
     /// A vector `[d_out]` multiplying the base output, bias included.
     fn output_scale(&self) -> Option<Tensor<B, 1>> {
         None

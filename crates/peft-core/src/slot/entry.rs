@@ -14,6 +14,7 @@ use super::ia3::Ia3Entry;
 use super::loha::LohaEntry;
 use super::lokr::LokrEntry;
 use super::lora::LoraEntry;
+use super::oft::OftEntry;
 
 /// A concrete kind listed in [`SlotEntry`]: typed access from the enum.
 pub trait EntryKind<B: Backend>: SlotAdapter<B> + Into<SlotEntry<B>> + Sized {
@@ -110,4 +111,6 @@ slot_entries! {
     Loha(LohaEntry),
     /// LoKr ([`LokrEntry`]).
     Lokr(LokrEntry),
+    /// OFT ([`OftEntry`]).
+    Oft(OftEntry),
 }

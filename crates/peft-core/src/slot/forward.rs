@@ -73,6 +73,11 @@ impl<B: Backend> LinearSlot<B> {
             Some(l) => x.clone() * l.clone().unsqueeze_dim(0),
             None => x.clone(),
         };
+        // So does an input transform (OFT's rotation), in activation order.
+        let x_in = active
+            .iter()
+            .filter(|e| e.transforms_input())
+            .fold(x_in, |x, e| e.transform_input(x));
         // Additive entries alone add to `x·W + b`, computed in one kernel;
         // an output scale, or an entry reading `x·W` (DoRA), needs it apart.
         if scale_out.is_none() && !active.iter().any(|e| e.needs_base_term()) {
@@ -166,6 +171,42 @@ impl<B: Backend> LinearSlot<B> {
         )
     }
 
+    /// Each row of `x` `[n, d_in]` (`rows` batch rows) through its
+    /// adapter's input transform, unchanged where it has none: every
+    /// distinct transform runs on the whole batch once and each row picks
+    /// its own.
+    fn transform_rows(&self, x: Tensor<B, 2>, rows: usize, names: &[String]) -> Tensor<B, 2> {
+        let (used, index) = self.per_row(names, |e| {
+            e.transforms_input().then(|| e.name().to_string())
+        });
+        if used.is_empty() {
+            return x;
+        }
+        let [n, d_in] = x.dims();
+        let width = n / rows * d_in;
+        let mut table = vec![x.clone().reshape([rows, width])];
+        for name in &used {
+            if let Some(e) = self.entry_named(name) {
+                table.push(
+                    e.adapter()
+                        .transform_input(x.clone())
+                        .reshape([rows, width]),
+                );
+            }
+        }
+        let candidates = table.len();
+        let flat: Vec<i64> = index
+            .iter()
+            .enumerate()
+            .map(|(row, &k)| k * rows as i64 + row as i64)
+            .collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows]), &x.device());
+        Tensor::stack::<3>(table, 0)
+            .reshape([candidates * rows, width])
+            .select(0, idx)
+            .reshape([n, d_in])
+    }
+
     /// Mixed batch: row `i` uses adapter `names[i]` (or none for
     /// [`BASE_ROW`] or an adapter this slot does not carry). The per-row
     /// low-rank factors are gathered into `[rows, d_in, r_max]` /
@@ -187,12 +228,11 @@ impl<B: Backend> LinearSlot<B> {
         let scale_in = self.row_vectors(names, d_in, &device, |e| e.input_scale());
         let scale_out = self.row_vectors(names, d_out, &device, |e| e.output_scale());
         let w = self.base_weight();
-        let base = match scale_in {
-            Some(l) => (x.clone().reshape([rows, t, d_in]) * l)
-                .reshape([n, d_in])
-                .matmul(w.clone()),
-            None => x.clone().matmul(w.clone()),
+        let x_in = match scale_in {
+            Some(l) => (x.clone().reshape([rows, t, d_in]) * l).reshape([n, d_in]),
+            None => x.clone(),
         };
+        let base = self.transform_rows(x_in, rows, names).matmul(w.clone());
         // Each row is one adapter's: an output-scaled row has no low-rank
         // delta and a low-rank row a unit output vector, so `(y + b) ⊙ l`
         // is `(x·W + b) ⊙ l` for the first and `y + b` for the second (a

@@ -3,7 +3,7 @@
 //! A model holds a `LinearSlot` wherever it would hold a `burn::nn::Linear`
 //! that PEFT may adapt. The slot owns the frozen base layer and the named
 //! adapter entries attached to it ([`SlotEntry`]: LoRA/DoRA, (IA)³, LoHa,
-//! LoKr), and
+//! LoKr, OFT), and
 //! computes the base layer with the active, unmerged entries' effects
 //! composed (`forward.rs`). Merged entries are skipped: with every active
 //! adapter merged, or none attached, the slot runs exactly the base
@@ -11,7 +11,7 @@
 //!
 //! The slot never branches on an entry's kind: each kind says what it does
 //! through [`SlotAdapter`] (`adapter.rs`), in its own file (`lora.rs`,
-//! `ia3.rs`), listed once in `entry.rs`'s registry. The kinds whose effect
+//! `ia3.rs`, `oft.rs`), listed once in `entry.rs`'s registry. The kinds whose effect
 //! is one weight delta built from factors (LoHa, LoKr) share [`DeltaEntry`]
 //! (`delta.rs`) and only say what their factors are (`loha.rs`, `lokr.rs`).
 //!
@@ -26,6 +26,7 @@ mod ia3;
 mod loha;
 mod lokr;
 mod lora;
+mod oft;
 
 use std::sync::Arc;
 
@@ -44,6 +45,7 @@ pub use ia3::{Ia3Entry, Ia3Meta};
 pub use loha::{LohaEntry, LohaFactors};
 pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
 pub use lora::{column_norm, LoraEntry, LoraMeta};
+pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
 
 /// Slot-level state that is not a parameter.
 #[derive(Debug, Clone, Default, PartialEq)]

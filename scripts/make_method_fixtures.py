@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""Writes the Hugging Face PEFT parity fixtures for the LyCORIS methods
-(LoHa, LoKr) under fixtures/<arch>/<case>/ (tiny Llama and BERT of
-make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's LyCORIS
-methods, and by ours).
+"""Writes the Hugging Face PEFT parity fixtures for the newer slot methods
+(LoHa, LoKr, OFT) under fixtures/<arch>/<case>/ (tiny Llama and BERT of
+make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's LyCORIS and
+OFT methods, and by ours).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_lycoris_fixtures.py [loha|lokr ...]
+    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
 base model, of each adapter, of both active at once, disabled, merged and
 unmerged again, a mixed batch, the training loss and every factor's gradient;
-expected.json with parameter counts.
+expected.json with parameter counts; and `steps.*`: two Adam steps
+(PyTorch's defaults, lr STEP_LR) of the saved `default`, loaded as a user
+loads it, on two recorded batches, and every trained tensor after them.
 """
 import json
 import os
@@ -19,11 +21,11 @@ import shutil
 import sys
 
 import torch
-from peft import LoHaConfig, LoKrConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, OFTConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import ROOT, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
+from make_fixtures import BATCH, ROOT, SEQ, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
 
 # case -> (config class, arguments). Tiny Llama: hidden 16, q_proj 16 -> 16,
 # v_proj 16 -> 8, up_proj 16 -> 40; BERT: hidden 16, intermediate 40.
@@ -45,6 +47,14 @@ CASES = {
                                          target_modules=r".*\.(q_proj|up_proj|o_proj)",
                                          rank_pattern={"o_proj": 2}, alpha_pattern={"up_proj": 5},
                                          init_weights="lycoris", rank_dropout_scale=True)),
+        # 4 x 4 blocks (q_proj, v_proj: 16 inputs).
+        "oft": (OFTConfig, dict(oft_block_size=4, r=0), dict(lr=0.01)),
+        # r = 2 blocks per layer (8 x 8 for 16 inputs, 20 x 20 for
+        # down_proj's 40), one generator shared by a layer's blocks, and a
+        # 3-term Neumann series.
+        "oft_custom": (OFTConfig, dict(r=2, oft_block_size=0, block_share=True,
+                                       num_cayley_neumann_terms=3,
+                                       target_modules=r".*\.(q_proj|down_proj|o_proj)"), dict(lr=0.01)),
     },
     "bert": {
         "loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])),
@@ -52,18 +62,47 @@ CASES = {
         # 2 x 2 matrix while W2 (8 x 8, 8 x 20) is a rank-1 pair.
         "lokr": (LoKrConfig, dict(r=1, alpha=2, decompose_both=True, decompose_factor=2,
                                   target_modules=["query", "value", "output.dense"])),
+        "oft": (OFTConfig, dict(oft_block_size=8, r=0, target_modules=["query", "value", "output.dense"]),
+                dict(lr=0.3)),
     },
 }
 
+STEP_LR = 0.01
 
-def write_case(arch, case, config_class, kwargs, model_dir, ids):
+
+def two_adam_steps(arch, out_dir, tensors):
+    """Loads `default` from out_dir onto a fresh base, takes two Adam steps
+    and records the batches and the trained tensors under `steps.`."""
+    model = PeftModel.from_pretrained(base_model(arch), out_dir, is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=STEP_LR)
+    g = torch.Generator().manual_seed(9)
+    model.train()
+    for i in range(2):
+        ids = torch.randint(0, 64, (BATCH, SEQ), generator=g)
+        tensors[f"steps.input_ids.{i}"] = ids.float()
+        if arch == "bert":
+            labels = torch.randint(0, 3, (BATCH,), generator=g)
+            tensors[f"steps.labels.{i}"] = labels.float()
+            out = model(input_ids=ids, labels=labels)
+        else:
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            tensors["steps." + name.replace(".default", "")] = p.detach().clone()
+
+
+def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None):
     out_dir = os.path.join(model_dir, case)
     shutil.rmtree(out_dir, ignore_errors=True)
     model = base_model(arch)
     base = logits(model, ids)
     task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"
     peft_model = get_peft_model(model, config_class(task_type=None, **kwargs))
-    train_a_few_steps(peft_model, arch, "default")
+    train_a_few_steps(peft_model, arch, "default", lr=lr)
     trainable, total = peft_model.get_nb_trainable_parameters()
     tensors = {"input_ids": ids.float(), "logits_base": base}
     tensors.update(training_gradients(peft_model, arch, ids))
@@ -74,7 +113,7 @@ def write_case(arch, case, config_class, kwargs, model_dir, ids):
     peft_model.add_adapter("other", config_class(task_type=None, **kwargs))
     # `other` trains on other batches (seed 5) too, so that no switching,
     # mixed-batch or saving test could mistake one for the other.
-    train_a_few_steps(peft_model, arch, "other", seed=5)
+    train_a_few_steps(peft_model, arch, "other", seed=5, lr=lr)
     peft_model.set_adapter("other")
     tensors["logits_other"] = logits(peft_model, ids)
     peft_model.save_pretrained(out_dir)
@@ -93,6 +132,7 @@ def write_case(arch, case, config_class, kwargs, model_dir, ids):
     tensors["logits_merged"] = logits(peft_model, ids)
     peft_model.unmerge_adapter()
     tensors["logits_unmerged_again"] = logits(peft_model, ids)
+    two_adam_steps(arch, out_dir, tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
     meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
             "mixed_adapter_names": names, "task": task}
@@ -107,13 +147,13 @@ def write_case(arch, case, config_class, kwargs, model_dir, ids):
 
 def main():
     torch.set_num_threads(2)
-    methods = sys.argv[1:] or ["loha", "lokr"]
+    methods = sys.argv[1:] or ["loha", "lokr", "oft"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)
-        for case, (config_class, kwargs) in cases.items():
+        for case, (config_class, kwargs, *options) in cases.items():
             if case.split("_")[0] in methods:
-                write_case(arch, case, config_class, kwargs, model_dir, ids)
+                write_case(arch, case, config_class, kwargs, model_dir, ids, **(options[0] if options else {}))
 
 
 if __name__ == "__main__":

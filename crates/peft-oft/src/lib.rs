@@ -1,0 +1,13 @@
+//! # peft-oft
+//!
+//! Orthogonal fine-tuning as Hugging Face PEFT 0.21 defines it, on the
+//! model's [`LinearSlot`](peft_core::LinearSlot)s:
+//!
+//! - [`oft`]: OFT (`peft_type: OFT`), a block-diagonal rotation of each
+//!   adapted layer's input, Cayley-parameterised; mergeable, several named
+//!   adapters and mixed batches, in PEFT's file format.
+
+pub mod oft;
+
+pub use oft::{Oft, OftConfig, OftModel};
+pub use peft_core::method_config::MethodConfig;
