@@ -171,6 +171,16 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
     )
     .unwrap();
     let grads = loss.backward();
+    // BERT's last-layer query gradients are f32 noise in PyTorch (its
+    // softmax saturates): compared against a floor one millionth of the
+    // largest gradient, every other one at GRADIENTS' relative 1e-3, as in
+    // the LyCORIS checks.
+    let largest = c
+        .expected
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .fold(0f32, |m, (_, t)| m.max(compare::max_abs(&t.data)));
+    let tol = compare::Tolerance::new(compare::GRADIENTS.rel, 1e-6 * largest);
     let mut checked = 0;
     oft.model.visit_linears(&mut |path, slot| {
         assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base");
@@ -180,12 +190,7 @@ fn check_gradients<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>>(
         if let Some(e) = slot.entry::<OftEntry<_>>("default") {
             let got = HostTensor::from_tensor(e.weight.grad(&grads).unwrap());
             let want = c.want(&format!("grad.base_model.model.{path}.oft_R.weight"));
-            compare::assert_close(
-                &format!("{path}.oft_R.weight"),
-                &got,
-                want,
-                compare::GRADIENTS,
-            );
+            compare::assert_close(&format!("{path}.oft_R.weight"), &got, want, tol);
             checked += 1;
         }
     });
