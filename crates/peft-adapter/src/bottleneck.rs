@@ -2,8 +2,8 @@
 //! compositions.
 //!
 //! An adapter is `up(act(down(x))) · scaling` plus a residual, placed at a
-//! model's residual joins ([`InsertionPoint`]) through the
-//! [`BottleneckSeam`]: the model calls our [`ResidualHook`] where it would
+//! model's residual joins ([`InsertionPoint`]) through
+//! [`ModelInput::hook`](peft_core::ModelInput::hook): the model calls our [`ResidualHook`] where it would
 //! compute `norm(hidden + residual)`. Which inputs, residuals and norms an
 //! adapter sees follows AdapterHub's `pre_forward` / `forward` /
 //! `post_forward` exactly (`original_ln_before`, `residual_before_ln`,

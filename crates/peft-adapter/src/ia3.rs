@@ -13,7 +13,6 @@ use burn::tensor::{Distribution, Tensor};
 use peft_core::io::{take_tensor, HostTensor};
 use peft_core::slot_method::Init;
 use peft_core::slot_model::KEY_PREFIX;
-use peft_core::target::targets_match;
 use peft_core::{
     Ia3Config, Ia3Entry, Ia3Meta, LinearSlot, PeftError, Result, SlotMethod, SlotModel,
 };
@@ -30,26 +29,6 @@ pub type Ia3Model<B, M> = SlotModel<B, M, Ia3>;
 
 impl SlotMethod for Ia3 {
     type Config = Ia3Config;
-
-    /// Unset targets take PEFT's defaults for the model's type.
-    fn prepare(config: &mut Ia3Config, model_type: Option<&str>) -> Result<()> {
-        config.fill_defaults(model_type)
-    }
-
-    fn targets(config: &Ia3Config, path: &str, output_layers: &[String]) -> Result<bool> {
-        targets_match(
-            config.target_modules.as_ref(),
-            config.exclude_modules.as_ref(),
-            None,
-            None,
-            path,
-            output_layers,
-        )
-    }
-
-    fn target_rule(config: &Ia3Config) -> String {
-        serde_json::to_string(&config.target_modules).unwrap_or_else(|_| "?".into())
-    }
 
     /// A vector of ones, or N(0, 1) with `init_ia3_weights = false`
     /// (placeholders: ones).

@@ -1,5 +1,6 @@
 //! [`AdapterModel`]: a frozen model with named bottleneck adapters and
-//! fusions, run through its [`BottleneckSeam`] with an active [`Setup`].
+//! fusions, run through the model's residual joins
+//! ([`ModelInput::hook`](peft_core::ModelInput::hook)) with an active [`Setup`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,11 +12,8 @@ use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{
     ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
 };
-use peft_core::kv::KvCache;
-use peft_core::model::{
-    residual_join, BottleneckSeam, EmbeddingSeam, InsertionPoint, JoinNorm, ResidualHook,
-};
-use peft_core::{ParamCount, PeftError, PeftModel, Result};
+use peft_core::model::InsertionPoint;
+use peft_core::{ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, Tokens};
 use serde_json::{json, Value};
 
 use crate::bottleneck::{
@@ -78,21 +76,6 @@ impl<B: Backend> ModuleMapper<B> for RequireGrad {
     }
 }
 
-struct PlainJoin;
-
-impl<B: Backend> ResidualHook<B> for PlainJoin {
-    fn join(
-        &self,
-        _: InsertionPoint,
-        _: usize,
-        hidden: Tensor<B, 3>,
-        residual: Tensor<B, 3>,
-        norm: JoinNorm<'_, B>,
-    ) -> Tensor<B, 3> {
-        residual_join(hidden, residual, norm)
-    }
-}
-
 /// A frozen model with bottleneck adapters: itself a Burn module, so an
 /// optimizer steps it whole (`model = optim.step(lr, model, grads)`); only
 /// the adapters being trained have gradients.
@@ -113,7 +96,7 @@ pub struct AdapterModel<B: Backend, M: Module<B>> {
     trainable_fusions: Vec<String>,
 }
 
-impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
+impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     /// Wraps `model` with no adapter; every model parameter is frozen.
     pub fn wrap(model: M) -> Self {
         AdapterModel {
@@ -155,7 +138,9 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             )));
         }
         let device = self.model.devices().into_iter().next().unwrap_or_default();
-        let (layers, d) = (self.model.num_hook_layers(), self.model.hook_width());
+        let ModelDims {
+            layers, d_model: d, ..
+        } = self.model.dims();
         let mut adapter = BottleneckAdapter {
             attention: Vec::new(),
             output: Vec::new(),
@@ -208,7 +193,9 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             return Err(PeftError::DuplicateAdapter(name));
         }
         let device = self.model.devices().into_iter().next().unwrap_or_default();
-        let (layers, d) = (self.model.num_hook_layers(), self.model.hook_width());
+        let ModelDims {
+            layers, d_model: d, ..
+        } = self.model.dims();
         let all = |f: fn(&BnConfig) -> bool| {
             let first = f(configs[0]);
             configs.iter().all(|c| f(c) == first).then_some(first)
@@ -404,9 +391,9 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         &self,
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
-    ) -> Result<M::BottleneckOutput> {
+    ) -> Result<M::Output> {
         let Some(setup) = &self.setup else {
-            return Ok(self.model.forward_hooked(ids, attention_mask, &PlainJoin));
+            return Ok(self.model.run(ModelInput::ids(ids).mask(attention_mask)));
         };
         let (ids, mask) = match setup.parallel_channels()? {
             Some(n) => (
@@ -421,7 +408,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             setup,
             _b: std::marker::PhantomData,
         };
-        Ok(self.model.forward_hooked(ids, mask, &hook))
+        Ok(self.model.run(ModelInput::ids(ids).mask(mask).hook(&hook)))
     }
 
     /// Trainable (the adapters / fusions being trained) and all parameters.
@@ -453,7 +440,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
     pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, HostTensor)>> {
         let adapter = &self.set.adapters[self.index(name)?];
         let mut out = Vec::new();
-        for layer in 0..self.model.num_hook_layers() {
+        for layer in 0..self.model.dims().layers {
             for point in POINTS {
                 let Some(b) = adapter.at(point, layer) else {
                     continue;
@@ -481,7 +468,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         )?;
         let meta = json!({
             "config": config,
-            "hidden_size": self.model.hook_width(),
+            "hidden_size": self.model.dims().d_model,
             "model_class": Value::Null,
             "model_name": "",
             "model_type": self.model.model_type(),
@@ -508,7 +495,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             meta.get("config").cloned().unwrap_or(Value::Null),
             &config_path,
         )?;
-        check_hidden_size(&meta, self.model.hook_width(), &config_path)?;
+        check_hidden_size(&meta, self.model.dims().d_model, &config_path)?;
         let name = name.unwrap_or(&saved).to_string();
         let file = weights_file(dir, ADAPTER_WEIGHTS_FILE, "pytorch_adapter.bin")?;
         let mut tensors = read_safetensors(&file)?;
@@ -533,7 +520,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
     ) -> Result<()> {
         let i = self.index(name)?;
         let device = self.model.devices().into_iter().next().unwrap_or_default();
-        let paths: Vec<(InsertionPoint, usize, String)> = (0..self.model.num_hook_layers())
+        let paths: Vec<(InsertionPoint, usize, String)> = (0..self.model.dims().layers)
             .flat_map(|l| POINTS.map(|p| (p, l, self.model.hook_path(p, l))))
             .collect();
         for (point, layer, path) in paths {
@@ -570,7 +557,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         let i = self.fusion_index(name)?;
         let fusion = &self.set.fusions[i];
         let mut tensors = Vec::new();
-        for layer in 0..self.model.num_hook_layers() {
+        for layer in 0..self.model.dims().layers {
             for point in POINTS {
                 let Some(f) = fusion.at(point, layer) else {
                     continue;
@@ -593,7 +580,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         let meta = json!({
             "adapter_names": name.split(',').collect::<Vec<_>>(),
             "config": self.set.fusion_configs[i],
-            "hidden_size": self.model.hook_width(),
+            "hidden_size": self.model.dims().d_model,
             "model_type": self.model.model_type(),
             "name": name,
             "version": "adapters.1.3.0",
@@ -622,7 +609,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
             meta.get("config").cloned().unwrap_or(Value::Null),
             &config_path,
         )?;
-        check_hidden_size(&meta, self.model.hook_width(), &config_path)?;
+        check_hidden_size(&meta, self.model.dims().d_model, &config_path)?;
         let names: Vec<String> = from_json(
             meta.get("adapter_names").cloned().unwrap_or(Value::Null),
             &config_path,
@@ -637,7 +624,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
         let i = self.fusion_index(&name)?;
         let device = self.model.devices().into_iter().next().unwrap_or_default();
         let mut filled = Ok(());
-        for layer in 0..self.model.num_hook_layers() {
+        for layer in 0..self.model.dims().layers {
             for point in POINTS {
                 let key = format!(
                     "{}.adapter_fusion_layer.{name}",
@@ -680,10 +667,7 @@ impl<B: Backend, M: PeftModel<B> + BottleneckSeam<B>> AdapterModel<B, M> {
 impl<B, M> AdapterModel<B, M>
 where
     B: Backend,
-    M: PeftModel<B>
-        + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
-        + EmbeddingSeam<B>
-        + CausalLm<B>,
+    M: PeftModel<B, Output = Tensor<B, 3>> + CausalLm<B>,
 {
     /// Greedy or sampled generation through the model's KV cache with the
     /// active setup (with a `Parallel` block, row 0's channel — the first
@@ -724,39 +708,28 @@ where
 impl<B, M> CausalLm<B> for AdapterModel<B, M>
 where
     B: Backend,
-    M: PeftModel<B>
-        + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
-        + EmbeddingSeam<B>
-        + CausalLm<B>,
+    M: PeftModel<B, Output = Tensor<B, 3>> + CausalLm<B>,
 {
     fn device(&self) -> B::Device {
         self.model.device()
     }
 
-    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward(ids, None)
-            .expect("a setup checked by generate_checked")
-    }
-
-    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let embeds = self.model.embed_tokens(ids);
-        self.logits_embeds_cached(embeds, cache)
-    }
-
-    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let embeds = self.replicate(embeds);
-        let out = match &self.setup {
-            None => self.model.forward_hooked_cached(embeds, cache, &PlainJoin),
-            Some(setup) => {
-                let hook = Composer {
-                    lookup: &self.set,
-                    setup,
-                    _b: std::marker::PhantomData,
-                };
-                self.model.forward_hooked_cached(embeds, cache, &hook)
-            }
+    fn forward_logits(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        let mut input = input;
+        input.tokens = match input.tokens {
+            Tokens::Ids(ids) => Tokens::Ids(self.replicate(ids)),
+            Tokens::Embeds(e) => Tokens::Embeds(self.replicate(e)),
         };
-        out.expect("a decoder: its BottleneckSeam implements forward_hooked_cached")
+        input.attention_mask = input.attention_mask.map(|m| self.replicate(m));
+        let Some(setup) = &self.setup else {
+            return self.model.run(input);
+        };
+        let hook = Composer {
+            lookup: &self.set,
+            setup,
+            _b: std::marker::PhantomData,
+        };
+        self.model.run(input.hook(&hook))
     }
 }
 

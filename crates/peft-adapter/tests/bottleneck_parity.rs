@@ -10,7 +10,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_adapter::{AdapterModel, Setup};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::model::BottleneckSeam;
 use peft_core::{backend_tests, PeftModel};
 use peft_models::bert::Bert;
 use peft_models::fixtures::{assert_close, fixtures_dir, temp_dir, FixtureCase};
@@ -54,9 +53,9 @@ fn setup_from_json(v: &Value) -> Setup {
     }
 }
 
-type Logits<B, M> = fn(&M, <M as BottleneckSeam<B>>::BottleneckOutput) -> HostTensor;
+type Logits<B, M> = fn(&M, <M as PeftModel<B>>::Output) -> HostTensor;
 
-fn check_case<B: Backend, M: PeftModel<B> + BottleneckSeam<B> + Clone>(
+fn check_case<B: Backend, M: PeftModel<B> + Clone>(
     arch: &str,
     case: &str,
     base: M,

@@ -20,7 +20,7 @@ pub use crate::tasks::Quantize;
 use crate::tasks::{
     self, Adapted, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Method,
 };
-use crate::train::{fit, BatchLoss, Metric, RunDir, TrainConfig};
+use crate::train::{BatchLoss, Metric, RunDir, TrainConfig, Trainer};
 
 /// What to train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,19 +301,22 @@ where
         all: count.all + head_params,
     };
     let before = tasks::accuracy(&model.valid(), tok, held)?;
-    let (_, out) = fit(
-        model,
+    let trainer = Trainer::new(
+        &model,
         &job.train,
         train.texts.len(),
         run,
+        progress,
+        job.last().as_deref(),
+    )?;
+    let (_, out) = trainer.fit(
+        model,
         |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
         |m| tasks::accuracy(m, tok, held),
         |m, dir| {
             save_encoder(m, dir)?;
             tasks::save_head(&m.head, dir)
         },
-        progress,
-        job.last().as_deref(),
     )?;
     Ok(Report {
         before,
@@ -381,11 +384,16 @@ where
     let (model, count, save) =
         tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
     let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
-    let (_, out) = fit(
-        model,
+    let trainer = Trainer::new(
+        &model,
         &job.train,
         train.len(),
         &mut run,
+        progress,
+        job.last().as_deref(),
+    )?;
+    let (_, out) = trainer.fit(
+        model,
         |m, idx| match (m, job.quantize) {
             // QLoRA: one layer's weights dequantized at a time.
             (Adapted::Slots(slots), Some(_)) => {
@@ -408,8 +416,6 @@ where
         },
         |m| tasks::perplexity(m, &held, &inner_device),
         |m, dir| save(m, dir),
-        progress,
-        job.last().as_deref(),
     )?;
     Ok(Report {
         before,
@@ -510,10 +516,7 @@ pub fn generate<B: Backend>(
     tok.decode(&out)
 }
 
-fn generate_with<
-    B: Backend,
-    M: CausalModel<B> + CausalLm<B> + peft_core::model::EmbeddingSeam<B>,
->(
+fn generate_with<B: Backend, M: CausalModel<B> + CausalLm<B>>(
     model: &Path,
     adapter: Option<&Path>,
     ids: &[u32],
@@ -770,10 +773,7 @@ struct MergeTarget<'a> {
 }
 
 /// `base` with the LoRA / DoRA / (IA)³ adapter in `adapter` folded in.
-fn merged_model<
-    B: Backend,
-    M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
->(
+fn merged_model<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     base: M,
     adapter: &Path,
 ) -> Result<M> {
@@ -927,10 +927,7 @@ fn merge_gguf<B: Backend>(
     Ok(changed)
 }
 
-fn merge_into<
-    B: Backend,
-    M: peft_core::PeftModel<B> + peft_core::model::BottleneckSeam<B> + Clone,
->(
+fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     base: M,
     t: &MergeTarget<'_>,
     transpose: bool,

@@ -13,10 +13,9 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig, Ia3};
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::loss::causal_lm_loss_after_prompt;
-use peft_core::model::{AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam};
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
 use peft_core::slot_method::OneOf;
-use peft_core::{Ia3Config, LoraConfig, PeftError, PeftModel, Result, SlotModel};
+use peft_core::{Ia3Config, LoraConfig, ModelInput, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
 use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
 use peft_models::bert::Bert;
@@ -383,15 +382,8 @@ pub fn new_head<B: Backend>(d: usize, labels: usize, device: &B::Device) -> Line
 
 /// A causal LM `peft` can train: logits for ids, and the seams.
 pub trait CausalModel<B: Backend>:
-    PeftModel<B>
-    + peft_core::layered::LayeredModel<B>
-    + BottleneckSeam<B, BottleneckOutput = Tensor<B, 3>>
-    + AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>
-    + EmbeddingSeam<B, Output = Tensor<B, 3>>
-    + Clone
+    PeftModel<B, Output = Tensor<B, 3>> + peft_core::layered::LayeredModel<B> + Clone
 {
-    /// Logits `[b, t, vocab]`.
-    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
     /// Loads the model at `path`.
     fn load_from(path: &Path, device: &B::Device) -> Result<Self>;
 
@@ -427,9 +419,6 @@ pub trait CausalModel<B: Backend>:
 }
 
 impl<B: Backend> CausalModel<B> for Llama<B> {
-    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward(ids, None)
-    }
     fn load_from(path: &Path, device: &B::Device) -> Result<Self> {
         if path.extension().is_some_and(|e| e == "gguf") {
             Llama::from_gguf(path, device)
@@ -457,9 +446,6 @@ impl<B: Backend> CausalModel<B> for Llama<B> {
 }
 
 impl<B: Backend> CausalModel<B> for Gpt2<B> {
-    fn lm_logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward(ids, None)
-    }
     fn load_from(path: &Path, device: &B::Device) -> Result<Self> {
         Gpt2::load(path, device)
     }
@@ -523,9 +509,7 @@ pub trait Virtual<B: Backend, M>: VirtualTokenEncoder<B> {
     fn positions(&self) -> usize;
 }
 
-impl<B: Backend, M: AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>> Virtual<B, M>
-    for PrefixEncoder<B>
-{
+impl<B: Backend, M: PeftModel<B, Output = Tensor<B, 3>>> Virtual<B, M> for PrefixEncoder<B> {
     fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
         self.forward_before(model, ids, mask)
     }
@@ -535,7 +519,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>> Virtual
     }
 }
 
-impl<B: Backend, M: EmbeddingSeam<B, Output = Tensor<B, 3>>> Virtual<B, M> for PromptEncoder<B> {
+impl<B: Backend, M: PeftModel<B, Output = Tensor<B, 3>>> Virtual<B, M> for PromptEncoder<B> {
     fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
         self.forward_before(model, ids, mask)
     }
@@ -550,7 +534,7 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     /// (a soft prompt's positions come first; a prefix has none).
     pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
         match self {
-            Adapted::Slots(s) => Ok(s.model.lm_logits(ids)),
+            Adapted::Slots(s) => Ok(s.model.run(ModelInput::ids(ids))),
             Adapted::Adapters(a) => a.forward(ids, None),
             Adapted::Prefix(p) => Ok(p.encoder.run(&p.model, ids, None)),
             Adapted::Prompt(p) => Ok(p.encoder.run(&p.model, ids, None)),
@@ -660,13 +644,8 @@ pub fn attach_to_train<B, M>(
 )>
 where
     B: AutodiffBackend,
-    M: PeftModel<B>
-        + BottleneckSeam<B>
-        + AttentionPrefixSeam<B>
-        + EmbeddingSeam<B>
-        + AutodiffModule<B>
-        + Clone,
-    M::InnerModule: PeftModel<B::InnerBackend> + BottleneckSeam<B::InnerBackend> + Clone + 'static,
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
 {
     let lost = |what: &str| format!("a {} run lost its {what}", method.name());
     Ok(match method {
@@ -727,7 +706,7 @@ where
 
 /// A bottleneck adapter `default` to train: fresh per `config`, or loaded
 /// from a `last/` checkpoint to continue.
-fn bottleneck_to_train<B: Backend, M: PeftModel<B> + BottleneckSeam<B>>(
+fn bottleneck_to_train<B: Backend, M: PeftModel<B>>(
     model: M,
     config: &BnConfig,
     from: Option<&Path>,
@@ -757,7 +736,7 @@ pub enum Attached<B: Backend, M: Module<B>> {
 /// A saved prefix / prompt folder before `model` (for evaluation).
 pub fn load_virtual<B: Backend, M>(model: M, dir: &Path) -> Result<Adapted<B, M>>
 where
-    M: AttentionPrefixSeam<B> + EmbeddingSeam<B> + Module<B> + Clone,
+    M: PeftModel<B> + Clone,
 {
     let default = peft_core::DEFAULT_ADAPTER;
     Ok(match Method::detect(dir)? {
@@ -787,7 +766,7 @@ pub fn start_virtual<B: Backend, M>(
     from: Option<&Path>,
 ) -> Result<(Adapted<B, M>, PromptLearningConfig, peft_core::ParamCount)>
 where
-    M: AttentionPrefixSeam<B> + EmbeddingSeam<B> + Module<B> + Clone,
+    M: PeftModel<B> + Clone,
 {
     let default = peft_core::DEFAULT_ADAPTER;
     let device = model.devices().into_iter().next().unwrap_or_default();
@@ -866,7 +845,7 @@ pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;
 /// evaluation or generation.
 pub fn load_attached<B: Backend, M>(model: M, dir: &Path) -> Result<Attached<B, M>>
 where
-    M: PeftModel<B> + BottleneckSeam<B> + Clone,
+    M: PeftModel<B> + Clone,
 {
     Ok(match Method::detect(dir)? {
         Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
@@ -889,7 +868,7 @@ where
 /// plain without one: what `eval` and `forward` run.
 pub fn load_adapted<B: Backend, M>(model: M, dir: Option<&Path>) -> Result<Adapted<B, M>>
 where
-    M: PeftModel<B> + BottleneckSeam<B> + AttentionPrefixSeam<B> + EmbeddingSeam<B> + Clone,
+    M: PeftModel<B> + Clone,
 {
     let Some(dir) = dir else {
         return Ok(Adapted::Slots(Slots::wrap(model)));

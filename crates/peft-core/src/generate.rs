@@ -7,6 +7,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::input::ModelInput;
 pub use crate::kv::{KvCache, LayerCache};
 use crate::rng::SplitMix64;
 
@@ -16,18 +17,28 @@ pub fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, I
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
 }
 
-/// A causal language model that can extend a [`KvCache`].
+/// A causal language model that can extend a [`KvCache`]: a model whose
+/// [`run`](crate::PeftModel::run) gives logits, or a method's wrapper
+/// around one.
 pub trait CausalLm<B: Backend> {
     /// The device the model lives on.
     fn device(&self) -> B::Device;
+    /// Logits `[b, t, vocab]` of one forward pass over `input`.
+    fn forward_logits(&self, input: ModelInput<'_, B>) -> Tensor<B, 3>;
     /// Logits `[b, t, vocab]` for `ids: [b, t]` (no cache).
-    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3>;
+    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_logits(ModelInput::ids(ids))
+    }
     /// Logits for the next `t` tokens after the cached ones; extends `cache`.
     /// Positions continue from the cache length.
-    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3>;
+    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.forward_logits(ModelInput::ids(ids).cache(cache))
+    }
     /// As [`logits_cached`](Self::logits_cached), from input embeddings
     /// `[b, t, d_model]` instead of ids (prompt tuning's first step).
-    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3>;
+    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.forward_logits(ModelInput::embeds(embeds).cache(cache))
+    }
 
     /// Continues `prompt` by up to `max_new` tokens, stopping after `eos`.
     /// With `use_cache`, each step feeds one token through the KV cache;

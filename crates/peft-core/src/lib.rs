@@ -7,8 +7,10 @@
 //!   `burn::nn::Linear`. It carries the frozen base weight and the named adapter
 //!   entries attached to it, and runs them (merged, unmerged, several at once,
 //!   or one per batch row).
-//! - [`model::PeftModel`]: the visitor trait a model implements to name its
-//!   slots by their Hugging Face module paths.
+//! - [`model::PeftModel`]: the one trait a model implements: its slots named
+//!   by their Hugging Face module paths, its sizes, and one forward entry
+//!   over an [`input::ModelInput`] (ids or embeddings, mask, key/value cache,
+//!   residual hook) through which every method reaches it.
 //! - [`slot_model::SlotModel`]: the wrapper every slot method shares (named
 //!   adapters, activation, merging, mixed batches, PEFT's files); a method
 //!   implements [`slot_method::SlotMethod`].
@@ -33,6 +35,7 @@ pub mod count;
 pub mod error;
 pub mod fused;
 pub mod generate;
+pub mod input;
 pub mod io;
 pub mod kv;
 pub mod layered;
@@ -55,6 +58,7 @@ pub mod target;
 pub use config::{Ia3Config, LoraConfig, TargetModules};
 pub use count::ParamCount;
 pub use error::{PeftError, Result};
+pub use input::{ModelDims, ModelInput, Tokens};
 pub use model::PeftModel;
 pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
 pub use slot_method::SlotMethod;

@@ -1,6 +1,7 @@
 //! [`SlotMethod`]: what a method whose adapters live in the model's
-//! [`LinearSlot`]s defines for itself (which layers a config targets, how an
-//! entry starts, how its tensors are named in PEFT's file);
+//! [`LinearSlot`]s defines for itself (its config, how an entry starts, how
+//! its tensors are named in PEFT's file; which layers a config targets is
+//! the config's own [`AdapterConfig`], provided by [`MethodConfig`]);
 //! [`SlotModel`](crate::SlotModel) does everything else, the same way for
 //! every method. A pair of methods is a method too, whose configs are
 //! [`OneOf`] the two: that is how one model holds LoRA and (IA)³ adapters.
@@ -16,6 +17,7 @@ use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
 use crate::method_config::MethodConfig;
 use crate::slot::LinearSlot;
+use crate::target::{is_target, targets_match};
 
 /// How a new entry's parameters start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,17 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
 
     /// The JSON PEFT writes into a saved adapter folder.
     fn saved_json(&self) -> String;
+
+    /// Checks the config and fills what PEFT fills for a model of type
+    /// `model_type` before injecting (default targets).
+    fn prepare(&mut self, model_type: Option<&str>) -> Result<()>;
+
+    /// Whether the config adapts the linear layer at `path` (`output_layers`:
+    /// the model's heads, which `all-linear` leaves out).
+    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool>;
+
+    /// The config's target rule, to name in an error when nothing matched.
+    fn target_rule(&self) -> String;
 }
 
 impl AdapterConfig for LoraConfig {
@@ -58,6 +71,18 @@ impl AdapterConfig for LoraConfig {
         }
         .to_json_string()
     }
+
+    fn prepare(&mut self, _model_type: Option<&str>) -> Result<()> {
+        self.validate()
+    }
+
+    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
+        is_target(self, path, output_layers)
+    }
+
+    fn target_rule(&self) -> String {
+        serde_json::to_string(&self.target_modules).unwrap_or_else(|_| "?".into())
+    }
 }
 
 impl AdapterConfig for Ia3Config {
@@ -76,6 +101,26 @@ impl AdapterConfig for Ia3Config {
         }
         .to_json_string()
     }
+
+    /// Unset targets take PEFT's defaults for the model's type.
+    fn prepare(&mut self, model_type: Option<&str>) -> Result<()> {
+        self.fill_defaults(model_type)
+    }
+
+    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
+        targets_match(
+            self.target_modules.as_ref(),
+            self.exclude_modules.as_ref(),
+            None,
+            None,
+            path,
+            output_layers,
+        )
+    }
+
+    fn target_rule(&self) -> String {
+        serde_json::to_string(&self.target_modules).unwrap_or_else(|_| "?".into())
+    }
 }
 
 /// Every [`MethodConfig`] is an `adapter_config.json` a method reads and
@@ -92,6 +137,18 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
     fn saved_json(&self) -> String {
         MethodConfig::saved_json(self)
     }
+
+    fn prepare(&mut self, model_type: Option<&str>) -> Result<()> {
+        MethodConfig::prepare(self, model_type)
+    }
+
+    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
+        MethodConfig::targets(self, path, output_layers)
+    }
+
+    fn target_rule(&self) -> String {
+        MethodConfig::target_rule(self)
+    }
 }
 
 /// What a method whose adapters live in [`LinearSlot`]s defines; everything
@@ -100,17 +157,6 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
 pub trait SlotMethod: Clone + Debug + Default + Send + Sync + 'static {
     /// The method's `adapter_config.json`.
     type Config: AdapterConfig;
-
-    /// Checks `config` and fills what PEFT fills for a model of type
-    /// `model_type` before injecting (default targets).
-    fn prepare(config: &mut Self::Config, model_type: Option<&str>) -> Result<()>;
-
-    /// Whether `config` adapts the linear layer at `path` (`output_layers`:
-    /// the model's heads, which `all-linear` leaves out).
-    fn targets(config: &Self::Config, path: &str, output_layers: &[String]) -> Result<bool>;
-
-    /// The config's target rule, to name in an error when nothing matched.
-    fn target_rule(config: &Self::Config) -> String;
 
     /// Attaches entry `name` to `slot` (module `path`), started per `init`.
     fn attach<B: Backend>(
@@ -189,32 +235,32 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
             OneOf::Second(c) => c.saved_json(),
         }
     }
+
+    fn prepare(&mut self, model_type: Option<&str>) -> Result<()> {
+        match self {
+            OneOf::First(c) => c.prepare(model_type),
+            OneOf::Second(c) => c.prepare(model_type),
+        }
+    }
+
+    fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
+        match self {
+            OneOf::First(c) => c.targets(path, output_layers),
+            OneOf::Second(c) => c.targets(path, output_layers),
+        }
+    }
+
+    fn target_rule(&self) -> String {
+        match self {
+            OneOf::First(c) => c.target_rule(),
+            OneOf::Second(c) => c.target_rule(),
+        }
+    }
 }
 
 /// Two slot methods in one model: each adapter is of one of them.
 impl<K1: SlotMethod, K2: SlotMethod> SlotMethod for (K1, K2) {
     type Config = OneOf<K1::Config, K2::Config>;
-
-    fn prepare(config: &mut Self::Config, model_type: Option<&str>) -> Result<()> {
-        match config {
-            OneOf::First(c) => K1::prepare(c, model_type),
-            OneOf::Second(c) => K2::prepare(c, model_type),
-        }
-    }
-
-    fn targets(config: &Self::Config, path: &str, output_layers: &[String]) -> Result<bool> {
-        match config {
-            OneOf::First(c) => K1::targets(c, path, output_layers),
-            OneOf::Second(c) => K2::targets(c, path, output_layers),
-        }
-    }
-
-    fn target_rule(config: &Self::Config) -> String {
-        match config {
-            OneOf::First(c) => K1::target_rule(c),
-            OneOf::Second(c) => K2::target_rule(c),
-        }
-    }
 
     fn attach<B: Backend>(
         config: &Self::Config,

@@ -99,7 +99,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
     /// per `init`, without activating them. Returns the adapted paths. On
     /// error no entry of `name` is left behind.
     pub fn attach(&mut self, name: &str, mut config: K::Config, init: Init) -> Result<Vec<String>> {
-        K::prepare(&mut config, self.model.model_type())?;
+        config.prepare(self.model.model_type())?;
         if self.configs.contains_key(name) {
             return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
@@ -110,13 +110,13 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let paths = self.model.linear_paths();
         let mut plan = Vec::new();
         for path in &paths {
-            if K::targets(&config, path, &outputs)? {
+            if config.targets(path, &outputs)? {
                 plan.push(path.clone());
             }
         }
         if plan.is_empty() {
             return Err(PeftError::NoTargetMatched {
-                targets: K::target_rule(&config),
+                targets: config.target_rule(),
                 available: paths,
             });
         }

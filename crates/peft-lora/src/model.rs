@@ -12,7 +12,7 @@ use peft_core::config::InitLoraWeights;
 use peft_core::io::HostTensor;
 use peft_core::slot::column_norm;
 use peft_core::slot_method::Init;
-use peft_core::target::{is_target, rank_and_alpha};
+use peft_core::target::rank_and_alpha;
 use peft_core::{
     LinearSlot, LoraConfig, LoraEntry, LoraMeta, PeftError, Result, SlotMethod, SlotModel,
 };
@@ -124,18 +124,6 @@ fn loftq_entry<B: Backend>(
 
 impl SlotMethod for Lora {
     type Config = LoraConfig;
-
-    fn prepare(config: &mut LoraConfig, _model_type: Option<&str>) -> Result<()> {
-        config.validate()
-    }
-
-    fn targets(config: &LoraConfig, path: &str, output_layers: &[String]) -> Result<bool> {
-        is_target(config, path, output_layers)
-    }
-
-    fn target_rule(config: &LoraConfig) -> String {
-        serde_json::to_string(&config.target_modules).unwrap_or_else(|_| "?".into())
-    }
 
     fn attach<B: Backend>(
         config: &LoraConfig,

@@ -175,18 +175,6 @@ impl LycorisConfig for LohaConfig {
 impl SlotMethod for Loha {
     type Config = LohaConfig;
 
-    fn prepare(config: &mut LohaConfig, model_type: Option<&str>) -> Result<()> {
-        config.prepare(model_type)
-    }
-
-    fn targets(config: &LohaConfig, path: &str, output_layers: &[String]) -> Result<bool> {
-        config.targets(path, output_layers)
-    }
-
-    fn target_rule(config: &LohaConfig) -> String {
-        config.target_rule()
-    }
-
     /// PEFT's `reset_adapter_parameters`: `hada_w1_a`, `hada_w1_b`,
     /// `hada_w2_a` Kaiming-uniform and `hada_w2_b` zero (random too with
     /// `init_weights: false`); placeholders are zeros.

@@ -213,18 +213,6 @@ impl LycorisConfig for LokrConfig {
 impl SlotMethod for Lokr {
     type Config = LokrConfig;
 
-    fn prepare(config: &mut LokrConfig, model_type: Option<&str>) -> Result<()> {
-        config.prepare(model_type)
-    }
-
-    fn targets(config: &LokrConfig, path: &str, output_layers: &[String]) -> Result<bool> {
-        config.targets(path, output_layers)
-    }
-
-    fn target_rule(config: &LokrConfig) -> String {
-        config.target_rule()
-    }
-
     /// PEFT's `update_layer` for `nn.Linear`: the layout from the layer's
     /// sizes, then `reset_adapter_parameters` (`init_weights: true`: `W1`
     /// zero), `_random` (`false`) or `_lycoris_way` (`"lycoris"`: `W2`

@@ -49,39 +49,25 @@ pub fn padding_mask<B: Backend>(attention_mask: Tensor<B, 2>) -> Tensor<B, 4> {
     ((attention_mask.neg() + 1.0) * MASKED).reshape([b, 1, 1, s])
 }
 
-/// The additive mask of a decoder over its own `t` tokens: causal, plus
-/// padding when an `attention_mask: [b, t]` is given.
+/// The additive mask of a decoder over `t` new tokens after `past` cached
+/// positions (a prefix, earlier generation steps): causal over the new
+/// tokens, the cached positions always visible, and padding masked when an
+/// `attention_mask: [b, t]` (of the new tokens) is given.
 pub fn decoder_mask<B: Backend>(
     t: usize,
+    past: usize,
     attention_mask: Option<Tensor<B, 2>>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    let causal = causal_mask::<B>(t, 0, device);
+    let causal = causal_mask::<B>(t, past, device);
     match attention_mask {
+        Some(am) if past > 0 => {
+            let b = am.dims()[0];
+            causal + padding_mask(Tensor::cat(vec![Tensor::ones([b, past], device), am], 1))
+        }
         Some(am) => causal + padding_mask(am),
         None => causal,
     }
-}
-
-/// The mask of a decoder run after a prefix of `past` cached positions:
-/// causal over the real tokens, the prefix always visible, padding of the
-/// real tokens masked. Returns the mask and `past`.
-pub fn prefix_mask<B: Backend>(
-    ids: &Tensor<B, 2, burn::tensor::Int>,
-    attention_mask: Option<Tensor<B, 2>>,
-    prefix: &peft_core::kv::KvCache<B>,
-) -> (Tensor<B, 4>, usize) {
-    let device = ids.device();
-    let [b, t] = ids.dims();
-    let past = prefix.len();
-    let causal = causal_mask::<B>(t, past, &device);
-    let mask = match attention_mask {
-        Some(am) => {
-            causal + padding_mask(Tensor::cat(vec![Tensor::ones([b, past], &device), am], 1))
-        }
-        None => causal,
-    };
-    (mask, past)
 }
 
 /// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query

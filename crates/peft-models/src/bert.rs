@@ -11,11 +11,10 @@ use crate::norm::LayerNorm;
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::input::cached_positions;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
-use peft_core::model::{
-    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
-};
-use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use peft_core::model::{join, InsertionPoint, ResidualHook};
+use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::attention::{attend, attend_real, padding_mask, positions, split_heads};
@@ -258,7 +257,7 @@ impl<B: Backend> Bert<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        self.forward_embeds(self.word_embeddings.forward(ids), attention_mask)
+        self.run(ModelInput::ids(ids).mask(attention_mask))
     }
 
     /// Sentence embeddings as sentence-transformers computes them: the mean
@@ -325,32 +324,6 @@ impl<B: Backend> Bert<B> {
     }
 }
 
-impl<B: Backend> EmbeddingSeam<B> for Bert<B> {
-    /// Last hidden states `[b, t, d]`.
-    type Output = Tensor<B, 3>;
-
-    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.word_embeddings.forward(ids)
-    }
-
-    fn d_model(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn forward_embeds(
-        &self,
-        embeds: Tensor<B, 3>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> Tensor<B, 3> {
-        let mask = attention_mask.clone().map(padding_mask);
-        self.run_layers(embeds, 0, mask, attention_mask.as_ref(), None, None)
-    }
-}
-
 impl<B: Backend> Bert<B> {
     /// Embeddings at positions `start..`, then the encoder layers (each after
     /// its `prefix` entry when given). `tokens: [b, t]` is the real tokens'
@@ -405,16 +378,48 @@ impl<B: Backend> Bert<B> {
     }
 }
 
-impl<B: Backend> BottleneckSeam<B> for Bert<B> {
+impl<B: Backend> PeftModel<B> for Bert<B> {
     /// Last hidden states `[b, t, d]` (the head: [`Bert::classify_hidden`]).
-    type BottleneckOutput = Tensor<B, 3>;
+    type Output = Tensor<B, 3>;
 
-    fn num_hook_layers(&self) -> usize {
-        self.layers.len()
+    /// After a cache (a prefix), the padding mask spans the cached positions
+    /// (always visible) and the tokens.
+    fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        let ModelInput {
+            tokens,
+            attention_mask,
+            mut cache,
+            hook,
+        } = input;
+        let x = tokens.embedded(|ids| self.word_embeddings.forward(ids));
+        let past = cached_positions(cache.as_deref_mut(), self.layers.len());
+        if past == 0 {
+            let mask = attention_mask.clone().map(padding_mask);
+            return self.run_layers(x, 0, mask, attention_mask.as_ref(), cache, hook);
+        }
+        let device = x.device();
+        let [b, t, _] = x.dims();
+        let am = attention_mask.unwrap_or_else(|| Tensor::ones([b, t], &device));
+        let mask = padding_mask(Tensor::cat(
+            vec![Tensor::ones([b, past], &device), am.clone()],
+            1,
+        ));
+        self.run_layers(x, past, Some(mask), Some(&am), cache, hook)
     }
 
-    fn hook_width(&self) -> usize {
-        self.config.hidden_size
+    fn dims(&self) -> ModelDims {
+        let c = &self.config;
+        ModelDims {
+            layers: self.layers.len(),
+            d_model: c.hidden_size,
+            vocab_size: c.vocab_size,
+            kv_heads: c.num_attention_heads,
+            head_dim: c.hidden_size / c.num_attention_heads,
+        }
+    }
+
+    fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.word_embeddings.forward(ids)
     }
 
     fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
@@ -425,62 +430,6 @@ impl<B: Backend> BottleneckSeam<B> for Bert<B> {
         format!("{}encoder.layer.{layer}.{site}", self.prefix)
     }
 
-    fn forward_hooked(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        hook: &dyn ResidualHook<B>,
-    ) -> Tensor<B, 3> {
-        let mask = attention_mask.map(padding_mask);
-        self.run_layers(
-            self.word_embeddings.forward(ids),
-            0,
-            mask,
-            None,
-            None,
-            Some(hook),
-        )
-    }
-}
-
-impl<B: Backend> AttentionPrefixSeam<B> for Bert<B> {
-    /// Last hidden states `[b, t, d]`.
-    type PrefixOutput = Tensor<B, 3>;
-
-    fn num_attention_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn kv_shape(&self) -> (usize, usize) {
-        let h = self.config.num_attention_heads;
-        (h, self.config.hidden_size / h)
-    }
-
-    fn forward_with_prefix(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        mut prefix: KvCache<B>,
-    ) -> Tensor<B, 3> {
-        assert_eq!(
-            prefix.layers.len(),
-            self.layers.len(),
-            "one prefix entry per layer"
-        );
-        let device = ids.device();
-        let [b, t] = ids.dims();
-        let past = prefix.len();
-        let am = attention_mask.unwrap_or_else(|| Tensor::ones([b, t], &device));
-        let mask = padding_mask(Tensor::cat(
-            vec![Tensor::ones([b, past], &device), am.clone()],
-            1,
-        ));
-        let x = self.word_embeddings.forward(ids);
-        self.run_layers(x, past, Some(mask), Some(&am), Some(&mut prefix), None)
-    }
-}
-
-impl<B: Backend> PeftModel<B> for Bert<B> {
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
         let pre = &self.prefix;
         for (i, l) in self.layers.iter().enumerate() {

@@ -12,16 +12,13 @@ use crate::norm::LayerNorm;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use peft_core::input::cached_positions;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
-use peft_core::model::{
-    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
-};
-use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use peft_core::model::{join, InsertionPoint, ResidualHook};
+use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{
-    attend, causal_mask, decoder_mask, positions, prefix_mask, split_heads, tied_head,
-};
+use crate::attention::{attend, decoder_mask, positions, split_heads, tied_head};
 use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 
@@ -189,7 +186,7 @@ impl<B: Backend> Gpt2<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        self.forward_embeds(self.wte.forward(ids), attention_mask)
+        self.run(ModelInput::ids(ids).mask(attention_mask))
     }
 }
 
@@ -217,20 +214,7 @@ impl<B: Backend> Gpt2<B> {
 
     /// Logits for the next tokens after those in `cache` (extended in place).
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_embeds_cached(self.wte.forward(ids), cache)
-    }
-
-    /// [`forward_cached`](Self::forward_cached) from word embeddings `[b, t, d]`.
-    pub fn forward_embeds_cached(
-        &self,
-        embeds: Tensor<B, 3>,
-        cache: &mut KvCache<B>,
-    ) -> Tensor<B, 3> {
-        let t = embeds.dims()[1];
-        let past = cache.len();
-        cache.ensure_layers(self.h.len());
-        let mask = causal_mask::<B>(t, past, &embeds.device());
-        self.run_blocks(embeds, past, mask, Some(cache), None)
+        self.run(ModelInput::ids(ids).cache(cache))
     }
 }
 
@@ -245,7 +229,7 @@ impl<B: Backend> peft_core::layered::LayeredModel<B> for Gpt2<B> {
     ) -> (Tensor<B, 3>, Self::Context) {
         let device = ids.device();
         let [b, t] = ids.dims();
-        let mask = decoder_mask::<B>(t, attention_mask, &device);
+        let mask = decoder_mask::<B>(t, 0, attention_mask, &device);
         let x = self.wte.forward(ids) + self.wpe.forward(positions::<B>(b, t, 0, &device));
         (x, mask)
     }
@@ -268,55 +252,42 @@ impl<B: Backend> CausalLm<B> for Gpt2<B> {
         self.wte.weight.device()
     }
 
-    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward(ids, None)
-    }
-
-    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_cached(ids, cache)
-    }
-
-    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_embeds_cached(embeds, cache)
+    fn forward_logits(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        self.run(input)
     }
 }
 
-impl<B: Backend> EmbeddingSeam<B> for Gpt2<B> {
+impl<B: Backend> PeftModel<B> for Gpt2<B> {
+    /// Logits `[b, t, vocab]`.
     type Output = Tensor<B, 3>;
+
+    fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        let ModelInput {
+            tokens,
+            attention_mask,
+            mut cache,
+            hook,
+        } = input;
+        let x = tokens.embedded(|ids| self.wte.forward(ids));
+        let t = x.dims()[1];
+        let past = cached_positions(cache.as_deref_mut(), self.h.len());
+        let mask = decoder_mask::<B>(t, past, attention_mask, &x.device());
+        self.run_blocks(x, past, mask, cache, hook)
+    }
+
+    fn dims(&self) -> ModelDims {
+        let c = &self.config;
+        ModelDims {
+            layers: self.h.len(),
+            d_model: c.n_embd,
+            vocab_size: c.vocab_size,
+            kv_heads: c.n_head,
+            head_dim: c.n_embd / c.n_head,
+        }
+    }
 
     fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.wte.forward(ids)
-    }
-
-    fn d_model(&self) -> usize {
-        self.config.n_embd
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn forward_embeds(
-        &self,
-        embeds: Tensor<B, 3>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> Tensor<B, 3> {
-        let t = embeds.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &embeds.device());
-        self.run_blocks(embeds, 0, mask, None, None)
-    }
-}
-
-impl<B: Backend> BottleneckSeam<B> for Gpt2<B> {
-    /// Logits `[b, t, vocab]`.
-    type BottleneckOutput = Tensor<B, 3>;
-
-    fn num_hook_layers(&self) -> usize {
-        self.h.len()
-    }
-
-    fn hook_width(&self) -> usize {
-        self.config.n_embd
     }
 
     fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
@@ -327,60 +298,6 @@ impl<B: Backend> BottleneckSeam<B> for Gpt2<B> {
         format!("{}h.{layer}.{site}", self.prefix)
     }
 
-    fn forward_hooked(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        hook: &dyn ResidualHook<B>,
-    ) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
-        self.run_blocks(self.wte.forward(ids), 0, mask, None, Some(hook))
-    }
-
-    fn forward_hooked_cached(
-        &self,
-        embeds: Tensor<B, 3>,
-        cache: &mut KvCache<B>,
-        hook: &dyn ResidualHook<B>,
-    ) -> Option<Tensor<B, 3>> {
-        let t = embeds.dims()[1];
-        let past = cache.len();
-        cache.ensure_layers(self.h.len());
-        let mask = causal_mask::<B>(t, past, &embeds.device());
-        Some(self.run_blocks(embeds, past, mask, Some(cache), Some(hook)))
-    }
-}
-
-impl<B: Backend> AttentionPrefixSeam<B> for Gpt2<B> {
-    type PrefixOutput = Tensor<B, 3>;
-
-    fn num_attention_layers(&self) -> usize {
-        self.h.len()
-    }
-
-    fn kv_shape(&self) -> (usize, usize) {
-        (self.config.n_head, self.config.n_embd / self.config.n_head)
-    }
-
-    fn forward_with_prefix(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        mut prefix: KvCache<B>,
-    ) -> Tensor<B, 3> {
-        assert_eq!(
-            prefix.layers.len(),
-            self.h.len(),
-            "one prefix entry per layer"
-        );
-        let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
-        let x = self.wte.forward(ids);
-        self.run_blocks(x, past, mask, Some(&mut prefix), None)
-    }
-}
-
-impl<B: Backend> PeftModel<B> for Gpt2<B> {
     fn visit_linears(&self, f: &mut dyn FnMut(&str, &LinearSlot<B>)) {
         for (i, blk) in self.h.iter().enumerate() {
             let p = format!("{}h.{i}", self.prefix);

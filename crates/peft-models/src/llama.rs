@@ -10,18 +10,17 @@ use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::input::cached_positions;
 use peft_core::layered::LayeredModel;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
-use peft_core::model::{
-    join, AttentionPrefixSeam, BottleneckSeam, EmbeddingSeam, InsertionPoint, ResidualHook,
-};
+use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::quant::QuantizedMatrix;
 use peft_core::slot::LinearSlotConfig;
-use peft_core::{LinearSlot, PeftError, PeftModel, Result};
+use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::activation::swiglu;
-use crate::attention::{attend, causal_mask, decoder_mask, prefix_mask, split_heads, tied_head};
+use crate::attention::{attend, decoder_mask, split_heads, tied_head};
 use crate::checkpoint::{check_dims, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 use crate::gguf::{Gguf, MetaValue};
@@ -398,27 +397,14 @@ impl<B: Backend> Llama<B> {
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Tensor<B, 3> {
-        self.forward_embeds(self.embed(ids), attention_mask)
+        self.run(ModelInput::ids(ids).mask(attention_mask))
     }
 
     /// Logits `[b, t, vocab]` for the next `t` tokens after those already in
     /// `cache`, whose keys/values are extended in place. Positions continue
     /// from the cache length.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_embeds_cached(self.embed(ids), cache)
-    }
-
-    /// [`forward_cached`](Self::forward_cached) from word embeddings `[b, t, d]`.
-    pub fn forward_embeds_cached(
-        &self,
-        embeds: Tensor<B, 3>,
-        cache: &mut KvCache<B>,
-    ) -> Tensor<B, 3> {
-        let t = embeds.dims()[1];
-        let past = cache.len();
-        cache.ensure_layers(self.layers.len());
-        let mask = causal_mask::<B>(t, past, &embeds.device());
-        self.run_layers(embeds, past, mask, Some(cache), None)
+        self.run(ModelInput::ids(ids).cache(cache))
     }
 
     fn run_layers(
@@ -497,7 +483,7 @@ impl<B: Backend> LayeredModel<B> for Llama<B> {
     ) -> (Tensor<B, 3>, Self::Context) {
         let device = ids.device();
         let t = ids.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &device);
+        let mask = decoder_mask::<B>(t, 0, attention_mask, &device);
         let rope = rope_tables::<B>(t, 0, self.config.head_dim(), self.config.theta(), &device);
         (self.embed(ids), (rope, mask))
     }
@@ -537,56 +523,41 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         self.embed_tokens.weight.device()
     }
 
-    fn logits(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.forward(ids, None)
-    }
-
-    fn logits_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_cached(ids, cache)
-    }
-
-    fn logits_embeds_cached(&self, embeds: Tensor<B, 3>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.forward_embeds_cached(embeds, cache)
+    fn forward_logits(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        self.run(input)
     }
 }
 
-impl<B: Backend> EmbeddingSeam<B> for Llama<B> {
+impl<B: Backend> PeftModel<B> for Llama<B> {
+    /// Logits `[b, t, vocab]`.
     type Output = Tensor<B, 3>;
+
+    fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
+        let ModelInput {
+            tokens,
+            attention_mask,
+            mut cache,
+            hook,
+        } = input;
+        let x = tokens.embedded(|ids| self.embed(ids));
+        let t = x.dims()[1];
+        let past = cached_positions(cache.as_deref_mut(), self.layers.len());
+        let mask = decoder_mask::<B>(t, past, attention_mask, &x.device());
+        self.run_layers(x, past, mask, cache, hook)
+    }
+
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            layers: self.layers.len(),
+            d_model: self.config.hidden_size,
+            vocab_size: self.config.vocab_size,
+            kv_heads: self.config.kv_heads(),
+            head_dim: self.config.head_dim(),
+        }
+    }
 
     fn embed_tokens(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.embed(ids)
-    }
-
-    fn d_model(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn forward_embeds(
-        &self,
-        embeds: Tensor<B, 3>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> Tensor<B, 3> {
-        let device = embeds.device();
-        let t = embeds.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &device);
-        self.run_layers(embeds, 0, mask, None, None)
-    }
-}
-
-impl<B: Backend> BottleneckSeam<B> for Llama<B> {
-    /// Logits `[b, t, vocab]`.
-    type BottleneckOutput = Tensor<B, 3>;
-
-    fn num_hook_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn hook_width(&self) -> usize {
-        self.config.hidden_size
     }
 
     fn hook_path(&self, point: InsertionPoint, layer: usize) -> String {
@@ -597,60 +568,6 @@ impl<B: Backend> BottleneckSeam<B> for Llama<B> {
         format!("model.layers.{layer}.{site}")
     }
 
-    fn forward_hooked(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        hook: &dyn ResidualHook<B>,
-    ) -> Tensor<B, 3> {
-        let t = ids.dims()[1];
-        let mask = decoder_mask::<B>(t, attention_mask, &ids.device());
-        self.run_layers(self.embed(ids), 0, mask, None, Some(hook))
-    }
-
-    fn forward_hooked_cached(
-        &self,
-        embeds: Tensor<B, 3>,
-        cache: &mut KvCache<B>,
-        hook: &dyn ResidualHook<B>,
-    ) -> Option<Tensor<B, 3>> {
-        let t = embeds.dims()[1];
-        let past = cache.len();
-        cache.ensure_layers(self.layers.len());
-        let mask = causal_mask::<B>(t, past, &embeds.device());
-        Some(self.run_layers(embeds, past, mask, Some(cache), Some(hook)))
-    }
-}
-
-impl<B: Backend> AttentionPrefixSeam<B> for Llama<B> {
-    type PrefixOutput = Tensor<B, 3>;
-
-    fn num_attention_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn kv_shape(&self) -> (usize, usize) {
-        (self.config.kv_heads(), self.config.head_dim())
-    }
-
-    fn forward_with_prefix(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-        mut prefix: KvCache<B>,
-    ) -> Tensor<B, 3> {
-        assert_eq!(
-            prefix.layers.len(),
-            self.layers.len(),
-            "one prefix entry per layer"
-        );
-        let (mask, past) = prefix_mask(&ids, attention_mask, &prefix);
-        let x = self.embed(ids);
-        self.run_layers(x, past, mask, Some(&mut prefix), None)
-    }
-}
-
-impl<B: Backend> PeftModel<B> for Llama<B> {
     fn param_count(&self) -> peft_core::ParamCount {
         let (mut trainable, mut quantized) = (0, self.unshared_quantized_params());
         self.visit_linears(&mut |_, s| {

@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::backend_tests;
 use peft_core::io::HostTensor;
 use peft_core::kv::{KvCache, LayerCache};
-use peft_core::model::AttentionPrefixSeam;
+use peft_core::{ModelInput, PeftModel};
 use peft_models::bert::Bert;
 use peft_models::generate::{CausalLm, Sampler};
 use peft_models::gpt2::Gpt2;
@@ -56,7 +56,7 @@ backend_tests!(llama_cache, gpt2_cache);
 /// after the cache of `ids1` equal the tail of the logits of `ids1 ++ ids2`.
 fn check_prefix<B: Backend, M>(model: &M, cached: impl Fn(&M, &mut KvCache<B>, Tensor<B, 2, Int>))
 where
-    M: CausalLm<B> + AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>>,
+    M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>,
 {
     let device = model.device();
     let ids = |v: &[i64]| {
@@ -66,13 +66,16 @@ where
     let mut prefix = KvCache::new();
     cached(model, &mut prefix, ids(&first));
     assert_eq!(prefix.len(), 3);
-    let with_prefix =
-        HostTensor::from_tensor(model.forward_with_prefix(ids(&second), None, prefix.clone()));
-    let masked = HostTensor::from_tensor(model.forward_with_prefix(
-        ids(&second),
-        Some(Tensor::ones([1, 4], &device)),
-        prefix,
-    ));
+    let with_prefix = HostTensor::from_tensor(
+        model.run(ModelInput::ids(ids(&second)).cache(&mut prefix.clone())),
+    );
+    let masked = HostTensor::from_tensor(
+        model.run(
+            ModelInput::ids(ids(&second))
+                .mask(Some(Tensor::ones([1, 4], &device)))
+                .cache(&mut prefix),
+        ),
+    );
     let full = model.logits(ids(&[4, 8, 15, 16, 23, 42, 7]));
     let [_, _, v] = full.dims();
     let tail = HostTensor::from_tensor(full.slice([0..1, 3..7, 0..v]));
@@ -99,9 +102,10 @@ fn gpt2_prefix<B: Backend>(device: &B::Device) {
 /// positions hold changes nothing for the others), and the prefix is used.
 fn bert_prefix<B: Backend>(device: &B::Device) {
     let m = Bert::<B>::load(&fixtures().join("bert"), device).unwrap();
-    let (heads, hd) = m.kv_shape();
+    let dims = m.dims();
+    let (heads, hd) = (dims.kv_heads, dims.head_dim);
     let prefix = || KvCache {
-        layers: (0..m.num_attention_layers())
+        layers: (0..dims.layers)
             .map(|i| LayerCache {
                 k: Some(Tensor::<B, 4>::ones([1, heads, 2, hd], device) * (0.1 * i as f64)),
                 v: Some(Tensor::<B, 4>::ones([1, heads, 2, hd], device)),
@@ -114,14 +118,21 @@ fn bert_prefix<B: Backend>(device: &B::Device) {
     let mask =
         Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 1.0, 1.0, 0.0], [1, 4]), device);
     let a = HostTensor::from_tensor(
-        m.forward_with_prefix(ids(3), Some(mask.clone()), prefix())
-            .slice([0..1, 0..3, 0..16]),
+        m.run(
+            ModelInput::ids(ids(3))
+                .mask(Some(mask.clone()))
+                .cache(&mut prefix()),
+        )
+        .slice([0..1, 0..3, 0..16]),
     );
-    let b = HostTensor::from_tensor(m.forward_with_prefix(ids(60), Some(mask), prefix()).slice([
-        0..1,
-        0..3,
-        0..16,
-    ]));
+    let b = HostTensor::from_tensor(
+        m.run(
+            ModelInput::ids(ids(60))
+                .mask(Some(mask))
+                .cache(&mut prefix()),
+        )
+        .slice([0..1, 0..3, 0..16]),
+    );
     let d = peft_core::compare::max_abs_diff(&a.data, &b.data);
     assert!(d < 1e-6, "a padded token leaked through the mask: {d:e}");
     let plain = HostTensor::from_tensor(m.encode(ids(3), None).slice([0..1, 0..3, 0..16]));

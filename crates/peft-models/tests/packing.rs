@@ -9,8 +9,8 @@ use burn::tensor::{Distribution, Tensor};
 use peft_core::compare::{check_close, Tolerance};
 use peft_core::io::HostTensor;
 use peft_core::kv::{KvCache, LayerCache};
-use peft_core::model::{AttentionPrefixSeam, EmbeddingSeam};
 use peft_core::{autodiff_backend_tests, backend_tests};
+use peft_core::{ModelInput, PeftModel};
 use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::tokenizer::Tokenizer;
@@ -74,9 +74,10 @@ fn hidden_states_of_real_tokens_ignore_padding<B: Backend>(device: &B::Device) {
 
 fn an_attention_prefix_sees_the_same_real_tokens<B: Backend>(device: &B::Device) {
     let (model, tok) = minilm::<B>(device);
-    let (heads, head_dim) = model.kv_shape();
+    let dims = model.dims();
+    let (heads, head_dim) = (dims.kv_heads, dims.head_dim);
     let p = 3;
-    let per_layer: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = (0..model.num_attention_layers())
+    let per_layer: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = (0..dims.layers)
         .map(|_| {
             let draw = || {
                 Tensor::<B, 4>::random(
@@ -109,7 +110,11 @@ fn an_attention_prefix_sees_the_same_real_tokens<B: Backend>(device: &B::Device)
             .collect(),
     };
     check_batch_against_singles::<B>(&tok, device, |rows, ids, mask| {
-        model.forward_with_prefix(ids, Some(mask), prefix(rows))
+        model.run(
+            ModelInput::ids(ids)
+                .mask(Some(mask))
+                .cache(&mut prefix(rows)),
+        )
     });
 }
 
@@ -117,13 +122,14 @@ fn an_attention_prefix_sees_the_same_real_tokens<B: Backend>(device: &B::Device)
 /// embeddings: the padded batch's, row by row, is each sentence's alone.
 fn gradients_ignore_padding<B: AutodiffBackend>(device: &B::Device) {
     let (model, tok) = minilm::<B>(device);
-    let d = model.d_model();
+    let d = model.dims().d_model;
     let w = Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 1.0), device);
     let grad_of = |texts: &[&str]| {
         let batch = tok.batch::<B>(texts, device).unwrap();
         let embeds = model.embed_tokens(batch.ids).detach().require_grad();
         let [b, t, _] = embeds.dims();
-        let h = model.forward_embeds(embeds.clone(), Some(batch.attention_mask.clone()));
+        let h =
+            model.run(ModelInput::embeds(embeds.clone()).mask(Some(batch.attention_mask.clone())));
         let mask = batch.attention_mask.reshape([b, t, 1]);
         let loss = (h * mask * w.clone().reshape([1, 1, d])).sum();
         let grads = loss.backward();

@@ -260,18 +260,6 @@ impl MethodConfig for OftConfig {
 impl SlotMethod for Oft {
     type Config = OftConfig;
 
-    fn prepare(config: &mut OftConfig, model_type: Option<&str>) -> Result<()> {
-        config.prepare(model_type)
-    }
-
-    fn targets(config: &OftConfig, path: &str, output_layers: &[String]) -> Result<bool> {
-        config.targets(path, output_layers)
-    }
-
-    fn target_rule(config: &OftConfig) -> String {
-        config.target_rule()
-    }
-
     /// PEFT's `update_layer` and `reset_oft_parameters`: zeros (the identity
     /// rotation) with `init_weights`, normal(0, 0.1) without; placeholders
     /// are zeros.

@@ -1,7 +1,8 @@
 //! # peft-prefix
 //!
 //! Prefix tuning (Li & Liang, 2021) as Hugging Face PEFT defines it, for any
-//! Burn model exposing [`AttentionPrefixSeam`](peft_core::model::AttentionPrefixSeam):
+//! Burn model implementing [`PeftModel`](peft_core::PeftModel) (through its
+//! [`ModelInput::cache`](peft_core::ModelInput::cache)):
 //! `num_virtual_tokens` learned keys and values for every attention layer,
 //! put before the real tokens' own in each layer's [`KvCache`](peft_core::kv::KvCache)
 //! entry. Real tokens attend to all of them and their positions start at

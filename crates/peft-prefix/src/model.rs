@@ -9,12 +9,11 @@ use burn::tensor::{Int, Tensor};
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{adapter_dir, adapter_subdirs, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
-use peft_core::model::AttentionPrefixSeam;
 use peft_core::named::NamedAdapters;
 use peft_core::prompt_learning::{
     load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, PromptLearningType,
 };
-use peft_core::{ParamCount, PeftError, Result, DEFAULT_ADAPTER};
+use peft_core::{ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
 
 use crate::encoder::{split_layers, LayerPrefix, PrefixEncoder};
 
@@ -31,7 +30,7 @@ pub struct PrefixTuningModel<B: Backend, M> {
     _backend: PhantomData<B>,
 }
 
-impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> {
+impl<B: Backend, M: PeftModel<B>> PrefixTuningModel<B, M> {
     /// Wraps `model` (frozen) and adds `config` as the active adapter `default`.
     pub fn new(model: M, config: PromptLearningConfig) -> Result<Self> {
         let mut this = Self::wrap(model);
@@ -60,12 +59,8 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
                 config.peft_type.as_str()
             )));
         }
-        let (kv_heads, head_dim) = self.model.kv_shape();
-        config.fill_from_model(
-            self.model.num_attention_layers(),
-            kv_heads * head_dim,
-            kv_heads,
-        )?;
+        let dims = self.model.dims();
+        config.fill_from_model(dims.layers, dims.kv_heads * dims.head_dim, dims.kv_heads)?;
         Ok(config)
     }
 
@@ -174,19 +169,12 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
 
     /// Prefix `name` as a KV cache for `batch` rows.
     pub fn prefix_cache(&self, name: &str, batch: usize) -> Result<KvCache<B>> {
-        let (kv_heads, head_dim) = self.model.kv_shape();
-        let layers = self.model.num_attention_layers();
+        let d = self.model.dims();
         Ok(self
             .prefixes
             .get(name)?
             .1
-            .cache(batch, layers, kv_heads, head_dim))
-    }
-
-    fn empty_cache(&self) -> KvCache<B> {
-        let mut cache = KvCache::new();
-        cache.ensure_layers(self.model.num_attention_layers());
-        cache
+            .cache(batch, d.layers, d.kv_heads, d.head_dim))
     }
 
     /// The model's forward pass after the active prefix (the plain model
@@ -196,15 +184,13 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         &self,
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
-    ) -> M::PrefixOutput {
+    ) -> M::Output {
         match self.running() {
             Some(name) => self
                 .encoder(name)
                 .expect("the active prefix exists")
                 .forward_before(&self.model, ids, attention_mask),
-            None => self
-                .model
-                .forward_with_prefix(ids, attention_mask, self.empty_cache()),
+            None => self.model.run(ModelInput::ids(ids).mask(attention_mask)),
         }
     }
 
@@ -215,7 +201,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
         names: &[&str],
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
-    ) -> Result<M::PrefixOutput> {
+    ) -> Result<M::Output> {
         let b = ids.dims()[0];
         if names.len() != b {
             return Err(PeftError::Shape {
@@ -224,8 +210,12 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
                 found: vec![names.len()],
             });
         }
-        let (kv_heads, head_dim) = self.model.kv_shape();
-        let layers = self.model.num_attention_layers();
+        let ModelDims {
+            layers,
+            kv_heads,
+            head_dim,
+            ..
+        } = self.model.dims();
         let mut distinct: Vec<(&str, Vec<LayerPrefix<B>>)> = Vec::new();
         for &name in names {
             if distinct.iter().all(|(n, _)| *n != name) {
@@ -249,7 +239,7 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
                 .expect("collected")
                 .1
         };
-        let cache = KvCache {
+        let mut cache = KvCache {
             layers: (0..layers)
                 .map(|l| LayerCache {
                     k: Some(Tensor::cat(
@@ -263,7 +253,9 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
                 })
                 .collect(),
         };
-        Ok(self.model.forward_with_prefix(ids, attention_mask, cache))
+        Ok(self
+            .model
+            .run(ModelInput::ids(ids).mask(attention_mask).cache(&mut cache)))
     }
 
     /// Trainable (the active prefix's encoder) and total parameters, as
@@ -347,9 +339,9 @@ impl<B: Backend, M: AttentionPrefixSeam<B> + Module<B>> PrefixTuningModel<B, M> 
     }
 }
 
-impl<B: AutodiffBackend, M: AttentionPrefixSeam<B> + AutodiffModule<B>> PrefixTuningModel<B, M>
+impl<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>> PrefixTuningModel<B, M>
 where
-    M::InnerModule: AttentionPrefixSeam<B::InnerBackend>,
+    M::InnerModule: PeftModel<B::InnerBackend>,
 {
     /// The inference view: the model and every encoder on the inner
     /// (non-autodiff) backend, names and activation kept. Evaluate and

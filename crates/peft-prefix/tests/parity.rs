@@ -6,15 +6,14 @@
 
 use std::path::Path;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::loss::causal_lm_loss;
-use peft_core::model::AttentionPrefixSeam;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, CONFIG_FILE};
-use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
+use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_models::fixtures::{
     assert_close, fixtures_dir, params_with_grad, temp_dir, tiny_gpt2, tiny_llama, FixtureCase,
 };
@@ -22,9 +21,7 @@ use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_prefix::{PrefixEncoder, PrefixTuningModel};
 
-trait Lm<B: Backend>:
-    AttentionPrefixSeam<B, PrefixOutput = Tensor<B, 3>> + CausalLm<B> + Module<B> + Clone
-{
+trait Lm<B: Backend>: PeftModel<B, Output = Tensor<B, 3>> + CausalLm<B> + Clone {
     fn load_fixture(device: &B::Device) -> Self;
 }
 

@@ -9,11 +9,11 @@ use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
-use peft_core::model::EmbeddingSeam;
 use peft_core::prompt_learning::{
     PromptEncoderType, PromptLearningConfig, PromptLearningType, VirtualTokenEncoder,
     EMBEDDINGS_KEY,
 };
+use peft_core::{ModelInput, PeftModel};
 use peft_core::{PeftError, Result};
 
 /// Linear layers with ReLU between them.
@@ -407,7 +407,7 @@ impl<B: Backend> PromptEncoder<B> {
     /// `model`'s forward pass on this prompt followed by `ids: [b, t]`: the
     /// output covers the `n_virtual` prompt positions first, as PEFT's;
     /// `attention_mask: [b, t]` covers the real tokens.
-    pub fn forward_before<M: EmbeddingSeam<B>>(
+    pub fn forward_before<M: PeftModel<B>>(
         &self,
         model: &M,
         ids: Tensor<B, 2, Int>,
@@ -433,7 +433,7 @@ impl<B: Backend> PromptEncoder<B> {
 /// `model`'s forward pass on `prompts: [b, n, d]` (one row per input row;
 /// none: the plain model) before the embeddings of `ids`, the mask extended
 /// over the prompt.
-pub(crate) fn prepend<B: Backend, M: EmbeddingSeam<B>>(
+pub(crate) fn prepend<B: Backend, M: PeftModel<B>>(
     model: &M,
     prompts: Option<Tensor<B, 3>>,
     ids: Tensor<B, 2, Int>,
@@ -441,11 +441,11 @@ pub(crate) fn prepend<B: Backend, M: EmbeddingSeam<B>>(
 ) -> M::Output {
     let embeds = model.embed_tokens(ids);
     let Some(prompts) = prompts else {
-        return model.forward_embeds(embeds, attention_mask);
+        return model.run(ModelInput::embeds(embeds).mask(attention_mask));
     };
     let [b, n, _] = prompts.dims();
     let mask = attention_mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &m.device()), m], 1));
-    model.forward_embeds(Tensor::cat(vec![prompts, embeds], 1), mask)
+    model.run(ModelInput::embeds(Tensor::cat(vec![prompts, embeds], 1)).mask(mask))
 }
 
 impl<B: Backend> VirtualTokenEncoder<B> for PromptEncoder<B> {

@@ -1,8 +1,9 @@
 //! # peft-prompt
 //!
 //! Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021) as
-//! Hugging Face PEFT defines them, for any Burn model exposing
-//! [`EmbeddingSeam`](peft_core::model::EmbeddingSeam): `num_virtual_tokens`
+//! Hugging Face PEFT defines them, for any Burn model implementing
+//! [`PeftModel`](peft_core::PeftModel) (through
+//! [`Tokens::Embeds`](peft_core::Tokens::Embeds)): `num_virtual_tokens`
 //! learned embeddings put before the input embeddings, the attention mask
 //! extended over them, positions `0..n_virtual + t`.
 //!

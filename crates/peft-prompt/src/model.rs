@@ -9,13 +9,12 @@ use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{adapter_dir, adapter_subdirs, HostTensor};
 use peft_core::kv::KvCache;
-use peft_core::model::EmbeddingSeam;
 use peft_core::named::NamedAdapters;
 use peft_core::prompt_learning::{
     load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, PromptLearningType,
     PromptTuningInit,
 };
-use peft_core::{ParamCount, PeftError, Result, DEFAULT_ADAPTER};
+use peft_core::{ParamCount, PeftError, PeftModel, Result, DEFAULT_ADAPTER};
 
 use crate::encoder::{prepend, PromptEncoder};
 
@@ -33,7 +32,7 @@ pub struct PromptTuningModel<B: Backend, M> {
     _backend: PhantomData<B>,
 }
 
-impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
+impl<B: Backend, M: PeftModel<B>> PromptTuningModel<B, M> {
     /// Wraps `model` (frozen) and adds `config` as the active adapter `default`.
     pub fn new(model: M, config: PromptLearningConfig) -> Result<Self> {
         let mut this = Self::wrap(model);
@@ -65,20 +64,20 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
         // itself only needs the embedding width.
         let heads = config.num_attention_heads.unwrap_or(1);
         let layers = config.num_layers.unwrap_or(1);
-        config.fill_from_model(layers, self.model.d_model(), heads)?;
+        config.fill_from_model(layers, self.model.dims().d_model, heads)?;
         Ok(config)
     }
 
     /// The word embeddings of `ids` as `[len, d_model]` (detached).
     fn embed_ids(&self, ids: &[u32]) -> Result<Tensor<B, 2>> {
-        let vocab = self.model.vocab_size();
+        let vocab = self.model.dims().vocab_size;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(PeftError::Config(format!(
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
         let e = self.model.embed_tokens(ids_tensor(ids, &self.device()));
-        Ok(e.reshape([ids.len(), self.model.d_model()]).detach())
+        Ok(e.reshape([ids.len(), self.model.dims().d_model]).detach())
     }
 
     /// Adds a fresh prompt `name` per `config` and makes it active: prompt
@@ -98,7 +97,7 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
                 ))
             }
             (_, Some(PromptTuningInit::SampleVocab)) => {
-                let vocab = self.model.vocab_size();
+                let vocab = self.model.dims().vocab_size;
                 let draws: Vec<f32> =
                     Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, vocab as f64), &device)
                         .into_data()
@@ -364,9 +363,9 @@ impl<B: Backend, M: EmbeddingSeam<B> + Module<B>> PromptTuningModel<B, M> {
     }
 }
 
-impl<B: AutodiffBackend, M: EmbeddingSeam<B> + AutodiffModule<B>> PromptTuningModel<B, M>
+impl<B: AutodiffBackend, M: PeftModel<B> + AutodiffModule<B>> PromptTuningModel<B, M>
 where
-    M::InnerModule: EmbeddingSeam<B::InnerBackend>,
+    M::InnerModule: PeftModel<B::InnerBackend>,
 {
     /// The inference view: the model and every encoder on the inner
     /// (non-autodiff) backend, names and activation kept. Evaluate and

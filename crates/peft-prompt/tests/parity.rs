@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use burn::module::{AutodiffModule, Module, Param};
+use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use peft_core::compare;
@@ -14,9 +14,8 @@ use peft_core::generate::{ids_tensor, CausalLm, Sampler};
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::kv::KvCache;
 use peft_core::loss::causal_lm_loss_after_prompt;
-use peft_core::model::EmbeddingSeam;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, CONFIG_FILE};
-use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
+use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_models::fixtures::{
     assert_close, fixtures_dir, max_diff, params_with_grad, temp_dir, tiny_gpt2, tiny_llama,
     FixtureCase,
@@ -25,9 +24,7 @@ use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_prompt::{PromptEncoder, PromptEncoderType, PromptTuningInit, PromptTuningModel};
 
-trait Lm<B: Backend>:
-    EmbeddingSeam<B, Output = Tensor<B, 3>> + CausalLm<B> + Module<B> + Clone
-{
+trait Lm<B: Backend>: PeftModel<B, Output = Tensor<B, 3>> + CausalLm<B> + Clone {
     fn load_fixture(device: &B::Device) -> Self;
 }
 
@@ -299,10 +296,10 @@ fn mixed_batch_switching_and_inits<B: Backend>(device: &B::Device) {
     )
     .unwrap();
     let table = HostTensor::from_tensor(pm.model.embed_tokens(ids_tensor(
-        &(0..pm.model.vocab_size() as u32).collect::<Vec<_>>(),
+        &(0..pm.model.dims().vocab_size as u32).collect::<Vec<_>>(),
         device,
     )));
-    let d = pm.model.d_model();
+    let d = pm.model.dims().d_model;
     let prompt = HostTensor::from_tensor(pm.encoder("vocab").unwrap().prompt());
     for r in prompt.data.chunks(d) {
         assert!(
