@@ -15,6 +15,7 @@ use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostT
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
 use peft_core::slot_method::OneOf;
+use peft_core::virtual_model::VirtualTokens;
 use peft_core::{Ia3Config, LoraConfig, ModelInput, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
 use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
@@ -499,36 +500,6 @@ impl<B: Backend, M: Module<B>, E: Module<B>> PromptLm<B, M, E> {
     }
 }
 
-/// How an encoder's virtual tokens enter a frozen model `M`.
-pub trait Virtual<B: Backend, M>: VirtualTokenEncoder<B> {
-    /// The model's output `[b, positions + t, ·]` on `ids: [b, t]` after the
-    /// virtual tokens; `mask: [b, t]` covers the real tokens.
-    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3>;
-    /// Positions the virtual tokens add at the front of the output (a soft
-    /// prompt's; a prefix adds none).
-    fn positions(&self) -> usize;
-}
-
-impl<B: Backend, M: PeftModel<B, Output = Tensor<B, 3>>> Virtual<B, M> for PrefixEncoder<B> {
-    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        self.forward_before(model, ids, mask)
-    }
-
-    fn positions(&self) -> usize {
-        0
-    }
-}
-
-impl<B: Backend, M: PeftModel<B, Output = Tensor<B, 3>>> Virtual<B, M> for PromptEncoder<B> {
-    fn run(&self, model: &M, ids: Tensor<B, 2, Int>, mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        self.forward_before(model, ids, mask)
-    }
-
-    fn positions(&self) -> usize {
-        self.num_virtual_tokens()
-    }
-}
-
 impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     /// Logits `[b, n + t, vocab]`, `n` = [`virtual_tokens`](Self::virtual_tokens)
     /// (a soft prompt's positions come first; a prefix has none).
@@ -536,16 +507,16 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
         match self {
             Adapted::Slots(s) => Ok(s.model.run(ModelInput::ids(ids))),
             Adapted::Adapters(a) => a.forward(ids, None),
-            Adapted::Prefix(p) => Ok(p.encoder.run(&p.model, ids, None)),
-            Adapted::Prompt(p) => Ok(p.encoder.run(&p.model, ids, None)),
+            Adapted::Prefix(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
+            Adapted::Prompt(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
         }
     }
 
     /// Virtual positions at the start of the logits (a soft prompt's).
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Adapted::Prefix(p) => Virtual::<B, M>::positions(&p.encoder),
-            Adapted::Prompt(p) => Virtual::<B, M>::positions(&p.encoder),
+            Adapted::Prefix(p) => p.encoder.output_positions(),
+            Adapted::Prompt(p) => p.encoder.output_positions(),
             _ => 0,
         }
     }
@@ -560,10 +531,10 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
         Ok(match self {
             Adapted::Slots(s) => s.model.encode(ids, Some(mask)),
             Adapted::Adapters(a) => a.forward(ids, Some(mask))?,
-            Adapted::Prefix(p) => p.encoder.run(&p.model, ids, Some(mask)),
+            Adapted::Prefix(p) => p.encoder.forward_before(&p.model, ids, Some(mask)),
             Adapted::Prompt(p) => after(
-                p.encoder.run(&p.model, ids, Some(mask)),
-                Virtual::<B, Bert<B>>::positions(&p.encoder),
+                p.encoder.forward_before(&p.model, ids, Some(mask)),
+                p.encoder.output_positions(),
             ),
         })
     }

@@ -54,6 +54,7 @@ pub mod slot;
 pub mod slot_method;
 pub mod slot_model;
 pub mod target;
+pub mod virtual_model;
 
 pub use config::{Ia3Config, LoraConfig, TargetModules};
 pub use count::ParamCount;

@@ -7,11 +7,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::tanh;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
-use peft_core::{ModelInput, PeftModel};
 use peft_core::{PeftError, Result};
 
 /// The reparameterisation MLP of a projected prefix.
@@ -214,20 +213,6 @@ impl<B: Backend> PrefixEncoder<B> {
             embedding: Param::from_tensor(self.prefix().detach()),
             transform: None,
         }
-    }
-
-    /// `model`'s forward pass on `ids: [b, t]` after this prefix (the first
-    /// entry of every layer's KV cache); `attention_mask: [b, t]` covers the
-    /// real tokens.
-    pub fn forward_before<M: PeftModel<B>>(
-        &self,
-        model: &M,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> M::Output {
-        let d = model.dims();
-        let mut cache = self.cache(ids.dims()[0], d.layers, d.kv_heads, d.head_dim);
-        model.run(ModelInput::ids(ids).mask(attention_mask).cache(&mut cache))
     }
 
     /// The prefix as a cache of `layers` layers of `[batch, kv_heads,

@@ -94,7 +94,11 @@ fn check_case<B: Backend, M: Lm<B>>(arch: &str, case: &str, device: &B::Device) 
     // Generation through the KV cache equals PEFT's forward re-run on the
     // whole sequence, step by step.
     let prompt: Vec<u32> = c.ids("input_ids")[..ids.dims()[1]].to_vec();
-    let mut cache = pm.prefix_cache("default", 1).unwrap();
+    let dims = pm.model.dims();
+    let mut cache =
+        pm.encoder("default")
+            .unwrap()
+            .cache(1, dims.layers, dims.kv_heads, dims.head_dim);
     let first = pm
         .model
         .logits_cached(ids_tensor(&prompt, device), &mut cache);

@@ -7,13 +7,12 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{relu, sigmoid, tanh};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use peft_core::io::{ensure_consumed, linear_from_torch, take_tensor, HostTensor};
 use peft_core::prompt_learning::{
     PromptEncoderType, PromptLearningConfig, PromptLearningType, VirtualTokenEncoder,
     EMBEDDINGS_KEY,
 };
-use peft_core::{ModelInput, PeftModel};
 use peft_core::{PeftError, Result};
 
 /// Linear layers with ReLU between them.
@@ -404,48 +403,10 @@ impl<B: Backend> PromptEncoder<B> {
         x
     }
 
-    /// `model`'s forward pass on this prompt followed by `ids: [b, t]`: the
-    /// output covers the `n_virtual` prompt positions first, as PEFT's;
-    /// `attention_mask: [b, t]` covers the real tokens.
-    pub fn forward_before<M: PeftModel<B>>(
-        &self,
-        model: &M,
-        ids: Tensor<B, 2, Int>,
-        attention_mask: Option<Tensor<B, 2>>,
-    ) -> M::Output {
-        let b = ids.dims()[0];
-        let p = self.prompt();
-        let [n, d] = p.dims();
-        prepend(
-            model,
-            Some(p.unsqueeze::<3>().expand([b, n, d])),
-            ids,
-            attention_mask,
-        )
-    }
-
     /// This prompt folded: its encoder evaluated once and dropped.
     pub fn folded(&self) -> Self {
         Self::from_tensor(self.prompt().detach())
     }
-}
-
-/// `model`'s forward pass on `prompts: [b, n, d]` (one row per input row;
-/// none: the plain model) before the embeddings of `ids`, the mask extended
-/// over the prompt.
-pub(crate) fn prepend<B: Backend, M: PeftModel<B>>(
-    model: &M,
-    prompts: Option<Tensor<B, 3>>,
-    ids: Tensor<B, 2, Int>,
-    attention_mask: Option<Tensor<B, 2>>,
-) -> M::Output {
-    let embeds = model.embed_tokens(ids);
-    let Some(prompts) = prompts else {
-        return model.run(ModelInput::embeds(embeds).mask(attention_mask));
-    };
-    let [b, n, _] = prompts.dims();
-    let mask = attention_mask.map(|m| Tensor::cat(vec![Tensor::ones([b, n], &m.device()), m], 1));
-    model.run(ModelInput::embeds(Tensor::cat(vec![prompts, embeds], 1)).mask(mask))
 }
 
 impl<B: Backend> VirtualTokenEncoder<B> for PromptEncoder<B> {

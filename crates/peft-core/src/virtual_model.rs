@@ -1,0 +1,417 @@
+//! [`VirtualTokenModel`]: the one wrapper of the prompt-learning methods
+//! (prefix tuning, prompt tuning, P-tuning). A frozen model sits beside
+//! named encoders, at most one active; a method is its encoder type, which
+//! says through [`VirtualTokens`] how its virtual tokens enter the model's
+//! [`ModelInput`]: a prefix as the key/value cache before the tokens, a soft
+//! prompt as embeddings before theirs. Everything else (names, activation,
+//! mixed batches, generation, PEFT's files, the inference view) is here,
+//! once.
+
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::path::Path;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+
+use crate::count::ParamCount;
+use crate::error::{PeftError, Result};
+use crate::generate::{ids_tensor, CausalLm, Sampler};
+use crate::input::{ModelDims, ModelInput, Tokens};
+use crate::io::{adapter_dir, adapter_subdirs, HostTensor};
+use crate::kv::KvCache;
+use crate::model::PeftModel;
+use crate::named::NamedAdapters;
+use crate::prompt_learning::{
+    load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, VirtualTokenEncoder,
+};
+use crate::DEFAULT_ADAPTER;
+
+/// Whose virtual tokens each row of a batch gets.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a, E> {
+    /// One encoder for all `batch` rows.
+    All(&'a E, usize),
+    /// Row `i` gets encoder `i` (all of one number of virtual tokens).
+    Each(&'a [&'a E]),
+}
+
+/// A prompt-learning method's encoder: how its virtual tokens enter a model.
+pub trait VirtualTokens<B: Backend>: VirtualTokenEncoder<B> + Clone + Debug {
+    /// What a method's adapters are called in messages, plural (`prefixes`,
+    /// `prompts`).
+    const WHAT: &'static str;
+
+    /// Positions the virtual tokens add at the front of the model's output
+    /// (a soft prompt's; a prefix adds none).
+    fn output_positions(&self) -> usize;
+
+    /// Checks that `config` is this method's and fills (or checks) its
+    /// model fields from the model's sizes.
+    fn fit_config(config: PromptLearningConfig, dims: &ModelDims) -> Result<PromptLearningConfig>;
+
+    /// A fresh encoder per `config` (model fields filled), initialised as
+    /// PEFT does.
+    fn fresh<M: PeftModel<B>>(config: &PromptLearningConfig, model: &M) -> Result<Self>;
+
+    /// An encoder that starts out as `text_ids` (cut to the number of
+    /// virtual tokens or repeated up to it) placed before every input.
+    fn from_text<M: PeftModel<B>>(
+        config: &PromptLearningConfig,
+        model: &M,
+        text_ids: &[u32],
+    ) -> Result<Self>;
+
+    /// `tokens` and their `attention_mask: [b, t]` after the virtual tokens
+    /// of `rows`: what the model's input becomes. A prefix fills `cache`
+    /// (empty on entry) and leaves the tokens; a soft prompt puts its
+    /// embeddings before the tokens' (`embed` gives word embeddings).
+    fn enter(
+        rows: Rows<'_, Self>,
+        tokens: Tokens<B>,
+        attention_mask: Option<Tensor<B, 2>>,
+        dims: &ModelDims,
+        embed: &dyn Fn(Tensor<B, 2, Int>) -> Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+    ) -> (Tokens<B>, Option<Tensor<B, 2>>);
+
+    /// `model`'s forward pass on `ids: [b, t]` after this encoder's virtual
+    /// tokens; `attention_mask: [b, t]` covers the real tokens.
+    fn forward_before<M: PeftModel<B>>(
+        &self,
+        model: &M,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> M::Output {
+        let batch = ids.dims()[0];
+        run_after(Rows::All(self, batch), model, ids, attention_mask)
+    }
+}
+
+/// `model`'s forward pass on `ids` after the virtual tokens of `rows`.
+pub fn run_after<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>>(
+    rows: Rows<'_, E>,
+    model: &M,
+    ids: Tensor<B, 2, Int>,
+    attention_mask: Option<Tensor<B, 2>>,
+) -> M::Output {
+    let dims = model.dims();
+    let embed = |ids| model.embed_tokens(ids);
+    let mut cache = KvCache::new();
+    let (tokens, mask) = E::enter(
+        rows,
+        Tokens::Ids(ids),
+        attention_mask,
+        &dims,
+        &embed,
+        &mut cache,
+    );
+    let input = ModelInput::of(tokens).mask(mask);
+    if cache.is_empty() {
+        model.run(input)
+    } else {
+        model.run(input.cache(&mut cache))
+    }
+}
+
+/// A frozen model carrying named prompt-learning adapters of one method
+/// (encoder type `E`), at most one active.
+///
+/// Each adapter's encoder is its own Burn module: train it with any Burn
+/// optimizer through [`map_encoder`](Self::map_encoder).
+#[derive(Debug, Clone)]
+pub struct VirtualTokenModel<B: Backend, M, E> {
+    /// The frozen model.
+    pub model: M,
+    adapters: NamedAdapters<(PromptLearningConfig, E)>,
+    _backend: PhantomData<B>,
+}
+
+impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E> {
+    /// Wraps `model` (frozen) and adds `config` as the active adapter `default`.
+    pub fn new(model: M, config: PromptLearningConfig) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.add_adapter(DEFAULT_ADAPTER, config)?;
+        Ok(this)
+    }
+
+    /// Wraps `model` with no adapter. Every parameter of the model is frozen.
+    pub fn wrap(model: M) -> Self {
+        VirtualTokenModel {
+            model: model.no_grad(),
+            adapters: NamedAdapters::default(),
+            _backend: PhantomData,
+        }
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.devices().into_iter().next().unwrap_or_default()
+    }
+
+    /// Adds a fresh adapter `name` per `config` (PEFT's initialisation)
+    /// and makes it active.
+    pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
+        let config = E::fit_config(config, &self.model.dims())?;
+        let encoder = E::fresh(&config, &self.model)?;
+        self.insert(name, config, encoder)
+    }
+
+    /// Adds adapter `name` started from `text_ids` (prefix: the text's own
+    /// keys and values; prompt: PEFT's `TEXT` init, the text's word
+    /// embeddings), cut to the virtual tokens or repeated up to them, and
+    /// makes it active.
+    pub fn add_adapter_from_text(
+        &mut self,
+        name: &str,
+        config: PromptLearningConfig,
+        text_ids: &[u32],
+    ) -> Result<()> {
+        let config = E::fit_config(config, &self.model.dims())?;
+        if text_ids.is_empty() {
+            return Err(PeftError::Config(
+                "the init text tokenised to no tokens".into(),
+            ));
+        }
+        let encoder = E::from_text(&config, &self.model, text_ids)?;
+        self.insert(name, config, encoder)
+    }
+
+    fn insert(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
+        self.adapters.insert(name, (config, encoder))?;
+        self.adapters.set_active(name)
+    }
+
+    /// Makes `name` the active adapter.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapters.set_active(name)
+    }
+
+    /// Removes adapter `name`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapters.remove(name).map(|_| ())
+    }
+
+    /// The active adapter's name.
+    pub fn active_adapter(&self) -> Option<&str> {
+        self.adapters.active().map(|(n, _)| n)
+    }
+
+    /// Every adapter's name, in insertion order.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.names()
+    }
+
+    /// The config of adapter `name` (model fields filled).
+    pub fn config(&self, name: &str) -> Result<&PromptLearningConfig> {
+        Ok(&self.adapters.get(name)?.0)
+    }
+
+    /// The encoder of adapter `name`.
+    pub fn encoder(&self, name: &str) -> Result<&E> {
+        Ok(&self.adapters.get(name)?.1)
+    }
+
+    /// Replaces the encoder of `name` by `f(encoder)`: an optimizer step,
+    /// `map_encoder(name, |e| optim.step(lr, e, grads))`.
+    pub fn map_encoder(&mut self, name: &str, f: impl FnOnce(E) -> E) -> Result<()> {
+        self.adapters
+            .map(name, |(config, encoder)| (config, f(encoder)))
+    }
+
+    /// Runs the plain model until [`enable`](Self::enable).
+    pub fn disable(&mut self) {
+        self.adapters.disable();
+    }
+
+    /// Undoes [`disable`](Self::disable).
+    pub fn enable(&mut self) {
+        self.adapters.enable();
+    }
+
+    /// The active encoder unless disabled.
+    fn running(&self) -> Option<&E> {
+        self.adapters.running().map(|(_, (_, e))| e)
+    }
+
+    /// Positions the next [`forward`](Self::forward) adds at the front of
+    /// the output (a soft prompt's virtual tokens; 0 for a prefix, when
+    /// disabled or without an adapter).
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.running().map_or(0, E::output_positions)
+    }
+
+    /// The model's forward pass after the active adapter's virtual tokens
+    /// (the plain model when there is none or when disabled).
+    /// `attention_mask: [b, t]` covers the real tokens.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> M::Output {
+        match self.running() {
+            Some(e) => e.forward_before(&self.model, ids, attention_mask),
+            None => self.model.run(ModelInput::ids(ids).mask(attention_mask)),
+        }
+    }
+
+    /// A batch whose row `i` runs after adapter `names[i]`. The adapters
+    /// must have the same number of virtual tokens.
+    pub fn forward_mixed(
+        &self,
+        names: &[&str],
+        ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2>>,
+    ) -> Result<M::Output> {
+        let b = ids.dims()[0];
+        if names.len() != b {
+            return Err(PeftError::Shape {
+                name: "per-row adapter names".into(),
+                expected: vec![b],
+                found: vec![names.len()],
+            });
+        }
+        let rows: Vec<&E> = names
+            .iter()
+            .map(|name| self.adapters.get(name).map(|(_, e)| e))
+            .collect::<Result<_>>()?;
+        let first = rows[0].num_virtual_tokens();
+        if let Some(i) = rows.iter().position(|e| e.num_virtual_tokens() != first) {
+            return Err(PeftError::State(format!(
+                "a mixed batch needs {what} of one length: `{}` has {first} virtual tokens, `{}` {}",
+                names[0],
+                names[i],
+                rows[i].num_virtual_tokens(),
+                what = E::WHAT,
+            )));
+        }
+        Ok(run_after(
+            Rows::Each(&rows),
+            &self.model,
+            ids,
+            attention_mask,
+        ))
+    }
+
+    /// Trainable (the active adapter's encoder) and total parameters, as
+    /// PEFT's `get_nb_trainable_parameters` counts them.
+    pub fn param_count(&self) -> ParamCount {
+        let trainable = self
+            .adapters
+            .active()
+            .map(|(_, (_, e))| e.num_params())
+            .unwrap_or(0);
+        ParamCount {
+            trainable,
+            all: self.model.num_params() + trainable,
+        }
+    }
+
+    /// Continues `prompt` (token ids) after the active adapter through the
+    /// model's KV cache: the first step runs the virtual tokens and the
+    /// prompt (a prefix as the cache's first entry, a soft prompt's
+    /// embeddings before the prompt's), later steps feed one token each.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+    ) -> Vec<u32>
+    where
+        M: CausalLm<B>,
+    {
+        let ids = ids_tensor(prompt, &self.device());
+        let mut cache = KvCache::new();
+        let tokens = match self.running() {
+            Some(e) => {
+                let dims = self.model.dims();
+                let embed = |ids| self.model.embed_tokens(ids);
+                E::enter(
+                    Rows::All(e, 1),
+                    Tokens::Ids(ids),
+                    None,
+                    &dims,
+                    &embed,
+                    &mut cache,
+                )
+                .0
+            }
+            None => Tokens::Ids(ids),
+        };
+        let logits = self
+            .model
+            .forward_logits(ModelInput::of(tokens).cache(&mut cache));
+        self.model.decode(logits, &mut cache, max_new, sampler, eos)
+    }
+
+    /// Writes every adapter in PEFT's layout under `dir` (`default` in
+    /// `dir`, others in sub-folders), each folded to `prompt_embeddings`.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for name in self.adapter_names() {
+            self.save_adapter(&name, &adapter_dir(dir, &name))?;
+        }
+        Ok(())
+    }
+
+    /// Writes adapter `name` into `dir`, atomically per file.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let (config, encoder) = self.adapters.get(name)?;
+        save_prompt_adapter(
+            dir,
+            config,
+            HostTensor::from_tensor(encoder.prompt_embeddings()),
+        )
+    }
+
+    /// Loads a PEFT folder of this method as adapter `name` (folded),
+    /// leaving the active adapter as it was (or making it active if none
+    /// was).
+    pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        let (config, embeddings) = load_prompt_adapter(dir, E::PEFT_TYPES)?;
+        let mut config = E::fit_config(config, &self.model.dims())?;
+        config.inference_mode = true;
+        let encoder = E::from_embeddings(&config, &embeddings, &self.device())?;
+        self.adapters.insert(name, (config, encoder))?;
+        if self.active_adapter().is_none() {
+            self.adapters.set_active(name)?;
+        }
+        Ok(())
+    }
+
+    /// Wraps `model` and loads `dir` as `default` plus every sub-folder
+    /// holding an adapter under its folder name; `default` is active.
+    pub fn from_pretrained(model: M, dir: &Path) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        this.load_adapter(dir, DEFAULT_ADAPTER)?;
+        for (name, sub) in adapter_subdirs(dir)? {
+            this.load_adapter(&sub, &name)?;
+        }
+        this.set_adapter(DEFAULT_ADAPTER)?;
+        Ok(this)
+    }
+}
+
+impl<B, M, E> VirtualTokenModel<B, M, E>
+where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B>,
+    M::InnerModule: PeftModel<B::InnerBackend>,
+    E: VirtualTokens<B> + AutodiffModule<B>,
+    E::InnerModule: VirtualTokens<B::InnerBackend>,
+{
+    /// The inference view: the model and every encoder on the inner
+    /// (non-autodiff) backend, names and activation kept. Evaluate and
+    /// generate through it during training: passes through a trainable
+    /// encoder on an autodiff backend record a graph that only a backward
+    /// pass frees.
+    pub fn valid(&self) -> VirtualTokenModel<B::InnerBackend, M::InnerModule, E::InnerModule> {
+        VirtualTokenModel {
+            model: self.model.valid(),
+            adapters: self
+                .adapters
+                .map_all(|(config, encoder)| (config.clone(), encoder.valid())),
+            _backend: PhantomData,
+        }
+    }
+}
