@@ -220,17 +220,33 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         self.merge(&names)
     }
 
-    /// Folds the named adapters into the base weights, in order.
+    /// Folds the named adapters into the base weights, in order. An
+    /// adapter whose merge could not be undone (an OFT adapter with a
+    /// singular rotation) is an error naming its layer, and nothing merges.
     pub fn merge(&mut self, names: &[String]) -> Result<()> {
         for n in names {
             self.config(n)?;
         }
-        self.model.visit_linears_mut(&mut |_, slot| {
+        let mut refused = None;
+        self.model.visit_linears(&mut |path, slot| {
             for n in names {
-                slot.merge(n);
+                if refused.is_none() {
+                    refused = slot.check_merge(n, path).err();
+                }
             }
         });
-        Ok(())
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        let mut failed = None;
+        self.model.visit_linears_mut(&mut |_, slot| {
+            for n in names {
+                if let Err(e) = slot.merge(n) {
+                    failed.get_or_insert(e);
+                }
+            }
+        });
+        failed.map_or(Ok(()), Err)
     }
 
     /// Takes every merged adapter back out of the base weights, newest merge

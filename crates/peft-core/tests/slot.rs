@@ -346,9 +346,9 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
         slot.set_active(&names(&[name]));
         let want = c.expected(&c.x, &[name]);
         assert!(!slot.unmerge(name), "{name}: unmerge before merge");
-        assert!(slot.merge(name), "{name}: merge");
+        assert!(slot.merge(name).unwrap(), "{name}: merge");
         assert!(slot.any_merged());
-        assert!(!slot.merge(name), "{name}: merged twice");
+        assert!(!slot.merge(name).unwrap(), "{name}: merged twice");
         let merged_w = match name {
             "in" => w0.scale_by(c.ia3("in"), false),
             "out" => w0.scale_by(c.ia3("out"), true),
@@ -395,14 +395,14 @@ fn merging_each_kind_keeps_the_output_and_unmerging_restores_the_base<B: Backend
         );
     }
     let mut slot = c.slot::<B>(device);
-    assert!(!slot.merge("missing") && !slot.unmerge("missing"));
+    assert!(!slot.merge("missing").unwrap() && !slot.unmerge("missing"));
     // Removing a merged entry takes it out of the weight first.
     slot.set_active(&names(&["one", "two"]));
-    assert!(slot.merge("one"));
+    assert!(slot.merge("one").unwrap());
     assert!(slot.remove("one").is_some());
     assert_eq!(slot.state.active, names(&["two"]));
     assert_near("weight after removal", host(slot.base_weight()), &w0);
-    assert!(slot.merge("in"));
+    assert!(slot.merge("in").unwrap());
     assert!(slot.remove("in").is_some());
     assert_near("weight after (IA)³ removal", host(slot.base_weight()), &w0);
     assert!(slot.remove("one").is_none() && slot.remove("in").is_none());
@@ -423,7 +423,7 @@ fn merges_that_do_not_commute_unmerge_in_reverse_order<B: Backend>(device: &B::D
     let bias = |slot: &LinearSlot<B>| host(slot.base.bias.as_ref().unwrap().val());
     let mut slot = c.slot::<B>(device);
     slot.set_active(&names(&["out", "one"]));
-    assert!(slot.merge("out") && slot.merge("one"));
+    assert!(slot.merge("out").unwrap() && slot.merge("one").unwrap());
     assert_eq!(slot.state.merged, names(&["out", "one"]));
     let merged_w = w0.scale_by(c.ia3("out"), true).add(&c.delta("one"));
     assert_near("merged weight", host(slot.base_weight()), &merged_w);
@@ -452,21 +452,21 @@ fn merges_that_do_not_commute_unmerge_in_reverse_order<B: Backend>(device: &B::D
     let mut slot = c.slot::<B>(device);
     let all = names(&["in", "dora", "out2", "two"]);
     for n in &all {
-        assert!(slot.merge(n), "{n}");
+        assert!(slot.merge(n).unwrap(), "{n}");
     }
     slot.unmerge_newest_first(&all);
     assert!(!slot.any_merged() && slot.state.merged.is_empty());
     assert_near("all unmerged, newest first", host(slot.base_weight()), &w0);
     assert_near("all unmerged: bias", bias(&slot), &bias0);
     for n in &all {
-        assert!(slot.merge(n), "{n}");
+        assert!(slot.merge(n).unwrap(), "{n}");
     }
     for n in &all {
         assert!(slot.unmerge(n), "{n}");
     }
     assert_near("all unmerged, oldest first", host(slot.base_weight()), &w0);
     // Removing an entry merged before others keeps those merged.
-    assert!(slot.merge("dora") && slot.merge("out"));
+    assert!(slot.merge("dora").unwrap() && slot.merge("out").unwrap());
     assert!(slot.remove("dora").is_some());
     assert_eq!(slot.state.merged, names(&["out"]));
     assert_near(
@@ -526,7 +526,7 @@ fn unmerging_ia3_divides_by_l_plus_peft_epsilon<B: Backend>(device: &B::Device) 
     let mut slot = LinearSlot::<B>::from_weights(c.w.tensor(device), None);
     slot.add(ia3_entry("tiny", &l, false, device), "layer")
         .unwrap();
-    assert!(slot.merge("tiny") && slot.unmerge("tiny"));
+    assert!(slot.merge("tiny").unwrap() && slot.unmerge("tiny"));
     let back: Vec<f64> = l.iter().map(|x| x / (x + 1e-8)).collect();
     assert_near(
         "unmerged weight",
@@ -551,7 +551,7 @@ fn the_active_entries_train_and_are_counted<B: AutodiffBackend>(device: &B::Devi
     assert!(!slot.base.weight.is_require_grad());
     // two: 5·3 + 3·4; dora: 5·2 + 2·4 + 4; out: 4.
     assert_eq!(slot.trainable_params(), 27 + 22 + 4);
-    assert!(slot.merge("two"));
+    assert!(slot.merge("two").unwrap());
     assert_eq!(
         slot.trainable_params(),
         22 + 4,
@@ -623,7 +623,7 @@ fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
         "nothing was added"
     );
     assert_eq!((slot.d_input(), slot.d_output()), (D_IN, D_OUT));
-    assert!(slot.merge("one"));
+    assert!(slot.merge("one").unwrap());
     assert!(matches!(slot.quantize_nf4("p"), Err(PeftError::State(_))));
 }
 

@@ -287,6 +287,7 @@ impl SlotMethod for Oft {
                 block_share: config.block_share,
                 neumann_terms: config.num_cayley_neumann_terms,
                 merged: false,
+                merge_inverse: None,
             },
         };
         slot.add(entry, path)

@@ -6,7 +6,7 @@
 //! (mixed batches included), gradients, two training steps, files and
 //! parameter counts, within 1e-5 on every backend.
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::compare;
@@ -140,11 +140,47 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A rotation with a singular block cannot be merged, since its merge
+/// could not be undone (the series `(1 + Q)²(1 + Q²)` of 5 terms vanishes
+/// where `Q` has the eigenvalues ±i, here `Q₀₁ = 1`): the error names the
+/// layer, and nothing merges anywhere.
+fn a_singular_rotation_is_not_merged<B: Backend>(d: &B::Device) {
+    let c = FixtureCase::open("llama", "oft_custom");
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), d);
+    let mut oft = OftModel::from_pretrained(llama::<B>(d), &c.dir).unwrap();
+    let target = "model.layers.1.mlp.down_proj";
+    let mut found = false;
+    oft.model.visit_linears_mut(&mut |path, slot| {
+        if path != target {
+            return;
+        }
+        let e = slot.entry_mut::<OftEntry<B>>("default").unwrap();
+        let [rows, cols] = e.weight.val().dims();
+        let mut v = vec![0f32; rows * cols];
+        for r in 0..rows {
+            v[r * cols] = 1.0;
+        }
+        e.weight = Param::from_tensor(Tensor::from_data(TensorData::new(v, [rows, cols]), d));
+        e.meta.neumann_terms = 5;
+        found = true;
+    });
+    assert!(found, "{target} carries the adapter");
+    let before = lm(&oft.model, ids.clone());
+    let err = oft.merge_adapter().unwrap_err().to_string();
+    assert!(err.contains(target) && err.contains("singular"), "{err}");
+    let mut merged = false;
+    oft.model
+        .visit_linears(&mut |_, s| merged |= s.any_merged());
+    assert!(!merged, "a refused merge merged some layers");
+    assert_eq!(lm(&oft.model, ids).data, before.data);
+}
+
 backend_tests!(
     llama_oft,
     llama_oft_custom,
     bert_oft,
-    fresh_is_identity_and_errors_are_typed
+    fresh_is_identity_and_errors_are_typed,
+    a_singular_rotation_is_not_merged
 );
 
 /// Loss and the gradient of every `default` generator equal PEFT's;

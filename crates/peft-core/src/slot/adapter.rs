@@ -111,7 +111,15 @@ pub trait SlotAdapter<B: Backend>: std::fmt::Debug {
         None
     }
 
-    /// Folds the entry into the base (detached values).
+    /// Why the entry cannot be folded into the base, if it cannot: a fold
+    /// that could not be undone (OFT: a singular rotation block). Asked
+    /// before any weight changes, so a refused merge changes nothing.
+    fn merge_refusal(&self) -> Option<String> {
+        None
+    }
+
+    /// Folds the entry into the base (detached values). Called only when
+    /// [`merge_refusal`](Self::merge_refusal) gave none.
     fn merge_into(&mut self, base: &mut BaseParts<B>);
 
     /// Takes the entry back out of the base, exactly undoing

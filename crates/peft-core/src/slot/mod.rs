@@ -338,9 +338,30 @@ impl<B: Backend> LinearSlot<B> {
         self.entries.retain(|e| E::of(e).is_none());
     }
 
+    /// Whether adapter `name` can be merged here (`path`: this layer's, for
+    /// the message): an error names an entry whose merge could not be
+    /// undone. An absent or already merged entry has nothing to check.
+    pub fn check_merge(&self, name: &str, path: &str) -> Result<()> {
+        match self.entry_named(name) {
+            Some(e) if !e.adapter().merged() => match e.adapter().merge_refusal() {
+                Some(why) => Err(PeftError::State(format!("{path}: {why}"))),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Folds adapter `name` (of any kind) into the base weight. Returns
-    /// `false` if it is not attached here or already merged.
-    pub fn merge(&mut self, name: &str) -> bool {
+    /// `false` if it is not attached here or already merged, and an error,
+    /// changing nothing, for an entry whose merge could not be undone
+    /// ([`check_merge`](Self::check_merge)).
+    pub fn merge(&mut self, name: &str) -> Result<bool> {
+        self.check_merge(name, "this layer")?;
+        Ok(self.merge_checked(name))
+    }
+
+    /// [`merge`](Self::merge) of an entry already checked.
+    fn merge_checked(&mut self, name: &str) -> bool {
         let merged = self.merge_entry(name);
         if merged {
             self.state.merged.push(name.to_string());
@@ -363,8 +384,9 @@ impl<B: Backend> LinearSlot<B> {
         }
         self.state.merged.pop();
         let unmerged = self.unmerge_entry(name);
+        // Merged before, so checked before; their parameters are unchanged.
         for n in later {
-            self.merge(&n);
+            self.merge_checked(&n);
         }
         unmerged
     }

@@ -37,6 +37,9 @@ pub struct OftMeta {
     pub neumann_terms: usize,
     /// Whether `R` is currently folded into the base weight.
     pub merged: bool,
+    /// While merged: the inverse of each block that was folded in
+    /// (`[k·b·b]`, computed in `f64`), so unmerging undoes exactly that.
+    pub merge_inverse: Option<Vec<f32>>,
 }
 
 /// One named OFT adapter on one linear layer.
@@ -163,6 +166,25 @@ impl<B: Backend> OftEntry<B> {
             .matmul(weight.reshape([k, d_in / k, d_out]))
             .reshape([d_in, d_out])
     }
+
+    /// Each rotation block's inverse, computed in `f64` (a truncated
+    /// Neumann series is not exactly orthogonal, so the transpose would not
+    /// do), as `[k·b·b]`; or the index of a block that has none.
+    fn block_inverses(&self) -> std::result::Result<Vec<f32>, usize> {
+        let blocks = self.rotation_blocks().detach();
+        let b = blocks.dims()[1];
+        let values: Vec<f64> = blocks
+            .into_data()
+            .convert::<f64>()
+            .into_vec()
+            .expect("f64 data");
+        let mut inverse = Vec::with_capacity(values.len());
+        for (i, block) in values.chunks(b * b).enumerate() {
+            let inv = invert(block.to_vec(), b).ok_or(i)?;
+            inverse.extend(inv.into_iter().map(|v| v as f32));
+        }
+        Ok(inverse)
+    }
 }
 
 impl<B: Backend> SlotAdapter<B> for OftEntry<B> {
@@ -201,29 +223,35 @@ impl<B: Backend> SlotAdapter<B> for OftEntry<B> {
         self.rotate(x)
     }
 
+    /// PEFT would merge a singular rotation and fail only on unmerging
+    /// (`torch.linalg.inv`); merged, the layer's weight would be lost.
+    fn merge_refusal(&self) -> Option<String> {
+        self.block_inverses().err().map(|i| {
+            format!(
+                "OFT adapter `{}` cannot be merged: its rotation block {i} is singular, so the merge could not be undone",
+                self.meta.name
+            )
+        })
+    }
+
     fn merge_into(&mut self, base: &mut BaseParts<B>) {
         let blocks = self.rotation_blocks().detach();
+        self.meta.merge_inverse = self.block_inverses().ok();
         base.weight = Self::rotate_weight(blocks, base.weight.clone());
     }
 
-    /// Each block's inverse in `f64` (a truncated Neumann series is not
-    /// exactly orthogonal, so the transpose would not do).
+    /// By the inverse of what [`merge_into`](SlotAdapter::merge_into) folded in.
     fn unmerge_from(&mut self, base: &mut BaseParts<B>) {
-        let blocks = self.rotation_blocks().detach();
-        let [k, b, _] = blocks.dims();
-        let device = blocks.device();
-        let values: Vec<f64> = blocks
-            .into_data()
-            .convert::<f64>()
-            .into_vec()
-            .expect("f64 data");
-        let mut inverse = Vec::with_capacity(k * b * b);
-        for block in values.chunks(b * b) {
-            // A block of a trained rotation is near the identity; a singular
-            // one cannot have been merged to begin with.
-            let inv = invert(block.to_vec(), b).expect("an OFT block is invertible");
-            inverse.extend(inv.into_iter().map(|v| v as f32));
-        }
+        let (k, b) = (self.meta.blocks, self.meta.block_size);
+        let inverse = match self.meta.merge_inverse.take() {
+            Some(inverse) => inverse,
+            // A copy that lost the record (a clone keeps it): the blocks
+            // are unchanged since the checked merge.
+            None => self
+                .block_inverses()
+                .expect("a merged rotation was checked invertible"),
+        };
+        let device = base.weight.device();
         let inverse = Tensor::<B, 3>::from_data(TensorData::new(inverse, [k, b, b]), &device);
         base.weight = Self::rotate_weight(inverse, base.weight.clone());
     }
