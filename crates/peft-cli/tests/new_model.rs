@@ -17,7 +17,6 @@ use peft_adapter::{AdapterModel, BnConfig};
 use peft_core::compare::{assert_close, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::generate::{CausalLm, Sampler};
-use peft_core::input::cached_positions;
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::kv::{KvCache, LayerCache};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
@@ -142,25 +141,19 @@ impl<B: Backend> PeftModel<B> for TinyLm<B> {
     type Output = Tensor<B, 3>;
 
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
-        let ModelInput {
-            tokens,
-            attention_mask,
-            mut cache,
-            hook,
-        } = input;
-        let x = tokens.embedded(|ids| self.token_embedding.forward(ids));
-        let [b, t, _] = x.dims();
-        let device = x.device();
-        // Positions continue after what the cache holds (a prefix, or the
-        // tokens generated so far); the mask lets every token see the cache.
-        let past = cached_positions(cache.as_deref_mut(), self.blocks.len());
-        let mask = decoder_mask::<B>(t, past, attention_mask, &device);
-        let mut x = x + self
-            .position_embedding
-            .forward(positions::<B>(b, t, past, &device));
+        // The embeddings of ids or the embeddings given, the positions
+        // already cached (a prefix, or the tokens generated so far), the
+        // cache readied for our layers, the mask and the hook.
+        let mut p = input.prepare(self.blocks.len(), |ids| self.token_embedding.forward(ids));
+        let [b, t, _] = p.embeds.dims();
+        let device = p.embeds.device();
+        // Positions continue after the cache; the mask lets every token see it.
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
+        let positions = positions::<B>(b, t, p.past, &device);
+        let mut x = p.embeds + self.position_embedding.forward(positions);
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, self.heads, &mask, layer_cache, hook, i);
+            let layer_cache = p.cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, self.heads, &mask, layer_cache, p.hook, i);
         }
         tied_head(self.ln_f.forward(x), self.token_embedding.weight.val())
     }

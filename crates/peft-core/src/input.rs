@@ -107,6 +107,48 @@ impl<'a, B: Backend> ModelInput<'a, B> {
     }
 }
 
+/// A [`ModelInput`] taken apart for a model's forward pass: what every
+/// model's `run` starts from.
+pub struct PreparedInput<'a, B: Backend> {
+    /// The word embeddings `[b, t, d_model]` of the new tokens.
+    pub embeds: Tensor<B, 3>,
+    /// Positions already in the cache (0 without one): the new tokens'
+    /// positions start there.
+    pub past: usize,
+    /// `[b, t]` of the new tokens, 1 = attend.
+    pub attention_mask: Option<Tensor<B, 2>>,
+    /// The cache, readied for the model's layers.
+    pub cache: Option<&'a mut KvCache<B>>,
+    /// The residual hook.
+    pub hook: Option<&'a dyn ResidualHook<B>>,
+}
+
+impl<'a, B: Backend> ModelInput<'a, B> {
+    /// The input taken apart for a model of `layers` layers: ids embedded
+    /// by `embed`, the cache readied ([`cached_positions`]).
+    pub fn prepare(
+        self,
+        layers: usize,
+        embed: impl FnOnce(Tensor<B, 2, Int>) -> Tensor<B, 3>,
+    ) -> PreparedInput<'a, B> {
+        let ModelInput {
+            tokens,
+            attention_mask,
+            mut cache,
+            hook,
+        } = self;
+        let embeds = tokens.embedded(embed);
+        let past = cached_positions(cache.as_deref_mut(), layers);
+        PreparedInput {
+            embeds,
+            past,
+            attention_mask,
+            cache,
+            hook,
+        }
+    }
+}
+
 /// The sizes of a model that the methods build their tensors from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelDims {

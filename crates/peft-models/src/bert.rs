@@ -11,7 +11,6 @@ use crate::norm::LayerNorm;
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::input::cached_positions;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
@@ -385,14 +384,9 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
     /// After a cache (a prefix), the padding mask spans the cached positions
     /// (always visible) and the tokens.
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
-        let ModelInput {
-            tokens,
-            attention_mask,
-            mut cache,
-            hook,
-        } = input;
-        let x = tokens.embedded(|ids| self.word_embeddings.forward(ids));
-        let past = cached_positions(cache.as_deref_mut(), self.layers.len());
+        let p = input.prepare(self.layers.len(), |ids| self.word_embeddings.forward(ids));
+        let (x, past, attention_mask, cache, hook) =
+            (p.embeds, p.past, p.attention_mask, p.cache, p.hook);
         if past == 0 {
             let mask = attention_mask.clone().map(padding_mask);
             return self.run_layers(x, 0, mask, attention_mask.as_ref(), cache, hook);

@@ -12,7 +12,6 @@ use crate::norm::LayerNorm;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_core::input::cached_positions;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
@@ -262,17 +261,10 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
     type Output = Tensor<B, 3>;
 
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
-        let ModelInput {
-            tokens,
-            attention_mask,
-            mut cache,
-            hook,
-        } = input;
-        let x = tokens.embedded(|ids| self.wte.forward(ids));
-        let t = x.dims()[1];
-        let past = cached_positions(cache.as_deref_mut(), self.h.len());
-        let mask = decoder_mask::<B>(t, past, attention_mask, &x.device());
-        self.run_blocks(x, past, mask, cache, hook)
+        let p = input.prepare(self.h.len(), |ids| self.wte.forward(ids));
+        let (t, device) = (p.embeds.dims()[1], p.embeds.device());
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
+        self.run_blocks(p.embeds, p.past, mask, p.cache, p.hook)
     }
 
     fn dims(&self) -> ModelDims {

@@ -10,7 +10,6 @@ use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::input::cached_positions;
 use peft_core::layered::LayeredModel;
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
@@ -533,17 +532,10 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
     type Output = Tensor<B, 3>;
 
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
-        let ModelInput {
-            tokens,
-            attention_mask,
-            mut cache,
-            hook,
-        } = input;
-        let x = tokens.embedded(|ids| self.embed(ids));
-        let t = x.dims()[1];
-        let past = cached_positions(cache.as_deref_mut(), self.layers.len());
-        let mask = decoder_mask::<B>(t, past, attention_mask, &x.device());
-        self.run_layers(x, past, mask, cache, hook)
+        let p = input.prepare(self.layers.len(), |ids| self.embed(ids));
+        let (t, device) = (p.embeds.dims()[1], p.embeds.device());
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
+        self.run_layers(p.embeds, p.past, mask, p.cache, p.hook)
     }
 
     fn dims(&self) -> ModelDims {
