@@ -12,7 +12,7 @@ use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{
     ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
 };
-use peft_core::model::InsertionPoint;
+use peft_core::model::{device_of, InsertionPoint};
 use peft_core::{ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, Tokens};
 use serde_json::{json, Value};
 
@@ -137,7 +137,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
                 "adapter name `{name}` must be non-empty without `,` or `.`"
             )));
         }
-        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(&self.model);
         let ModelDims {
             layers, d_model: d, ..
         } = self.model.dims();
@@ -192,7 +192,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         if self.set.fusion_names.contains(&name) {
             return Err(PeftError::DuplicateAdapter(name));
         }
-        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(&self.model);
         let ModelDims {
             layers, d_model: d, ..
         } = self.model.dims();
@@ -519,7 +519,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         file: &Path,
     ) -> Result<()> {
         let i = self.index(name)?;
-        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(&self.model);
         let paths: Vec<(InsertionPoint, usize, String)> = (0..self.model.dims().layers)
             .flat_map(|l| POINTS.map(|p| (p, l, self.model.hook_path(p, l))))
             .collect();
@@ -622,7 +622,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         }
         let name = self.add_fusion(&refs, config)?;
         let i = self.fusion_index(&name)?;
-        let device = self.model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(&self.model);
         let mut filled = Ok(());
         for layer in 0..self.model.dims().layers {
             for point in POINTS {

@@ -540,11 +540,7 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
     }
 }
 
-/// The device a module's parameters are on (the default device for a
-/// module without any).
-pub fn device_of<B: Backend, M: Module<B>>(m: &M) -> B::Device {
-    m.devices().into_iter().next().unwrap_or_default()
-}
+pub use peft_core::model::device_of;
 
 pub fn ids_batch<B: Backend>(
     blocks: &[Vec<u32>],
@@ -740,7 +736,7 @@ where
     M: PeftModel<B> + Clone,
 {
     let default = peft_core::DEFAULT_ADAPTER;
-    let device = model.devices().into_iter().next().unwrap_or_default();
+    let device = device_of(model);
     Ok(match (method, from) {
         (Method::Prefix(_), Some(dir)) => {
             let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;

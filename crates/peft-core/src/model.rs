@@ -107,3 +107,9 @@ pub trait PeftModel<B: Backend>: Module<B> {
         }
     }
 }
+
+/// The device a module's parameters are on (the default device for a
+/// module without any): where a method creates the tensors it adds.
+pub fn device_of<B: Backend, M: Module<B>>(module: &M) -> B::Device {
+    module.devices().into_iter().next().unwrap_or_default()
+}

@@ -21,7 +21,7 @@ use crate::generate::{ids_tensor, CausalLm, Sampler};
 use crate::input::{ModelDims, ModelInput, Tokens};
 use crate::io::{adapter_dir, adapter_subdirs, HostTensor};
 use crate::kv::KvCache;
-use crate::model::PeftModel;
+use crate::model::{device_of, PeftModel};
 use crate::named::NamedAdapters;
 use crate::prompt_learning::{
     load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, VirtualTokenEncoder,
@@ -146,7 +146,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     }
 
     fn device(&self) -> B::Device {
-        self.model.devices().into_iter().next().unwrap_or_default()
+        device_of(&self.model)
     }
 
     /// Adds a fresh adapter `name` per `config` (PEFT's initialisation)

@@ -6,6 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::generate::ids_tensor;
 use peft_core::kv::{KvCache, LayerCache};
+use peft_core::model::device_of;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
 use peft_core::virtual_model::{Rows, VirtualTokenModel, VirtualTokens};
 use peft_core::{ModelDims, ModelInput, PeftError, PeftModel, Result, Tokens};
@@ -44,7 +45,7 @@ impl<B: Backend> VirtualTokens<B> for PrefixEncoder<B> {
     }
 
     fn fresh<M: PeftModel<B>>(config: &PromptLearningConfig, model: &M) -> Result<Self> {
-        let device = model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(model);
         Ok(PrefixEncoder::new(config, &device))
     }
 
@@ -67,7 +68,7 @@ impl<B: Backend> VirtualTokens<B> for PrefixEncoder<B> {
             .cycle()
             .take(config.num_virtual_tokens)
             .collect();
-        let device = model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(model);
         let mut cache = KvCache::new();
         model.run(ModelInput::ids(ids_tensor(&ids, &device)).cache(&mut cache));
         PrefixEncoder::from_cache(&cache)

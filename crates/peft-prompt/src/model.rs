@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::generate::ids_tensor;
 use peft_core::kv::KvCache;
+use peft_core::model::device_of;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
 use peft_core::virtual_model::{Rows, VirtualTokenModel, VirtualTokens};
 use peft_core::{ModelDims, PeftError, PeftModel, Result, Tokens};
@@ -50,7 +51,7 @@ impl<B: Backend> VirtualTokens<B> for PromptEncoder<B> {
     /// of uniformly drawn ids), or a P-tuning encoder. `TEXT` needs the
     /// text's token ids: [`from_text`](Self::from_text).
     fn fresh<M: PeftModel<B>>(config: &PromptLearningConfig, model: &M) -> Result<Self> {
-        let device = model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(model);
         let [n, d] = config.embedding_shape();
         Ok(match (config.peft_type, config.prompt_tuning_init) {
             (PromptLearningType::PTuning, _) => PromptEncoder::p_tuning(config, &device),
@@ -149,7 +150,7 @@ fn embed_ids<B: Backend, M: PeftModel<B>>(model: &M, ids: &[u32]) -> Result<Tens
             dims.vocab_size
         )));
     }
-    let device = model.devices().into_iter().next().unwrap_or_default();
+    let device = device_of(model);
     let e = model.embed_tokens(ids_tensor(ids, &device));
     Ok(e.reshape([ids.len(), dims.d_model]).detach())
 }

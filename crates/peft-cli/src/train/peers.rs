@@ -6,6 +6,7 @@ use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
+use peft_core::model::device_of;
 use peft_core::{PeftError, Result};
 use serde_json::json;
 
@@ -143,7 +144,7 @@ impl<B: AutodiffBackend> Peers<B> {
         });
         let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
         let shards: Vec<Shard> = parts.iter().map(|p| p.3).collect();
-        let device = model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(model);
         // Phase 2: the all-reduce, every peer at once: gradients, then the
         // loss and token count (so every node logs, and stops on, the
         // job's loss).

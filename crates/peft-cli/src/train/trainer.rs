@@ -9,6 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use peft_core::io::write_atomic;
+use peft_core::model::device_of;
 use peft_core::rng::SplitMix64;
 use peft_core::Result;
 use serde::{Deserialize, Serialize};
@@ -103,7 +104,7 @@ where
         resume: Option<&Path>,
     ) -> Result<Self> {
         config.validate()?;
-        let device = model.devices().into_iter().next().unwrap_or_default();
+        let device = device_of(model);
         let peers = Peers::<B>::register(config.devices, config.cluster.as_ref(), &device)?;
         let mut optim = optimizer::new_optimizer::<B, M>(config);
         let mut state = RunState::default();
