@@ -27,17 +27,6 @@ pub enum Tokens<B: Backend> {
 }
 
 impl<B: Backend> Tokens<B> {
-    /// `[b, t]`.
-    pub fn dims(&self) -> [usize; 2] {
-        match self {
-            Tokens::Ids(ids) => ids.dims(),
-            Tokens::Embeds(e) => {
-                let [b, t, _] = e.dims();
-                [b, t]
-            }
-        }
-    }
-
     /// The word embeddings `[b, t, d_model]`: `embed` applied to ids, or the
     /// embeddings as given.
     pub fn embedded(self, embed: impl FnOnce(Tensor<B, 2, Int>) -> Tensor<B, 3>) -> Tensor<B, 3> {
