@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::compare;
 use peft_core::io::{read_safetensors, HostTensor};
 
 /// The tolerance of every parity check: max |difference| per value.
@@ -41,6 +42,20 @@ pub struct FixtureCase {
 }
 
 impl FixtureCase {
+    /// The tolerance for this case's recorded gradients (`grad.*`):
+    /// [`GRADIENTS`](compare::GRADIENTS)' relative 1e-3, with a floor of a
+    /// millionth of the largest of them. A gradient that is f32 noise in
+    /// PyTorch (BERT's last-layer query, ~1e-13 against a largest of ~4e-5:
+    /// its softmax saturates) is held to that floor.
+    pub fn gradient_tolerance(&self) -> compare::Tolerance {
+        let largest = self
+            .expected
+            .iter()
+            .filter(|(k, _)| k.starts_with("grad."))
+            .fold(0f32, |m, (_, t)| m.max(compare::max_abs(&t.data)));
+        compare::Tolerance::new(compare::GRADIENTS.rel, 1e-6 * largest)
+    }
+
     /// Opens `fixtures/<arch>/<case>/`.
     pub fn open(arch: &str, case: &str) -> Self {
         let dir = fixtures_dir().join(arch).join(case);
