@@ -310,8 +310,8 @@ fn corpus() -> Vec<Case> {
             },
         ),
         case(
-            "LoRA config with an unsupported option",
-            &["modules_to_save"],
+            "LoRA config whose modules_to_save names no layer",
+            &["modules_to_save", "classifier"],
             || {
                 let c = LoraConfig {
                     modules_to_save: Some(vec!["classifier".into()]),

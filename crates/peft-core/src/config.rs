@@ -308,11 +308,6 @@ impl LoraConfig {
                 self.bias
             )));
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(PeftError::Config(
-                "`modules_to_save` is not supported yet".into(),
-            ));
-        }
         for key in UNSUPPORTED_WHEN_SET {
             if let Some(v) = self.extra.get(*key).filter(|v| !is_unset(v)) {
                 return Err(PeftError::Config(format!(
@@ -519,11 +514,6 @@ impl Ia3Config {
 
     /// Checks values a user can get wrong.
     pub fn validate(&self) -> Result<()> {
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(PeftError::Config(
-                "`modules_to_save` is not supported yet".into(),
-            ));
-        }
         if let (Some(TargetModules::List(ff)), Some(TargetModules::List(t))) =
             (&self.feedforward_modules, &self.target_modules)
         {

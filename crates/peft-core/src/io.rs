@@ -257,6 +257,9 @@ pub fn adapter_subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(subdirs)
 }
 
+/// The prefix of every key in PEFT's weights file.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
 /// Takes tensor `key` out of `tensors`, naming `path` when it is missing.
 pub fn take_tensor(
     tensors: &mut HashMap<String, HostTensor>,

@@ -43,6 +43,7 @@ pub mod loss;
 pub mod memory;
 pub mod method_config;
 pub mod model;
+pub mod modules_to_save;
 pub mod named;
 mod nf4_dynamic_map;
 pub mod prompt_learning;

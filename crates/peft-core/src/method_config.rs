@@ -37,6 +37,9 @@ pub struct TargetSpec<'a> {
     pub layers_to_transform: Option<&'a LayerIndices>,
     /// The name of the layer list in module paths.
     pub layers_pattern: Option<&'a LayersPattern>,
+    /// Layers trained and saved in full beside the adapter (PEFT's
+    /// `modules_to_save`).
+    pub modules_to_save: Option<&'a Vec<String>>,
 }
 
 /// A slot method's `adapter_config.json`: the method gives its fields
@@ -148,6 +151,13 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
     /// The target rule, to name in an error when nothing matched.
     fn target_rule(&self) -> String {
         serde_json::to_string(&self.target_spec().target_modules).unwrap_or_else(|_| "?".into())
+    }
+
+    /// PEFT's `modules_to_save`: suffixes of the layers copied in full.
+    fn modules_to_save(&self) -> &[String] {
+        self.target_spec()
+            .modules_to_save
+            .map_or(&[], |m| m.as_slice())
     }
 }
 

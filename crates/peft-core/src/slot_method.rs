@@ -51,6 +51,11 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
 
     /// The config's target rule, to name in an error when nothing matched.
     fn target_rule(&self) -> String;
+
+    /// PEFT's `modules_to_save`: suffixes of the layers each adapter keeps
+    /// a trainable full copy of (a classifier head), saved beside its
+    /// tensors.
+    fn modules_to_save(&self) -> &[String];
 }
 
 impl AdapterConfig for LoraConfig {
@@ -82,6 +87,10 @@ impl AdapterConfig for LoraConfig {
 
     fn target_rule(&self) -> String {
         serde_json::to_string(&self.target_modules).unwrap_or_else(|_| "?".into())
+    }
+
+    fn modules_to_save(&self) -> &[String] {
+        self.modules_to_save.as_deref().unwrap_or_default()
     }
 }
 
@@ -121,6 +130,10 @@ impl AdapterConfig for Ia3Config {
     fn target_rule(&self) -> String {
         serde_json::to_string(&self.target_modules).unwrap_or_else(|_| "?".into())
     }
+
+    fn modules_to_save(&self) -> &[String] {
+        self.modules_to_save.as_deref().unwrap_or_default()
+    }
 }
 
 /// Every [`MethodConfig`] is an `adapter_config.json` a method reads and
@@ -148,6 +161,10 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
 
     fn target_rule(&self) -> String {
         MethodConfig::target_rule(self)
+    }
+
+    fn modules_to_save(&self) -> &[String] {
+        MethodConfig::modules_to_save(self)
     }
 }
 
@@ -254,6 +271,13 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
         match self {
             OneOf::First(c) => c.target_rule(),
             OneOf::Second(c) => c.target_rule(),
+        }
+    }
+
+    fn modules_to_save(&self) -> &[String] {
+        match self {
+            OneOf::First(c) => c.modules_to_save(),
+            OneOf::Second(c) => c.modules_to_save(),
         }
     }
 }

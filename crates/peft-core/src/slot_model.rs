@@ -4,6 +4,10 @@
 //! mixed-batch routing and PEFT's two files; a method says only what is its
 //! own through [`SlotMethod`].
 //!
+//! Every method's adapters may keep trainable full copies of layers beside
+//! their entries (PEFT's `modules_to_save`: a classifier head), switched,
+//! merged and saved with them (`crate::modules_to_save`).
+//!
 //! Two methods in one model: `SlotModel<B, M, (Lora, Ia3)>` holds adapters
 //! of both kinds ([`OneOf`](crate::slot_method::OneOf) configs). Any of them
 //! can be active at once: an (IA)³ vector scales the base path, LoRA deltas
@@ -23,13 +27,14 @@ use crate::io::{
     write_atomic, HostTensor,
 };
 use crate::model::PeftModel;
+use crate::modules_to_save::{
+    attach_copy, check_one_copy_active, copy_plan, read_copy, write_copy,
+};
+use crate::slot::ModuleCopyEntry;
 use crate::slot_method::{AdapterConfig, Init, SlotMethod};
 use crate::{routing, ParamCount, BASE_ROW, DEFAULT_ADAPTER};
 
-pub use crate::io::{CONFIG_FILE, WEIGHTS_FILE};
-
-/// The prefix of every key in PEFT's weights file.
-pub const KEY_PREFIX: &str = "base_model.model.";
+pub use crate::io::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
 
 /// A model carrying named adapters of method `K` in its linear slots.
 ///
@@ -120,11 +125,15 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 available: paths,
             });
         }
+        let copies = copy_plan(config.modules_to_save(), &paths, &plan)?;
         let mut result = Ok(());
         let mut next = plan.iter().peekable();
         self.model.visit_linears_mut(&mut |path, slot| {
             if next.next_if(|p| *p == path).is_some() && result.is_ok() {
                 result = K::attach(&config, slot, path, name, init);
+            }
+            if copies.iter().any(|c| c == path) && result.is_ok() {
+                result = attach_copy(slot, path, name);
             }
         });
         if let Err(e) = result {
@@ -156,12 +165,20 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
     }
 
     /// Activates `names` (one or several: LoRA deltas add up, (IA)³ vectors
-    /// multiply). Only active adapters train.
+    /// multiply; at most one of them may keep a copy of a given layer, as in
+    /// PEFT). Only active adapters train.
     pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
         for n in names {
             self.config(n)?;
         }
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut refused = Ok(());
+        self.model.visit_linears(&mut |path, slot| {
+            if refused.is_ok() {
+                refused = check_one_copy_active(slot, path, &names);
+            }
+        });
+        refused?;
         self.model
             .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
         self.active = names;
@@ -259,24 +276,38 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
     }
 
     /// Merges the active adapters and removes all adapters: the plain model,
-    /// with `W' = W + ΔW` (LoRA) or `W ⊙ l` ((IA)³).
+    /// with `W' = W + ΔW` (LoRA) or `W ⊙ l` ((IA)³), and the active
+    /// adapter's copies (`modules_to_save`) in place of their layers.
     pub fn merge_and_unload(mut self) -> Result<M> {
         self.merge_adapter()?;
         self.strip();
         Ok(self.model)
     }
 
-    /// Removes all adapters without merging: the base model.
+    /// Removes all adapters without merging: the base model, except that
+    /// the active adapter's copies (`modules_to_save`: a trained head) take
+    /// the place of their layers, as PEFT's `unload` leaves them.
     pub fn unload(mut self) -> M {
         self.unmerge_adapter();
+        let active = self.active.clone();
+        self.model.visit_linears_mut(&mut |_, slot| {
+            for n in &active {
+                if slot.entry::<ModuleCopyEntry<B>>(n).is_some() {
+                    // A copy's merge is a swap: never refused.
+                    let _ = slot.merge(n);
+                }
+            }
+        });
         self.strip();
         self.model
     }
 
-    /// Removes every entry of this method and its routing state.
+    /// Removes every entry of this method, every copy of a layer, and the
+    /// routing state.
     fn strip(&mut self) {
         self.model.visit_linears_mut(&mut |_, slot| {
             K::clear(slot);
+            slot.remove_all::<ModuleCopyEntry<B>>();
             slot.state = Default::default();
         });
     }
@@ -319,7 +350,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let config = self.config(name)?;
         let mut tensors = Vec::new();
         self.model.visit_linears(&mut |path, slot| {
-            K::write_tensors(config, slot, path, name, &mut tensors)
+            K::write_tensors(config, slot, path, name, &mut tensors);
+            write_copy(slot, path, name, &mut tensors);
         });
         Ok(tensors)
     }
@@ -366,6 +398,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         self.model.visit_linears_mut(&mut |path, slot| {
             if next.next_if(|p| *p == path).is_some() && filled.is_ok() {
                 filled = K::read_tensors(config, slot, path, name, &mut tensors, &file);
+            }
+            if filled.is_ok() {
+                filled = read_copy(slot, path, name, &mut tensors, &file);
             }
         });
         let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));

@@ -138,6 +138,7 @@ impl MethodConfig for LohaConfig {
             exclude_modules: self.exclude_modules.as_ref(),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 
@@ -167,7 +168,6 @@ impl LycorisConfig for LohaConfig {
             module_dropout: self.module_dropout,
             rank_pattern: &self.rank_pattern,
             alpha_pattern: &self.alpha_pattern,
-            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 }

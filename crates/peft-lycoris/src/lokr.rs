@@ -176,6 +176,7 @@ impl MethodConfig for LokrConfig {
             exclude_modules: self.exclude_modules.as_ref(),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 
@@ -205,7 +206,6 @@ impl LycorisConfig for LokrConfig {
             module_dropout: self.module_dropout,
             rank_pattern: &self.rank_pattern,
             alpha_pattern: &self.alpha_pattern,
-            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 }

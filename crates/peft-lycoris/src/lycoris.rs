@@ -35,8 +35,6 @@ pub struct Shared<'a> {
     pub rank_pattern: &'a IndexMap<String, usize>,
     /// Per-module alpha overrides.
     pub alpha_pattern: &'a IndexMap<String, f64>,
-    /// Extra modules trained and saved in full.
-    pub modules_to_save: Option<&'a Vec<String>>,
 }
 
 /// A LyCORIS method's config: the family's fields through
@@ -73,9 +71,6 @@ pub trait LycorisConfig: MethodConfig {
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
                     .into(),
             );
-        }
-        if s.modules_to_save.is_some_and(|m| !m.is_empty()) {
-            return bad("`modules_to_save` is not supported yet".into());
         }
         Ok(())
     }

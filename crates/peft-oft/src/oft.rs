@@ -199,6 +199,7 @@ impl MethodConfig for OftConfig {
             exclude_modules: self.exclude_modules.as_ref(),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            modules_to_save: self.modules_to_save.as_ref(),
         }
     }
 
@@ -240,11 +241,6 @@ impl MethodConfig for OftConfig {
                 "only the Neumann-series Cayley transform (`true`) is supported",
             ),
             ("bias", self.bias != "none", "only `\"none\"` is supported"),
-            (
-                "modules_to_save",
-                self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
-                "not supported yet",
-            ),
         ];
         if let Some((field, _, why)) = refused.iter().find(|r| r.1) {
             return bad(format!("`{field}`: {why}"));

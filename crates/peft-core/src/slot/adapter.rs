@@ -65,6 +65,14 @@ pub trait SlotAdapter<B: Backend>: std::fmt::Debug {
     /// the tensor as PEFT keys it under `path`.
     fn check_fits(&self, d_in: usize, d_out: usize, path: &str) -> Result<()>;
 
+    /// A weight `[d_in, d_out]` and bias `[d_out]` computing the layer in
+    /// place of the frozen ones (PEFT's `modules_to_save`: a trainable copy
+    /// of the whole layer). Other active entries apply on top as they
+    /// would on the base.
+    fn replacement(&self) -> Option<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+        None
+    }
+
     /// A vector `[d_in]` multiplying the layer's input (the base weight sees
     /// the scaled input; additive entries read the unscaled one).
     fn input_scale(&self) -> Option<Tensor<B, 1>> {

@@ -14,6 +14,7 @@ use super::ia3::Ia3Entry;
 use super::loha::LohaEntry;
 use super::lokr::LokrEntry;
 use super::lora::LoraEntry;
+use super::module_copy::ModuleCopyEntry;
 use super::oft::OftEntry;
 
 /// A concrete kind listed in [`SlotEntry`]: typed access from the enum.
@@ -113,4 +114,6 @@ slot_entries! {
     Lokr(LokrEntry),
     /// OFT ([`OftEntry`]).
     Oft(OftEntry),
+    /// A full copy of the layer (PEFT's `modules_to_save`, [`ModuleCopyEntry`]).
+    ModuleCopy(ModuleCopyEntry),
 }

@@ -35,12 +35,17 @@ impl<B: Backend> LinearSlot<B> {
     /// The frozen layer alone, `x·W + b`: one kernel on Flex
     /// ([`crate::fused::linear`]).
     fn base_biased(&self, x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-        crate::fused::linear(x, w, self.base.bias.as_ref().map(|b| b.val()).as_ref())
+        crate::fused::linear(x, w, self.base_bias().as_ref())
     }
 
-    fn add_bias(&self, y: Tensor<B, 2>) -> Tensor<B, 2> {
-        match &self.base.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
+    /// The frozen bias `[d_out]`, if the layer has one.
+    fn base_bias(&self) -> Option<Tensor<B, 1>> {
+        self.base.bias.as_ref().map(|b| b.val())
+    }
+
+    fn add_bias(y: Tensor<B, 2>, bias: &Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+        match bias {
+            Some(b) => y + b.clone().unsqueeze_dim(0),
             None => y,
         }
     }
@@ -66,7 +71,12 @@ impl<B: Backend> LinearSlot<B> {
         }
         let scale_in = product(active.iter().map(|e| e.input_scale()));
         let scale_out = product(active.iter().map(|e| e.output_scale()));
-        let w = self.base_weight();
+        // An active copy of the whole layer (`modules_to_save`) computes
+        // in place of the frozen weight and bias.
+        let (w, bias) = active
+            .iter()
+            .find_map(|e| e.replacement())
+            .unwrap_or_else(|| (self.base_weight(), self.base_bias()));
         // An input scale changes what the base weight sees; additive entries
         // read the unscaled `x`.
         let x_in = match &scale_in {
@@ -81,7 +91,7 @@ impl<B: Backend> LinearSlot<B> {
         // Additive entries alone add to `x·W + b`, computed in one kernel;
         // an output scale, or an entry reading `x·W` (DoRA), needs it apart.
         if scale_out.is_none() && !active.iter().any(|e| e.needs_base_term()) {
-            let mut y = self.base_biased(x_in, &w);
+            let mut y = crate::fused::linear(x_in, &w, bias.as_ref());
             let pass = BasePass {
                 weight: w,
                 base_term: None,
@@ -93,7 +103,7 @@ impl<B: Backend> LinearSlot<B> {
         }
         let base = x_in.matmul(w.clone());
         let base = match &scale_out {
-            Some(l) => self.add_bias(base) * l.clone().unsqueeze_dim(0),
+            Some(l) => Self::add_bias(base, &bias) * l.clone().unsqueeze_dim(0),
             None => base,
         };
         let pass = BasePass {
@@ -107,7 +117,7 @@ impl<B: Backend> LinearSlot<B> {
         if scale_out.is_some() {
             y
         } else {
-            self.add_bias(y)
+            Self::add_bias(y, &bias)
         }
     }
 
@@ -194,17 +204,32 @@ impl<B: Backend> LinearSlot<B> {
                 );
             }
         }
-        let candidates = table.len();
-        let flat: Vec<i64> = index
-            .iter()
-            .enumerate()
-            .map(|(row, &k)| k * rows as i64 + row as i64)
-            .collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows]), &x.device());
-        Tensor::stack::<3>(table, 0)
-            .reshape([candidates * rows, width])
-            .select(0, idx)
-            .reshape([n, d_in])
+        pick_rows(table, &index).reshape([n, d_in])
+    }
+
+    /// The rows whose adapter carries a copy of the whole layer
+    /// (`modules_to_save`) computed by that copy, `x·W' + b'` from the
+    /// unscaled input `x` `[n, d_in]`; the others keep `y` `[n, d_out]`.
+    /// A row's adapter has one entry per layer, so a copied row has no
+    /// other effect here.
+    fn replace_rows(
+        &self,
+        y: Tensor<B, 2>,
+        x: Tensor<B, 2>,
+        rows: usize,
+        names: &[String],
+    ) -> Tensor<B, 2> {
+        let (copies, index) = self.per_row(names, |e| e.replacement());
+        if copies.is_empty() {
+            return y;
+        }
+        let [n, d_out] = y.dims();
+        let width = n / rows * d_out;
+        let mut table = vec![y.reshape([rows, width])];
+        for (w, b) in copies {
+            table.push(crate::fused::linear(x.clone(), &w, b.as_ref()).reshape([rows, width]));
+        }
+        pick_rows(table, &index).reshape([n, d_out])
     }
 
     /// Mixed batch: row `i` uses adapter `names[i]` (or none for
@@ -215,6 +240,17 @@ impl<B: Backend> LinearSlot<B> {
     /// matmul per row; input and output scales are gathered per row the same
     /// way.
     fn forward_mixed(&self, x: Tensor<B, 2>, rows: usize, names: &[String]) -> Tensor<B, 2> {
+        let y = self.forward_mixed_effects(x.clone(), rows, names);
+        self.replace_rows(y, x, rows, names)
+    }
+
+    /// [`forward_mixed`](Self::forward_mixed) but for copies of the layer.
+    fn forward_mixed_effects(
+        &self,
+        x: Tensor<B, 2>,
+        rows: usize,
+        names: &[String],
+    ) -> Tensor<B, 2> {
         let device = x.device();
         let [n, d_in] = x.dims();
         let d_out = self.d_output();
@@ -237,9 +273,12 @@ impl<B: Backend> LinearSlot<B> {
         // delta and a low-rank row a unit output vector, so `(y + b) ⊙ l`
         // is `(x·W + b) ⊙ l` for the first and `y + b` for the second (a
         // DoRA row's bias is not scaled by its factor, as without mixing).
+        let bias = self.base_bias();
         let finish = |y: Tensor<B, 2>| match &scale_out {
-            Some(l) => (self.add_bias(y).reshape([rows, t, d_out]) * l.clone()).reshape([n, d_out]),
-            None => self.add_bias(y),
+            Some(l) => {
+                (Self::add_bias(y, &bias).reshape([rows, t, d_out]) * l.clone()).reshape([n, d_out])
+            }
+            None => Self::add_bias(y, &bias),
         };
         // Distinct factors used in this batch; index 0 is the base (zero delta).
         let (used, index) = self.per_row(names, |e| e.low_rank_rows(&w));
@@ -283,4 +322,21 @@ impl<B: Backend> LinearSlot<B> {
         };
         finish(y.reshape([n, d_out]))
     }
+}
+
+/// Row `i` of `table[index[i]]`: `table` holds candidates `[rows, width]`
+/// for every row, `index` one choice per row.
+fn pick_rows<B: Backend>(table: Vec<Tensor<B, 2>>, index: &[i64]) -> Tensor<B, 2> {
+    let [rows, width] = table[0].dims();
+    let device = table[0].device();
+    let candidates = table.len();
+    let flat: Vec<i64> = index
+        .iter()
+        .enumerate()
+        .map(|(row, &k)| k * rows as i64 + row as i64)
+        .collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [rows]), &device);
+    Tensor::stack::<3>(table, 0)
+        .reshape([candidates * rows, width])
+        .select(0, idx)
 }

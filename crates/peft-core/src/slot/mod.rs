@@ -3,7 +3,7 @@
 //! A model holds a `LinearSlot` wherever it would hold a `burn::nn::Linear`
 //! that PEFT may adapt. The slot owns the frozen base layer and the named
 //! adapter entries attached to it ([`SlotEntry`]: LoRA/DoRA, (IA)³, LoHa,
-//! LoKr, OFT), and
+//! LoKr, OFT, and full copies of the layer for `modules_to_save`), and
 //! computes the base layer with the active, unmerged entries' effects
 //! composed (`forward.rs`). Merged entries are skipped: with every active
 //! adapter merged, or none attached, the slot runs exactly the base
@@ -26,6 +26,7 @@ mod ia3;
 mod loha;
 mod lokr;
 mod lora;
+mod module_copy;
 mod oft;
 
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub use ia3::{Ia3Entry, Ia3Meta};
 pub use loha::{LohaEntry, LohaFactors};
 pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
 pub use lora::{column_norm, LoraEntry, LoraMeta};
+pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
 
 /// Slot-level state that is not a parameter.

@@ -1,0 +1,121 @@
+//! PEFT's sequence-classification adapters (`task_type: SEQ_CLS`), whose
+//! `modules_to_save` keeps a trained copy of the head (`classifier`) beside
+//! every method's tensors: PEFT's own files of LoRA, DoRA with rsLoRA,
+//! (IA)³ and LoHa on the tiny BERT (`scripts/make_seqcls_fixtures.py`) load
+//! and give PEFT's logits in every state (two adapters, mixed batch,
+//! disabled, merged, `unload`), save byte-for-byte as PEFT's, and train as
+//! PEFT trains (gradient of the copy, two Adam steps).
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use peft_adapter::Ia3;
+use peft_core::compare;
+use peft_core::io::HostTensor;
+use peft_core::slot::ModuleCopyEntry;
+use peft_core::{autodiff_backend_tests, backend_tests, SlotMethod, SlotModel};
+use peft_lora::Lora;
+use peft_lycoris::Loha;
+use peft_models::bert::Bert;
+use peft_models::fixtures::{fixtures_dir, FixtureCase};
+use peft_models::loss::cross_entropy;
+use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+
+fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
+    Bert::load(&fixtures_dir().join("bert"), d).unwrap()
+}
+fn cls<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.classify(ids, None).unwrap())
+}
+fn loss<B: Backend>(
+    m: &Bert<B>,
+    ids: Tensor<B, 2, Int>,
+    labels: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    cross_entropy(m.classify(ids, None).unwrap(), labels)
+}
+
+fn seqcls_lora<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Lora>("bert", "seqcls_lora", bert::<B>(d), cls::<B>, d);
+}
+fn seqcls_dora<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Lora>("bert", "seqcls_dora", bert::<B>(d), cls::<B>, d);
+}
+fn seqcls_ia3<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Ia3>("bert", "seqcls_ia3", bert::<B>(d), cls::<B>, d);
+}
+fn seqcls_loha<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Loha>("bert", "seqcls_loha", bert::<B>(d), cls::<B>, d);
+}
+
+backend_tests!(seqcls_lora, seqcls_dora, seqcls_ia3, seqcls_loha);
+
+/// The training loss and the gradient of `default`'s copy of the head
+/// equal PEFT's; the frozen head and `other`'s copy get none.
+fn check_head_gradients<B: AutodiffBackend, K: SlotMethod>(case: &str, d: &B::Device) {
+    let c = FixtureCase::open("bert", case);
+    let mut adapted = SlotModel::<B, Bert<B>, K>::wrap(bert::<B>(d));
+    adapted.load_adapter(&c.dir, "default").unwrap();
+    adapted.load_adapter(&c.dir.join("other"), "other").unwrap();
+    adapted.set_adapter(&["default"]).unwrap();
+    let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![2i64, 0, 1], [3]), d);
+    let loss = loss(&adapted.model, c.ints::<B, 2>("input_ids", d), labels);
+    let got = loss.clone().into_scalar().elem::<f32>();
+    compare::check_close_slices(
+        &format!("{case}: loss"),
+        &[got],
+        &c.want("train_loss").data,
+        compare::Tolerance::new(1e-5, 0.0),
+    )
+    .unwrap();
+    let grads = loss.backward();
+    let head = adapted
+        .model
+        .classifier
+        .as_ref()
+        .expect("the fixture has a head");
+    assert!(
+        head.base.weight.grad(&grads).is_none(),
+        "the frozen head got a gradient"
+    );
+    let other = head.entry::<ModuleCopyEntry<B>>("other").unwrap();
+    assert!(
+        other.weight.grad(&grads).is_none(),
+        "`other`'s copy got a gradient"
+    );
+    let copy = head.entry::<ModuleCopyEntry<B>>("default").unwrap();
+    let tol = c.gradient_tolerance();
+    let weight = HostTensor::from_tensor(copy.weight.grad(&grads).unwrap()).transposed();
+    let bias = HostTensor::from_tensor(copy.bias.as_ref().unwrap().grad(&grads).unwrap());
+    let key = "grad.base_model.model.classifier";
+    compare::assert_close(
+        &format!("{case}: copy weight"),
+        &weight,
+        c.want(&format!("{key}.weight")),
+        tol,
+    );
+    compare::assert_close(
+        &format!("{case}: copy bias"),
+        &bias,
+        c.want(&format!("{key}.bias")),
+        tol,
+    );
+}
+
+fn head_gradients<B: AutodiffBackend>(d: &B::Device) {
+    check_head_gradients::<B, Lora>("seqcls_lora", d);
+    check_head_gradients::<B, Lora>("seqcls_dora", d);
+    check_head_gradients::<B, Ia3>("seqcls_ia3", d);
+    check_head_gradients::<B, Loha>("seqcls_loha", d);
+}
+
+/// Two Adam steps from PEFT's saved `default` give PEFT's tensors, the
+/// head's copy among them.
+fn training_steps<B: AutodiffBackend>(d: &B::Device) {
+    let step = |m: &Bert<B>, ids, labels: Option<_>| loss(m, ids, labels.expect("labels"));
+    check_training_steps::<B, _, Lora>("bert", "seqcls_lora", bert::<B>(d), step, d);
+    check_training_steps::<B, _, Lora>("bert", "seqcls_dora", bert::<B>(d), step, d);
+    check_training_steps::<B, _, Ia3>("bert", "seqcls_ia3", bert::<B>(d), step, d);
+    check_training_steps::<B, _, Loha>("bert", "seqcls_loha", bert::<B>(d), step, d);
+}
+
+autodiff_backend_tests!(head_gradients, training_steps);

@@ -1,0 +1,132 @@
+//! PEFT's `modules_to_save` for every method: which layers an adapter
+//! keeps a trainable full copy of ([`ModuleCopyEntry`] on their slots), and
+//! the copies in PEFT's file, under the layer's own keys
+//! (`base_model.model.classifier.weight`, `[out, in]`), as PEFT's
+//! `get_peft_model_state_dict` writes them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::error::{PeftError, Result};
+use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
+use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter};
+
+/// The linear layers (of `paths`) that `modules_to_save` names: PEFT's rule,
+/// a module whose name ends with an entry. None may also be a target of the
+/// adapter's method (`targets`). An entry list that names no linear layer
+/// is an error listing the layers (a SEQ_CLS adapter on a model without a
+/// head, or a copy of an embedding or norm, which only linear layers get
+/// so far).
+pub fn copy_plan(
+    modules_to_save: &[String],
+    paths: &[String],
+    targets: &[String],
+) -> Result<Vec<String>> {
+    if modules_to_save.is_empty() {
+        return Ok(Vec::new());
+    }
+    let copies: Vec<String> = paths
+        .iter()
+        .filter(|p| modules_to_save.iter().any(|m| p.ends_with(m.as_str())))
+        .cloned()
+        .collect();
+    if copies.is_empty() {
+        return Err(PeftError::Config(format!(
+            "modules_to_save {modules_to_save:?} names no linear layer of this model (only linear \
+             layers can be copied; a sequence-classification adapter needs a model with its \
+             head); its linear layers: {paths:?}"
+        )));
+    }
+    if let Some(both) = copies.iter().find(|p| targets.contains(p)) {
+        return Err(PeftError::Config(format!(
+            "`{both}` is both a target of the adapter and in modules_to_save {modules_to_save:?}"
+        )));
+    }
+    Ok(copies)
+}
+
+/// Attaches adapter `name`'s copy of `slot`'s layer (module `path`).
+pub fn attach_copy<B: Backend>(slot: &mut LinearSlot<B>, path: &str, name: &str) -> Result<()> {
+    let copy = ModuleCopyEntry::of_base(slot, name);
+    slot.add(copy, path)
+}
+
+/// Appends adapter `name`'s copy of `slot`'s layer, if it has one, under
+/// PEFT's keys and in PyTorch's layout.
+pub fn write_copy<B: Backend>(
+    slot: &LinearSlot<B>,
+    path: &str,
+    name: &str,
+    out: &mut Vec<(String, HostTensor)>,
+) {
+    let Some(copy) = slot.entry::<ModuleCopyEntry<B>>(name) else {
+        return;
+    };
+    let key = format!("{KEY_PREFIX}{path}");
+    out.push((
+        format!("{key}.weight"),
+        HostTensor::from_tensor(copy.weight.val()).transposed(),
+    ));
+    if let Some(b) = &copy.bias {
+        out.push((format!("{key}.bias"), HostTensor::from_tensor(b.val())));
+    }
+}
+
+/// Moves adapter `name`'s copy of `slot`'s layer (module `path`), if it has
+/// one, out of `tensors` (read from `file`), checking shapes.
+pub fn read_copy<B: Backend>(
+    slot: &mut LinearSlot<B>,
+    path: &str,
+    name: &str,
+    tensors: &mut HashMap<String, HostTensor>,
+    file: &Path,
+) -> Result<()> {
+    let (d_in, d_out) = (slot.d_input(), slot.d_output());
+    let device = slot.device();
+    let Some(copy) = slot.entry_mut::<ModuleCopyEntry<B>>(name) else {
+        return Ok(());
+    };
+    let key = format!("{KEY_PREFIX}{path}");
+    let w_key = format!("{key}.weight");
+    let weight = take_tensor(tensors, &w_key, file)?;
+    if weight.shape != [d_out, d_in] {
+        return Err(PeftError::Shape {
+            name: w_key,
+            expected: vec![d_out, d_in],
+            found: weight.shape,
+        });
+    }
+    let weight = weight
+        .transposed()
+        .to_tensor([d_in, d_out], &w_key, &device)?;
+    copy.weight = copy.weight.clone().map(|_| weight);
+    if let Some(bias) = &mut copy.bias {
+        let b_key = format!("{key}.bias");
+        let value = take_tensor(tensors, &b_key, file)?.to_tensor([d_out], &b_key, &device)?;
+        *bias = bias.clone().map(|_| value);
+    }
+    Ok(())
+}
+
+/// PEFT lets one adapter's copy of a layer be active at a time: an error
+/// naming the layer if `names` activates two copies of one.
+pub fn check_one_copy_active<B: Backend>(
+    slot: &LinearSlot<B>,
+    path: &str,
+    names: &[String],
+) -> Result<()> {
+    let copies: Vec<&str> = slot
+        .entries_of::<ModuleCopyEntry<B>>()
+        .map(|e| e.name())
+        .filter(|n| names.iter().any(|a| a == n))
+        .collect();
+    if copies.len() > 1 {
+        return Err(PeftError::Config(format!(
+            "{path}: adapters {copies:?} each keep a copy of this layer (modules_to_save); \
+             only one of them can be active at a time, as in PEFT"
+        )));
+    }
+    Ok(())
+}

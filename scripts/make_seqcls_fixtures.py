@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Writes PEFT's sequence-classification (`task_type="SEQ_CLS"`) parity
+fixtures under fixtures/bert/seqcls_<method>/: PEFT puts the head
+(`classifier`, and `score` where a model has one) in `modules_to_save`, so
+every such adapter carries a trained full copy of the head beside its
+method's tensors.
+
+Reference environment as for make_fixtures.py (not needed in CI):
+    ref/bin/python scripts/make_seqcls_fixtures.py [lora|dora|ia3|loha ...]
+
+Each case has the layout of make_method_fixtures.py (two adapters,
+`default` and `other/`, expected.safetensors with every state's logits, the
+training gradients and two Adam steps), except that PEFT refuses two
+adapters active at once when both carry a copy of one module, so there is
+no `logits_both`; `logits_unload` is PEFT's `unload()`, which keeps the
+active adapter's copy of the head in place of the original.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import ROOT, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
+from make_method_fixtures import two_adam_steps  # noqa: E402
+
+# The tiny BERT of make_fixtures.py (hidden 16, 3 labels): LoRA on query and
+# value, DoRA with rsLoRA, (IA)³ with PEFT's BERT defaults, LoHa; each with
+# the head in modules_to_save, as PEFT's SEQ_CLS task sets it.
+CASES = {
+    "seqcls_lora": (LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"]), 0.02),
+    "seqcls_dora": (LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                     use_dora=True, use_rslora=True), 0.02),
+    "seqcls_ia3": (IA3Config, dict(), 0.05),
+    "seqcls_loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value"]), 0.05),
+}
+
+
+def write_case(case, config_class, kwargs, lr, model_dir, ids):
+    out_dir = os.path.join(model_dir, case)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model = base_model("bert")
+    base = logits(model, ids)
+    torch.manual_seed(3)
+    config = config_class(task_type="SEQ_CLS", **kwargs)
+    peft_model = get_peft_model(model, config)
+    assert "classifier" in peft_model.peft_config["default"].modules_to_save
+    train_a_few_steps(peft_model, "bert", "default", lr=lr)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    tensors = {"input_ids": ids.float(), "logits_base": base}
+    tensors.update(training_gradients(peft_model, "bert", ids))
+    tensors["logits_unmerged"] = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        tensors["logits_disabled"] = logits(peft_model, ids)
+    torch.manual_seed(4)
+    peft_model.add_adapter("other", config_class(task_type="SEQ_CLS", **kwargs))
+    train_a_few_steps(peft_model, "bert", "other", seed=5, lr=lr)
+    peft_model.set_adapter("other")
+    tensors["logits_other"] = logits(peft_model, ids)
+    peft_model.save_pretrained(out_dir)
+    for d in (out_dir, os.path.join(out_dir, "other")):
+        if os.path.exists(os.path.join(d, "README.md")):
+            os.remove(os.path.join(d, "README.md"))
+    try:
+        peft_model.base_model.set_adapter(["default", "other"])
+        raise AssertionError("PEFT activated two adapters with a copy of one module")
+    except ValueError:
+        pass
+    peft_model.set_adapter("default")
+    names = ["other", "__base__", "default"]
+    per = {"other": tensors["logits_other"], "__base__": base, "default": tensors["logits_unmerged"]}
+    tensors["logits_mixed"] = torch.stack([per[n][i] for i, n in enumerate(names)])
+    # PEFT's `adapter_names` covers plain LoRA only (its (IA)³ and LoHa
+    # layers ignore it); the expectation is the single-adapter rows.
+    if config_class is LoraConfig and not kwargs.get("use_dora"):
+        peft_mixed = logits(peft_model, ids, adapter_names=names)
+        assert torch.allclose(peft_mixed, tensors["logits_mixed"], atol=1e-5)
+    peft_model.merge_adapter()
+    tensors["logits_merged"] = logits(peft_model, ids)
+    peft_model.unmerge_adapter()
+    tensors["logits_unmerged_again"] = logits(peft_model, ids)
+    two_adam_steps("bert", out_dir, tensors)
+    # unload() keeps the active adapter's copy of the head (PEFT's
+    # ModulesToSaveWrapper.unload_and_optionally_merge_module).
+    tensors["logits_unload"] = logits(peft_model.unload(), ids)
+    # PEFT saves a copy under the module's own key (`classifier.weight`, no
+    # `modules_to_save.`), the gradients and trained tensors are keyed so; a
+    # DoRA magnitude is saved without its parameter's `.weight`.
+    tensors = {k.replace(".modules_to_save.", "."): v for k, v in tensors.items()}
+    tensors = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): v
+               for k, v in tensors.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
+    meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
+            "mixed_adapter_names": names, "task": "SEQ_CLS"}
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    gap = (tensors["logits_other"] - tensors["logits_unmerged"]).abs().max().item()
+    head = (tensors["logits_unload"] - base).abs().max().item()
+    assert gap > 1e-3 and head > 1e-3, (case, gap, head)
+    print(case, trainable, total, "max|other-default|=%.3g" % gap, "max|unload-base|=%.3g" % head)
+
+
+def main():
+    torch.set_num_threads(2)
+    only = sys.argv[1:]
+    model_dir = os.path.join(ROOT, "bert")
+    ids = inputs("bert")
+    for case, (config_class, kwargs, lr) in CASES.items():
+        if not only or case.removeprefix("seqcls_") in only:
+            write_case(case, config_class, kwargs, lr, model_dir, ids)
+
+
+if __name__ == "__main__":
+    main()
