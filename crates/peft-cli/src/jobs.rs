@@ -243,10 +243,19 @@ fn train_seq_cls<B: AutodiffBackend>(
     }
     let quantized_params = quantized_params(&bert);
     let d = bert.config.hidden_size;
-    let head = tasks::new_head::<B>(d, labels.len(), &device);
-    let head = match job.last() {
-        Some(last) => tasks::load_head::<B>(&last, d, labels.len(), &device)?,
-        None => head,
+    // A slot method trains PEFT's SEQ_CLS adapter: the model's own head
+    // (pooler and `classifier`), its copy in the adapter's
+    // `modules_to_save`. The others train a mean-pooled head of their own,
+    // kept in `head.safetensors`.
+    let (bert, head, method) = match job.method.for_seq_cls(&job.model) {
+        Some(method) => (bert.with_classifier(labels.len())?, None, method),
+        None => {
+            let head = match job.last() {
+                Some(last) => tasks::load_head::<B>(&last, d, labels.len(), &device)?,
+                None => tasks::new_head::<B>(d, labels.len(), &device),
+            };
+            (bert, Some(head), job.method.clone())
+        }
     };
     let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(&job.out.join("labels.json"), &json!(labels))?;
@@ -257,7 +266,7 @@ fn train_seq_cls<B: AutodiffBackend>(
     let labels_json = json!(labels);
     let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
     let (encoder, count, save) =
-        tasks::attach_to_train::<B, Bert<B>>(bert, &job.method, job.last().as_deref())?;
+        tasks::attach_to_train::<B, Bert<B>>(bert, &method, job.last().as_deref())?;
     let report = fit_classifier(
         Classifier { encoder, head },
         count,
@@ -295,7 +304,7 @@ where
     E: Encoder<B> + AutodiffModule<B> + ModuleDisplay + Clone,
     E::InnerModule: Encoder<B::InnerBackend> + ModuleDisplay,
 {
-    let head_params = model.head.num_params();
+    let head_params = model.head.as_ref().map_or(0, |h| h.num_params());
     let params = ParamCount {
         trainable: count.trainable + head_params,
         all: count.all + head_params,
@@ -315,7 +324,10 @@ where
         |m| tasks::accuracy(m, tok, held),
         |m, dir| {
             save_encoder(m, dir)?;
-            tasks::save_head(&m.head, dir)
+            match &m.head {
+                Some(head) => tasks::save_head(head, dir),
+                None => Ok(()),
+            }
         },
     )?;
     Ok(Report {
@@ -449,15 +461,35 @@ pub fn eval<B: Backend>(
                         .into(),
                 )
             })?;
-            let labels = tasks::read_labels(dir)?;
             let examples = data::read_labelled(data_file, columns.0, columns.1)?;
+            // Our runs name their classes in `labels.json`; an adapter
+            // trained by PEFT does not, and its head's rows are then the
+            // data's labels in sorted order (PEFT users' `0`, `1`, ...).
+            let labels = match dir.join("labels.json").is_file() {
+                true => tasks::read_labels(dir)?,
+                false => data::label_set(&examples),
+            };
             let ids = data::label_ids(&examples, &labels, data_file)?;
             let enc = Encoded {
                 texts: examples.into_iter().map(|e| e.text).collect(),
                 labels: ids,
             };
             let bert = Bert::<B>::load(model, device)?;
-            let head = tasks::load_head::<B>(dir, bert.config.hidden_size, labels.len(), device)?;
+            let (bert, head) = if dir.join("head.safetensors").is_file() {
+                let d = bert.config.hidden_size;
+                let head = tasks::load_head::<B>(dir, d, labels.len(), device)?;
+                (bert, Some(head))
+            } else {
+                let classes = tasks::head_labels(dir)?.unwrap_or(labels.len());
+                if labels.len() > classes {
+                    return Err(PeftError::Config(format!(
+                        "{}: the adapter's head has {classes} classes, the data {} labels ({labels:?})",
+                        dir.display(),
+                        labels.len()
+                    )));
+                }
+                (bert.with_classifier(classes)?, None)
+            };
             let encoder = tasks::load_adapted(bert, Some(dir))?;
             tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
         }
@@ -611,10 +643,19 @@ pub fn forward<B: Backend>(
         Arch::Llama => forward_lm::<B, Llama<B>>(model, adapter, ids)?,
         Arch::Gpt2 => forward_lm::<B, Gpt2<B>>(model, adapter, ids)?,
         Arch::Bert => {
-            let bert = Bert::<B>::load(model, device)?;
+            let mut bert = Bert::<B>::load(model, device)?;
+            // A sequence-classification adapter carries its head's copy:
+            // the model gets a head of that many classes to carry it.
+            if let Some(labels) = adapter.map(tasks::head_labels).transpose()?.flatten() {
+                bert = bert.with_classifier(labels)?;
+            }
+            let has_head = bert.pooler.is_some() && bert.classifier.is_some();
             let mask = burn::tensor::Tensor::ones([rows.len(), t], device);
-            let h = tasks::load_adapted(bert, adapter)?.hidden(ids, mask)?;
-            peft_core::io::HostTensor::from_tensor(h)
+            let adapted = tasks::load_adapted(bert, adapter)?;
+            match has_head {
+                true => peft_core::io::HostTensor::from_tensor(adapted.classify(ids, mask)?),
+                false => peft_core::io::HostTensor::from_tensor(adapted.hidden(ids, mask)?),
+            }
         }
     };
     let shape = output.shape.clone();

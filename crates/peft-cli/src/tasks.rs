@@ -112,6 +112,41 @@ impl Method {
         })
     }
 
+    /// The method as PEFT sets it up for sequence classification
+    /// (`task_type: SEQ_CLS`; the heads `classifier` and `score` added to
+    /// `modules_to_save`, so the adapter trains and saves its own copy of
+    /// the head) over the base model at `base`; `None` for a method that
+    /// does not live in the model's slots (those keep a head of their own).
+    pub fn for_seq_cls(&self, base: &Path) -> Option<Method> {
+        let base = std::fs::canonicalize(base)
+            .unwrap_or_else(|_| base.to_path_buf())
+            .display()
+            .to_string();
+        macro_rules! seq_cls {
+            ($variant:ident, $c:expr) => {{
+                let mut c = $c.clone();
+                c.task_type = Some("SEQ_CLS".into());
+                let mut keep = c.modules_to_save.take().unwrap_or_default();
+                for head in SEQ_CLS_HEADS {
+                    if !keep.iter().any(|m| m == head) {
+                        keep.push(head.to_string());
+                    }
+                }
+                c.modules_to_save = Some(keep);
+                c.base_model_name_or_path = Some(base);
+                Some(Method::$variant(c))
+            }};
+        }
+        match self {
+            Method::Lora(c) => seq_cls!(Lora, c),
+            Method::Ia3(c) => seq_cls!(Ia3, c),
+            Method::Loha(c) => seq_cls!(Loha, c),
+            Method::Lokr(c) => seq_cls!(Lokr, c),
+            Method::Oft(c) => seq_cls!(Oft, c),
+            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => None,
+        }
+    }
+
     /// Reads the method of a saved adapter folder: PEFT's
     /// `adapter_config.json` (its `peft_type`) or AdapterHub's
     /// (a `config` object).
@@ -156,6 +191,22 @@ impl Method {
             ))),
         }
     }
+}
+
+/// The head modules PEFT's `PeftModelForSequenceClassification` adds to
+/// `modules_to_save` (BERT's is `classifier`, Llama's `score`).
+pub const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
+
+/// The number of classes of the head copy an adapter folder carries
+/// (`base_model.model.classifier.weight`, `[labels, d]`), if it has one.
+pub fn head_labels(dir: &Path) -> Result<Option<usize>> {
+    let file = dir.join(peft_core::io::WEIGHTS_FILE);
+    if !file.is_file() {
+        return Ok(None);
+    }
+    let tensors = read_safetensors(&file)?;
+    let key = format!("{}classifier.weight", peft_core::io::KEY_PREFIX);
+    Ok(tensors.get(&key).and_then(|t| t.shape.first().copied()))
 }
 
 /// The architectures `peft` runs, read from a model path.
@@ -210,15 +261,23 @@ pub fn tokenizer_of(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(&path.join("tokenizer.json"))
 }
 
-/// A model's hidden states for classification.
+/// A model's hidden states and its own classification head.
 pub trait Encoder<B: Backend> {
     /// `[b, t, d]` for `ids: [b, t]` with `mask: [b, t]`.
     fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>>;
+
+    /// The logits `[b, labels]` of the model's own head
+    /// (`BertForSequenceClassification`'s pooler and classifier).
+    fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>>;
 }
 
 impl<B: Backend> Encoder<B> for Bert<B> {
     fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
         Ok(self.encode(ids, Some(mask)))
+    }
+
+    fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        Bert::classify(self, ids, Some(mask))
     }
 }
 
@@ -226,23 +285,32 @@ impl<B: Backend> Encoder<B> for AdapterModel<B, Bert<B>> {
     fn hidden(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
         self.forward(ids, Some(mask))
     }
+
+    fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        self.model.classify_hidden(self.hidden(ids, mask)?)
+    }
 }
 
-/// An encoder, mean pooling and a linear head (trained in full, as PEFT's
-/// `modules_to_save`).
+/// An encoder and its classification head: the model's own (`head: None`;
+/// for a slot method the adapter trains its copy, PEFT's
+/// `modules_to_save`), or a linear head over mean-pooled hidden states,
+/// trained in full (the other methods).
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend, E: Module<B>> {
     /// The adapted encoder.
     pub encoder: E,
-    /// `[d, labels]`.
-    pub head: Linear<B>,
+    /// `[d, labels]` over mean pooling, or `None` for the model's own head.
+    pub head: Option<Linear<B>>,
 }
 
 impl<B: Backend, E: Encoder<B> + Module<B>> Classifier<B, E> {
     /// Logits `[b, labels]`.
     pub fn logits(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        let Some(head) = &self.head else {
+            return self.encoder.classify(ids, mask);
+        };
         let h = self.encoder.hidden(ids, mask.clone())?;
-        Ok(self.head.forward(Bert::pool_mean(h, mask, false)))
+        Ok(head.forward(Bert::pool_mean(h, mask, false)))
     }
 }
 
@@ -278,7 +346,7 @@ pub fn classifier_loss<B: Backend, E: Encoder<B> + Module<B>>(
     data: &Encoded,
     idx: &[usize],
 ) -> Result<(Tensor<B, 1>, usize)> {
-    let device = model.head.weight.device();
+    let device = device_of(&model.encoder);
     let (ids, mask, labels, n) = batch_tensors::<B>(tok, data, idx, &device)?;
     Ok((cross_entropy(model.logits(ids, mask)?, labels), n))
 }
@@ -290,7 +358,7 @@ pub fn accuracy<B: Backend, E: Encoder<B> + Module<B>>(
     tok: &Tokenizer,
     data: &Encoded,
 ) -> Result<Metric> {
-    let device = model.head.weight.device();
+    let device = device_of(&model.encoder);
     let mut correct = 0;
     let mut all: Vec<usize> = (0..data.texts.len()).collect();
     all.sort_by_key(|&i| data.texts[i].len());
@@ -537,6 +605,23 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
                 p.encoder.output_positions(),
             ),
         })
+    }
+
+    /// BERT's pooler reads the first position: the first virtual token
+    /// after a soft prompt, as in PEFT.
+    fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        match self {
+            Adapted::Slots(s) => s.model.classify(ids, Some(mask)),
+            Adapted::Adapters(a) => a.classify(ids, mask),
+            Adapted::Prefix(p) => {
+                p.model
+                    .classify_hidden(p.encoder.forward_before(&p.model, ids, Some(mask)))
+            }
+            Adapted::Prompt(p) => {
+                p.model
+                    .classify_hidden(p.encoder.forward_before(&p.model, ids, Some(mask)))
+            }
+        }
     }
 }
 

@@ -98,7 +98,8 @@ fn a_short_run_writes_what_eval_reads_back() {
             .unwrap();
     assert_eq!(report.steps, 2);
     assert_eq!(report.sizes, (36, 12));
-    // LoRA r4 on query/value of 6 layers (4·384·2 per module) + head 384·2 + 2.
+    // LoRA r4 on query/value of 6 layers (4·384·2 per module) + the
+    // adapter's copy of the head, 384·2 + 2.
     assert_eq!(report.params.trainable, 6 * 2 * (4 * 384 * 2) + 770);
     let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"eval\"")), "{metrics}");
@@ -109,11 +110,44 @@ fn a_short_run_writes_what_eval_reads_back() {
     for f in [
         "adapter_config.json",
         "adapter_model.safetensors",
-        "head.safetensors",
         "labels.json",
     ] {
         assert!(best.join(f).is_file(), "best/{f} missing");
     }
+    // PEFT's SEQ_CLS layout: the head is the adapter's copy under PEFT's
+    // key (no file of our own), the encoder's keys are the task model's
+    // (`bert.`), and the config names the task and the base.
+    assert!(!best.join("head.safetensors").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
+    let base = std::fs::canonicalize(&minilm).unwrap();
+    assert_eq!(
+        config["base_model_name_or_path"],
+        base.display().to_string()
+    );
+    let saved = peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(saved["base_model.model.classifier.weight"].shape, [2, 384]);
+    assert_eq!(saved["base_model.model.classifier.bias"].shape, [2]);
+    let query = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight";
+    assert_eq!(saved[query].shape, [4, 384]);
+    // `peft forward` gives the classifier's logits.
+    let ids = dir.join("ids.json");
+    std::fs::write(&ids, "[[101, 2023, 3185, 102]]").unwrap();
+    let shape = jobs::forward::<Inference>(
+        &minilm,
+        Some(&best),
+        &ids,
+        &dir.join("logits.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(shape, vec![1, 2], "seq-cls LoRA logits");
 
     // The held-out split the run used, as a file: `peft eval` scores it as the run did.
     let examples = data::read_labelled(&data_file, "text", "label").unwrap();
@@ -142,7 +176,8 @@ fn a_short_run_writes_what_eval_reads_back() {
 
     // (IA)³, LoHa, LoKr, OFT, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
-    // BERT, the method's parameters and the head.
+    // BERT, the method's parameters and the head (the slot methods' copy of
+    // BERT's own, the others' a mean-pooled head of their own).
     let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
     lstm.encoder_dropout = Some(0.1);
     for (name, method) in [
@@ -199,6 +234,9 @@ fn a_short_run_writes_what_eval_reads_back() {
             "prompt" => Some(4 * 384),
             _ => None,
         };
+        let own_head = out.join("best/head.safetensors").is_file();
+        let slot_method = ["ia3", "loha", "lokr", "oft"].contains(&name);
+        assert_eq!(own_head, !slot_method, "{name}");
         if let Some(n) = virtual_params {
             assert_eq!(
                 r.params.trainable,
@@ -1002,15 +1040,15 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         );
     }
     assert_eq!(a.after.value, b.after.value);
-    for f in ["adapter_model.safetensors", "head.safetensors"] {
-        let x = peft_core::io::read_safetensors(&dir.join("whole/last").join(f)).unwrap();
-        let y = peft_core::io::read_safetensors(&dir.join("parts/last").join(f)).unwrap();
-        let same = x.len() == y.len() && x.iter().all(|(k, t)| y.get(k) == Some(t));
-        assert!(
-            same,
-            "{f}: resumed parameters differ from the uninterrupted run's"
-        );
-    }
+    // The head's copy is in the adapter's file (PEFT's `modules_to_save`).
+    let f = "adapter_model.safetensors";
+    let x = peft_core::io::read_safetensors(&dir.join("whole/last").join(f)).unwrap();
+    let y = peft_core::io::read_safetensors(&dir.join("parts/last").join(f)).unwrap();
+    let same = x.len() == y.len() && x.iter().all(|(k, t)| y.get(k) == Some(t));
+    assert!(
+        same,
+        "resumed parameters differ from the uninterrupted run's"
+    );
     let state = |d: &str| {
         let t = std::fs::read_to_string(dir.join(d).join("last/trainer_state.json")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&t).unwrap();

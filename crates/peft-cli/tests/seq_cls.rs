@@ -4,17 +4,22 @@
 //! (IA)³ and LoHa on the tiny BERT (`scripts/make_seqcls_fixtures.py`) load
 //! and give PEFT's logits in every state (two adapters, mixed batch,
 //! disabled, merged, `unload`), save byte-for-byte as PEFT's, and train as
-//! PEFT trains (gradient of the copy, two Adam steps).
+//! PEFT trains (gradient of the copy, two Adam steps). And adapters a PEFT
+//! user trained on the real all-MiniLM-L6-v2
+//! (`scripts/make_minilm_seqcls_fixtures.py`) give PEFT's logits through
+//! `peft forward` and PEFT's accuracy through `peft eval`.
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::Ia3;
+use peft_cli::jobs::{self, Task};
 use peft_core::compare;
 use peft_core::io::HostTensor;
 use peft_core::slot::ModuleCopyEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, SlotMethod, SlotModel};
 use peft_lora::Lora;
 use peft_lycoris::Loha;
+use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::fixtures::{fixtures_dir, FixtureCase};
 use peft_models::loss::cross_entropy;
@@ -119,3 +124,52 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
 }
 
 autodiff_backend_tests!(head_gradients, training_steps);
+
+/// PEFT's LoRA and (IA)³ SEQ_CLS adapters of MiniLM (the head's copy in
+/// them, the base without a head): `peft forward` gives PEFT's logits,
+/// `peft eval` PEFT's accuracy on 48 held-out sentences.
+fn minilm_adapters_from_peft<B: Backend>(d: &B::Device) {
+    let minilm = assets::fetch("minilm").unwrap();
+    for method in ["lora", "ia3"] {
+        let c = FixtureCase::open("minilm_seqcls", method);
+        let dir = c.dir.clone();
+        let ids: Vec<Vec<u32>> = c
+            .want("input_ids")
+            .data
+            .chunks(c.want("input_ids").shape[1])
+            .map(|r| r.iter().map(|&v| v as u32).collect())
+            .collect();
+        let tmp = peft_models::fixtures::temp_dir(&format!("minilm-seqcls-{method}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let ids_file = tmp.join("ids.json");
+        std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+        let out = tmp.join("logits.safetensors");
+        jobs::forward::<B>(&minilm, Some(&dir), &ids_file, &out, d).unwrap();
+        let ours = peft_core::io::read_safetensors(&out)
+            .unwrap()
+            .remove("output")
+            .unwrap();
+        let tol = compare::Tolerance::new(1e-4, 1e-5);
+        compare::assert_close(&format!("{method}: logits"), &ours, c.want("logits"), tol);
+        let accuracy = jobs::eval::<B>(
+            &minilm,
+            Some(&dir),
+            &dir.join("held.jsonl"),
+            Task::SeqCls,
+            ("text", "label"),
+            32,
+            d,
+        )
+        .unwrap();
+        let held = c.meta_usize("held") as f64;
+        let want = c.meta["held_accuracy"].as_f64().unwrap();
+        assert_eq!(
+            (accuracy.value * held).round(),
+            (want * held).round(),
+            "{method}: right answers of peft eval and PEFT"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
+
+backend_tests!(minilm_adapters_from_peft);

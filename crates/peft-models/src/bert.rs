@@ -299,6 +299,46 @@ impl<B: Backend> Bert<B> {
         }
     }
 
+    /// The model with a sequence-classification head of `num_labels`
+    /// classes, as `BertForSequenceClassification` builds one over a
+    /// checkpoint that has none: `classifier` `[d, num_labels]` drawn from
+    /// N(0, 0.02²) (transformers' `initializer_range`), bias zero. The head
+    /// an adapter trains is its own copy (PEFT's `modules_to_save`), so this
+    /// draw only shows with adapters disabled. A checkpoint's own head is
+    /// kept and must have `num_labels` classes; the checkpoint's pooler is
+    /// needed (transformers would draw one at random, and PEFT would not
+    /// save it). The encoder's modules are then named as in the task model
+    /// (`bert.encoder.layer.0…`), so that adapters cross with PEFT's
+    /// `SEQ_CLS` ones.
+    pub fn with_classifier(mut self, num_labels: usize) -> Result<Self> {
+        if self.pooler.is_none() {
+            return Err(PeftError::Config(
+                "this BERT checkpoint has no pooler (`pooler.dense`): a classification head                  reads the pooled first token"
+                    .into(),
+            ));
+        }
+        let d = self.config.hidden_size;
+        match &self.classifier {
+            Some(c) if c.d_output() == num_labels => {}
+            Some(c) => {
+                return Err(PeftError::Shape {
+                    name: "classifier.weight".into(),
+                    expected: vec![num_labels, d],
+                    found: vec![c.d_output(), d],
+                })
+            }
+            None => {
+                let device = self.word_embeddings.weight.device();
+                let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
+                let weight = Tensor::<B, 2>::random([d, num_labels], normal, &device);
+                let bias = Tensor::<B, 1>::zeros([num_labels], &device);
+                self.classifier = Some(LinearSlot::from_weights(weight, Some(bias)));
+                self.prefix = "bert.".into();
+            }
+        }
+        Ok(self)
+    }
+
     /// Classification logits `[b, num_labels]`. Fails for a checkpoint without a head.
     pub fn classify(
         &self,

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Checks that a sequence-classification adapter written by `peft train`
+loads in Python as PEFT users load one, and gives our logits and
+predictions:
+
+    from peft import AutoPeftModelForSequenceClassification
+    model = AutoPeftModelForSequenceClassification.from_pretrained("runs/rt-lora/best")
+
+Reference environment as for make_fixtures.py (not needed in CI):
+    ref/bin/python scripts/check_seqcls_python.py PEFT_BINARY RUN/best DATA.jsonl [N]
+
+For the first N texts of DATA (default 16) it runs `peft forward` (one text
+at a time, unpadded) and PEFT on the same token ids, compares the logits
+(absolute difference within 1e-4; the logits are of order 1), and compares the accuracy `peft eval` reports on those texts
+with the accuracy of PEFT's predictions. Exits non-zero on a mismatch.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import AutoPeftModelForSequenceClassification
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+
+def main():
+    binary, best, data = sys.argv[1:4]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 16
+    config = json.load(open(os.path.join(best, "adapter_config.json")))
+    base = config["base_model_name_or_path"]
+    assert config["task_type"] == "SEQ_CLS", config["task_type"]
+    labels = json.load(open(os.path.join(best, "labels.json")))
+    model = AutoPeftModelForSequenceClassification.from_pretrained(best, num_labels=len(labels)).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in open(data) if line.strip()][:n]
+    tmp = tempfile.mkdtemp(prefix="peft-seqcls-check-")
+    worst, correct = 0.0, 0
+    for i, row in enumerate(rows):
+        ids = tok(row["text"])["input_ids"]
+        ids_file, out_file = os.path.join(tmp, "ids.json"), os.path.join(tmp, f"out{i}.safetensors")
+        json.dump([ids], open(ids_file, "w"))
+        subprocess.run([binary, "forward", "--model", base, "--adapter", best, "--ids", ids_file,
+                        "--out", out_file], check=True, stdout=subprocess.DEVNULL)
+        ours = load_file(out_file)["output"]
+        with torch.no_grad():
+            theirs = model(input_ids=torch.tensor([ids])).logits
+        assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+        assert torch.isfinite(ours).all() and torch.isfinite(theirs).all()
+        worst = max(worst, (ours - theirs).abs().max().item())
+        correct += int(labels[theirs.argmax(-1).item()] == str(row["label"]))
+    subset = os.path.join(tmp, "subset.jsonl")
+    with open(subset, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = subprocess.run([binary, "eval", "--model", base, "--adapter", best, "--data", subset],
+                         check=True, capture_output=True, text=True).stdout
+    print(out.strip())
+    ours_acc = float(out.strip().split()[-1])
+    print(f"{len(rows)} texts: max |logit difference| {worst:.2e}; "
+          f"accuracy peft eval {ours_acc:.4f}, PEFT {correct / len(rows):.4f}")
+    assert worst < 1e-4, f"logits differ by {worst:.2e}"
+    # `peft eval` prints four decimals: compare the counts of right answers.
+    assert round(ours_acc * len(rows)) == correct, "predictions differ"
+
+
+if __name__ == "__main__":
+    main()
