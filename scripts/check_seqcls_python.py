@@ -32,10 +32,13 @@ def main():
     config = json.load(open(os.path.join(best, "adapter_config.json")))
     base = config["base_model_name_or_path"]
     assert config["task_type"] == "SEQ_CLS", config["task_type"]
-    labels = json.load(open(os.path.join(best, "labels.json")))
+    rows = [json.loads(line) for line in open(data) if line.strip()][:n]
+    # `peft train` names the classes in labels.json; without it they are
+    # the data's labels in sorted order, as `peft eval` takes them.
+    names = os.path.join(best, "labels.json")
+    labels = json.load(open(names)) if os.path.exists(names) else sorted({str(r["label"]) for r in rows})
     model = AutoPeftModelForSequenceClassification.from_pretrained(best, num_labels=len(labels)).eval()
     tok = AutoTokenizer.from_pretrained(base)
-    rows = [json.loads(line) for line in open(data) if line.strip()][:n]
     tmp = tempfile.mkdtemp(prefix="peft-seqcls-check-")
     worst, correct = 0.0, 0
     for i, row in enumerate(rows):

