@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Writes PEFT's sequence-classification (`task_type="SEQ_CLS"`) parity
-fixtures under fixtures/bert/seqcls_<method>/: PEFT puts the head
-(`classifier`, and `score` where a model has one) in `modules_to_save`, so
-every such adapter carries a trained full copy of the head beside its
-method's tensors.
+"""Writes PEFT's `modules_to_save` parity fixtures: sequence
+classification (`task_type="SEQ_CLS"`) under fixtures/bert/seqcls_<method>/
+(PEFT puts the head, `classifier`, and `score` where a model has one, in
+`modules_to_save`, so every such adapter carries a trained full copy of the
+head beside its method's tensors), and a causal LM whose LoRA adapter
+trains a copy of `lm_head` under fixtures/llama/lora_lm_head/.
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_seqcls_fixtures.py [lora|dora|ia3|loha ...]
+    ref/bin/python scripts/make_seqcls_fixtures.py [seqcls_lora|lora_lm_head ...]
 
 Each case has the layout of make_method_fixtures.py (two adapters,
 `default` and `other/`, expected.safetensors with every state's logits, the
@@ -31,34 +32,41 @@ from make_method_fixtures import two_adam_steps  # noqa: E402
 # The tiny BERT of make_fixtures.py (hidden 16, 3 labels): LoRA on query and
 # value, DoRA with rsLoRA, (IA)³ with PEFT's BERT defaults, LoHa; each with
 # the head in modules_to_save, as PEFT's SEQ_CLS task sets it.
+SEQ_CLS = dict(task_type="SEQ_CLS")
 CASES = {
-    "seqcls_lora": (LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"]), 0.02),
-    "seqcls_dora": (LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                     use_dora=True, use_rslora=True), 0.02),
-    "seqcls_ia3": (IA3Config, dict(), 0.05),
-    "seqcls_loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value"]), 0.05),
+    "seqcls_lora": ("bert", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"], **SEQ_CLS),
+                    0.02),
+    "seqcls_dora": ("bert", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                             use_dora=True, use_rslora=True, **SEQ_CLS), 0.02),
+    "seqcls_ia3": ("bert", IA3Config, dict(**SEQ_CLS), 0.05),
+    "seqcls_loha": ("bert", LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value"], **SEQ_CLS), 0.05),
+    # The tiny Llama's untied head (64 x 16) copied beside LoRA on q/v.
+    "lora_lm_head": ("llama", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["lm_head"], task_type="CAUSAL_LM"), 0.05),
 }
 
 
-def write_case(case, config_class, kwargs, lr, model_dir, ids):
+def write_case(case, arch, config_class, kwargs, lr):
+    model_dir = os.path.join(ROOT, arch)
+    ids = inputs(arch)
     out_dir = os.path.join(model_dir, case)
     shutil.rmtree(out_dir, ignore_errors=True)
-    model = base_model("bert")
+    model = base_model(arch)
     base = logits(model, ids)
     torch.manual_seed(3)
-    config = config_class(task_type="SEQ_CLS", **kwargs)
+    config = config_class(**kwargs)
     peft_model = get_peft_model(model, config)
-    assert "classifier" in peft_model.peft_config["default"].modules_to_save
-    train_a_few_steps(peft_model, "bert", "default", lr=lr)
+    assert peft_model.peft_config["default"].modules_to_save
+    train_a_few_steps(peft_model, arch, "default", lr=lr)
     trainable, total = peft_model.get_nb_trainable_parameters()
     tensors = {"input_ids": ids.float(), "logits_base": base}
-    tensors.update(training_gradients(peft_model, "bert", ids))
+    tensors.update(training_gradients(peft_model, arch, ids))
     tensors["logits_unmerged"] = logits(peft_model, ids)
     with peft_model.disable_adapter():
         tensors["logits_disabled"] = logits(peft_model, ids)
     torch.manual_seed(4)
-    peft_model.add_adapter("other", config_class(task_type="SEQ_CLS", **kwargs))
-    train_a_few_steps(peft_model, "bert", "other", seed=5, lr=lr)
+    peft_model.add_adapter("other", config_class(**kwargs))
+    train_a_few_steps(peft_model, arch, "other", seed=5, lr=lr)
     peft_model.set_adapter("other")
     tensors["logits_other"] = logits(peft_model, ids)
     peft_model.save_pretrained(out_dir)
@@ -83,7 +91,7 @@ def write_case(case, config_class, kwargs, lr, model_dir, ids):
     tensors["logits_merged"] = logits(peft_model, ids)
     peft_model.unmerge_adapter()
     tensors["logits_unmerged_again"] = logits(peft_model, ids)
-    two_adam_steps("bert", out_dir, tensors)
+    two_adam_steps(arch, out_dir, tensors)
     # unload() keeps the active adapter's copy of the head (PEFT's
     # ModulesToSaveWrapper.unload_and_optionally_merge_module).
     tensors["logits_unload"] = logits(peft_model.unload(), ids)
@@ -95,7 +103,7 @@ def write_case(case, config_class, kwargs, lr, model_dir, ids):
                for k, v in tensors.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
     meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
-            "mixed_adapter_names": names, "task": "SEQ_CLS"}
+            "mixed_adapter_names": names, "task": kwargs["task_type"]}
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump(meta, f, indent=1)
     gap = (tensors["logits_other"] - tensors["logits_unmerged"]).abs().max().item()
@@ -107,11 +115,9 @@ def write_case(case, config_class, kwargs, lr, model_dir, ids):
 def main():
     torch.set_num_threads(2)
     only = sys.argv[1:]
-    model_dir = os.path.join(ROOT, "bert")
-    ids = inputs("bert")
-    for case, (config_class, kwargs, lr) in CASES.items():
-        if not only or case.removeprefix("seqcls_") in only:
-            write_case(case, config_class, kwargs, lr, model_dir, ids)
+    for case, (arch, config_class, kwargs, lr) in CASES.items():
+        if not only or case in only:
+            write_case(case, arch, config_class, kwargs, lr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //! (IA)³ and LoHa on the tiny BERT (`scripts/make_seqcls_fixtures.py`) load
 //! and give PEFT's logits in every state (two adapters, mixed batch,
 //! disabled, merged, `unload`), save byte-for-byte as PEFT's, and train as
-//! PEFT trains (gradient of the copy, two Adam steps). And adapters a PEFT
+//! PEFT trains (gradient of the copy, two Adam steps). A LoRA adapter of
+//! the tiny Llama with `modules_to_save=["lm_head"]` does the same. And adapters a PEFT
 //! user trained on the real all-MiniLM-L6-v2
 //! (`scripts/make_minilm_seqcls_fixtures.py`) give PEFT's logits through
 //! `peft forward` and PEFT's accuracy through `peft eval`.
@@ -17,12 +18,14 @@ use peft_core::compare;
 use peft_core::io::HostTensor;
 use peft_core::slot::ModuleCopyEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, SlotMethod, SlotModel};
+use peft_core::{LoraConfig, PeftError, PeftModel};
 use peft_lora::Lora;
 use peft_lycoris::Loha;
 use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::fixtures::{fixtures_dir, FixtureCase};
-use peft_models::loss::cross_entropy;
+use peft_models::llama::Llama;
+use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
 
 fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
@@ -52,7 +55,81 @@ fn seqcls_loha<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Loha>("bert", "seqcls_loha", bert::<B>(d), cls::<B>, d);
 }
 
-backend_tests!(seqcls_lora, seqcls_dora, seqcls_ia3, seqcls_loha);
+fn lora_lm_head<B: Backend>(d: &B::Device) {
+    let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
+    let logits = |m: &Llama<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
+    check_slot_method_case::<B, _, Lora>("llama", "lora_lm_head", llama, logits, d);
+}
+
+/// What a user can get wrong is a typed error naming it, and leaves the
+/// model as it was: `modules_to_save` naming no linear layer (listing
+/// them), a layer both targeted and copied, a copy of the wrong shape or
+/// missing from the file.
+fn bad_modules_to_save_are_typed_errors<B: Backend>(d: &B::Device) {
+    let config = |targets: &[&str], copies: &[&str]| LoraConfig {
+        modules_to_save: Some(copies.iter().map(|s| s.to_string()).collect()),
+        ..LoraConfig::new(4, 8.0, targets)
+    };
+    let bert = bert::<B>(d);
+    let err = SlotModel::<B, _, Lora>::new(bert.clone(), config(&["query"], &["embeddings"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("modules_to_save") && err.contains("pooler.dense"),
+        "{err}"
+    );
+    let err = SlotModel::<B, _, Lora>::new(bert.clone(), config(&["classifier"], &["classifier"]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`classifier` is both a target"), "{err}");
+
+    let c = FixtureCase::open("bert", "seqcls_lora");
+    let dir = peft_models::fixtures::temp_dir("seqcls-bad-copy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        c.dir.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors =
+        peft_core::io::read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
+    let key = "base_model.model.classifier.weight";
+    let write = |t: &std::collections::HashMap<String, HostTensor>| {
+        let t: Vec<(String, HostTensor)> = t.clone().into_iter().collect();
+        let bytes = peft_core::io::serialize_safetensors(&t, None);
+        std::fs::write(dir.join("adapter_model.safetensors"), bytes).unwrap();
+    };
+    let mut wrong = tensors.clone();
+    wrong.get_mut(key).unwrap().shape = vec![16, 3];
+    write(&wrong);
+    let mut adapted = SlotModel::<B, _, Lora>::wrap(bert.clone());
+    match adapted.load_adapter(&dir, "bad") {
+        Err(PeftError::Shape { name, .. }) => assert_eq!(name, key),
+        other => panic!("a transposed copy: {other:?}"),
+    }
+    tensors.remove(key);
+    write(&tensors);
+    match adapted.load_adapter(&dir, "bad") {
+        Err(PeftError::MissingTensor { key: k, .. }) => assert_eq!(k, key),
+        other => panic!("a missing copy: {other:?}"),
+    }
+    let mut entries = 0;
+    adapted
+        .model
+        .visit_linears(&mut |_, s| entries += s.entries.len());
+    assert_eq!(entries, 0, "a refused file left entries behind");
+    assert!(adapted.adapter_names().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+backend_tests!(
+    seqcls_lora,
+    seqcls_dora,
+    seqcls_ia3,
+    seqcls_loha,
+    lora_lm_head,
+    bad_modules_to_save_are_typed_errors
+);
 
 /// The training loss and the gradient of `default`'s copy of the head
 /// equal PEFT's; the frozen head and `other`'s copy get none.
@@ -121,6 +198,10 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
     check_training_steps::<B, _, Lora>("bert", "seqcls_dora", bert::<B>(d), step, d);
     check_training_steps::<B, _, Ia3>("bert", "seqcls_ia3", bert::<B>(d), step, d);
     check_training_steps::<B, _, Loha>("bert", "seqcls_loha", bert::<B>(d), step, d);
+    let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
+    let lm_step =
+        |m: &Llama<B>, ids: Tensor<B, 2, Int>, _| causal_lm_loss(m.forward(ids.clone(), None), ids);
+    check_training_steps::<B, _, Lora>("llama", "lora_lm_head", llama, lm_step, d);
 }
 
 autodiff_backend_tests!(head_gradients, training_steps);

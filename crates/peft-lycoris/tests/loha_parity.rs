@@ -7,7 +7,7 @@
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::slot::LohaFactors;
+use peft_core::slot::{LohaFactors, ModuleCopyEntry};
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_lycoris::{Loha, LohaConfig, LohaModel};
 use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
@@ -62,12 +62,24 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     );
     let err = LohaModel::new(base.clone(), LohaConfig::new(0, 8.0, &["q_proj"])).unwrap_err();
     assert!(err.to_string().contains("`r`"), "{err}");
+    // modules_to_save: a trainable copy of the (linear) head, as for every
+    // method; an embedding cannot be copied yet, and saying so names it.
     let keeps_heads = LohaConfig {
         modules_to_save: Some(vec!["lm_head".into()]),
         ..LohaConfig::new(4, 8.0, &["q_proj"])
     };
-    let err = LohaModel::new(base.clone(), keeps_heads).unwrap_err();
-    assert!(err.to_string().contains("modules_to_save"), "{err}");
+    let with_head = LohaModel::new(base.clone(), keeps_heads).unwrap();
+    let head = with_head.model.lm_head.as_ref().unwrap();
+    assert!(head.entry::<ModuleCopyEntry<B>>("default").is_some());
+    let keeps_embeddings = LohaConfig {
+        modules_to_save: Some(vec!["embed_tokens".into()]),
+        ..LohaConfig::new(4, 8.0, &["q_proj"])
+    };
+    let err = LohaModel::new(base.clone(), keeps_embeddings).unwrap_err();
+    assert!(
+        err.to_string().contains("modules_to_save") && err.to_string().contains("embed_tokens"),
+        "{err}"
+    );
     let gpt2 = Gpt2::<B>::load(&fixtures_dir().join("gpt2"), d).unwrap();
     let err = LohaModel::new(gpt2, LohaConfig::new(4, 8.0, &["c_attn"])).unwrap_err();
     assert!(
