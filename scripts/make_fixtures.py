@@ -21,20 +21,28 @@ import torch
 from peft import LoraConfig, get_peft_model, PeftModel
 from safetensors.torch import save_file
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 SEQ = 7
 BATCH = 3
+# Architectures whose fixtures classify (3 labels) rather than predict tokens.
+CLASSIFIERS = ("bert", "llama_seqcls")
 
 
 def base_model(arch):
     torch.manual_seed(0)
-    if arch == "llama":
+    if arch in ("llama", "llama_seqcls"):
         cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           rms_norm_eps=1e-6, tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
+        if arch == "llama":
+            model = LlamaForCausalLM(cfg)
+        else:
+            # LlamaForSequenceClassification: `score` on each row's last
+            # token that is not padding (id 0).
+            cfg.num_labels, cfg.pad_token_id = 3, 0
+            model = LlamaForSequenceClassification(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4,
                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -59,7 +67,13 @@ def base_model(arch):
 
 def inputs(arch):
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 64, (BATCH, SEQ), generator=g)
+    ids = torch.randint(0, 64, (BATCH, SEQ), generator=g)
+    if arch == "llama_seqcls":
+        # Row 1 right-padded: it is classified at position SEQ - 3.
+        ids[:, -1] = ids[:, -1].clamp(min=1)
+        ids[1, -2:] = 0
+        ids[1, -3] = ids[1, -3].clamp(min=1)
+    return ids
 
 
 def logits(model, ids, **kw):
@@ -77,7 +91,7 @@ def train_a_few_steps(model, arch, adapter, steps=5, lr=None, seed=2):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         ids = torch.randint(0, 64, (BATCH, SEQ), generator=g)
-        if arch == "bert":
+        if arch in CLASSIFIERS:
             out = model(input_ids=ids, labels=torch.randint(0, 3, (BATCH,), generator=g))
         else:
             out = model(input_ids=ids, labels=ids)
@@ -94,7 +108,7 @@ def training_gradients(peft_model, arch, ids):
     """Loss and adapter gradients of one training forward/backward (no dropout)."""
     peft_model.train()
     peft_model.zero_grad()
-    if arch == "bert":
+    if arch in CLASSIFIERS:
         out = peft_model(input_ids=ids, labels=LABELS)
     else:
         out = peft_model(input_ids=ids, labels=ids)

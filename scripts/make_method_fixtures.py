@@ -25,7 +25,7 @@ from peft import LoHaConfig, LoKrConfig, OFTConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import BATCH, ROOT, SEQ, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
+from make_fixtures import BATCH, CLASSIFIERS, ROOT, SEQ, base_model, inputs, logits, train_a_few_steps, training_gradients  # noqa: E402
 
 # case -> (config class, arguments). Tiny Llama: hidden 16, q_proj 16 -> 16,
 # v_proj 16 -> 8, up_proj 16 -> 40; BERT: hidden 16, intermediate 40.
@@ -81,7 +81,7 @@ def two_adam_steps(arch, out_dir, tensors):
     for i in range(2):
         ids = torch.randint(0, 64, (BATCH, SEQ), generator=g)
         tensors[f"steps.input_ids.{i}"] = ids.float()
-        if arch == "bert":
+        if arch in CLASSIFIERS:
             labels = torch.randint(0, 3, (BATCH,), generator=g)
             tensors[f"steps.labels.{i}"] = labels.float()
             out = model(input_ids=ids, labels=labels)

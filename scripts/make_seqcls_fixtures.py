@@ -40,6 +40,10 @@ CASES = {
                                              use_dora=True, use_rslora=True, **SEQ_CLS), 0.02),
     "seqcls_ia3": ("bert", IA3Config, dict(**SEQ_CLS), 0.05),
     "seqcls_loha": ("bert", LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value"], **SEQ_CLS), 0.05),
+    # LlamaForSequenceClassification over the tiny Llama (3 labels, padding
+    # id 0): `score` is the copied head.
+    "seqcls_lora@llama_seqcls": ("llama_seqcls", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               **SEQ_CLS), 0.05),
     # The tiny Llama's untied head (64 x 16) copied beside LoRA on q/v.
     "lora_lm_head": ("llama", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                modules_to_save=["lm_head"], task_type="CAUSAL_LM"), 0.05),
@@ -48,6 +52,10 @@ CASES = {
 
 def write_case(case, arch, config_class, kwargs, lr):
     model_dir = os.path.join(ROOT, arch)
+    case = case.split("@")[0]
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        os.makedirs(model_dir, exist_ok=True)
+        base_model(arch).save_pretrained(model_dir, safe_serialization=True)
     ids = inputs(arch)
     out_dir = os.path.join(model_dir, case)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -480,7 +480,7 @@ pub fn eval<B: Backend>(
                 let head = tasks::load_head::<B>(dir, d, labels.len(), device)?;
                 (bert, Some(head))
             } else {
-                let classes = tasks::head_labels(dir)?.unwrap_or(labels.len());
+                let classes = tasks::head_labels(dir, "classifier")?.unwrap_or(labels.len());
                 if labels.len() > classes {
                     return Err(PeftError::Config(format!(
                         "{}: the adapter's head has {classes} classes, the data {} labels ({labels:?})",
@@ -640,13 +640,17 @@ pub fn forward<B: Backend>(
         device,
     );
     let output = match tasks::arch_of(model)? {
-        Arch::Llama => forward_lm::<B, Llama<B>>(model, adapter, ids)?,
+        Arch::Llama => forward_llama::<B>(model, adapter, ids)?,
         Arch::Gpt2 => forward_lm::<B, Gpt2<B>>(model, adapter, ids)?,
         Arch::Bert => {
             let mut bert = Bert::<B>::load(model, device)?;
             // A sequence-classification adapter carries its head's copy:
             // the model gets a head of that many classes to carry it.
-            if let Some(labels) = adapter.map(tasks::head_labels).transpose()?.flatten() {
+            if let Some(labels) = adapter
+                .map(|dir| tasks::head_labels(dir, "classifier"))
+                .transpose()?
+                .flatten()
+            {
                 bert = bert.with_classifier(labels)?;
             }
             let has_head = bert.pooler.is_some() && bert.classifier.is_some();
@@ -664,6 +668,31 @@ pub fn forward<B: Backend>(
         &peft_core::io::serialize_safetensors(&[("output".to_string(), output)], None),
     )?;
     Ok(shape)
+}
+
+/// Llama's logits, or its class logits when it has a `score` head
+/// (`LlamaForSequenceClassification`, or an adapter carrying a copy of one).
+fn forward_llama<B: Backend>(
+    model: &Path,
+    adapter: Option<&Path>,
+    ids: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
+) -> Result<peft_core::io::HostTensor> {
+    let mut llama = <Llama<B> as CausalModel<B>>::load_from(model, &ids.device())?;
+    if let Some(labels) = adapter
+        .map(|dir| tasks::head_labels(dir, "score"))
+        .transpose()?
+        .flatten()
+    {
+        llama = llama.with_score(labels)?;
+    }
+    if llama.score.is_none() {
+        return forward_lm::<B, Llama<B>>(model, adapter, ids);
+    }
+    let pad = llama.config.pad_token_id;
+    let adapted = tasks::load_adapted(llama, adapter)?;
+    Ok(peft_core::io::HostTensor::from_tensor(
+        adapted.classify(ids, pad)?,
+    ))
 }
 
 fn forward_lm<B: Backend, M: CausalModel<B> + Module<B>>(

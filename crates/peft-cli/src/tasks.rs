@@ -197,15 +197,16 @@ impl Method {
 /// `modules_to_save` (BERT's is `classifier`, Llama's `score`).
 pub const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
 
-/// The number of classes of the head copy an adapter folder carries
-/// (`base_model.model.classifier.weight`, `[labels, d]`), if it has one.
-pub fn head_labels(dir: &Path) -> Result<Option<usize>> {
+/// The number of classes of the copy of head `head` (`classifier` for
+/// BERT, `score` for Llama) an adapter folder carries
+/// (`base_model.model.<head>.weight`, `[labels, d]`), if it has one.
+pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
     let file = dir.join(peft_core::io::WEIGHTS_FILE);
     if !file.is_file() {
         return Ok(None);
     }
     let tensors = read_safetensors(&file)?;
-    let key = format!("{}classifier.weight", peft_core::io::KEY_PREFIX);
+    let key = format!("{}{head}.weight", peft_core::io::KEY_PREFIX);
     Ok(tensors.get(&key).and_then(|t| t.shape.first().copied()))
 }
 
@@ -578,6 +579,21 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
             Adapted::Prefix(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
             Adapted::Prompt(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
         }
+    }
+
+    /// Class logits `[b, labels]` of a decoder with a `score` head
+    /// (`LlamaForSequenceClassification`): each row's at its last token
+    /// that is not padding, after any virtual tokens.
+    pub fn classify(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad_token_id: Option<i64>,
+    ) -> Result<Tensor<B, 2>> {
+        let t = ids.dims()[1];
+        let logits = self
+            .logits(ids.clone())?
+            .narrow(1, self.virtual_tokens(), t);
+        peft_models::seq_cls::last_token_logits(logits, ids, pad_token_id)
     }
 
     /// Virtual positions at the start of the logits (a soft prompt's).

@@ -55,6 +55,56 @@ fn seqcls_loha<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Loha>("bert", "seqcls_loha", bert::<B>(d), cls::<B>, d);
 }
 
+fn llama_seqcls<B: Backend>(d: &B::Device) -> Llama<B> {
+    Llama::load(&fixtures_dir().join("llama_seqcls"), d).unwrap()
+}
+fn llama_cls<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.classify(ids, None).unwrap())
+}
+
+/// `LlamaForSequenceClassification` (`score` on each row's last token that
+/// is not padding; row 1 of the fixture is right-padded) with PEFT's
+/// SEQ_CLS LoRA, whose copy of `score` trains.
+fn llama_seqcls_lora<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Lora>(
+        "llama_seqcls",
+        "seqcls_lora",
+        llama_seqcls::<B>(d),
+        llama_cls::<B>,
+        d,
+    );
+}
+
+/// `peft forward` on `LlamaForSequenceClassification` gives PEFT's class
+/// logits, with the SEQ_CLS adapter and without.
+fn llama_seqcls_forward<B: Backend>(d: &B::Device) {
+    let c = FixtureCase::open("llama_seqcls", "seqcls_lora");
+    let ids = c.want("input_ids");
+    let rows: Vec<Vec<u32>> = ids
+        .data
+        .chunks(ids.shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    let tmp = peft_models::fixtures::temp_dir("llama-seqcls-forward");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let ids_file = tmp.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
+    let model = fixtures_dir().join("llama_seqcls");
+    for (adapter, want) in [
+        (None, "logits_base"),
+        (Some(c.dir.as_path()), "logits_unmerged"),
+    ] {
+        let out = tmp.join("logits.safetensors");
+        jobs::forward::<B>(&model, adapter, &ids_file, &out, d).unwrap();
+        let got = peft_core::io::read_safetensors(&out)
+            .unwrap()
+            .remove("output")
+            .unwrap();
+        peft_models::fixtures::assert_close(want, &got, c.want(want));
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 fn lora_lm_head<B: Backend>(d: &B::Device) {
     let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
     let logits = |m: &Llama<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
@@ -128,6 +178,8 @@ backend_tests!(
     seqcls_ia3,
     seqcls_loha,
     lora_lm_head,
+    llama_seqcls_lora,
+    llama_seqcls_forward,
     bad_modules_to_save_are_typed_errors
 );
 
@@ -202,6 +254,16 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
     let lm_step =
         |m: &Llama<B>, ids: Tensor<B, 2, Int>, _| causal_lm_loss(m.forward(ids.clone(), None), ids);
     check_training_steps::<B, _, Lora>("llama", "lora_lm_head", llama, lm_step, d);
+    let cls_step = |m: &Llama<B>, ids, labels: Option<_>| {
+        cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels"))
+    };
+    check_training_steps::<B, _, Lora>(
+        "llama_seqcls",
+        "seqcls_lora",
+        llama_seqcls::<B>(d),
+        cls_step,
+        d,
+    );
 }
 
 autodiff_backend_tests!(head_gradients, training_steps);

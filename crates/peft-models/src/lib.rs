@@ -32,5 +32,6 @@ pub mod llama;
 pub mod loss;
 pub mod norm;
 pub mod packing;
+pub mod seq_cls;
 pub mod slot_parity;
 pub mod tokenizer;

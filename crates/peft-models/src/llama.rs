@@ -81,6 +81,10 @@ pub struct LlamaConfig {
     /// Biases on the feed-forward projections.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// The padding token: `LlamaForSequenceClassification` classifies each
+    /// row at its last token that is not this one.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
 }
 
 fn default_eps() -> f64 {
@@ -187,6 +191,10 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// Output head `[d, vocab]`; `None` when tied to `embed_tokens`.
     pub lm_head: Option<LinearSlot<B>>,
+    /// `score` `[d, num_labels]` (no bias) of `LlamaForSequenceClassification`:
+    /// when present it is the output head, giving class logits at every
+    /// position (`seq_cls.rs` picks each row's last real token).
+    pub score: Option<LinearSlot<B>>,
     /// The model's configuration.
     #[module(skip)]
     pub config: LlamaConfig,
@@ -286,6 +294,7 @@ impl LlamaConfig {
             tie_word_embeddings: true,
             attention_bias: false,
             mlp_bias: false,
+            pad_token_id: None,
         }
     }
 
@@ -327,6 +336,7 @@ impl LlamaConfig {
             layers,
             norm: norm(),
             lm_head: (!self.tie_word_embeddings).then(|| slot(d, self.vocab_size, false)),
+            score: None,
             embed_quantized: None,
             config: self.clone(),
         }
@@ -373,7 +383,20 @@ impl<B: Backend> Llama<B> {
         }
         let embed_tokens = ck.embedding("model.embed_tokens.weight", config.vocab_size, d)?;
         let norm = ck.rms_norm("model.norm", d, config.rms_norm_eps)?;
-        let lm_head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
+        // `LlamaForSequenceClassification` has `score` in place of `lm_head`.
+        let score = match ck.shape("score.weight").map(|s| s.to_vec()) {
+            Some(shape) if shape.len() == 2 => Some(ck.linear("score", d, shape[0], false)?),
+            Some(shape) => {
+                return Err(PeftError::Shape {
+                    name: "score.weight".into(),
+                    expected: vec![0, d],
+                    found: shape,
+                })
+            }
+            None => None,
+        };
+        let tied = config.tie_word_embeddings || score.is_some();
+        let lm_head = if tied && !ck.contains("lm_head.weight") {
             None
         } else {
             Some(ck.linear("lm_head", d, config.vocab_size, false)?)
@@ -385,6 +408,7 @@ impl<B: Backend> Llama<B> {
             layers,
             norm,
             lm_head,
+            score,
             config,
         })
     }
@@ -433,6 +457,9 @@ impl<B: Backend> Llama<B> {
     /// hidden states `[b, t, d]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = rms_norm(&self.norm, x);
+        if let Some(score) = &self.score {
+            return score.forward(h);
+        }
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => tied_head(h, self.embed_tokens.weight.val()),
@@ -586,6 +613,9 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
         if let Some(h) = &self.lm_head {
             f("lm_head", h);
         }
+        if let Some(s) = &self.score {
+            f("score", s);
+        }
     }
 
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
@@ -602,6 +632,9 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
         if let Some(h) = &mut self.lm_head {
             f("lm_head", h);
         }
+        if let Some(s) = &mut self.score {
+            f("score", s);
+        }
     }
 
     fn model_type(&self) -> Option<&str> {
@@ -609,7 +642,7 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
     }
 
     fn output_layers(&self) -> Vec<String> {
-        vec!["lm_head".into()]
+        vec!["lm_head".into(), "score".into()]
     }
 }
 
@@ -698,6 +731,7 @@ impl<B: Backend> Llama<B> {
             tie_word_embeddings: g.info("output.weight").is_none(),
             attention_bias: false,
             mlp_bias: false,
+            pad_token_id: None,
         };
         config.validate(path)?;
         let (d, ff) = (config.hidden_size, config.intermediate_size);
@@ -805,6 +839,7 @@ impl<B: Backend> Llama<B> {
             layers,
             norm: norm("output_norm.weight")?,
             lm_head,
+            score: None,
             config,
         })
     }
