@@ -20,14 +20,15 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model, PeftModel
 from safetensors.torch import save_file
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 SEQ = 7
 BATCH = 3
 # Architectures whose fixtures classify (3 labels) rather than predict tokens.
-CLASSIFIERS = ("bert", "llama_seqcls")
+CLASSIFIERS = ("bert", "llama_seqcls", "gpt2_seqcls")
 
 
 def base_model(arch):
@@ -43,10 +44,16 @@ def base_model(arch):
             # token that is not padding (id 0).
             cfg.num_labels, cfg.pad_token_id = 3, 0
             model = LlamaForSequenceClassification(cfg)
-    elif arch == "gpt2":
+    elif arch in ("gpt2", "gpt2_seqcls"):
         cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4,
                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-        model = GPT2LMHeadModel(cfg)
+        if arch == "gpt2":
+            model = GPT2LMHeadModel(cfg)
+        else:
+            # GPT2ForSequenceClassification: `score` on each row's last
+            # token that is not padding (id 0).
+            cfg.num_labels, cfg.pad_token_id = 3, 0
+            model = GPT2ForSequenceClassification(cfg)
     elif arch == "bert":
         cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=40, max_position_embeddings=32, num_labels=3,
@@ -68,7 +75,7 @@ def base_model(arch):
 def inputs(arch):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (BATCH, SEQ), generator=g)
-    if arch == "llama_seqcls":
+    if arch in ("llama_seqcls", "gpt2_seqcls"):
         # Row 1 right-padded: it is classified at position SEQ - 3.
         ids[:, -1] = ids[:, -1].clamp(min=1)
         ids[1, -2:] = 0

@@ -44,6 +44,10 @@ CASES = {
     # id 0): `score` is the copied head.
     "seqcls_lora@llama_seqcls": ("llama_seqcls", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                                **SEQ_CLS), 0.05),
+    # GPT2ForSequenceClassification over the tiny GPT-2 (3 labels, padding
+    # id 0), LoRA on the Conv1D c_attn.
+    "seqcls_lora@gpt2_seqcls": ("gpt2_seqcls", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                             fan_in_fan_out=True, **SEQ_CLS), 0.05),
     # The tiny Llama's untied head (64 x 16) copied beside LoRA on q/v.
     "lora_lm_head": ("llama", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                modules_to_save=["lm_head"], task_type="CAUSAL_LM"), 0.05),

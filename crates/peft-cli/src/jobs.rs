@@ -10,6 +10,7 @@ use peft_core::{ParamCount, PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
+use peft_models::seq_cls::ScoreHead;
 use peft_models::tokenizer::Tokenizer;
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
@@ -640,8 +641,8 @@ pub fn forward<B: Backend>(
         device,
     );
     let output = match tasks::arch_of(model)? {
-        Arch::Llama => forward_llama::<B>(model, adapter, ids)?,
-        Arch::Gpt2 => forward_lm::<B, Gpt2<B>>(model, adapter, ids)?,
+        Arch::Llama => forward_decoder::<B, Llama<B>>(model, adapter, ids)?,
+        Arch::Gpt2 => forward_decoder::<B, Gpt2<B>>(model, adapter, ids)?,
         Arch::Bert => {
             let mut bert = Bert::<B>::load(model, device)?;
             // A sequence-classification adapter carries its head's copy:
@@ -670,26 +671,26 @@ pub fn forward<B: Backend>(
     Ok(shape)
 }
 
-/// Llama's logits, or its class logits when it has a `score` head
-/// (`LlamaForSequenceClassification`, or an adapter carrying a copy of one).
-fn forward_llama<B: Backend>(
+/// A decoder's logits, or its class logits when it has a `score` head
+/// (`*ForSequenceClassification`, or an adapter carrying a copy of one).
+fn forward_decoder<B: Backend, M: CausalModel<B> + ScoreHead<B> + Module<B>>(
     model: &Path,
     adapter: Option<&Path>,
     ids: burn::tensor::Tensor<B, 2, burn::tensor::Int>,
 ) -> Result<peft_core::io::HostTensor> {
-    let mut llama = <Llama<B> as CausalModel<B>>::load_from(model, &ids.device())?;
+    let mut decoder = M::load_from(model, &ids.device())?;
     if let Some(labels) = adapter
         .map(|dir| tasks::head_labels(dir, "score"))
         .transpose()?
         .flatten()
     {
-        llama = llama.with_score(labels)?;
+        decoder = decoder.with_score(labels)?;
     }
-    if llama.score.is_none() {
-        return forward_lm::<B, Llama<B>>(model, adapter, ids);
+    if decoder.score().is_none() {
+        return forward_lm::<B, M>(model, adapter, ids);
     }
-    let pad = llama.config.pad_token_id;
-    let adapted = tasks::load_adapted(llama, adapter)?;
+    let pad = decoder.pad_token_id();
+    let adapted = tasks::load_adapted(decoder, adapter)?;
     Ok(peft_core::io::HostTensor::from_tensor(
         adapted.classify(ids, pad)?,
     ))

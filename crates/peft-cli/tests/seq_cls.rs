@@ -24,8 +24,10 @@ use peft_lycoris::Loha;
 use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::fixtures::{fixtures_dir, FixtureCase};
+use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
+use peft_models::seq_cls::ScoreHead;
 use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
 
 fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
@@ -60,6 +62,19 @@ fn llama_seqcls<B: Backend>(d: &B::Device) -> Llama<B> {
 }
 fn llama_cls<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
     HostTensor::from_tensor(m.classify(ids, None).unwrap())
+}
+fn gpt2_seqcls<B: Backend>(d: &B::Device) -> Gpt2<B> {
+    Gpt2::load(&fixtures_dir().join("gpt2_seqcls"), d).unwrap()
+}
+fn gpt2_cls<B: Backend>(m: &Gpt2<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
+    HostTensor::from_tensor(m.classify(ids, None).unwrap())
+}
+
+/// `GPT2ForSequenceClassification` (its `score` on each row's last token
+/// that is not padding) with PEFT's SEQ_CLS LoRA on the Conv1D `c_attn`.
+fn gpt2_seqcls_lora<B: Backend>(d: &B::Device) {
+    let model = gpt2_seqcls::<B>(d);
+    check_slot_method_case::<B, _, Lora>("gpt2_seqcls", "seqcls_lora", model, gpt2_cls::<B>, d);
 }
 
 /// `LlamaForSequenceClassification` (`score` on each row's last token that
@@ -180,6 +195,7 @@ backend_tests!(
     lora_lm_head,
     llama_seqcls_lora,
     llama_seqcls_forward,
+    gpt2_seqcls_lora,
     bad_modules_to_save_are_typed_errors
 );
 
@@ -264,6 +280,11 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
         cls_step,
         d,
     );
+    let gpt2_step = |m: &Gpt2<B>, ids, labels: Option<_>| {
+        cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels"))
+    };
+    let model = gpt2_seqcls::<B>(d);
+    check_training_steps::<B, _, Lora>("gpt2_seqcls", "seqcls_lora", model, gpt2_step, d);
 }
 
 autodiff_backend_tests!(head_gradients, training_steps);

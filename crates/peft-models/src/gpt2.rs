@@ -43,6 +43,10 @@ pub struct Gpt2Config {
     /// Only `gelu_new` (tanh approximation) is supported.
     #[serde(default = "default_act")]
     pub activation_function: String,
+    /// The padding token: `GPT2ForSequenceClassification` classifies each
+    /// row at its last token that is not this one.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
 }
 
 fn default_eps() -> f64 {
@@ -69,7 +73,8 @@ pub struct Gpt2Block<B: Backend> {
     pub mlp_c_proj: LinearSlot<B>,
 }
 
-/// `GPT2LMHeadModel` (output head tied to `wte`).
+/// `GPT2LMHeadModel` (output head tied to `wte`), or
+/// `GPT2ForSequenceClassification` (a `score` head).
 #[derive(Module, Debug)]
 pub struct Gpt2<B: Backend> {
     /// Token embeddings `[vocab, d]`.
@@ -80,6 +85,11 @@ pub struct Gpt2<B: Backend> {
     pub h: Vec<Gpt2Block<B>>,
     /// Final LayerNorm.
     pub ln_f: LayerNorm<B>,
+    /// `score` `[d, num_labels]` (no bias) of `GPT2ForSequenceClassification`:
+    /// when present it is the output head in place of the tied one, giving
+    /// class logits at every position (`seq_cls.rs` picks each row's last
+    /// real token).
+    pub score: Option<LinearSlot<B>>,
     /// The configuration.
     #[module(skip)]
     pub config: Gpt2Config,
@@ -167,10 +177,22 @@ impl<B: Backend> Gpt2<B> {
                 mlp_c_proj: ck.conv1d(&format!("{p}.mlp.c_proj"), ff, d)?,
             });
         }
+        let score = match ck.shape("score.weight").map(|s| s.to_vec()) {
+            Some(shape) if shape.len() == 2 => Some(ck.linear("score", d, shape[0], false)?),
+            Some(shape) => {
+                return Err(PeftError::Shape {
+                    name: "score.weight".into(),
+                    expected: vec![0, d],
+                    found: shape,
+                })
+            }
+            None => None,
+        };
         let model = Gpt2 {
             wte: ck.embedding(&format!("{root}wte.weight"), config.vocab_size, d)?,
             wpe: ck.embedding(&format!("{root}wpe.weight"), config.n_positions, d)?,
             ln_f: ck.layer_norm(&format!("{root}ln_f"), d, eps)?,
+            score,
             h,
             config,
             prefix: root.to_string(),
@@ -208,7 +230,17 @@ impl<B: Backend> Gpt2<B> {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = block.forward(x, self.config.n_head, &mask, c, hook.map(|h| (h, i)));
         }
-        tied_head(self.ln_f.forward(x), self.wte.weight.val())
+        self.head(x)
+    }
+
+    /// Final norm and output head: the `score` head's class logits when
+    /// there is one, else the tied language-model head's.
+    fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.ln_f.forward(x);
+        match &self.score {
+            Some(score) => score.forward(h),
+            None => tied_head(h, self.wte.weight.val()),
+        }
     }
 
     /// Logits for the next tokens after those in `cache` (extended in place).
@@ -242,7 +274,7 @@ impl<B: Backend> peft_core::layered::LayeredModel<B> for Gpt2<B> {
     }
 
     fn run_head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        tied_head(self.ln_f.forward(x), self.wte.weight.val())
+        self.head(x)
     }
 }
 
@@ -298,6 +330,9 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
             f(&format!("{p}.mlp.c_fc"), &blk.c_fc);
             f(&format!("{p}.mlp.c_proj"), &blk.mlp_c_proj);
         }
+        if let Some(s) = &self.score {
+            f("score", s);
+        }
     }
 
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>)) {
@@ -308,6 +343,9 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
             f(&format!("{p}.mlp.c_fc"), &mut blk.c_fc);
             f(&format!("{p}.mlp.c_proj"), &mut blk.mlp_c_proj);
         }
+        if let Some(s) = &mut self.score {
+            f("score", s);
+        }
     }
 
     fn model_type(&self) -> Option<&str> {
@@ -315,6 +353,6 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
     }
 
     fn output_layers(&self) -> Vec<String> {
-        vec!["lm_head".into()]
+        vec!["lm_head".into(), "score".into()]
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::{LinearSlot, PeftError, PeftModel, Result};
 
+use crate::gpt2::Gpt2;
 use crate::llama::Llama;
 
 /// Each row's logits `[b, labels]` at its last token that is not
@@ -51,51 +52,107 @@ pub fn last_token_logits<B: Backend>(
     Ok(logits.reshape([b * t, labels]).select(0, index))
 }
 
-impl<B: Backend> Llama<B> {
-    /// The model with a sequence-classification head of `num_labels`
-    /// classes, as `LlamaForSequenceClassification` builds one over a
-    /// causal LM: `score` `[d, num_labels]` drawn from N(0, 0.02²)
-    /// (transformers' `initializer_range`), no bias; the language-model head
-    /// is dropped. The head an adapter trains is its own copy (PEFT's
-    /// `modules_to_save`). A checkpoint's own `score` is kept and must have
-    /// `num_labels` classes.
-    pub fn with_score(mut self, num_labels: usize) -> Result<Self> {
-        let d = self.config.hidden_size;
-        match &self.score {
-            Some(s) if s.d_output() == num_labels => {}
-            Some(s) => {
-                return Err(PeftError::Shape {
-                    name: "score.weight".into(),
-                    expected: vec![num_labels, d],
-                    found: vec![s.d_output(), d],
-                })
-            }
-            None => {
-                let device = self.embed_tokens.weight.device();
-                let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
-                let weight = Tensor::<B, 2>::random([d, num_labels], normal, &device);
-                self.score = Some(LinearSlot::from_weights(weight, None));
-                self.lm_head = None;
-            }
-        }
-        Ok(self)
-    }
+/// A decoder that classifies sequences as transformers'
+/// `*ForSequenceClassification` do: a `score` head over the final hidden
+/// states, each row read at its last token that is not padding.
+pub trait ScoreHead<B: Backend>: PeftModel<B, Output = Tensor<B, 3>> + Sized {
+    /// The model with a `score` head of `num_labels` classes: a
+    /// checkpoint's own (it must have that many) or a fresh one drawn from
+    /// N(0, 0.02²), transformers' `initializer_range`, no bias. Module
+    /// names become the task model's. The head an adapter trains is its own
+    /// copy (PEFT's `modules_to_save`), so the draw shows only with
+    /// adapters disabled.
+    fn with_score(self, num_labels: usize) -> Result<Self>;
+
+    /// The `score` head, if the model has one.
+    fn score(&self) -> Option<&LinearSlot<B>>;
+
+    /// The padding token of `config.json`.
+    fn pad_token_id(&self) -> Option<i64>;
 
     /// Class logits `[b, labels]` of `ids` `[b, t]` (`attention_mask`
     /// `[b, t]` for a padded batch), each row's at its last token that is
-    /// not the padding token ([`last_token_logits`]). Fails for a model
-    /// without a `score` head.
-    pub fn classify(
+    /// not padding ([`last_token_logits`]). Fails without a `score` head.
+    fn classify(
         &self,
         ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2>>,
     ) -> Result<Tensor<B, 2>> {
-        if self.score.is_none() {
+        if self.score().is_none() {
             return Err(PeftError::State(
-                "this Llama has no `score` head (LlamaForSequenceClassification)".into(),
+                "this model has no `score` head (*ForSequenceClassification)".into(),
             ));
         }
         let logits = self.run(peft_core::ModelInput::ids(ids.clone()).mask(attention_mask));
-        last_token_logits(logits, ids, self.config.pad_token_id)
+        last_token_logits(logits, ids, self.pad_token_id())
+    }
+}
+
+/// A fresh `score` `[d, num_labels]` for [`ScoreHead::with_score`], or the
+/// model's own checked against `num_labels`.
+fn score_head<B: Backend>(
+    own: Option<LinearSlot<B>>,
+    d: usize,
+    num_labels: usize,
+    device: &B::Device,
+) -> Result<LinearSlot<B>> {
+    match own {
+        Some(s) if s.d_output() == num_labels => Ok(s),
+        Some(s) => Err(PeftError::Shape {
+            name: "score.weight".into(),
+            expected: vec![num_labels, d],
+            found: vec![s.d_output(), d],
+        }),
+        None => {
+            let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
+            let weight = Tensor::<B, 2>::random([d, num_labels], normal, device);
+            Ok(LinearSlot::from_weights(weight, None))
+        }
+    }
+}
+
+/// `LlamaForSequenceClassification` (the language-model head dropped).
+impl<B: Backend> ScoreHead<B> for Llama<B> {
+    fn with_score(mut self, num_labels: usize) -> Result<Self> {
+        let device = self.embed_tokens.weight.device();
+        let fresh = self.score.is_none();
+        let score = score_head(
+            self.score.take(),
+            self.config.hidden_size,
+            num_labels,
+            &device,
+        )?;
+        self.score = Some(score);
+        if fresh {
+            self.lm_head = None;
+        }
+        Ok(self)
+    }
+
+    fn score(&self) -> Option<&LinearSlot<B>> {
+        self.score.as_ref()
+    }
+
+    fn pad_token_id(&self) -> Option<i64> {
+        self.config.pad_token_id
+    }
+}
+
+/// `GPT2ForSequenceClassification` (modules under `transformer.`).
+impl<B: Backend> ScoreHead<B> for Gpt2<B> {
+    fn with_score(mut self, num_labels: usize) -> Result<Self> {
+        let device = self.wte.weight.device();
+        let score = score_head(self.score.take(), self.config.n_embd, num_labels, &device)?;
+        self.score = Some(score);
+        self.prefix = "transformer.".into();
+        Ok(self)
+    }
+
+    fn score(&self) -> Option<&LinearSlot<B>> {
+        self.score.as_ref()
+    }
+
+    fn pad_token_id(&self) -> Option<i64> {
+        self.config.pad_token_id
     }
 }
