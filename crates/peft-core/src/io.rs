@@ -286,6 +286,26 @@ pub fn ensure_consumed(tensors: HashMap<String, HostTensor>, path: &Path) -> Res
     })
 }
 
+/// A weight `[d_in, d_out]` from PyTorch's `key` (`[out, in]`, transposed
+/// here), taken out of `tensors` (read from `path`), its shape checked.
+pub fn weight_from_torch<B: Backend>(
+    tensors: &mut HashMap<String, HostTensor>,
+    key: &str,
+    [d_in, d_out]: [usize; 2],
+    path: &Path,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
+    let weight = take_tensor(tensors, key, path)?;
+    if weight.shape != [d_out, d_in] {
+        return Err(PeftError::Shape {
+            name: key.to_string(),
+            expected: vec![d_out, d_in],
+            found: weight.shape,
+        });
+    }
+    weight.transposed().to_tensor([d_in, d_out], key, device)
+}
+
 /// A `burn::nn::Linear` from PyTorch's `<key>.weight` (`[out, in]`, transposed
 /// here) and `<key>.bias` (`[out]`), taken out of `tensors`.
 pub fn linear_from_torch<B: Backend>(
@@ -295,19 +315,14 @@ pub fn linear_from_torch<B: Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<burn::nn::Linear<B>> {
-    let w_key = format!("{key}.weight");
+    let weight = weight_from_torch(
+        tensors,
+        &format!("{key}.weight"),
+        [d_in, d_out],
+        path,
+        device,
+    )?;
     let b_key = format!("{key}.bias");
-    let weight = take_tensor(tensors, &w_key, path)?;
-    if weight.shape != [d_out, d_in] {
-        return Err(PeftError::Shape {
-            name: w_key,
-            expected: vec![d_out, d_in],
-            found: weight.shape,
-        });
-    }
-    let weight = weight
-        .transposed()
-        .to_tensor([d_in, d_out], &w_key, device)?;
     let bias = take_tensor(tensors, &b_key, path)?.to_tensor([d_out], &b_key, device)?;
     Ok(burn::nn::Linear {
         weight: burn::module::Param::from_tensor(weight),

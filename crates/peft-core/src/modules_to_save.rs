@@ -10,7 +10,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use crate::error::{PeftError, Result};
-use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
+use crate::io::{take_tensor, weight_from_torch, HostTensor, KEY_PREFIX};
 use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter};
 
 /// The linear layers (of `paths`) that `modules_to_save` names: PEFT's rule,
@@ -90,17 +90,7 @@ pub fn read_copy<B: Backend>(
     };
     let key = format!("{KEY_PREFIX}{path}");
     let w_key = format!("{key}.weight");
-    let weight = take_tensor(tensors, &w_key, file)?;
-    if weight.shape != [d_out, d_in] {
-        return Err(PeftError::Shape {
-            name: w_key,
-            expected: vec![d_out, d_in],
-            found: weight.shape,
-        });
-    }
-    let weight = weight
-        .transposed()
-        .to_tensor([d_in, d_out], &w_key, &device)?;
+    let weight = weight_from_torch(tensors, &w_key, [d_in, d_out], file, &device)?;
     copy.weight = copy.weight.clone().map(|_| weight);
     if let Some(bias) = &mut copy.bias {
         let b_key = format!("{key}.bias");

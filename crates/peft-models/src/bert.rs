@@ -224,17 +224,7 @@ impl<B: Backend> Bert<B> {
         } else {
             None
         };
-        let classifier = match ck.shape("classifier.weight").map(|s| s.to_vec()) {
-            Some(shape) if shape.len() == 2 => Some(ck.linear("classifier", d, shape[0], true)?),
-            Some(shape) => {
-                return Err(PeftError::Shape {
-                    name: "classifier.weight".into(),
-                    expected: vec![0, d],
-                    found: shape,
-                })
-            }
-            None => None,
-        };
+        let classifier = ck.optional_head("classifier", d, true)?;
         ck.finish()?;
         Ok(Bert {
             word_embeddings,

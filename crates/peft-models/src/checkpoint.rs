@@ -260,4 +260,26 @@ impl<B: Backend> Checkpoint<'_, B> {
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
         self.tensors.get(key).map(|t| t.shape.as_slice())
     }
+
+    /// A task model's classification head `path` (`classifier` of
+    /// `BertForSequenceClassification`, `score` of the decoders') over `d`
+    /// features, its class count read from the file, if the checkpoint has
+    /// one.
+    pub fn optional_head(
+        &mut self,
+        path: &str,
+        d: usize,
+        bias: bool,
+    ) -> Result<Option<LinearSlot<B>>> {
+        let key = format!("{path}.weight");
+        match self.shape(&key).map(|s| s.to_vec()) {
+            Some(shape) if shape.len() == 2 => Ok(Some(self.linear(path, d, shape[0], bias)?)),
+            Some(shape) => Err(PeftError::Shape {
+                name: key,
+                expected: vec![0, d],
+                found: shape,
+            }),
+            None => Ok(None),
+        }
+    }
 }

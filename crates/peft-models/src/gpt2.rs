@@ -177,17 +177,7 @@ impl<B: Backend> Gpt2<B> {
                 mlp_c_proj: ck.conv1d(&format!("{p}.mlp.c_proj"), ff, d)?,
             });
         }
-        let score = match ck.shape("score.weight").map(|s| s.to_vec()) {
-            Some(shape) if shape.len() == 2 => Some(ck.linear("score", d, shape[0], false)?),
-            Some(shape) => {
-                return Err(PeftError::Shape {
-                    name: "score.weight".into(),
-                    expected: vec![0, d],
-                    found: shape,
-                })
-            }
-            None => None,
-        };
+        let score = ck.optional_head("score", d, false)?;
         let model = Gpt2 {
             wte: ck.embedding(&format!("{root}wte.weight"), config.vocab_size, d)?,
             wpe: ck.embedding(&format!("{root}wpe.weight"), config.n_positions, d)?,

@@ -384,17 +384,7 @@ impl<B: Backend> Llama<B> {
         let embed_tokens = ck.embedding("model.embed_tokens.weight", config.vocab_size, d)?;
         let norm = ck.rms_norm("model.norm", d, config.rms_norm_eps)?;
         // `LlamaForSequenceClassification` has `score` in place of `lm_head`.
-        let score = match ck.shape("score.weight").map(|s| s.to_vec()) {
-            Some(shape) if shape.len() == 2 => Some(ck.linear("score", d, shape[0], false)?),
-            Some(shape) => {
-                return Err(PeftError::Shape {
-                    name: "score.weight".into(),
-                    expected: vec![0, d],
-                    found: shape,
-                })
-            }
-            None => None,
-        };
+        let score = ck.optional_head("score", d, false)?;
         let tied = config.tie_word_embeddings || score.is_some();
         let lm_head = if tied && !ck.contains("lm_head.weight") {
             None
