@@ -826,10 +826,14 @@ pub fn merge<B: Backend>(
         dtype,
     };
     match tasks::arch_of(model)? {
-        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, true),
-        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, device)?, &target, true),
-        // GPT-2's Conv1D stores [in, out], as Burn does.
-        Arch::Gpt2 => merge_into::<B, Gpt2<B>>(Gpt2::load(model, device)?, &target, false),
+        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, |_| true),
+        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, device)?, &target, |_| true),
+        // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
+        // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
+        Arch::Gpt2 => {
+            let gpt2 = Gpt2::load(model, device)?;
+            merge_into::<B, Gpt2<B>>(gpt2, &target, |path| path == "score")
+        }
     }
 }
 
@@ -998,17 +1002,20 @@ fn merge_gguf<B: Backend>(
     Ok(changed)
 }
 
+/// [`merge`] into a Hugging Face folder: the merged linears replace their
+/// keys in the checkpoint's files; `transpose(path)` says which layers the
+/// file stores `[out, in]` (not GPT-2's Conv1D).
 fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     base: M,
     t: &MergeTarget<'_>,
-    transpose: bool,
+    transpose: impl Fn(&str) -> bool,
 ) -> Result<Vec<String>> {
     let merged = merged_model(base, t.adapter)?;
     // The merged linears, under their checkpoint keys.
     let mut updates = std::collections::HashMap::new();
     merged.visit_linears(&mut |path, slot| {
         let mut w = HostTensor::from_tensor(slot.base_weight());
-        if transpose {
+        if transpose(path) {
             w = w.transposed();
         }
         updates.insert(format!("{path}.weight"), w);

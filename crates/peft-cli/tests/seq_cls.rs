@@ -120,6 +120,69 @@ fn llama_seqcls_forward<B: Backend>(d: &B::Device) {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `peft merge` of PEFT's SEQ_CLS adapters onto task models that have
+/// their head (BERT's `classifier`, the decoders' `score`): the merged
+/// checkpoint's logits are the adapter's (its head's copy written in place
+/// of the head), and a base without a head is a typed error.
+fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
+    let tmp = peft_models::fixtures::temp_dir("seqcls-merge");
+    for (arch, case) in [
+        ("bert", "seqcls_lora"),
+        ("bert", "seqcls_ia3"),
+        ("llama_seqcls", "seqcls_lora"),
+        ("gpt2_seqcls", "seqcls_lora"),
+    ] {
+        let c = FixtureCase::open(arch, case);
+        let model = fixtures_dir().join(arch);
+        let merged = tmp.join(format!("{arch}-{case}"));
+        let changed = jobs::merge::<B>(&model, &c.dir, &merged, jobs::MergeDtype::F32, d).unwrap();
+        let head = if arch == "bert" {
+            "classifier"
+        } else {
+            "score"
+        };
+        assert!(
+            changed.contains(&format!("{head}.weight")),
+            "{arch}/{case}: {changed:?}"
+        );
+        let ids = c.want("input_ids");
+        let rows: Vec<Vec<u32>> = ids
+            .data
+            .chunks(ids.shape[1])
+            .map(|r| r.iter().map(|&v| v as u32).collect())
+            .collect();
+        let ids_file = tmp.join("ids.json");
+        std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
+        let out = tmp.join("logits.safetensors");
+        jobs::forward::<B>(&merged, None, &ids_file, &out, d).unwrap();
+        let got = peft_core::io::read_safetensors(&out)
+            .unwrap()
+            .remove("output")
+            .unwrap();
+        peft_models::fixtures::assert_close(
+            &format!("{arch}/{case} merged"),
+            &got,
+            c.want("logits_unmerged"),
+        );
+    }
+    let minilm = assets::fetch("minilm").unwrap();
+    let peft_trained = fixtures_dir().join("minilm_seqcls/lora");
+    let err = jobs::merge::<B>(
+        &minilm,
+        &peft_trained,
+        &tmp.join("headless"),
+        jobs::MergeDtype::F32,
+        d,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("modules_to_save") && err.contains("head"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 fn lora_lm_head<B: Backend>(d: &B::Device) {
     let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
     let logits = |m: &Llama<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
@@ -196,6 +259,7 @@ backend_tests!(
     llama_seqcls_lora,
     llama_seqcls_forward,
     gpt2_seqcls_lora,
+    merge_writes_the_heads_copy,
     bad_modules_to_save_are_typed_errors
 );
 
