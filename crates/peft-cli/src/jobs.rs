@@ -185,12 +185,10 @@ pub fn train<B: AutodiffBackend>(
     let arch = tasks::arch_of(&job.model)?;
     match (job.task, arch) {
         (Task::SeqCls, Arch::Bert) => train_seq_cls::<B>(job, progress, device),
+        (Task::SeqCls, Arch::Llama) => train_seq_cls_decoder::<B, Llama<B>>(job, progress, device),
+        (Task::SeqCls, Arch::Gpt2) => train_seq_cls_decoder::<B, Gpt2<B>>(job, progress, device),
         (Task::CausalLm, Arch::Llama) => train_causal::<B, Llama<B>>(job, progress, device),
         (Task::CausalLm, Arch::Gpt2) => train_causal::<B, Gpt2<B>>(job, progress, device),
-        (Task::SeqCls, other) => Err(PeftError::Config(format!(
-            "seq-cls needs a BERT model; {} is {other:?}",
-            job.model.display()
-        ))),
         (Task::CausalLm, Arch::Bert) => Err(PeftError::Config(format!(
             "causal-lm needs a decoder (Llama, GPT-2); {} is BERT",
             job.model.display()
@@ -280,6 +278,68 @@ fn train_seq_cls<B: AutodiffBackend>(
         move |m, dir| {
             save(&m.encoder, dir)?;
             with_labels(dir)
+        },
+    )?;
+    Ok(Report {
+        quantized_params,
+        ..report
+    })
+}
+
+/// Sequence classification on a decoder (`*ForSequenceClassification`):
+/// its `score` head, the adapter's copy of it in `modules_to_save`, each
+/// row read at its last real token. Slot methods only: the others would
+/// leave the head untrained and unsaved.
+fn train_seq_cls_decoder<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: CausalModel<B> + ScoreHead<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+    Adapted<B, M>: Encoder<B>,
+    tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
+{
+    let device = device.clone();
+    B::seed(&device, job.train.seed);
+    let method = job.method.for_seq_cls(&job.model).ok_or_else(|| {
+        PeftError::Config(format!(
+            "seq-cls on a decoder trains a slot method (lora, dora, ia3, loha, lokr, oft), whose \
+             adapter keeps a copy of the `score` head; {} does not",
+            job.method.name()
+        ))
+    })?;
+    let (labels, train, held) = seq_cls_data(job)?;
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let base = M::load_quantized(&job.model, &device, job.quantize)?;
+    let quantized_params = quantized_params(&base);
+    let base = base.with_score(labels.len())?;
+    let mut run = RunDir::create(&job.out, job.resume)?;
+    write_json(&job.out.join("labels.json"), &json!(labels))?;
+    write_json(
+        &job.out.join("train_config.json"),
+        &job.config_json(json!({"labels": labels})),
+    )?;
+    let labels_json = json!(labels);
+    let (encoder, count, save) =
+        tasks::attach_to_train::<B, M>(base, &method, job.last().as_deref())?;
+    let report = fit_classifier(
+        Classifier {
+            encoder,
+            head: None,
+        },
+        count,
+        &tok,
+        &train,
+        &held,
+        job,
+        &mut run,
+        progress,
+        move |m, dir| {
+            save(&m.encoder, dir)?;
+            write_json(&dir.join("labels.json"), &labels_json)
         },
     )?;
     Ok(Report {
@@ -456,43 +516,24 @@ pub fn eval<B: Backend>(
     let tok = tasks::tokenizer_of(model)?;
     match (task, tasks::arch_of(model)?) {
         (Task::SeqCls, Arch::Bert) => {
-            let dir = adapter.ok_or_else(|| {
-                PeftError::Config(
-                    "seq-cls evaluation needs --adapter (a run's best/ folder with its head)"
-                        .into(),
-                )
-            })?;
-            let examples = data::read_labelled(data_file, columns.0, columns.1)?;
-            // Our runs name their classes in `labels.json`; an adapter
-            // trained by PEFT does not, and its head's rows are then the
-            // data's labels in sorted order (PEFT users' `0`, `1`, ...).
-            let labels = match dir.join("labels.json").is_file() {
-                true => tasks::read_labels(dir)?,
-                false => data::label_set(&examples),
-            };
-            let ids = data::label_ids(&examples, &labels, data_file)?;
-            let enc = Encoded {
-                texts: examples.into_iter().map(|e| e.text).collect(),
-                labels: ids,
-            };
+            let (dir, labels, enc) = seq_cls_eval_data(adapter, data_file, columns)?;
             let bert = Bert::<B>::load(model, device)?;
             let (bert, head) = if dir.join("head.safetensors").is_file() {
                 let d = bert.config.hidden_size;
                 let head = tasks::load_head::<B>(dir, d, labels.len(), device)?;
                 (bert, Some(head))
             } else {
-                let classes = tasks::head_labels(dir, "classifier")?.unwrap_or(labels.len());
-                if labels.len() > classes {
-                    return Err(PeftError::Config(format!(
-                        "{}: the adapter's head has {classes} classes, the data {} labels ({labels:?})",
-                        dir.display(),
-                        labels.len()
-                    )));
-                }
+                let classes = head_classes(dir, "classifier", &labels)?;
                 (bert.with_classifier(classes)?, None)
             };
             let encoder = tasks::load_adapted(bert, Some(dir))?;
             tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
+        }
+        (Task::SeqCls, Arch::Llama) => {
+            eval_seq_cls_decoder::<B, Llama<B>>(model, adapter, data_file, columns, &tok, device)
+        }
+        (Task::SeqCls, Arch::Gpt2) => {
+            eval_seq_cls_decoder::<B, Gpt2<B>>(model, adapter, data_file, columns, &tok, device)
         }
         (Task::CausalLm, Arch::Llama) => {
             eval_lm::<B, Llama<B>>(model, adapter, data_file, &tok, block_size, device)
@@ -504,6 +545,75 @@ pub fn eval<B: Backend>(
             "task {t:?} does not fit a {a:?} model"
         ))),
     }
+}
+
+/// The adapter folder of a seq-cls evaluation, its classes and the data.
+/// Our runs name their classes in `labels.json`; an adapter trained by
+/// PEFT does not, and its head's rows are then the data's labels in
+/// sorted order (PEFT users' `0`, `1`, ...).
+fn seq_cls_eval_data<'a>(
+    adapter: Option<&'a Path>,
+    data_file: &Path,
+    columns: (&str, &str),
+) -> Result<(&'a Path, Vec<String>, Encoded)> {
+    let dir = adapter.ok_or_else(|| {
+        PeftError::Config(
+            "seq-cls evaluation needs --adapter (a run's best/ folder with its head)".into(),
+        )
+    })?;
+    let examples = data::read_labelled(data_file, columns.0, columns.1)?;
+    let labels = match dir.join("labels.json").is_file() {
+        true => tasks::read_labels(dir)?,
+        false => data::label_set(&examples),
+    };
+    let ids = data::label_ids(&examples, &labels, data_file)?;
+    let enc = Encoded {
+        texts: examples.into_iter().map(|e| e.text).collect(),
+        labels: ids,
+    };
+    Ok((dir, labels, enc))
+}
+
+/// The classes of the copy of head `head` in adapter folder `dir` (the
+/// number of `labels` when it has none), at least as many as `labels`.
+fn head_classes(dir: &Path, head: &str, labels: &[String]) -> Result<usize> {
+    let classes = tasks::head_labels(dir, head)?.unwrap_or(labels.len());
+    if labels.len() > classes {
+        return Err(PeftError::Config(format!(
+            "{}: the adapter's head has {classes} classes, the data {} labels ({labels:?})",
+            dir.display(),
+            labels.len()
+        )));
+    }
+    Ok(classes)
+}
+
+/// Accuracy of a decoder's `score` head with a SEQ_CLS adapter.
+fn eval_seq_cls_decoder<B, M>(
+    model: &Path,
+    adapter: Option<&Path>,
+    data_file: &Path,
+    columns: (&str, &str),
+    tok: &Tokenizer,
+    device: &B::Device,
+) -> Result<Metric>
+where
+    B: Backend,
+    M: CausalModel<B> + ScoreHead<B> + Module<B> + ModuleDisplay,
+    Adapted<B, M>: Encoder<B>,
+{
+    let (dir, labels, enc) = seq_cls_eval_data(adapter, data_file, columns)?;
+    let classes = head_classes(dir, "score", &labels)?;
+    let decoder = M::load_from(model, device)?.with_score(classes)?;
+    let encoder = tasks::load_adapted(decoder, Some(dir))?;
+    tasks::accuracy(
+        &Classifier {
+            encoder,
+            head: None,
+        },
+        tok,
+        &enc,
+    )
 }
 
 fn eval_lm<B: Backend, M: CausalModel<B> + Module<B>>(

@@ -262,6 +262,26 @@ pub fn tokenizer_of(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(&path.join("tokenizer.json"))
 }
 
+/// The decoders classify with their own `score` head: `hidden` is never
+/// asked of them (no mean-pooled head of ours sits on a decoder).
+macro_rules! decoder_encoder {
+    ($model:ident) => {
+        impl<B: Backend> Encoder<B> for Adapted<B, $model<B>> {
+            fn hidden(&self, _ids: Tensor<B, 2, Int>, _mask: Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+                Err(PeftError::State(
+                    "a decoder classifies with its `score` head, not pooled hidden states".into(),
+                ))
+            }
+
+            fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+                self.classify_masked(ids, mask)
+            }
+        }
+    };
+}
+decoder_encoder!(Llama);
+decoder_encoder!(Gpt2);
+
 /// A model's hidden states and its own classification head.
 pub trait Encoder<B: Backend> {
     /// `[b, t, d]` for `ids: [b, t]` with `mask: [b, t]`.
@@ -594,6 +614,24 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
             .logits(ids.clone())?
             .narrow(1, self.virtual_tokens(), t);
         peft_models::seq_cls::last_token_logits(logits, ids, pad_token_id)
+    }
+
+    /// [`classify`](Self::classify) of a right-padded batch whose
+    /// `attention_mask` `[b, t]` marks the real tokens: each row is read at
+    /// its last one, whatever id the tokenizer padded with (transformers
+    /// reads the last token that is not `pad_token_id`: the same position
+    /// when the tokenizer pads with it).
+    pub fn classify_masked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>> {
+        let [b, t] = ids.dims();
+        let logits = self.logits(ids)?.narrow(1, self.virtual_tokens(), t);
+        // Real tokens as 1, padding as 0: with 0 as the padding id, the
+        // last non-padding token is the last real one.
+        let real = mask.greater_elem(0.5).int().reshape([b, t]);
+        peft_models::seq_cls::last_token_logits(logits, real, Some(0))
     }
 
     /// Virtual positions at the start of the logits (a soft prompt's).

@@ -1790,3 +1790,80 @@ fn two_nodes_train_as_one_process() {
     drop(children);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Sequence classification on a decoder (`LlamaForSequenceClassification`
+/// over the tiny GGUF Llama): a LoRA run writes PEFT's SEQ_CLS adapter (the
+/// `score` head's copy in `modules_to_save`), `peft eval` scores its best
+/// checkpoint as the run did, and a method that could not keep the head is
+/// refused naming the slot methods.
+#[test]
+fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
+    let _turn = serial();
+    let dir = temp("decoder-seq-cls");
+    let data_file = sentiment_file(&dir, 24);
+    let model = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let train = TrainConfig {
+        batch: 4,
+        max_steps: Some(3),
+        eval_every: 1,
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let lora = Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]));
+    let out = dir.join("lora");
+    let j = job(
+        model.clone(),
+        data_file.clone(),
+        out.clone(),
+        lora,
+        train.clone(),
+    );
+    let report =
+        jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
+            .unwrap();
+    assert_eq!(report.steps, 3);
+    let best = out.join("best");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    let saved = peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+    let score = &saved["base_model.model.score.weight"];
+    assert_eq!(score.shape[0], 2, "two classes");
+    assert!(saved.keys().any(|k| k.ends_with("q_proj.lora_A.weight")));
+
+    let examples = data::read_labelled(&data_file, "text", "label").unwrap();
+    let (_, held) = data::split(&examples, 0.25, train.seed);
+    let rows: Vec<String> = held
+        .iter()
+        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
+        .collect();
+    let held_file = dir.join("held.jsonl");
+    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    let m = jobs::eval::<Inference>(
+        &model,
+        Some(&best),
+        &held_file,
+        Task::SeqCls,
+        ("text", "label"),
+        32,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        m.value, report.after.value,
+        "eval of best/ differs from the run's"
+    );
+
+    let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(3));
+    let j = job(model, data_file, dir.join("prefix"), prefix, train);
+    let err =
+        jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("slot method") && err.contains("prefix"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

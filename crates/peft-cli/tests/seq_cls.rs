@@ -183,6 +183,18 @@ fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// What `peft train` / `peft eval` compute on a decoder: each row read at
+/// the last token its attention mask marks real, PEFT's logits for the
+/// right-padded fixture (whose padding is the model's `pad_token_id`).
+fn llama_seqcls_by_mask<B: Backend>(d: &B::Device) {
+    let c = FixtureCase::open("llama_seqcls", "seqcls_lora");
+    let ids = c.ints::<B, 2>("input_ids", d);
+    let mask = ids.clone().not_equal_elem(0).float();
+    let adapted = peft_cli::tasks::load_adapted(llama_seqcls::<B>(d), Some(&c.dir)).unwrap();
+    let got = HostTensor::from_tensor(adapted.classify_masked(ids, mask).unwrap());
+    peft_models::fixtures::assert_close("classified by the mask", &got, c.want("logits_unmerged"));
+}
+
 fn lora_lm_head<B: Backend>(d: &B::Device) {
     let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
     let logits = |m: &Llama<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
@@ -260,6 +272,7 @@ backend_tests!(
     llama_seqcls_forward,
     gpt2_seqcls_lora,
     merge_writes_the_heads_copy,
+    llama_seqcls_by_mask,
     bad_modules_to_save_are_typed_errors
 );
 
