@@ -256,34 +256,17 @@ fn train_seq_cls<B: AutodiffBackend>(
             (bert, Some(head), job.method.clone())
         }
     };
-    let mut run = RunDir::create(&job.out, job.resume)?;
-    write_json(&job.out.join("labels.json"), &json!(labels))?;
-    write_json(
-        &job.out.join("train_config.json"),
-        &job.config_json(json!({"labels": labels})),
-    )?;
-    let labels_json = json!(labels);
-    let with_labels = move |dir: &Path| write_json(&dir.join("labels.json"), &labels_json);
-    let (encoder, count, save) =
-        tasks::attach_to_train::<B, Bert<B>>(bert, &method, job.last().as_deref())?;
-    let report = fit_classifier(
-        Classifier { encoder, head },
-        count,
-        &tok,
-        &train,
-        &held,
+    let data = (labels, train, held);
+    train_classifier(
         job,
-        &mut run,
         progress,
-        move |m, dir| {
-            save(&m.encoder, dir)?;
-            with_labels(dir)
-        },
-    )?;
-    Ok(Report {
+        bert,
+        head,
+        &method,
+        data,
+        &tok,
         quantized_params,
-        ..report
-    })
+    )
 }
 
 /// Sequence classification on a decoder (`*ForSequenceClassification`):
@@ -316,6 +299,41 @@ where
     let base = M::load_quantized(&job.model, &device, job.quantize)?;
     let quantized_params = quantized_params(&base);
     let base = base.with_score(labels.len())?;
+    let data = (labels, train, held);
+    train_classifier(
+        job,
+        progress,
+        base,
+        None,
+        &method,
+        data,
+        &tok,
+        quantized_params,
+    )
+}
+
+/// The run of a seq-cls job once its model, head (`None`: the model's own)
+/// and method are set: the run folder with `labels.json` and
+/// `train_config.json`, the adapter attached, training, and every
+/// checkpoint with the adapter, its head and `labels.json`.
+#[allow(clippy::too_many_arguments)]
+fn train_classifier<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    model: M,
+    head: Option<burn::nn::Linear<B>>,
+    method: &Method,
+    (labels, train, held): (Vec<String>, Encoded, Encoded),
+    tok: &Tokenizer,
+    quantized_params: usize,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: peft_core::PeftModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: peft_core::PeftModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+    Adapted<B, M>: Encoder<B>,
+    tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
+{
     let mut run = RunDir::create(&job.out, job.resume)?;
     write_json(&job.out.join("labels.json"), &json!(labels))?;
     write_json(
@@ -324,14 +342,11 @@ where
     )?;
     let labels_json = json!(labels);
     let (encoder, count, save) =
-        tasks::attach_to_train::<B, M>(base, &method, job.last().as_deref())?;
+        tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
     let report = fit_classifier(
-        Classifier {
-            encoder,
-            head: None,
-        },
+        Classifier { encoder, head },
         count,
-        &tok,
+        tok,
         &train,
         &held,
         job,

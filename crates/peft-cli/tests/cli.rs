@@ -49,6 +49,20 @@ fn sentiment_file(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
+/// The held-out split (a quarter) a run with `seed` takes of `data_file`,
+/// written as `dir/held.jsonl`: `peft eval` scores it as the run did.
+fn held_out_file(dir: &Path, data_file: &Path, seed: u64) -> PathBuf {
+    let examples = data::read_labelled(data_file, "text", "label").unwrap();
+    let (_, held) = data::split(&examples, 0.25, seed);
+    let rows: Vec<String> = held
+        .iter()
+        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
+        .collect();
+    let held_file = dir.join("held.jsonl");
+    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    held_file
+}
+
 fn job(
     model: PathBuf,
     data: PathBuf,
@@ -150,14 +164,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     assert_eq!(shape, vec![1, 2], "seq-cls LoRA logits");
 
     // The held-out split the run used, as a file: `peft eval` scores it as the run did.
-    let examples = data::read_labelled(&data_file, "text", "label").unwrap();
-    let (_, held) = data::split(&examples, 0.25, train.seed);
-    let rows: Vec<String> = held
-        .iter()
-        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
-        .collect();
-    let held_file = dir.join("held.jsonl");
-    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    let held_file = held_out_file(&dir, &data_file, train.seed);
     let m = jobs::eval::<Inference>(
         &minilm,
         Some(&best),
@@ -1832,14 +1839,7 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     assert_eq!(score.shape[0], 2, "two classes");
     assert!(saved.keys().any(|k| k.ends_with("q_proj.lora_A.weight")));
 
-    let examples = data::read_labelled(&data_file, "text", "label").unwrap();
-    let (_, held) = data::split(&examples, 0.25, train.seed);
-    let rows: Vec<String> = held
-        .iter()
-        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
-        .collect();
-    let held_file = dir.join("held.jsonl");
-    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    let held_file = held_out_file(&dir, &data_file, train.seed);
     let m = jobs::eval::<Inference>(
         &model,
         Some(&best),

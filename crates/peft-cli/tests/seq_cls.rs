@@ -30,6 +30,20 @@ use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::seq_cls::ScoreHead;
 use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
 
+/// The case's `input_ids` as the JSON rows `peft forward` reads, in
+/// `dir/ids.json`.
+fn write_ids(c: &FixtureCase, dir: &std::path::Path) -> std::path::PathBuf {
+    let ids = c.want("input_ids");
+    let rows: Vec<Vec<u32>> = ids
+        .data
+        .chunks(ids.shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    let file = dir.join("ids.json");
+    std::fs::write(&file, serde_json::to_string(&rows).unwrap()).unwrap();
+    file
+}
+
 fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
     Bert::load(&fixtures_dir().join("bert"), d).unwrap()
 }
@@ -94,16 +108,9 @@ fn llama_seqcls_lora<B: Backend>(d: &B::Device) {
 /// logits, with the SEQ_CLS adapter and without.
 fn llama_seqcls_forward<B: Backend>(d: &B::Device) {
     let c = FixtureCase::open("llama_seqcls", "seqcls_lora");
-    let ids = c.want("input_ids");
-    let rows: Vec<Vec<u32>> = ids
-        .data
-        .chunks(ids.shape[1])
-        .map(|r| r.iter().map(|&v| v as u32).collect())
-        .collect();
     let tmp = peft_models::fixtures::temp_dir("llama-seqcls-forward");
     std::fs::create_dir_all(&tmp).unwrap();
-    let ids_file = tmp.join("ids.json");
-    std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
+    let ids_file = write_ids(&c, &tmp);
     let model = fixtures_dir().join("llama_seqcls");
     for (adapter, want) in [
         (None, "logits_base"),
@@ -145,14 +152,7 @@ fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
             changed.contains(&format!("{head}.weight")),
             "{arch}/{case}: {changed:?}"
         );
-        let ids = c.want("input_ids");
-        let rows: Vec<Vec<u32>> = ids
-            .data
-            .chunks(ids.shape[1])
-            .map(|r| r.iter().map(|&v| v as u32).collect())
-            .collect();
-        let ids_file = tmp.join("ids.json");
-        std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
+        let ids_file = write_ids(&c, &tmp);
         let out = tmp.join("logits.safetensors");
         jobs::forward::<B>(&merged, None, &ids_file, &out, d).unwrap();
         let got = peft_core::io::read_safetensors(&out)
@@ -374,16 +374,9 @@ fn minilm_adapters_from_peft<B: Backend>(d: &B::Device) {
     for method in ["lora", "ia3"] {
         let c = FixtureCase::open("minilm_seqcls", method);
         let dir = c.dir.clone();
-        let ids: Vec<Vec<u32>> = c
-            .want("input_ids")
-            .data
-            .chunks(c.want("input_ids").shape[1])
-            .map(|r| r.iter().map(|&v| v as u32).collect())
-            .collect();
         let tmp = peft_models::fixtures::temp_dir(&format!("minilm-seqcls-{method}"));
         std::fs::create_dir_all(&tmp).unwrap();
-        let ids_file = tmp.join("ids.json");
-        std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
+        let ids_file = write_ids(&c, &tmp);
         let out = tmp.join("logits.safetensors");
         jobs::forward::<B>(&minilm, Some(&dir), &ids_file, &out, d).unwrap();
         let ours = peft_core::io::read_safetensors(&out)
