@@ -303,7 +303,7 @@ impl<B: Backend> Bert<B> {
     pub fn with_classifier(mut self, num_labels: usize) -> Result<Self> {
         if self.pooler.is_none() {
             return Err(PeftError::Config(
-                "this BERT checkpoint has no pooler (`pooler.dense`): a classification head                  reads the pooled first token"
+                "this BERT checkpoint has no pooler (`pooler.dense`): a classification head reads the pooled first token"
                     .into(),
             ));
         }
