@@ -609,11 +609,7 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
         ids: Tensor<B, 2, Int>,
         pad_token_id: Option<i64>,
     ) -> Result<Tensor<B, 2>> {
-        let t = ids.dims()[1];
-        let logits = self
-            .logits(ids.clone())?
-            .narrow(1, self.virtual_tokens(), t);
-        peft_models::seq_cls::last_token_logits(logits, ids, pad_token_id)
+        self.classify_at(ids.clone(), ids, pad_token_id)
     }
 
     /// [`classify`](Self::classify) of a right-padded batch whose
@@ -626,12 +622,23 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
         ids: Tensor<B, 2, Int>,
         mask: Tensor<B, 2>,
     ) -> Result<Tensor<B, 2>> {
-        let [b, t] = ids.dims();
-        let logits = self.logits(ids)?.narrow(1, self.virtual_tokens(), t);
         // Real tokens as 1, padding as 0: with 0 as the padding id, the
         // last non-padding token is the last real one.
-        let real = mask.greater_elem(0.5).int().reshape([b, t]);
-        peft_models::seq_cls::last_token_logits(logits, real, Some(0))
+        let real = mask.greater_elem(0.5).int().reshape(ids.dims());
+        self.classify_at(ids, real, Some(0))
+    }
+
+    /// Class logits of `ids`, each row's at the last position of `marks`
+    /// `[b, t]` that is not `pad`.
+    fn classify_at(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        marks: Tensor<B, 2, Int>,
+        pad: Option<i64>,
+    ) -> Result<Tensor<B, 2>> {
+        let t = ids.dims()[1];
+        let logits = self.logits(ids)?.narrow(1, self.virtual_tokens(), t);
+        peft_models::seq_cls::last_token_logits(logits, marks, pad)
     }
 
     /// Virtual positions at the start of the logits (a soft prompt's).

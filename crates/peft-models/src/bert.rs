@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::attention::{attend, attend_real, padding_mask, positions, split_heads};
 use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use crate::packing::Packing;
+use crate::seq_cls::task_head;
 use peft_core::kv::{KvCache, LayerCache};
 
 /// The fields of a BERT `config.json` this model uses.
@@ -307,24 +308,13 @@ impl<B: Backend> Bert<B> {
                     .into(),
             ));
         }
-        let d = self.config.hidden_size;
-        match &self.classifier {
-            Some(c) if c.d_output() == num_labels => {}
-            Some(c) => {
-                return Err(PeftError::Shape {
-                    name: "classifier.weight".into(),
-                    expected: vec![num_labels, d],
-                    found: vec![c.d_output(), d],
-                })
-            }
-            None => {
-                let device = self.word_embeddings.weight.device();
-                let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
-                let weight = Tensor::<B, 2>::random([d, num_labels], normal, &device);
-                let bias = Tensor::<B, 1>::zeros([num_labels], &device);
-                self.classifier = Some(LinearSlot::from_weights(weight, Some(bias)));
-                self.prefix = "bert.".into();
-            }
+        let fresh = self.classifier.is_none();
+        let device = self.word_embeddings.weight.device();
+        let dims = [self.config.hidden_size, num_labels];
+        let head = task_head(self.classifier.take(), "classifier", dims, true, &device)?;
+        self.classifier = Some(head);
+        if fresh {
+            self.prefix = "bert.".into();
         }
         Ok(self)
     }

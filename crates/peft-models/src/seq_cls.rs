@@ -88,25 +88,29 @@ pub trait ScoreHead<B: Backend>: PeftModel<B, Output = Tensor<B, 3>> + Sized {
     }
 }
 
-/// A fresh `score` `[d, num_labels]` for [`ScoreHead::with_score`], or the
-/// model's own checked against `num_labels`.
-fn score_head<B: Backend>(
+/// A task model's classification head `key` (`classifier`, `score`) of
+/// `num_labels` classes over `d` features: the model's `own`, checked
+/// against `num_labels`, or a fresh one as transformers draws it
+/// (`initializer_range` 0.02, a zero bias when the head has one).
+pub fn task_head<B: Backend>(
     own: Option<LinearSlot<B>>,
-    d: usize,
-    num_labels: usize,
+    key: &str,
+    [d, num_labels]: [usize; 2],
+    bias: bool,
     device: &B::Device,
 ) -> Result<LinearSlot<B>> {
     match own {
         Some(s) if s.d_output() == num_labels => Ok(s),
         Some(s) => Err(PeftError::Shape {
-            name: "score.weight".into(),
+            name: format!("{key}.weight"),
             expected: vec![num_labels, d],
             found: vec![s.d_output(), d],
         }),
         None => {
             let normal = burn::tensor::Distribution::Normal(0.0, 0.02);
             let weight = Tensor::<B, 2>::random([d, num_labels], normal, device);
-            Ok(LinearSlot::from_weights(weight, None))
+            let bias = bias.then(|| Tensor::<B, 1>::zeros([num_labels], device));
+            Ok(LinearSlot::from_weights(weight, bias))
         }
     }
 }
@@ -116,12 +120,8 @@ impl<B: Backend> ScoreHead<B> for Llama<B> {
     fn with_score(mut self, num_labels: usize) -> Result<Self> {
         let device = self.embed_tokens.weight.device();
         let fresh = self.score.is_none();
-        let score = score_head(
-            self.score.take(),
-            self.config.hidden_size,
-            num_labels,
-            &device,
-        )?;
+        let dims = [self.config.hidden_size, num_labels];
+        let score = task_head(self.score.take(), "score", dims, false, &device)?;
         self.score = Some(score);
         if fresh {
             self.lm_head = None;
@@ -142,7 +142,8 @@ impl<B: Backend> ScoreHead<B> for Llama<B> {
 impl<B: Backend> ScoreHead<B> for Gpt2<B> {
     fn with_score(mut self, num_labels: usize) -> Result<Self> {
         let device = self.wte.weight.device();
-        let score = score_head(self.score.take(), self.config.n_embd, num_labels, &device)?;
+        let dims = [self.config.n_embd, num_labels];
+        let score = task_head(self.score.take(), "score", dims, false, &device)?;
         self.score = Some(score);
         self.prefix = "transformer.".into();
         Ok(self)
