@@ -12,14 +12,12 @@ use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::seq_cls::ScoreHead;
 use peft_models::tokenizer::Tokenizer;
-use peft_prefix::PrefixTuningModel;
-use peft_prompt::PromptTuningModel;
 use serde_json::json;
 
 use crate::data;
 pub use crate::tasks::Quantize;
 use crate::tasks::{
-    self, Adapted, Arch, Attached, CausalModel, Classifier, Encoded, Encoder, Method,
+    self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method,
 };
 use crate::train::{BatchLoss, Metric, RunDir, TrainConfig, Trainer};
 
@@ -683,22 +681,7 @@ fn generate_with<B: Backend, M: CausalModel<B> + CausalLm<B>>(
     device: &B::Device,
 ) -> Result<Vec<u32>> {
     let base = M::load_from(model, device)?;
-    let m = match adapter {
-        None => base,
-        Some(dir) => match tasks::load_attached(base.clone(), dir)? {
-            Attached::Slots(s, _) => s.model,
-            Attached::Adapters(a, _) => return a.generate_checked(ids, max_new, sampler, None),
-            Attached::Virtual(Method::Prefix(_)) => {
-                return Ok(PrefixTuningModel::from_pretrained(base, dir)?
-                    .generate(ids, max_new, sampler, None))
-            }
-            Attached::Virtual(_) => {
-                return Ok(PromptTuningModel::from_pretrained(base, dir)?
-                    .generate(ids, max_new, sampler, None))
-            }
-        },
-    };
-    Ok(m.generate(ids, max_new, sampler, None, true))
+    tasks::load_adapted(base, adapter)?.generate(ids, max_new, sampler, None)
 }
 
 /// `peft inspect`: an adapter folder's method, config and tensors.

@@ -13,9 +13,10 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig, Ia3};
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::loss::causal_lm_loss_after_prompt;
-use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, VirtualTokenEncoder};
+use peft_core::generate::{CausalLm, Sampler};
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
 use peft_core::slot_method::OneOf;
-use peft_core::virtual_model::VirtualTokens;
+use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
 use peft_core::{Ia3Config, LoraConfig, ModelInput, PeftError, PeftModel, Result, SlotModel};
 use peft_lora::Lora;
 use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
@@ -25,8 +26,8 @@ use peft_models::llama::Llama;
 use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
 use peft_oft::{Oft, OftConfig};
-use peft_prefix::{PrefixEncoder, PrefixTuningModel};
-use peft_prompt::{PromptEncoder, PromptTuningModel};
+use peft_prefix::PrefixTuningModel;
+use peft_prompt::PromptTuningModel;
 use serde_json::Value;
 
 use crate::train::Metric;
@@ -561,32 +562,10 @@ pub enum Adapted<B: Backend, M: Module<B>> {
     Slots(Slots<B, M>),
     /// Bottleneck adapters.
     Adapters(AdapterModel<B, M>),
-    /// A trainable prefix before the frozen model.
-    Prefix(PromptLm<B, M, PrefixEncoder<B>>),
-    /// A trainable soft prompt before the frozen model.
-    Prompt(PromptLm<B, M, PromptEncoder<B>>),
-}
-
-/// A frozen model and the encoder of its virtual tokens (prefix or prompt).
-#[derive(Module, Debug)]
-pub struct PromptLm<B: Backend, M: Module<B>, E: Module<B>> {
-    /// The frozen model.
-    pub model: M,
-    /// The trainable encoder.
-    pub encoder: E,
-    /// Backend marker.
-    pub _b: std::marker::PhantomData<B>,
-}
-
-impl<B: Backend, M: Module<B>, E: Module<B>> PromptLm<B, M, E> {
-    /// `model` frozen, before `encoder`.
-    pub fn new(model: M, encoder: E) -> Self {
-        PromptLm {
-            model: model.no_grad(),
-            encoder,
-            _b: std::marker::PhantomData,
-        }
-    }
+    /// Prefixes before the frozen model (one trains).
+    Prefix(PrefixTuningModel<B, M>),
+    /// Soft prompts before the frozen model (one trains).
+    Prompt(PromptTuningModel<B, M>),
 }
 
 impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
@@ -596,8 +575,8 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
         match self {
             Adapted::Slots(s) => Ok(s.model.run(ModelInput::ids(ids))),
             Adapted::Adapters(a) => a.forward(ids, None),
-            Adapted::Prefix(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
-            Adapted::Prompt(p) => Ok(p.encoder.forward_before(&p.model, ids, None)),
+            Adapted::Prefix(p) => Ok(p.forward(ids, None)),
+            Adapted::Prompt(p) => Ok(p.forward(ids, None)),
         }
     }
 
@@ -644,9 +623,28 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     /// Virtual positions at the start of the logits (a soft prompt's).
     pub fn virtual_tokens(&self) -> usize {
         match self {
-            Adapted::Prefix(p) => p.encoder.output_positions(),
-            Adapted::Prompt(p) => p.encoder.output_positions(),
+            Adapted::Prefix(p) => p.num_virtual_tokens(),
+            Adapted::Prompt(p) => p.num_virtual_tokens(),
             _ => 0,
+        }
+    }
+}
+
+impl<B: Backend, M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>> Adapted<B, M> {
+    /// Continues `prompt` (token ids) through the model's KV cache, with
+    /// the attached adapter.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        match self {
+            Adapted::Slots(s) => Ok(s.model.generate(prompt, max_new, sampler, eos, true)),
+            Adapted::Adapters(a) => a.generate_checked(prompt, max_new, sampler, eos),
+            Adapted::Prefix(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
+            Adapted::Prompt(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
         }
     }
 }
@@ -660,11 +658,8 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
         Ok(match self {
             Adapted::Slots(s) => s.model.encode(ids, Some(mask)),
             Adapted::Adapters(a) => a.forward(ids, Some(mask))?,
-            Adapted::Prefix(p) => p.encoder.forward_before(&p.model, ids, Some(mask)),
-            Adapted::Prompt(p) => after(
-                p.encoder.forward_before(&p.model, ids, Some(mask)),
-                p.encoder.output_positions(),
-            ),
+            Adapted::Prefix(p) => p.forward(ids, Some(mask)),
+            Adapted::Prompt(p) => after(p.forward(ids, Some(mask)), p.num_virtual_tokens()),
         })
     }
 
@@ -674,14 +669,8 @@ impl<B: Backend> Encoder<B> for Adapted<B, Bert<B>> {
         match self {
             Adapted::Slots(s) => s.model.classify(ids, Some(mask)),
             Adapted::Adapters(a) => a.classify(ids, mask),
-            Adapted::Prefix(p) => {
-                p.model
-                    .classify_hidden(p.encoder.forward_before(&p.model, ids, Some(mask)))
-            }
-            Adapted::Prompt(p) => {
-                p.model
-                    .classify_hidden(p.encoder.forward_before(&p.model, ids, Some(mask)))
-            }
+            Adapted::Prefix(p) => p.model.classify_hidden(p.forward(ids, Some(mask))),
+            Adapted::Prompt(p) => p.model.classify_hidden(p.forward(ids, Some(mask))),
         }
     }
 }
@@ -772,11 +761,25 @@ where
             });
             (Adapted::Adapters(a), count, save)
         }
-        Method::Prefix(_) | Method::Prompt(_) => {
-            let (model, config, count) = start_virtual::<B, M>(&model, method, from)?;
-            let save: Saver<InnerAdapted<B, M>> =
-                Box::new(move |m, dir| save_virtual(m, &config, dir));
-            (model, count, save)
+        Method::Prefix(c) => {
+            let p = virtual_to_train(model, c, from)?;
+            let count = p.param_count();
+            let lost = lost("prefix");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Prefix(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Prefix(p), count, save)
+        }
+        Method::Prompt(c) => {
+            let p = virtual_to_train(model, c, from)?;
+            let count = p.param_count();
+            let lost = lost("prompt");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Prompt(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Prompt(p), count, save)
         }
         Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
             let config = method
@@ -835,150 +838,21 @@ fn bottleneck_to_train<B: Backend, M: PeftModel<B>>(
     }
 }
 
-/// A model with its method attached.
-#[allow(clippy::large_enum_variant)]
-pub enum Attached<B: Backend, M: Module<B>> {
-    /// The model's own slots carry the adapter.
-    Slots(Slots<B, M>, peft_core::ParamCount),
-    /// Bottleneck adapters around the model.
-    Adapters(AdapterModel<B, M>, peft_core::ParamCount),
-    /// Prefix or prompt tuning (attach with [`load_virtual`]: it is not in the model's slots).
-    Virtual(Method),
-}
-
-/// A saved prefix / prompt folder before `model` (for evaluation).
-pub fn load_virtual<B: Backend, M>(model: M, dir: &Path) -> Result<Adapted<B, M>>
-where
-    M: PeftModel<B> + Clone,
-{
-    let default = peft_core::DEFAULT_ADAPTER;
-    Ok(match Method::detect(dir)? {
-        Method::Prefix(_) => {
-            let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;
-            Adapted::Prefix(PromptLm::new(model, p.encoder(default)?.clone()))
-        }
-        Method::Prompt(_) => {
-            let p = PromptTuningModel::from_pretrained(model.clone(), dir)?;
-            Adapted::Prompt(PromptLm::new(model, p.encoder(default)?.clone()))
-        }
-        other => {
-            return Err(PeftError::Config(format!(
-                "{} is not a prefix or prompt",
-                other.name()
-            )))
-        }
-    })
-}
-
-/// The encoder of a prefix / prompt run to train, its config (model fields
-/// filled) and the parameter count: fresh per `config`, or continued from
-/// the `last/` checkpoint `from` (its full encoder when it kept one).
-pub fn start_virtual<B: Backend, M>(
-    model: &M,
-    method: &Method,
-    from: Option<&Path>,
-) -> Result<(Adapted<B, M>, PromptLearningConfig, peft_core::ParamCount)>
-where
-    M: PeftModel<B> + Clone,
-{
-    let default = peft_core::DEFAULT_ADAPTER;
-    let device = device_of(model);
-    Ok(match (method, from) {
-        (Method::Prefix(_), Some(dir)) => {
-            let p = PrefixTuningModel::from_pretrained(model.clone(), dir)?;
-            let config = p.config(default)?.clone();
-            let encoder = PrefixEncoder::load_to_train(dir, &config, &device)?;
-            let count = p.param_count();
-            (
-                Adapted::Prefix(PromptLm::new(p.model, encoder)),
-                config,
-                count,
-            )
-        }
-        (Method::Prefix(c), None) => {
-            let p = PrefixTuningModel::new(model.clone(), c.clone())?;
-            let (config, count) = (p.config(default)?.clone(), p.param_count());
-            let encoder = p.encoder(default)?.clone();
-            (
-                Adapted::Prefix(PromptLm::new(p.model, encoder)),
-                config,
-                count,
-            )
-        }
-        (Method::Prompt(_), Some(dir)) => {
-            let p = PromptTuningModel::from_pretrained(model.clone(), dir)?;
-            let config = p.config(default)?.clone();
-            let encoder = PromptEncoder::load_to_train(dir, &config, &device)?;
-            let count = p.param_count();
-            (
-                Adapted::Prompt(PromptLm::new(p.model, encoder)),
-                config,
-                count,
-            )
-        }
-        (Method::Prompt(c), None) => {
-            let p = PromptTuningModel::new(model.clone(), c.clone())?;
-            let (config, count) = (p.config(default)?.clone(), p.param_count());
-            let encoder = p.encoder(default)?.clone();
-            (
-                Adapted::Prompt(PromptLm::new(p.model, encoder)),
-                config,
-                count,
-            )
-        }
-        (other, _) => {
-            return Err(PeftError::Config(format!(
-                "{} is not a prefix or prompt",
-                other.name()
-            )))
-        }
-    })
-}
-
-/// Writes the adapter of a prefix / prompt run (PEFT's files, and the full
-/// encoder beside them when it has a reparameterisation).
-pub fn save_virtual<B: Backend, M: Module<B>>(
-    model: &Adapted<B, M>,
+/// A prefix / prompt `default` to train: fresh per `config`, or continued
+/// from a `last/` checkpoint (its full encoder when it kept one).
+fn virtual_to_train<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>>(
+    model: M,
     config: &PromptLearningConfig,
-    dir: &Path,
-) -> Result<()> {
-    match model {
-        Adapted::Prefix(p) => p.encoder.save(dir, config),
-        Adapted::Prompt(p) => p.encoder.save(dir, config),
-        _ => Err(PeftError::State(
-            "a prefix / prompt run lost its virtual tokens".into(),
-        )),
+    from: Option<&Path>,
+) -> Result<VirtualTokenModel<B, M, E>> {
+    match from {
+        None => VirtualTokenModel::new(model, config.clone()),
+        Some(dir) => VirtualTokenModel::resume(model, dir),
     }
 }
 
-/// Saves the adapter carried by a model into a folder.
-pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;
-
-/// Attaches a saved adapter folder (detected method) to a model for
-/// evaluation or generation.
-pub fn load_attached<B: Backend, M>(model: M, dir: &Path) -> Result<Attached<B, M>>
-where
-    M: PeftModel<B> + Clone,
-{
-    Ok(match Method::detect(dir)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
-            let slots = Slots::from_pretrained(model, dir)?;
-            let count = slots.param_count();
-            Attached::Slots(slots, count)
-        }
-        Method::Adapter(_) => {
-            let mut a = AdapterModel::wrap(model);
-            let name = a.load_adapter(dir, None)?;
-            a.set_active(peft_adapter::Setup::single(&name))?;
-            let c = a.param_count();
-            Attached::Adapters(a, c)
-        }
-        m @ (Method::Prefix(_) | Method::Prompt(_)) => Attached::Virtual(m),
-    })
-}
-
 /// `model` with the adapter folder `dir` attached (detected method), or
-/// plain without one: what `eval` and `forward` run.
+/// plain without one: what `eval`, `forward` and `generate` run.
 pub fn load_adapted<B: Backend, M>(model: M, dir: Option<&Path>) -> Result<Adapted<B, M>>
 where
     M: PeftModel<B> + Clone,
@@ -986,12 +860,23 @@ where
     let Some(dir) = dir else {
         return Ok(Adapted::Slots(Slots::wrap(model)));
     };
-    Ok(match load_attached(model.clone(), dir)? {
-        Attached::Slots(m, _) => Adapted::Slots(m),
-        Attached::Adapters(a, _) => Adapted::Adapters(a),
-        Attached::Virtual(_) => load_virtual(model, dir)?,
+    Ok(match Method::detect(dir)? {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
+            Adapted::Slots(Slots::from_pretrained(model, dir)?)
+        }
+        Method::Adapter(_) => {
+            let mut a = AdapterModel::wrap(model);
+            let name = a.load_adapter(dir, None)?;
+            a.set_active(peft_adapter::Setup::single(&name))?;
+            Adapted::Adapters(a)
+        }
+        Method::Prefix(_) => Adapted::Prefix(PrefixTuningModel::from_pretrained(model, dir)?),
+        Method::Prompt(_) => Adapted::Prompt(PromptTuningModel::from_pretrained(model, dir)?),
     })
 }
+
+/// Saves the adapter carried by a model into a folder.
+pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;
 
 /// The path of a run's best checkpoint.
 pub fn best_dir(out: &Path) -> PathBuf {

@@ -40,6 +40,14 @@ impl<T> NamedAdapters<T> {
         self.entries.get(name).ok_or_else(|| self.unknown(name))
     }
 
+    /// Where adapter `name` stands in insertion order: the index of its
+    /// value in a list kept beside this set (a wrapper's Burn modules).
+    pub fn index_of(&self, name: &str) -> Result<usize> {
+        self.entries
+            .get_index_of(name)
+            .ok_or_else(|| self.unknown(name))
+    }
+
     /// The adapter `name`, mutably.
     pub fn get_mut(&mut self, name: &str) -> Result<&mut T> {
         if !self.entries.contains_key(name) {
@@ -92,30 +100,6 @@ impl<T> NamedAdapters<T> {
         self.disabled = false;
     }
 
-    /// Replaces adapter `name` by `f(adapter)`.
-    pub fn map(&mut self, name: &str, f: impl FnOnce(T) -> T) -> Result<()>
-    where
-        T: Clone,
-    {
-        let slot = self.get_mut(name)?;
-        *slot = f(slot.clone());
-        Ok(())
-    }
-
-    /// The same names, activation and switch, each adapter replaced by
-    /// `f(adapter)`: e.g. every encoder as its inference module.
-    pub fn map_all<U>(&self, mut f: impl FnMut(&T) -> U) -> NamedAdapters<U> {
-        NamedAdapters {
-            entries: self
-                .entries
-                .iter()
-                .map(|(k, v)| (k.clone(), f(v)))
-                .collect(),
-            active: self.active.clone(),
-            disabled: self.disabled,
-        }
-    }
-
     /// Adapter names, in insertion order.
     pub fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
@@ -161,10 +145,9 @@ mod tests {
         a.disable();
         assert!(a.running().is_none(), "disabled runs nothing");
         a.enable();
-        a.map("x", |v| v + 1).unwrap();
-        assert_eq!(a.running(), Some(("x", &6)));
-        let doubled = a.map_all(|v| 2 * v);
-        assert_eq!(doubled.running(), Some(("x", &12)));
-        assert!(a.map("y", |v| v).is_err());
+        assert_eq!(a.running(), Some(("x", &5)));
+        a.insert("z", 7).unwrap();
+        assert_eq!(a.index_of("z").unwrap(), 1, "insertion order after a removal");
+        assert!(a.index_of("y").is_err());
     }
 }

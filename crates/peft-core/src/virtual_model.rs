@@ -11,8 +11,8 @@ use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::path::Path;
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::count::ParamCount;
@@ -118,13 +118,21 @@ pub fn run_after<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>>(
 /// A frozen model carrying named prompt-learning adapters of one method
 /// (encoder type `E`), at most one active.
 ///
-/// Each adapter's encoder is its own Burn module: train it with any Burn
-/// optimizer through [`map_encoder`](Self::map_encoder).
-#[derive(Debug, Clone)]
+/// A Burn module: train it with any Burn optimizer (only the active
+/// adapter's encoder takes part in a forward pass, so only it receives
+/// gradients; the model is frozen), or one encoder alone through
+/// [`map_encoder`](Self::map_encoder). Its inference copy
+/// (`AutodiffModule::valid`) keeps names, configs and activation.
+#[derive(Module, Debug)]
 pub struct VirtualTokenModel<B: Backend, M, E> {
     /// The frozen model.
     pub model: M,
-    adapters: NamedAdapters<(PromptLearningConfig, E)>,
+    /// Each adapter's encoder, in the order of `adapters`.
+    encoders: Vec<E>,
+    /// Each adapter's config (model fields filled), by name, with the
+    /// activation; entry `i` is `encoders[i]`'s.
+    #[module(skip)]
+    adapters: NamedAdapters<PromptLearningConfig>,
     _backend: PhantomData<B>,
 }
 
@@ -140,6 +148,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     pub fn wrap(model: M) -> Self {
         VirtualTokenModel {
             model: model.no_grad(),
+            encoders: Vec::new(),
             adapters: NamedAdapters::default(),
             _backend: PhantomData,
         }
@@ -154,7 +163,8 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
         let config = E::fit_config(config, &self.model.dims())?;
         let encoder = E::fresh(&config, &self.model)?;
-        self.insert(name, config, encoder)
+        self.push(name, config, encoder)?;
+        self.adapters.set_active(name)
     }
 
     /// Adds adapter `name` started from `text_ids` (prefix: the text's own
@@ -174,12 +184,23 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
             ));
         }
         let encoder = E::from_text(&config, &self.model, text_ids)?;
-        self.insert(name, config, encoder)
+        self.push(name, config, encoder)?;
+        self.adapters.set_active(name)
     }
 
-    fn insert(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
-        self.adapters.insert(name, (config, encoder))?;
+    /// Adds `encoder` (trained elsewhere, e.g. a checkpoint's full
+    /// encoder) as adapter `name` per `config` and makes it active.
+    pub fn insert(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
+        let config = E::fit_config(config, &self.model.dims())?;
+        self.push(name, config, encoder)?;
         self.adapters.set_active(name)
+    }
+
+    /// Adds `name` (config fitted) at the end of both lists.
+    fn push(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
+        self.adapters.insert(name, config)?;
+        self.encoders.push(encoder);
+        Ok(())
     }
 
     /// Makes `name` the active adapter.
@@ -189,7 +210,10 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// Removes adapter `name`.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        self.adapters.remove(name).map(|_| ())
+        let i = self.adapters.index_of(name)?;
+        self.adapters.remove(name)?;
+        self.encoders.remove(i);
+        Ok(())
     }
 
     /// The active adapter's name.
@@ -204,19 +228,20 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// The config of adapter `name` (model fields filled).
     pub fn config(&self, name: &str) -> Result<&PromptLearningConfig> {
-        Ok(&self.adapters.get(name)?.0)
+        self.adapters.get(name)
     }
 
     /// The encoder of adapter `name`.
     pub fn encoder(&self, name: &str) -> Result<&E> {
-        Ok(&self.adapters.get(name)?.1)
+        Ok(&self.encoders[self.adapters.index_of(name)?])
     }
 
     /// Replaces the encoder of `name` by `f(encoder)`: an optimizer step,
     /// `map_encoder(name, |e| optim.step(lr, e, grads))`.
     pub fn map_encoder(&mut self, name: &str, f: impl FnOnce(E) -> E) -> Result<()> {
-        self.adapters
-            .map(name, |(config, encoder)| (config, f(encoder)))
+        let i = self.adapters.index_of(name)?;
+        self.encoders[i] = f(self.encoders[i].clone());
+        Ok(())
     }
 
     /// Runs the plain model until [`enable`](Self::enable).
@@ -231,7 +256,8 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// The active encoder unless disabled.
     fn running(&self) -> Option<&E> {
-        self.adapters.running().map(|(_, (_, e))| e)
+        let (name, _) = self.adapters.running()?;
+        self.encoder(name).ok()
     }
 
     /// Positions the next [`forward`](Self::forward) adds at the front of
@@ -273,7 +299,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         }
         let rows: Vec<&E> = names
             .iter()
-            .map(|name| self.adapters.get(name).map(|(_, e)| e))
+            .map(|name| self.encoder(name))
             .collect::<Result<_>>()?;
         let first = rows[0].num_virtual_tokens();
         if let Some(i) = rows.iter().position(|e| e.num_virtual_tokens() != first) {
@@ -297,10 +323,9 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// PEFT's `get_nb_trainable_parameters` counts them.
     pub fn param_count(&self) -> ParamCount {
         let trainable = self
-            .adapters
-            .active()
-            .map(|(_, (_, e))| e.num_params())
-            .unwrap_or(0);
+            .active_adapter()
+            .and_then(|name| self.encoder(name).ok())
+            .map_or(0, |e| e.num_params());
         ParamCount {
             trainable,
             all: self.model.num_params() + trainable,
@@ -356,7 +381,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// Writes adapter `name` into `dir`, atomically per file.
     pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
-        let (config, encoder) = self.adapters.get(name)?;
+        let (config, encoder) = (self.config(name)?, self.encoder(name)?);
         save_prompt_adapter(
             dir,
             config,
@@ -372,11 +397,34 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         let mut config = E::fit_config(config, &self.model.dims())?;
         config.inference_mode = true;
         let encoder = E::from_embeddings(&config, &embeddings, &self.device())?;
-        self.adapters.insert(name, (config, encoder))?;
+        self.push(name, config, encoder)?;
         if self.active_adapter().is_none() {
             self.adapters.set_active(name)?;
         }
         Ok(())
+    }
+
+    /// Writes adapter `name` into `dir` as a training checkpoint: PEFT's
+    /// files, and beside them, when the encoder has a reparameterisation
+    /// that PEFT's file folds away, its full state, from which
+    /// [`resume`](Self::resume) continues.
+    pub fn save_checkpoint(&self, name: &str, dir: &Path) -> Result<()> {
+        self.encoder(name)?.save(dir, self.config(name)?)
+    }
+
+    /// Wraps `model` with the adapter folder `dir` as the active `default`,
+    /// to continue training it: the full encoder when the folder keeps one
+    /// ([`save_checkpoint`](Self::save_checkpoint)), else PEFT's folded
+    /// `prompt_embeddings`, which then train directly.
+    pub fn resume(model: M, dir: &Path) -> Result<Self> {
+        let mut this = Self::wrap(model);
+        let (config, _) = load_prompt_adapter(dir, E::PEFT_TYPES)?;
+        let mut config = E::fit_config(config, &this.model.dims())?;
+        config.inference_mode = true;
+        let encoder = E::load_to_train(dir, &config, &this.device())?;
+        this.push(DEFAULT_ADAPTER, config, encoder)?;
+        this.set_adapter(DEFAULT_ADAPTER)?;
+        Ok(this)
     }
 
     /// Wraps `model` and loads `dir` as `default` plus every sub-folder
@@ -389,29 +437,5 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         }
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
-    }
-}
-
-impl<B, M, E> VirtualTokenModel<B, M, E>
-where
-    B: AutodiffBackend,
-    M: PeftModel<B> + AutodiffModule<B>,
-    M::InnerModule: PeftModel<B::InnerBackend>,
-    E: VirtualTokens<B> + AutodiffModule<B>,
-    E::InnerModule: VirtualTokens<B::InnerBackend>,
-{
-    /// The inference view: the model and every encoder on the inner
-    /// (non-autodiff) backend, names and activation kept. Evaluate and
-    /// generate through it during training: passes through a trainable
-    /// encoder on an autodiff backend record a graph that only a backward
-    /// pass frees.
-    pub fn valid(&self) -> VirtualTokenModel<B::InnerBackend, M::InnerModule, E::InnerModule> {
-        VirtualTokenModel {
-            model: self.model.valid(),
-            adapters: self
-                .adapters
-                .map_all(|(config, encoder)| (config.clone(), encoder.valid())),
-            _backend: PhantomData,
-        }
     }
 }
