@@ -147,7 +147,11 @@ mod tests {
         a.enable();
         assert_eq!(a.running(), Some(("x", &5)));
         a.insert("z", 7).unwrap();
-        assert_eq!(a.index_of("z").unwrap(), 1, "insertion order after a removal");
+        assert_eq!(
+            a.index_of("z").unwrap(),
+            1,
+            "insertion order after a removal"
+        );
         assert!(a.index_of("y").is_err());
     }
 }

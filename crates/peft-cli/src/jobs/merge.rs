@@ -1,0 +1,397 @@
+//! `peft merge`: an adapter folded into its base, written as a Hugging
+//! Face model folder (safetensors, sharded, in the chosen precision).
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::{PeftError, Result};
+use peft_models::bert::Bert;
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+use peft_models::tokenizer::Tokenizer;
+use serde_json::json;
+
+use crate::tasks::{self, Arch, Method};
+
+/// The element type `peft merge` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeDtype {
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl MergeDtype {
+    /// `f32`, `f16` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(MergeDtype::F32),
+            "f16" | "float16" => Ok(MergeDtype::F16),
+            "bf16" | "bfloat16" => Ok(MergeDtype::Bf16),
+            other => Err(PeftError::Config(format!(
+                "unknown dtype `{other}` (f32, f16, bf16)"
+            ))),
+        }
+    }
+
+    /// Its name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeDtype::F32 => "f32",
+            MergeDtype::F16 => "f16",
+            MergeDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// `t` as a safetensors dtype and little-endian bytes.
+    fn encode(self, t: &HostTensor) -> (safetensors::Dtype, Vec<u8>) {
+        match self {
+            MergeDtype::F32 => (
+                safetensors::Dtype::F32,
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            MergeDtype::F16 => (
+                safetensors::Dtype::F16,
+                t.data
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            MergeDtype::Bf16 => (
+                safetensors::Dtype::BF16,
+                t.data
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// The weight files of a Hugging Face model folder: `model.safetensors`, or
+/// the shards named by `model.safetensors.index.json` (with the index).
+fn weight_files(model: &Path) -> Result<(Vec<String>, Option<serde_json::Value>)> {
+    if model.join("model.safetensors").is_file() {
+        return Ok((vec!["model.safetensors".into()], None));
+    }
+    let index_path = model.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path).map_err(|_| PeftError::Checkpoint {
+        path: model.to_path_buf(),
+        message: "merge needs a GGUF file or a Hugging Face folder with model.safetensors or model.safetensors.index.json".into(),
+    })?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: index_path.clone(),
+            source,
+        })?;
+    let mut files: Vec<String> = index["weight_map"]
+        .as_object()
+        .ok_or_else(|| PeftError::Checkpoint {
+            path: index_path.clone(),
+            message: "no `weight_map` object".into(),
+        })?
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    if let Some(f) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
+        return Err(PeftError::Checkpoint {
+            path: index_path,
+            message: format!("shard name `{f}` leaves the model directory"),
+        });
+    }
+    Ok((files, Some(index)))
+}
+
+/// `peft merge`: folds a LoRA / DoRA / (IA)³ adapter into a Hugging Face
+/// model folder (one `model.safetensors` or shards with their index) and
+/// writes the merged model to `out`: the same files, every tensor that did
+/// not change as it was (converted to `dtype`), `config.json` and the
+/// tokenizer copied. A GGUF model (Llama) is written as a Hugging Face
+/// folder. Returns the names of the tensors that changed.
+pub fn merge<B: Backend>(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: MergeDtype,
+    device: &B::Device,
+) -> Result<Vec<String>> {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        return merge_gguf::<B>(model, adapter, out, dtype, device);
+    }
+    let (files, index) = weight_files(model)?;
+    let target = MergeTarget {
+        model,
+        adapter,
+        out,
+        files: &files,
+        index: index.as_ref(),
+        dtype,
+    };
+    match tasks::arch_of(model)? {
+        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, |_| true),
+        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, device)?, &target, |_| true),
+        // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
+        // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
+        Arch::Gpt2 => {
+            let gpt2 = Gpt2::load(model, device)?;
+            merge_into::<B, Gpt2<B>>(gpt2, &target, |path| path == "score")
+        }
+    }
+}
+
+/// What [`merge`] reads and writes.
+struct MergeTarget<'a> {
+    model: &'a Path,
+    adapter: &'a Path,
+    out: &'a Path,
+    files: &'a [String],
+    index: Option<&'a serde_json::Value>,
+    dtype: MergeDtype,
+}
+
+/// `base` with the LoRA / DoRA / (IA)³ adapter in `adapter` folded in.
+fn merged_model<B: Backend, M: peft_core::PeftModel<B> + Clone>(
+    base: M,
+    adapter: &Path,
+) -> Result<M> {
+    match Method::detect(adapter)? {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
+            tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload()
+        }
+        other => Err(PeftError::Config(format!(
+            "{} adds modules or inputs; it cannot be merged into the base weights",
+            other.name()
+        ))),
+    }
+}
+
+/// Writes `tensors` to `path` as a safetensors file of `dtype`; returns the
+/// size of the tensor data in bytes (an index's `total_size`).
+fn write_weights(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: MergeDtype,
+) -> Result<usize> {
+    let encoded: Vec<(safetensors::Dtype, Vec<u8>)> =
+        tensors.iter().map(|(_, x)| dtype.encode(x)).collect();
+    let views = tensors
+        .iter()
+        .zip(&encoded)
+        .map(|((k, x), (dt, bytes))| {
+            safetensors::tensor::TensorView::new(*dt, x.shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| PeftError::State(format!("{k}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| PeftError::State(format!("serialising {}: {e}", path.display())))?;
+    peft_core::io::write_atomic(path, &bytes)?;
+    Ok(encoded.iter().map(|(_, b)| b.len()).sum())
+}
+
+/// A Llama's tensors under Hugging Face's names and layout (`[out, in]`).
+fn llama_hf_tensors<B: Backend>(m: &Llama<B>) -> Vec<(String, HostTensor)> {
+    use peft_core::PeftModel;
+    let mut out = vec![
+        (
+            "model.embed_tokens.weight".to_string(),
+            HostTensor::from_tensor(m.embed_tokens.weight.val()),
+        ),
+        (
+            "model.norm.weight".to_string(),
+            HostTensor::from_tensor(m.norm.gamma.val()),
+        ),
+    ];
+    for (i, l) in m.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            HostTensor::from_tensor(l.input_layernorm.gamma.val()),
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            HostTensor::from_tensor(l.post_attention_layernorm.gamma.val()),
+        ));
+    }
+    m.visit_linears(&mut |path, slot| {
+        out.push((
+            format!("{path}.weight"),
+            HostTensor::from_tensor(slot.base_weight()).transposed(),
+        ));
+        if let Some(b) = &slot.base.bias {
+            out.push((format!("{path}.bias"), HostTensor::from_tensor(b.val())));
+        }
+    });
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `peft merge` of a GGUF model: the adapter folded into the dequantised
+/// weights, written as a Hugging Face folder (`model.safetensors` of
+/// `dtype` and a `config.json` from the GGUF metadata). The tokenizer stays
+/// in the GGUF file.
+fn merge_gguf<B: Backend>(
+    gguf: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: MergeDtype,
+    device: &B::Device,
+) -> Result<Vec<String>> {
+    let base = Llama::<B>::from_gguf(gguf, device)?;
+    let before = llama_hf_tensors(&base);
+    let merged = merged_model(base, adapter)?;
+    let after = llama_hf_tensors(&merged);
+    let changed: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.1 != a.1)
+        .map(|(_, a)| a.0.clone())
+        .collect();
+    if changed.is_empty() {
+        return Err(PeftError::State(format!(
+            "merging {} changed no weight of {}",
+            adapter.display(),
+            gguf.display()
+        )));
+    }
+    let c = &merged.config;
+    let theta = c
+        .rope_theta
+        .or(c.rope_parameters.as_ref().map(|r| r.rope_theta))
+        .unwrap_or(10_000.0);
+    let context = peft_models::gguf::Gguf::open(gguf)?
+        .meta_u64("llama.context_length")
+        .unwrap_or(2048);
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.kv_heads(),
+        "head_dim": c.head_dim(),
+        "hidden_act": "silu",
+        "max_position_embeddings": context,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "torch_dtype": match dtype {
+            MergeDtype::F32 => "float32",
+            MergeDtype::F16 => "float16",
+            MergeDtype::Bf16 => "bfloat16",
+        },
+    });
+    std::fs::create_dir_all(out).map_err(|source| PeftError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_weights(&out.join("model.safetensors"), &after, dtype)?;
+    // The tokenizer lives in the GGUF metadata; the folder gets its own.
+    let tokenizer = Tokenizer::from_gguf(&peft_models::gguf::Gguf::open(gguf)?)?;
+    peft_core::io::write_atomic(&out.join("tokenizer.json"), tokenizer.to_json()?.as_bytes())?;
+    peft_core::io::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("a config serialises")
+            .as_bytes(),
+    )?;
+    Ok(changed)
+}
+
+/// [`merge`] into a Hugging Face folder: the merged linears replace their
+/// keys in the checkpoint's files; `transpose(path)` says which layers the
+/// file stores `[out, in]` (not GPT-2's Conv1D).
+fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
+    base: M,
+    t: &MergeTarget<'_>,
+    transpose: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
+    let merged = merged_model(base, t.adapter)?;
+    // The merged linears, under their checkpoint keys.
+    let mut updates = std::collections::HashMap::new();
+    merged.visit_linears(&mut |path, slot| {
+        let mut w = HostTensor::from_tensor(slot.base_weight());
+        if transpose(path) {
+            w = w.transposed();
+        }
+        updates.insert(format!("{path}.weight"), w);
+        if let Some(b) = &slot.base.bias {
+            updates.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
+        }
+    });
+    std::fs::create_dir_all(t.out).map_err(|source| PeftError::Io {
+        path: t.out.to_path_buf(),
+        source,
+    })?;
+    let mut changed = Vec::new();
+    let mut total_size = 0usize;
+    for name in t.files {
+        let file = t.model.join(name);
+        let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&file)?.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, tensor) in &mut tensors {
+            // Keys absent from the model (e.g. a head tied to the embeddings) stay.
+            let Some(new) = updates.get(key) else {
+                continue;
+            };
+            if new.shape != tensor.shape {
+                return Err(PeftError::Shape {
+                    name: key.clone(),
+                    expected: tensor.shape.clone(),
+                    found: new.shape.clone(),
+                });
+            }
+            if new != tensor {
+                changed.push(key.clone());
+                *tensor = new.clone();
+            }
+        }
+        total_size += write_weights(&t.out.join(name), &tensors, t.dtype)?;
+    }
+    if changed.is_empty() {
+        return Err(PeftError::State(format!(
+            "merging {} changed no tensor of {}: the adapter's module names do not match the checkpoint's keys",
+            t.adapter.display(),
+            t.model.display()
+        )));
+    }
+    if let Some(index) = t.index {
+        let mut index = index.clone();
+        index["metadata"]["total_size"] = json!(total_size);
+        peft_core::io::write_atomic(
+            &t.out.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)
+                .expect("an index serialises")
+                .as_bytes(),
+        )?;
+    }
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        if t.model.join(f).is_file() {
+            let bytes = std::fs::read(t.model.join(f)).map_err(|source| PeftError::Io {
+                path: t.model.join(f),
+                source,
+            })?;
+            peft_core::io::write_atomic(&t.out.join(f), &bytes)?;
+        }
+    }
+    changed.sort();
+    Ok(changed)
+}

@@ -1,0 +1,359 @@
+//! `peft train`: a model and a method from flags, fitted by the
+//! [`Trainer`](crate::train::Trainer) on labelled text (sequence
+//! classification) or plain text (causal LM).
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module, ModuleDisplay};
+use burn::tensor::backend::AutodiffBackend;
+use peft_core::{ParamCount, PeftError, Result};
+use peft_models::bert::Bert;
+use peft_models::gpt2::Gpt2;
+use peft_models::llama::Llama;
+use peft_models::seq_cls::ScoreHead;
+use peft_models::tokenizer::Tokenizer;
+use serde_json::json;
+
+use super::{quantized_params, write_json, Report, Task, TrainJob};
+use crate::data;
+pub use crate::tasks::Quantize;
+use crate::tasks::{self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method};
+use crate::train::{BatchLoss, RunDir, Trainer};
+
+/// Trains per `job` on backend `B`.
+pub fn train<B: AutodiffBackend>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report> {
+    job.train.validate()?;
+    let arch = tasks::arch_of(&job.model)?;
+    match (job.task, arch) {
+        (Task::SeqCls, Arch::Bert) => train_seq_cls::<B>(job, progress, device),
+        (Task::SeqCls, Arch::Llama) => train_seq_cls_decoder::<B, Llama<B>>(job, progress, device),
+        (Task::SeqCls, Arch::Gpt2) => train_seq_cls_decoder::<B, Gpt2<B>>(job, progress, device),
+        (Task::CausalLm, Arch::Llama) => train_causal::<B, Llama<B>>(job, progress, device),
+        (Task::CausalLm, Arch::Gpt2) => train_causal::<B, Gpt2<B>>(job, progress, device),
+        (Task::CausalLm, Arch::Bert) => Err(PeftError::Config(format!(
+            "causal-lm needs a decoder (Llama, GPT-2); {} is BERT",
+            job.model.display()
+        ))),
+    }
+}
+
+fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
+    let examples = data::read_labelled(&job.data, &job.text_column, &job.label_column)?;
+    let labels = data::label_set(&examples);
+    if labels.len() < 2 {
+        return Err(PeftError::Checkpoint {
+            path: job.data.clone(),
+            message: format!("one label only ({labels:?}): classification needs two or more"),
+        });
+    }
+    let ids = data::label_ids(&examples, &labels, &job.data)?;
+    let pairs: Vec<(String, usize)> = examples.into_iter().map(|e| e.text).zip(ids).collect();
+    let (mut train, held) = data::split(&pairs, job.held_out, job.train.seed);
+    if let Some(n) = job.max_train {
+        train.truncate(n);
+    }
+    let enc = |v: Vec<(String, usize)>| {
+        let (texts, labels) = v.into_iter().unzip();
+        Encoded { texts, labels }
+    };
+    Ok((labels, enc(train), enc(held)))
+}
+
+fn train_seq_cls<B: AutodiffBackend>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report> {
+    let device = device.clone();
+    B::seed(&device, job.train.seed);
+    let (labels, train, held) = seq_cls_data(job)?;
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let mut bert = Bert::<B>::load(&job.model, &device)?;
+    match job.quantize {
+        None => {}
+        Some(Quantize::Nf4) => {
+            peft_core::PeftModel::quantize_base_nf4(&mut bert)?;
+        }
+        Some(Quantize::Gguf) => {
+            return Err(PeftError::Config(
+                "--quantize gguf keeps a GGUF file's blocks; BERT loads from safetensors (use nf4)"
+                    .into(),
+            ))
+        }
+    }
+    let quantized_params = quantized_params(&bert);
+    let d = bert.config.hidden_size;
+    // A slot method trains PEFT's SEQ_CLS adapter: the model's own head
+    // (pooler and `classifier`), its copy in the adapter's
+    // `modules_to_save`. The others train a mean-pooled head of their own,
+    // kept in `head.safetensors`.
+    let (bert, head, method) = match job.method.for_seq_cls(&job.model) {
+        Some(method) => (bert.with_classifier(labels.len())?, None, method),
+        None => {
+            let head = match job.last() {
+                Some(last) => tasks::load_head::<B>(&last, d, labels.len(), &device)?,
+                None => tasks::new_head::<B>(d, labels.len(), &device),
+            };
+            (bert, Some(head), job.method.clone())
+        }
+    };
+    let data = (labels, train, held);
+    train_classifier(
+        job,
+        progress,
+        bert,
+        head,
+        &method,
+        data,
+        &tok,
+        quantized_params,
+    )
+}
+
+/// Sequence classification on a decoder (`*ForSequenceClassification`):
+/// its `score` head, the adapter's copy of it in `modules_to_save`, each
+/// row read at its last real token. Slot methods only: the others would
+/// leave the head untrained and unsaved.
+fn train_seq_cls_decoder<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: CausalModel<B> + ScoreHead<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+    Adapted<B, M>: Encoder<B>,
+    tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
+{
+    let device = device.clone();
+    B::seed(&device, job.train.seed);
+    let method = job.method.for_seq_cls(&job.model).ok_or_else(|| {
+        PeftError::Config(format!(
+            "seq-cls on a decoder trains a slot method (lora, dora, ia3, loha, lokr, oft), whose \
+             adapter keeps a copy of the `score` head; {} does not",
+            job.method.name()
+        ))
+    })?;
+    let (labels, train, held) = seq_cls_data(job)?;
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let base = M::load_quantized(&job.model, &device, job.quantize)?;
+    let quantized_params = quantized_params(&base);
+    let base = base.with_score(labels.len())?;
+    let data = (labels, train, held);
+    train_classifier(
+        job,
+        progress,
+        base,
+        None,
+        &method,
+        data,
+        &tok,
+        quantized_params,
+    )
+}
+
+/// The run of a seq-cls job once its model, head (`None`: the model's own)
+/// and method are set: the run folder with `labels.json` and
+/// `train_config.json`, the adapter attached, training, and every
+/// checkpoint with the adapter, its head and `labels.json`.
+#[allow(clippy::too_many_arguments)]
+fn train_classifier<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    model: M,
+    head: Option<burn::nn::Linear<B>>,
+    method: &Method,
+    (labels, train, held): (Vec<String>, Encoded, Encoded),
+    tok: &Tokenizer,
+    quantized_params: usize,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: peft_core::PeftModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: peft_core::PeftModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+    Adapted<B, M>: Encoder<B>,
+    tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
+{
+    let mut run = RunDir::create(&job.out, job.resume)?;
+    write_json(&job.out.join("labels.json"), &json!(labels))?;
+    write_json(
+        &job.out.join("train_config.json"),
+        &job.config_json(json!({"labels": labels})),
+    )?;
+    let labels_json = json!(labels);
+    let (encoder, count, save) =
+        tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
+    let report = fit_classifier(
+        Classifier { encoder, head },
+        count,
+        tok,
+        &train,
+        &held,
+        job,
+        &mut run,
+        progress,
+        move |m, dir| {
+            save(&m.encoder, dir)?;
+            write_json(&dir.join("labels.json"), &labels_json)
+        },
+    )?;
+    Ok(Report {
+        quantized_params,
+        ..report
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_classifier<B, E>(
+    model: Classifier<B, E>,
+    count: ParamCount,
+    tok: &Tokenizer,
+    train: &Encoded,
+    held: &Encoded,
+    job: &TrainJob,
+    run: &mut RunDir,
+    progress: &indicatif::ProgressBar,
+    save_encoder: impl Fn(&Classifier<B::InnerBackend, E::InnerModule>, &Path) -> Result<()>,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    E: Encoder<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    E::InnerModule: Encoder<B::InnerBackend> + ModuleDisplay,
+{
+    let head_params = model.head.as_ref().map_or(0, |h| h.num_params());
+    let params = ParamCount {
+        trainable: count.trainable + head_params,
+        all: count.all + head_params,
+    };
+    let before = tasks::accuracy(&model.valid(), tok, held)?;
+    let trainer = Trainer::new(
+        &model,
+        &job.train,
+        train.texts.len(),
+        run,
+        progress,
+        job.last().as_deref(),
+    )?;
+    let (_, out) = trainer.fit(
+        model,
+        |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
+        |m| tasks::accuracy(m, tok, held),
+        |m, dir| {
+            save_encoder(m, dir)?;
+            match &m.head {
+                Some(head) => tasks::save_head(head, dir),
+                None => Ok(()),
+            }
+        },
+    )?;
+    Ok(Report {
+        before,
+        after: out.best.unwrap_or(before),
+        params,
+        // The encoder's, filled in by the caller that loaded it.
+        quantized_params: 0,
+        steps: out.steps,
+        stopped_early: out.stopped_early,
+        best: tasks::best_dir(&job.out),
+        sizes: (train.texts.len(), held.texts.len()),
+    })
+}
+
+/// Token blocks of a text.
+type Blocks = Vec<Vec<u32>>;
+
+fn lm_blocks(job: &TrainJob, tok: &Tokenizer) -> Result<(Blocks, Blocks)> {
+    let text = data::read_text(&job.data)?;
+    let ids = tok.encode(&text)?;
+    let blocks = data::blocks(&ids, job.block_size);
+    if blocks.len() < 2 {
+        return Err(PeftError::Checkpoint {
+            path: job.data.clone(),
+            message: format!(
+                "{} tokens make fewer than two blocks of {}",
+                ids.len(),
+                job.block_size
+            ),
+        });
+    }
+    let (mut train, held) = data::split(&blocks, job.held_out, job.train.seed);
+    if let Some(n) = job.max_train {
+        train.truncate(n);
+    }
+    Ok((train, held))
+}
+
+fn train_causal<B, M>(
+    job: &TrainJob,
+    progress: &indicatif::ProgressBar,
+    device: &B::Device,
+) -> Result<Report>
+where
+    B: AutodiffBackend,
+    M: CausalModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
+{
+    let device = device.clone();
+    B::seed(&device, job.train.seed);
+    let tok = tasks::tokenizer_of(&job.model)?;
+    let (train, held) = lm_blocks(job, &tok)?;
+    let base = M::load_quantized(&job.model, &device, job.quantize)?;
+    let quantized_params = quantized_params(&base);
+    let mut run = RunDir::create(&job.out, job.resume)?;
+    write_json(
+        &job.out.join("train_config.json"),
+        &job.config_json(json!({})),
+    )?;
+    let inner_device = device.clone();
+    let (model, count, save) =
+        tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
+    let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
+    let trainer = Trainer::new(
+        &model,
+        &job.train,
+        train.len(),
+        &mut run,
+        progress,
+        job.last().as_deref(),
+    )?;
+    let (_, out) = trainer.fit(
+        model,
+        |m, idx| match (m, job.quantize) {
+            // QLoRA: one layer's weights dequantized at a time.
+            (Adapted::Slots(slots), Some(_)) => {
+                let model = &slots.model;
+                // The replica's own device (data-parallel replicas may sit
+                // on other GPUs than the model).
+                let device = tasks::device_of(model);
+                let ids = tasks::ids_batch::<B>(&train, idx, &device);
+                let seed = idx.iter().fold(job.train.seed, |h, &i| {
+                    peft_core::rng::SplitMix64(h ^ i as u64).next_u64()
+                });
+                let (value, grads) = model.causal_loss_by_layer(ids, seed);
+                Ok((
+                    BatchLoss::Differentiated { value, grads },
+                    idx.len() * train[0].len(),
+                ))
+            }
+            _ => tasks::lm_loss(m, &train, idx, &tasks::device_of(m))
+                .map(|(l, n)| (BatchLoss::Graph(l), n)),
+        },
+        |m| tasks::perplexity(m, &held, &inner_device),
+        |m, dir| save(m, dir),
+    )?;
+    Ok(Report {
+        before,
+        after: out.best.unwrap_or(before),
+        params: count,
+        quantized_params,
+        steps: out.steps,
+        stopped_early: out.stopped_early,
+        best: tasks::best_dir(&job.out),
+        sizes: (train.len(), held.len()),
+    })
+}

@@ -1,0 +1,319 @@
+//! A model with its method attached ([`Adapted`]: one variant per library
+//! wrapper), its forward passes, generation and causal-LM metrics, and
+//! how a run attaches a method to train or a saved folder to evaluate.
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use peft_adapter::{AdapterModel, BnConfig};
+use peft_core::generate::{CausalLm, Sampler};
+use peft_core::loss::causal_lm_loss_after_prompt;
+use peft_core::prompt_learning::PromptLearningConfig;
+use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
+use peft_core::{ModelInput, PeftError, PeftModel, Result};
+use peft_prefix::PrefixTuningModel;
+use peft_prompt::PromptTuningModel;
+
+use super::arch::CausalModel;
+use super::method::{Method, SlotConfig, Slots};
+use crate::train::Metric;
+
+/// A model with its method: the model carrying LoRA / (IA)³ adapters (or
+/// none) in its slots, the model with bottleneck adapters, or a frozen model
+/// after trainable virtual tokens.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Adapted<B: Backend, M: Module<B>> {
+    /// LoRA, DoRA, (IA)³, or no adapter.
+    Slots(Slots<B, M>),
+    /// Bottleneck adapters.
+    Adapters(AdapterModel<B, M>),
+    /// Prefixes before the frozen model (one trains).
+    Prefix(PrefixTuningModel<B, M>),
+    /// Soft prompts before the frozen model (one trains).
+    Prompt(PromptTuningModel<B, M>),
+}
+
+impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
+    /// Logits `[b, n + t, vocab]`, `n` = [`virtual_tokens`](Self::virtual_tokens)
+    /// (a soft prompt's positions come first; a prefix has none).
+    pub fn logits(&self, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>> {
+        match self {
+            Adapted::Slots(s) => Ok(s.model.run(ModelInput::ids(ids))),
+            Adapted::Adapters(a) => a.forward(ids, None),
+            Adapted::Prefix(p) => Ok(p.forward(ids, None)),
+            Adapted::Prompt(p) => Ok(p.forward(ids, None)),
+        }
+    }
+
+    /// Class logits `[b, labels]` of a decoder with a `score` head
+    /// (`LlamaForSequenceClassification`): each row's at its last token
+    /// that is not padding, after any virtual tokens.
+    pub fn classify(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        pad_token_id: Option<i64>,
+    ) -> Result<Tensor<B, 2>> {
+        self.classify_at(ids.clone(), ids, pad_token_id)
+    }
+
+    /// [`classify`](Self::classify) of a right-padded batch whose
+    /// `attention_mask` `[b, t]` marks the real tokens: each row is read at
+    /// its last one, whatever id the tokenizer padded with (transformers
+    /// reads the last token that is not `pad_token_id`: the same position
+    /// when the tokenizer pads with it).
+    pub fn classify_masked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>> {
+        // Real tokens as 1, padding as 0: with 0 as the padding id, the
+        // last non-padding token is the last real one.
+        let real = mask.greater_elem(0.5).int().reshape(ids.dims());
+        self.classify_at(ids, real, Some(0))
+    }
+
+    /// Class logits of `ids`, each row's at the last position of `marks`
+    /// `[b, t]` that is not `pad`.
+    fn classify_at(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        marks: Tensor<B, 2, Int>,
+        pad: Option<i64>,
+    ) -> Result<Tensor<B, 2>> {
+        let t = ids.dims()[1];
+        let logits = self.logits(ids)?.narrow(1, self.virtual_tokens(), t);
+        peft_models::seq_cls::last_token_logits(logits, marks, pad)
+    }
+
+    /// Virtual positions at the start of the logits (a soft prompt's).
+    pub fn virtual_tokens(&self) -> usize {
+        match self {
+            Adapted::Prefix(p) => p.num_virtual_tokens(),
+            Adapted::Prompt(p) => p.num_virtual_tokens(),
+            _ => 0,
+        }
+    }
+}
+
+impl<B: Backend, M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>> Adapted<B, M> {
+    /// Continues `prompt` (token ids) through the model's KV cache, with
+    /// the attached adapter.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        match self {
+            Adapted::Slots(s) => Ok(s.model.generate(prompt, max_new, sampler, eos, true)),
+            Adapted::Adapters(a) => a.generate_checked(prompt, max_new, sampler, eos),
+            Adapted::Prefix(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
+            Adapted::Prompt(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
+        }
+    }
+}
+
+pub fn ids_batch<B: Backend>(
+    blocks: &[Vec<u32>],
+    idx: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let len = blocks[0].len();
+    let flat: Vec<i64> = idx
+        .iter()
+        .flat_map(|&i| blocks[i].iter().map(|&t| t as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [idx.len(), len]), device)
+}
+
+/// Mean next-token loss of a batch of blocks, and its token count.
+pub fn lm_loss<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Adapted<B, M>,
+    blocks: &[Vec<u32>],
+    idx: &[usize],
+    device: &B::Device,
+) -> Result<(Tensor<B, 1>, usize)> {
+    let ids = ids_batch::<B>(blocks, idx, device);
+    let n = idx.len() * blocks[0].len();
+    let logits = model.logits(ids.clone())?;
+    Ok((
+        causal_lm_loss_after_prompt(logits, ids, model.virtual_tokens()),
+        n,
+    ))
+}
+
+/// Perplexity on `blocks` (the exponential of the mean next-token loss).
+pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
+    model: &Adapted<B, M>,
+    blocks: &[Vec<u32>],
+    device: &B::Device,
+) -> Result<Metric> {
+    let mut total = 0.0;
+    let all: Vec<usize> = (0..blocks.len()).collect();
+    for idx in all.chunks(8) {
+        let (l, _) = lm_loss(model, blocks, idx, device)?;
+        total += l.into_scalar().elem::<f64>() * idx.len() as f64;
+    }
+    let mean = total / blocks.len().max(1) as f64;
+    Ok(Metric {
+        name: "perplexity",
+        value: mean.exp(),
+        higher_is_better: false,
+    })
+}
+
+/// The inference copy of a model `M` being trained on `B`.
+pub type InnerAdapted<B, M> =
+    Adapted<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>;
+
+/// `model` with `method` attached as adapter `default` to train (fresh, or
+/// continued from the `last/` checkpoint `from`), its parameter count, and
+/// what writes the trained adapter of an inference copy into a folder in
+/// its method's own format.
+#[allow(clippy::type_complexity)]
+pub fn attach_to_train<B, M>(
+    model: M,
+    method: &Method,
+    from: Option<&Path>,
+) -> Result<(
+    Adapted<B, M>,
+    peft_core::ParamCount,
+    Saver<InnerAdapted<B, M>>,
+)>
+where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
+{
+    let lost = |what: &str| format!("a {} run lost its {what}", method.name());
+    Ok(match method {
+        Method::Adapter(c) => {
+            let a = bottleneck_to_train(model, c, from)?;
+            let count = a.param_count();
+            let lost = lost("adapters");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Adapters(a) => a.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Adapters(a), count, save)
+        }
+        Method::Prefix(c) => {
+            let p = virtual_to_train(model, c, from)?;
+            let count = p.param_count();
+            let lost = lost("prefix");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Prefix(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Prefix(p), count, save)
+        }
+        Method::Prompt(c) => {
+            let p = virtual_to_train(model, c, from)?;
+            let count = p.param_count();
+            let lost = lost("prompt");
+            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+                Adapted::Prompt(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
+                _ => Err(PeftError::State(lost.clone())),
+            });
+            (Adapted::Prompt(p), count, save)
+        }
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
+            let config = method
+                .slot_config()
+                .ok_or_else(|| PeftError::State(lost("config")))?;
+            slots_to_train(model, config, from, lost("slots"))?
+        }
+    })
+}
+
+/// [`attach_to_train`] for a slot method: `config` fresh, or the `last/`
+/// checkpoint `from`. The saver answers `lost` when handed another variant.
+#[allow(clippy::type_complexity)]
+fn slots_to_train<B, M>(
+    model: M,
+    config: SlotConfig,
+    from: Option<&Path>,
+    lost: String,
+) -> Result<(
+    Adapted<B, M>,
+    peft_core::ParamCount,
+    Saver<InnerAdapted<B, M>>,
+)>
+where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B> + Clone,
+    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
+{
+    let slots = match from {
+        Some(dir) => Slots::from_pretrained(model, dir)?,
+        None => Slots::new(model, config)?,
+    };
+    let count = slots.param_count();
+    let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
+        Adapted::Slots(s) => s.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
+        _ => Err(PeftError::State(lost.clone())),
+    });
+    Ok((Adapted::Slots(slots), count, save))
+}
+
+/// A bottleneck adapter `default` to train: fresh per `config`, or loaded
+/// from a `last/` checkpoint to continue.
+fn bottleneck_to_train<B: Backend, M: PeftModel<B>>(
+    model: M,
+    config: &BnConfig,
+    from: Option<&Path>,
+) -> Result<AdapterModel<B, M>> {
+    match from {
+        None => AdapterModel::new(model, peft_core::DEFAULT_ADAPTER, config.clone()),
+        Some(dir) => {
+            let mut a = AdapterModel::wrap(model);
+            a.load_adapter(dir, Some(peft_core::DEFAULT_ADAPTER))?;
+            a.train_adapter(peft_adapter::Setup::single(peft_core::DEFAULT_ADAPTER))?;
+            Ok(a)
+        }
+    }
+}
+
+/// A prefix / prompt `default` to train: fresh per `config`, or continued
+/// from a `last/` checkpoint (its full encoder when it kept one).
+fn virtual_to_train<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>>(
+    model: M,
+    config: &PromptLearningConfig,
+    from: Option<&Path>,
+) -> Result<VirtualTokenModel<B, M, E>> {
+    match from {
+        None => VirtualTokenModel::new(model, config.clone()),
+        Some(dir) => VirtualTokenModel::resume(model, dir),
+    }
+}
+
+/// `model` with the adapter folder `dir` attached (detected method), or
+/// plain without one: what `eval`, `forward` and `generate` run.
+pub fn load_adapted<B: Backend, M>(model: M, dir: Option<&Path>) -> Result<Adapted<B, M>>
+where
+    M: PeftModel<B> + Clone,
+{
+    let Some(dir) = dir else {
+        return Ok(Adapted::Slots(Slots::wrap(model)));
+    };
+    Ok(match Method::detect(dir)? {
+        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
+            Adapted::Slots(Slots::from_pretrained(model, dir)?)
+        }
+        Method::Adapter(_) => {
+            let mut a = AdapterModel::wrap(model);
+            let name = a.load_adapter(dir, None)?;
+            a.set_active(peft_adapter::Setup::single(&name))?;
+            Adapted::Adapters(a)
+        }
+        Method::Prefix(_) => Adapted::Prefix(PrefixTuningModel::from_pretrained(model, dir)?),
+        Method::Prompt(_) => Adapted::Prompt(PromptTuningModel::from_pretrained(model, dir)?),
+    })
+}
+
+/// Saves the adapter carried by a model into a folder.
+pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;

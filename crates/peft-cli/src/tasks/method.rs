@@ -1,0 +1,205 @@
+//! The methods `peft` trains and reads: [`Method`] (one variant per
+//! method, with PEFT's config), how a saved folder's method is detected, the
+//! slot methods' one wrapper ([`Slots`]) and the sequence-classification
+//! setup PEFT gives them; how `--quantize` keeps the base.
+
+use std::path::Path;
+
+use peft_adapter::{BnConfig, Ia3};
+use peft_core::io::read_safetensors;
+use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
+use peft_core::slot_method::OneOf;
+use peft_core::{Ia3Config, LoraConfig, PeftError, Result, SlotModel};
+use peft_lora::Lora;
+use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
+use peft_oft::{Oft, OftConfig};
+use serde_json::Value;
+
+/// How `peft train --quantize` keeps the frozen base (QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// The GGUF file's own blocks (Q4_1, Q8_0, ...): Llama from GGUF only.
+    Gguf,
+    /// NF4 with double quantization, for every adaptable linear layer.
+    Nf4,
+}
+
+impl Quantize {
+    /// The name used on the command line and in `train_config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Gguf => "gguf",
+            Quantize::Nf4 => "nf4",
+        }
+    }
+
+    /// The inverse of [`name`](Self::name).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "gguf" => Ok(Quantize::Gguf),
+            "nf4" => Ok(Quantize::Nf4),
+            other => Err(PeftError::Config(format!(
+                "quantize `{other}` is not known (gguf, nf4)"
+            ))),
+        }
+    }
+}
+
+/// A PEFT method with its config. (Built once per run: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Method {
+    /// LoRA / rsLoRA / DoRA (PEFT's `LoraConfig`).
+    Lora(LoraConfig),
+    /// (IA)³ (PEFT's `IA3Config`).
+    Ia3(Ia3Config),
+    /// LoHa (PEFT's `LoHaConfig`).
+    Loha(LohaConfig),
+    /// LoKr (PEFT's `LoKrConfig`).
+    Lokr(LokrConfig),
+    /// OFT (PEFT's `OFTConfig`).
+    Oft(OftConfig),
+    /// An AdapterHub bottleneck adapter.
+    Adapter(BnConfig),
+    /// Prefix tuning (causal LM).
+    Prefix(PromptLearningConfig),
+    /// Prompt tuning (causal LM).
+    Prompt(PromptLearningConfig),
+}
+
+impl Method {
+    /// The `--method` value that trains it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Lora(c) if c.use_dora => "dora",
+            Method::Lora(_) => "lora",
+            Method::Ia3(_) => "ia3",
+            Method::Loha(_) => "loha",
+            Method::Lokr(_) => "lokr",
+            Method::Oft(_) => "oft",
+            Method::Adapter(_) => "adapter",
+            Method::Prefix(_) => "prefix",
+            Method::Prompt(_) => "prompt",
+        }
+    }
+
+    /// The config as one of [`Slots`]' methods, for a method whose adapters
+    /// live in the model's linear slots.
+    pub fn slot_config(&self) -> Option<SlotConfig> {
+        Some(match self {
+            Method::Lora(c) => OneOf::First(c.clone()),
+            Method::Ia3(c) => OneOf::Second(OneOf::First(c.clone())),
+            Method::Loha(c) => OneOf::Second(OneOf::Second(OneOf::First(c.clone()))),
+            Method::Lokr(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::First(c.clone())))),
+            Method::Oft(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::Second(c.clone())))),
+            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => return None,
+        })
+    }
+
+    /// The method as PEFT sets it up for sequence classification
+    /// (`task_type: SEQ_CLS`; the heads `classifier` and `score` added to
+    /// `modules_to_save`, so the adapter trains and saves its own copy of
+    /// the head) over the base model at `base`; `None` for a method that
+    /// does not live in the model's slots (those keep a head of their own).
+    pub fn for_seq_cls(&self, base: &Path) -> Option<Method> {
+        let base = std::fs::canonicalize(base)
+            .unwrap_or_else(|_| base.to_path_buf())
+            .display()
+            .to_string();
+        macro_rules! seq_cls {
+            ($variant:ident, $c:expr) => {{
+                let mut c = $c.clone();
+                c.task_type = Some("SEQ_CLS".into());
+                let mut keep = c.modules_to_save.take().unwrap_or_default();
+                for head in SEQ_CLS_HEADS {
+                    if !keep.iter().any(|m| m == head) {
+                        keep.push(head.to_string());
+                    }
+                }
+                c.modules_to_save = Some(keep);
+                c.base_model_name_or_path = Some(base);
+                Some(Method::$variant(c))
+            }};
+        }
+        match self {
+            Method::Lora(c) => seq_cls!(Lora, c),
+            Method::Ia3(c) => seq_cls!(Ia3, c),
+            Method::Loha(c) => seq_cls!(Loha, c),
+            Method::Lokr(c) => seq_cls!(Lokr, c),
+            Method::Oft(c) => seq_cls!(Oft, c),
+            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => None,
+        }
+    }
+
+    /// Reads the method of a saved adapter folder: PEFT's
+    /// `adapter_config.json` (its `peft_type`) or AdapterHub's
+    /// (a `config` object).
+    pub fn detect(dir: &Path) -> Result<Method> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: path.clone(),
+            source,
+        })?;
+        match (v.get("peft_type").and_then(Value::as_str), v.get("config")) {
+            (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
+            (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
+            (Some("LOHA"), _) => Ok(Method::Loha(LohaConfig::from_json_str(&text, &path)?)),
+            (Some("LOKR"), _) => Ok(Method::Lokr(LokrConfig::from_json_str(&text, &path)?)),
+            (Some("OFT"), _) => Ok(Method::Oft(OftConfig::from_json_str(&text, &path)?)),
+            (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PrefixTuning],
+            )?)),
+            (Some("PROMPT_TUNING"), _) => Ok(Method::Prompt(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PromptTuning],
+            )?)),
+            (Some("P_TUNING"), _) => Ok(Method::Prompt(PromptLearningConfig::from_file(
+                &path,
+                &[PromptLearningType::PTuning],
+            )?)),
+            (None, Some(c)) => serde_json::from_value(c.clone())
+                .map(Method::Adapter)
+                .map_err(|source| PeftError::Json { path: path.clone(), source }),
+            (Some(other), _) => Err(PeftError::Config(format!(
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, LOKR, OFT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
+                path.display()
+            ))),
+            (None, None) => Err(PeftError::Config(format!(
+                "{}: neither a PEFT config (peft_type) nor an AdapterHub one (config)",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// The head modules PEFT's `PeftModelForSequenceClassification` adds to
+/// `modules_to_save` (BERT's is `classifier`, Llama's `score`).
+pub const SEQ_CLS_HEADS: [&str; 2] = ["classifier", "score"];
+
+/// The number of classes of the copy of head `head` (`classifier` for
+/// BERT, `score` for Llama) an adapter folder carries
+/// (`base_model.model.<head>.weight`, `[labels, d]`), if it has one.
+pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
+    let file = dir.join(peft_core::io::WEIGHTS_FILE);
+    if !file.is_file() {
+        return Ok(None);
+    }
+    let tensors = read_safetensors(&file)?;
+    let key = format!("{}{head}.weight", peft_core::io::KEY_PREFIX);
+    Ok(tensors.get(&key).and_then(|t| t.shape.first().copied()))
+}
+
+/// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
+/// (IA)³, LoHa, LoKr and OFT adapters live in the model's own linear slots. A
+/// new slot method is one more pair level here and in [`SlotConfig`], one
+/// `Method` variant and its arm in [`Method::slot_config`].
+pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, (Loha, (Lokr, Oft))))>;
+
+/// The config of one of [`Slots`]' methods.
+pub type SlotConfig =
+    OneOf<LoraConfig, OneOf<Ia3Config, OneOf<LohaConfig, OneOf<LokrConfig, OftConfig>>>>;
