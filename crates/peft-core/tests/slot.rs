@@ -815,8 +815,54 @@ fn dora_with_dropout_recomputes_its_base_term<B: AutodiffBackend>(device: &B::De
     );
 }
 
+/// Invariant 4 (activation-side LoRA): the forward pass computes
+/// `s·(x·A)·B` and never forms `ΔW = A·B`. With `A`'s two rows `±1e30` and
+/// `x = [1, 1]`, `x·A` is exactly 0, so the adapter adds 0; `ΔW` overflows
+/// to `±inf`, and `x·ΔW` is `inf − inf = NaN`. So a forward pass that
+/// formed `ΔW` (one adapter, or in a mixed batch) answers NaN, as the
+/// merged weight (which does hold `ΔW`) shows.
+fn lora_runs_on_the_activation_never_forming_the_delta<B: Backend>(device: &B::Device) {
+    let t2 = |v: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<B, 2>::from_data(TensorData::new(v, shape), device)
+    };
+    let mut slot = LinearSlot::from_weights(t2(vec![0.5, -0.25], [2, 1]), None);
+    for name in ["huge", "other"] {
+        let entry = LoraEntry::<B> {
+            a: Param::from_tensor(t2(vec![1e30, -1e30], [2, 1])),
+            b: Param::from_tensor(t2(vec![1e30], [1, 1])),
+            magnitude: None,
+            meta: LoraMeta {
+                name: name.into(),
+                rank: 1,
+                alpha: 2.0,
+                scaling: 2.0,
+                dropout: 0.0,
+                merged: false,
+                dora_merge_norm: None,
+            },
+        };
+        slot.add(entry, "layer").unwrap();
+    }
+    slot.set_active(&names(&["huge"]));
+    let x = || Tensor::<B, 3>::from_data(TensorData::new(vec![1f32; 4], [2, 1, 2]), device);
+    // The base alone: 0.5 − 0.25.
+    let base = vec![0.25f32, 0.25];
+    assert_eq!(host(slot.forward(x())), base, "one active adapter");
+    for rows in [["huge", BASE_ROW], ["huge", "other"]] {
+        let got = routing::with_row_adapters(&names(&rows), || host(slot.forward(x())));
+        assert_eq!(got, base, "mixed batch {rows:?}");
+    }
+    slot.merge("huge").unwrap();
+    let merged = host(slot.forward(x()));
+    assert!(
+        merged.iter().all(|v| v.is_nan()),
+        "the merged weight holds ΔW, so this case does tell: {merged:?}"
+    );
+}
+
 backend_tests!(
     a_slot_with_one_kind_of_entry_applies_it,
+    lora_runs_on_the_activation_never_forming_the_delta,
     removing_an_entry_keeps_the_others_active,
     entries_are_edited_through_their_names,
     a_quantized_base_computes_with_its_dequantized_weight
