@@ -44,7 +44,7 @@ pub fn epoch_suite<B: Backend>(o: &Opts, device: &B::Device) {
         model: model.clone(),
         data: data.clone(),
         task: Task::SeqCls,
-        method: Method::Lora(LoraConfig::new(8, 16.0, &["query", "value"])),
+        method: Method::slot(LoraConfig::new(8, 16.0, &["query", "value"])),
         out: dir.join("run"),
         train: TrainConfig {
             lr: 2e-3,

@@ -464,7 +464,7 @@ pub fn halted_run() -> &'static Path {
             model: fixtures_dir().join("gguf/tiny_llama.gguf"),
             data: text,
             task: peft_cli::jobs::Task::CausalLm,
-            method: peft_cli::tasks::Method::Lora(peft_core::LoraConfig::new(
+            method: peft_cli::tasks::Method::slot(peft_core::LoraConfig::new(
                 2,
                 4.0,
                 &["q_proj", "v_proj"],

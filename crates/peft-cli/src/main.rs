@@ -536,7 +536,7 @@ fn method_from(
             }
             c.use_dora |= matches!(method, MethodArg::Dora);
             c.validate()?;
-            Method::Lora(c)
+            Method::slot(c)
         }
         MethodArg::Ia3 => {
             let mut c = match &text {
@@ -549,15 +549,15 @@ fn method_from(
             if let Some(f) = flags.feedforward.as_deref() {
                 c.feedforward_modules = Some(names(f));
             }
-            Method::Ia3(c)
+            Method::slot(c)
         }
-        MethodArg::Loha => Method::Loha(lycoris_from(
+        MethodArg::Loha => Method::slot(lycoris_from(
             &text,
             &origin,
             flags,
             |c: &mut LohaConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
         )?),
-        MethodArg::Lokr => Method::Lokr(lycoris_from(
+        MethodArg::Lokr => Method::slot(lycoris_from(
             &text,
             &origin,
             flags,
@@ -575,7 +575,7 @@ fn method_from(
                 c.target_modules = Some(names(t));
             }
             c.validate()?;
-            Method::Oft(c)
+            Method::slot(c)
         }
         MethodArg::Prefix | MethodArg::Prompt => {
             let mut c = match (config, method) {

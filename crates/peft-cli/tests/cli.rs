@@ -104,7 +104,7 @@ fn a_short_run_writes_what_eval_reads_back() {
         minilm.clone(),
         data_file.clone(),
         dir.join("out"),
-        Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
+        Method::slot(LoraConfig::new(4, 8.0, &["query", "value"])),
         train.clone(),
     );
     let report =
@@ -188,10 +188,10 @@ fn a_short_run_writes_what_eval_reads_back() {
     let mut lstm = PromptLearningConfig::p_tuning(3, PromptEncoderType::Lstm, 8);
     lstm.encoder_dropout = Some(0.1);
     for (name, method) in [
-        ("ia3", Method::Ia3(Ia3Config::default())),
-        ("loha", Method::Loha(peft_lycoris::LohaConfig::default())),
-        ("lokr", Method::Lokr(peft_lycoris::LokrConfig::default())),
-        ("oft", Method::Oft(peft_oft::OftConfig::default())),
+        ("ia3", Method::slot(Ia3Config::default())),
+        ("loha", Method::slot(peft_lycoris::LohaConfig::default())),
+        ("lokr", Method::slot(peft_lycoris::LokrConfig::default())),
+        ("oft", Method::slot(peft_oft::OftConfig::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -286,7 +286,7 @@ fn a_nan_loss_stops_training_naming_the_step() {
         minilm,
         data_file,
         dir.join("out"),
-        Method::Lora(LoraConfig::new(4, 8.0, &["query", "value"])),
+        Method::slot(LoraConfig::new(4, 8.0, &["query", "value"])),
         train,
     );
     let err =
@@ -963,7 +963,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         minilm.clone(),
         data_file.clone(),
         dir.join("whole"),
-        Method::Lora(lora.clone()),
+        Method::slot(lora.clone()),
         train.clone(),
     );
     let a = jobs::train::<CpuTrainBackend>(
@@ -981,7 +981,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         minilm,
         data_file,
         dir.join("parts"),
-        Method::Lora(lora),
+        Method::slot(lora),
         halted,
     );
     let part = jobs::train::<CpuTrainBackend>(
@@ -1336,11 +1336,11 @@ fn causal_lm_runs_with_every_method() {
         peft_core::prompt_learning::PromptTuningInit::SampleVocab,
     );
     for method in [
-        Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])),
-        Method::Ia3(Ia3Config::default()),
-        Method::Loha(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
-        Method::Lokr(peft_lycoris::LokrConfig::new(2, 4.0, &["q_proj", "v_proj"])),
-        Method::Oft(peft_oft::OftConfig::new(32, &["q_proj", "v_proj"])),
+        Method::slot(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"])),
+        Method::slot(Ia3Config::default()),
+        Method::slot(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
+        Method::slot(peft_lycoris::LokrConfig::new(2, 4.0, &["q_proj", "v_proj"])),
+        Method::slot(peft_oft::OftConfig::new(32, &["q_proj", "v_proj"])),
         Method::Adapter(peft_adapter::BnConfig::seq_bn()),
         Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
         Method::Prompt(prompt.clone()),
@@ -1428,7 +1428,7 @@ fn quantized_base_runs_match_the_f32_run() {
         model: gguf.clone(),
         data: data_file.clone(),
         task: Task::CausalLm,
-        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])),
+        method: Method::slot(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "down_proj"])),
         out: dir.join(out),
         train: TrainConfig {
             batch: 1,
@@ -1510,7 +1510,7 @@ fn tiny_lora_job(
         model: peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf"),
         data: ishmael_file(dir),
         task: Task::CausalLm,
-        method: Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
+        method: Method::slot(LoraConfig::new(4, 8.0, &["q_proj", "v_proj", "up_proj"])),
         out: dir.join(out),
         train: TrainConfig {
             batch: 3,
@@ -1816,7 +1816,7 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
         lr: 1e-2,
         ..Default::default()
     };
-    let lora = Method::Lora(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]));
+    let lora = Method::slot(LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]));
     let out = dir.join("lora");
     let j = job(
         model.clone(),

@@ -126,7 +126,8 @@ pub struct LoraConfig {
     /// Per-module alpha overrides.
     #[serde(default)]
     pub alpha_pattern: IndexMap<String, f64>,
-    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
@@ -401,7 +402,8 @@ pub struct Ia3Config {
     /// The base layer stores its weight as `[in, out]` (GPT-2's `Conv1D`).
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Vectors start at ones (identity); `false` draws them from N(0, 1).

@@ -42,6 +42,17 @@ pub struct TargetSpec<'a> {
     pub modules_to_save: Option<&'a Vec<String>>,
 }
 
+/// The fields of an `adapter_config.json` that say which task the adapter
+/// is for and on which base (`AdapterConfig::for_seq_cls` sets them).
+pub struct TaskFields<'a> {
+    /// PEFT's `task_type` (`CAUSAL_LM`, `SEQ_CLS`, ...).
+    pub task_type: &'a mut Option<String>,
+    /// PEFT's `modules_to_save`.
+    pub modules_to_save: &'a mut Option<Vec<String>>,
+    /// The base model's name or path.
+    pub base_model_name_or_path: &'a mut Option<String>,
+}
+
 /// A slot method's `adapter_config.json`: the method gives its fields
 /// ([`target_spec`](Self::target_spec), [`extra`](Self::extra)) and checks
 /// ([`validate`](Self::validate)); reading, writing, default targets and
@@ -51,6 +62,8 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
     const PEFT_TYPE: &'static str;
     /// The method's name in messages (`"LoKr"`).
     const METHOD: &'static str;
+    /// The method's name on the command line (`peft train --method lokr`).
+    const NAME: &'static str;
     /// PEFT's default targets per model type.
     const DEFAULT_TARGETS: &'static [(&'static str, &'static [&'static str])] =
         LORA_DEFAULT_TARGETS;
@@ -60,6 +73,9 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
 
     /// `target_modules`, to fill with PEFT's defaults.
     fn target_modules_mut(&mut self) -> &mut Option<TargetModules>;
+
+    /// `task_type`, `modules_to_save` and `base_model_name_or_path`.
+    fn task_fields(&mut self) -> TaskFields<'_>;
 
     /// Keys of the file this version does not model.
     fn extra(&self) -> &Map<String, Value>;

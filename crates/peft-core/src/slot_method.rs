@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::marker::PhantomData;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -15,7 +16,7 @@ use burn::tensor::backend::Backend;
 use crate::config::{read_text, Ia3Config, LoraConfig};
 use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
-use crate::method_config::MethodConfig;
+use crate::method_config::{MethodConfig, TaskFields};
 use crate::slot::LinearSlot;
 use crate::target::{is_target, targets_match};
 
@@ -56,6 +57,32 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
     /// a trainable full copy of (a classifier head), saved beside its
     /// tensors.
     fn modules_to_save(&self) -> &[String];
+
+    /// The method's name as `peft train --method` and messages give it
+    /// (`lora`, `dora`, `ia3`, `loha`, `lokr`, `oft`).
+    fn method_name(&self) -> &'static str;
+
+    /// The `peft_type`s this config reads, for messages.
+    fn peft_types() -> Vec<&'static str>;
+
+    /// The fields that say which task the adapter is for and on which base.
+    fn task_fields(&mut self) -> TaskFields<'_>;
+
+    /// Sets the config up as PEFT's `get_peft_model` does for sequence
+    /// classification: `task_type: SEQ_CLS`, the model's `heads` added to
+    /// `modules_to_save` (so the adapter trains and saves its own copy of
+    /// the head), and the base model's name.
+    fn for_seq_cls(&mut self, base: &str, heads: &[&str]) {
+        let fields = self.task_fields();
+        *fields.task_type = Some("SEQ_CLS".into());
+        let keep = fields.modules_to_save.get_or_insert_with(Vec::new);
+        for head in heads {
+            if !keep.iter().any(|m| m == head) {
+                keep.push(head.to_string());
+            }
+        }
+        *fields.base_model_name_or_path = Some(base.to_string());
+    }
 }
 
 impl AdapterConfig for LoraConfig {
@@ -91,6 +118,26 @@ impl AdapterConfig for LoraConfig {
 
     fn modules_to_save(&self) -> &[String] {
         self.modules_to_save.as_deref().unwrap_or_default()
+    }
+
+    fn method_name(&self) -> &'static str {
+        if self.use_dora {
+            "dora"
+        } else {
+            "lora"
+        }
+    }
+
+    fn peft_types() -> Vec<&'static str> {
+        vec!["LORA"]
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        TaskFields {
+            task_type: &mut self.task_type,
+            modules_to_save: &mut self.modules_to_save,
+            base_model_name_or_path: &mut self.base_model_name_or_path,
+        }
     }
 }
 
@@ -134,6 +181,22 @@ impl AdapterConfig for Ia3Config {
     fn modules_to_save(&self) -> &[String] {
         self.modules_to_save.as_deref().unwrap_or_default()
     }
+
+    fn method_name(&self) -> &'static str {
+        "ia3"
+    }
+
+    fn peft_types() -> Vec<&'static str> {
+        vec!["IA3"]
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        TaskFields {
+            task_type: &mut self.task_type,
+            modules_to_save: &mut self.modules_to_save,
+            base_model_name_or_path: &mut self.base_model_name_or_path,
+        }
+    }
 }
 
 /// Every [`MethodConfig`] is an `adapter_config.json` a method reads and
@@ -165,6 +228,18 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
 
     fn modules_to_save(&self) -> &[String] {
         MethodConfig::modules_to_save(self)
+    }
+
+    fn method_name(&self) -> &'static str {
+        C::NAME
+    }
+
+    fn peft_types() -> Vec<&'static str> {
+        vec![C::PEFT_TYPE]
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        MethodConfig::task_fields(self)
     }
 }
 
@@ -279,6 +354,61 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
             OneOf::First(c) => c.modules_to_save(),
             OneOf::Second(c) => c.modules_to_save(),
         }
+    }
+
+    fn method_name(&self) -> &'static str {
+        match self {
+            OneOf::First(c) => c.method_name(),
+            OneOf::Second(c) => c.method_name(),
+        }
+    }
+
+    fn peft_types() -> Vec<&'static str> {
+        [C1::peft_types(), C2::peft_types()].concat()
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        match self {
+            OneOf::First(c) => c.task_fields(),
+            OneOf::Second(c) => c.task_fields(),
+        }
+    }
+}
+
+/// Where [`Pick`] places a config: this level's first.
+#[derive(Debug)]
+pub struct Here;
+/// Where [`Pick`] places a config: this level's second (the last level).
+#[derive(Debug)]
+pub struct Last;
+/// Where [`Pick`] places a config: `I` within this level's second.
+#[derive(Debug)]
+pub struct There<I>(PhantomData<I>);
+
+/// A config placed in a nested [`OneOf`] (`OneOf<A, OneOf<B, C>>`, the
+/// configs of a set of methods) by its type: `OneOf::pick(config)`, the
+/// position `I` inferred. So a list of methods is one type, and code that
+/// names a method's config needs no match over the list.
+pub trait Pick<C, I> {
+    /// `config` as the set's config.
+    fn pick(config: C) -> Self;
+}
+
+impl<C1, C2> Pick<C1, Here> for OneOf<C1, C2> {
+    fn pick(config: C1) -> Self {
+        OneOf::First(config)
+    }
+}
+
+impl<C1, C2> Pick<C2, Last> for OneOf<C1, C2> {
+    fn pick(config: C2) -> Self {
+        OneOf::Second(config)
+    }
+}
+
+impl<C1, C2: Pick<C, I>, C, I> Pick<C, There<I>> for OneOf<C1, C2> {
+    fn pick(config: C) -> Self {
+        OneOf::Second(C2::pick(config))
     }
 }
 

@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use indexmap::IndexMap;
 use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
 use peft_core::io::HostTensor;
-use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec};
+use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec, TaskFields};
 use peft_core::slot::{DeltaMeta, LohaEntry, LohaFactors};
 use peft_core::slot_method::Init;
 use peft_core::{LinearSlot, Result, SlotMethod, SlotModel};
@@ -91,7 +91,8 @@ pub struct LohaConfig {
     /// Per-module alpha overrides.
     #[serde(default)]
     pub alpha_pattern: IndexMap<String, f64>,
-    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
@@ -131,6 +132,7 @@ impl LohaConfig {
 impl MethodConfig for LohaConfig {
     const PEFT_TYPE: &'static str = "LOHA";
     const METHOD: &'static str = "LoHa";
+    const NAME: &'static str = "loha";
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {
@@ -144,6 +146,14 @@ impl MethodConfig for LohaConfig {
 
     fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
         &mut self.target_modules
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        TaskFields {
+            task_type: &mut self.task_type,
+            modules_to_save: &mut self.modules_to_save,
+            base_model_name_or_path: &mut self.base_model_name_or_path,
+        }
     }
 
     fn extra(&self) -> &Map<String, Value> {

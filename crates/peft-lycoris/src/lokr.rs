@@ -17,7 +17,7 @@ use burn::tensor::Tensor;
 use indexmap::IndexMap;
 use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
 use peft_core::io::HostTensor;
-use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec};
+use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec, TaskFields};
 use peft_core::slot::{DeltaMeta, LokrEntry, LokrFactors, LokrLayout};
 use peft_core::slot_method::Init;
 use peft_core::{LinearSlot, Result, SlotMethod, SlotModel};
@@ -129,7 +129,8 @@ pub struct LokrConfig {
     /// Per-module alpha overrides.
     #[serde(default)]
     pub alpha_pattern: IndexMap<String, f64>,
-    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
@@ -169,6 +170,7 @@ impl LokrConfig {
 impl MethodConfig for LokrConfig {
     const PEFT_TYPE: &'static str = "LOKR";
     const METHOD: &'static str = "LoKr";
+    const NAME: &'static str = "lokr";
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {
@@ -182,6 +184,14 @@ impl MethodConfig for LokrConfig {
 
     fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
         &mut self.target_modules
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        TaskFields {
+            task_type: &mut self.task_type,
+            modules_to_save: &mut self.modules_to_save,
+            base_model_name_or_path: &mut self.base_model_name_or_path,
+        }
     }
 
     fn extra(&self) -> &Map<String, Value> {

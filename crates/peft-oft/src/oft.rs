@@ -15,7 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
 use peft_core::io::{take_tensor, HostTensor};
-use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec};
+use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec, TaskFields};
 use peft_core::slot::{OftEntry, OftMeta};
 use peft_core::slot_method::Init;
 use peft_core::slot_model::KEY_PREFIX;
@@ -91,7 +91,8 @@ pub struct OftConfig {
     /// The name of the layer list in module paths, used with `layers_to_transform`.
     #[serde(default)]
     pub layers_pattern: Option<LayersPattern>,
-    /// Extra modules trained and saved in full (not supported yet: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Constrained OFT (refused: PEFT projects the parameter in place during
@@ -192,6 +193,7 @@ fn adjust_to_divisor(d_in: usize, value: usize) -> usize {
 impl MethodConfig for OftConfig {
     const PEFT_TYPE: &'static str = "OFT";
     const METHOD: &'static str = "OFT";
+    const NAME: &'static str = "oft";
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {
@@ -205,6 +207,14 @@ impl MethodConfig for OftConfig {
 
     fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
         &mut self.target_modules
+    }
+
+    fn task_fields(&mut self) -> TaskFields<'_> {
+        TaskFields {
+            task_type: &mut self.task_type,
+            modules_to_save: &mut self.modules_to_save,
+            base_model_name_or_path: &mut self.base_model_name_or_path,
+        }
     }
 
     fn extra(&self) -> &Map<String, Value> {

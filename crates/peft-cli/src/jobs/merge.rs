@@ -161,9 +161,7 @@ fn merged_model<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     adapter: &Path,
 ) -> Result<M> {
     match Method::detect(adapter)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
-            tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload()
-        }
+        Method::Slot(_) => tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload(),
         other => Err(PeftError::Config(format!(
             "{} adds modules or inputs; it cannot be merged into the base weights",
             other.name()

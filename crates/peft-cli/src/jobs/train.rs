@@ -186,8 +186,8 @@ where
         &job.config_json(json!({"labels": labels})),
     )?;
     let labels_json = json!(labels);
-    let (encoder, count, save) =
-        tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
+    let encoder = tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
+    let count = encoder.param_count();
     let report = fit_classifier(
         Classifier { encoder, head },
         count,
@@ -198,7 +198,7 @@ where
         &mut run,
         progress,
         move |m, dir| {
-            save(&m.encoder, dir)?;
+            m.encoder.save_trained(dir)?;
             write_json(&dir.join("labels.json"), &labels_json)
         },
     )?;
@@ -310,8 +310,8 @@ where
         &job.config_json(json!({})),
     )?;
     let inner_device = device.clone();
-    let (model, count, save) =
-        tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
+    let model = tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
+    let count = model.param_count();
     let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
     let trainer = Trainer::new(
         &model,
@@ -344,7 +344,7 @@ where
                 .map(|(l, n)| (BatchLoss::Graph(l), n)),
         },
         |m| tasks::perplexity(m, &held, &inner_device),
-        |m, dir| save(m, dir),
+        |m, dir| m.save_trained(dir),
     )?;
     Ok(Report {
         before,

@@ -12,12 +12,12 @@ use peft_core::generate::{CausalLm, Sampler};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
-use peft_core::{ModelInput, PeftError, PeftModel, Result};
+use peft_core::{ModelInput, ParamCount, PeftModel, Result};
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
 
 use super::arch::CausalModel;
-use super::method::{Method, SlotConfig, Slots};
+use super::method::{Method, Slots};
 use crate::train::Metric;
 
 /// A model with its method: the model carrying LoRA / (IA)³ adapters (or
@@ -170,94 +170,48 @@ pub fn perplexity<B: Backend, M: CausalModel<B> + Module<B>>(
 pub type InnerAdapted<B, M> =
     Adapted<<B as AutodiffBackend>::InnerBackend, <M as AutodiffModule<B>>::InnerModule>;
 
-/// `model` with `method` attached as adapter `default` to train (fresh, or
-/// continued from the `last/` checkpoint `from`), its parameter count, and
-/// what writes the trained adapter of an inference copy into a folder in
-/// its method's own format.
-#[allow(clippy::type_complexity)]
-pub fn attach_to_train<B, M>(
+/// `model` with `method` attached as adapter `default` to train: fresh, or
+/// continued from the `last/` checkpoint `from`.
+pub fn attach_to_train<B: Backend, M: PeftModel<B>>(
     model: M,
     method: &Method,
     from: Option<&Path>,
-) -> Result<(
-    Adapted<B, M>,
-    peft_core::ParamCount,
-    Saver<InnerAdapted<B, M>>,
-)>
-where
-    B: AutodiffBackend,
-    M: PeftModel<B> + AutodiffModule<B> + Clone,
-    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
-{
-    let lost = |what: &str| format!("a {} run lost its {what}", method.name());
+) -> Result<Adapted<B, M>> {
     Ok(match method {
-        Method::Adapter(c) => {
-            let a = bottleneck_to_train(model, c, from)?;
-            let count = a.param_count();
-            let lost = lost("adapters");
-            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-                Adapted::Adapters(a) => a.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
-                _ => Err(PeftError::State(lost.clone())),
-            });
-            (Adapted::Adapters(a), count, save)
-        }
-        Method::Prefix(c) => {
-            let p = virtual_to_train(model, c, from)?;
-            let count = p.param_count();
-            let lost = lost("prefix");
-            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-                Adapted::Prefix(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
-                _ => Err(PeftError::State(lost.clone())),
-            });
-            (Adapted::Prefix(p), count, save)
-        }
-        Method::Prompt(c) => {
-            let p = virtual_to_train(model, c, from)?;
-            let count = p.param_count();
-            let lost = lost("prompt");
-            let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-                Adapted::Prompt(p) => p.save_checkpoint(peft_core::DEFAULT_ADAPTER, dir),
-                _ => Err(PeftError::State(lost.clone())),
-            });
-            (Adapted::Prompt(p), count, save)
-        }
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
-            let config = method
-                .slot_config()
-                .ok_or_else(|| PeftError::State(lost("config")))?;
-            slots_to_train(model, config, from, lost("slots"))?
-        }
+        Method::Slot(config) => Adapted::Slots(match from {
+            Some(dir) => Slots::from_pretrained(model, dir)?,
+            None => Slots::new(model, config.clone())?,
+        }),
+        Method::Adapter(c) => Adapted::Adapters(bottleneck_to_train(model, c, from)?),
+        Method::Prefix(c) => Adapted::Prefix(virtual_to_train(model, c, from)?),
+        Method::Prompt(c) => Adapted::Prompt(virtual_to_train(model, c, from)?),
     })
 }
 
-/// [`attach_to_train`] for a slot method: `config` fresh, or the `last/`
-/// checkpoint `from`. The saver answers `lost` when handed another variant.
-#[allow(clippy::type_complexity)]
-fn slots_to_train<B, M>(
-    model: M,
-    config: SlotConfig,
-    from: Option<&Path>,
-    lost: String,
-) -> Result<(
-    Adapted<B, M>,
-    peft_core::ParamCount,
-    Saver<InnerAdapted<B, M>>,
-)>
-where
-    B: AutodiffBackend,
-    M: PeftModel<B> + AutodiffModule<B> + Clone,
-    M::InnerModule: PeftModel<B::InnerBackend> + Clone + 'static,
-{
-    let slots = match from {
-        Some(dir) => Slots::from_pretrained(model, dir)?,
-        None => Slots::new(model, config)?,
-    };
-    let count = slots.param_count();
-    let save: Saver<InnerAdapted<B, M>> = Box::new(move |m, dir| match m {
-        Adapted::Slots(s) => s.save_adapter(peft_core::DEFAULT_ADAPTER, dir),
-        _ => Err(PeftError::State(lost.clone())),
-    });
-    Ok((Adapted::Slots(slots), count, save))
+impl<B: Backend, M: PeftModel<B>> Adapted<B, M> {
+    /// Trainable (the active adapter's) and total parameters, as PEFT's
+    /// `get_nb_trainable_parameters` counts them.
+    pub fn param_count(&self) -> ParamCount {
+        match self {
+            Adapted::Slots(s) => s.param_count(),
+            Adapted::Adapters(a) => a.param_count(),
+            Adapted::Prefix(p) => p.param_count(),
+            Adapted::Prompt(p) => p.param_count(),
+        }
+    }
+
+    /// Writes the trained adapter `default` into `dir`, in its method's
+    /// own format (a prefix's or prompt's full encoder beside PEFT's files
+    /// when it has a reparameterisation, so that a run can continue).
+    pub fn save_trained(&self, dir: &Path) -> Result<()> {
+        let name = peft_core::DEFAULT_ADAPTER;
+        match self {
+            Adapted::Slots(s) => s.save_adapter(name, dir),
+            Adapted::Adapters(a) => a.save_adapter(name, dir),
+            Adapted::Prefix(p) => p.save_checkpoint(name, dir),
+            Adapted::Prompt(p) => p.save_checkpoint(name, dir),
+        }
+    }
 }
 
 /// A bottleneck adapter `default` to train: fresh per `config`, or loaded
@@ -301,9 +255,7 @@ where
         return Ok(Adapted::Slots(Slots::wrap(model)));
     };
     Ok(match Method::detect(dir)? {
-        Method::Lora(_) | Method::Ia3(_) | Method::Loha(_) | Method::Lokr(_) | Method::Oft(_) => {
-            Adapted::Slots(Slots::from_pretrained(model, dir)?)
-        }
+        Method::Slot(_) => Adapted::Slots(Slots::from_pretrained(model, dir)?),
         Method::Adapter(_) => {
             let mut a = AdapterModel::wrap(model);
             let name = a.load_adapter(dir, None)?;
@@ -314,6 +266,3 @@ where
         Method::Prompt(_) => Adapted::Prompt(PromptTuningModel::from_pretrained(model, dir)?),
     })
 }
-
-/// Saves the adapter carried by a model into a folder.
-pub type Saver<M> = Box<dyn Fn(&M, &Path) -> Result<()>>;

@@ -1,18 +1,19 @@
-//! The methods `peft` trains and reads: [`Method`] (one variant per
-//! method, with PEFT's config), how a saved folder's method is detected, the
-//! slot methods' one wrapper ([`Slots`]) and the sequence-classification
-//! setup PEFT gives them; how `--quantize` keeps the base.
+//! The methods `peft` trains and reads: [`Method`] (the slot methods as
+//! one variant over [`SlotKinds`], then bottleneck adapters, prefix and
+//! prompt, each with PEFT's config), how a saved folder's method is
+//! detected, and the sequence-classification setup PEFT gives them; how
+//! `--quantize` keeps the base.
 
 use std::path::Path;
 
 use peft_adapter::{BnConfig, Ia3};
 use peft_core::io::read_safetensors;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
-use peft_core::slot_method::OneOf;
-use peft_core::{Ia3Config, LoraConfig, PeftError, Result, SlotModel};
+use peft_core::slot_method::{AdapterConfig, Pick, SlotMethod};
+use peft_core::{PeftError, Result, SlotModel};
 use peft_lora::Lora;
-use peft_lycoris::{Loha, LohaConfig, Lokr, LokrConfig, MethodConfig};
-use peft_oft::{Oft, OftConfig};
+use peft_lycoris::{Loha, Lokr};
+use peft_oft::Oft;
 use serde_json::Value;
 
 /// How `peft train --quantize` keeps the frozen base (QLoRA).
@@ -49,16 +50,10 @@ impl Quantize {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Method {
-    /// LoRA / rsLoRA / DoRA (PEFT's `LoraConfig`).
-    Lora(LoraConfig),
-    /// (IA)³ (PEFT's `IA3Config`).
-    Ia3(Ia3Config),
-    /// LoHa (PEFT's `LoHaConfig`).
-    Loha(LohaConfig),
-    /// LoKr (PEFT's `LoKrConfig`).
-    Lokr(LokrConfig),
-    /// OFT (PEFT's `OFTConfig`).
-    Oft(OftConfig),
+    /// A method whose adapters live in the model's linear slots: LoRA
+    /// (rsLoRA, DoRA), (IA)³, LoHa, LoKr, OFT: one of [`SlotKinds`]'
+    /// configs. Make one with [`Method::slot`].
+    Slot(SlotConfig),
     /// An AdapterHub bottleneck adapter.
     Adapter(BnConfig),
     /// Prefix tuning (causal LM).
@@ -68,15 +63,18 @@ pub enum Method {
 }
 
 impl Method {
+    /// A slot method from its config (`Method::slot(LoraConfig::new(…))`).
+    pub fn slot<C, I>(config: C) -> Method
+    where
+        SlotConfig: Pick<C, I>,
+    {
+        Method::Slot(SlotConfig::pick(config))
+    }
+
     /// The `--method` value that trains it.
     pub fn name(&self) -> &'static str {
         match self {
-            Method::Lora(c) if c.use_dora => "dora",
-            Method::Lora(_) => "lora",
-            Method::Ia3(_) => "ia3",
-            Method::Loha(_) => "loha",
-            Method::Lokr(_) => "lokr",
-            Method::Oft(_) => "oft",
+            Method::Slot(c) => c.method_name(),
             Method::Adapter(_) => "adapter",
             Method::Prefix(_) => "prefix",
             Method::Prompt(_) => "prompt",
@@ -86,14 +84,10 @@ impl Method {
     /// The config as one of [`Slots`]' methods, for a method whose adapters
     /// live in the model's linear slots.
     pub fn slot_config(&self) -> Option<SlotConfig> {
-        Some(match self {
-            Method::Lora(c) => OneOf::First(c.clone()),
-            Method::Ia3(c) => OneOf::Second(OneOf::First(c.clone())),
-            Method::Loha(c) => OneOf::Second(OneOf::Second(OneOf::First(c.clone()))),
-            Method::Lokr(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::First(c.clone())))),
-            Method::Oft(c) => OneOf::Second(OneOf::Second(OneOf::Second(OneOf::Second(c.clone())))),
-            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => return None,
-        })
+        match self {
+            Method::Slot(c) => Some(c.clone()),
+            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => None,
+        }
     }
 
     /// The method as PEFT sets it up for sequence classification
@@ -106,29 +100,9 @@ impl Method {
             .unwrap_or_else(|_| base.to_path_buf())
             .display()
             .to_string();
-        macro_rules! seq_cls {
-            ($variant:ident, $c:expr) => {{
-                let mut c = $c.clone();
-                c.task_type = Some("SEQ_CLS".into());
-                let mut keep = c.modules_to_save.take().unwrap_or_default();
-                for head in SEQ_CLS_HEADS {
-                    if !keep.iter().any(|m| m == head) {
-                        keep.push(head.to_string());
-                    }
-                }
-                c.modules_to_save = Some(keep);
-                c.base_model_name_or_path = Some(base);
-                Some(Method::$variant(c))
-            }};
-        }
-        match self {
-            Method::Lora(c) => seq_cls!(Lora, c),
-            Method::Ia3(c) => seq_cls!(Ia3, c),
-            Method::Loha(c) => seq_cls!(Loha, c),
-            Method::Lokr(c) => seq_cls!(Lokr, c),
-            Method::Oft(c) => seq_cls!(Oft, c),
-            Method::Adapter(_) | Method::Prefix(_) | Method::Prompt(_) => None,
-        }
+        let mut config = self.slot_config()?;
+        config.for_seq_cls(&base, &SEQ_CLS_HEADS);
+        Some(Method::Slot(config))
     }
 
     /// Reads the method of a saved adapter folder: PEFT's
@@ -145,11 +119,7 @@ impl Method {
             source,
         })?;
         match (v.get("peft_type").and_then(Value::as_str), v.get("config")) {
-            (Some("LORA"), _) => Ok(Method::Lora(LoraConfig::from_json_str(&text, &path)?)),
-            (Some("IA3"), _) => Ok(Method::Ia3(Ia3Config::from_json_str(&text, &path)?)),
-            (Some("LOHA"), _) => Ok(Method::Loha(LohaConfig::from_json_str(&text, &path)?)),
-            (Some("LOKR"), _) => Ok(Method::Lokr(LokrConfig::from_json_str(&text, &path)?)),
-            (Some("OFT"), _) => Ok(Method::Oft(OftConfig::from_json_str(&text, &path)?)),
+            (Some(t), _) if SlotConfig::reads(Some(t)) => Ok(Method::Slot(SlotConfig::read(&path)?)),
             (Some("PREFIX_TUNING"), _) => Ok(Method::Prefix(PromptLearningConfig::from_file(
                 &path,
                 &[PromptLearningType::PrefixTuning],
@@ -166,8 +136,9 @@ impl Method {
                 .map(Method::Adapter)
                 .map_err(|source| PeftError::Json { path: path.clone(), source }),
             (Some(other), _) => Err(PeftError::Config(format!(
-                "{}: peft_type `{other}` cannot be trained or evaluated by this command (LORA, IA3, LOHA, LOKR, OFT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
-                path.display()
+                "{}: peft_type `{other}` cannot be trained or evaluated by this command ({}, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, AdapterHub bottleneck)",
+                path.display(),
+                SlotConfig::peft_types().join(", ")
             ))),
             (None, None) => Err(PeftError::Config(format!(
                 "{}: neither a PEFT config (peft_type) nor an AdapterHub one (config)",
@@ -195,11 +166,13 @@ pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
-/// (IA)³, LoHa, LoKr and OFT adapters live in the model's own linear slots. A
-/// new slot method is one more pair level here and in [`SlotConfig`], one
-/// `Method` variant and its arm in [`Method::slot_config`].
-pub type Slots<B, M> = SlotModel<B, M, (Lora, (Ia3, (Loha, (Lokr, Oft))))>;
+/// (IA)³, LoHa, LoKr and OFT adapters live in the model's own linear
+/// slots. A new slot method is one more pair level here; [`Method`],
+/// [`SlotConfig`], detection and the seq-cls setup follow from it.
+pub type SlotKinds = (Lora, (Ia3, (Loha, (Lokr, Oft))));
 
-/// The config of one of [`Slots`]' methods.
-pub type SlotConfig =
-    OneOf<LoraConfig, OneOf<Ia3Config, OneOf<LohaConfig, OneOf<LokrConfig, OftConfig>>>>;
+/// The model carrying adapters of any of [`SlotKinds`].
+pub type Slots<B, M> = SlotModel<B, M, SlotKinds>;
+
+/// The config of one of [`SlotKinds`]' methods.
+pub type SlotConfig = <SlotKinds as SlotMethod>::Config;
