@@ -13,6 +13,7 @@ use peft_core::io::{
     ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
 };
 use peft_core::model::{device_of, InsertionPoint};
+use peft_core::named::NamedModules;
 use peft_core::{ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, Tokens};
 use serde_json::{json, Value};
 
@@ -38,33 +39,20 @@ const POINTS: [InsertionPoint; 2] = [
 /// optimizer steps (`set = optim.step(lr, set, grads)`).
 #[derive(Module, Debug)]
 pub struct AdapterSet<B: Backend> {
-    /// Adapters, in the order added.
-    pub adapters: Vec<BottleneckAdapter<B>>,
-    /// Fusions, in the order added.
-    pub fusions: Vec<Fusion<B>>,
-    /// Adapter names (parallel to `adapters`).
-    #[module(skip)]
-    pub names: Vec<String>,
-    /// Adapter configs (parallel to `adapters`).
-    #[module(skip)]
-    pub configs: Vec<BnConfig>,
-    /// Fusion names, AdapterHub's `a,b` (parallel to `fusions`).
-    #[module(skip)]
-    pub fusion_names: Vec<String>,
-    /// Fusion configs (parallel to `fusions`).
-    #[module(skip)]
-    pub fusion_configs: Vec<FusionConfig>,
+    /// Adapters by name, with their configs, in the order added.
+    pub adapters: NamedModules<B, BottleneckAdapter<B>, BnConfig>,
+    /// Fusions by AdapterHub's name (`a,b`), with their configs, in the
+    /// order added.
+    pub fusions: NamedModules<B, Fusion<B>, FusionConfig>,
 }
 
 impl<B: Backend> Lookup<B> for AdapterSet<B> {
     fn adapter(&self, name: &str) -> Option<&BottleneckAdapter<B>> {
-        let i = self.names.iter().position(|n| n == name)?;
-        self.adapters.get(i)
+        self.adapters.get(name).ok().map(|(a, _)| a)
     }
 
     fn fusion(&self, name: &str) -> Option<(&Fusion<B>, &FusionConfig)> {
-        let i = self.fusion_names.iter().position(|n| n == name)?;
-        Some((&self.fusions[i], &self.fusion_configs[i]))
+        self.fusions.get(name).ok()
     }
 }
 
@@ -102,12 +90,8 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         AdapterModel {
             model: model.no_grad(),
             set: AdapterSet {
-                adapters: Vec::new(),
-                fusions: Vec::new(),
-                names: Vec::new(),
-                configs: Vec::new(),
-                fusion_names: Vec::new(),
-                fusion_configs: Vec::new(),
+                adapters: NamedModules::new(),
+                fusions: NamedModules::new(),
             },
             setup: None,
             trainable_adapters: Vec::new(),
@@ -129,7 +113,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     /// or [`train_adapter`](Self::train_adapter).
     pub fn add_adapter(&mut self, name: &str, config: BnConfig) -> Result<()> {
         config.validate()?;
-        if self.set.names.iter().any(|n| n == name) {
+        if self.set.adapters.index_of(name).is_some() {
             return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
         if name.contains(',') || name.contains('.') || name.is_empty() {
@@ -169,10 +153,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
                 }
             }
         }
-        self.set.adapters.push(adapter);
-        self.set.names.push(name.to_string());
-        self.set.configs.push(config);
-        Ok(())
+        self.set.adapters.insert(name, adapter, config)
     }
 
     /// Adds a fusion layer over `names` (AdapterHub's `add_adapter_fusion`)
@@ -189,7 +170,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             .map(|n| self.config(n))
             .collect::<Result<_>>()?;
         let name = names.join(",");
-        if self.set.fusion_names.contains(&name) {
+        if self.set.fusions.index_of(&name).is_some() {
             return Err(PeftError::DuplicateAdapter(name));
         }
         let device = device_of(&self.model);
@@ -210,40 +191,31 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
                 .map(|_| on.then(|| FusionLayer::init(&config, d, &device).no_grad()))
                 .collect()
         };
-        self.set.fusions.push(Fusion {
+        let fusion = Fusion {
             attention: layer(mh),
             output: layer(out),
-        });
-        self.set.fusion_names.push(name.clone());
-        self.set.fusion_configs.push(config);
+        };
+        self.set.fusions.insert(&name, fusion, config)?;
         Ok(name)
     }
 
     /// Names of the adapters, in the order added.
-    pub fn adapter_names(&self) -> &[String] {
-        &self.set.names
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.set.adapters.names()
     }
 
     /// Names of the fusions.
-    pub fn fusion_names(&self) -> &[String] {
-        &self.set.fusion_names
+    pub fn fusion_names(&self) -> Vec<String> {
+        self.set.fusions.names()
     }
 
     /// The config of adapter `name`.
     pub fn config(&self, name: &str) -> Result<&BnConfig> {
-        let i = self.index(name)?;
-        Ok(&self.set.configs[i])
+        Ok(self.set.adapters.get(name)?.1)
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.set
-            .names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| PeftError::UnknownAdapter {
-                name: name.to_string(),
-                available: self.set.names.clone(),
-            })
+        self.set.adapters.find(name)
     }
 
     fn check_setup(&self, setup: &Setup) -> Result<()> {
@@ -251,7 +223,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             self.index(leaf)?;
         }
         setup.parallel_channels()?;
-        check_fusions(setup, &self.set.fusion_names)
+        check_fusions(setup, &self.set.fusions.names())
     }
 
     /// The active setup (`None`: the plain model).
@@ -294,7 +266,10 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         }
         for name in &fusions {
             let i = self.fusion_index(name)?;
-            if let Some(p) = self.set.fusion_configs[i]
+            if let Some(p) = self
+                .set
+                .fusions
+                .config(i)
                 .dropout_prob
                 .filter(|&p| p != 0.0)
             {
@@ -315,14 +290,8 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     /// `get_fusion_regularization_loss()`.
     pub fn fusion_regularization_loss(&self) -> Option<Tensor<B, 1>> {
         let mut total: Option<Tensor<B, 1>> = None;
-        for ((fusion, name), config) in self
-            .set
-            .fusions
-            .iter()
-            .zip(&self.set.fusion_names)
-            .zip(&self.set.fusion_configs)
-        {
-            if !config.regularization || !self.trainable_fusions.contains(name) {
+        for (name, fusion, config) in self.set.fusions.iter() {
+            if !config.regularization || !self.trainable_fusions.iter().any(|f| f == name) {
                 continue;
             }
             let layers = fusion.attention.iter().chain(&fusion.output).flatten();
@@ -341,37 +310,24 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     }
 
     fn set_trainable(&mut self, adapters: &[String], fusions: &[String]) {
-        let set = std::mem::take(&mut self.set.adapters);
-        self.set.adapters = set
-            .into_iter()
-            .zip(&self.set.names)
-            .map(|(a, n)| a.map(&mut RequireGrad(adapters.contains(n))))
-            .collect();
-        let set = std::mem::take(&mut self.set.fusions);
-        self.set.fusions = set
-            .into_iter()
-            .zip(&self.set.fusion_names)
-            .map(|(f, n)| f.map(&mut RequireGrad(fusions.contains(n))))
-            .collect();
+        let trains = |names: &[String], n: &str| RequireGrad(names.iter().any(|t| t == n));
+        self.set
+            .adapters
+            .map_modules(|n, a| a.map(&mut trains(adapters, n)));
+        self.set
+            .fusions
+            .map_modules(|n, f| f.map(&mut trains(fusions, n)));
         self.trainable_adapters = adapters.to_vec();
         self.trainable_fusions = fusions.to_vec();
     }
 
     /// Removes adapter `name` (and every fusion that uses it).
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        let i = self.index(name)?;
-        self.set.adapters.remove(i);
-        self.set.names.remove(i);
-        self.set.configs.remove(i);
-        while let Some(f) = self
-            .set
-            .fusion_names
-            .iter()
-            .position(|f| f.split(',').any(|n| n == name))
-        {
-            self.set.fusions.remove(f);
-            self.set.fusion_names.remove(f);
-            self.set.fusion_configs.remove(f);
+        self.set.adapters.remove(name)?;
+        for fusion in self.set.fusions.names() {
+            if fusion.split(',').any(|n| n == name) {
+                self.set.fusions.remove(&fusion)?;
+            }
         }
         if self
             .setup
@@ -413,21 +369,20 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
 
     /// Trainable (the adapters / fusions being trained) and all parameters.
     pub fn param_count(&self) -> ParamCount {
+        let trained = |names: &[String], n: &str| names.iter().any(|t| t == n);
         let adapters: usize = self
             .set
             .adapters
             .iter()
-            .zip(&self.set.names)
-            .filter(|(_, n)| self.trainable_adapters.contains(n))
-            .map(|(a, _)| a.num_params())
+            .filter(|(n, _, _)| trained(&self.trainable_adapters, n))
+            .map(|(_, a, _)| a.num_params())
             .sum();
         let fusions: usize = self
             .set
             .fusions
             .iter()
-            .zip(&self.set.fusion_names)
-            .filter(|(_, n)| self.trainable_fusions.contains(n))
-            .map(|(f, _)| f.num_params())
+            .filter(|(n, _, _)| trained(&self.trainable_fusions, n))
+            .map(|(_, f, _)| f.num_params())
             .sum();
         ParamCount {
             trainable: adapters + fusions,
@@ -438,7 +393,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     /// The tensors of adapter `name` under AdapterHub's keys and PyTorch's
     /// layouts (`<site>.adapters.<name>.adapter_down.0.weight: [m, d]`, ...).
     pub fn adapter_tensors(&self, name: &str) -> Result<Vec<(String, HostTensor)>> {
-        let adapter = &self.set.adapters[self.index(name)?];
+        let adapter = self.set.adapters.module(self.index(name)?);
         let mut out = Vec::new();
         for layer in 0..self.model.dims().layers {
             for point in POINTS {
@@ -524,7 +479,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             .flat_map(|l| POINTS.map(|p| (p, l, self.model.hook_path(p, l))))
             .collect();
         for (point, layer, path) in paths {
-            let Some(Some(b)) = self.set.adapters[i].site_mut(point, layer) else {
+            let Some(Some(b)) = self.set.adapters.module_mut(i).site_mut(point, layer) else {
                 continue;
             };
             let key = format!("{path}.adapters.{saved}");
@@ -555,7 +510,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     /// Writes fusion `name` (`a,b`) as AdapterHub's `save_adapter_fusion`.
     pub fn save_fusion(&self, name: &str, dir: &Path) -> Result<()> {
         let i = self.fusion_index(name)?;
-        let fusion = &self.set.fusions[i];
+        let fusion = self.set.fusions.module(i);
         let mut tensors = Vec::new();
         for layer in 0..self.model.dims().layers {
             for point in POINTS {
@@ -579,7 +534,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         )?;
         let meta = json!({
             "adapter_names": name.split(',').collect::<Vec<_>>(),
-            "config": self.set.fusion_configs[i],
+            "config": self.set.fusions.config(i),
             "hidden_size": self.model.dims().d_model,
             "model_type": self.model.model_type(),
             "name": name,
@@ -590,14 +545,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     }
 
     fn fusion_index(&self, name: &str) -> Result<usize> {
-        self.set
-            .fusion_names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| PeftError::UnknownAdapter {
-                name: name.to_string(),
-                available: self.set.fusion_names.clone(),
-            })
+        self.set.fusions.find(name)
     }
 
     /// Loads an AdapterHub fusion folder; its adapters must be loaded first.
@@ -631,8 +579,8 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
                     self.model.hook_path(point, layer)
                 );
                 let sites = match point {
-                    InsertionPoint::AfterAttention => &mut self.set.fusions[i].attention,
-                    InsertionPoint::AfterFeedForward => &mut self.set.fusions[i].output,
+                    InsertionPoint::AfterAttention => &mut self.set.fusions.module_mut(i).attention,
+                    InsertionPoint::AfterFeedForward => &mut self.set.fusions.module_mut(i).output,
                 };
                 let Some(Some(f)) = sites.get_mut(layer) else {
                     continue;
@@ -656,9 +604,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         }
         let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
-            self.set.fusions.remove(i);
-            self.set.fusion_names.remove(i);
-            self.set.fusion_configs.remove(i);
+            self.set.fusions.remove(&name)?;
         }
         outcome.map(|()| name)
     }

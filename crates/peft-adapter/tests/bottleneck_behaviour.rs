@@ -47,7 +47,7 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
     // Per layer: down 16·4 + 4, up 4·16 + 16.
     assert_eq!(model.param_count().trainable, 2 * (68 + 80));
     let base_before = model.model.clone();
-    let other_before = model.set.adapters[1].clone();
+    let other_before = model.set.adapters.module(1).clone();
     let ids = FixtureCase::open("bert", "bn_seq").ints::<B, 2>("input_ids", d);
     let mut optim = AdamWConfig::new().init();
     let mut losses = Vec::new();
@@ -63,12 +63,12 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
                 "base got gradients"
             );
             assert_eq!(
-                params_with_grad(&model.set.adapters[1], &grads),
+                params_with_grad(model.set.adapters.module(1), &grads),
                 0,
                 "inactive adapter"
             );
             assert_eq!(
-                params_with_grad(&model.set.adapters[0], &grads),
+                params_with_grad(model.set.adapters.module(0), &grads),
                 8,
                 "2 layers × 4"
             );
@@ -97,7 +97,7 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
     let down = |a: &peft_adapter::BottleneckAdapter<B>| {
         HostTensor::from_tensor(a.output[0].as_ref().unwrap().down.weight.val())
     };
-    assert_eq!(down(&model.set.adapters[1]), down(&other_before));
+    assert_eq!(down(model.set.adapters.module(1)), down(&other_before));
 }
 
 /// Fusion training: gradients reach the fusion layers only.
@@ -115,10 +115,10 @@ fn fusion_training_touches_only_the_fusion<B: AutodiffBackend>(d: &B::Device) {
     let ids = c.ints::<B, 2>("input_ids", d);
     let h = model.forward(ids, None).unwrap();
     let grads = cross_entropy(model.model.classify_hidden(h).unwrap(), labels(d)).backward();
-    assert_eq!(params_with_grad(&model.set.adapters[0], &grads), 0);
-    assert_eq!(params_with_grad(&model.set.adapters[1], &grads), 0);
+    assert_eq!(params_with_grad(model.set.adapters.module(0), &grads), 0);
+    assert_eq!(params_with_grad(model.set.adapters.module(1), &grads), 0);
     // 2 layers × (query w+b, key w+b, value w) at the output join.
-    assert_eq!(params_with_grad(&model.set.fusions[0], &grads), 10);
+    assert_eq!(params_with_grad(model.set.fusions.module(0), &grads), 10);
 }
 
 autodiff_backend_tests!(
@@ -319,7 +319,7 @@ fn config_fields_are_honoured_or_refused<B: Backend>(d: &B::Device) {
     }
     let down = |i: usize| {
         HostTensor::from_tensor(
-            model.set.adapters[i].output[0]
+            model.set.adapters.module(i).output[0]
                 .as_ref()
                 .unwrap()
                 .down
@@ -350,7 +350,7 @@ fn config_fields_are_honoured_or_refused<B: Backend>(d: &B::Device) {
         .unwrap()
         .into_scalar()
         .elem();
-    let fusion = &model.set.fusions[0];
+    let fusion = model.set.fusions.module(0);
     let want: f64 = fusion
         .attention
         .iter()

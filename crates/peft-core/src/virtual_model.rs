@@ -22,7 +22,7 @@ use crate::input::{ModelDims, ModelInput, Tokens};
 use crate::io::{adapter_dir, adapter_subdirs, HostTensor};
 use crate::kv::KvCache;
 use crate::model::{device_of, PeftModel};
-use crate::named::NamedAdapters;
+use crate::named::NamedModules;
 use crate::prompt_learning::{
     load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, VirtualTokenEncoder,
 };
@@ -127,12 +127,14 @@ pub fn run_after<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>>(
 pub struct VirtualTokenModel<B: Backend, M, E> {
     /// The frozen model.
     pub model: M,
-    /// Each adapter's encoder, in the order of `adapters`.
-    encoders: Vec<E>,
-    /// Each adapter's config (model fields filled), by name, with the
-    /// activation; entry `i` is `encoders[i]`'s.
+    /// Each adapter's encoder with its config (model fields filled).
+    adapters: NamedModules<B, E, PromptLearningConfig>,
+    /// The active adapter.
     #[module(skip)]
-    adapters: NamedAdapters<PromptLearningConfig>,
+    active: Option<String>,
+    /// Whether the plain model runs, the active adapter kept.
+    #[module(skip)]
+    disabled: bool,
     _backend: PhantomData<B>,
 }
 
@@ -148,8 +150,9 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     pub fn wrap(model: M) -> Self {
         VirtualTokenModel {
             model: model.no_grad(),
-            encoders: Vec::new(),
-            adapters: NamedAdapters::default(),
+            adapters: NamedModules::new(),
+            active: None,
+            disabled: false,
             _backend: PhantomData,
         }
     }
@@ -163,8 +166,8 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
         let config = E::fit_config(config, &self.model.dims())?;
         let encoder = E::fresh(&config, &self.model)?;
-        self.push(name, config, encoder)?;
-        self.adapters.set_active(name)
+        self.adapters.insert(name, encoder, config)?;
+        self.set_adapter(name)
     }
 
     /// Adds adapter `name` started from `text_ids` (prefix: the text's own
@@ -184,41 +187,37 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
             ));
         }
         let encoder = E::from_text(&config, &self.model, text_ids)?;
-        self.push(name, config, encoder)?;
-        self.adapters.set_active(name)
+        self.adapters.insert(name, encoder, config)?;
+        self.set_adapter(name)
     }
 
     /// Adds `encoder` (trained elsewhere, e.g. a checkpoint's full
     /// encoder) as adapter `name` per `config` and makes it active.
     pub fn insert(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
         let config = E::fit_config(config, &self.model.dims())?;
-        self.push(name, config, encoder)?;
-        self.adapters.set_active(name)
-    }
-
-    /// Adds `name` (config fitted) at the end of both lists.
-    fn push(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
-        self.adapters.insert(name, config)?;
-        self.encoders.push(encoder);
-        Ok(())
+        self.adapters.insert(name, encoder, config)?;
+        self.set_adapter(name)
     }
 
     /// Makes `name` the active adapter.
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
-        self.adapters.set_active(name)
+        self.adapters.find(name)?;
+        self.active = Some(name.to_string());
+        Ok(())
     }
 
     /// Removes adapter `name`.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
-        let i = self.adapters.index_of(name)?;
         self.adapters.remove(name)?;
-        self.encoders.remove(i);
+        if self.active.as_deref() == Some(name) {
+            self.active = None;
+        }
         Ok(())
     }
 
     /// The active adapter's name.
     pub fn active_adapter(&self) -> Option<&str> {
-        self.adapters.active().map(|(n, _)| n)
+        self.active.as_deref()
     }
 
     /// Every adapter's name, in insertion order.
@@ -228,36 +227,38 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// The config of adapter `name` (model fields filled).
     pub fn config(&self, name: &str) -> Result<&PromptLearningConfig> {
-        self.adapters.get(name)
+        Ok(self.adapters.get(name)?.1)
     }
 
     /// The encoder of adapter `name`.
     pub fn encoder(&self, name: &str) -> Result<&E> {
-        Ok(&self.encoders[self.adapters.index_of(name)?])
+        Ok(self.adapters.get(name)?.0)
     }
 
     /// Replaces the encoder of `name` by `f(encoder)`: an optimizer step,
     /// `map_encoder(name, |e| optim.step(lr, e, grads))`.
     pub fn map_encoder(&mut self, name: &str, f: impl FnOnce(E) -> E) -> Result<()> {
-        let i = self.adapters.index_of(name)?;
-        self.encoders[i] = f(self.encoders[i].clone());
+        let i = self.adapters.find(name)?;
+        self.adapters.map_module(i, f);
         Ok(())
     }
 
     /// Runs the plain model until [`enable`](Self::enable).
     pub fn disable(&mut self) {
-        self.adapters.disable();
+        self.disabled = true;
     }
 
     /// Undoes [`disable`](Self::disable).
     pub fn enable(&mut self) {
-        self.adapters.enable();
+        self.disabled = false;
     }
 
     /// The active encoder unless disabled.
     fn running(&self) -> Option<&E> {
-        let (name, _) = self.adapters.running()?;
-        self.encoder(name).ok()
+        if self.disabled {
+            return None;
+        }
+        self.encoder(self.active.as_deref()?).ok()
     }
 
     /// Positions the next [`forward`](Self::forward) adds at the front of
@@ -397,9 +398,9 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         let mut config = E::fit_config(config, &self.model.dims())?;
         config.inference_mode = true;
         let encoder = E::from_embeddings(&config, &embeddings, &self.device())?;
-        self.push(name, config, encoder)?;
+        self.adapters.insert(name, encoder, config)?;
         if self.active_adapter().is_none() {
-            self.adapters.set_active(name)?;
+            self.set_adapter(name)?;
         }
         Ok(())
     }
@@ -422,7 +423,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         let mut config = E::fit_config(config, &this.model.dims())?;
         config.inference_mode = true;
         let encoder = E::load_to_train(dir, &config, &this.device())?;
-        this.push(DEFAULT_ADAPTER, config, encoder)?;
+        this.adapters.insert(DEFAULT_ADAPTER, encoder, config)?;
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
     }
