@@ -14,7 +14,9 @@ pub fn graph(src: &Path) -> std::io::Result<BTreeMap<String, BTreeSet<String>>> 
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut pending = vec![src.to_path_buf()];
     while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir)? {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        for entry in entries {
             let path = entry?.path();
             if path.is_dir() {
                 pending.push(path);
@@ -33,7 +35,18 @@ pub fn graph(src: &Path) -> std::io::Result<BTreeMap<String, BTreeSet<String>>> 
             if module == "lib" || module == "main" {
                 continue;
             }
-            let text = std::fs::read_to_string(&path)?;
+            // A file listed but gone when read (a tool's temporary file)
+            // is not part of the tree; any other failure names the file.
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", path.display()),
+                    ))
+                }
+            };
             let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
             let deps = out.entry(module.clone()).or_default();
             for (i, _) in code.match_indices("crate::") {
@@ -98,7 +111,7 @@ mod tests {
         let mut checked = 0;
         for entry in std::fs::read_dir(&crates).unwrap() {
             let src = entry.unwrap().path().join("src");
-            let g = graph(&src).unwrap();
+            let g = graph(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
             assert!(!g.is_empty(), "{}: no modules read", src.display());
             let found = cycles(&g);
             assert!(
