@@ -14,7 +14,9 @@ use peft_core::io::{
 };
 use peft_core::model::{device_of, InsertionPoint};
 use peft_core::named::NamedModules;
-use peft_core::{ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, Tokens};
+use peft_core::{
+    AdapterHost, ModelDims, ModelInput, ParamCount, PeftError, PeftModel, Result, Tokens,
+};
 use serde_json::{json, Value};
 
 use crate::bottleneck::{
@@ -771,4 +773,47 @@ fn take_linear<B: Backend>(
             Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?).set_require_grad(false));
     }
     Ok(())
+}
+
+/// Several active adapters are a `Stack` (AdapterHub's composition that
+/// runs them one after another); fusions and parallel setups are set with
+/// [`AdapterModel::set_active`].
+impl<B: Backend, M: PeftModel<B>> AdapterHost for AdapterModel<B, M> {
+    fn adapter_names(&self) -> Vec<String> {
+        AdapterModel::adapter_names(self)
+    }
+
+    fn active_adapters(&self) -> Vec<String> {
+        self.setup
+            .as_ref()
+            .map(|s| s.leaves().iter().map(|n| n.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    fn activate(&mut self, names: &[&str]) -> Result<()> {
+        match names {
+            [] => {
+                self.disable();
+                Ok(())
+            }
+            [name] => self.set_active(Setup::single(name)),
+            _ => self.set_active(Setup::stack(names)),
+        }
+    }
+
+    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        AdapterModel::delete_adapter(self, name)
+    }
+
+    fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        AdapterModel::load_adapter(self, dir, Some(name)).map(|_| ())
+    }
+
+    fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        AdapterModel::save_adapter(self, name, dir)
+    }
+
+    fn param_count(&self) -> ParamCount {
+        AdapterModel::param_count(self)
+    }
 }

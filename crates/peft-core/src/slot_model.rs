@@ -22,6 +22,7 @@ use burn::tensor::backend::Backend;
 use indexmap::IndexMap;
 
 use crate::error::{PeftError, Result};
+use crate::host::AdapterHost;
 use crate::io::{
     adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, serialize_safetensors,
     write_atomic, HostTensor,
@@ -432,4 +433,36 @@ fn remove_everywhere<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
     model.visit_linears_mut(&mut |_, slot| {
         slot.remove(name);
     });
+}
+
+/// Several adapters may be active at once (their effects compose in
+/// activation order).
+impl<B: Backend, M: PeftModel<B>, K: SlotMethod> AdapterHost for SlotModel<B, M, K> {
+    fn adapter_names(&self) -> Vec<String> {
+        SlotModel::adapter_names(self)
+    }
+
+    fn active_adapters(&self) -> Vec<String> {
+        SlotModel::active_adapters(self).to_vec()
+    }
+
+    fn activate(&mut self, names: &[&str]) -> Result<()> {
+        self.set_adapter(names)
+    }
+
+    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        SlotModel::delete_adapter(self, name)
+    }
+
+    fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        SlotModel::load_adapter(self, dir, name)
+    }
+
+    fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        SlotModel::save_adapter(self, name, dir)
+    }
+
+    fn param_count(&self) -> ParamCount {
+        SlotModel::param_count(self)
+    }
 }

@@ -18,6 +18,7 @@ use burn::tensor::{Int, Tensor};
 use crate::count::ParamCount;
 use crate::error::{PeftError, Result};
 use crate::generate::{ids_tensor, CausalLm, Sampler};
+use crate::host::AdapterHost;
 use crate::input::{ModelDims, ModelInput, Tokens};
 use crate::io::{adapter_dir, adapter_subdirs, HostTensor};
 use crate::kv::KvCache;
@@ -438,5 +439,53 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         }
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
+    }
+}
+
+/// One adapter at a time, as PEFT's prompt learning runs.
+impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> AdapterHost for VirtualTokenModel<B, M, E> {
+    fn adapter_names(&self) -> Vec<String> {
+        VirtualTokenModel::adapter_names(self)
+    }
+
+    fn active_adapters(&self) -> Vec<String> {
+        self.active_adapter()
+            .map(str::to_string)
+            .into_iter()
+            .collect()
+    }
+
+    fn activate(&mut self, names: &[&str]) -> Result<()> {
+        match names {
+            [] => {
+                self.active = None;
+                Ok(())
+            }
+            [name] => self.set_adapter(name),
+            _ => Err(PeftError::Config(format!(
+                "{} run one at a time; asked for {}",
+                E::WHAT,
+                names.join(", ")
+            ))),
+        }
+    }
+
+    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        VirtualTokenModel::delete_adapter(self, name)
+    }
+
+    fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
+        let active = self.active.clone();
+        VirtualTokenModel::load_adapter(self, dir, name)?;
+        self.active = active;
+        Ok(())
+    }
+
+    fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        VirtualTokenModel::save_adapter(self, name, dir)
+    }
+
+    fn param_count(&self) -> ParamCount {
+        VirtualTokenModel::param_count(self)
     }
 }

@@ -12,7 +12,7 @@ use peft_core::generate::{CausalLm, Sampler};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
-use peft_core::{ModelInput, ParamCount, PeftModel, Result};
+use peft_core::{AdapterHost, ModelInput, ParamCount, PeftModel, Result};
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
 
@@ -189,15 +189,30 @@ pub fn attach_to_train<B: Backend, M: PeftModel<B>>(
 }
 
 impl<B: Backend, M: PeftModel<B>> Adapted<B, M> {
+    /// The wrapper, as what every wrapper does with its adapters.
+    pub fn host(&self) -> &dyn AdapterHost {
+        match self {
+            Adapted::Slots(s) => s,
+            Adapted::Adapters(a) => a,
+            Adapted::Prefix(p) => p,
+            Adapted::Prompt(p) => p,
+        }
+    }
+
+    /// [`host`](Self::host), mutably.
+    pub fn host_mut(&mut self) -> &mut dyn AdapterHost {
+        match self {
+            Adapted::Slots(s) => s,
+            Adapted::Adapters(a) => a,
+            Adapted::Prefix(p) => p,
+            Adapted::Prompt(p) => p,
+        }
+    }
+
     /// Trainable (the active adapter's) and total parameters, as PEFT's
     /// `get_nb_trainable_parameters` counts them.
     pub fn param_count(&self) -> ParamCount {
-        match self {
-            Adapted::Slots(s) => s.param_count(),
-            Adapted::Adapters(a) => a.param_count(),
-            Adapted::Prefix(p) => p.param_count(),
-            Adapted::Prompt(p) => p.param_count(),
-        }
+        self.host().param_count()
     }
 
     /// Writes the trained adapter `default` into `dir`, in its method's
@@ -206,10 +221,9 @@ impl<B: Backend, M: PeftModel<B>> Adapted<B, M> {
     pub fn save_trained(&self, dir: &Path) -> Result<()> {
         let name = peft_core::DEFAULT_ADAPTER;
         match self {
-            Adapted::Slots(s) => s.save_adapter(name, dir),
-            Adapted::Adapters(a) => a.save_adapter(name, dir),
             Adapted::Prefix(p) => p.save_checkpoint(name, dir),
             Adapted::Prompt(p) => p.save_checkpoint(name, dir),
+            _ => self.host().save_adapter(name, dir),
         }
     }
 }
