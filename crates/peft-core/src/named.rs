@@ -81,11 +81,6 @@ impl<B: Backend, M: Module<B>, C: Clone> NamedModules<B, M, C> {
         &self.entries[i].1
     }
 
-    /// Every module, in insertion order.
-    pub fn modules(&self) -> &[M] {
-        &self.modules
-    }
-
     /// Replaces the module at `i` by `f(module)`: an optimizer step on one.
     pub fn map_module(&mut self, i: usize, f: impl FnOnce(M) -> M) {
         let module = self.modules[i].clone();

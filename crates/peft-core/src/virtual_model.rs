@@ -192,14 +192,6 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         self.set_adapter(name)
     }
 
-    /// Adds `encoder` (trained elsewhere, e.g. a checkpoint's full
-    /// encoder) as adapter `name` per `config` and makes it active.
-    pub fn insert(&mut self, name: &str, config: PromptLearningConfig, encoder: E) -> Result<()> {
-        let config = E::fit_config(config, &self.model.dims())?;
-        self.adapters.insert(name, encoder, config)?;
-        self.set_adapter(name)
-    }
-
     /// Makes `name` the active adapter.
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
         self.adapters.find(name)?;
