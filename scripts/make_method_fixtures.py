@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Writes the Hugging Face PEFT parity fixtures for the newer slot methods
-(LoHa, LoKr, OFT) under fixtures/<arch>/<case>/ (tiny Llama and BERT of
-make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's LyCORIS and
-OFT methods, and by ours).
+(LoHa, LoKr, OFT, VeRA) under fixtures/<arch>/<case>/ (tiny Llama, BERT and
+GPT-2 of make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's
+LyCORIS and OFT methods, and by ours; VeRA takes them).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft ...]
+    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|vera ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
@@ -21,7 +21,7 @@ import shutil
 import sys
 
 import torch
-from peft import LoHaConfig, LoKrConfig, OFTConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,23 @@ CASES = {
         "oft_custom": (OFTConfig, dict(r=2, oft_block_size=0, block_share=True,
                                        num_cayley_neumann_terms=3,
                                        target_modules=r".*\.(q_proj|down_proj|o_proj)"), dict(lr=0.01)),
+        # No targets: q_proj (16 -> 16) and v_proj (16 -> 8) share one
+        # vera_A [4, 16] and vera_B [16, 4].
+        "vera": (VeraConfig, dict(r=4)),
+        # up_proj 16 -> 40 and down_proj 40 -> 16: the projections take the
+        # largest side of each (vera_A [6, 40], vera_B [40, 6]), and every
+        # layer its leading slices; another key and d_initial.
+        "vera_custom": (VeraConfig, dict(r=6, projection_prng_key=7, d_initial=0.5,
+                                         target_modules=r".*\.(q_proj|up_proj|down_proj)")),
+        # The projections are not saved: a load draws them again from the
+        # key, so this case holds only if our generator is PyTorch's.
+        "vera_unsaved": (VeraConfig, dict(r=4, projection_prng_key=123, save_projection=False,
+                                          target_modules=["q_proj", "v_proj", "up_proj"])),
+    },
+    "gpt2": {
+        # GPT-2's fused c_attn (Conv1D 16 -> 48) and c_fc (16 -> 64): PEFT
+        # sets fan_in_fan_out for them.
+        "vera": (VeraConfig, dict(r=4, target_modules=["c_attn", "c_fc"])),
     },
     "bert": {
         "loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])),
@@ -64,6 +81,7 @@ CASES = {
                                   target_modules=["query", "value", "output.dense"])),
         "oft": (OFTConfig, dict(oft_block_size=8, r=0, target_modules=["query", "value", "output.dense"]),
                 dict(lr=0.3)),
+        "vera": (VeraConfig, dict(r=4, target_modules=["query", "value", "output.dense"])),
     },
 }
 
@@ -93,6 +111,10 @@ def two_adam_steps(arch, out_dir, tensors):
     for name, p in model.named_parameters():
         if p.requires_grad:
             tensors["steps." + name.replace(".default", "")] = p.detach().clone()
+    # VeRA's projections are buffers, saved beside the trained vectors.
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if name.startswith("base_model.vera_") and name.endswith(".default"):
+            tensors["steps." + name.replace(".default", "")] = b.detach().clone()
 
 
 def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None):
@@ -147,7 +169,7 @@ def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None):
 
 def main():
     torch.set_num_threads(2)
-    methods = sys.argv[1:] or ["loha", "lokr", "oft"]
+    methods = sys.argv[1:] or ["loha", "lokr", "oft", "vera"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)

@@ -282,6 +282,28 @@ pub trait SlotMethod: Clone + Debug + Default + Send + Sync + 'static {
 
     /// Drops every entry of this method from `slot`.
     fn clear<B: Backend>(slot: &mut LinearSlot<B>);
+
+    /// Sets up what one adapter shares across its layers before any entry
+    /// is attached, given the `(d_in, d_out)` of every layer it targets
+    /// (VeRA's random projections, sized by the largest). Most methods
+    /// share nothing.
+    fn prepare_shared(_config: &mut Self::Config, _layers: &[(usize, usize)]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Appends the tensors the adapter shares across its layers (keys
+    /// outside any module, e.g. `base_model.vera_A`).
+    fn write_shared(_config: &Self::Config, _out: &mut Vec<(String, HostTensor)>) {}
+
+    /// Moves the shared tensors out of `tensors` (read from `file`) into
+    /// `config`, before the entries are filled.
+    fn read_shared(
+        _config: &mut Self::Config,
+        _tensors: &mut HashMap<String, HostTensor>,
+        _file: &Path,
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The config of an adapter in a model that mixes two slot methods.
@@ -459,5 +481,30 @@ impl<K1: SlotMethod, K2: SlotMethod> SlotMethod for (K1, K2) {
     fn clear<B: Backend>(slot: &mut LinearSlot<B>) {
         K1::clear(slot);
         K2::clear(slot);
+    }
+
+    fn prepare_shared(config: &mut Self::Config, layers: &[(usize, usize)]) -> Result<()> {
+        match config {
+            OneOf::First(c) => K1::prepare_shared(c, layers),
+            OneOf::Second(c) => K2::prepare_shared(c, layers),
+        }
+    }
+
+    fn write_shared(config: &Self::Config, out: &mut Vec<(String, HostTensor)>) {
+        match config {
+            OneOf::First(c) => K1::write_shared(c, out),
+            OneOf::Second(c) => K2::write_shared(c, out),
+        }
+    }
+
+    fn read_shared(
+        config: &mut Self::Config,
+        tensors: &mut HashMap<String, HostTensor>,
+        file: &Path,
+    ) -> Result<()> {
+        match config {
+            OneOf::First(c) => K1::read_shared(c, tensors, file),
+            OneOf::Second(c) => K2::read_shared(c, tensors, file),
+        }
     }
 }

@@ -127,6 +127,14 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             });
         }
         let copies = copy_plan(config.modules_to_save(), &paths, &plan)?;
+        let mut dims = Vec::with_capacity(plan.len());
+        let mut next = plan.iter().peekable();
+        self.model.visit_linears(&mut |path, slot| {
+            if next.next_if(|p| *p == path).is_some() {
+                dims.push((slot.d_input(), slot.d_output()));
+            }
+        });
+        K::prepare_shared(&mut config, &dims)?;
         let mut result = Ok(());
         let mut next = plan.iter().peekable();
         self.model.visit_linears_mut(&mut |path, slot| {
@@ -354,6 +362,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             K::write_tensors(config, slot, path, name, &mut tensors);
             write_copy(slot, path, name, &mut tensors);
         });
+        K::write_shared(config, &mut tensors);
         Ok(tensors)
     }
 
@@ -393,8 +402,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             t.check_finite(k, &file)?;
         }
         let paths = self.attach(name, config, Init::Placeholder)?;
+        let shared = K::read_shared(&mut self.configs[name], &mut tensors, &file);
         let config = &self.configs[name];
-        let mut filled = Ok(());
+        let mut filled = shared;
         let mut next = paths.iter().peekable();
         self.model.visit_linears_mut(&mut |path, slot| {
             if next.next_if(|p| *p == path).is_some() && filled.is_ok() {

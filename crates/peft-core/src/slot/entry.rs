@@ -16,6 +16,7 @@ use super::lokr::LokrEntry;
 use super::lora::LoraEntry;
 use super::module_copy::ModuleCopyEntry;
 use super::oft::OftEntry;
+use super::vera::VeraEntry;
 
 /// A concrete kind listed in [`SlotEntry`]: typed access from the enum.
 pub trait EntryKind<B: Backend>: SlotAdapter<B> + Into<SlotEntry<B>> + Sized {
@@ -114,6 +115,8 @@ slot_entries! {
     Lokr(LokrEntry),
     /// OFT ([`OftEntry`]).
     Oft(OftEntry),
+    /// VeRA ([`VeraEntry`]).
+    Vera(VeraEntry),
     /// A full copy of the layer (PEFT's `modules_to_save`, [`ModuleCopyEntry`]).
     ModuleCopy(ModuleCopyEntry),
 }

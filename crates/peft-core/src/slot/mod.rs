@@ -28,6 +28,7 @@ mod lokr;
 mod lora;
 mod module_copy;
 mod oft;
+pub mod vera;
 
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFacto
 pub use lora::{column_norm, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
+pub use vera::{Vera, VeraConfig, VeraEntry, VeraModel};
 
 /// Slot-level state that is not a parameter.
 #[derive(Debug, Clone, Default, PartialEq)]
