@@ -102,7 +102,7 @@ enum Command {
         #[command(flatten)]
         on: BackendArgs,
         /// The method.
-        #[arg(long, value_enum, required_unless_present = "resume")]
+        #[arg(long, value_parser = MethodArg::parser(), required_unless_present = "resume")]
         method: Option<MethodArg>,
         /// Continue the run in this folder from its last checkpoint. Its
         /// settings come from the run: the job's flags are refused beside it

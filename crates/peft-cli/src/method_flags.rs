@@ -1,29 +1,69 @@
 //! `peft train`'s method: the `--method` value, the method flags, and the
 //! config they build over `--config`'s file. Each flag is honoured by the
-//! methods it configures and refused, by name, by the others.
+//! methods it configures and refused, by name, by the others. The slot
+//! methods' values and flags come from [`SlotConfig`] (each method says
+//! which settings it takes), so a slot method added to
+//! [`SlotKinds`](peft_cli::tasks::SlotKinds) appears here by itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Args;
 use peft_adapter::BnConfig;
-use peft_cli::tasks::Method;
+use peft_cli::tasks::{Method, SlotConfig};
 use peft_core::config::TargetModules;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType, PromptTuningInit};
-use peft_core::{Ia3Config, LoraConfig, PeftError};
-use peft_lycoris::{LohaConfig, LokrConfig, MethodConfig};
-use peft_oft::OftConfig;
+use peft_core::settings::Setting;
+use peft_core::slot_method::AdapterConfig;
+use peft_core::PeftError;
+use serde_json::Value;
 
-#[derive(Clone, Copy, ValueEnum)]
+/// A `--method` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MethodArg {
-    Lora,
-    Dora,
-    Ia3,
-    Loha,
-    Lokr,
-    Oft,
+    /// A slot method, by its name (`lora`, `dora`, `ia3`, `vera`, ...).
+    Slot(&'static str),
+    /// An AdapterHub bottleneck adapter.
     Adapter,
+    /// Prefix tuning.
     Prefix,
+    /// Prompt tuning.
     Prompt,
+}
+
+impl MethodArg {
+    /// Every `--method` value: the slot methods', then the others.
+    pub fn names() -> Vec<&'static str> {
+        [SlotConfig::cli_names(), vec!["adapter", "prefix", "prompt"]].concat()
+    }
+
+    fn from_name(name: String) -> MethodArg {
+        match name.as_str() {
+            "adapter" => MethodArg::Adapter,
+            "prefix" => MethodArg::Prefix,
+            "prompt" => MethodArg::Prompt,
+            slot => MethodArg::Slot(
+                SlotConfig::cli_names()
+                    .into_iter()
+                    .find(|n| *n == slot)
+                    .expect("clap accepts only listed names"),
+            ),
+        }
+    }
+
+    /// clap's parser: one of [`names`](Self::names).
+    pub fn parser() -> impl TypedValueParser<Value = MethodArg> {
+        PossibleValuesParser::new(Self::names()).map(MethodArg::from_name)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MethodArg::Slot(name) => name,
+            MethodArg::Adapter => "adapter",
+            MethodArg::Prefix => "prefix",
+            MethodArg::Prompt => "prompt",
+        }
+    }
 }
 
 pub fn names(list: &str) -> TargetModules {
@@ -36,11 +76,11 @@ pub fn names(list: &str) -> TargetModules {
 
 /// The method flags of `peft train`, as given (`None`: not on the command
 /// line): each is honoured by the methods it configures and refused by the
-/// others ([`MethodFlags::check_apply_to`]).
+/// others.
 #[derive(Args, Default)]
 #[command(next_help_heading = "Method flags")]
 pub struct MethodFlags {
-    /// LoRA / LoHa / LoKr rank; OFT's number of blocks per layer (its
+    /// Rank (LoRA, LoHa, LoKr, VeRA); OFT's number of blocks per layer (its
     /// block size then follows from each layer's inputs).
     #[arg(long)]
     pub r: Option<usize>,
@@ -71,35 +111,64 @@ pub struct MethodFlags {
 }
 
 impl MethodFlags {
+    /// The slot-method flags given, as settings (flag name, JSON value).
+    fn slot_settings(&self) -> Vec<Setting<'static>> {
+        let targets = |t: &str| serde_json::to_value(names(t)).expect("serialises");
+        let mut out = Vec::new();
+        if let Some(r) = self.r {
+            out.push(("r", Value::from(r)));
+        }
+        if let Some(a) = self.alpha {
+            out.push(("alpha", Value::from(a)));
+        }
+        if let Some(t) = self.targets.as_deref() {
+            out.push(("targets", targets(t)));
+        }
+        if let Some(d) = self.lora_dropout {
+            out.push(("lora-dropout", Value::from(d)));
+        }
+        if let Some(f) = self.feedforward.as_deref() {
+            out.push(("feedforward", targets(f)));
+        }
+        out
+    }
+
     /// Refuses a flag given for a method it does not configure (naming the
     /// flag and what the method takes): a flag is honoured or refused,
-    /// never dropped.
+    /// never dropped. A slot method's own settings are checked by its
+    /// config ([`AdapterConfig::from_cli`]).
     fn check_apply_to(&self, method: MethodArg) -> peft_core::Result<()> {
-        let given = [
-            ("r", self.r.is_some()),
-            ("alpha", self.alpha.is_some()),
-            ("targets", self.targets.is_some()),
-            ("feedforward", self.feedforward.is_some()),
-            ("lora-dropout", self.lora_dropout.is_some()),
+        let others = [
             ("adapter-preset", self.adapter_preset.is_some()),
             ("reduction", self.reduction.is_some()),
             ("virtual-tokens", self.virtual_tokens.is_some()),
             ("prompt-init", self.prompt_init.is_some()),
         ];
-        let (name, takes): (&str, &[&str]) = match method {
-            MethodArg::Lora => ("lora", &["r", "alpha", "targets", "lora-dropout"]),
-            MethodArg::Dora => ("dora", &["r", "alpha", "targets", "lora-dropout"]),
-            MethodArg::Ia3 => ("ia3", &["targets", "feedforward"]),
-            MethodArg::Loha => ("loha", &["r", "alpha", "targets"]),
-            MethodArg::Lokr => ("lokr", &["r", "alpha", "targets"]),
-            MethodArg::Oft => ("oft", &["r", "targets"]),
-            MethodArg::Adapter => ("adapter", &["adapter-preset", "reduction"]),
-            MethodArg::Prefix => ("prefix", &["virtual-tokens"]),
-            MethodArg::Prompt => ("prompt", &["virtual-tokens", "prompt-init"]),
+        let slot_given: Vec<(&str, bool)> = self
+            .slot_settings()
+            .into_iter()
+            .map(|(f, _)| (f, true))
+            .collect();
+        let (given, takes): (Vec<(&str, bool)>, &[&str]) = match method {
+            MethodArg::Slot(_) => (others.to_vec(), &[]),
+            MethodArg::Adapter => (
+                [slot_given, others.to_vec()].concat(),
+                &["adapter-preset", "reduction"],
+            ),
+            MethodArg::Prefix => ([slot_given, others.to_vec()].concat(), &["virtual-tokens"]),
+            MethodArg::Prompt => (
+                [slot_given, others.to_vec()].concat(),
+                &["virtual-tokens", "prompt-init"],
+            ),
         };
         match given.iter().find(|(f, set)| *set && !takes.contains(f)) {
+            Some((flag, _)) if takes.is_empty() => Err(PeftError::Config(format!(
+                "--{flag} does not apply to --method {}",
+                method.name()
+            ))),
             Some((flag, _)) => Err(PeftError::Config(format!(
-                "--{flag} does not apply to --method {name} (it takes --{})",
+                "--{flag} does not apply to --method {} (it takes --{})",
+                method.name(),
                 takes.join(", --")
             ))),
             None => Ok(()),
@@ -115,32 +184,6 @@ fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
             "--prompt-init `{other}` is not one of random, sample-vocab"
         ))),
     }
-}
-
-/// A LyCORIS config from `--config`'s text (or the defaults) with `--r`,
-/// `--alpha` and `--targets` over it; `fields` points at those three.
-fn lycoris_from<C: MethodConfig + Default>(
-    text: &Option<String>,
-    origin: &Path,
-    flags: &MethodFlags,
-    fields: impl FnOnce(&mut C) -> (&mut usize, &mut f64, &mut Option<TargetModules>),
-) -> peft_core::Result<C> {
-    let mut c = match text {
-        Some(t) => C::from_json_str(t, origin)?,
-        None => C::default(),
-    };
-    let (r, alpha, targets) = fields(&mut c);
-    if let Some(v) = flags.r {
-        *r = v;
-    }
-    if let Some(v) = flags.alpha {
-        *alpha = v;
-    }
-    if let Some(t) = flags.targets.as_deref() {
-        *targets = Some(names(t));
-    }
-    c.validate()?;
-    Ok(c)
 }
 
 /// The method of `peft train`: `--config`'s file (if any), then the flags
@@ -161,65 +204,11 @@ pub fn method_from(
         .transpose()?;
     let origin = config.cloned().unwrap_or_default();
     Ok(match method {
-        MethodArg::Lora | MethodArg::Dora => {
-            let mut c = match &text {
-                Some(t) => LoraConfig::from_json_str(t, &origin)?,
-                None => LoraConfig::new(8, 16.0, &["query", "value", "q_proj", "v_proj", "c_attn"]),
-            };
-            if let Some(r) = flags.r {
-                c.r = r;
-            }
-            if let Some(a) = flags.alpha {
-                c.lora_alpha = a;
-            }
-            if let Some(t) = flags.targets.as_deref() {
-                c.target_modules = Some(names(t));
-            }
-            if let Some(d) = flags.lora_dropout {
-                c.lora_dropout = d;
-            }
-            c.use_dora |= matches!(method, MethodArg::Dora);
-            c.validate()?;
-            Method::slot(c)
-        }
-        MethodArg::Ia3 => {
-            let mut c = match &text {
-                Some(t) => Ia3Config::from_json_str(t, &origin)?,
-                None => Ia3Config::default(),
-            };
-            if let Some(t) = flags.targets.as_deref() {
-                c.target_modules = Some(names(t));
-            }
-            if let Some(f) = flags.feedforward.as_deref() {
-                c.feedforward_modules = Some(names(f));
-            }
-            Method::slot(c)
-        }
-        MethodArg::Loha => Method::slot(lycoris_from(
-            &text,
-            &origin,
-            flags,
-            |c: &mut LohaConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
-        )?),
-        MethodArg::Lokr => Method::slot(lycoris_from(
-            &text,
-            &origin,
-            flags,
-            |c: &mut LokrConfig| (&mut c.r, &mut c.alpha, &mut c.target_modules),
-        )?),
-        MethodArg::Oft => {
-            let mut c = match &text {
-                Some(t) => OftConfig::from_json_str(t, &origin)?,
-                None => OftConfig::default(),
-            };
-            if let Some(r) = flags.r {
-                (c.r, c.oft_block_size) = (r, 0);
-            }
-            if let Some(t) = flags.targets.as_deref() {
-                c.target_modules = Some(names(t));
-            }
-            c.validate()?;
-            Method::slot(c)
+        MethodArg::Slot(name) => {
+            let settings = flags.slot_settings();
+            let config = SlotConfig::from_cli(name, text.as_deref(), &origin, &settings)
+                .expect("a listed slot method's name");
+            Method::Slot(config?)
         }
         MethodArg::Prefix | MethodArg::Prompt => {
             let mut c = match (config, method) {
@@ -333,11 +322,81 @@ mod tests {
         assert_eq!(c.num_virtual_tokens, 3);
     }
 
+    /// Every slot method of `SlotKinds` is a `--method` value, its flags
+    /// land on its own keys over its defaults or a file, and OFT's `--r`
+    /// replaces the block size.
+    #[test]
+    fn slot_methods_come_from_their_configs() {
+        let names = MethodArg::names();
+        for want in [
+            "lora", "dora", "ia3", "loha", "lokr", "oft", "vera", "adapter", "prompt",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        let saved = |method: &'static str, flags: MethodFlags, file: Option<&PathBuf>| -> Value {
+            let Method::Slot(c) = method_from(MethodArg::Slot(method), file, &flags).unwrap()
+            else {
+                panic!("{method} is not a slot method")
+            };
+            serde_json::from_str(&c.saved_json()).unwrap()
+        };
+        let flags = MethodFlags {
+            r: Some(16),
+            targets: Some("query,value".into()),
+            ..none()
+        };
+        let vera = saved("vera", flags, None);
+        assert_eq!(vera["peft_type"], "VERA");
+        assert_eq!(vera["r"], 16);
+        assert_eq!(
+            vera["target_modules"],
+            serde_json::json!(["query", "value"])
+        );
+        assert_eq!(vera["projection_prng_key"], 0, "PEFT's default");
+        let oft = saved(
+            "oft",
+            MethodFlags {
+                r: Some(4),
+                ..none()
+            },
+            None,
+        );
+        assert_eq!(
+            (oft["r"].as_u64(), oft["oft_block_size"].as_u64()),
+            (Some(4), Some(0))
+        );
+        let dora = saved(
+            "dora",
+            MethodFlags {
+                alpha: Some(3.0),
+                ..none()
+            },
+            None,
+        );
+        assert_eq!(
+            (dora["use_dora"].as_bool(), dora["lora_alpha"].as_f64()),
+            (Some(true), Some(3.0))
+        );
+        // A file's values stand where no flag overrides them.
+        let ia3 = fixture("ia3");
+        let flags = MethodFlags {
+            feedforward: Some("mlp.c_proj".into()),
+            ..none()
+        };
+        let got = saved("ia3", flags, Some(&ia3));
+        let file: Value = serde_json::from_str(&std::fs::read_to_string(&ia3).unwrap()).unwrap();
+        assert_eq!(got["target_modules"], file["target_modules"]);
+        assert_eq!(
+            got["feedforward_modules"],
+            serde_json::json!(["mlp.c_proj"])
+        );
+    }
+
     #[test]
     fn flags_that_do_not_apply_are_refused_by_name() {
         let cases: [(MethodArg, MethodFlags, &str); 4] = [
             (
-                MethodArg::Ia3,
+                MethodArg::Slot("ia3"),
                 MethodFlags {
                     r: Some(4),
                     ..none()
@@ -353,7 +412,7 @@ mod tests {
                 "--prompt-init does not apply",
             ),
             (
-                MethodArg::Lora,
+                MethodArg::Slot("lora"),
                 MethodFlags {
                     virtual_tokens: Some(3),
                     ..none()

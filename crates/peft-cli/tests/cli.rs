@@ -181,7 +181,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, LoHa, LoKr, OFT, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, LoKr, OFT, VeRA, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head (the slot methods' copy of
     // BERT's own, the others' a mean-pooled head of their own).
@@ -192,6 +192,7 @@ fn a_short_run_writes_what_eval_reads_back() {
         ("loha", Method::slot(peft_lycoris::LohaConfig::default())),
         ("lokr", Method::slot(peft_lycoris::LokrConfig::default())),
         ("oft", Method::slot(peft_oft::OftConfig::default())),
+        ("vera", Method::slot(peft_core::slot::VeraConfig::default())),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -242,7 +243,7 @@ fn a_short_run_writes_what_eval_reads_back() {
             _ => None,
         };
         let own_head = out.join("best/head.safetensors").is_file();
-        let slot_method = ["ia3", "loha", "lokr", "oft"].contains(&name);
+        let slot_method = ["ia3", "loha", "lokr", "oft", "vera"].contains(&name);
         assert_eq!(own_head, !slot_method, "{name}");
         if let Some(n) = virtual_params {
             assert_eq!(
@@ -614,6 +615,12 @@ fn bad_inputs_are_non_zero_exits_naming_the_problem() {
             "--feedforward does not apply to --method loha",
         ),
         (
+            vec![
+                "train", "--method", "vera", "--model", m, "--data", d, "--out", o, "--alpha", "4",
+            ],
+            "--alpha does not apply to --method vera (it takes --r, --targets)",
+        ),
+        (
             vec!["train", "--resume", o, "--lr", "0.1"],
             "cannot be used with '--lr",
         ),
@@ -712,7 +719,8 @@ fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
 /// forward pass gives PEFT's merged logits (Llama: `[out, in]` weights;
 /// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too; LoHa's
 /// Hadamard delta with rank and alpha patterns; LoKr's Kronecker delta
-/// with full and factored sides; OFT's shared-block rotation).
+/// with full and factored sides; OFT's shared-block rotation; VeRA's
+/// sliced projections, on Llama and GPT-2's Conv1D).
 #[test]
 fn forward_and_merge_reproduce_peft() {
     let dir = temp("merge");
@@ -725,6 +733,8 @@ fn forward_and_merge_reproduce_peft() {
         ("llama", "loha_custom"),
         ("llama", "lokr_custom"),
         ("llama", "oft_custom"),
+        ("llama", "vera_custom"),
+        ("gpt2", "vera"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -739,9 +749,16 @@ fn forward_and_merge_reproduce_peft() {
             c.want("logits_unmerged"),
         );
         let shown = jobs::inspect(&c.dir).unwrap();
-        let key = ["lora_A.weight", "ia3_l", "hada_w2_b", "lokr_w1", "oft_R"]
-            .into_iter()
-            .find(|k| shown.contains(k));
+        let key = [
+            "lora_A.weight",
+            "ia3_l",
+            "hada_w2_b",
+            "lokr_w1",
+            "oft_R",
+            "vera_lambda_b",
+        ]
+        .into_iter()
+        .find(|k| shown.contains(k));
         assert!(
             key.is_some(),
             "{arch}/{case}: inspect shows no tensor: {shown}"
@@ -1341,6 +1358,7 @@ fn causal_lm_runs_with_every_method() {
         Method::slot(peft_lycoris::LohaConfig::new(2, 4.0, &["q_proj", "v_proj"])),
         Method::slot(peft_lycoris::LokrConfig::new(2, 4.0, &["q_proj", "v_proj"])),
         Method::slot(peft_oft::OftConfig::new(32, &["q_proj", "v_proj"])),
+        Method::slot(peft_core::slot::VeraConfig::new(16, &["q_proj", "v_proj"])),
         Method::Adapter(peft_adapter::BnConfig::seq_bn()),
         Method::Prefix(peft_core::prompt_learning::PromptLearningConfig::prefix_tuning(4)),
         Method::Prompt(prompt.clone()),

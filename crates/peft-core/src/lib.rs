@@ -52,6 +52,7 @@ pub mod quant;
 mod regex_match;
 pub mod rng;
 pub mod routing;
+pub mod settings;
 pub mod slot;
 pub mod slot_method;
 pub mod slot_model;

@@ -68,8 +68,16 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
     const DEFAULT_TARGETS: &'static [(&'static str, &'static [&'static str])] =
         LORA_DEFAULT_TARGETS;
 
+    /// The command-line settings the method takes, each with the key it
+    /// sets (`("targets", "target_modules")`); see [`crate::settings`].
+    const CLI_SETTINGS: &'static [(&'static str, &'static str)];
+
     /// The fields that choose the adapted layers.
     fn target_spec(&self) -> TargetSpec<'_>;
+
+    /// Fixes up the JSON after the command-line settings `given` were
+    /// written into it (OFT: `--r` replaces the block size).
+    fn adjust_cli(_given: &[&str], _config: &mut Value) {}
 
     /// `target_modules`, to fill with PEFT's defaults.
     fn target_modules_mut(&mut self) -> &mut Option<TargetModules>;

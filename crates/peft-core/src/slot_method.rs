@@ -17,6 +17,7 @@ use crate::config::{read_text, Ia3Config, LoraConfig};
 use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
 use crate::method_config::{MethodConfig, TaskFields};
+use crate::settings::{self, Setting};
 use crate::slot::LinearSlot;
 use crate::target::{is_target, targets_match};
 
@@ -67,6 +68,21 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
 
     /// The fields that say which task the adapter is for and on which base.
     fn task_fields(&mut self) -> TaskFields<'_>;
+
+    /// The `--method` values that make this config on the command line
+    /// (LoRA: `lora`, `dora`).
+    fn cli_names() -> Vec<&'static str>;
+
+    /// `peft train --method name`'s config, or `None` when `name` is not one
+    /// of [`cli_names`](Self::cli_names): `text` (a `--config` file read from
+    /// `origin`) or the method's defaults, with `settings` over it, checked.
+    /// A setting the method does not take is refused by name.
+    fn from_cli(
+        name: &str,
+        text: Option<&str>,
+        origin: &Path,
+        settings: &[Setting<'_>],
+    ) -> Option<Result<Self>>;
 
     /// Sets the config up as PEFT's `get_peft_model` does for sequence
     /// classification: `task_type: SEQ_CLS`, the model's `heads` added to
@@ -132,6 +148,42 @@ impl AdapterConfig for LoraConfig {
         vec!["LORA"]
     }
 
+    fn cli_names() -> Vec<&'static str> {
+        vec!["lora", "dora"]
+    }
+
+    /// Without a file: rank 8, alpha 16 on the attention projections of
+    /// every model here. `dora` sets `use_dora`.
+    fn from_cli(
+        name: &str,
+        text: Option<&str>,
+        origin: &Path,
+        settings: &[Setting<'_>],
+    ) -> Option<Result<Self>> {
+        if !Self::cli_names().contains(&name) {
+            return None;
+        }
+        let defaults = LoraConfig::new(8, 16.0, &["query", "value", "q_proj", "v_proj", "c_attn"]);
+        let table = [
+            ("r", "r"),
+            ("alpha", "lora_alpha"),
+            ("targets", "target_modules"),
+            ("lora-dropout", "lora_dropout"),
+        ];
+        Some((|| {
+            let start = settings::start(
+                text,
+                origin,
+                serde_json::to_value(defaults).expect("serialises"),
+            )?;
+            let mut value = settings::apply(name, start, &table, settings)?;
+            if name == "dora" {
+                value["use_dora"] = true.into();
+            }
+            LoraConfig::from_json_str(&value.to_string(), origin)
+        })())
+    }
+
     fn task_fields(&mut self) -> TaskFields<'_> {
         TaskFields {
             task_type: &mut self.task_type,
@@ -190,6 +242,31 @@ impl AdapterConfig for Ia3Config {
         vec!["IA3"]
     }
 
+    fn cli_names() -> Vec<&'static str> {
+        vec!["ia3"]
+    }
+
+    fn from_cli(
+        name: &str,
+        text: Option<&str>,
+        origin: &Path,
+        settings: &[Setting<'_>],
+    ) -> Option<Result<Self>> {
+        if name != "ia3" {
+            return None;
+        }
+        let table = [
+            ("targets", "target_modules"),
+            ("feedforward", "feedforward_modules"),
+        ];
+        Some((|| {
+            let defaults = serde_json::to_value(Ia3Config::default()).expect("serialises");
+            let start = settings::start(text, origin, defaults)?;
+            let value = settings::apply(name, start, &table, settings)?;
+            Ia3Config::from_json_str(&value.to_string(), origin)
+        })())
+    }
+
     fn task_fields(&mut self) -> TaskFields<'_> {
         TaskFields {
             task_type: &mut self.task_type,
@@ -236,6 +313,31 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
 
     fn peft_types() -> Vec<&'static str> {
         vec![C::PEFT_TYPE]
+    }
+
+    fn cli_names() -> Vec<&'static str> {
+        vec![C::NAME]
+    }
+
+    /// Without a file: the method's defaults (`{"peft_type": ...}`), with
+    /// the settings of [`MethodConfig::CLI_SETTINGS`].
+    fn from_cli(
+        name: &str,
+        text: Option<&str>,
+        origin: &Path,
+        settings: &[Setting<'_>],
+    ) -> Option<Result<Self>> {
+        if name != C::NAME {
+            return None;
+        }
+        Some((|| {
+            let defaults = serde_json::json!({ "peft_type": C::PEFT_TYPE });
+            let start = settings::start(text, origin, defaults)?;
+            let mut value = settings::apply(name, start, C::CLI_SETTINGS, settings)?;
+            let given: Vec<&str> = settings.iter().map(|s| s.0).collect();
+            C::adjust_cli(&given, &mut value);
+            C::from_json_str(&value.to_string(), origin)
+        })())
     }
 
     fn task_fields(&mut self) -> TaskFields<'_> {
@@ -387,6 +489,22 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
 
     fn peft_types() -> Vec<&'static str> {
         [C1::peft_types(), C2::peft_types()].concat()
+    }
+
+    fn cli_names() -> Vec<&'static str> {
+        [C1::cli_names(), C2::cli_names()].concat()
+    }
+
+    fn from_cli(
+        name: &str,
+        text: Option<&str>,
+        origin: &Path,
+        settings: &[Setting<'_>],
+    ) -> Option<Result<Self>> {
+        match C1::from_cli(name, text, origin, settings) {
+            Some(c) => Some(c.map(OneOf::First)),
+            None => C2::from_cli(name, text, origin, settings).map(|c| c.map(OneOf::Second)),
+        }
     }
 
     fn task_fields(&mut self) -> TaskFields<'_> {

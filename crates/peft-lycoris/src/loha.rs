@@ -133,6 +133,11 @@ impl MethodConfig for LohaConfig {
     const PEFT_TYPE: &'static str = "LOHA";
     const METHOD: &'static str = "LoHa";
     const NAME: &'static str = "loha";
+    const CLI_SETTINGS: &'static [(&'static str, &'static str)] = &[
+        ("r", "r"),
+        ("alpha", "alpha"),
+        ("targets", "target_modules"),
+    ];
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {

@@ -171,6 +171,11 @@ impl MethodConfig for LokrConfig {
     const PEFT_TYPE: &'static str = "LOKR";
     const METHOD: &'static str = "LoKr";
     const NAME: &'static str = "lokr";
+    const CLI_SETTINGS: &'static [(&'static str, &'static str)] = &[
+        ("r", "r"),
+        ("alpha", "alpha"),
+        ("targets", "target_modules"),
+    ];
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {

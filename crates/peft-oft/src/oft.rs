@@ -194,6 +194,9 @@ impl MethodConfig for OftConfig {
     const PEFT_TYPE: &'static str = "OFT";
     const METHOD: &'static str = "OFT";
     const NAME: &'static str = "oft";
+    /// `--r` is OFT's number of blocks per layer.
+    const CLI_SETTINGS: &'static [(&'static str, &'static str)] =
+        &[("r", "r"), ("targets", "target_modules")];
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {
@@ -223,6 +226,14 @@ impl MethodConfig for OftConfig {
 
     /// PEFT's `__post_init__`, and typed refusals of what this version does
     /// not do.
+    /// `--r` gives the number of blocks, so the block size follows from
+    /// each layer (PEFT takes one of the two).
+    fn adjust_cli(given: &[&str], config: &mut Value) {
+        if given.contains(&"r") {
+            config["oft_block_size"] = 0.into();
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(PeftError::Config(format!("OFT: {what}")));
         if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {

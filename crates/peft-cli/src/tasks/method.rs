@@ -9,6 +9,7 @@ use std::path::Path;
 use peft_adapter::{BnConfig, Ia3};
 use peft_core::io::read_safetensors;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
+use peft_core::slot::Vera;
 use peft_core::slot_method::{AdapterConfig, Pick, SlotMethod};
 use peft_core::{PeftError, Result, SlotModel};
 use peft_lora::Lora;
@@ -166,10 +167,11 @@ pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
-/// (IA)³, LoHa, LoKr and OFT adapters live in the model's own linear
+/// (IA)³, LoHa, LoKr, OFT and VeRA adapters live in the model's own linear
 /// slots. A new slot method is one more pair level here; [`Method`],
-/// [`SlotConfig`], detection and the seq-cls setup follow from it.
-pub type SlotKinds = (Lora, (Ia3, (Loha, (Lokr, Oft))));
+/// [`SlotConfig`], `--method` and its flags, detection and the seq-cls
+/// setup follow from it.
+pub type SlotKinds = (Lora, (Ia3, (Loha, (Lokr, (Oft, Vera)))));
 
 /// The model carrying adapters of any of [`SlotKinds`].
 pub type Slots<B, M> = SlotModel<B, M, SlotKinds>;

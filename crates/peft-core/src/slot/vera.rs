@@ -323,6 +323,8 @@ impl MethodConfig for VeraConfig {
     const PEFT_TYPE: &'static str = "VERA";
     const METHOD: &'static str = "VeRA";
     const NAME: &'static str = "vera";
+    const CLI_SETTINGS: &'static [(&'static str, &'static str)] =
+        &[("r", "r"), ("targets", "target_modules")];
 
     fn target_spec(&self) -> TargetSpec<'_> {
         TargetSpec {
