@@ -9,9 +9,14 @@
 //!   on PyTorch) alternately with our `minilm` suite on the first backend
 //!   and reports our/their ratios.
 //!
+//! - `methods [--sweep] [--only ROW]...`: every method `peft train` runs, on
+//!   the main job (MiniLM, 3,000 Rotten Tomatoes sentences, one epoch), as
+//!   one table in `target/methods-report/` (`methods.rs`).
+//!
 //! Its tests also guard the workspace's layout: no crate's modules import
 //! each other in a loop (`module_graph`).
 
+mod methods;
 #[cfg(test)]
 mod module_graph;
 
@@ -504,7 +509,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]".into()),
+        Some("methods") => {
+            let root = workspace_root();
+            let meta = json!({
+                "git_revision": output_of("git", &["-C", root.to_str().unwrap_or("."), "rev-parse", "HEAD"]),
+                "date": output_of("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+                "machine": machine(),
+            });
+            methods::methods(&args[1..], &root, meta)
+        }
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
