@@ -9,7 +9,8 @@
 //! of the default, the default and three times it), trainable parameters,
 //! the adapter folder's bytes, held-out accuracy, the epoch's training time
 //! (the run's own timer) and the process's peak resident memory, both
-//! relative to LoRA.
+//! relative to LoRA. With `--only ROW` (LoRA, the reference, always runs)
+//! the other rows of the last report are kept.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,8 @@ use serde_json::{json, Value};
 
 /// A method as the table runs it: its row name, the `peft train` flags
 /// (beside the shared ones), an optional `--config` file's JSON, and the
-/// default learning rate.
+/// default learning rate (the centre of `--sweep`'s three; each is the
+/// best of a first sweep around the method's usual rate, 2026-12-06).
 struct Spec {
     row: &'static str,
     flags: &'static [&'static str],
@@ -42,7 +44,7 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 2e-3,
+        lr: 6e-3,
     },
     Spec {
         row: "DoRA",
@@ -57,7 +59,7 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 2e-3,
+        lr: 6e-3,
     },
     Spec {
         row: "rsLoRA",
@@ -65,6 +67,23 @@ const SPECS: &[Spec] = &[
         config: Some(
             r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": true, "target_modules": ["query", "value"]}"#,
         ),
+        lr: 2e-3,
+    },
+    Spec {
+        row: "LoRA+",
+        flags: &[
+            "--method",
+            "lora",
+            "--r",
+            "8",
+            "--alpha",
+            "16",
+            "--targets",
+            "query,value",
+            "--loraplus-lr-ratio",
+            "16",
+        ],
+        config: None,
         lr: 2e-3,
     },
     Spec {
@@ -80,7 +99,7 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 4e-3,
+        lr: 1.2e-2,
     },
     Spec {
         row: "LoKr",
@@ -95,48 +114,48 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 4e-3,
+        lr: 1.2e-2,
     },
     Spec {
         row: "OFT",
         flags: &["--method", "oft", "--targets", "query,value"],
         config: None,
-        lr: 2e-3,
+        lr: 6e-3,
     },
     Spec {
         row: "VeRA",
         flags: &["--method", "vera", "--r", "256", "--targets", "query,value"],
         config: None,
-        lr: 1e-2,
+        lr: 3e-2,
     },
     Spec {
         row: "(IA)³",
         flags: &["--method", "ia3"],
         config: None,
-        lr: 6e-3,
+        lr: 1.8e-2,
     },
     Spec {
         row: "Pfeiffer (seq_bn)",
         flags: &["--method", "adapter", "--adapter-preset", "seq_bn"],
         config: None,
-        lr: 1e-3,
+        lr: 3e-3,
     },
     Spec {
         row: "prefix",
         flags: &["--method", "prefix", "--virtual-tokens", "20"],
         config: None,
-        lr: 1e-2,
+        lr: 3e-2,
     },
     Spec {
         row: "prompt",
         flags: &["--method", "prompt", "--virtual-tokens", "20"],
         config: None,
-        lr: 3e-2,
+        lr: 1e-2,
     },
 ];
 
 /// Methods the issue asks for that `peft train` does not run yet.
-const MISSING: &[&str] = &["PiSSA", "LoRA+", "BOFT", "AdaLoRA", "LN tuning"];
+const MISSING: &[&str] = &["PiSSA", "BOFT", "AdaLoRA", "LN tuning"];
 
 /// What one `peft train` run gave.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +166,20 @@ struct RunResult {
     accuracy: f64,
     epoch_s: f64,
     peak_rss_kib: u64,
+}
+
+impl RunResult {
+    /// A run as `report.json` holds it.
+    fn from_json(v: &Value) -> Option<RunResult> {
+        Some(RunResult {
+            lr: v["lr"].as_f64()?,
+            trainable: v["trainable"].as_u64()?,
+            adapter_bytes: v["adapter_bytes"].as_u64()?,
+            accuracy: v["accuracy"].as_f64()?,
+            epoch_s: v["epoch_s"].as_f64()?,
+            peak_rss_kib: v["peak_rss_kib"].as_u64()?,
+        })
+    }
 }
 
 /// `trainable params: 8,450 || ...` in `peft train`'s output.
@@ -313,7 +346,7 @@ fn markdown(rows: &[(&str, Vec<RunResult>)], meta: &Value) -> String {
             .collect();
         md.push_str(&format!(
             "| {row} | {}{} | {} | {} | {:.3} | {:.1} s (×{:.2}) | {} MiB (×{:.2}) |\n",
-            r.lr,
+            lr_text(r.lr),
             if runs.len() > 1 {
                 format!(" (tried {})", tried.join(", "))
             } else {
@@ -406,6 +439,23 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
         }
         rows.push((spec.row, runs));
     }
+    // With --only, the other methods' rows of the last report stay.
+    if !only.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(out.join("report.json")) {
+            let earlier: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            for row in earlier["rows"].as_array().into_iter().flatten() {
+                let name = row["method"].as_str().unwrap_or_default();
+                let Some(spec) = SPECS.iter().find(|s| s.row == name) else {
+                    continue;
+                };
+                if rows.iter().all(|(r, _)| *r != spec.row) {
+                    let runs = row["runs"].as_array().into_iter().flatten();
+                    rows.push((spec.row, runs.filter_map(RunResult::from_json).collect()));
+                }
+            }
+            rows.sort_by_key(|(r, _)| SPECS.iter().position(|s| s.row == *r));
+        }
+    }
     let mut meta = meta;
     meta["sweep"] = sweep.into();
     let report = json!({
@@ -429,6 +479,11 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
     println!("{md}");
     eprintln!("wrote {}", out.join("report.md").display());
     Ok(())
+}
+
+/// A learning rate with two significant digits (`6.7e-4`).
+fn lr_text(lr: f64) -> String {
+    format!("{lr:.1e}")
 }
 
 fn slug(row: &str) -> String {
@@ -481,10 +536,10 @@ mod tests {
         let meta = json!({"date": "d", "machine": {"cpu": "c", "cores": 2}, "git_revision": "g"});
         let md = markdown(&rows, &meta);
         assert!(
-            md.contains("| LoRA | 0.001 | 10 | 100 | 0.700 | 10.0 s (×1.00) | 2 MiB (×1.00) |"),
+            md.contains("| LoRA | 1.0e-3 | 10 | 100 | 0.700 | 10.0 s (×1.00) | 2 MiB (×1.00) |"),
             "{md}"
         );
-        assert!(md.contains("| VeRA | 0.03 (tried 0.01: 0.600, 0.03: 0.650) | 10 | 100 | 0.650 | 30.0 s (×3.00) | 4 MiB (×2.00) |"), "{md}");
+        assert!(md.contains("| VeRA | 3.0e-2 (tried 1.0e-2: 0.600, 3.0e-2: 0.650) | 10 | 100 | 0.650 | 30.0 s (×3.00) | 4 MiB (×2.00) |"), "{md}");
         assert!(md.contains("| AdaLoRA | not implemented yet |"), "{md}");
     }
 }

@@ -113,6 +113,7 @@ enum Command {
             "prompt_init", "lr", "epochs", "batch", "grad_accum", "warmup", "schedule",
             "weight_decay", "clip", "eval_every", "patience", "seed", "max_steps", "max_train",
             "held_out", "text_column", "label_column", "block_size", "quantize", "devices",
+            "loraplus_lr_ratio",
         ])]
         resume: Option<PathBuf>,
         /// Stop after N optimizer steps in this process (the schedule is the
@@ -258,6 +259,7 @@ impl OptimArgs {
             stop_after,
             devices,
             cluster: None,
+            loraplus_lr_ratio: self.loraplus_lr_ratio,
         }
     }
 }
@@ -309,6 +311,11 @@ struct OptimArgs {
     /// Clip gradients to this global norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     clip: f64,
+    /// LoRA+: train LoRA's B matrices and every vector (magnitudes, biases,
+    /// (IA)³ / VeRA vectors) at this multiple of the learning rate, as
+    /// PEFT's `create_loraplus_optimizer` groups them (16 in the paper).
+    #[arg(long)]
+    loraplus_lr_ratio: Option<f64>,
     /// Evaluate every N optimizer steps (0: each epoch).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,

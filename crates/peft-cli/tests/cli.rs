@@ -962,8 +962,19 @@ fn merge_of_a_gguf_model_writes_a_hugging_face_folder() {
 /// parameters, losses and evaluations of 6 steps at once (dropout on).
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
+    check_resume(None);
+}
+
+/// The same with LoRA+'s three optimizers, whose states `last/` holds as
+/// one file.
+#[test]
+fn a_resumed_loraplus_run_equals_an_uninterrupted_one() {
+    check_resume(Some(4.0));
+}
+
+fn check_resume(loraplus_lr_ratio: Option<f64>) {
     let _turn = serial();
-    let dir = temp("resume");
+    let dir = temp(&format!("resume-{loraplus_lr_ratio:?}"));
     let data_file = sentiment_file(&dir, 40);
     let minilm = assets::fetch("minilm").unwrap();
     let lora = LoraConfig {
@@ -974,6 +985,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         batch: 4,
         max_steps: Some(6),
         eval_every: 2,
+        loraplus_lr_ratio,
         ..Default::default()
     };
     let whole = job(

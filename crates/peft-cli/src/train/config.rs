@@ -61,6 +61,11 @@ pub struct TrainConfig {
     /// run (addresses change): a resumed node is given it again.
     #[serde(skip)]
     pub cluster: Option<Cluster>,
+    /// LoRA+: LoRA's `B` matrices and every trained vector at this multiple
+    /// of the learning rate, as PEFT's `create_loraplus_optimizer` groups
+    /// them (`None`: one learning rate).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 /// This process's place in a multi-machine data-parallel job.
@@ -139,6 +144,7 @@ impl Default for TrainConfig {
             stop_after: None,
             devices: 1,
             cluster: None,
+            loraplus_lr_ratio: None,
         }
     }
 }
@@ -173,6 +179,12 @@ impl TrainConfig {
                 "warmup is a share of the steps in [0, 1), got {}",
                 self.warmup
             ));
+        }
+        if let Some(r) = self
+            .loraplus_lr_ratio
+            .filter(|r| !(r.is_finite() && *r > 0.0))
+        {
+            return bad(format!("--loraplus-lr-ratio must be positive, got {r}"));
         }
         if self.clip_norm.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("clip norm must be positive".into());

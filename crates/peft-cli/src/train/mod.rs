@@ -13,12 +13,14 @@
 //! | `config.rs` | [`TrainConfig`], [`Schedule`], [`Cluster`] |
 //! | `trainer.rs` | [`Trainer`]: `step`, `evaluate`, `checkpoint`, `fit`; [`Metric`], [`Outcome`] |
 //! | `run.rs` | [`RunDir`] (metrics log, atomic checkpoints), [`RunState`] (what `--resume` reads) |
-//! | `optimizer.rs` | AdamW and its state in a checkpoint, keyed by visiting order |
+//! | `optimizer.rs` | AdamW's state in a checkpoint, keyed by visiting order |
+//! | `loraplus.rs` | [`Optimizers`]: one AdamW, or LoRA+'s three parameter groups |
 //! | `grads.rs` | [`BatchLoss`], the backward pass, the non-finite check |
 //! | `peers.rs` | data parallelism over Burn's collective, [`replica_device`] |
 
 mod config;
 mod grads;
+mod loraplus;
 mod optimizer;
 mod peers;
 mod run;
@@ -26,6 +28,7 @@ mod trainer;
 
 pub use config::{Cluster, Schedule, TrainConfig};
 pub use grads::BatchLoss;
+pub use loraplus::{groups as loraplus_groups, Group as LoraPlusGroup, Optimizers};
 pub use peers::replica_device;
 pub use run::{RunDir, RunState};
 pub use trainer::{Metric, Outcome, Trainer};

@@ -7,37 +7,20 @@ use std::path::Path;
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamW, AdamWConfig, Optimizer};
+use burn::optim::{AdamW, Optimizer};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use peft_core::{PeftError, Result};
 
-use super::config::TrainConfig;
-
 /// AdamW over the whole module (only parameters with gradients move).
 pub(super) type Optim<M, B> = OptimizerAdaptor<AdamW, M, B>;
 
 /// The optimizer's state: per parameter id.
-type OptimRecord<M, B> = <Optim<M, B> as Optimizer<M, B>>::Record;
+pub(super) type OptimRecord<M, B> = <Optim<M, B> as Optimizer<M, B>>::Record;
 
 /// The optimizer state's file in a `last/` checkpoint.
 pub(super) const OPTIMIZER_FILE: &str = "optimizer.bin";
-
-/// AdamW with the run's weight decay and clipping.
-pub(super) fn new_optimizer<B: AutodiffBackend, M: AutodiffModule<B>>(
-    config: &TrainConfig,
-) -> Optim<M, B> {
-    AdamWConfig::new()
-        .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(
-            config
-                .clip_norm
-                .map(|c| GradientClippingConfig::Norm(c as f32)),
-        )
-        .init::<B, M>()
-}
 
 /// `optim` with the state saved in `dir` (a `last/` checkpoint) for
 /// `model`'s parameters; a damaged state, or one for other parameters or
@@ -95,10 +78,10 @@ pub(super) fn load_state<B: AutodiffBackend, M: AutodiffModule<B>>(
     Ok(optim.load_record(record.into_iter().collect()))
 }
 
-/// `optim`'s state as bytes for [`OPTIMIZER_FILE`], keyed by `model`'s
-/// visiting positions.
-pub(super) fn state_bytes<B: AutodiffBackend, M: AutodiffModule<B>>(
-    optim: &Optim<M, B>,
+/// An optimizer state (`optim.to_record()`, or several groups' joined) as
+/// bytes for [`OPTIMIZER_FILE`], keyed by `model`'s visiting positions.
+pub(super) fn record_bytes<B: AutodiffBackend, M: AutodiffModule<B>>(
+    record: OptimRecord<M, B>,
     model: &M,
 ) -> Result<Vec<u8>> {
     let positions: HashMap<ParamId, usize> = param_ids(model)
@@ -106,8 +89,7 @@ pub(super) fn state_bytes<B: AutodiffBackend, M: AutodiffModule<B>>(
         .enumerate()
         .map(|(p, id)| (id, p))
         .collect();
-    let record: OptimRecord<M, B> = optim
-        .to_record()
+    let record: OptimRecord<M, B> = record
         .into_iter()
         .filter_map(|(id, v)| positions.get(&id).map(|&p| (ParamId::from(p as u64), v)))
         .collect();

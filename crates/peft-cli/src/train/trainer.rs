@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, Optimizer};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use peft_core::io::write_atomic;
 use peft_core::model::device_of;
@@ -17,7 +17,8 @@ use serde_json::json;
 
 use super::config::TrainConfig;
 use super::grads::{differentiate, non_finite_gradient, BatchLoss};
-use super::optimizer::{self, Optim, OPTIMIZER_FILE};
+use super::loraplus::Optimizers;
+use super::optimizer::OPTIMIZER_FILE;
 use super::peers::{Peers, ReplicaTally};
 use super::run::{non_finite, RunDir, RunState, STATE_FILE};
 
@@ -65,7 +66,8 @@ fn static_name(name: &str) -> &'static str {
     }
 }
 
-/// One training run of `M` on `B`: AdamW, the run's state, its data-parallel
+/// One training run of `M` on `B`: AdamW (LoRA+'s groups with
+/// `loraplus_lr_ratio`), the run's state, its data-parallel
 /// peers, and the best inference module so far. Build it with
 /// [`new`](Self::new) (fresh, or resumed from a `last/` checkpoint); then
 /// either call [`fit`](Self::fit), or drive [`step`](Self::step),
@@ -75,7 +77,7 @@ pub struct Trainer<'r, B: AutodiffBackend, M: AutodiffModule<B>> {
     config: TrainConfig,
     run: &'r mut RunDir,
     progress: &'r indicatif::ProgressBar,
-    optim: Optim<M, B>,
+    optim: Optimizers<M, B>,
     peers: Option<Peers<B>>,
     device: B::Device,
     n_train: usize,
@@ -106,11 +108,11 @@ where
         config.validate()?;
         let device = device_of(model);
         let peers = Peers::<B>::register(config.devices, config.cluster.as_ref(), &device)?;
-        let mut optim = optimizer::new_optimizer::<B, M>(config);
+        let mut optim = Optimizers::for_run(config);
         let mut state = RunState::default();
         if let Some(dir) = resume {
             state = RunState::read(dir, config, n_train)?;
-            optim = optimizer::load_state(optim, model, dir, &device)?;
+            optim = optim.load_state(model, dir, &device)?;
         }
         let total = config.total_steps(n_train);
         progress.set_length(total as u64);
@@ -260,7 +262,7 @@ where
         model: &M,
         save: &mut impl FnMut(&M::InnerModule, &Path) -> Result<()>,
     ) -> Result<()> {
-        let bytes = optimizer::state_bytes(&self.optim, model)?;
+        let bytes = self.optim.state_bytes(model)?;
         let inner = model.valid();
         let state = &self.state;
         self.run.checkpoint("last", |dir| {
