@@ -9,7 +9,7 @@
 //!   on PyTorch) alternately with our `minilm` suite on the first backend
 //!   and reports our/their ratios.
 //!
-//! - `methods [--sweep] [--only ROW]...`: every method `peft train` runs, on
+//! - `methods [--sweep] [--only ROW]... | --render`: every method `peft train` runs, on
 //!   the main job (MiniLM, 3,000 Rotten Tomatoes sentences, one epoch), as
 //!   one table in `target/methods-report/` (`methods.rs`).
 //!
@@ -518,7 +518,7 @@ fn main() -> ExitCode {
             });
             methods::methods(&args[1..], &root, meta)
         }
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]...".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]... | --render".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

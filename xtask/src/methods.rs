@@ -10,7 +10,8 @@
 //! the adapter folder's bytes, held-out accuracy, the epoch's training time
 //! (the run's own timer) and the process's peak resident memory, both
 //! relative to LoRA. With `--only ROW` (LoRA, the reference, always runs)
-//! the other rows of the last report are kept.
+//! the other rows of the last report are kept; `--render` writes
+//! `report.md` again from `report.json`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -342,7 +343,7 @@ fn markdown(rows: &[(&str, Vec<RunResult>)], meta: &Value) -> String {
         let r = best(runs);
         let tried: Vec<String> = runs
             .iter()
-            .map(|x| format!("{}: {:.3}", x.lr, x.accuracy))
+            .map(|x| format!("{}: {:.3}", lr_text(x.lr), x.accuracy))
             .collect();
         md.push_str(&format!(
             "| {row} | {}{} | {} | {} | {:.3} | {:.1} s (×{:.2}) | {} MiB (×{:.2}) |\n",
@@ -372,9 +373,11 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
     let mut sweep = false;
     let mut only = Vec::new();
     let mut it = args.iter();
+    let out = root.join("target/methods-report");
     while let Some(a) = it.next() {
         match a.as_str() {
             "--sweep" => sweep = true,
+            "--render" => return render(&out),
             "--only" => only.push(it.next().ok_or("--only needs a method row name")?.clone()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -406,7 +409,6 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
             ));
         }
     }
-    let out = root.join("target/methods-report");
     let mut rows = Vec::new();
     for spec in SPECS {
         if !only.is_empty() && spec.row != "LoRA" && !only.iter().any(|o| o == spec.row) {
@@ -484,6 +486,26 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
 /// A learning rate with two significant digits (`6.7e-4`).
 fn lr_text(lr: f64) -> String {
     format!("{lr:.1e}")
+}
+
+/// `--render`: `report.md` again from `report.json` (after a change to
+/// the table's format; nothing runs).
+fn render(out: &Path) -> Result<(), String> {
+    let path = out.join("report.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let report: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for row in report["rows"].as_array().into_iter().flatten() {
+        let name = row["method"].as_str().unwrap_or_default();
+        if let Some(spec) = SPECS.iter().find(|s| s.row == name) {
+            let runs = row["runs"].as_array().into_iter().flatten();
+            rows.push((spec.row, runs.filter_map(RunResult::from_json).collect()));
+        }
+    }
+    let md = markdown(&rows, &report["meta"]);
+    std::fs::write(out.join("report.md"), &md).map_err(|e| e.to_string())?;
+    println!("{md}");
+    Ok(())
 }
 
 fn slug(row: &str) -> String {

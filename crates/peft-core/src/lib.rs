@@ -54,7 +54,6 @@ pub mod rng;
 pub mod routing;
 pub mod settings;
 pub mod slot;
-pub mod slot_method;
 pub mod slot_model;
 pub mod target;
 pub mod virtual_model;
@@ -65,9 +64,13 @@ pub use error::{PeftError, Result};
 pub use host::AdapterHost;
 pub use input::{ModelDims, ModelInput, Tokens};
 pub use model::PeftModel;
+pub use slot::method as slot_method;
 pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
 pub use slot_method::SlotMethod;
 pub use slot_model::SlotModel;
+
+/// A model carrying named VeRA adapters (see [`SlotModel`]).
+pub type VeraModel<B, M> = SlotModel<B, M, slot::Vera>;
 
 /// The adapter name PEFT uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";

@@ -69,7 +69,7 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
         LORA_DEFAULT_TARGETS;
 
     /// The command-line settings the method takes, each with the key it
-    /// sets (`("targets", "target_modules")`); see [`crate::settings`].
+    /// sets (`("targets", "target_modules")`); see the `settings` module.
     const CLI_SETTINGS: &'static [(&'static str, &'static str)];
 
     /// The fields that choose the adapted layers.

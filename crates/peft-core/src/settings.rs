@@ -1,7 +1,7 @@
 //! The settings a command line gives a slot method (`peft train --r 8
 //! --targets q_proj,v_proj`), applied the same way for every method: each
 //! method lists which settings it takes and the `adapter_config.json` key
-//! each sets ([`AdapterConfig::from_cli`](crate::slot_method::AdapterConfig::from_cli));
+//! each sets (`AdapterConfig::from_cli`, `slot/method.rs`);
 //! a setting it does not list is refused by name, never dropped.
 
 use std::path::Path;

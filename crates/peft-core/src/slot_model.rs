@@ -9,7 +9,7 @@
 //! merged and saved with them (`crate::modules_to_save`).
 //!
 //! Two methods in one model: `SlotModel<B, M, (Lora, Ia3)>` holds adapters
-//! of both kinds ([`OneOf`](crate::slot_method::OneOf) configs). Any of them
+//! of both kinds (`OneOf` configs). Any of them
 //! can be active at once: an (IA)³ vector scales the base path, LoRA deltas
 //! add on top.
 
@@ -31,8 +31,8 @@ use crate::model::PeftModel;
 use crate::modules_to_save::{
     attach_copy, check_one_copy_active, copy_plan, read_copy, write_copy,
 };
+use crate::slot::method::{AdapterConfig, Init, SlotMethod};
 use crate::slot::ModuleCopyEntry;
-use crate::slot_method::{AdapterConfig, Init, SlotMethod};
 use crate::{routing, ParamCount, BASE_ROW, DEFAULT_ADAPTER};
 
 pub use crate::io::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};

@@ -9,8 +9,10 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::compare;
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::slot::vera::{Vera, VeraConfig, VeraEntry, VeraModel, VeraProjection};
-use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel, SlotModel};
+use peft_core::slot::vera::{Vera, VeraConfig, VeraEntry, VeraProjection};
+use peft_core::{
+    autodiff_backend_tests, backend_tests, PeftError, PeftModel, SlotModel, VeraModel,
+};
 use peft_models::bert::Bert;
 use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;

@@ -26,6 +26,7 @@ mod ia3;
 mod loha;
 mod lokr;
 mod lora;
+pub mod method;
 mod module_copy;
 mod oft;
 pub mod vera;
@@ -49,7 +50,7 @@ pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFacto
 pub use lora::{column_norm, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
-pub use vera::{Vera, VeraConfig, VeraEntry, VeraModel};
+pub use vera::{Vera, VeraConfig, VeraEntry};
 
 /// Slot-level state that is not a parameter.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -34,10 +34,9 @@ use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
 use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
 use crate::rng::TorchGenerator;
-use crate::slot_method::{Init, SlotMethod};
-use crate::SlotModel;
 
 use super::adapter::{BaseParts, BasePass, LowRankRows, SlotAdapter};
+use super::method::{Init, SlotMethod};
 use super::LinearSlot;
 
 /// Everything about a VeRA entry that is not a tensor.
@@ -156,9 +155,6 @@ impl<B: Backend> SlotAdapter<B> for VeraEntry<B> {
 /// VeRA, as PEFT defines it (`peft_type: VERA`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Vera;
-
-/// A model carrying named VeRA adapters (see [`SlotModel`]).
-pub type VeraModel<B, M> = SlotModel<B, M, Vera>;
 
 /// One adapter's frozen projections, in PEFT's layout.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,12 +13,12 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
+use super::LinearSlot;
 use crate::config::{read_text, Ia3Config, LoraConfig};
 use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
 use crate::method_config::{MethodConfig, TaskFields};
 use crate::settings::{self, Setting};
-use crate::slot::LinearSlot;
 use crate::target::{is_target, targets_match};
 
 /// How a new entry's parameters start.
