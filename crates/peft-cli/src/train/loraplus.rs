@@ -108,6 +108,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Split<'_, B> {
 /// LoRA+'s second and third optimizers and its ratio.
 struct Plus<M: AutodiffModule<B>, B: AutodiffBackend> {
     ratio: f64,
+    /// Each parameter's group, found on the first step (a module keeps its
+    /// parameter ids from step to step).
+    groups: HashMap<ParamId, Group>,
     b: Optim<M, B>,
     b_no_decay: Optim<M, B>,
 }
@@ -127,6 +130,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizers<M, B> {
             a: adamw.init(),
             plus: loraplus_ratio.map(|ratio| Plus {
                 ratio,
+                groups: HashMap::new(),
                 b: adamw.init(),
                 b_no_decay: adamw.clone().with_weight_decay(0.0).init(),
             }),
@@ -151,9 +155,11 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizers<M, B> {
         let Some(plus) = &mut self.plus else {
             return self.a.step(lr, model, grads);
         };
-        let groups = groups(&model);
+        if plus.groups.is_empty() {
+            plus.groups = groups(&model);
+        }
         let mut split = Split::<B> {
-            groups: &groups,
+            groups: &plus.groups,
             grads: &mut grads,
             b: GradientsParams::new(),
             b_no_decay: GradientsParams::new(),
@@ -174,6 +180,7 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> Optimizers<M, B> {
             None => None,
             Some(p) => Some(Plus {
                 ratio: p.ratio,
+                groups: p.groups,
                 b: optimizer::load_state(p.b, model, dir, device)?,
                 b_no_decay: optimizer::load_state(p.b_no_decay, model, dir, device)?,
             }),
