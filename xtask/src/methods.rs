@@ -445,14 +445,9 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
     if !only.is_empty() {
         if let Ok(text) = std::fs::read_to_string(out.join("report.json")) {
             let earlier: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-            for row in earlier["rows"].as_array().into_iter().flatten() {
-                let name = row["method"].as_str().unwrap_or_default();
-                let Some(spec) = SPECS.iter().find(|s| s.row == name) else {
-                    continue;
-                };
-                if rows.iter().all(|(r, _)| *r != spec.row) {
-                    let runs = row["runs"].as_array().into_iter().flatten();
-                    rows.push((spec.row, runs.filter_map(RunResult::from_json).collect()));
+            for (row, runs) in rows_of(&earlier) {
+                if rows.iter().all(|(r, _)| *r != row) {
+                    rows.push((row, runs));
                 }
             }
             rows.sort_by_key(|(r, _)| SPECS.iter().position(|s| s.row == *r));
@@ -488,12 +483,9 @@ fn lr_text(lr: f64) -> String {
     format!("{lr:.1e}")
 }
 
-/// `--render`: `report.md` again from `report.json` (after a change to
-/// the table's format; nothing runs).
-fn render(out: &Path) -> Result<(), String> {
-    let path = out.join("report.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let report: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+/// The rows of a `report.json` whose method is still in [`SPECS`], with
+/// their runs.
+fn rows_of(report: &Value) -> Vec<(&'static str, Vec<RunResult>)> {
     let mut rows = Vec::new();
     for row in report["rows"].as_array().into_iter().flatten() {
         let name = row["method"].as_str().unwrap_or_default();
@@ -502,7 +494,16 @@ fn render(out: &Path) -> Result<(), String> {
             rows.push((spec.row, runs.filter_map(RunResult::from_json).collect()));
         }
     }
-    let md = markdown(&rows, &report["meta"]);
+    rows
+}
+
+/// `--render`: `report.md` again from `report.json` (after a change to
+/// the table's format; nothing runs).
+fn render(out: &Path) -> Result<(), String> {
+    let path = out.join("report.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let report: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let md = markdown(&rows_of(&report), &report["meta"]);
     std::fs::write(out.join("report.md"), &md).map_err(|e| e.to_string())?;
     println!("{md}");
     Ok(())
