@@ -138,35 +138,34 @@ impl MethodFlags {
     /// never dropped. A slot method's own settings are checked by its
     /// config ([`AdapterConfig::from_cli`]).
     fn check_apply_to(&self, method: MethodArg) -> peft_core::Result<()> {
+        let slot = self.slot_settings().into_iter().map(|(flag, _)| flag);
         let others = [
             ("adapter-preset", self.adapter_preset.is_some()),
             ("reduction", self.reduction.is_some()),
             ("virtual-tokens", self.virtual_tokens.is_some()),
             ("prompt-init", self.prompt_init.is_some()),
-        ];
-        let slot_given: Vec<(&str, bool)> = self
-            .slot_settings()
-            .into_iter()
-            .map(|(f, _)| (f, true))
-            .collect();
-        let (given, takes): (Vec<(&str, bool)>, &[&str]) = match method {
-            MethodArg::Slot(_) => (others.to_vec(), &[]),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag));
+        let (mut given, takes): (Vec<&str>, &[&str]) = match method {
+            MethodArg::Slot(_) => (others.collect(), &[]),
             MethodArg::Adapter => (
-                [slot_given, others.to_vec()].concat(),
+                slot.chain(others).collect(),
                 &["adapter-preset", "reduction"],
             ),
-            MethodArg::Prefix => ([slot_given, others.to_vec()].concat(), &["virtual-tokens"]),
+            MethodArg::Prefix => (slot.chain(others).collect(), &["virtual-tokens"]),
             MethodArg::Prompt => (
-                [slot_given, others.to_vec()].concat(),
+                slot.chain(others).collect(),
                 &["virtual-tokens", "prompt-init"],
             ),
         };
-        match given.iter().find(|(f, set)| *set && !takes.contains(f)) {
-            Some((flag, _)) if takes.is_empty() => Err(PeftError::Config(format!(
+        given.retain(|flag| !takes.contains(flag));
+        match given.first() {
+            Some(flag) if takes.is_empty() => Err(PeftError::Config(format!(
                 "--{flag} does not apply to --method {}",
                 method.name()
             ))),
-            Some((flag, _)) => Err(PeftError::Config(format!(
+            Some(flag) => Err(PeftError::Config(format!(
                 "--{flag} does not apply to --method {} (it takes --{})",
                 method.name(),
                 takes.join(", --")

@@ -16,24 +16,22 @@ use crate::error::{PeftError, Result};
 /// value.
 pub type Setting<'a> = (&'a str, Value);
 
-/// The JSON a method's config starts from: `text` (a `--config` file read
-/// from `origin`) or `defaults`.
-pub fn start(text: Option<&str>, origin: &Path, defaults: Value) -> Result<Value> {
-    match text {
-        Some(t) => parse_json(t, origin),
-        None => Ok(defaults),
-    }
-}
-
-/// Writes each setting into `config` under the key `table` gives it
-/// (`(setting, key)` pairs); a setting the table lacks is refused, naming
-/// it, `method`, and what the method takes.
-pub fn apply(
+/// A method's config as JSON: `text` (a `--config` file read from
+/// `origin`) or `defaults`, with each setting written under the key `table`
+/// gives it (`(setting, key)` pairs); a setting the table lacks is
+/// refused, naming it, `method`, and what the method takes.
+pub fn config_json(
     method: &str,
-    mut config: Value,
+    text: Option<&str>,
+    origin: &Path,
+    defaults: Value,
     table: &[(&str, &str)],
     settings: &[Setting<'_>],
 ) -> Result<Value> {
+    let mut config = match text {
+        Some(t) => parse_json(t, origin)?,
+        None => defaults,
+    };
     for (setting, value) in settings {
         let Some((_, key)) = table.iter().find(|(s, _)| s == setting) else {
             let takes: Vec<String> = table.iter().map(|(s, _)| format!("--{s}")).collect();
@@ -59,9 +57,21 @@ mod tests {
     #[test]
     fn settings_land_on_their_keys_and_others_are_refused_by_name() {
         let table = [("r", "r"), ("alpha", "lora_alpha")];
-        let got = apply("lora", json!({"r": 8}), &table, &[("alpha", json!(4.0))]).unwrap();
+        let here = Path::new("");
+        let alpha = [("alpha", json!(4.0))];
+        let got = config_json("lora", None, here, json!({"r": 8}), &table, &alpha).unwrap();
         assert_eq!(got, json!({"r": 8, "lora_alpha": 4.0}));
-        let err = apply("vera", json!({}), &table, &[("feedforward", json!("x"))]).unwrap_err();
+        let from_file = config_json(
+            "lora",
+            Some(r#"{"r": 2}"#),
+            here,
+            json!({"r": 8}),
+            &table,
+            &alpha,
+        );
+        assert_eq!(from_file.unwrap(), json!({"r": 2, "lora_alpha": 4.0}));
+        let other = [("feedforward", json!("x"))];
+        let err = config_json("vera", None, here, json!({}), &table, &other).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid config: --feedforward does not apply to --method vera (it takes --r, --alpha)"

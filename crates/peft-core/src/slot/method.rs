@@ -170,13 +170,9 @@ impl AdapterConfig for LoraConfig {
             ("targets", "target_modules"),
             ("lora-dropout", "lora_dropout"),
         ];
+        let defaults = serde_json::to_value(defaults).expect("serialises");
         Some((|| {
-            let start = settings::start(
-                text,
-                origin,
-                serde_json::to_value(defaults).expect("serialises"),
-            )?;
-            let mut value = settings::apply(name, start, &table, settings)?;
+            let mut value = settings::config_json(name, text, origin, defaults, &table, settings)?;
             if name == "dora" {
                 value["use_dora"] = true.into();
             }
@@ -259,10 +255,9 @@ impl AdapterConfig for Ia3Config {
             ("targets", "target_modules"),
             ("feedforward", "feedforward_modules"),
         ];
+        let defaults = serde_json::to_value(Ia3Config::default()).expect("serialises");
         Some((|| {
-            let defaults = serde_json::to_value(Ia3Config::default()).expect("serialises");
-            let start = settings::start(text, origin, defaults)?;
-            let value = settings::apply(name, start, &table, settings)?;
+            let value = settings::config_json(name, text, origin, defaults, &table, settings)?;
             Ia3Config::from_json_str(&value.to_string(), origin)
         })())
     }
@@ -332,8 +327,8 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
         }
         Some((|| {
             let defaults = serde_json::json!({ "peft_type": C::PEFT_TYPE });
-            let start = settings::start(text, origin, defaults)?;
-            let mut value = settings::apply(name, start, C::CLI_SETTINGS, settings)?;
+            let table = C::CLI_SETTINGS;
+            let mut value = settings::config_json(name, text, origin, defaults, table, settings)?;
             let given: Vec<&str> = settings.iter().map(|s| s.0).collect();
             C::adjust_cli(&given, &mut value);
             C::from_json_str(&value.to_string(), origin)

@@ -192,18 +192,25 @@ impl VeraProjection {
         d_out: usize,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let (r, width) = (self.a.shape[0], self.a.shape[1]);
-        let a: Vec<f32> = (0..d_in)
-            .flat_map(|j| (0..r).map(move |i| (i, j)))
-            .map(|(i, j)| self.a.data[i * width + j])
-            .collect();
+        let r = self.a.shape[0];
+        let a = HostTensor {
+            shape: vec![r, d_in],
+            data: self
+                .a
+                .data
+                .chunks(self.a.shape[1])
+                .flat_map(|row| &row[..d_in])
+                .copied()
+                .collect(),
+        }
+        .transposed();
         let b = HostTensor {
             shape: vec![d_out, r],
             data: self.b.data[..d_out * r].to_vec(),
         }
         .transposed();
         (
-            Tensor::from_data(TensorData::new(a, [d_in, r]), device),
+            Tensor::from_data(TensorData::new(a.data, [d_in, r]), device),
             Tensor::from_data(TensorData::new(b.data, [r, d_out]), device),
         )
     }
