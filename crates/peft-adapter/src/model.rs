@@ -628,10 +628,18 @@ where
         sampler: &mut Sampler,
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
+        self.check_generation()?;
+        Ok(self.generate(prompt, max_new, sampler, eos, true))
+    }
+
+    /// Whether the active setup can generate: a `BatchSplit` must fit the
+    /// one row generation runs (a `Parallel` block's channels included).
+    /// [`CausalLm`]'s methods assume it can.
+    pub fn check_generation(&self) -> Result<()> {
         if let Some(setup) = &self.setup {
             setup.check_rows(setup.parallel_channels()?.unwrap_or(1))?;
         }
-        Ok(self.generate(prompt, max_new, sampler, eos, true))
+        Ok(())
     }
 
     fn replicate<const D: usize, K: burn::tensor::TensorKind<B> + burn::tensor::BasicOps<B>>(

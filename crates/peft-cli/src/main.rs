@@ -6,6 +6,7 @@
 //!     peft forward --model DIR [--adapter DIR] --ids ids.json --out logits.safetensors
 //!     peft merge --model DIR --adapter DIR --out merged/
 //!     peft inspect DIR
+//!     peft serve --model model.gguf --adapter NAME=DIR [--adapter-root DIR] [--port 8000]
 //!
 //! Every failure is a message naming the file and the problem, and a
 //! non-zero exit.
@@ -59,6 +60,75 @@ impl From<BackendArgs> for BackendChoice {
         BackendChoice {
             kind: a.backend,
             device: a.device,
+        }
+    }
+}
+
+/// `peft serve`'s flags.
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    on: BackendArgs,
+    /// Base model folder or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// An adapter served from the start, as NAME=DIR (repeatable).
+    #[arg(long = "adapter", value_parser = parse_named_adapter)]
+    adapters: Vec<(String, PathBuf)>,
+    /// The folder `/v1/load_lora_adapter` may load from (nothing outside
+    /// it, symlinks resolved); without it, runtime loading is refused.
+    #[arg(long)]
+    adapter_root: Option<PathBuf>,
+    /// Most adapters in memory at once (least recently used leave first,
+    /// and reload from their folder when asked for).
+    #[arg(long, default_value_t = 16)]
+    max_loaded: usize,
+    /// The base model's name in requests (default: the model's file or
+    /// folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Requests to /v1/* must carry `Authorization: Bearer KEY` (default:
+    /// the PEFT_API_KEY environment variable, if set).
+    #[arg(long, env = "PEFT_API_KEY")]
+    api_key: Option<String>,
+    /// Most sequences waiting or running; more get 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Seconds shutdown waits for requests in flight.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+fn parse_named_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("`{s}` is not NAME=DIR")),
+    }
+}
+
+impl From<&ServeArgs> for peft_cli::serve::ServeConfig {
+    fn from(a: &ServeArgs) -> Self {
+        peft_cli::serve::ServeConfig {
+            served_model_name: a.served_model_name.clone(),
+            adapters: a.adapters.clone(),
+            adapter_root: a.adapter_root.clone(),
+            max_loaded: a.max_loaded,
+            listen: std::net::SocketAddr::new(a.host, a.port),
+            api_key: a.api_key.clone(),
+            max_queue: a.max_queue,
+            max_body: a.max_body,
+            shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+            ..peft_cli::serve::ServeConfig::new(a.model.clone())
         }
     }
 }
@@ -151,6 +221,11 @@ enum Command {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// Serve a decoder and its adapters behind OpenAI's API
+    /// (`/v1/completions`, `/v1/chat/completions`, `/v1/models`) with
+    /// vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`, until
+    /// SIGTERM or ctrl-c.
+    Serve(ServeArgs),
     /// Coordinate a multi-machine data-parallel `peft train --nodes N`:
     /// Burn's global collective orchestrator, listening until stopped.
     Orchestrator {
@@ -560,6 +635,14 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Serve(args) => {
+            let config = peft_cli::serve::ServeConfig::from(&args);
+            peft_core::with_backend!(args.on.into(), |B, device| {
+                let server = peft_cli::serve::Server::start::<B>(config, device)?;
+                println!("peft serve: listening on http://{}", server.addr());
+                server.wait()
+            })
         }
         Command::Orchestrator { port } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -328,8 +328,8 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
 
     /// Continues `prompt` (token ids) after the active adapter through the
     /// model's KV cache: the first step runs the virtual tokens and the
-    /// prompt (a prefix as the cache's first entry, a soft prompt's
-    /// embeddings before the prompt's), later steps feed one token each.
+    /// prompt ([`start_generation`](Self::start_generation)), later steps
+    /// feed one token each.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -337,6 +337,19 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         sampler: &mut Sampler,
         eos: Option<u32>,
     ) -> Vec<u32>
+    where
+        M: CausalLm<B>,
+    {
+        let (logits, mut cache) = self.start_generation(prompt);
+        self.model.decode(logits, &mut cache, max_new, sampler, eos)
+    }
+
+    /// The first step of generation after the active adapter: the logits
+    /// `[1, t, vocab]` of `prompt` and the KV cache that later steps extend
+    /// through the frozen model's [`CausalLm::logits_cached`] (a prefix is
+    /// the cache's first entry; a soft prompt's embeddings run before the
+    /// prompt's).
+    pub fn start_generation(&self, prompt: &[u32]) -> (Tensor<B, 3>, KvCache<B>)
     where
         M: CausalLm<B>,
     {
@@ -361,7 +374,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         let logits = self
             .model
             .forward_logits(ModelInput::of(tokens).cache(&mut cache));
-        self.model.decode(logits, &mut cache, max_new, sampler, eos)
+        (logits, cache)
     }
 
     /// Writes every adapter in PEFT's layout under `dir` (`default` in

@@ -138,6 +138,28 @@ impl Tokenizer {
             .map_err(|e| PeftError::Config(format!("cannot tokenize {text:?}: {e}")))
     }
 
+    /// Token ids of `text` without the special tokens the tokenizer would
+    /// add around it (BOS, ...): what a chat template's output is encoded
+    /// with, the template writing those tokens itself. Special tokens
+    /// written in `text` are still matched whole.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        guarded(|| self.inner.encode(text, false))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| PeftError::Config(format!("cannot tokenize {text:?}: {e}")))
+    }
+
+    /// The text of token `id` in the vocabulary (e.g. `<|im_end|>`), if
+    /// there is one.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of the token whose text is `token`, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Decodes ids back to text (special tokens skipped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         guarded(|| self.inner.decode(ids, true))

@@ -8,7 +8,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::{AdapterModel, BnConfig};
-use peft_core::generate::{CausalLm, Sampler};
+use peft_core::generate::{ids_tensor, last_row, CausalLm, KvCache, Sampler};
 use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
@@ -98,9 +98,37 @@ impl<B: Backend, M: CausalModel<B> + Module<B>> Adapted<B, M> {
     }
 }
 
+/// One sequence being generated: its KV cache and the logits its next
+/// token is sampled from. [`Adapted::start`] makes one,
+/// [`Adapted::advance`] feeds it a token; a server steps many of them in
+/// turn, each through its own adapter.
+#[derive(Debug)]
+pub struct Decoding<B: Backend> {
+    /// Keys and values of every position so far (after any prefix).
+    cache: KvCache<B>,
+    /// `[1, t, vocab]`: the last step's logits; the next token comes from
+    /// its last row.
+    logits: Tensor<B, 3>,
+}
+
+impl<B: Backend> Decoding<B> {
+    /// The next token per `sampler`, from the last step's logits.
+    pub fn sample(&self, sampler: &mut Sampler) -> u32 {
+        sampler.sample(&last_row(self.logits.clone()))
+    }
+
+    /// Positions in the cache: virtual tokens, the prompt and the tokens
+    /// fed since.
+    pub fn positions(&self) -> usize {
+        self.cache.len()
+    }
+}
+
 impl<B: Backend, M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>> Adapted<B, M> {
     /// Continues `prompt` (token ids) through the model's KV cache, with
-    /// the attached adapter.
+    /// the attached adapter: [`start`](Self::start), then
+    /// [`advance`](Self::advance) with each sampled token, up to `max_new`
+    /// tokens or `eos`.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -108,12 +136,55 @@ impl<B: Backend, M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>> Adapted<B
         sampler: &mut Sampler,
         eos: Option<u32>,
     ) -> Result<Vec<u32>> {
-        match self {
-            Adapted::Slots(s) => Ok(s.model.generate(prompt, max_new, sampler, eos, true)),
-            Adapted::Adapters(a) => a.generate_checked(prompt, max_new, sampler, eos),
-            Adapted::Prefix(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
-            Adapted::Prompt(p) => Ok(p.generate(prompt, max_new, sampler, eos)),
+        let mut state = self.start(prompt)?;
+        let mut out = Vec::new();
+        while out.len() < max_new {
+            let next = state.sample(sampler);
+            out.push(next);
+            if Some(next) == eos || out.len() == max_new {
+                break;
+            }
+            self.advance(&mut state, next);
         }
+        Ok(out)
+    }
+
+    /// The first step of generation: `prompt` (after the method's virtual
+    /// tokens) through a fresh KV cache.
+    pub fn start(&self, prompt: &[u32]) -> Result<Decoding<B>> {
+        let mut cache = KvCache::new();
+        let logits = match self {
+            Adapted::Slots(s) => s
+                .model
+                .logits_cached(ids_tensor(prompt, &s.model.device()), &mut cache),
+            Adapted::Adapters(a) => {
+                a.check_generation()?;
+                a.logits_cached(ids_tensor(prompt, &a.device()), &mut cache)
+            }
+            Adapted::Prefix(p) => return Ok(Decoding::from(p.start_generation(prompt))),
+            Adapted::Prompt(p) => return Ok(Decoding::from(p.start_generation(prompt))),
+        };
+        Ok(Decoding { cache, logits })
+    }
+
+    /// Feeds `token` to a sequence [`start`](Self::start)ed by this model:
+    /// one position more in its cache, and the logits after it.
+    pub fn advance(&self, state: &mut Decoding<B>, token: u32) {
+        let step = |m: &dyn CausalLm<B>, cache: &mut KvCache<B>| {
+            m.logits_cached(ids_tensor(&[token], &m.device()), cache)
+        };
+        state.logits = match self {
+            Adapted::Slots(s) => step(&s.model, &mut state.cache),
+            Adapted::Adapters(a) => step(a, &mut state.cache),
+            Adapted::Prefix(p) => step(&p.model, &mut state.cache),
+            Adapted::Prompt(p) => step(&p.model, &mut state.cache),
+        };
+    }
+}
+
+impl<B: Backend> From<(Tensor<B, 3>, KvCache<B>)> for Decoding<B> {
+    fn from((logits, cache): (Tensor<B, 3>, KvCache<B>)) -> Self {
+        Decoding { cache, logits }
     }
 }
 

@@ -1,0 +1,466 @@
+//! `peft serve` on the real SmolLM2-135M (GGUF) with LoRA and prefix
+//! adapters, driven over loopback by a plain HTTP client: OpenAI's
+//! shapes, greedy text equal to `peft generate`'s whether a request runs
+//! alone or beside requests for other adapters, streaming, stop texts,
+//! runtime loading confined to the adapter root, the LRU of resident
+//! adapters, every refusal with its status, a client leaving mid-stream,
+//! and shutdown.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use peft_cli::jobs;
+use peft_cli::serve::{ServeConfig, Server};
+use peft_cli::tasks::{self, Method};
+use peft_core::config::InitLoraWeights;
+use peft_core::generate::Sampler;
+use peft_core::prompt_learning::PromptLearningConfig;
+use peft_core::LoraConfig;
+use peft_models::assets;
+use peft_models::llama::Llama;
+use serde_json::{json, Value};
+
+type B = burn::backend::Flex;
+
+const KEY: &str = "test-key";
+
+fn gguf() -> PathBuf {
+    assets::fetch("smollm2")
+        .unwrap()
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Writes a fresh adapter of `method` (random, so that it changes the
+/// model's output) into `dir`.
+fn write_adapter(model: &Path, method: Method, dir: &Path) {
+    let base = Llama::<B>::from_gguf(model, &Default::default()).unwrap();
+    tasks::attach_to_train(base, &method, None)
+        .unwrap()
+        .save_trained(dir)
+        .unwrap();
+}
+
+fn lora(seed_scale: f64) -> Method {
+    let mut c = LoraConfig::new(8, 16.0 * seed_scale, &["q_proj", "v_proj"]);
+    c.init_lora_weights = InitLoraWeights::Bool(false);
+    Method::slot(c)
+}
+
+/// `peft generate`'s greedy text.
+fn generated(model: &Path, adapter: Option<&Path>, prompt: &str, max: usize) -> String {
+    jobs::generate::<B>(
+        model,
+        adapter,
+        prompt,
+        max,
+        &mut Sampler::Greedy,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Client {
+    fn new(server: &Server) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        Client {
+            agent,
+            base: format!("http://{}", server.addr()),
+        }
+    }
+
+    /// Status and body of a request with `key` (or none).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        key: Option<&str>,
+    ) -> (u16, String) {
+        let url = format!("{}{path}", self.base);
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let mut r = self.agent.get(&url);
+                if let Some(k) = key {
+                    r = r.header("Authorization", &format!("Bearer {k}"));
+                }
+                r.call()
+            }
+            (_, body) => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("Content-Type", "application/json");
+                if let Some(k) = key {
+                    r = r.header("Authorization", &format!("Bearer {k}"));
+                }
+                r.send(body.unwrap_or_default())
+            }
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (status, text)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.send("POST", path, Some(body.to_string().as_bytes()), Some(KEY));
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    /// The greedy completion of `prompt` by `model`.
+    fn complete(&self, model: &str, prompt: &str, max_tokens: usize) -> String {
+        let (status, v) = self.post(
+            "/v1/completions",
+            &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    }
+
+    /// The `data:` payloads of a streamed request, in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .send(body.to_string())
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let mut reader = BufReader::new(response.into_body().into_reader());
+        let mut events = Vec::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 {
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                events.push(data.to_string());
+            }
+            line.clear();
+        }
+        events
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.send("GET", "/metrics", None, None);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+fn error_of(v: &Value) -> (&str, Option<&str>, Option<&str>) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    (
+        e["type"].as_str().unwrap(),
+        e["param"].as_str(),
+        e["code"].as_str(),
+    )
+}
+
+#[test]
+fn serves_adapters_behind_openais_api() {
+    let model = gguf();
+    let dir = std::env::temp_dir().join(format!("peft-serve-{}", std::process::id()));
+    let root = dir.join("root");
+    write_adapter(&model, lora(1.0), &root.join("lora"));
+    write_adapter(&model, lora(2.0), &root.join("lora2"));
+    write_adapter(
+        &model,
+        Method::Prefix(PromptLearningConfig::prefix_tuning(4)),
+        &root.join("prefix"),
+    );
+    std::fs::create_dir_all(root.join("corrupt")).unwrap();
+    std::fs::write(
+        root.join("corrupt/adapter_config.json"),
+        "{\"peft_type\": \"LORA\", \"r\": ",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("outside")).unwrap();
+
+    let prompt = "Call me Ishmael. Some years ago";
+    let solo = |adapter: Option<&str>| {
+        generated(&model, adapter.map(|a| root.join(a)).as_deref(), prompt, 8)
+    };
+    let expected_base = solo(None);
+    let expected_lora = solo(Some("lora"));
+    let expected_lora2 = solo(Some("lora2"));
+    let expected_prefix = solo(Some("prefix"));
+    // Each adapter changes the text, or "equal to peft generate" would
+    // not tell adapters apart.
+    assert_ne!(expected_base, expected_lora);
+    assert_ne!(expected_lora, expected_lora2);
+    assert_ne!(expected_base, expected_prefix);
+
+    let config = ServeConfig {
+        adapters: vec![
+            ("lora".into(), root.join("lora")),
+            ("lora2".into(), root.join("lora2")),
+        ],
+        adapter_root: Some(root.clone()),
+        max_loaded: 2,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        max_queue: 6,
+        max_body: 64 * 1024,
+        served_model_name: Some("smollm2".into()),
+        ..ServeConfig::new(model.clone())
+    };
+    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let c = Client::new(&server);
+
+    // Health, metrics and the model list.
+    assert_eq!(c.send("GET", "/health", None, None).0, 200);
+    let (status, list) = c.send("GET", "/v1/models", None, Some(KEY));
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smollm2", "lora", "lora2"]);
+    assert_eq!(list["data"][1]["parent"], "smollm2");
+
+    // Greedy completions equal `peft generate`'s, base and adapter.
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": prompt, "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], expected_lora.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
+    assert_eq!(c.complete("smollm2", prompt, 8), expected_base);
+
+    // Streaming: the pieces join to the same text; the last is [DONE].
+    let events = c.stream(
+        "/v1/completions",
+        &json!({"model": "lora2", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, expected_lora2);
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "length"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 8);
+
+    // Runtime loading: from under the root only; a corrupt folder fails
+    // alone.
+    let load = |name: &str, path: &str| {
+        c.post(
+            "/v1/load_lora_adapter",
+            &json!({"lora_name": name, "lora_path": path}),
+        )
+    };
+    let (status, v) = load("prefix", "prefix");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(load("prefix", "prefix").0, 400, "a name already loaded");
+    assert_eq!(load("out", "../outside").0, 403);
+    assert_eq!(load("out", dir.join("outside").to_str().unwrap()).0, 403);
+    let (status, v) = load("corrupt", "corrupt");
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("corrupt"),
+        "{v}"
+    );
+
+    // Three adapters and the base at once, two resident at most: each
+    // text equals its request alone; the LRU evicted and reloaded.
+    let evictions_before = c.metric("peft_adapter_evictions_total");
+    let runs: Vec<(&str, &String)> = vec![
+        ("lora", &expected_lora),
+        ("prefix", &expected_prefix),
+        ("smollm2", &expected_base),
+        ("lora2", &expected_lora2),
+        ("lora", &expected_lora),
+    ];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|(name, _)| s.spawn(|| c.complete(name, prompt, 8)))
+            .collect();
+        for (h, (name, want)) in handles.into_iter().zip(&runs) {
+            assert_eq!(&h.join().unwrap(), *want, "{name} beside the others");
+        }
+    });
+    assert!(c.metric("peft_adapter_evictions_total") > evictions_before);
+    assert!(c.metric("peft_adapters_resident") <= 2.0);
+
+    // A stop text cuts the text before it.
+    let cut = &expected_lora[expected_lora.len() / 2..];
+    let cut = cut.split_whitespace().next().unwrap_or(cut);
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": [cut]}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(text, &expected_lora[..expected_lora.find(cut).unwrap()]);
+
+    // Chat, through the model's own template; n completions, seeded.
+    let chat = json!({"model": "lora", "messages": [{"role": "user", "content": "Say hi."}],
+                      "max_tokens": 5, "temperature": 0.8, "seed": 7, "n": 2});
+    let (status, v) = c.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][1]["message"]["content"].is_string());
+    let (_, again) = c.post("/v1/chat/completions", &chat);
+    assert_eq!(
+        again["choices"], v["choices"],
+        "a seed makes sampling repeatable"
+    );
+    let events = c.stream(
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "stream": true,
+        "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}),
+    );
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+
+    // Refusals, each with OpenAI's error object.
+    let bad = |body: &[u8], key: Option<&str>| {
+        let (status, text) = c.send("POST", "/v1/completions", Some(body), key);
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let (status, v) = bad(b"{\"model\": ", Some(KEY));
+    assert_eq!((status, error_of(&v).0), (400, "invalid_request_error"));
+    let (status, v) = bad(
+        b"{\"model\": \"lora\", \"prompt\": \"\xff\xfe\"}",
+        Some(KEY),
+    );
+    assert_eq!(status, 400, "invalid UTF-8: {v}");
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": "x", "best_of": 1, "logprobs": 3}),
+    );
+    assert_eq!((status, error_of(&v).1), (400, Some("logprobs")));
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": "x", "temprature": 0}),
+    );
+    assert_eq!((status, error_of(&v).1), (400, Some("temprature")));
+    let (status, v) = c.post("/v1/completions", &json!({"model": "nope", "prompt": "x"}));
+    assert_eq!((status, error_of(&v).2), (404, Some("model_not_found")));
+    let context = peft_cli::serve::model_info::ModelInfo::read(&model)
+        .unwrap()
+        .context;
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": "x", "max_tokens": context}),
+    );
+    assert_eq!(
+        (status, error_of(&v).2),
+        (400, Some("context_length_exceeded"))
+    );
+    // "x" is one token: it fits with `context - 1` new ones, not after 4
+    // virtual tokens.
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "prefix", "prompt": "x", "max_tokens": context - 1}),
+    );
+    assert_eq!(
+        (status, error_of(&v).2),
+        (400, Some("context_length_exceeded")),
+        "the prefix's positions count"
+    );
+    let big = json!({"model": "lora", "prompt": "x".repeat(70 * 1024)}).to_string();
+    assert_eq!(bad(big.as_bytes(), Some(KEY)).0, 413);
+    assert_eq!(bad(b"{}", None).0, 401);
+    assert_eq!(bad(b"{}", Some("wrong")).0, 401);
+    let (status, v) = c.post(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": "x", "n": 7, "temperature": 1}),
+    );
+    assert_eq!((status, error_of(&v).2), (429, Some("queue_full")));
+
+    // A client that leaves mid-stream frees its place at once.
+    {
+        let response = c
+            .agent
+            .post(&format!("{}/v1/completions", c.base))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .send(json!({"model": "lora", "prompt": prompt, "max_tokens": 500, "stream": true, "temperature": 0}).to_string())
+            .unwrap();
+        let mut reader = response.into_body().into_reader();
+        let mut first = [0u8; 16];
+        reader.read_exact(&mut first).unwrap();
+    }
+    let left = Instant::now();
+    while c.metric("peft_queue_depth") > 0.0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(60),
+            "the abandoned sequence kept its place"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.metric("peft_generation_tokens_total") < 400.0,
+        "the abandoned sequence ran on"
+    );
+
+    // Unloading: the name is gone; the others still serve.
+    let (status, _) = c.post("/v1/unload_lora_adapter", &json!({"lora_name": "prefix"}));
+    assert_eq!(status, 200);
+    assert_eq!(
+        c.post(
+            "/v1/completions",
+            &json!({"model": "prefix", "prompt": "x"})
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        c.post("/v1/unload_lora_adapter", &json!({"lora_name": "prefix"}))
+            .0,
+        404
+    );
+    assert_eq!(c.complete("lora", prompt, 8), expected_lora);
+
+    let metrics = c.send("GET", "/metrics", None, None).1;
+    assert!(
+        metrics.contains("peft_responses_total{status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("peft_model_requests_total{model=\"lora\"}"),
+        "{metrics}"
+    );
+    let addr = server.addr();
+    server.shutdown().unwrap();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still listening after shutdown"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
