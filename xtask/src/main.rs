@@ -3,7 +3,7 @@
 //! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--device N] [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
 //!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora,
-//!   cpu_backends), and writes `target/bench-report/` with `report.json`,
+//!   cpu_backends; `serve`, `peft serve` under load, when asked for), and writes `target/bench-report/` with `report.json`,
 //!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
 //!   on PyTorch) alternately with our `minilm` suite on the first backend
@@ -349,6 +349,27 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
         "nf4_loftq_by_layer_step",
         "held_out_ppl_ratio_vs_f32",
         1.03,
+    );
+    goal(
+        "16 adapters mixed at concurrency 16: one adapter's tokens/s at most 1/0.8 of theirs",
+        "serve",
+        "adapters_16_concurrency_16",
+        "one_adapter_tokens_per_s_ratio",
+        1.0 / 0.8,
+    );
+    goal(
+        "1 adapter, concurrency 16 batches: concurrency 1's tokens/s at most 1/4 of its",
+        "serve",
+        "adapters_1_concurrency_16",
+        "concurrency_1_tokens_per_s_ratio",
+        0.25,
+    );
+    goal(
+        "memory per extra resident r-8 adapter at most 1.05× its file",
+        "serve",
+        "adapter_load",
+        "memory_ratio_vs_file",
+        1.05,
     );
     for f in report["vs_peft"]["figures"]
         .as_array()
