@@ -18,6 +18,7 @@ use peft_core::generate::Sampler;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::LoraConfig;
 use peft_models::assets;
+use peft_models::bert::Bert;
 use peft_models::llama::Llama;
 use serde_json::{json, Value};
 
@@ -462,5 +463,143 @@ fn serves_adapters_behind_openais_api() {
         std::net::TcpStream::connect(addr).is_err(),
         "still listening after shutdown"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The reference's embeddings, rows flattened.
+fn floats(rows: &Value) -> Vec<f32> {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+/// An encoder: `/v1/embeddings` gives sentence-transformers' embeddings of
+/// all-MiniLM-L6-v2 (the committed reference, to 1e-4), as floats or as
+/// OpenAI's base64; a LoRA adapter changes them; completions are refused,
+/// and so are inputs past the context and a wrong `dimensions`.
+#[test]
+fn serves_embeddings_of_an_encoder() {
+    let model = assets::fetch("minilm").unwrap();
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/minilm_reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("peft-serve-embed-{}", std::process::id()));
+    let mut lora = LoraConfig::new(8, 16.0, &["query", "value"]);
+    lora.init_lora_weights = InitLoraWeights::Bool(false);
+    let bert = Bert::<B>::load(&model, &Default::default()).unwrap();
+    tasks::attach_to_train(bert, &Method::slot(lora), None)
+        .unwrap()
+        .save_trained(&dir.join("lora"))
+        .unwrap();
+    let config = ServeConfig {
+        adapters: vec![("lora".into(), dir.join("lora"))],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        served_model_name: Some("minilm".into()),
+        ..ServeConfig::new(model.clone())
+    };
+    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let c = Client::new(&server);
+
+    let want = floats(&reference["embeddings"]);
+    let input = reference["sentences"].clone();
+    let (status, v) = c.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": input}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let rows: Vec<Value> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["embedding"].clone())
+        .collect();
+    let got = floats(&Value::Array(rows));
+    assert_eq!(got.len(), want.len());
+    let d = peft_core::compare::max_abs_diff(&got, &want);
+    assert!(d < 1e-4, "embeddings differ from the reference by {d:e}");
+    let tokens: usize = reference["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().len())
+        .sum();
+    assert_eq!(v["usage"]["prompt_tokens"], tokens);
+
+    let (status, b) = c.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": "Hello world", "encoding_format": "base64"}),
+    );
+    assert_eq!(status, 200, "{b}");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let first: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let d = peft_core::compare::max_abs_diff(&first, &want[..first.len()]);
+    assert!(
+        first.len() == 384 && d < 1e-4,
+        "base64: {} values, {d:e} off",
+        first.len()
+    );
+
+    let (status, l) = c.post("/v1/embeddings", &json!({"model": "lora", "input": input}));
+    assert_eq!(status, 200, "{l}");
+    let rows: Vec<Value> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["embedding"].clone())
+        .collect();
+    let adapted = floats(&Value::Array(rows));
+    assert!(
+        peft_core::compare::max_abs_diff(&adapted, &want) > 1e-3,
+        "the adapter changed nothing"
+    );
+
+    let (status, e) = c.post(
+        "/v1/completions",
+        &json!({"model": "minilm", "prompt": "Hello"}),
+    );
+    assert_eq!((status, error_of(&e).0), (400, "invalid_request_error"));
+    // Text is truncated as the model's tokenizer.json says (128 tokens for
+    // all-MiniLM-L6-v2, as sentence-transformers does); token ids past the
+    // model's 512 positions are refused.
+    let long = "word ".repeat(600);
+    let (status, e) = c.post("/v1/embeddings", &json!({"model": "minilm", "input": long}));
+    assert_eq!(
+        (status, &e["usage"]["prompt_tokens"]),
+        (200, &json!(128)),
+        "{e}"
+    );
+    let ids = vec![1000u32; 513];
+    let (status, e) = c.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": [ids]}),
+    );
+    assert_eq!(
+        (status, error_of(&e).2),
+        (400, Some("context_length_exceeded"))
+    );
+    let (status, e) = c.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": "x", "dimensions": 10}),
+    );
+    assert_eq!((status, error_of(&e).1), (400, Some("dimensions")));
+    server.shutdown().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

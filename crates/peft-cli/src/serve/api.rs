@@ -40,6 +40,8 @@ pub struct Shared {
     pub chat: Option<ChatTemplate>,
     /// Its context length.
     pub context: usize,
+    /// Whether the model is an encoder (embeddings, no completions).
+    pub encoder: bool,
     /// The engine's queue.
     pub jobs: Mutex<std_mpsc::Sender<Job>>,
     /// Adapters that can be named, with their folders.
@@ -68,6 +70,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(super::embeddings::embeddings))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authorize));
@@ -134,7 +137,7 @@ async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
 
 impl Shared {
     /// The body, or 413 when it is over the limit.
-    fn body(&self, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    pub(super) fn body(&self, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
         body.map_err(|e| match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(self.max_body),
             _ => ApiError::invalid(e.body_text()),
@@ -254,7 +257,7 @@ struct Gathered {
 }
 
 impl Shared {
-    fn encode(&self, text: &str, chat: bool) -> Result<Vec<u32>, ApiError> {
+    pub(super) fn encode(&self, text: &str, chat: bool) -> Result<Vec<u32>, ApiError> {
         let ids = if chat {
             self.tokenizer.encode_plain(text)
         } else {
@@ -268,7 +271,7 @@ impl Shared {
     }
 
     /// The adapter `model` names (`None`: the base), or 404.
-    fn adapter_of(&self, model: &str) -> Result<Option<(String, PathBuf)>, ApiError> {
+    pub(super) fn adapter_of(&self, model: &str) -> Result<Option<(String, PathBuf)>, ApiError> {
         if model == self.model_id {
             return Ok(None);
         }
@@ -283,7 +286,7 @@ impl Shared {
         }
     }
 
-    fn send(&self, job: Job) -> Result<(), ApiError> {
+    pub(super) fn send(&self, job: Job) -> Result<(), ApiError> {
         self.jobs
             .lock()
             .unwrap()
@@ -301,6 +304,12 @@ impl Shared {
         max_tokens: usize,
         sampling: &Sampling,
     ) -> Result<Response, ApiError> {
+        if self.encoder {
+            return Err(ApiError::invalid(
+                "the served model is an encoder (BERT): it gives /v1/embeddings, not completions"
+                    .into(),
+            ));
+        }
         let adapter = self.adapter_of(model)?;
         if prompt.len() + max_tokens > self.context {
             return Err(ApiError::context(self.context, 0, prompt.len(), max_tokens));

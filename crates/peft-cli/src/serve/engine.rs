@@ -10,7 +10,6 @@
 //! cache length per batch, so rows of different lengths cannot share a
 //! step yet.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -24,8 +23,10 @@ use peft_core::generate::{CausalLm, Sampler};
 use peft_core::Result;
 use tokio::sync::{mpsc, oneshot};
 
+use super::encoder::Embedding;
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::resident::Resident;
 use super::text::TextStream;
 use crate::tasks::{self, Adapted, CausalModel, Decoding};
 
@@ -47,6 +48,8 @@ pub enum Job {
         /// The adapter's name.
         name: String,
     },
+    /// Embeddings (an encoder's job).
+    Embed(Embedding),
 }
 
 /// One sequence to generate.
@@ -96,12 +99,6 @@ pub struct EngineConfig {
     pub context: usize,
 }
 
-/// A resident adapter.
-struct Resident<B: Backend, M: burn::module::Module<B>> {
-    model: Rc<Adapted<B, M>>,
-    last_used: u64,
-}
-
 /// A running sequence.
 struct Running<B: Backend, M: burn::module::Module<B>> {
     model: Rc<Adapted<B, M>>,
@@ -120,9 +117,8 @@ struct Running<B: Backend, M: burn::module::Module<B>> {
 struct Engine<B: Backend, M: burn::module::Module<B>> {
     base: M,
     plain: Rc<Adapted<B, M>>,
-    resident: HashMap<String, Resident<B, M>>,
+    resident: Resident<Adapted<B, M>>,
     running: Vec<Running<B, M>>,
-    clock: u64,
     config: EngineConfig,
     tokenizer: Arc<peft_models::tokenizer::Tokenizer>,
     metrics: Arc<Metrics>,
@@ -151,9 +147,8 @@ pub fn run<B: Backend, M>(
     let mut engine = Engine {
         base,
         plain,
-        resident: HashMap::new(),
+        resident: Resident::new(config.max_loaded),
         running: Vec::new(),
-        clock: 0,
         config,
         tokenizer,
         metrics,
@@ -192,9 +187,11 @@ where
                 let outcome = self.resident_model(&name, &dir).map(|_| ());
                 let _ = reply.send(outcome);
             }
-            Job::Unload { name } => {
-                self.resident.remove(&name);
-                self.metrics.set_resident(self.resident.len());
+            Job::Unload { name } => self.resident.remove(&name, &self.metrics),
+            Job::Embed(e) => {
+                let _ = e.reply.send(Err(ApiError::invalid(
+                    "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
+                )));
             }
             Job::Generate(g) => {
                 let events = g.events.clone();
@@ -207,44 +204,16 @@ where
         }
     }
 
-    /// Adapter `name`'s model, loaded from `dir` if it is not resident
-    /// (the least recently used one leaving when `max_loaded` are).
+    /// Adapter `name`'s model, loaded from `dir` if it is not resident.
     fn resident_model(
         &mut self,
         name: &str,
         dir: &Path,
     ) -> std::result::Result<Rc<Adapted<B, M>>, ApiError> {
-        self.clock += 1;
-        if let Some(r) = self.resident.get_mut(name) {
-            r.last_used = self.clock;
-            return Ok(r.model.clone());
-        }
-        let loaded = catch_unwind(AssertUnwindSafe(|| {
-            tasks::load_adapted(self.base.clone(), Some(dir))
-        }))
-        .map_err(|_| ApiError::internal(format!("loading adapter `{name}` panicked")))?
-        .map_err(|e| ApiError::bad_adapter(name, &e.to_string()))?;
-        while self.resident.len() >= self.config.max_loaded.max(1) {
-            let oldest = self
-                .resident
-                .iter()
-                .min_by_key(|(_, r)| r.last_used)
-                .map(|(n, _)| n.clone())
-                .expect("non-empty");
-            self.resident.remove(&oldest);
-            self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
-        }
-        let model = Rc::new(loaded);
-        self.resident.insert(
-            name.to_string(),
-            Resident {
-                model: model.clone(),
-                last_used: self.clock,
-            },
-        );
-        self.metrics.loads.fetch_add(1, Ordering::Relaxed);
-        self.metrics.set_resident(self.resident.len());
-        Ok(model)
+        let base = &self.base;
+        self.resident.get_or_load(name, &self.metrics, || {
+            tasks::load_adapted(base.clone(), Some(dir))
+        })
     }
 
     /// Prefills `g` and adds it to the running sequences.

@@ -1,7 +1,9 @@
-//! `peft serve`: one frozen decoder serving its adapters behind
-//! OpenAI's API. One file per concern: [`api`] (the endpoints),
+//! `peft serve`: one frozen model serving its adapters behind OpenAI's
+//! API: a decoder's completions, an encoder's embeddings. One file per concern: [`api`] (the endpoints),
 //! [`requests`] (request bodies), [`error`] (OpenAI's error objects),
-//! [`engine`] (the thread that owns the model and steps the sequences),
+//! [`engine`] (the thread that owns a decoder and steps the sequences),
+//! [`encoder`] and [`embeddings`] (an encoder's engine and endpoint),
+//! [`resident`] (the LRU of adapters),
 //! [`text`] (streamed detokenization and stop texts), [`chat`] (chat
 //! templates), [`adapters`] (the adapter root), [`metrics`], and
 //! [`model_info`] (tokenizer, template, end tokens, context length).
@@ -28,11 +30,14 @@ use crate::tasks::{self, Arch};
 pub mod adapters;
 pub mod api;
 pub mod chat;
+pub mod embeddings;
+pub mod encoder;
 pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod model_info;
 pub mod requests;
+pub mod resident;
 pub mod text;
 
 /// Everything `peft serve` is started with.
@@ -93,17 +98,35 @@ impl Server {
     /// address does not work.
     pub fn start<B: Backend>(config: ServeConfig, device: B::Device) -> Result<Server> {
         match tasks::arch_of(&config.model)? {
-            Arch::Llama => Self::start_with::<B, Llama<B>>(config, device),
-            Arch::Gpt2 => Self::start_with::<B, Gpt2<B>>(config, device),
-            Arch::Bert => Err(PeftError::Config(
-                "peft serve runs decoders (Llama, GPT-2); BERT is not served yet".into(),
-            )),
+            Arch::Llama => Self::start_decoder::<B, Llama<B>>(config, device),
+            Arch::Gpt2 => Self::start_decoder::<B, Gpt2<B>>(config, device),
+            Arch::Bert => Self::start_engine(config, true, move |c, _, m, jobs, ready| {
+                encoder::run::<B>(c, m, device, jobs, ready)
+            }),
         }
     }
 
-    fn start_with<B: Backend, M>(config: ServeConfig, device: B::Device) -> Result<Server>
+    fn start_decoder<B: Backend, M>(config: ServeConfig, device: B::Device) -> Result<Server>
     where
         M: tasks::CausalModel<B> + peft_core::generate::CausalLm<B> + 'static,
+    {
+        Self::start_engine(config, false, move |c, t, m, jobs, ready| {
+            engine::run::<B, M>(c, t, m, device, jobs, ready)
+        })
+    }
+
+    /// Starts the engine `run` (on its own thread) and, once it has loaded
+    /// the model, the HTTP side.
+    fn start_engine<F>(config: ServeConfig, encoder: bool, run: F) -> Result<Server>
+    where
+        F: FnOnce(
+                engine::EngineConfig,
+                Arc<peft_models::tokenizer::Tokenizer>,
+                Arc<metrics::Metrics>,
+                std_mpsc::Receiver<engine::Job>,
+                std_mpsc::Sender<Result<()>>,
+            ) + Send
+            + 'static,
     {
         let info = model_info::ModelInfo::read(&config.model)?;
         let chat = match &info.chat_template {
@@ -137,7 +160,7 @@ impl Server {
         let (t, m) = (tokenizer.clone(), metrics.clone());
         let engine = std::thread::Builder::new()
             .name("peft-serve-engine".into())
-            .spawn(move || engine::run::<B, M>(engine_config, t, m, device, queue, ready))
+            .spawn(move || run(engine_config, t, m, queue, ready))
             .map_err(|e| PeftError::State(format!("cannot start the engine thread: {e}")))?;
         loaded
             .recv()
@@ -167,6 +190,7 @@ impl Server {
             tokenizer,
             chat,
             context: info.context,
+            encoder,
             jobs: Mutex::new(jobs),
             known: Mutex::new(config.adapters.iter().cloned().collect()),
             adapter_root,

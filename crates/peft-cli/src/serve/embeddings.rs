@@ -1,0 +1,156 @@
+//! `POST /v1/embeddings` (OpenAI's shapes) for an encoder: one vector per
+//! input, as floats or as OpenAI's base64 of little-endian `f32`s (the
+//! `openai` package asks for base64 unless told otherwise).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::api::Shared;
+use super::encoder::Embedding;
+use super::engine::Job;
+use super::error::ApiError;
+
+/// Most inputs one request may carry (OpenAI's limit).
+const MAX_INPUTS: usize = 2048;
+
+/// `input`: a text, texts, token ids, or lists of token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingRequest {
+    model: String,
+    input: Input,
+    encoding_format: Option<String>,
+    dimensions: Option<usize>,
+    /// An end-user id: recorded nowhere, changes nothing.
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+pub async fn embeddings(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = s.body(body)?;
+    let r: EmbeddingRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
+    if !s.encoder {
+        return Err(ApiError::invalid(
+            "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
+        ));
+    }
+    let base64 = match r.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                "encoding_format",
+                format!("`encoding_format` is float or base64, not {other}"),
+            ))
+        }
+    };
+    let inputs = match r.input {
+        Input::Text(t) => vec![s.encode(&t, false)?],
+        Input::Texts(v) => v
+            .iter()
+            .map(|t| s.encode(t, false))
+            .collect::<Result<_, _>>()?,
+        Input::Ids(ids) => vec![ids],
+        Input::IdLists(lists) => lists,
+    };
+    let vocab = s.tokenizer.vocab_size();
+    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
+        return Err(ApiError::field(
+            "input",
+            format!("1 to {MAX_INPUTS} inputs, not {}", inputs.len()),
+        ));
+    }
+    for (i, ids) in inputs.iter().enumerate() {
+        if ids.is_empty() {
+            return Err(ApiError::field("input", format!("input {i} is empty")));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::field(
+                "input",
+                format!("token id {bad} is outside the vocabulary ({vocab})"),
+            ));
+        }
+        if ids.len() > s.context {
+            let mut e = ApiError::context(s.context, 0, ids.len(), 0);
+            e.param = Some("input".into());
+            e.message = format!(
+                "input {i} has {} tokens; the model takes at most {}",
+                ids.len(),
+                s.context
+            );
+            return Err(e);
+        }
+    }
+    let adapter = s.adapter_of(&r.model)?;
+    if !s.metrics.enter_queue(1, s.max_queue) {
+        return Err(ApiError::busy(s.max_queue));
+    }
+    s.metrics.request_for(&r.model);
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let (reply, outcome) = oneshot::channel();
+    let sent = s.send(Job::Embed(Embedding {
+        adapter,
+        inputs,
+        reply,
+    }));
+    let vectors = match sent {
+        Ok(()) => outcome
+            .await
+            .map_err(|_| ApiError::internal("the engine has stopped".into()))
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    };
+    s.metrics.leave_queue();
+    let vectors = vectors?;
+    if let Some(d) = r.dimensions {
+        if vectors.first().is_some_and(|v| v.len() != d) {
+            return Err(ApiError::field(
+                "dimensions",
+                format!(
+                    "the model's embeddings have {} dimensions, not {d}",
+                    vectors[0].len()
+                ),
+            ));
+        }
+    }
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": r.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
