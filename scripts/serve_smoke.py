@@ -7,11 +7,14 @@ prefix, one step each), serves the base with the LoRA, and checks through
 chat completions (streamed and not, the streamed text equal to the whole
 one), runtime loading and unloading of the prefix through vLLM's endpoints,
 OpenAI's exceptions for an unknown model and a wrong key, and a clean exit
-on SIGTERM.
+on SIGTERM. With `--encoder`, it also serves that BERT folder and checks
+`embeddings.create` (the client asks for base64 by default) against the
+same embeddings as floats.
 
     pip install "openai>=1.50,<3"
     python3 scripts/serve_smoke.py --peft target/debug/peft \
-        --model ~/.cache/peft-rs/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        --model ~/.cache/peft-rs/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --encoder ~/.cache/peft-rs/assets/minilm
 
 Exits non-zero, saying what failed, on the first difference.
 """
@@ -55,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peft", required=True, help="the peft binary")
     ap.add_argument("--model", required=True, help="SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--encoder", help="all-MiniLM-L6-v2 folder: also check /v1/embeddings")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="peft-serve-smoke-")
@@ -126,6 +130,28 @@ def main():
         code = server.wait(timeout=60)
         check(code == 0, f"SIGTERM stops the server cleanly (exit {code})")
         server = None
+
+        if args.encoder:
+            server = subprocess.Popen(
+                [args.peft, "serve", "--model", args.encoder, "--served-model-name", "minilm",
+                 "--port", "0"],
+                stdout=subprocess.PIPE, text=True,
+            )
+            url = server.stdout.readline().strip().rsplit(" ", 1)[-1]
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            texts = ["Hello world", "Effective but too tepid biopic"]
+            packed = client.embeddings.create(model="minilm", input=texts)
+            plain = client.embeddings.create(model="minilm", input=texts, encoding_format="float")
+            a = [d.embedding for d in packed.data]
+            b = [d.embedding for d in plain.data]
+            check(len(a) == 2 and len(a[0]) == 384, "embeddings.create gives 2 vectors of 384")
+            diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+            check(diff < 1e-6, f"base64 and float embeddings agree ({diff:.1e})")
+            norm = sum(x * x for x in b[0]) ** 0.5
+            check(abs(norm - 1) < 1e-4, f"embeddings are normalised ({norm:.6f})")
+            server.send_signal(signal.SIGTERM)
+            check(server.wait(timeout=60) == 0, "the encoder server stops cleanly")
+            server = None
     finally:
         if server is not None:
             server.kill()
