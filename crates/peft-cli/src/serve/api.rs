@@ -143,6 +143,16 @@ impl Shared {
             _ => ApiError::invalid(e.body_text()),
         })
     }
+
+    /// The body as JSON of `T` (413 over the limit, 400 when it is not a
+    /// `T`: unknown fields too, where `T` denies them).
+    pub(super) fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        body: Result<Bytes, BytesRejection>,
+    ) -> Result<T, ApiError> {
+        serde_json::from_slice(&self.body(body)?)
+            .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+    }
 }
 
 async fn completions(
@@ -489,9 +499,7 @@ async fn load_adapter(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = s.body(body)?;
-    let r: LoadAdapter = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
+    let r: LoadAdapter = s.json(body)?;
     let root = s.adapter_root.as_ref().ok_or_else(|| {
         ApiError::forbidden(
             "runtime adapter loading is off: start the server with --adapter-root DIR".into(),
@@ -534,9 +542,7 @@ async fn unload_adapter(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = s.body(body)?;
-    let r: UnloadAdapter = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
+    let r: UnloadAdapter = s.json(body)?;
     if s.known.lock().unwrap().remove(&r.lora_name).is_none() {
         let mut e = ApiError::unknown_model(
             &r.lora_name,

@@ -48,9 +48,7 @@ pub async fn embeddings(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = s.body(body)?;
-    let r: EmbeddingRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
+    let r: EmbeddingRequest = s.json(body)?;
     if !s.encoder {
         return Err(ApiError::invalid(
             "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
