@@ -404,6 +404,16 @@ fn serves_adapters_behind_openais_api() {
         &json!({"model": "lora", "prompt": "x", "n": 7, "temperature": 1}),
     );
     assert_eq!((status, error_of(&v).2), (429, Some("queue_full")));
+    let full = c
+        .agent
+        .post(&format!("{}/v1/completions", c.base))
+        .header("Authorization", &format!("Bearer {KEY}"))
+        .send(json!({"model": "lora", "prompt": "x", "n": 7, "temperature": 1}).to_string())
+        .unwrap();
+    assert_eq!(
+        full.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
 
     // A client that leaves mid-stream frees its place at once.
     {
