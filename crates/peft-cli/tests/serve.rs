@@ -19,6 +19,7 @@ use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::LoraConfig;
 use peft_models::assets;
 use peft_models::bert::Bert;
+use peft_models::fixtures::FixtureCase;
 use peft_models::llama::Llama;
 use serde_json::{json, Value};
 
@@ -32,18 +33,30 @@ fn gguf() -> PathBuf {
         .join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// Writes a fresh adapter of `method` (random, so that it changes the
-/// model's output) into `dir`.
-fn write_adapter(model: &Path, method: Method, dir: &Path) {
-    let base = Llama::<B>::from_gguf(model, &Default::default()).unwrap();
+/// The backend's random generator is process-wide: tests that draw new
+/// adapters take turns and seed it, so that each draws the same adapter
+/// whatever runs beside it.
+static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Writes a fresh adapter of `method`, drawn after seeding with `seed`
+/// (random, so that it changes the model's output), into `dir`.
+fn write_adapter<M: peft_core::PeftModel<B>>(base: M, method: Method, seed: u64, dir: &Path) {
+    let _turn = DRAWING.lock().unwrap_or_else(|e| e.into_inner());
+    <B as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
     tasks::attach_to_train(base, &method, None)
         .unwrap()
         .save_trained(dir)
         .unwrap();
 }
 
-fn lora(seed_scale: f64) -> Method {
-    let mut c = LoraConfig::new(8, 16.0 * seed_scale, &["q_proj", "v_proj"]);
+fn llama(model: &Path) -> Llama<B> {
+    Llama::<B>::from_gguf(model, &Default::default()).unwrap()
+}
+
+/// A LoRA with random `A` and `B` (PEFT's `init_lora_weights=False`) on
+/// the attention's query and value, scaled by `alpha / 8`.
+fn lora(alpha: f64, targets: &[&str]) -> Method {
+    let mut c = LoraConfig::new(8, alpha, targets);
     c.init_lora_weights = InitLoraWeights::Bool(false);
     Method::slot(c)
 }
@@ -175,13 +188,20 @@ fn serves_adapters_behind_openais_api() {
     let model = gguf();
     let dir = std::env::temp_dir().join(format!("peft-serve-{}", std::process::id()));
     let root = dir.join("root");
-    write_adapter(&model, lora(1.0), &root.join("lora"));
-    write_adapter(&model, lora(2.0), &root.join("lora2"));
     write_adapter(
-        &model,
-        Method::Prefix(PromptLearningConfig::prefix_tuning(4)),
-        &root.join("prefix"),
+        llama(&model),
+        lora(32.0, &["q_proj", "v_proj"]),
+        1,
+        &root.join("lora"),
     );
+    write_adapter(
+        llama(&model),
+        lora(64.0, &["q_proj", "v_proj"]),
+        2,
+        &root.join("lora2"),
+    );
+    let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(4));
+    write_adapter(llama(&model), prefix, 3, &root.join("prefix"));
     std::fs::create_dir_all(root.join("corrupt")).unwrap();
     std::fs::write(
         root.join("corrupt/adapter_config.json"),
@@ -505,13 +525,8 @@ fn serves_embeddings_of_an_encoder() {
     )
     .unwrap();
     let dir = std::env::temp_dir().join(format!("peft-serve-embed-{}", std::process::id()));
-    let mut lora = LoraConfig::new(8, 16.0, &["query", "value"]);
-    lora.init_lora_weights = InitLoraWeights::Bool(false);
     let bert = Bert::<B>::load(&model, &Default::default()).unwrap();
-    tasks::attach_to_train(bert, &Method::slot(lora), None)
-        .unwrap()
-        .save_trained(&dir.join("lora"))
-        .unwrap();
+    write_adapter(bert, lora(16.0, &["query", "value"]), 4, &dir.join("lora"));
     let config = ServeConfig {
         adapters: vec![("lora".into(), dir.join("lora"))],
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -612,4 +627,76 @@ fn serves_embeddings_of_an_encoder() {
     assert_eq!((status, error_of(&e).1), (400, Some("dimensions")));
     server.shutdown().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `/classify` with PEFT-trained SEQ_CLS adapters of MiniLM (LoRA and
+/// (IA)³, the head's copy in `modules_to_save`): each row's probabilities
+/// are the softmax of PEFT's logits (`fixtures/minilm_seqcls`), its label
+/// the most likely class; the base, which has no head, is refused.
+#[test]
+fn classifies_with_peft_seq_cls_adapters() {
+    let model = assets::fetch("minilm").unwrap();
+    let cases: Vec<(&str, FixtureCase)> = ["lora", "ia3"]
+        .into_iter()
+        .map(|m| (m, FixtureCase::open("minilm_seqcls", m)))
+        .collect();
+    let config = ServeConfig {
+        adapters: cases
+            .iter()
+            .map(|(m, c)| (m.to_string(), c.dir.clone()))
+            .collect(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        served_model_name: Some("minilm".into()),
+        ..ServeConfig::new(model)
+    };
+    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let c = Client::new(&server);
+    for (method, case) in &cases {
+        let ids = case.want("input_ids");
+        let rows: Vec<Vec<u32>> = ids
+            .data
+            .chunks(ids.shape[1])
+            .map(|r| r.iter().map(|&v| v as u32).collect())
+            .collect();
+        let (status, v) = c.post("/classify", &json!({"model": method, "input": rows}));
+        assert_eq!(status, 200, "{method}: {v}");
+        let logits = case.want("logits");
+        let classes = logits.shape[1];
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), rows.len(), "{method}");
+        for (row, d) in logits.data.chunks(classes).zip(data) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+            let want: Vec<f32> = row.iter().map(|x| (x - max).exp() / sum).collect();
+            let got: Vec<f32> = d["probs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let diff = peft_core::compare::max_abs_diff(&got, &want);
+            assert!(
+                got.len() == classes && diff < 1e-4,
+                "{method}: probabilities {got:?} vs PEFT's {want:?}"
+            );
+            let best = want
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(d["label"], format!("LABEL_{best}"), "{method}");
+        }
+    }
+    let (status, v) = c.post(
+        "/v1/classify",
+        &json!({"model": "minilm", "input": "A fine film."}),
+    );
+    assert_eq!(
+        (status, error_of(&v).0),
+        (400, "invalid_request_error"),
+        "the base has no head"
+    );
+    server.shutdown().unwrap();
 }

@@ -71,6 +71,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(super::embeddings::embeddings))
+        .route("/classify", post(super::embeddings::classify))
+        .route("/v1/classify", post(super::embeddings::classify))
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authorize));
@@ -404,7 +406,7 @@ impl Shared {
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -1,6 +1,8 @@
-//! `POST /v1/embeddings` (OpenAI's shapes) for an encoder: one vector per
-//! input, as floats or as OpenAI's base64 of little-endian `f32`s (the
-//! `openai` package asks for base64 unless told otherwise).
+//! An encoder's endpoints: `POST /v1/embeddings` (OpenAI's shapes), one
+//! vector per input, as floats or as OpenAI's base64 of little-endian
+//! `f32`s (the `openai` package asks for base64 unless told otherwise);
+//! and `POST /classify` (vLLM's shapes, also at `/v1/classify`), each
+//! input's class probabilities and most likely label.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::api::Shared;
-use super::encoder::Embedding;
+use super::encoder::{Classification, Embedding};
 use super::engine::Job;
 use super::error::ApiError;
 
@@ -44,27 +46,27 @@ struct EmbeddingRequest {
     user: Option<String>,
 }
 
-pub async fn embeddings(
-    State(s): State<Arc<Shared>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let r: EmbeddingRequest = s.json(body)?;
+/// `POST /classify`'s body (vLLM's).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassifyRequest {
+    model: String,
+    input: Input,
+    /// An end-user id: recorded nowhere, changes nothing.
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// The token ids of `input`, each checked against the vocabulary and the
+/// context.
+fn tokenized(s: &Shared, input: Input) -> Result<Vec<Vec<u32>>, ApiError> {
     if !s.encoder {
         return Err(ApiError::invalid(
-            "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
+            "the served model is a decoder: embeddings and classification need an encoder (BERT)"
+                .into(),
         ));
     }
-    let base64 = match r.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::field(
-                "encoding_format",
-                format!("`encoding_format` is float or base64, not {other}"),
-            ))
-        }
-    };
-    let inputs = match r.input {
+    let inputs = match input {
         Input::Text(t) => vec![s.encode(&t, false)?],
         Input::Texts(v) => v
             .iter()
@@ -101,19 +103,22 @@ pub async fn embeddings(
             return Err(e);
         }
     }
-    let adapter = s.adapter_of(&r.model)?;
+    Ok(inputs)
+}
+
+/// Sends the job `make(reply)` for `model` and waits for its answer,
+/// holding one queue place meanwhile.
+async fn ask<T>(
+    s: &Shared,
+    model: &str,
+    make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Job,
+) -> Result<T, ApiError> {
     if !s.metrics.enter_queue(1, s.max_queue) {
         return Err(ApiError::busy(s.max_queue));
     }
-    s.metrics.request_for(&r.model);
-    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    s.metrics.request_for(model);
     let (reply, outcome) = oneshot::channel();
-    let sent = s.send(Job::Embed(Embedding {
-        adapter,
-        inputs,
-        reply,
-    }));
-    let vectors = match sent {
+    let answer = match s.send(make(reply)) {
         Ok(()) => outcome
             .await
             .map_err(|_| ApiError::internal("the engine has stopped".into()))
@@ -121,7 +126,35 @@ pub async fn embeddings(
         Err(e) => Err(e),
     };
     s.metrics.leave_queue();
-    let vectors = vectors?;
+    answer
+}
+
+pub async fn embeddings(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r: EmbeddingRequest = s.json(body)?;
+    let base64 = match r.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::field(
+                "encoding_format",
+                format!("`encoding_format` is float or base64, not {other}"),
+            ))
+        }
+    };
+    let inputs = tokenized(&s, r.input)?;
+    let adapter = s.adapter_of(&r.model)?;
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let vectors = ask(&s, &r.model, |reply| {
+        Job::Embed(Embedding {
+            adapter,
+            inputs,
+            reply,
+        })
+    })
+    .await?;
     if let Some(d) = r.dimensions {
         if vectors.first().is_some_and(|v| v.len() != d) {
             return Err(ApiError::field(
@@ -149,6 +182,43 @@ pub async fn embeddings(
     Ok(Json(json!({
         "object": "list", "data": data, "model": r.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+pub async fn classify(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r: ClassifyRequest = s.json(body)?;
+    let inputs = tokenized(&s, r.input)?;
+    let adapter = s.adapter_of(&r.model)?;
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let (probs, labels) = ask(&s, &r.model, |reply| {
+        Job::Classify(Classification {
+            adapter,
+            inputs,
+            reply,
+        })
+    })
+    .await?;
+    let data: Vec<Value> = probs
+        .iter()
+        .enumerate()
+        .map(|(index, p)| {
+            let best = p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            json!({"index": index, "label": labels.get(best), "probs": p, "num_classes": p.len()})
+        })
+        .collect();
+    let number = s.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(json!({
+        "id": format!("classify-{number}"), "object": "list", "created": super::api::now(),
+        "model": r.model, "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
     }))
     .into_response())
 }

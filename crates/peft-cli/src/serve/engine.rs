@@ -14,16 +14,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use peft_core::generate::{CausalLm, Sampler};
 use peft_core::Result;
 use tokio::sync::{mpsc, oneshot};
 
-use super::encoder::Embedding;
+use super::encoder::{Classification, Embedding};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::resident::Resident;
@@ -50,6 +50,8 @@ pub enum Job {
     },
     /// Embeddings (an encoder's job).
     Embed(Embedding),
+    /// Class probabilities (an encoder's job).
+    Classify(Classification),
 }
 
 /// One sequence to generate.
@@ -156,16 +158,12 @@ pub fn run<B: Backend, M>(
     let _ = ready.send(Ok(()));
     loop {
         // Idle: wait for work. Busy: take what arrived, then step.
-        let first = if engine.running.is_empty() {
-            match jobs.recv() {
+        let first = match engine.running.is_empty() {
+            true => match jobs.recv() {
                 Ok(j) => Some(j),
                 Err(_) => return,
-            }
-        } else {
-            match jobs.recv_timeout(Duration::ZERO) {
-                Ok(j) => Some(j),
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
-            }
+            },
+            false => None,
         };
         for job in first
             .into_iter()
@@ -191,6 +189,11 @@ where
             Job::Embed(e) => {
                 let _ = e.reply.send(Err(ApiError::invalid(
                     "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
+                )));
+            }
+            Job::Classify(c) => {
+                let _ = c.reply.send(Err(ApiError::invalid(
+                    "the served model is a decoder: /classify serves an encoder (BERT)".into(),
                 )));
             }
             Job::Generate(g) => {
