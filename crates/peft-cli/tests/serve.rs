@@ -267,6 +267,11 @@ fn serves_adapters_behind_openais_api() {
     assert_eq!(v["usage"]["completion_tokens"], 8);
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 3);
     assert_eq!(c.complete("smollm2", prompt, 8), expected_base);
+    assert_eq!(
+        c.metric("peft_generation_tokens_total"),
+        16.0,
+        "two requests of 8 tokens"
+    );
 
     // Streaming: the pieces join to the same text; the last is [DONE].
     let events = c.stream(

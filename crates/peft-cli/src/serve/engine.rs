@@ -265,14 +265,18 @@ where
         let stepped = self.running.len();
         let eos = self.config.eos_ids.clone();
         let metrics = self.metrics.clone();
+        let mut tokens = 0;
         self.running.retain_mut(|seq| {
+            let before = seq.generated;
             let keep = seq.step(&eos);
+            // End-of-sequence ends a sequence without adding a token.
+            tokens += seq.generated - before;
             if !keep {
                 metrics.leave_queue();
             }
             keep
         });
-        self.metrics.record_step(stepped, started.elapsed());
+        self.metrics.record_step(stepped, tokens, started.elapsed());
     }
 }
 

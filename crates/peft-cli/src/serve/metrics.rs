@@ -63,14 +63,15 @@ impl Metrics {
             });
     }
 
-    /// One decode step that advanced `sequences` sequences in `took`.
-    pub fn record_step(&self, sequences: usize, took: Duration) {
+    /// One decode step that advanced `sequences` sequences, adding
+    /// `tokens` tokens, in `took`.
+    pub fn record_step(&self, sequences: usize, tokens: usize, took: Duration) {
         self.generated_tokens
-            .fetch_add(sequences as u64, Ordering::Relaxed);
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         self.step_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.last_batch.store(sequences, Ordering::Relaxed);
-        let rate = sequences as f64 / took.as_secs_f64().max(1e-9);
+        let rate = tokens as f64 / took.as_secs_f64().max(1e-9);
         self.last_rate_milli
             .store((rate * 1000.0) as u64, Ordering::Relaxed);
     }
