@@ -347,6 +347,24 @@ fn serves_adapters_behind_openais_api() {
     let text = v["choices"][0]["text"].as_str().unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     assert_eq!(text, &expected_lora[..expected_lora.find(cut).unwrap()]);
+    // Streamed, the pieces never show the stop text or a start of it.
+    let events = c.stream(
+        "/v1/completions",
+        &json!({"model": "lora", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                "stop": [cut], "stream": true}),
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, text, "streamed with a stop text");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "stop"));
 
     // Chat, through the model's own template; n completions, seeded.
     let chat = json!({"model": "lora", "messages": [{"role": "user", "content": "Say hi."}],
