@@ -81,19 +81,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(|| async {
-            ApiError::new_not_found("no such endpoint (see /v1/models, /v1/completions, /v1/chat/completions, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics)")
+            ApiError::no_endpoint("no such endpoint (see /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /classify, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics)")
         })
         .layer(middleware::from_fn_with_state(shared.clone(), count_response))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared)
-}
-
-impl ApiError {
-    fn new_not_found(message: &str) -> Self {
-        let mut e = ApiError::invalid(message.to_string());
-        e.status = StatusCode::NOT_FOUND;
-        e
-    }
 }
 
 async fn authorize(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
@@ -174,13 +166,7 @@ async fn completions(
             ))
         }
         Prompt::Ids(ids) => {
-            let vocab = s.tokenizer.vocab_size();
-            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-                return Err(ApiError::field(
-                    "prompt",
-                    format!("token id {bad} is outside the vocabulary ({vocab})"),
-                ));
-            }
+            s.check_vocabulary(&ids, "prompt")?;
             ids
         }
     };
@@ -269,6 +255,18 @@ struct Gathered {
 }
 
 impl Shared {
+    /// 400 naming `param` when a token id is past the vocabulary.
+    pub(super) fn check_vocabulary(&self, ids: &[u32], param: &str) -> Result<(), ApiError> {
+        let vocab = self.tokenizer.vocab_size();
+        match ids.iter().find(|&&i| i as usize >= vocab) {
+            Some(bad) => Err(ApiError::field(
+                param,
+                format!("token id {bad} is outside the vocabulary ({vocab})"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn encode(&self, text: &str, chat: bool) -> Result<Vec<u32>, ApiError> {
         let ids = if chat {
             self.tokenizer.encode_plain(text)

@@ -75,7 +75,6 @@ fn tokenized(s: &Shared, input: Input) -> Result<Vec<Vec<u32>>, ApiError> {
         Input::Ids(ids) => vec![ids],
         Input::IdLists(lists) => lists,
     };
-    let vocab = s.tokenizer.vocab_size();
     if inputs.is_empty() || inputs.len() > MAX_INPUTS {
         return Err(ApiError::field(
             "input",
@@ -86,12 +85,7 @@ fn tokenized(s: &Shared, input: Input) -> Result<Vec<Vec<u32>>, ApiError> {
         if ids.is_empty() {
             return Err(ApiError::field("input", format!("input {i} is empty")));
         }
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::field(
-                "input",
-                format!("token id {bad} is outside the vocabulary ({vocab})"),
-            ));
-        }
+        s.check_vocabulary(ids, "input")?;
         if ids.len() > s.context {
             let mut e = ApiError::context(s.context, 0, ids.len(), 0);
             e.param = Some("input".into());

@@ -320,7 +320,7 @@ where
     fn next_token(&mut self, eos: &[u32]) -> std::result::Result<Option<&'static str>, ApiError> {
         let token = self.state.sample(&mut self.sampler);
         if eos.contains(&token) {
-            self.flush()?;
+            self.flush();
             return Ok(Some("stop"));
         }
         self.generated += 1;
@@ -335,7 +335,7 @@ where
             return Ok(Some("stop"));
         }
         if self.generated >= self.max_tokens {
-            self.flush()?;
+            self.flush();
             return Ok(Some("length"));
         }
         self.model.advance(&mut self.state, token);
@@ -344,11 +344,10 @@ where
 
     /// Sends the text held back (an incomplete character or a possible
     /// start of a stop text) when the sequence ends.
-    fn flush(&mut self) -> std::result::Result<(), ApiError> {
+    fn flush(&mut self) {
         let rest = self.text.finish();
         if !rest.is_empty() {
             let _ = self.events.send(Event::Text(rest));
         }
-        Ok(())
     }
 }

@@ -62,6 +62,15 @@ impl ApiError {
         e
     }
 
+    /// 404: a path the server has no endpoint at.
+    pub fn no_endpoint(message: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            message.to_string(),
+        )
+    }
+
     /// 400: prompt, virtual tokens and `max_tokens` exceed the context.
     pub fn context(
         context: usize,

@@ -111,7 +111,7 @@ pub struct ChatRequest {
 
 /// The fields of [`Sampling`] (serde's `deny_unknown_fields` does not
 /// work through `flatten`, so [`parse`] checks the names).
-const SAMPLING_FIELDS: [&str; 17] = [
+const SAMPLING_FIELDS: [&str; 16] = [
     "max_tokens",
     "max_completion_tokens",
     "temperature",
@@ -128,14 +128,13 @@ const SAMPLING_FIELDS: [&str; 17] = [
     "logprobs",
     "top_logprobs",
     "user",
-    "model",
 ];
 
 /// The fields [`CompletionRequest`] takes besides [`Sampling`]'s.
-pub const COMPLETION_FIELDS: [&str; 4] = ["prompt", "echo", "best_of", "suffix"];
+pub const COMPLETION_FIELDS: [&str; 5] = ["model", "prompt", "echo", "best_of", "suffix"];
 
 /// The fields [`ChatRequest`] takes besides [`Sampling`]'s.
-pub const CHAT_FIELDS: [&str; 1] = ["messages"];
+pub const CHAT_FIELDS: [&str; 2] = ["model", "messages"];
 
 /// Most completions one request may ask for (`n`).
 pub const MAX_N: usize = 16;
