@@ -163,6 +163,22 @@ impl Client {
         events
     }
 
+    /// A streamed `/v1/completions`: its chunks (the closing `[DONE]`
+    /// checked and dropped) and the text they join to.
+    fn streamed_completion(&self, body: &Value) -> (Vec<Value>, String) {
+        let events = self.stream("/v1/completions", body);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let text = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        (chunks, text)
+    }
+
     fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.send("GET", "/metrics", None, None);
         text.lines()
@@ -274,20 +290,10 @@ fn serves_adapters_behind_openais_api() {
     );
 
     // Streaming: the pieces join to the same text; the last is [DONE].
-    let events = c.stream(
-        "/v1/completions",
+    let (chunks, streamed) = c.streamed_completion(
         &json!({"model": "lora2", "prompt": prompt, "max_tokens": 8, "temperature": 0,
                 "stream": true, "stream_options": {"include_usage": true}}),
     );
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
     assert_eq!(streamed, expected_lora2);
     assert!(chunks
         .iter()
@@ -348,19 +354,10 @@ fn serves_adapters_behind_openais_api() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     assert_eq!(text, &expected_lora[..expected_lora.find(cut).unwrap()]);
     // Streamed, the pieces never show the stop text or a start of it.
-    let events = c.stream(
-        "/v1/completions",
+    let (chunks, streamed) = c.streamed_completion(
         &json!({"model": "lora", "prompt": prompt, "max_tokens": 8, "temperature": 0,
                 "stop": [cut], "stream": true}),
     );
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let streamed: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["text"].as_str())
-        .collect();
     assert_eq!(streamed, text, "streamed with a stop text");
     assert!(chunks
         .iter()
