@@ -24,7 +24,7 @@ use peft_core::prompt_learning::{PromptLearningConfig, PromptTuningInit};
 use peft_core::slot::LinearSlotConfig;
 use peft_core::{backend_tests, LinearSlot, LoraConfig, ModelDims, ModelInput, PeftModel};
 use peft_lora::LoraModel;
-use peft_models::attention::{attend, decoder_mask, positions, split_heads, tied_head};
+use peft_models::attention::{attend, decoder_mask, row_positions, split_heads, tied_head};
 use peft_models::fixtures::{max_diff, temp_dir};
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
@@ -147,9 +147,13 @@ impl<B: Backend> PeftModel<B> for TinyLm<B> {
         let mut p = input.prepare(self.blocks.len(), |ids| self.token_embedding.forward(ids));
         let [b, t, _] = p.embeds.dims();
         let device = p.embeds.device();
-        // Positions continue after the cache; the mask lets every token see it.
-        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
-        let positions = positions::<B>(b, t, p.past, &device);
+        // Positions continue after the cache (each row's own length when a
+        // server batches sequences of different lengths: `left_padding`);
+        // the mask lets every token see the cache, padding excepted.
+        let starts = p.starts();
+        let pads = p.left_padding.as_deref();
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, pads, &device);
+        let positions = row_positions::<B>(b, t, &starts, &device);
         let mut x = p.embeds + self.position_embedding.forward(positions);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = p.cache.as_deref_mut().map(|c| &mut c.layers[i]);

@@ -15,7 +15,7 @@ use peft_cli::serve::{ServeConfig, Server};
 use peft_cli::tasks::{self, Method};
 use peft_core::config::InitLoraWeights;
 use peft_core::generate::Sampler;
-use peft_core::prompt_learning::PromptLearningConfig;
+use peft_core::prompt_learning::{PromptLearningConfig, PromptTuningInit};
 use peft_core::LoraConfig;
 use peft_models::assets;
 use peft_models::bert::Bert;
@@ -218,6 +218,15 @@ fn serves_adapters_behind_openais_api() {
     );
     let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(4));
     write_adapter(llama(&model), prefix, 3, &root.join("prefix"));
+    let prompt_tuning = PromptLearningConfig::prompt_tuning(16, PromptTuningInit::Random);
+    write_adapter(
+        llama(&model),
+        Method::Prompt(prompt_tuning),
+        4,
+        &root.join("prompt"),
+    );
+    let bottleneck = Method::Adapter(peft_adapter::BnConfig::seq_bn());
+    write_adapter(llama(&model), bottleneck, 5, &root.join("bottleneck"));
     std::fs::create_dir_all(root.join("corrupt")).unwrap();
     std::fs::write(
         root.join("corrupt/adapter_config.json"),
@@ -234,11 +243,14 @@ fn serves_adapters_behind_openais_api() {
     let expected_lora = solo(Some("lora"));
     let expected_lora2 = solo(Some("lora2"));
     let expected_prefix = solo(Some("prefix"));
+    let expected_prompt = solo(Some("prompt"));
+    let expected_bottleneck = solo(Some("bottleneck"));
     // Each adapter changes the text, or "equal to peft generate" would
     // not tell adapters apart.
     assert_ne!(expected_base, expected_lora);
     assert_ne!(expected_lora, expected_lora2);
     assert_ne!(expected_base, expected_prefix);
+    assert_ne!(expected_base, expected_prompt);
 
     let config = ServeConfig {
         adapters: vec![
@@ -249,7 +261,7 @@ fn serves_adapters_behind_openais_api() {
         max_loaded: 2,
         listen: "127.0.0.1:0".parse().unwrap(),
         api_key: Some(KEY.into()),
-        max_queue: 6,
+        max_queue: 8,
         max_body: 64 * 1024,
         served_model_name: Some("smollm2".into()),
         ..ServeConfig::new(model.clone())
@@ -320,14 +332,22 @@ fn serves_adapters_behind_openais_api() {
         "{v}"
     );
 
-    // Three adapters and the base at once, two resident at most: each
-    // text equals its request alone; the LRU evicted and reloaded.
+    // Five adapters of four methods and the base at once, two resident
+    // at most, the batch's rows of different lengths (virtual tokens,
+    // arrivals mid-generation): each text equals its request alone; the
+    // LRU evicted and reloaded; sequences shared decode passes.
+    for (name, path) in [("prompt", "prompt"), ("bottleneck", "bottleneck")] {
+        let (status, v) = load(name, path);
+        assert_eq!(status, 200, "{v}");
+    }
     let evictions_before = c.metric("peft_adapter_evictions_total");
     let runs: Vec<(&str, &String)> = vec![
         ("lora", &expected_lora),
         ("prefix", &expected_prefix),
         ("smollm2", &expected_base),
         ("lora2", &expected_lora2),
+        ("prompt", &expected_prompt),
+        ("bottleneck", &expected_bottleneck),
         ("lora", &expected_lora),
     ];
     std::thread::scope(|s| {
@@ -341,6 +361,10 @@ fn serves_adapters_behind_openais_api() {
     });
     assert!(c.metric("peft_adapter_evictions_total") > evictions_before);
     assert!(c.metric("peft_adapters_resident") <= 2.0);
+    assert!(
+        c.metric("peft_decode_pass_rows_max") >= 3.0,
+        "requests for different adapters decode in one pass"
+    );
 
     // A stop text cuts the text before it.
     let cut = &expected_lora[expected_lora.len() / 2..];
@@ -441,14 +465,14 @@ fn serves_adapters_behind_openais_api() {
     assert_eq!(bad(b"{}", Some("wrong")).0, 401);
     let (status, v) = c.post(
         "/v1/completions",
-        &json!({"model": "lora", "prompt": "x", "n": 7, "temperature": 1}),
+        &json!({"model": "lora", "prompt": "x", "n": 9, "temperature": 1}),
     );
     assert_eq!((status, error_of(&v).2), (429, Some("queue_full")));
     let full = c
         .agent
         .post(&format!("{}/v1/completions", c.base))
         .header("Authorization", &format!("Bearer {KEY}"))
-        .send(json!({"model": "lora", "prompt": "x", "n": 7, "temperature": 1}).to_string())
+        .send(json!({"model": "lora", "prompt": "x", "n": 9, "temperature": 1}).to_string())
         .unwrap();
     assert_eq!(
         full.headers().get("retry-after").map(|v| v.as_bytes()),

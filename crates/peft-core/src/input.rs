@@ -9,6 +9,7 @@
 //! | prefix tuning | `cache`: one key/value entry per layer before the tokens |
 //! | bottleneck adapters | `hook`, called at every residual join |
 //! | generation | `cache`, extended step by step |
+//! | batched generation (a server) | `cache` shared by rows of different lengths, `left_padding` |
 //!
 //! [`PeftModel::run`]: crate::PeftModel::run
 
@@ -54,6 +55,15 @@ pub struct ModelInput<'a, B: Backend> {
     /// Code run at each residual join of each layer instead of the model's
     /// own join (bottleneck adapters).
     pub hook: Option<&'a dyn ResidualHook<B>>,
+    /// One entry per row: how many of the cached positions at the start of
+    /// that row are padding, not tokens. Sequences of different lengths
+    /// share one cache this way (each row's cache left-padded to the
+    /// longest); a row's padding is masked and its new tokens' positions
+    /// continue from its own length, `cache.len() - left_padding[i]`.
+    /// `None`: no padding, every row's positions continue from the cache
+    /// length. A decoder that serves batches (Llama, GPT-2) reads it
+    /// through [`PreparedInput::starts`] and its mask.
+    pub left_padding: Option<Vec<usize>>,
 }
 
 impl<'a, B: Backend> ModelInput<'a, B> {
@@ -74,6 +84,7 @@ impl<'a, B: Backend> ModelInput<'a, B> {
             attention_mask: None,
             cache: None,
             hook: None,
+            left_padding: None,
         }
     }
 
@@ -94,6 +105,13 @@ impl<'a, B: Backend> ModelInput<'a, B> {
         self.hook = Some(hook);
         self
     }
+
+    /// With row `i`'s cache starting with `left_padding[i]` padding
+    /// positions (see the field).
+    pub fn left_padding(mut self, left_padding: Vec<usize>) -> Self {
+        self.left_padding = Some(left_padding);
+        self
+    }
 }
 
 /// A [`ModelInput`] taken apart for a model's forward pass: what every
@@ -110,6 +128,21 @@ pub struct PreparedInput<'a, B: Backend> {
     pub cache: Option<&'a mut KvCache<B>>,
     /// The residual hook.
     pub hook: Option<&'a dyn ResidualHook<B>>,
+    /// Per row, the padding positions at the start of the cache
+    /// ([`ModelInput::left_padding`]).
+    pub left_padding: Option<Vec<usize>>,
+}
+
+impl<B: Backend> PreparedInput<'_, B> {
+    /// The position of each row's first new token: `[past]` (one entry for
+    /// every row) without left padding, else `past - left_padding[i]` per
+    /// row.
+    pub fn starts(&self) -> Vec<usize> {
+        match &self.left_padding {
+            None => vec![self.past],
+            Some(pads) => pads.iter().map(|&p| self.past - p).collect(),
+        }
+    }
 }
 
 impl<'a, B: Backend> ModelInput<'a, B> {
@@ -125,15 +158,24 @@ impl<'a, B: Backend> ModelInput<'a, B> {
             attention_mask,
             mut cache,
             hook,
+            left_padding,
         } = self;
         let embeds = tokens.embedded(embed);
         let past = cached_positions(cache.as_deref_mut(), layers);
+        if let Some(pads) = &left_padding {
+            let b = embeds.dims()[0];
+            assert!(
+                pads.len() == b && pads.iter().all(|&p| p <= past),
+                "left padding {pads:?}: one entry per row ({b}), each at most the cache length ({past})"
+            );
+        }
         PreparedInput {
             embeds,
             past,
             attention_mask,
             cache,
             hook,
+            left_padding,
         }
     }
 }

@@ -21,6 +21,25 @@ pub fn positions<B: Backend>(
         .expand([b, t])
 }
 
+/// Position ids `[b, t]`: row `i` counts from `starts[i]`, or every row
+/// from `starts[0]` when it is the only entry
+/// ([`PreparedInput::starts`](peft_core::PreparedInput::starts)).
+pub fn row_positions<B: Backend>(
+    b: usize,
+    t: usize,
+    starts: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    if let [start] = starts {
+        return positions(b, t, *start, device);
+    }
+    let ids: Vec<i64> = starts
+        .iter()
+        .flat_map(|&s| (s..s + t).map(|p| p as i64))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [starts.len(), t]), device)
+}
+
 /// `[b, t, h·d]` → `[b, h, t, d]`.
 pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [b, t, hd] = x.dims();
@@ -51,23 +70,42 @@ pub fn padding_mask<B: Backend>(attention_mask: Tensor<B, 2>) -> Tensor<B, 4> {
 
 /// The additive mask of a decoder over `t` new tokens after `past` cached
 /// positions (a prefix, earlier generation steps): causal over the new
-/// tokens, the cached positions always visible, and padding masked when an
-/// `attention_mask: [b, t]` (of the new tokens) is given.
+/// tokens, the cached positions visible except each row's
+/// `left_padding[i]` first ones
+/// ([`ModelInput::left_padding`](peft_core::ModelInput::left_padding)),
+/// and padding masked when an `attention_mask: [b, t]` (of the new tokens)
+/// is given.
 pub fn decoder_mask<B: Backend>(
     t: usize,
     past: usize,
     attention_mask: Option<Tensor<B, 2>>,
+    left_padding: Option<&[usize]>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
     let causal = causal_mask::<B>(t, past, device);
-    match attention_mask {
-        Some(am) if past > 0 => {
+    let cached = left_padding
+        .filter(|pads| past > 0 && pads.iter().any(|&p| p > 0))
+        .map(|pads| {
+            let keep: Vec<f32> = pads
+                .iter()
+                .flat_map(|&p| (0..past).map(move |j| if j < p { 0.0 } else { 1.0 }))
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(keep, [pads.len(), past]), device)
+        });
+    let keys = match (cached, attention_mask) {
+        (None, None) => return causal,
+        (None, Some(am)) if past == 0 => am,
+        (None, Some(am)) => {
             let b = am.dims()[0];
-            causal + padding_mask(Tensor::cat(vec![Tensor::ones([b, past], device), am], 1))
+            Tensor::cat(vec![Tensor::ones([b, past], device), am], 1)
         }
-        Some(am) => causal + padding_mask(am),
-        None => causal,
-    }
+        (Some(c), None) => {
+            let b = c.dims()[0];
+            Tensor::cat(vec![c, Tensor::ones([b, t], device)], 1)
+        }
+        (Some(c), Some(am)) => Tensor::cat(vec![c, am], 1),
+    };
+    causal + padding_mask(keys)
 }
 
 /// Attention of `q: [b, h, t, d]` over `k, v: [b, kv_h, s, d]` (grouped-query

@@ -17,7 +17,7 @@ use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
-use crate::attention::{attend, decoder_mask, positions, split_heads, tied_head};
+use crate::attention::{attend, decoder_mask, positions, row_positions, split_heads, tied_head};
 use crate::checkpoint::{check_dims, check_heads, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 
@@ -202,19 +202,19 @@ impl<B: Backend> Gpt2<B> {
 }
 
 impl<B: Backend> Gpt2<B> {
-    /// Positions `start..start + t`, the blocks (extending `cache` when
-    /// given), the final norm and the tied head.
+    /// Positions from `starts` ([`row_positions`]), the blocks (extending
+    /// `cache` when given), the final norm and the tied head.
     fn run_blocks(
         &self,
         embeds: Tensor<B, 3>,
-        start: usize,
+        starts: &[usize],
         mask: Tensor<B, 4>,
         mut cache: Option<&mut KvCache<B>>,
         hook: Option<&dyn ResidualHook<B>>,
     ) -> Tensor<B, 3> {
         let device = embeds.device();
         let [b, t, _] = embeds.dims();
-        let positions = positions::<B>(b, t, start, &device);
+        let positions = row_positions::<B>(b, t, starts, &device);
         let mut x = embeds + self.wpe.forward(positions);
         for (i, block) in self.h.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -250,7 +250,7 @@ impl<B: Backend> peft_core::layered::LayeredModel<B> for Gpt2<B> {
     ) -> (Tensor<B, 3>, Self::Context) {
         let device = ids.device();
         let [b, t] = ids.dims();
-        let mask = decoder_mask::<B>(t, 0, attention_mask, &device);
+        let mask = decoder_mask::<B>(t, 0, attention_mask, None, &device);
         let x = self.wte.forward(ids) + self.wpe.forward(positions::<B>(b, t, 0, &device));
         (x, mask)
     }
@@ -285,8 +285,10 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
         let p = input.prepare(self.h.len(), |ids| self.wte.forward(ids));
         let (t, device) = (p.embeds.dims()[1], p.embeds.device());
-        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
-        self.run_blocks(p.embeds, p.past, mask, p.cache, p.hook)
+        let starts = p.starts();
+        let pads = p.left_padding.as_deref();
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, pads, &device);
+        self.run_blocks(p.embeds, &starts, mask, p.cache, p.hook)
     }
 
     fn dims(&self) -> ModelDims {

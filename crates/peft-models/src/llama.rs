@@ -200,22 +200,27 @@ pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
 }
 
-/// `cos`, `sin` of shape `[t, head_dim]` for positions `start..start + t`
-/// (Hugging Face's "rotate half" layout: frequencies repeated twice).
+/// RoPE's `cos`, `sin` tables, `[n, 1, t, head_dim]`: row `i` for positions
+/// `starts[i]..starts[i] + t` (`n = starts.len()`; one entry serves every
+/// batch row). Hugging Face's "rotate half" layout: frequencies repeated
+/// twice.
+type Rope<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
 fn rope_tables<B: Backend>(
     t: usize,
-    start: usize,
+    starts: &[usize],
     head_dim: usize,
     theta: f64,
     device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+) -> Rope<B> {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
         .collect();
-    let mut cos = Vec::with_capacity(t * head_dim);
-    let mut sin = Vec::with_capacity(t * head_dim);
-    for p in start..start + t {
+    let n = starts.len();
+    let mut cos = Vec::with_capacity(n * t * head_dim);
+    let mut sin = Vec::with_capacity(n * t * head_dim);
+    for p in starts.iter().flat_map(|&s| s..s + t) {
         for j in 0..head_dim {
             let angle = p as f32 * inv_freq[j % half];
             cos.push(angle.cos());
@@ -223,18 +228,18 @@ fn rope_tables<B: Backend>(
         }
     }
     (
-        Tensor::from_data(TensorData::new(cos, [t, head_dim]), device),
-        Tensor::from_data(TensorData::new(sin, [t, head_dim]), device),
+        Tensor::from_data(TensorData::new(cos, [n, 1, t, head_dim]), device),
+        Tensor::from_data(TensorData::new(sin, [n, 1, t, head_dim]), device),
     )
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x: [b, h, t, hd]`.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, (cos, sin): &Rope<B>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..h, 0..t, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+    x * cos.clone() + rotated * sin.clone()
 }
 
 impl<B: Backend> LlamaLayer<B> {
@@ -242,7 +247,7 @@ impl<B: Backend> LlamaLayer<B> {
         &self,
         x: Tensor<B, 3>,
         config: &LlamaConfig,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        rope: &Rope<B>,
         mask: &Tensor<B, 4>,
         cache: Option<&mut LayerCache<B>>,
         hook: Hook<'_, B>,
@@ -251,8 +256,8 @@ impl<B: Backend> LlamaLayer<B> {
         let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
         let k = split_heads(self.k_proj.forward(h.clone()), config.kv_heads());
         let v = split_heads(self.v_proj.forward(h), config.kv_heads());
-        let q = apply_rope(q, &rope.0, &rope.1);
-        let k = apply_rope(k, &rope.0, &rope.1);
+        let q = apply_rope(q, rope);
+        let k = apply_rope(k, rope);
         let (k, v) = LayerCache::append_to(cache, k, v);
         let attn = attend(q, k, v, Some(mask.clone()));
         let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
@@ -423,7 +428,7 @@ impl<B: Backend> Llama<B> {
     fn run_layers(
         &self,
         mut x: Tensor<B, 3>,
-        start: usize,
+        starts: &[usize],
         mask: Tensor<B, 4>,
         mut cache: Option<&mut KvCache<B>>,
         hook: Option<&dyn ResidualHook<B>>,
@@ -431,7 +436,7 @@ impl<B: Backend> Llama<B> {
         let t = x.dims()[1];
         let rope = rope_tables(
             t,
-            start,
+            starts,
             self.config.head_dim(),
             self.config.theta(),
             &x.device(),
@@ -490,7 +495,7 @@ impl<B: Backend> Llama<B> {
 
 impl<B: Backend> LayeredModel<B> for Llama<B> {
     /// RoPE tables and the attention mask.
-    type Context = ((Tensor<B, 2>, Tensor<B, 2>), Tensor<B, 4>);
+    type Context = (Rope<B>, Tensor<B, 4>);
 
     fn layer_input(
         &self,
@@ -499,8 +504,14 @@ impl<B: Backend> LayeredModel<B> for Llama<B> {
     ) -> (Tensor<B, 3>, Self::Context) {
         let device = ids.device();
         let t = ids.dims()[1];
-        let mask = decoder_mask::<B>(t, 0, attention_mask, &device);
-        let rope = rope_tables::<B>(t, 0, self.config.head_dim(), self.config.theta(), &device);
+        let mask = decoder_mask::<B>(t, 0, attention_mask, None, &device);
+        let rope = rope_tables::<B>(
+            t,
+            &[0],
+            self.config.head_dim(),
+            self.config.theta(),
+            &device,
+        );
         (self.embed(ids), (rope, mask))
     }
 
@@ -551,8 +562,10 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
     fn run(&self, input: ModelInput<'_, B>) -> Tensor<B, 3> {
         let p = input.prepare(self.layers.len(), |ids| self.embed(ids));
         let (t, device) = (p.embeds.dims()[1], p.embeds.device());
-        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, &device);
-        self.run_layers(p.embeds, p.past, mask, p.cache, p.hook)
+        let starts = p.starts();
+        let pads = p.left_padding.as_deref();
+        let mask = decoder_mask::<B>(t, p.past, p.attention_mask, pads, &device);
+        self.run_layers(p.embeds, &starts, mask, p.cache, p.hook)
     }
 
     fn dims(&self) -> ModelDims {

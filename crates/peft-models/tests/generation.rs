@@ -146,3 +146,116 @@ fn bert_prefix<B: Backend>(device: &B::Device) {
 }
 
 backend_tests!(llama_prefix, gpt2_prefix, bert_prefix);
+
+/// Sequences of different lengths decoded as one batch (a server's
+/// continuous batching): each row's cache left-padded to the longest, the
+/// padding named in `left_padding`. Every row's logits, step after step,
+/// equal that sequence's own; and the padding is really masked and the
+/// positions really per row (without `left_padding` they differ).
+fn check_left_padded<B: Backend, M>(model: &M)
+where
+    M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>,
+{
+    let device = model.device();
+    let ids = |v: &[u32]| peft_core::generate::ids_tensor::<B>(v, &device);
+    let prompts: [&[u32]; 3] = [&[4, 8, 15], &[16, 23, 42, 7, 9, 30], &[11]];
+    let steps: [[u32; 3]; 3] = [[5, 6, 7], [12, 13, 14], [20, 21, 22]];
+    // Each sequence alone: its cache, and its logits after every step.
+    let mut alone = Vec::new();
+    let mut caches = Vec::new();
+    for (r, prompt) in prompts.iter().enumerate() {
+        let mut cache = KvCache::new();
+        model.logits_cached(ids(prompt), &mut cache);
+        caches.push(cache.clone());
+        let logits: Vec<HostTensor> = steps
+            .iter()
+            .map(|s| HostTensor::from_tensor(model.logits_cached(ids(&[s[r]]), &mut cache)))
+            .collect();
+        alone.push(logits);
+    }
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap();
+    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    // Padding that is not zeros, so that a leak shows.
+    let garbage = |c: &KvCache<B>, n: usize| {
+        let padded = c.pad_left(n);
+        KvCache {
+            layers: padded
+                .layers
+                .iter()
+                .map(|l| {
+                    let noisy = |x: &Tensor<B, 4>| {
+                        let [b, h, s, d] = x.dims();
+                        let mark = Tensor::<B, 4>::ones([b, h, n, d], &device) * 3.0;
+                        let rest = Tensor::zeros([b, h, s - n, d], &device);
+                        x.clone() + Tensor::cat(vec![mark, rest], 2)
+                    };
+                    LayerCache {
+                        k: l.k.as_ref().map(noisy),
+                        v: l.v.as_ref().map(noisy),
+                    }
+                })
+                .collect(),
+        }
+    };
+    let batch_cache = KvCache::cat_rows(
+        caches
+            .iter()
+            .zip(&pads)
+            .map(|(c, &n)| garbage(c, n))
+            .collect(),
+    );
+    let mut batched = batch_cache.clone();
+    let mut unpadded = batch_cache;
+    let b = prompts.len();
+    for (k, step) in steps.iter().enumerate() {
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(step.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b, 1]),
+            &device,
+        );
+        let logits = HostTensor::from_tensor(
+            model.run(
+                ModelInput::ids(tokens.clone())
+                    .cache(&mut batched)
+                    .left_padding(pads.clone()),
+            ),
+        );
+        let ignored =
+            HostTensor::from_tensor(model.run(ModelInput::ids(tokens).cache(&mut unpadded)));
+        let width = logits.data.len() / b;
+        for (r, own) in alone.iter().enumerate() {
+            let row = &logits.data[r * width..(r + 1) * width];
+            assert_eq!(own[k].data.len(), width, "row {r}: one position of logits");
+            let d = peft_core::compare::max_abs_diff(row, &own[k].data);
+            let scale = peft_core::compare::max_abs(&own[k].data);
+            assert!(
+                d <= 1e-4 * scale,
+                "step {k}, row {r}: batched ≠ alone by {d:e} (scale {scale:e})"
+            );
+            if pads[r] > 0 {
+                let wrong = &ignored.data[r * width..(r + 1) * width];
+                let e = peft_core::compare::max_abs_diff(wrong, &own[k].data);
+                assert!(
+                    e > 1e-3 * scale,
+                    "step {k}, row {r}: left padding made no difference"
+                );
+            }
+        }
+    }
+    // What a server does when sequences leave: rows dropped, and the
+    // padding every remaining row has trimmed away.
+    let kept = batched
+        .select_rows(&[1, 2])
+        .drop_front(pads[1].min(pads[2]));
+    assert_eq!(kept.rows(), 2);
+    assert_eq!(kept.len(), longest + steps.len() - pads[1].min(pads[2]));
+}
+
+fn llama_left_padded<B: Backend>(device: &B::Device) {
+    check_left_padded(&Llama::<B>::load(&fixtures().join("llama"), device).unwrap());
+}
+
+fn gpt2_left_padded<B: Backend>(device: &B::Device) {
+    check_left_padded(&Gpt2::<B>::load(&fixtures().join("gpt2"), device).unwrap());
+}
+
+backend_tests!(llama_left_padded, gpt2_left_padded);

@@ -1,14 +1,18 @@
 //! The engine: one thread that owns the frozen base model and every
 //! resident adapter, and steps the running sequences.
 //!
-//! Scheduling is at step boundaries: between two steps the engine takes
-//! the requests that arrived (prefilling each through its adapter), then
-//! advances every running sequence by one token, whatever adapter it
-//! names, and drops the sequences that finished or whose client went away.
-//! Each sequence has its own KV cache. The steps of different sequences
-//! run one after another, not as one batched tensor: the models take one
-//! cache length per batch, so rows of different lengths cannot share a
-//! step yet.
+//! Continuous batching, at step boundaries: between two steps the engine
+//! takes the requests that arrived and prefills each alone through its
+//! adapter; then every running sequence gets one token, and the finished
+//! ones (or those whose client went away) leave at once. The sequences of
+//! the base model, of every slot adapter (LoRA and its variants, (IA)³,
+//! LoHa, LoKr, OFT, VeRA) and of prefixes and soft prompts (whose virtual
+//! tokens live in the cache after prefill) decode as one batch
+//! ([`DecodeBatch`]): one forward pass, row `i` routed through its own
+//! adapter, each row's cache left-padded to the longest. Every slot
+//! adapter is loaded once into one shared model for that routing.
+//! Bottleneck adapters change every residual join of the whole batch, so
+//! their sequences decode alone, one forward pass each.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -19,16 +23,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use peft_core::generate::{CausalLm, Sampler};
-use peft_core::Result;
+use peft_core::generate::{ids_tensor, CausalLm, KvCache, Sampler};
+use peft_core::{Result, BASE_ROW};
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::DecodeBatch;
 use super::encoder::{Classification, Embedding};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::resident::Resident;
-use super::text::TextStream;
-use crate::tasks::{self, Adapted, CausalModel, Decoding};
+use super::sequence::{Sequence, Turn};
+use crate::tasks::{self, Adapted, CausalModel, Decoding, Method, Slots};
 
 /// What the HTTP side asks of the engine.
 pub enum Job {
@@ -101,26 +106,49 @@ pub struct EngineConfig {
     pub context: usize,
 }
 
-/// A running sequence.
-struct Running<B: Backend, M: burn::module::Module<B>> {
-    model: Rc<Adapted<B, M>>,
-    adapter: Option<String>,
-    state: Decoding<B>,
-    sampler: Sampler,
-    max_tokens: usize,
-    prompt_tokens: usize,
-    generated: usize,
-    text: TextStream,
-    events: mpsc::UnboundedSender<Event>,
+/// A resident adapter.
+enum Served<B: Backend, M: burn::module::Module<B>> {
+    /// A slot adapter, in the engine's shared model under this name (not
+    /// the served name: an adapter reloaded while sequences still run on
+    /// its old version gets a new one).
+    Shared(String),
+    /// A prefix, a soft prompt or a bottleneck adapter, as its own wrapper
+    /// around the base.
+    Own(Adapted<B, M>),
 }
 
-/// The engine's state: the base model, resident adapters, running
+/// A sequence's row in the batch.
+struct Row<B: Backend, M: burn::module::Module<B>> {
+    /// The adapter of the shared model it goes through (`BASE_ROW`: none).
+    route: String,
+    /// Its adapter, kept resident for it.
+    _adapter: Option<Rc<Served<B, M>>>,
+}
+
+/// A sequence decoding alone (a bottleneck adapter's).
+struct Solo<B: Backend, M: burn::module::Module<B>> {
+    /// Its adapter ([`Served::Own`]).
+    model: Rc<Served<B, M>>,
+    /// Its cache and last logits.
+    state: Decoding<B>,
+}
+
+/// The engine's state: the shared model, resident adapters, running
 /// sequences.
 struct Engine<B: Backend, M: burn::module::Module<B>> {
     base: M,
-    plain: Rc<Adapted<B, M>>,
-    resident: Resident<Adapted<B, M>>,
-    running: Vec<Running<B, M>>,
+    /// The base carrying every resident slot adapter, routed per row.
+    shared: Slots<B, M>,
+    /// Names in `shared` and who still uses them: removed once nothing does.
+    shared_users: Vec<(String, std::rc::Weak<Served<B, M>>)>,
+    /// Names given to slot adapters so far (for fresh ones).
+    loaded: u64,
+    resident: Resident<Served<B, M>>,
+    /// The sequences decoding together, in the batch's row order.
+    batched: Vec<(Sequence, Row<B, M>)>,
+    batch: DecodeBatch<B>,
+    /// The sequences decoding alone.
+    alone: Vec<(Sequence, Solo<B, M>)>,
     config: EngineConfig,
     tokenizer: Arc<peft_models::tokenizer::Tokenizer>,
     metrics: Arc<Metrics>,
@@ -145,12 +173,15 @@ pub fn run<B: Backend, M>(
             return;
         }
     };
-    let plain = Rc::new(tasks::load_adapted(base.clone(), None).expect("no adapter to load"));
     let mut engine = Engine {
+        shared: Slots::wrap(base.clone()),
         base,
-        plain,
+        shared_users: Vec::new(),
+        loaded: 0,
         resident: Resident::new(config.max_loaded),
-        running: Vec::new(),
+        batched: Vec::new(),
+        batch: DecodeBatch::default(),
+        alone: Vec::new(),
         config,
         tokenizer,
         metrics,
@@ -158,7 +189,8 @@ pub fn run<B: Backend, M>(
     let _ = ready.send(Ok(()));
     loop {
         // Idle: wait for work. Busy: take what arrived, then step.
-        let first = match engine.running.is_empty() {
+        let idle = engine.batched.is_empty() && engine.alone.is_empty();
+        let first = match idle {
             true => match jobs.recv() {
                 Ok(j) => Some(j),
                 Err(_) => return,
@@ -172,6 +204,7 @@ pub fn run<B: Backend, M>(
             engine.take(job);
         }
         engine.step();
+        engine.release_unused();
     }
 }
 
@@ -207,27 +240,58 @@ where
         }
     }
 
-    /// Adapter `name`'s model, loaded from `dir` if it is not resident.
+    /// Adapter `name`, loaded from `dir` if it is not resident: a slot
+    /// adapter into the shared model, any other method as its own wrapper.
     fn resident_model(
         &mut self,
         name: &str,
         dir: &Path,
-    ) -> std::result::Result<Rc<Adapted<B, M>>, ApiError> {
-        let base = &self.base;
-        self.resident.get_or_load(name, &self.metrics, || {
-            tasks::load_adapted(base.clone(), Some(dir))
-        })
+    ) -> std::result::Result<Rc<Served<B, M>>, ApiError> {
+        let (base, shared, loaded) = (&self.base, &mut self.shared, &mut self.loaded);
+        let mut fresh = None;
+        let served = self.resident.get_or_load(name, &self.metrics, || {
+            if let Method::Slot(_) = Method::detect(dir)? {
+                *loaded += 1;
+                let id = format!("served{loaded}");
+                shared.load_adapter(dir, &id)?;
+                fresh = Some(id.clone());
+                return Ok(Served::Shared(id));
+            }
+            tasks::load_adapted(base.clone(), Some(dir)).map(Served::Own)
+        })?;
+        if let Some(id) = fresh {
+            self.shared_users.push((id, Rc::downgrade(&served)));
+        }
+        Ok(served)
     }
 
-    /// Prefills `g` and adds it to the running sequences.
+    /// Removes from the shared model the slot adapters that are neither
+    /// resident nor used by a running sequence.
+    fn release_unused(&mut self) {
+        let shared = &mut self.shared;
+        self.shared_users.retain(|(id, users)| {
+            let used = users.strong_count() > 0;
+            if !used {
+                let _ = shared.delete_adapter(id);
+            }
+            used
+        });
+    }
+
+    /// Prefills `g` alone and adds it to the batch (or, for a bottleneck
+    /// adapter, to the sequences decoding alone).
     fn admit(&mut self, g: Generation) -> std::result::Result<(), ApiError> {
-        let model = match &g.adapter {
-            Some((name, dir)) => self.resident_model(name, dir)?,
-            None => self.plain.clone(),
+        let served = match &g.adapter {
+            Some((name, dir)) => Some(self.resident_model(name, dir)?),
+            None => None,
         };
-        let state = catch_unwind(AssertUnwindSafe(|| model.start(&g.prompt)))
-            .map_err(|_| ApiError::internal("the prompt's forward pass panicked".into()))?
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let prompt = g.prompt.clone();
+        let prefill = catch_unwind(AssertUnwindSafe(|| {
+            self.prefill(served.as_deref(), &prompt)
+        }))
+        .map_err(|_| ApiError::internal("the prompt's forward pass panicked".into()))?
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let (state, route) = prefill;
         // A prefix's or soft prompt's virtual tokens take positions too:
         // the cache after the prompt tells how many.
         let used = state.positions();
@@ -242,112 +306,138 @@ where
         self.metrics
             .prompt_tokens
             .fetch_add(g.prompt.len() as u64, Ordering::Relaxed);
-        self.running.push(Running {
-            model,
-            adapter: g.adapter.map(|(n, _)| n),
-            state,
-            sampler: g.sampler,
-            max_tokens: g.max_tokens,
-            prompt_tokens: g.prompt.len(),
-            generated: 0,
-            text: TextStream::new(self.tokenizer.clone(), g.stop),
-            events: g.events,
-        });
+        let seq = Sequence::new(g, state.next_logits(), self.tokenizer.clone());
+        match route {
+            Some(route) => {
+                self.batch.join(state.into_cache());
+                let row = Row {
+                    route,
+                    _adapter: served,
+                };
+                self.batched.push((seq, row));
+            }
+            None => {
+                let model = served.ok_or_else(|| {
+                    ApiError::internal("only an adapter's sequence decodes alone".into())
+                })?;
+                self.alone.push((seq, Solo { model, state }));
+            }
+        }
         Ok(())
+    }
+
+    /// The prompt's first step: its cache and logits, and the route of a
+    /// sequence that decodes in the batch (`None`: alone).
+    fn prefill(
+        &self,
+        served: Option<&Served<B, M>>,
+        prompt: &[u32],
+    ) -> Result<(Decoding<B>, Option<String>)> {
+        let through_shared = |route: &str| -> Result<(Decoding<B>, Option<String>)> {
+            let mut cache = KvCache::new();
+            let ids = ids_tensor(prompt, &self.shared.model.device());
+            let logits = self
+                .shared
+                .forward_mixed(&[route], 1, |m| m.logits_cached(ids, &mut cache))?;
+            Ok((Decoding::from((logits, cache)), Some(route.to_string())))
+        };
+        match served {
+            None => through_shared(BASE_ROW),
+            Some(Served::Shared(id)) => through_shared(id),
+            Some(Served::Own(model)) => {
+                let state = model.start(prompt)?;
+                // After prefill a prefix or a soft prompt is cache content:
+                // the base decodes on from there.
+                let route = match model {
+                    Adapted::Adapters(_) => None,
+                    _ => Some(BASE_ROW.to_string()),
+                };
+                Ok((state, route))
+            }
+        }
     }
 
     /// One token for every running sequence; the finished ones leave.
     fn step(&mut self) {
-        if self.running.is_empty() {
+        let stepped = self.batched.len() + self.alone.len();
+        if stepped == 0 {
             return;
         }
         let started = Instant::now();
-        let stepped = self.running.len();
         let eos = self.config.eos_ids.clone();
-        let metrics = self.metrics.clone();
         let mut tokens = 0;
-        self.running.retain_mut(|seq| {
-            let before = seq.generated;
-            let keep = seq.step(&eos);
-            // End-of-sequence ends a sequence without adding a token.
-            tokens += seq.generated - before;
-            if !keep {
+        // Each sequence's next token; the ones that go on keep theirs.
+        let mut fed = Vec::new();
+        let mut keep = Vec::new();
+        for (i, (seq, _)) in self.batched.iter_mut().enumerate() {
+            match seq.turn(&eos) {
+                Turn::Feed(token) => {
+                    keep.push(i);
+                    fed.push(token);
+                }
+                Turn::Over => self.metrics.leave_queue(),
+            }
+            tokens += seq.take_new_tokens();
+        }
+        self.batch.keep(&keep);
+        let mut i = 0;
+        self.batched.retain(|_| {
+            i += 1;
+            keep.contains(&(i - 1))
+        });
+        if !fed.is_empty() {
+            self.decode_batch(&fed);
+        }
+        let metrics = self.metrics.clone();
+        self.alone.retain_mut(|(seq, solo)| {
+            let going_on = match (seq.turn(&eos), &*solo.model) {
+                (Turn::Feed(token), Served::Own(model)) => seq.advance_alone(|| {
+                    model.advance(&mut solo.state, token);
+                    solo.state.next_logits()
+                }),
+                (Turn::Feed(_), Served::Shared(_)) => {
+                    seq.fail(ApiError::internal("a slot adapter decoded alone".into()));
+                    false
+                }
+                (Turn::Over, _) => false,
+            };
+            tokens += seq.take_new_tokens();
+            if !going_on {
                 metrics.leave_queue();
             }
-            keep
+            going_on
         });
         self.metrics.record_step(stepped, tokens, started.elapsed());
     }
-}
 
-impl<B: Backend, M> Running<B, M>
-where
-    M: CausalModel<B> + CausalLm<B>,
-{
-    /// Samples this sequence's next token, reports its text, and feeds it
-    /// on; `false` when the sequence is over (finished, failed, or its
-    /// client is gone).
-    fn step(&mut self, eos: &[u32]) -> bool {
-        if self.events.is_closed() {
-            return false;
-        }
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.next_token(eos)));
+    /// Feeds `tokens` (one per batch row) through the shared model. A
+    /// panic fails every sequence of the batch (their caches are then
+    /// unusable), not the server.
+    fn decode_batch(&mut self, tokens: &[u32]) {
+        let routes: Vec<&str> = self.batched.iter().map(|(_, r)| r.route.as_str()).collect();
+        self.metrics.record_pass(tokens.len());
+        let (batch, shared) = (&mut self.batch, &self.shared);
+        let outcome = catch_unwind(AssertUnwindSafe(|| batch.step(shared, &routes, tokens)));
         match outcome {
-            Ok(Ok(Some(reason))) => {
-                let _ = self.events.send(Event::Done {
-                    finish_reason: reason,
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens: self.generated,
-                });
-                false
+            Ok(Ok(rows)) => {
+                for ((seq, _), logits) in self.batched.iter_mut().zip(rows) {
+                    seq.set_next(logits);
+                }
             }
-            Ok(Ok(None)) => true,
-            Ok(Err(e)) => {
-                let _ = self.events.send(Event::Failed(e));
-                false
-            }
-            Err(_) => {
-                let _ = self.events.send(Event::Failed(ApiError::internal(format!(
-                    "generation with {} panicked",
-                    self.adapter.as_deref().unwrap_or("the base model")
-                ))));
-                false
-            }
+            Ok(Err(e)) => self.fail_batch(ApiError::internal(e.to_string())),
+            Err(_) => self.fail_batch(ApiError::internal(
+                "the batched decoding step panicked".into(),
+            )),
         }
     }
 
-    /// One token: `Some(finish_reason)` when the sequence ends with it.
-    fn next_token(&mut self, eos: &[u32]) -> std::result::Result<Option<&'static str>, ApiError> {
-        let token = self.state.sample(&mut self.sampler);
-        if eos.contains(&token) {
-            self.flush();
-            return Ok(Some("stop"));
+    /// Ends every batched sequence with `error`.
+    fn fail_batch(&mut self, error: ApiError) {
+        for (seq, _) in self.batched.drain(..) {
+            seq.fail(error.clone());
+            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.leave_queue();
         }
-        self.generated += 1;
-        let (delta, stopped) = self
-            .text
-            .push(token)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if !delta.is_empty() {
-            let _ = self.events.send(Event::Text(delta));
-        }
-        if stopped {
-            return Ok(Some("stop"));
-        }
-        if self.generated >= self.max_tokens {
-            self.flush();
-            return Ok(Some("length"));
-        }
-        self.model.advance(&mut self.state, token);
-        Ok(None)
-    }
-
-    /// Sends the text held back (an incomplete character or a possible
-    /// start of a stop text) when the sequence ends.
-    fn flush(&mut self) {
-        let rest = self.text.finish();
-        if !rest.is_empty() {
-            let _ = self.events.send(Event::Text(rest));
-        }
+        self.batch.clear();
     }
 }

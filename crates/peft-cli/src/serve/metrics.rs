@@ -26,6 +26,12 @@ pub struct Metrics {
     pub queued: AtomicUsize,
     /// Sequences advanced by the last step.
     pub last_batch: AtomicUsize,
+    /// Batched decode forward passes.
+    pub passes: AtomicU64,
+    /// Rows those passes computed, all together.
+    pub pass_rows: AtomicU64,
+    /// The most rows one pass computed.
+    pub pass_rows_max: AtomicUsize,
     /// Tokens per second of the last step.
     pub last_rate_milli: AtomicU64,
     /// Adapters loaded from disk.
@@ -74,6 +80,13 @@ impl Metrics {
         let rate = tokens as f64 / took.as_secs_f64().max(1e-9);
         self.last_rate_milli
             .store((rate * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// One batched decode forward pass over `rows` sequences.
+    pub fn record_pass(&self, rows: usize) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        self.pass_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.pass_rows_max.fetch_max(rows, Ordering::Relaxed);
     }
 
     /// Adapters resident now.
@@ -157,6 +170,24 @@ impl Metrics {
                 "gauge",
                 "Sequences advanced by the last decode step.",
                 gauge(&self.last_batch),
+            ),
+            (
+                "peft_decode_passes_total",
+                "counter",
+                "Batched decode forward passes (every sequence of the batch, whatever its adapter, in one).",
+                count(&self.passes),
+            ),
+            (
+                "peft_decode_pass_rows_total",
+                "counter",
+                "Sequences those passes advanced, all together.",
+                count(&self.pass_rows),
+            ),
+            (
+                "peft_decode_pass_rows_max",
+                "gauge",
+                "The most sequences one batched decode pass advanced.",
+                gauge(&self.pass_rows_max),
             ),
             (
                 "peft_tokens_per_second",

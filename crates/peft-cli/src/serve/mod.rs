@@ -2,6 +2,8 @@
 //! API: a decoder's completions, an encoder's embeddings. One file per concern: [`api`] (the endpoints),
 //! [`requests`] (request bodies), [`error`] (OpenAI's error objects),
 //! [`engine`] (the thread that owns a decoder and steps the sequences),
+//! [`batch`] (the sequences decoded as one batch), [`sequence`] (one
+//! sequence's sampling, text and end),
 //! [`encoder`] and [`embeddings`] (an encoder's engine and endpoint),
 //! [`resident`] (the LRU of adapters),
 //! [`text`] (streamed detokenization and stop texts), [`chat`] (chat
@@ -29,6 +31,7 @@ use crate::tasks::{self, Arch};
 
 pub mod adapters;
 pub mod api;
+pub mod batch;
 pub mod chat;
 pub mod embeddings;
 pub mod encoder;
@@ -38,6 +41,7 @@ pub mod metrics;
 pub mod model_info;
 pub mod requests;
 pub mod resident;
+pub mod sequence;
 pub mod text;
 
 /// Everything `peft serve` is started with.

@@ -122,6 +122,16 @@ impl<B: Backend> Decoding<B> {
     pub fn positions(&self) -> usize {
         self.cache.len()
     }
+
+    /// The logits the next token is sampled from (the last position's).
+    pub fn next_logits(&self) -> Vec<f32> {
+        last_row(self.logits.clone())
+    }
+
+    /// The KV cache, for decoding on elsewhere (a server's batch).
+    pub fn into_cache(self) -> KvCache<B> {
+        self.cache
+    }
 }
 
 impl<B: Backend, M: CausalLm<B> + PeftModel<B, Output = Tensor<B, 3>>> Adapted<B, M> {
