@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|epoch|ops|cpu_backends]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|epoch|ops|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -777,9 +777,10 @@ fn run<B: Backend>(o: &Opts, device: &B::Device) {
             "smollm2" => real::smollm2_suite::<B>(o, &device),
             "qlora" => qlora::qlora_suite::<B>(o, &device),
             "serve" => serve::serve_suite::<B>(o, &device),
+            "serve_soak" => serve::soak_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, serve, cpu_backends, ops, epoch)"
+                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, serve, serve_soak, cpu_backends, ops, epoch)"
                 )
             }
         }

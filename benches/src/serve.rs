@@ -4,7 +4,9 @@
 //! completions of 16 tokens round-robin over the adapters. Reports output
 //! tokens/s, time to first token and inter-token latency (p50 / p99), the
 //! memory one more resident adapter takes against its file, and the
-//! process's peak memory.
+//! process's peak memory. `serve_soak` (only when asked for): 10 minutes
+//! (1 with `--quick`) at concurrency 16 over 16 adapters, for memory
+//! growth and failed requests.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -63,6 +65,16 @@ fn agent() -> ureq::Agent {
 /// One streamed request: (completion tokens, time to first token, gaps
 /// between pieces).
 fn one_request(agent: &ureq::Agent, base: &str, model: &str) -> (usize, f64, Vec<f64>) {
+    try_request(agent, base, model).expect("serve bench request failed")
+}
+
+/// [`one_request`], its failure (no answer, a status other than 200, no
+/// completion tokens reported) as an error.
+fn try_request(
+    agent: &ureq::Agent,
+    base: &str,
+    model: &str,
+) -> Result<(usize, f64, Vec<f64>), String> {
     let body = json!({"model": model, "prompt": "Call me Ishmael. Some years ago, never mind how long",
                       "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
                       "stream_options": {"include_usage": true}});
@@ -70,12 +82,10 @@ fn one_request(agent: &ureq::Agent, base: &str, model: &str) -> (usize, f64, Vec
     let response = agent
         .post(&format!("{base}/v1/completions"))
         .send(body.to_string())
-        .expect("the server answers");
-    assert_eq!(
-        response.status().as_u16(),
-        200,
-        "serve bench request failed"
-    );
+        .map_err(|e| e.to_string())?;
+    if response.status().as_u16() != 200 {
+        return Err(format!("status {}", response.status().as_u16()));
+    }
     let mut reader = BufReader::new(response.into_body().into_reader());
     let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, Vec::new(), 0);
     let mut line = String::new();
@@ -100,7 +110,10 @@ fn one_request(agent: &ureq::Agent, base: &str, model: &str) -> (usize, f64, Vec
         }
         line.clear();
     }
-    (tokens, first.map_or(f64::NAN, |d| d.as_secs_f64()), gaps)
+    if tokens == 0 {
+        return Err("no completion tokens reported".into());
+    }
+    Ok((tokens, first.map_or(f64::NAN, |d| d.as_secs_f64()), gaps))
 }
 
 /// `requests` requests from `concurrency` clients, round-robin over
@@ -144,7 +157,20 @@ fn write_adapter<B: Backend>(gguf: &Path, dir: &Path, device: &B::Device) {
         .expect("the adapter is written");
 }
 
-pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
+/// A server on SmolLM2-135M with `adapters` resident copies of one r-8
+/// LoRA (all linear layers) named `a0`, `a1`, …: the server, its base
+/// URL, the adapter file's size, each load's seconds, and the memory the
+/// loads took, in MiB.
+struct Served {
+    server: Server,
+    base: String,
+    dir: std::path::PathBuf,
+    file_bytes: u64,
+    load_times: Vec<f64>,
+    loaded_mib: f64,
+}
+
+fn start_server<B: Backend>(adapters: usize, device: &B::Device) -> Served {
     let gguf = assets::fetch("smollm2")
         .expect("smollm2 asset")
         .join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -154,12 +180,9 @@ pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let file_bytes = std::fs::metadata(root.join("lora_r8_all_linear/adapter_model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
-    let counts: &[usize] = if o.quick { &[1, 4] } else { &[1, 4, 16, 64] };
-    let concurrencies: &[usize] = if o.quick { &[1, 4] } else { &[1, 4, 16] };
-    let most = *counts.last().unwrap();
     let config = ServeConfig {
         adapter_root: Some(root.clone()),
-        max_loaded: most,
+        max_loaded: adapters,
         listen: "127.0.0.1:0".parse().unwrap(),
         max_queue: 1024,
         ..ServeConfig::new(gguf.clone())
@@ -167,12 +190,10 @@ pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
     let server = Server::start::<B>(config, device.clone()).expect("the server starts");
     let base = format!("http://{}", server.addr());
     let agent = agent();
-
-    // Memory: every adapter of the largest count loaded, one by one (the
-    // same file under distinct names: each is a resident copy).
+    // The same file under distinct names: each is a resident copy.
     let before = rss_mib();
-    let mut load_times = Vec::with_capacity(most);
-    for i in 0..most {
+    let mut load_times = Vec::with_capacity(adapters);
+    for i in 0..adapters {
         let t = Instant::now();
         let r = agent
             .post(&format!("{base}/v1/load_lora_adapter"))
@@ -184,7 +205,30 @@ pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
         assert_eq!(r.status().as_u16(), 200, "adapter load failed");
         load_times.push(t.elapsed().as_secs_f64());
     }
-    let per_adapter_mib = (rss_mib() - before) / most as f64;
+    Served {
+        server,
+        base,
+        dir,
+        file_bytes,
+        load_times,
+        loaded_mib: rss_mib() - before,
+    }
+}
+
+pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    let counts: &[usize] = if o.quick { &[1, 4] } else { &[1, 4, 16, 64] };
+    let concurrencies: &[usize] = if o.quick { &[1, 4] } else { &[1, 4, 16] };
+    let most = *counts.last().unwrap();
+    // Memory: every adapter of the largest count loaded, one by one.
+    let Served {
+        server,
+        base,
+        dir,
+        file_bytes,
+        mut load_times,
+        loaded_mib,
+    } = start_server::<B>(most, device);
+    let per_adapter_mib = loaded_mib / most as f64;
     let file_mib = file_bytes as f64 / (1024.0 * 1024.0);
     emit(
         o,
@@ -237,6 +281,82 @@ pub fn serve_suite<B: Backend>(o: &Opts, device: &B::Device) {
             );
         }
     }
+    server.shutdown().expect("the server stops");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `serve_soak`: clients at concurrency 16 over 16 resident adapters for
+/// 10 minutes (1 with `--quick`), after one round of warm-up: failed
+/// requests, and the process's memory at the end (and its highest,
+/// sampled every second) against the start.
+pub fn soak_suite<B: Backend>(o: &Opts, device: &B::Device) {
+    const CONCURRENCY: usize = 16;
+    let span = Duration::from_secs(if o.quick { 60 } else { 600 });
+    let Served {
+        server, base, dir, ..
+    } = start_server::<B>(16, device);
+    let models: Vec<String> = (0..16).map(|i| format!("a{i}")).collect();
+    load(&base, &models, CONCURRENCY, 2 * CONCURRENCY);
+    let start_mib = rss_mib();
+    let highest = Mutex::new(start_mib);
+    let (ok, failed, tokens) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let gaps = Mutex::new(Vec::new());
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while started.elapsed() < span {
+                std::thread::sleep(Duration::from_secs(1));
+                let mut h = highest.lock().unwrap();
+                *h = h.max(rss_mib());
+            }
+        });
+        for _ in 0..CONCURRENCY {
+            s.spawn(|| {
+                let agent = agent();
+                while started.elapsed() < span {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    match try_request(&agent, &base, &models[i % models.len()]) {
+                        Ok((n, _, g)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            tokens.fetch_add(n, Ordering::Relaxed);
+                            gaps.lock().unwrap().extend(g);
+                        }
+                        Err(e) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("serve_soak: request failed: {e}");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let end_mib = rss_mib();
+    let highest = highest.into_inner().unwrap().max(end_mib);
+    let mut gaps = gaps.into_inner().unwrap();
+    if gaps.is_empty() {
+        gaps.push(f64::NAN);
+    }
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    emit(
+        o,
+        "serve_soak",
+        "adapters_16_concurrency_16_soak",
+        &mut gaps,
+        None,
+        json!({"seconds": seconds, "requests": ok + failed, "failed_requests": failed,
+               "tokens_per_s": tokens.into_inner() as f64 / seconds,
+               "rss_start_mib": start_mib, "rss_end_mib": end_mib, "rss_highest_mib": highest,
+               // The goal: memory at its highest within 5% of the start.
+               "memory_growth_ratio": highest / start_mib,
+               "peak_rss_mib": peak_rss_mib()}),
+    );
     server.shutdown().expect("the server stops");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,7 +3,7 @@
 //! - `bench [--backend ndarray|flex|wgpu|cuda]... [--suite NAME]... [--device N] [--quick] [--vs-peft PYTHON]`:
 //!   builds the `peft-bench` binary with each backend's feature, runs the
 //!   suites (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora,
-//!   cpu_backends; `serve`, `peft serve` under load, when asked for), and writes `target/bench-report/` with `report.json`,
+//!   cpu_backends; `serve`, `peft serve` under load, and `serve_soak`, 10 minutes of it, when asked for), and writes `target/bench-report/` with `report.json`,
 //!   `report.md` (tables, the goals met or not) and one SVG chart per suite.
 //!   `--vs-peft PYTHON` runs `benches/peft_reference.py` (Hugging Face PEFT
 //!   on PyTorch) alternately with our `minilm` suite on the first backend
@@ -365,6 +365,20 @@ fn goals(report: &Value) -> Vec<(String, String, Option<f64>, f64)> {
         0.25,
     );
     goal(
+        "10-minute soak at concurrency 16: memory at its highest at most 1.05× the start",
+        "serve_soak",
+        "adapters_16_concurrency_16_soak",
+        "memory_growth_ratio",
+        1.05,
+    );
+    goal(
+        "10-minute soak at concurrency 16: no failed request",
+        "serve_soak",
+        "adapters_16_concurrency_16_soak",
+        "failed_requests",
+        0.0,
+    );
+    goal(
         "memory per extra resident r-8 adapter at most 1.05× its file",
         "serve",
         "adapter_load",
@@ -539,7 +553,7 @@ fn main() -> ExitCode {
             });
             methods::methods(&args[1..], &root, meta)
         }
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]... | --render".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|epoch|ops|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]... | --render".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

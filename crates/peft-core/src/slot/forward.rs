@@ -233,12 +233,16 @@ impl<B: Backend> LinearSlot<B> {
     }
 
     /// Mixed batch: row `i` uses adapter `names[i]` (or none for
-    /// [`BASE_ROW`] or an adapter this slot does not carry). The per-row
-    /// low-rank factors are gathered into `[rows, d_in, r_max]` /
-    /// `[rows, r_max, d_out]` and applied with two batched matmuls, whatever
-    /// the number of adapters (the BGMV scheme of Punica / S-LoRA), never one
-    /// matmul per row; input and output scales are gathered per row the same
-    /// way.
+    /// [`BASE_ROW`] or an adapter this slot does not carry). The low-rank
+    /// factors of the `k` adapters the batch uses are set side by side,
+    /// `A = [A₁ … A_k]` `[d_in, Σr]` and `B` likewise stacked `[Σr, d_out]`,
+    /// and applied with two plain matmuls, each row keeping only its own
+    /// adapter's columns of `x·A` (a 0/1 mask) before `·B`: two products
+    /// whatever the number of adapters or rows, never one per row. (A
+    /// gather of each row's factors into `[rows, d_in, r]` and two batched
+    /// matmuls, the BGMV scheme of Punica / S-LoRA, ran as `rows` tiny
+    /// products of a decode step: 3.7× one row's step time for 16 rows.)
+    /// Input and output scales are gathered per row.
     fn forward_mixed(&self, x: Tensor<B, 2>, rows: usize, names: &[String]) -> Tensor<B, 2> {
         let y = self.forward_mixed_effects(x.clone(), rows, names);
         self.replace_rows(y, x, rows, names)
@@ -285,20 +289,29 @@ impl<B: Backend> LinearSlot<B> {
         if used.is_empty() {
             return finish(base);
         }
-        let r_max = used.iter().map(|f| f.a.dims()[1]).max().unwrap_or(1);
-        let mut a_all = vec![Tensor::<B, 2>::zeros([d_in, r_max], &device)];
-        let mut b_all = vec![Tensor::<B, 2>::zeros([r_max, d_out], &device)];
+        // Columns `offsets[j]..offsets[j + 1]` of `x·A` are adapter j's.
+        let mut offsets = vec![0];
+        for f in &used {
+            offsets.push(offsets.last().copied().unwrap_or(0) + f.a.dims()[1]);
+        }
+        let width = offsets[used.len()];
+        let keep: Vec<f32> = index
+            .iter()
+            .flat_map(|&j| {
+                let own = match j {
+                    0 => 0..0,
+                    j => offsets[j as usize - 1]..offsets[j as usize],
+                };
+                (0..width).map(move |c| if own.contains(&c) { 1.0 } else { 0.0 })
+            })
+            .collect();
+        let keep = Tensor::<B, 3>::from_data(TensorData::new(keep, [rows, 1, width]), &device);
         let mut g_all = vec![Tensor::<B, 1>::ones([d_out], &device)];
         let any_factor = used.iter().any(|f| f.column_factor.is_some());
+        let (mut a_all, mut b_all) = (Vec::new(), Vec::new());
         for f in used {
-            let r = f.a.dims()[1];
-            let (mut a, mut b) = (f.a, f.b);
-            if r < r_max {
-                a = Tensor::cat(vec![a, Tensor::zeros([d_in, r_max - r], &device)], 1);
-                b = Tensor::cat(vec![b, Tensor::zeros([r_max - r, d_out], &device)], 0);
-            }
-            a_all.push(a);
-            b_all.push(b);
+            a_all.push(f.a);
+            b_all.push(f.b);
             if any_factor {
                 g_all.push(
                     f.column_factor
@@ -306,11 +319,12 @@ impl<B: Backend> LinearSlot<B> {
                 );
             }
         }
+        let h = x.matmul(Tensor::cat(a_all, 1)).reshape([rows, t, width]) * keep;
+        let delta = h
+            .reshape([n, width])
+            .matmul(Tensor::cat(b_all, 0))
+            .reshape([rows, t, d_out]);
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows]), &device);
-        let a_rows = Tensor::stack::<3>(a_all, 0).select(0, idx.clone());
-        let b_rows = Tensor::stack::<3>(b_all, 0).select(0, idx.clone());
-        let x3 = x.reshape([rows, t, d_in]);
-        let delta = x3.matmul(a_rows).matmul(b_rows); // [rows, t, d_out]
         let base3 = base.reshape([rows, t, d_out]);
         let y = if any_factor {
             let g = Tensor::stack::<2>(g_all, 0)
