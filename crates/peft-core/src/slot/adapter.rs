@@ -32,8 +32,9 @@ pub struct BasePass<B: Backend> {
     pub base_term: Option<Tensor<B, 2>>,
 }
 
-/// An entry's per-row factors in a mixed batch: the slot pads them to one
-/// rank and applies every row's pair with two batched matmuls.
+/// An entry's per-row factors in a mixed batch: the slot sets the batch's
+/// adapters' factors side by side and applies them with two matmuls, each
+/// row masked to its own adapter's.
 #[derive(Debug)]
 pub struct LowRankRows<B: Backend> {
     /// `[d_in, r]`.
