@@ -113,8 +113,8 @@ enum Served<B: Backend, M: burn::module::Module<B>> {
     /// its old version gets a new one).
     Shared(String),
     /// A prefix, a soft prompt or a bottleneck adapter, as its own wrapper
-    /// around the base.
-    Own(Adapted<B, M>),
+    /// around the base (shared with the sequences that decode through it).
+    Own(Rc<Adapted<B, M>>),
 }
 
 /// A sequence's row in the batch.
@@ -127,8 +127,8 @@ struct Row<B: Backend, M: burn::module::Module<B>> {
 
 /// A sequence decoding alone (a bottleneck adapter's).
 struct Solo<B: Backend, M: burn::module::Module<B>> {
-    /// Its adapter ([`Served::Own`]).
-    model: Rc<Served<B, M>>,
+    /// Its adapter's wrapper, kept for it.
+    model: Rc<Adapted<B, M>>,
     /// Its cache and last logits.
     state: Decoding<B>,
 }
@@ -257,7 +257,7 @@ where
                 fresh = Some(id.clone());
                 return Ok(Served::Shared(id));
             }
-            tasks::load_adapted(base.clone(), Some(dir)).map(Served::Own)
+            tasks::load_adapted(base.clone(), Some(dir)).map(|m| Served::Own(Rc::new(m)))
         })?;
         if let Some(id) = fresh {
             self.shared_users.push((id, Rc::downgrade(&served)));
@@ -317,9 +317,12 @@ where
                 self.batched.push((seq, row));
             }
             None => {
-                let model = served.ok_or_else(|| {
-                    ApiError::internal("only an adapter's sequence decodes alone".into())
-                })?;
+                let Some(Served::Own(model)) = served.as_deref() else {
+                    return Err(ApiError::internal(
+                        "only an adapter with a wrapper of its own decodes alone".into(),
+                    ));
+                };
+                let model = model.clone();
                 self.alone.push((seq, Solo { model, state }));
             }
         }
@@ -348,7 +351,7 @@ where
                 let state = model.start(prompt)?;
                 // After prefill a prefix or a soft prompt is cache content:
                 // the base decodes on from there.
-                let route = match model {
+                let route = match &**model {
                     Adapted::Adapters(_) => None,
                     _ => Some(BASE_ROW.to_string()),
                 };
@@ -369,8 +372,11 @@ where
         // Each sequence's next token; the ones that go on keep theirs.
         let mut fed = Vec::new();
         let mut keep = Vec::new();
+        let mut going_on = Vec::new();
         for (i, (seq, _)) in self.batched.iter_mut().enumerate() {
-            match seq.turn(&eos) {
+            let turn = seq.turn(&eos);
+            going_on.push(matches!(turn, Turn::Feed(_)));
+            match turn {
                 Turn::Feed(token) => {
                     keep.push(i);
                     fed.push(token);
@@ -380,26 +386,19 @@ where
             tokens += seq.take_new_tokens();
         }
         self.batch.keep(&keep);
-        let mut i = 0;
-        self.batched.retain(|_| {
-            i += 1;
-            keep.contains(&(i - 1))
-        });
+        let mut going_on = going_on.into_iter();
+        self.batched.retain(|_| going_on.next().unwrap_or(false));
         if !fed.is_empty() {
             self.decode_batch(&fed);
         }
         let metrics = self.metrics.clone();
         self.alone.retain_mut(|(seq, solo)| {
-            let going_on = match (seq.turn(&eos), &*solo.model) {
-                (Turn::Feed(token), Served::Own(model)) => seq.advance_alone(|| {
-                    model.advance(&mut solo.state, token);
+            let going_on = match seq.turn(&eos) {
+                Turn::Feed(token) => seq.advance_alone(|| {
+                    solo.model.advance(&mut solo.state, token);
                     solo.state.next_logits()
                 }),
-                (Turn::Feed(_), Served::Shared(_)) => {
-                    seq.fail(ApiError::internal("a slot adapter decoded alone".into()));
-                    false
-                }
-                (Turn::Over, _) => false,
+                Turn::Over => false,
             };
             tokens += seq.take_new_tokens();
             if !going_on {
