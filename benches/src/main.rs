@@ -1,7 +1,7 @@
 //! Benchmark programs. Run through `cargo xtask bench`, which builds this
 //! binary with the right backend feature and writes the report.
 //!
-//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|epoch|ops|cpu_backends]... [--quick]`
+//! Usage: `peft-bench --backend ndarray|flex|wgpu|cuda [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|decode|epoch|ops|cpu_backends]... [--quick]`
 //! Prints one JSON object per measured figure on stdout.
 //!
 //! Every comparison is measured in one run with the variants interleaved
@@ -29,6 +29,7 @@ use serde_json::json;
 
 use peft_core::backends::BackendChoice;
 
+mod decode;
 mod epoch;
 mod ops;
 mod qlora;
@@ -778,9 +779,10 @@ fn run<B: Backend>(o: &Opts, device: &B::Device) {
             "qlora" => qlora::qlora_suite::<B>(o, &device),
             "serve" => serve::serve_suite::<B>(o, &device),
             "serve_soak" => serve::soak_suite::<B>(o, &device),
+            "decode" => decode::decode_suite::<B>(o, &device),
             other => {
                 eprintln!(
-                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, serve, serve_soak, cpu_backends, ops, epoch)"
+                    "unknown suite `{other}` (forward, rank, train, mixed, prompt, adapter, minilm, smollm2, qlora, serve, serve_soak, decode, cpu_backends, ops, epoch)"
                 )
             }
         }

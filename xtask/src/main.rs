@@ -553,7 +553,7 @@ fn main() -> ExitCode {
             });
             methods::methods(&args[1..], &root, meta)
         }
-        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|epoch|ops|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]... | --render".into()),
+        _ => Err("usage: cargo xtask bench [--backend ndarray|flex|wgpu|cuda]... [--suite forward|rank|train|mixed|prompt|adapter|minilm|smollm2|qlora|serve|serve_soak|decode|epoch|ops|cpu_backends]... [--device N] [--quick] [--vs-peft PYTHON]\n       cargo xtask methods [--sweep] [--only ROW]... | --render".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Tensor, TensorPrimitive};
 use burn_flex::ops::matmul_bias::matmul_bias;
+use burn_flex::ops::row_low_rank::{self, RowFactors};
 use burn_flex::FlexTensor;
 
 /// Flex under autodiff (Burn's default checkpointing: none).
@@ -86,6 +87,42 @@ pub fn linear_fused<B: Backend>(
     } else {
         None
     }
+}
+
+/// One adapter's factors in a mixed batch: `a` `[d_in, r]`, `b`
+/// `[r, d_out]` and the scale `s` of its delta `s·(x·a)·b`.
+pub type RowPair<'a, B> = (&'a Tensor<B, 2>, &'a Tensor<B, 2>, f32);
+
+/// `y + s_j·(x_i·a_j)·b_j` for every row `i` of `x` `[n, d_in]` / `y`
+/// `[n, d_out]` (`n` = `index.len()` groups of equal length), `j` =
+/// `index[group] - 1`, nothing where the index is 0: each row reads its own
+/// adapter's factors (`burn_flex::ops::row_low_rank`) instead of all of the
+/// batch's, concatenated and masked. `Some` on Flex alone (mixed batches are
+/// inference; under autodiff the slot composes tensor ops), `None` where the
+/// kernel declines (a shape or dtype it does not take).
+pub fn add_row_low_rank<B: Backend>(
+    y: &Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    pairs: &[RowPair<'_, B>],
+    index: &[usize],
+) -> Option<Tensor<B, 2>> {
+    if TypeId::of::<B>() != TypeId::of::<Flex>() {
+        return None;
+    }
+    let held: Vec<(FlexTensor, FlexTensor, f32)> = pairs
+        .iter()
+        .map(|(a, b, s)| (primitive::<Flex, B, 2>(a), primitive::<Flex, B, 2>(b), *s))
+        .collect();
+    let factors: Vec<RowFactors<'_>> = held
+        .iter()
+        .map(|(a, b, scale)| RowFactors {
+            a,
+            b,
+            scale: *scale,
+        })
+        .collect();
+    let (y, x) = (primitive::<Flex, B, 2>(y), primitive::<Flex, B, 2>(x));
+    row_low_rank::add_row_low_rank(&y, &x, &factors, index).map(wrap::<Flex, B, 2>)
 }
 
 /// What the backward pass needs: `x` when `w` takes a gradient, `w` when

@@ -4,7 +4,9 @@
 //! `exp` and softmax against f64, matrix products with a side of at most 16
 //! (LoRA's rank) against f64, the linear layer's product-plus-bias kernel
 //! and its gradients against f64, element-wise operations on shared
-//! operands (written to a new buffer, in parallel) against f64.
+//! operands (written to a new buffer, in parallel) against f64, and the
+//! mixed-batch kernel (each row through its own adapter's low-rank
+//! factors) against f64.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::activation::gelu;
@@ -300,6 +302,16 @@ fn flex_skinny_matmuls_match_f64_in_every_layout() {
         (1, 576, 1531),
         (11, 17, 3),
         (3, 1, 70),
+        // Few rows against a wide `b`: swept in bands of 16 rows of `b`
+        // (k a multiple of the band or not; columns past the last tile).
+        (16, 300, 1000),
+        (5, 33, 530),
+        (9, 64, 512),
+        // Narrower than one vector: masked columns (x·A of rank 8 or 4 at
+        // up to 16 rows, 8 + 4 + 1 rows, 17 columns = one vector + 1).
+        (16, 576, 8),
+        (13, 100, 4),
+        (6, 40, 17),
     ];
     let layouts = ["row-major", "transposed", "window"];
     for (m, k, n) in shapes {
@@ -329,6 +341,92 @@ fn flex_skinny_matmuls_match_f64_in_every_layout() {
             }
         }
     }
+}
+
+#[test]
+fn flex_row_low_rank_matches_f64() {
+    // Three adapters of ranks 2, 8 and 5 (each its own scale) over groups
+    // of `t` rows, some groups with none (index 0); factors in every layout
+    // (the kernel copies views to row-major); `d_out` not a multiple of the
+    // kernel's 16-column blocks; one thread (2 groups × 1 row) and several
+    // (16 groups × 3 rows).
+    let ranks = [2, 8, 5];
+    let scales = [0.5f32, 2.0, -1.25];
+    for (groups, t, d_in, d_out) in [(2, 1, 40, 70), (16, 3, 96, 150)] {
+        for layout in ["row-major", "transposed", "window"] {
+            let n = groups * t;
+            let (x, xv) = operand(n, d_in, "row-major", 11);
+            let (y, yv) = operand(n, d_out, layout, 12);
+            let factors: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(j, &r)| {
+                    (
+                        operand(d_in, r, layout, 20 + j),
+                        operand(r, d_out, layout, 30 + j),
+                    )
+                })
+                .collect();
+            let index: Vec<usize> = (0..groups).map(|g| [1, 0, 2, 3][g % 4]).collect();
+            let pairs: Vec<_> = factors
+                .iter()
+                .zip(scales)
+                .map(|(((a, _), (b, _)), s)| (a, b, s))
+                .collect();
+            let got = peft_core::fused::add_row_low_rank(&y, &x, &pairs, &index)
+                .unwrap_or_else(|| panic!("{n} rows, {layout}: the kernel declined"));
+            assert_eq!(got.dims(), [n, d_out], "{layout}: shape");
+            let want: Vec<f32> = (0..n * d_out)
+                .map(|o| {
+                    let (i, c) = (o / d_out, o % d_out);
+                    let j = index[i / t];
+                    if j == 0 {
+                        return yv[o];
+                    }
+                    let (((_, av), (_, bv)), r) = (&factors[j - 1], ranks[j - 1]);
+                    let h = |q: usize| -> f64 {
+                        (0..d_in)
+                            .map(|k| xv[i * d_in + k] as f64 * av[k * r + q] as f64)
+                            .sum()
+                    };
+                    let delta: f64 = (0..r).map(|q| h(q) * bv[q * d_out + c] as f64).sum();
+                    (yv[o] as f64 + scales[j - 1] as f64 * delta) as f32
+                })
+                .collect();
+            // Not a no-op: the deltas move the routed rows.
+            let moved = want
+                .iter()
+                .zip(&yv)
+                .map(|(w, y)| (w - y).abs())
+                .fold(0.0, f32::max);
+            assert!(moved > 0.1, "the deltas are too small to test: {moved}");
+            check_close_slices(
+                &format!("{n} rows {layout}"),
+                &host(got),
+                &want,
+                Tolerance::new(1e-5, 1e-6),
+            )
+            .unwrap();
+        }
+    }
+    // What the kernel does not take is left to the composed path: another
+    // backend, factors that do not fit, an adapter index out of range.
+    let (x, _) = operand(4, 10, "row-major", 1);
+    let (y, _) = operand(4, 6, "row-major", 2);
+    let (a, _) = operand(10, 2, "row-major", 3);
+    let (b, _) = operand(2, 6, "row-major", 4);
+    let (wrong, _) = operand(3, 6, "row-major", 5);
+    let fused = |pairs: &[(&Tensor<Flex, 2>, &Tensor<Flex, 2>, f32)], index: &[usize]| {
+        peft_core::fused::add_row_low_rank(&y, &x, pairs, index).is_some()
+    };
+    assert!(fused(&[(&a, &b, 1.0)], &[1, 0]));
+    assert!(!fused(&[(&a, &wrong, 1.0)], &[1, 0]), "rank 2 · rank 3");
+    assert!(!fused(&[(&a, &b, 1.0)], &[2, 0]), "index past the adapters");
+    assert!(!fused(&[(&a, &b, 1.0)], &[1, 0, 1]), "4 rows in 3 groups");
+    let nd = Default::default();
+    let zeros = |r: usize, c: usize| Tensor::<NdArray, 2>::zeros([r, c], &nd);
+    let (nx, ny, na, nb) = (zeros(4, 10), zeros(4, 6), zeros(10, 2), zeros(2, 6));
+    assert!(peft_core::fused::add_row_low_rank(&ny, &nx, &[(&na, &nb, 1.0)], &[1, 0]).is_none());
 }
 
 /// `a · b (+ bias)` in f64 from logical row-major values.

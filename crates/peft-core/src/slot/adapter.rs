@@ -32,15 +32,19 @@ pub struct BasePass<B: Backend> {
     pub base_term: Option<Tensor<B, 2>>,
 }
 
-/// An entry's per-row factors in a mixed batch: the slot sets the batch's
-/// adapters' factors side by side and applies them with two matmuls, each
-/// row masked to its own adapter's.
+/// An entry's per-row factors in a mixed batch, `Δy = scale · (x·a)·b`:
+/// on Flex each row applies its own adapter's (one kernel); elsewhere the
+/// slot sets the batch's adapters' factors side by side and applies them
+/// with two matmuls, each row masked to its own adapter's columns.
 #[derive(Debug)]
 pub struct LowRankRows<B: Backend> {
     /// `[d_in, r]`.
     pub a: Tensor<B, 2>,
-    /// `[r, d_out]`, scaling folded in.
+    /// `[r, d_out]`.
     pub b: Tensor<B, 2>,
+    /// Multiplies the delta (LoRA's `α / r`), kept apart from `b` so that
+    /// no step copies `b` to scale it.
+    pub scale: f64,
     /// A per-column factor `[d_out]` multiplying base plus delta (DoRA's
     /// `m / ‖W + ΔW‖`); `None` stands for ones.
     pub column_factor: Option<Tensor<B, 1>>,

@@ -178,6 +178,7 @@ impl<B: Backend, F: DeltaFactors<B>> SlotAdapter<B> for DeltaEntry<B, F> {
         Some(LowRankRows {
             a,
             b,
+            scale: 1.0,
             column_factor: None,
         })
     }

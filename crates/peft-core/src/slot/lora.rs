@@ -154,7 +154,8 @@ impl<B: Backend> SlotAdapter<B> for LoraEntry<B> {
     fn low_rank_rows(&self, weight: &Tensor<B, 2>) -> Option<LowRankRows<B>> {
         Some(LowRankRows {
             a: self.a.val(),
-            b: self.b.val() * self.meta.scaling,
+            b: self.b.val(),
+            scale: self.meta.scaling,
             column_factor: self
                 .magnitude
                 .as_ref()

@@ -139,6 +139,7 @@ impl<B: Backend> SlotAdapter<B> for VeraEntry<B> {
         Some(LowRankRows {
             a,
             b,
+            scale: 1.0,
             column_factor: None,
         })
     }

@@ -121,6 +121,7 @@ pub mod pool;
 mod qtensor;
 pub mod reduce;
 pub mod repeat_dim;
+pub mod row_low_rank;
 pub mod skinny_matmul;
 pub mod slice;
 pub mod sort;
