@@ -744,3 +744,110 @@ fn classifies_with_peft_seq_cls_adapters() {
     );
     server.shutdown().unwrap();
 }
+
+/// `/classify` on a decoder: the tiny `LlamaForSequenceClassification`
+/// fixture served with PEFT's SEQ_CLS LoRA, whose `score` copy gives
+/// PEFT's class probabilities (each row read at its last real token), and
+/// the base's own head gives the base's; a text input is tokenized.
+#[test]
+fn classifies_with_a_decoders_score_head() {
+    let case = FixtureCase::open("llama_seqcls", "seqcls_lora");
+    // The fixture's folder with a word-level tokenizer (a server reads one).
+    let model = peft_models::fixtures::temp_dir("serve-llama-seqcls");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        let from = peft_models::fixtures::fixtures_dir().join("llama_seqcls");
+        std::fs::copy(from.join(file), model.join(file)).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> =
+        (0..64).map(|i| (format!("w{i}"), json!(i))).collect();
+    let tokenizer = json!({"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = ServeConfig {
+        adapters: vec![("cls".into(), case.dir.clone())],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        served_model_name: Some("tiny".into()),
+        ..ServeConfig::new(model.clone())
+    };
+    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let c = Client::new(&server);
+    // The fixture's rows, right-padded with the padding token 0: each
+    // row's tokens up to its last one that is not padding.
+    let ids = case.want("input_ids");
+    let rows: Vec<Vec<u32>> = ids
+        .data
+        .chunks(ids.shape[1])
+        .map(|r| {
+            let end = r.iter().rposition(|&v| v != 0.0).map_or(1, |p| p + 1);
+            r[..end].iter().map(|&v| v as u32).collect()
+        })
+        .collect();
+    let softmax = |row: &[f32]| -> Vec<f32> {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+        row.iter().map(|x| (x - max).exp() / sum).collect()
+    };
+    let probs = |v: &Value| -> Vec<Vec<f32>> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                d["probs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect()
+    };
+    let base_want: Vec<Vec<f32>> = {
+        let l = case.want("logits_base");
+        l.data.chunks(l.shape[1]).map(softmax).collect()
+    };
+    for (name, key) in [("cls", "logits_unmerged"), ("tiny", "logits_base")] {
+        let (status, v) = c.post("/classify", &json!({"model": name, "input": rows}));
+        assert_eq!(status, 200, "{name}: {v}");
+        let logits = case.want(key);
+        let want: Vec<Vec<f32>> = logits.data.chunks(logits.shape[1]).map(softmax).collect();
+        let got = probs(&v);
+        assert_eq!(got.len(), want.len(), "{name}: rows");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let diff = peft_core::compare::max_abs_diff(g, w);
+            assert!(
+                g.len() == w.len() && diff < 1e-5,
+                "{name} row {i}: probabilities {g:?} vs PEFT's {w:?}"
+            );
+            // Not a no-op: the adapter's head moves the probabilities.
+            if name == "cls" {
+                let moved = peft_core::compare::max_abs_diff(w, &base_want[i]);
+                assert!(
+                    moved > 1e-3,
+                    "row {i}: the adapter changes nothing ({moved:e})"
+                );
+            }
+        }
+        assert_eq!(v["data"][0]["num_classes"], want[0].len(), "{name}");
+    }
+    // Text goes through the model's tokenizer.
+    let (status, v) = c.post(
+        "/v1/classify",
+        &json!({"model": "cls", "input": "w3 w9 w5"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(probs(&v).len(), 1);
+    assert!(v["data"][0]["label"]
+        .as_str()
+        .unwrap()
+        .starts_with("LABEL_"));
+    // Embeddings stay an encoder's.
+    let (status, v) = c.post("/v1/embeddings", &json!({"model": "cls", "input": "w3"}));
+    assert_eq!((status, error_of(&v).0), (400, "invalid_request_error"));
+    server.shutdown().unwrap();
+    std::fs::remove_dir_all(&model).unwrap();
+}

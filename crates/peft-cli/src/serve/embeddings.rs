@@ -1,8 +1,9 @@
-//! An encoder's endpoints: `POST /v1/embeddings` (OpenAI's shapes), one
-//! vector per input, as floats or as OpenAI's base64 of little-endian
-//! `f32`s (the `openai` package asks for base64 unless told otherwise);
-//! and `POST /classify` (vLLM's shapes, also at `/v1/classify`), each
-//! input's class probabilities and most likely label.
+//! `POST /v1/embeddings` (OpenAI's shapes; an encoder's), one vector per
+//! input, as floats or as OpenAI's base64 of little-endian `f32`s (the
+//! `openai` package asks for base64 unless told otherwise); and `POST
+//! /classify` (vLLM's shapes, also at `/v1/classify`; an encoder's
+//! classifier or a decoder's `score` head), each input's class
+//! probabilities and most likely label.
 
 use std::sync::Arc;
 
@@ -58,12 +59,11 @@ struct ClassifyRequest {
 }
 
 /// The token ids of `input`, each checked against the vocabulary and the
-/// context.
-fn tokenized(s: &Shared, input: Input) -> Result<Vec<Vec<u32>>, ApiError> {
-    if !s.encoder {
+/// context. Embeddings need an encoder; classification takes either.
+fn tokenized(s: &Shared, input: Input, embedding: bool) -> Result<Vec<Vec<u32>>, ApiError> {
+    if embedding && !s.encoder {
         return Err(ApiError::invalid(
-            "the served model is a decoder: embeddings and classification need an encoder (BERT)"
-                .into(),
+            "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
         ));
     }
     let inputs = match input {
@@ -138,7 +138,7 @@ pub async fn embeddings(
             ))
         }
     };
-    let inputs = tokenized(&s, r.input)?;
+    let inputs = tokenized(&s, r.input, true)?;
     let adapter = s.adapter_of(&r.model)?;
     let tokens: usize = inputs.iter().map(Vec::len).sum();
     let vectors = ask(&s, &r.model, |reply| {
@@ -185,7 +185,7 @@ pub async fn classify(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r: ClassifyRequest = s.json(body)?;
-    let inputs = tokenized(&s, r.input)?;
+    let inputs = tokenized(&s, r.input, false)?;
     let adapter = s.adapter_of(&r.model)?;
     let tokens: usize = inputs.iter().map(Vec::len).sum();
     let (probs, labels) = ask(&s, &r.model, |reply| {

@@ -64,11 +64,7 @@ impl<B: Backend> Served<B> {
             Some(n) => (base.clone().with_classifier(n)?, Some(n)),
             None => (base.clone(), None),
         };
-        let labels = match classes {
-            Some(_) if dir.join("labels.json").is_file() => Some(tasks::read_labels(dir)?),
-            Some(n) => Some((0..n).map(|i| format!("LABEL_{i}")).collect()),
-            None => None,
-        };
+        let labels = classes.map(|n| class_names(Some(dir), n)).transpose()?;
         Ok(Served {
             model: tasks::load_adapted(bert, Some(dir))?,
             labels,
@@ -183,6 +179,15 @@ impl<B: Backend> Models<B> {
     }
 }
 
+/// The names of `n` classes: the adapter folder's `labels.json` (our
+/// runs), else `LABEL_i` as transformers names them.
+pub(super) fn class_names(dir: Option<&Path>, n: usize) -> Result<Vec<String>> {
+    match dir {
+        Some(d) if d.join("labels.json").is_file() => tasks::read_labels(d),
+        _ => Ok((0..n).map(|i| format!("LABEL_{i}")).collect()),
+    }
+}
+
 /// `f`, its panic a 500 naming `what`.
 fn guarded<T>(
     f: impl FnOnce() -> std::result::Result<T, ApiError>,
@@ -193,7 +198,7 @@ fn guarded<T>(
 }
 
 /// `inputs` as one right-padded batch: ids and mask `[rows, longest]`.
-fn padded<B: Backend>(
+pub(super) fn padded<B: Backend>(
     inputs: &[Vec<u32>],
     device: &B::Device,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
@@ -213,7 +218,7 @@ fn padded<B: Backend>(
 }
 
 /// The rows of a `[rows, n]` tensor.
-fn rows_of<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<Vec<f32>>, ApiError> {
+pub(super) fn rows_of<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<Vec<f32>>, ApiError> {
     let n = t.dims()[1];
     let flat: Vec<f32> = t
         .into_data()

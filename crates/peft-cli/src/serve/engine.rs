@@ -28,12 +28,14 @@ use peft_core::{Result, BASE_ROW};
 use tokio::sync::{mpsc, oneshot};
 
 use super::batch::DecodeBatch;
-use super::encoder::{Classification, Embedding};
+use super::encoder::{Classes, Classification, Embedding};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::resident::Resident;
+use super::scores::ScoreModel;
 use super::sequence::{Sequence, Turn};
 use crate::tasks::{self, Adapted, CausalModel, Decoding, Method, Slots};
+use peft_models::seq_cls::ScoreHead;
 
 /// What the HTTP side asks of the engine.
 pub enum Job {
@@ -149,6 +151,9 @@ struct Engine<B: Backend, M: burn::module::Module<B>> {
     batch: DecodeBatch<B>,
     /// The sequences decoding alone.
     alone: Vec<(Sequence, Solo<B, M>)>,
+    /// `/classify`'s models, each a SEQ_CLS adapter's `score` head with its
+    /// adapter over the base (or the base's own head, under `BASE_ROW`).
+    classifiers: Resident<ScoreModel<B, M>>,
     config: EngineConfig,
     tokenizer: Arc<peft_models::tokenizer::Tokenizer>,
     metrics: Arc<Metrics>,
@@ -164,7 +169,7 @@ pub fn run<B: Backend, M>(
     jobs: Receiver<Job>,
     ready: std::sync::mpsc::Sender<Result<()>>,
 ) where
-    M: CausalModel<B> + CausalLm<B>,
+    M: CausalModel<B> + CausalLm<B> + ScoreHead<B>,
 {
     let base = match M::load_from(&config.model, &device) {
         Ok(m) => m,
@@ -182,6 +187,7 @@ pub fn run<B: Backend, M>(
         batched: Vec::new(),
         batch: DecodeBatch::default(),
         alone: Vec::new(),
+        classifiers: Resident::ungauged(config.max_loaded),
         config,
         tokenizer,
         metrics,
@@ -210,7 +216,7 @@ pub fn run<B: Backend, M>(
 
 impl<B: Backend, M> Engine<B, M>
 where
-    M: CausalModel<B> + CausalLm<B>,
+    M: CausalModel<B> + CausalLm<B> + ScoreHead<B>,
 {
     fn take(&mut self, job: Job) {
         match job {
@@ -218,16 +224,18 @@ where
                 let outcome = self.resident_model(&name, &dir).map(|_| ());
                 let _ = reply.send(outcome);
             }
-            Job::Unload { name } => self.resident.remove(&name, &self.metrics),
+            Job::Unload { name } => {
+                self.resident.remove(&name, &self.metrics);
+                self.classifiers.remove(&name, &self.metrics);
+            }
             Job::Embed(e) => {
                 let _ = e.reply.send(Err(ApiError::invalid(
                     "the served model is a decoder: /v1/embeddings needs an encoder (BERT)".into(),
                 )));
             }
             Job::Classify(c) => {
-                let _ = c.reply.send(Err(ApiError::invalid(
-                    "the served model is a decoder: /classify serves an encoder (BERT)".into(),
-                )));
+                let outcome = self.classify(&c);
+                let _ = c.reply.send(outcome);
             }
             Job::Generate(g) => {
                 let events = g.events.clone();
@@ -263,6 +271,22 @@ where
             self.shared_users.push((id, Rc::downgrade(&served)));
         }
         Ok(served)
+    }
+
+    /// `/classify`: the inputs' class probabilities through the `score`
+    /// head of `c`'s adapter (or the base's own), and the classes' names.
+    fn classify(&mut self, c: &Classification) -> std::result::Result<Classes, ApiError> {
+        let (name, dir) = match &c.adapter {
+            Some((name, dir)) => (name.as_str(), Some(dir.as_path())),
+            None => (BASE_ROW, None),
+        };
+        let base = &self.base;
+        let model = self
+            .classifiers
+            .get_or_load(name, &self.metrics, || ScoreModel::load(base, dir))?;
+        let device = self.base.device();
+        catch_unwind(AssertUnwindSafe(|| model.classify(&c.inputs, &device)))
+            .map_err(|_| ApiError::internal("the classification pass panicked".into()))?
     }
 
     /// Removes from the shared model the slot adapters that are neither

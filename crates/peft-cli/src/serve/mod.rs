@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod model_info;
 pub mod requests;
 pub mod resident;
+pub mod scores;
 pub mod sequence;
 pub mod text;
 
@@ -112,7 +113,10 @@ impl Server {
 
     fn start_decoder<B: Backend, M>(config: ServeConfig, device: B::Device) -> Result<Server>
     where
-        M: tasks::CausalModel<B> + peft_core::generate::CausalLm<B> + 'static,
+        M: tasks::CausalModel<B>
+            + peft_core::generate::CausalLm<B>
+            + peft_models::seq_cls::ScoreHead<B>
+            + 'static,
     {
         Self::start_engine(config, false, move |c, t, m, jobs, ready| {
             engine::run::<B, M>(c, t, m, device, jobs, ready)

@@ -15,6 +15,9 @@ pub struct Resident<T> {
     models: HashMap<String, (Rc<T>, u64)>,
     clock: u64,
     max: usize,
+    /// Whether this set is the one `peft_adapters_resident` reports (a
+    /// decoder's classifiers are a second set beside its adapters).
+    gauged: bool,
 }
 
 impl<T> Resident<T> {
@@ -24,6 +27,22 @@ impl<T> Resident<T> {
             models: HashMap::new(),
             clock: 0,
             max: max.max(1),
+            gauged: true,
+        }
+    }
+
+    /// Room for `max` models, not reported as the resident adapters
+    /// (loads and evictions still count).
+    pub fn ungauged(max: usize) -> Self {
+        Resident {
+            gauged: false,
+            ..Self::new(max)
+        }
+    }
+
+    fn gauge(&self, metrics: &Metrics) {
+        if self.gauged {
+            metrics.set_resident(self.models.len());
         }
     }
 
@@ -57,13 +76,13 @@ impl<T> Resident<T> {
         self.models
             .insert(name.to_string(), (model.clone(), self.clock));
         metrics.loads.fetch_add(1, Ordering::Relaxed);
-        metrics.set_resident(self.models.len());
+        self.gauge(metrics);
         Ok(model)
     }
 
     /// Drops model `name` (running sequences keep their copy).
     pub fn remove(&mut self, name: &str, metrics: &Metrics) {
         self.models.remove(name);
-        metrics.set_resident(self.models.len());
+        self.gauge(metrics);
     }
 }
