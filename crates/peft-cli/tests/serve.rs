@@ -410,6 +410,22 @@ fn serves_adapters_behind_openais_api() {
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
 
+    // A base with no `score` head cannot classify; nor can an adapter
+    // without a copy of one (a LoRA of a causal LM).
+    for model in ["smollm2", "lora"] {
+        let (status, v) = c.post(
+            "/classify",
+            &json!({"model": model, "input": "A fine film."}),
+        );
+        assert_eq!(
+            (status, error_of(&v).0),
+            (400, "invalid_request_error"),
+            "{model}: {v}"
+        );
+        let message = v["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("`score` head"), "{model}: {v}");
+    }
+
     // Refusals, each with OpenAI's error object.
     let bad = |body: &[u8], key: Option<&str>| {
         let (status, text) = c.send("POST", "/v1/completions", Some(body), key);

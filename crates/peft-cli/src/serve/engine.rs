@@ -278,6 +278,13 @@ where
     fn classify(&mut self, c: &Classification) -> std::result::Result<Classes, ApiError> {
         let (name, dir) = match &c.adapter {
             Some((name, dir)) => (name.as_str(), Some(dir.as_path())),
+            None if self.base.score().is_none() => {
+                return Err(ApiError::invalid(
+                    "the base model has no `score` head (*ForSequenceClassification): \
+                     name a SEQ_CLS adapter"
+                        .into(),
+                ))
+            }
             None => (BASE_ROW, None),
         };
         let base = &self.base;
