@@ -401,6 +401,34 @@ fn serves_adapters_behind_openais_api() {
         again["choices"], v["choices"],
         "a seed makes sampling repeatable"
     );
+    // n completions streamed: each chunk names its choice, and each
+    // choice's pieces join to the text the same seeded request gives
+    // without streaming.
+    let sampled = json!({"model": "lora", "prompt": prompt, "max_tokens": 6,
+                         "temperature": 0.9, "seed": 11, "n": 2});
+    let (status, whole) = c.post("/v1/completions", &sampled);
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed_body = sampled.clone();
+    streamed_body["stream"] = json!(true);
+    let (chunks, _) = c.streamed_completion(&streamed_body);
+    let mut texts = [String::new(), String::new()];
+    for chunk in &chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["text"].as_str().unwrap_or(""));
+        }
+    }
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(
+            text.as_str(),
+            whole["choices"][i]["text"].as_str().unwrap(),
+            "streamed choice {i}"
+        );
+    }
+    assert!(
+        !texts[0].is_empty() && texts[0] != texts[1],
+        "two different samples: {texts:?}"
+    );
     let events = c.stream(
         "/v1/chat/completions",
         &json!({"model": "smollm2", "stream": true,
