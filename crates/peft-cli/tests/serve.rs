@@ -790,17 +790,24 @@ fn classifies_with_peft_seq_cls_adapters() {
 }
 
 /// `/classify` on a decoder: the tiny `LlamaForSequenceClassification`
-/// fixture served with PEFT's SEQ_CLS LoRA, whose `score` copy gives
-/// PEFT's class probabilities (each row read at its last real token), and
-/// the base's own head gives the base's; a text input is tokenized.
+/// and `GPT2ForSequenceClassification` fixtures served with PEFT's SEQ_CLS
+/// LoRA, whose `score` copy gives PEFT's class probabilities (each row
+/// read at its last real token), and the base's own head gives the base's;
+/// a text input is tokenized.
 #[test]
 fn classifies_with_a_decoders_score_head() {
-    let case = FixtureCase::open("llama_seqcls", "seqcls_lora");
+    for arch in ["llama_seqcls", "gpt2_seqcls"] {
+        classify_with_score_head(arch);
+    }
+}
+
+fn classify_with_score_head(arch: &str) {
+    let case = FixtureCase::open(arch, "seqcls_lora");
     // The fixture's folder with a word-level tokenizer (a server reads one).
-    let model = peft_models::fixtures::temp_dir("serve-llama-seqcls");
+    let model = peft_models::fixtures::temp_dir(&format!("serve-{arch}"));
     std::fs::create_dir_all(&model).unwrap();
     for file in ["config.json", "model.safetensors"] {
-        let from = peft_models::fixtures::fixtures_dir().join("llama_seqcls");
+        let from = peft_models::fixtures::fixtures_dir().join(arch);
         std::fs::copy(from.join(file), model.join(file)).unwrap();
     }
     let vocab: serde_json::Map<String, Value> =
@@ -856,7 +863,7 @@ fn classifies_with_a_decoders_score_head() {
     };
     for (name, key) in [("cls", "logits_unmerged"), ("tiny", "logits_base")] {
         let (status, v) = c.post("/classify", &json!({"model": name, "input": rows}));
-        assert_eq!(status, 200, "{name}: {v}");
+        assert_eq!(status, 200, "{arch} {name}: {v}");
         let logits = case.want(key);
         let want: Vec<Vec<f32>> = logits.data.chunks(logits.shape[1]).map(softmax).collect();
         let got = probs(&v);
@@ -865,7 +872,7 @@ fn classifies_with_a_decoders_score_head() {
             let diff = peft_core::compare::max_abs_diff(g, w);
             assert!(
                 g.len() == w.len() && diff < 1e-5,
-                "{name} row {i}: probabilities {g:?} vs PEFT's {w:?}"
+                "{arch} {name} row {i}: probabilities {g:?} vs PEFT's {w:?}"
             );
             // Not a no-op: the adapter's head moves the probabilities.
             if name == "cls" {
