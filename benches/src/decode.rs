@@ -17,14 +17,11 @@ use peft_models::assets;
 use peft_models::llama::Llama;
 use serde_json::json;
 
+use crate::ops::sync;
 use crate::{all_linear, emit, interleaved, Opts};
 
 /// Cached positions per row before the timed step.
 const PAST: usize = 32;
-
-fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
-    let _ = t.flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
-}
 
 fn ids<B: Backend>(rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = (0..rows * len)

@@ -13,7 +13,8 @@ use serde_json::json;
 
 use crate::{emit, interleaved, Opts};
 
-fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
+/// Reads one value of `t`, so that a lazy backend finishes computing it.
+pub(crate) fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
     let _ = t.flatten::<1>(0, D - 1).narrow(0, 0, 1).into_data();
 }
 

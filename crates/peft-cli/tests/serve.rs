@@ -189,6 +189,49 @@ impl Client {
     }
 }
 
+/// A server on 127.0.0.1 (an ephemeral port) for `model` under `name`,
+/// with `adapters` and the test key.
+fn serving(model: PathBuf, adapters: Vec<(String, PathBuf)>, name: &str) -> Server {
+    let config = ServeConfig {
+        adapters,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some(KEY.into()),
+        served_model_name: Some(name.into()),
+        ..ServeConfig::new(model)
+    };
+    Server::start::<B>(config, Default::default()).unwrap()
+}
+
+/// The softmax of each row of PEFT's logits `[rows, classes]`.
+fn softmax_rows(logits: &peft_core::io::HostTensor) -> Vec<Vec<f32>> {
+    logits
+        .data
+        .chunks(logits.shape[1])
+        .map(|row| {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+            row.iter().map(|x| (x - max).exp() / sum).collect()
+        })
+        .collect()
+}
+
+/// Each input's `probs` in a `/classify` answer.
+fn class_probs(v: &Value) -> Vec<Vec<f32>> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["probs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
 fn error_of(v: &Value) -> (&str, Option<&str>, Option<&str>) {
     let e = &v["error"];
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
@@ -615,14 +658,11 @@ fn serves_embeddings_of_an_encoder() {
     let dir = std::env::temp_dir().join(format!("peft-serve-embed-{}", std::process::id()));
     let bert = Bert::<B>::load(&model, &Default::default()).unwrap();
     write_adapter(bert, lora(16.0, &["query", "value"]), 4, &dir.join("lora"));
-    let config = ServeConfig {
-        adapters: vec![("lora".into(), dir.join("lora"))],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_key: Some(KEY.into()),
-        served_model_name: Some("minilm".into()),
-        ..ServeConfig::new(model.clone())
-    };
-    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let server = serving(
+        model.clone(),
+        vec![("lora".into(), dir.join("lora"))],
+        "minilm",
+    );
     let c = Client::new(&server);
 
     let want = floats(&reference["embeddings"]);
@@ -728,17 +768,11 @@ fn classifies_with_peft_seq_cls_adapters() {
         .into_iter()
         .map(|m| (m, FixtureCase::open("minilm_seqcls", m)))
         .collect();
-    let config = ServeConfig {
-        adapters: cases
-            .iter()
-            .map(|(m, c)| (m.to_string(), c.dir.clone()))
-            .collect(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_key: Some(KEY.into()),
-        served_model_name: Some("minilm".into()),
-        ..ServeConfig::new(model)
-    };
-    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let adapters = cases
+        .iter()
+        .map(|(m, c)| (m.to_string(), c.dir.clone()))
+        .collect();
+    let server = serving(model, adapters, "minilm");
     let c = Client::new(&server);
     for (method, case) in &cases {
         let ids = case.want("input_ids");
@@ -749,21 +783,12 @@ fn classifies_with_peft_seq_cls_adapters() {
             .collect();
         let (status, v) = c.post("/classify", &json!({"model": method, "input": rows}));
         assert_eq!(status, 200, "{method}: {v}");
-        let logits = case.want("logits");
-        let classes = logits.shape[1];
+        let classes = case.want("logits").shape[1];
         let data = v["data"].as_array().unwrap();
         assert_eq!(data.len(), rows.len(), "{method}");
-        for (row, d) in logits.data.chunks(classes).zip(data) {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-            let want: Vec<f32> = row.iter().map(|x| (x - max).exp() / sum).collect();
-            let got: Vec<f32> = d["probs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let diff = peft_core::compare::max_abs_diff(&got, &want);
+        let wants = softmax_rows(case.want("logits"));
+        for ((want, got), d) in wants.iter().zip(class_probs(&v)).zip(data) {
+            let diff = peft_core::compare::max_abs_diff(&got, want);
             assert!(
                 got.len() == classes && diff < 1e-4,
                 "{method}: probabilities {got:?} vs PEFT's {want:?}"
@@ -817,14 +842,11 @@ fn classify_with_score_head(arch: &str) {
         "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
     std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    let config = ServeConfig {
-        adapters: vec![("cls".into(), case.dir.clone())],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        api_key: Some(KEY.into()),
-        served_model_name: Some("tiny".into()),
-        ..ServeConfig::new(model.clone())
-    };
-    let server = Server::start::<B>(config, Default::default()).unwrap();
+    let server = serving(
+        model.clone(),
+        vec![("cls".into(), case.dir.clone())],
+        "tiny",
+    );
     let c = Client::new(&server);
     // The fixture's rows, right-padded with the padding token 0: each
     // row's tokens up to its last one that is not padding.
@@ -837,36 +859,12 @@ fn classify_with_score_head(arch: &str) {
             r[..end].iter().map(|&v| v as u32).collect()
         })
         .collect();
-    let softmax = |row: &[f32]| -> Vec<f32> {
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-        row.iter().map(|x| (x - max).exp() / sum).collect()
-    };
-    let probs = |v: &Value| -> Vec<Vec<f32>> {
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                d["probs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect()
-    };
-    let base_want: Vec<Vec<f32>> = {
-        let l = case.want("logits_base");
-        l.data.chunks(l.shape[1]).map(softmax).collect()
-    };
+    let base_want = softmax_rows(case.want("logits_base"));
     for (name, key) in [("cls", "logits_unmerged"), ("tiny", "logits_base")] {
         let (status, v) = c.post("/classify", &json!({"model": name, "input": rows}));
         assert_eq!(status, 200, "{arch} {name}: {v}");
-        let logits = case.want(key);
-        let want: Vec<Vec<f32>> = logits.data.chunks(logits.shape[1]).map(softmax).collect();
-        let got = probs(&v);
+        let want = softmax_rows(case.want(key));
+        let got = class_probs(&v);
         assert_eq!(got.len(), want.len(), "{name}: rows");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let diff = peft_core::compare::max_abs_diff(g, w);
@@ -891,7 +889,7 @@ fn classify_with_score_head(arch: &str) {
         &json!({"model": "cls", "input": "w3 w9 w5"}),
     );
     assert_eq!(status, 200, "{v}");
-    assert_eq!(probs(&v).len(), 1);
+    assert_eq!(class_probs(&v).len(), 1);
     assert!(v["data"][0]["label"]
         .as_str()
         .unwrap()
