@@ -118,6 +118,7 @@ def derived(name, dest):
         return
     if name != "rotten-tomatoes":
         return
+    tweets(dest)
     out = os.path.join(dest, "rotten_tomatoes.jsonl")
     if os.path.exists(out):
         return
@@ -131,6 +132,37 @@ def derived(name, dest):
     with open(out + ".partial", "w", encoding="utf-8") as f:
         f.write("\n".join(rows) + "\n")
     os.replace(out + ".partial", out)
+
+
+def tweets(dest):
+    """The VADER tweets (each rated -4..4 by about ten people) as the
+    problem types' data: `tweets_regression.jsonl` ({"text", "label": the
+    mean rating}) and `tweets_multilabel.jsonl` ({"text", "label": the list
+    of `negative` / `neutral` / `positive` that at least 30% of the tweet's
+    raters gave})."""
+    reg_out = os.path.join(dest, "tweets_regression.jsonl")
+    ml_out = os.path.join(dest, "tweets_multilabel.jsonl")
+    if os.path.exists(reg_out) and os.path.exists(ml_out):
+        return
+    with open(os.path.join(dest, "tweets_GroundTruth.txt"), encoding="utf-8") as f:
+        truth = f.read().splitlines()
+    with open(os.path.join(dest, "tweets_anonDataRatings.txt"), encoding="utf-8") as f:
+        ratings = f.read().splitlines()
+    reg, ml = [], []
+    for t, r in zip(truth, ratings):
+        tid, mean, text = t.split("\t", 2)
+        rid, _, _, votes = r.split("\t", 3)
+        assert tid == rid, (tid, rid)
+        votes = json.loads(votes)
+        share = lambda keep: sum(1 for v in votes if keep(v)) / len(votes)  # noqa: E731
+        labels = [name for name, s in (("negative", share(lambda v: v < 0)), ("neutral", share(lambda v: v == 0)),
+                                       ("positive", share(lambda v: v > 0))) if s >= 0.3]
+        reg.append(json.dumps({"text": text, "label": float(mean)}))
+        ml.append(json.dumps({"text": text, "label": labels}))
+    for out, rows in ((reg_out, reg), (ml_out, ml)):
+        with open(out + ".partial", "w", encoding="utf-8") as f:
+            f.write("\n".join(rows) + "\n")
+        os.replace(out + ".partial", out)
 
 
 def fetch(name):

@@ -53,6 +53,7 @@ pub fn epoch_suite<B: Backend>(o: &Opts, device: &B::Device) {
         },
         text_column: "text".into(),
         label_column: "label".into(),
+        problem_type: None,
         held_out: 0.1,
         max_train: Some(train_n),
         block_size: 128,

@@ -478,6 +478,7 @@ pub fn halted_run() -> &'static Path {
             },
             text_column: "text".into(),
             label_column: "label".into(),
+            problem_type: None,
             held_out: 0.25,
             max_train: Some(4),
             block_size: 8,

@@ -14,8 +14,21 @@ use serde_json::Value;
 pub struct Example {
     /// The text.
     pub text: String,
-    /// The label as written in the file.
+    /// The label as written in the file (a list's JSON text).
     pub label: String,
+    /// A list label's items: a multi-label text's labels, or a
+    /// regression's values (`None` for a scalar).
+    pub labels: Option<Vec<String>>,
+}
+
+impl Example {
+    /// The list label's items, or the scalar label alone.
+    pub fn label_list(&self) -> &[String] {
+        match &self.labels {
+            Some(l) => l,
+            None => std::slice::from_ref(&self.label),
+        }
+    }
 }
 
 fn bad(path: &Path, line: usize, why: impl std::fmt::Display) -> PeftError {
@@ -39,6 +52,18 @@ fn label_of(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+/// A label field: a scalar, or a list of scalars as `(its JSON text,
+/// items)`.
+fn labels_of(v: &Value) -> Option<(String, Option<Vec<String>>)> {
+    match v {
+        Value::Array(items) => {
+            let items: Option<Vec<String>> = items.iter().map(label_of).collect();
+            items.map(|l| (v.to_string(), Some(l)))
+        }
+        v => label_of(v).map(|s| (s, None)),
     }
 }
 
@@ -85,15 +110,20 @@ pub fn read_labelled(path: &Path, text: &str, label: &str) -> Result<Vec<Example
                 let v: Value = serde_json::from_str(line)
                     .map_err(|e| bad(path, i + 1, format!("not JSON: {e}")))?;
                 let t = v.get(text).and_then(Value::as_str);
-                let l = v.get(label).and_then(label_of);
+                let l = v.get(label).and_then(labels_of);
                 match (t, l) {
-                    (Some(t), Some(l)) => out.push(Example {
+                    (Some(t), Some((l, labels))) => out.push(Example {
                         text: t.to_string(),
                         label: l,
+                        labels,
                     }),
                     (None, _) => return Err(bad(path, i + 1, format!("no string field `{text}`"))),
                     (_, None) => {
-                        return Err(bad(path, i + 1, format!("no scalar field `{label}`")))
+                        return Err(bad(
+                            path,
+                            i + 1,
+                            format!("no field `{label}` holding a scalar or a list of scalars"),
+                        ))
                     }
                 }
             }
@@ -125,9 +155,26 @@ pub fn read_labelled(path: &Path, text: &str, label: &str) -> Result<Vec<Example
                         format!("{} fields, the header has {}", fields.len(), header.len()),
                     ));
                 }
+                // A cell holding a JSON list is a list label.
+                let cell = fields[li].trim();
+                let (label, labels) = match cell.starts_with('[') {
+                    true => serde_json::from_str::<Value>(cell)
+                        .ok()
+                        .as_ref()
+                        .and_then(labels_of)
+                        .ok_or_else(|| {
+                            bad(
+                                path,
+                                i + 1,
+                                format!("`{cell}` is not a JSON list of scalars"),
+                            )
+                        })?,
+                    false => (cell.to_string(), None),
+                };
                 out.push(Example {
                     text: fields[ti].clone(),
-                    label: fields[li].trim().to_string(),
+                    label,
+                    labels,
                 });
             }
         }
@@ -239,9 +286,32 @@ mod tests {
             e[1],
             Example {
                 text: "bad".into(),
-                label: "0".into()
+                label: "0".into(),
+                labels: None,
             }
         );
+        // List labels, in a JSONL field or a CSV cell.
+        let l = write(
+            "l.jsonl",
+            "{\"text\":\"a\",\"label\":[\"x\",2]}\n{\"text\":\"b\",\"label\":[]}\n",
+        );
+        let e = read_labelled(&l, "text", "label").unwrap();
+        assert_eq!(e[0].label_list(), ["x", "2"]);
+        assert_eq!(e[1].labels, Some(vec![]));
+        let lc = write("l.csv", "text,label\na,\"[0.5, -1]\"\nb,3\n");
+        let e = read_labelled(&lc, "text", "label").unwrap();
+        assert_eq!(e[0].label_list(), ["0.5", "-1"]);
+        assert_eq!(e[1].label_list(), ["3"]);
+        let err =
+            read_labelled(&write("m.csv", "text,label\na,[1\n"), "text", "label").unwrap_err();
+        assert!(err.to_string().contains("not a JSON list"), "{err}");
+        let err = read_labelled(
+            &write("n.jsonl", "{\"text\":\"a\",\"label\":[[1]]}\n"),
+            "text",
+            "label",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("list of scalars"), "{err}");
         let c = write(
             "a.csv",
             "label,text\npos,\"a, quoted \"\"text\"\"\"\nneg,plain\n",
@@ -276,6 +346,7 @@ mod tests {
             &[Example {
                 text: "t".into(),
                 label: "maybe".into(),
+                labels: None,
             }],
             &["0".into()],
             &j,
@@ -291,6 +362,7 @@ mod tests {
             .map(|l| Example {
                 text: "t".into(),
                 label: l.to_string(),
+                labels: None,
             })
             .collect();
         assert_eq!(label_set(&ex), vec!["1", "2", "10"]);

@@ -182,8 +182,8 @@ enum Command {
             "feedforward", "lora_dropout", "adapter_preset", "reduction", "virtual_tokens",
             "prompt_init", "lr", "epochs", "batch", "grad_accum", "warmup", "schedule",
             "weight_decay", "clip", "eval_every", "patience", "seed", "max_steps", "max_train",
-            "held_out", "text_column", "label_column", "block_size", "quantize", "devices",
-            "loraplus_lr_ratio",
+            "held_out", "text_column", "label_column", "problem_type", "block_size", "quantize",
+            "devices", "loraplus_lr_ratio",
         ])]
         resume: Option<PathBuf>,
         /// Stop after N optimizer steps in this process (the schedule is the
@@ -233,7 +233,8 @@ enum Command {
         #[arg(long)]
         port: u16,
     },
-    /// Accuracy (seq-cls) or perplexity (causal-lm) on a file.
+    /// Accuracy, micro-F1 or mean squared error (seq-cls, by problem type)
+    /// or perplexity (causal-lm) on a file.
     Eval {
         #[command(flatten)]
         on: BackendArgs,
@@ -250,6 +251,12 @@ enum Command {
         text_column: String,
         #[arg(long, default_value = "label")]
         label_column: String,
+        /// What the labels mean (seq-cls): as `peft train --problem-type`.
+        /// Default: the run's (its `task.json`), else a one-output head is
+        /// a regression (transformers' rule), else multi-label when labels
+        /// are lists.
+        #[arg(long)]
+        problem_type: Option<String>,
         #[arg(long, default_value_t = 128)]
         block_size: usize,
     },
@@ -417,6 +424,13 @@ struct DataArgs {
     text_column: String,
     #[arg(long, default_value = "label")]
     label_column: String,
+    /// What the labels mean (seq-cls), as transformers' `problem_type`:
+    /// single_label_classification (one class per text),
+    /// multi_label_classification (a list of labels per text) or
+    /// regression (a number, or a list of numbers, per text). Default: the
+    /// model's config.json, else multi-label when labels are lists.
+    #[arg(long)]
+    problem_type: Option<String>,
     /// Tokens per block (causal-lm).
     #[arg(long, default_value_t = 128)]
     block_size: usize,
@@ -499,6 +513,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                         train: optim.config(stop_after, devices),
                         text_column: columns.text_column,
                         label_column: columns.label_column,
+                        problem_type: columns.problem_type,
                         held_out: columns.held_out,
                         max_train: columns.max_train,
                         block_size: columns.block_size,
@@ -550,6 +565,7 @@ fn run(cli: Cli) -> peft_core::Result<()> {
             task,
             text_column,
             label_column,
+            problem_type,
             block_size,
         } => {
             let m = peft_core::with_backend!(on.into(), |B, device| {
@@ -558,7 +574,11 @@ fn run(cli: Cli) -> peft_core::Result<()> {
                     adapter.as_deref(),
                     &data,
                     task.into(),
-                    (&text_column, &label_column),
+                    jobs::SeqClsColumns {
+                        text: &text_column,
+                        label: &label_column,
+                        problem_type: problem_type.as_deref(),
+                    },
                     block_size,
                     &device,
                 )

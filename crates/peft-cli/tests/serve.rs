@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use peft_cli::jobs;
 use peft_cli::serve::{ServeConfig, Server};
+use peft_cli::tasks::ProblemType;
 use peft_cli::tasks::{self, Method};
 use peft_core::config::InitLoraWeights;
 use peft_core::generate::Sampler;
@@ -812,6 +813,77 @@ fn classifies_with_peft_seq_cls_adapters() {
         "the base has no head"
     );
     server.shutdown().unwrap();
+}
+
+/// `/classify` answers as the adapter's run names its `problem_type`
+/// (`task.json`): PEFT's MiniLM LoRA read as a multi-label head gives each
+/// label's sigmoid probability and the labels above one half, read as a
+/// regression the head's values themselves.
+#[test]
+fn classifies_as_the_runs_problem_type() {
+    let model = assets::fetch("minilm").unwrap();
+    let case = FixtureCase::open("minilm_seqcls", "lora");
+    let root = peft_models::fixtures::temp_dir("serve-problem-types");
+    let mut adapters = Vec::new();
+    for problem in [ProblemType::MultiLabel, ProblemType::Regression] {
+        let dir = root.join(problem.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(case.dir.join(f), dir.join(f)).unwrap();
+        }
+        peft_cli::tasks::write_problem_type(&dir, problem).unwrap();
+        adapters.push((problem.name().to_string(), dir));
+    }
+    let server = serving(model, adapters, "minilm");
+    let c = Client::new(&server);
+    let ids = case.want("input_ids");
+    let rows: Vec<Vec<u32>> = ids
+        .data
+        .chunks(ids.shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect();
+    let logits = case.want("logits");
+    let want_rows: Vec<&[f32]> = logits.data.chunks(logits.shape[1]).collect();
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let (status, v) = c.post(
+        "/classify",
+        &json!({"model": "multi_label_classification", "input": rows}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let mut labelled = 0;
+    for (d, want) in v["data"].as_array().unwrap().iter().zip(&want_rows) {
+        let sig: Vec<f32> = want.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+        let got = floats(&d["probs"]);
+        assert!(
+            peft_core::compare::max_abs_diff(&got, &sig) < 1e-5,
+            "probabilities {got:?} vs sigmoid of PEFT's logits {sig:?}"
+        );
+        let on: Vec<String> = (0..sig.len())
+            .filter(|&i| sig[i] > 0.5)
+            .map(|i| format!("LABEL_{i}"))
+            .collect();
+        assert_eq!(d["labels"], json!(on), "{d}");
+        labelled += on.len();
+    }
+    assert!(labelled > 0, "no label predicted: the check proves nothing");
+    let (status, v) = c.post("/classify", &json!({"model": "regression", "input": rows}));
+    assert_eq!(status, 200, "{v}");
+    for (d, want) in v["data"].as_array().unwrap().iter().zip(&want_rows) {
+        let got = floats(&d["values"]);
+        assert!(
+            peft_core::compare::max_abs_diff(&got, want) < 1e-4,
+            "values {got:?} vs PEFT's logits {want:?}"
+        );
+        assert!(d.get("probs").is_none(), "{d}");
+    }
+    server.shutdown().unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 /// `/classify` on a decoder: the tiny `LlamaForSequenceClassification`

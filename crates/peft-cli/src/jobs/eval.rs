@@ -1,5 +1,6 @@
-//! `peft eval`: a saved adapter's accuracy (sequence classification) or
-//! perplexity (causal LM) on held-out data.
+//! `peft eval`: a saved adapter's accuracy, micro-F1 or mean squared error
+//! (sequence classification, by [`ProblemType`]) or perplexity (causal LM)
+//! on held-out data.
 
 use std::path::Path;
 
@@ -14,35 +15,62 @@ use peft_models::tokenizer::Tokenizer;
 
 use super::Task;
 use crate::data;
-use crate::tasks::{self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder};
+use crate::tasks::{self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, ProblemType};
 use crate::train::Metric;
+
+/// How a seq-cls evaluation reads its data: the text and label columns, and
+/// the problem type (`None`: the run's, or inferred). `("text", "label")`
+/// converts, with the problem type left to the run.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqClsColumns<'a> {
+    /// The text column.
+    pub text: &'a str,
+    /// The label column.
+    pub label: &'a str,
+    /// transformers' `problem_type`, overriding the run's.
+    pub problem_type: Option<&'a str>,
+}
+
+impl<'a> From<(&'a str, &'a str)> for SeqClsColumns<'a> {
+    fn from((text, label): (&'a str, &'a str)) -> Self {
+        SeqClsColumns {
+            text,
+            label,
+            problem_type: None,
+        }
+    }
+}
 
 /// `peft eval`: the metric of `model` with the adapter folder `adapter`
 /// (a run's `best/` for seq-cls, holding the head) on all of `data`.
-pub fn eval<B: Backend>(
+pub fn eval<'c, B: Backend>(
     model: &Path,
     adapter: Option<&Path>,
     data_file: &Path,
     task: Task,
-    columns: (&str, &str),
+    columns: impl Into<SeqClsColumns<'c>>,
     block_size: usize,
     device: &B::Device,
 ) -> Result<Metric> {
+    let columns = columns.into();
     let tok = tasks::tokenizer_of(model)?;
     match (task, tasks::arch_of(model)?) {
         (Task::SeqCls, Arch::Bert) => {
-            let (dir, labels, enc) = seq_cls_eval_data(adapter, data_file, columns)?;
+            let dir = adapter_dir(adapter)?;
             let bert = Bert::<B>::load(model, device)?;
-            let (bert, head) = if dir.join("head.safetensors").is_file() {
+            let (bert, head, enc) = if dir.join("head.safetensors").is_file() {
+                let (labels, enc) = seq_cls_eval_data(dir, None, data_file, columns)?;
                 let d = bert.config.hidden_size;
                 let head = tasks::load_head::<B>(dir, d, labels.len(), device)?;
-                (bert, Some(head))
+                (bert, Some(head), enc)
             } else {
-                let classes = head_classes(dir, "classifier", &labels)?;
-                (bert.with_classifier(classes)?, None)
+                let outputs = tasks::head_labels(dir, "classifier")?;
+                let (labels, enc) = seq_cls_eval_data(dir, outputs, data_file, columns)?;
+                let classes = head_classes(dir, outputs, &labels)?;
+                (bert.with_classifier(classes)?, None, enc)
             };
             let encoder = tasks::load_adapted(bert, Some(dir))?;
-            tasks::accuracy(&Classifier { encoder, head }, &tok, &enc)
+            tasks::classifier_metric(&Classifier { encoder, head }, &tok, &enc)
         }
         (Task::SeqCls, Arch::Llama) => {
             eval_seq_cls_decoder::<B, Llama<B>>(model, adapter, data_file, columns, &tok, device)
@@ -62,37 +90,56 @@ pub fn eval<B: Backend>(
     }
 }
 
-/// The adapter folder of a seq-cls evaluation, its classes and the data.
-/// Our runs name their classes in `labels.json`; an adapter trained by
-/// PEFT does not, and its head's rows are then the data's labels in
-/// sorted order (PEFT users' `0`, `1`, ...).
-fn seq_cls_eval_data<'a>(
-    adapter: Option<&'a Path>,
-    data_file: &Path,
-    columns: (&str, &str),
-) -> Result<(&'a Path, Vec<String>, Encoded)> {
-    let dir = adapter.ok_or_else(|| {
+/// The adapter folder of a seq-cls evaluation.
+fn adapter_dir(adapter: Option<&Path>) -> Result<&Path> {
+    adapter.ok_or_else(|| {
         PeftError::Config(
             "seq-cls evaluation needs --adapter (a run's best/ folder with its head)".into(),
         )
-    })?;
-    let examples = data::read_labelled(data_file, columns.0, columns.1)?;
-    let labels = match dir.join("labels.json").is_file() {
-        true => tasks::read_labels(dir)?,
-        false => data::label_set(&examples),
-    };
-    let ids = data::label_ids(&examples, &labels, data_file)?;
-    let enc = Encoded {
-        texts: examples.into_iter().map(|e| e.text).collect(),
-        labels: ids,
-    };
-    Ok((dir, labels, enc))
+    })
 }
 
-/// The classes of the copy of head `head` in adapter folder `dir` (the
-/// number of `labels` when it has none), at least as many as `labels`.
-fn head_classes(dir: &Path, head: &str, labels: &[String]) -> Result<usize> {
-    let classes = tasks::head_labels(dir, head)?.unwrap_or(labels.len());
+/// The outputs' names and the data of a seq-cls evaluation with the
+/// adapter folder `dir`, whose head copy has `outputs` rows if it has one.
+/// Our runs name their outputs in `labels.json` and their problem type in
+/// `task.json`; an adapter trained by PEFT has neither: its head's rows are
+/// then the data's labels in sorted order (PEFT users' `0`, `1`, ...), and
+/// its problem is transformers' inference (one output: a regression).
+fn seq_cls_eval_data(
+    dir: &Path,
+    outputs: Option<usize>,
+    data_file: &Path,
+    columns: SeqClsColumns<'_>,
+) -> Result<(Vec<String>, Encoded)> {
+    let examples = data::read_labelled(data_file, columns.text, columns.label)?;
+    let problem = match (columns.problem_type, tasks::read_problem_type(dir)?) {
+        (Some(name), _) => ProblemType::parse(name)?,
+        (None, Some(saved)) => saved,
+        // transformers' inference: one output is a regression; list labels
+        // are multi-label.
+        (None, None) if outputs == Some(1) => ProblemType::Regression,
+        (None, None) => ProblemType::inferred(&examples),
+    };
+    let (labels, targets) = match dir.join("labels.json").is_file() {
+        true => {
+            let labels = tasks::read_labels(dir)?;
+            let targets = problem.targets_for(&examples, &labels, data_file)?;
+            (labels, targets)
+        }
+        false => problem.targets(&examples, columns.label, data_file)?,
+    };
+    let enc = Encoded {
+        texts: examples.into_iter().map(|e| e.text).collect(),
+        problem,
+        targets,
+    };
+    Ok((labels, enc))
+}
+
+/// The classes of a head copy with `outputs` rows (the number of `labels`
+/// when there is no copy), at least as many as `labels`.
+fn head_classes(dir: &Path, outputs: Option<usize>, labels: &[String]) -> Result<usize> {
+    let classes = outputs.unwrap_or(labels.len());
     if labels.len() > classes {
         return Err(PeftError::Config(format!(
             "{}: the adapter's head has {classes} classes, the data {} labels ({labels:?})",
@@ -108,7 +155,7 @@ fn eval_seq_cls_decoder<B, M>(
     model: &Path,
     adapter: Option<&Path>,
     data_file: &Path,
-    columns: (&str, &str),
+    columns: SeqClsColumns<'_>,
     tok: &Tokenizer,
     device: &B::Device,
 ) -> Result<Metric>
@@ -117,11 +164,13 @@ where
     M: CausalModel<B> + ScoreHead<B> + Module<B> + ModuleDisplay,
     Adapted<B, M>: Encoder<B>,
 {
-    let (dir, labels, enc) = seq_cls_eval_data(adapter, data_file, columns)?;
-    let classes = head_classes(dir, "score", &labels)?;
+    let dir = adapter_dir(adapter)?;
+    let outputs = tasks::head_labels(dir, "score")?;
+    let (labels, enc) = seq_cls_eval_data(dir, outputs, data_file, columns)?;
+    let classes = head_classes(dir, outputs, &labels)?;
     let decoder = M::load_from(model, device)?.with_score(classes)?;
     let encoder = tasks::load_adapted(decoder, Some(dir))?;
-    tasks::accuracy(
+    tasks::classifier_metric(
         &Classifier {
             encoder,
             head: None,

@@ -19,7 +19,7 @@ mod inspect;
 mod merge;
 mod train;
 
-pub use eval::eval;
+pub use eval::{eval, SeqClsColumns};
 pub use forward::forward;
 pub use generate::generate;
 pub use inspect::inspect;
@@ -57,6 +57,10 @@ pub struct TrainJob {
     pub text_column: String,
     /// Label column (seq-cls).
     pub label_column: String,
+    /// transformers' `problem_type` (seq-cls); `None`: the model's
+    /// `config.json`, else inferred from the labels
+    /// ([`ProblemType::of_run`](crate::tasks::ProblemType::of_run)).
+    pub problem_type: Option<String>,
     /// Held-out share.
     pub held_out: f64,
     /// Use at most this many training examples (blocks for causal LM).
@@ -115,6 +119,11 @@ impl TrainJob {
             train: get(&v, "train", &path)?,
             text_column: get(&v, "text_column", &path)?,
             label_column: get(&v, "label_column", &path)?,
+            // Runs from before problem types were single-label.
+            problem_type: v
+                .get("problem_type")
+                .and_then(|p| p.as_str())
+                .map(str::to_string),
             held_out: get(&v, "held_out", &path)?,
             max_train: get(&v, "max_train", &path)?,
             block_size: get(&v, "block_size", &path)?,
@@ -131,7 +140,8 @@ impl TrainJob {
         let mut v = json!({
             "method": self.method.name(), "task": task, "model": self.model, "data": self.data,
             "train": self.train, "held_out": self.held_out, "text_column": self.text_column,
-            "label_column": self.label_column, "max_train": self.max_train,
+            "label_column": self.label_column, "problem_type": self.problem_type,
+            "max_train": self.max_train,
             "block_size": self.block_size,
             "quantize": self.quantize.map(Quantize::name),
         });

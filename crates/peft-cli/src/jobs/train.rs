@@ -17,7 +17,9 @@ use serde_json::json;
 use super::{quantized_params, write_json, Report, Task, TrainJob};
 use crate::data;
 pub use crate::tasks::Quantize;
-use crate::tasks::{self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method};
+use crate::tasks::{
+    self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method, ProblemType,
+};
 use crate::train::{BatchLoss, RunDir, Trainer};
 
 /// Trains per `job` on backend `B`.
@@ -41,26 +43,46 @@ pub fn train<B: AutodiffBackend>(
     }
 }
 
+/// The outputs' names (the head's rows: classes, labels or values) and the
+/// training and held-out examples, read as the job's problem type says.
 fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
     let examples = data::read_labelled(&job.data, &job.text_column, &job.label_column)?;
-    let labels = data::label_set(&examples);
-    if labels.len() < 2 {
-        return Err(PeftError::Checkpoint {
-            path: job.data.clone(),
-            message: format!("one label only ({labels:?}): classification needs two or more"),
-        });
-    }
-    let ids = data::label_ids(&examples, &labels, &job.data)?;
-    let pairs: Vec<(String, usize)> = examples.into_iter().map(|e| e.text).zip(ids).collect();
-    let (mut train, held) = data::split(&pairs, job.held_out, job.train.seed);
+    let problem = ProblemType::of_run(job.problem_type.as_deref(), &job.model, &examples)?;
+    let (split, held) = data::split(&examples, job.held_out, job.train.seed);
+    let mut train = split;
     if let Some(n) = job.max_train {
         train.truncate(n);
     }
-    let enc = |v: Vec<(String, usize)>| {
-        let (texts, labels) = v.into_iter().unzip();
-        Encoded { texts, labels }
+    // The outputs come from every example, held-out ones included, so that
+    // a label seen only there still has a row of the head.
+    let (labels, _) = problem.targets(&examples, &job.label_column, &job.data)?;
+    let enough = match problem {
+        ProblemType::SingleLabel => labels.len() >= 2,
+        ProblemType::MultiLabel | ProblemType::Regression => !labels.is_empty(),
     };
-    Ok((labels, enc(train), enc(held)))
+    if !enough {
+        return Err(PeftError::Checkpoint {
+            path: job.data.clone(),
+            message: format!(
+                "labels {labels:?}: {} needs {}",
+                problem.name(),
+                match problem {
+                    ProblemType::SingleLabel => "two classes or more",
+                    _ => "one label or more",
+                }
+            ),
+        });
+    }
+    let enc = |v: Vec<data::Example>| -> Result<Encoded> {
+        let targets = problem.targets_for(&v, &labels, &job.data)?;
+        Ok(Encoded {
+            texts: v.into_iter().map(|e| e.text).collect(),
+            problem,
+            targets,
+        })
+    };
+    let (train, held) = (enc(train)?, enc(held)?);
+    Ok((labels, train, held))
 }
 
 fn train_seq_cls<B: AutodiffBackend>(
@@ -158,9 +180,9 @@ where
 }
 
 /// The run of a seq-cls job once its model, head (`None`: the model's own)
-/// and method are set: the run folder with `labels.json` and
+/// and method are set: the run folder with `labels.json`, `task.json` and
 /// `train_config.json`, the adapter attached, training, and every
-/// checkpoint with the adapter, its head and `labels.json`.
+/// checkpoint with the adapter, its head, `labels.json` and `task.json`.
 #[allow(clippy::too_many_arguments)]
 fn train_classifier<B, M>(
     job: &TrainJob,
@@ -180,10 +202,12 @@ where
     tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
 {
     let mut run = RunDir::create(&job.out, job.resume)?;
+    let problem = train.problem;
     write_json(&job.out.join("labels.json"), &json!(labels))?;
+    tasks::write_problem_type(&job.out, problem)?;
     write_json(
         &job.out.join("train_config.json"),
-        &job.config_json(json!({"labels": labels})),
+        &job.config_json(json!({"labels": labels, "problem_type": problem.name()})),
     )?;
     let labels_json = json!(labels);
     let encoder = tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
@@ -199,7 +223,8 @@ where
         progress,
         move |m, dir| {
             m.encoder.save_trained(dir)?;
-            write_json(&dir.join("labels.json"), &labels_json)
+            write_json(&dir.join("labels.json"), &labels_json)?;
+            tasks::write_problem_type(dir, problem)
         },
     )?;
     Ok(Report {
@@ -230,7 +255,7 @@ where
         trainable: count.trainable + head_params,
         all: count.all + head_params,
     };
-    let before = tasks::accuracy(&model.valid(), tok, held)?;
+    let before = tasks::classifier_metric(&model.valid(), tok, held)?;
     let trainer = Trainer::new(
         &model,
         &job.train,
@@ -242,7 +267,7 @@ where
     let (_, out) = trainer.fit(
         model,
         |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
-        |m| tasks::accuracy(m, tok, held),
+        |m| tasks::classifier_metric(m, tok, held),
         |m, dir| {
             save_encoder(m, dir)?;
             match &m.head {

@@ -3,7 +3,9 @@
 //! `openai` package asks for base64 unless told otherwise); and `POST
 //! /classify` (vLLM's shapes, also at `/v1/classify`; an encoder's
 //! classifier or a decoder's `score` head), each input's class
-//! probabilities and most likely label.
+//! probabilities and most likely label; a multi-label head's per-label
+//! probabilities and labels, a regression head's values (the run's
+//! `problem_type`).
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ use super::api::Shared;
 use super::encoder::{Classification, Embedding};
 use super::engine::Job;
 use super::error::ApiError;
+use crate::tasks::ProblemType;
 
 /// Most inputs one request may carry (OpenAI's limit).
 const MAX_INPUTS: usize = 2048;
@@ -180,6 +183,34 @@ pub async fn embeddings(
     .into_response())
 }
 
+/// One input's entry in a `/classify` answer, as its problem type reads:
+/// vLLM's `label` (the most likely class), `probs` and `num_classes` for a
+/// single-label head; each label's probability in `probs` and those above
+/// one half in `labels` for a multi-label head (`label`: the most likely);
+/// the outputs' `values`, named in `outputs`, for a regression.
+fn scored(index: usize, p: &[f32], names: &[String], problem: ProblemType) -> Value {
+    if problem == ProblemType::Regression {
+        return json!({"index": index, "values": p, "outputs": names});
+    }
+    let best = p
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i);
+    let mut entry =
+        json!({"index": index, "label": names.get(best), "probs": p, "num_classes": p.len()});
+    if problem == ProblemType::MultiLabel {
+        let on: Vec<&String> = names
+            .iter()
+            .zip(p)
+            .filter(|(_, &q)| q > 0.5)
+            .map(|(n, _)| n)
+            .collect();
+        entry["labels"] = json!(on);
+    }
+    entry
+}
+
 pub async fn classify(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
@@ -188,7 +219,7 @@ pub async fn classify(
     let inputs = tokenized(&s, r.input, false)?;
     let adapter = s.adapter_of(&r.model)?;
     let tokens: usize = inputs.iter().map(Vec::len).sum();
-    let (probs, labels) = ask(&s, &r.model, |reply| {
+    let (scores, names, problem) = ask(&s, &r.model, |reply| {
         Job::Classify(Classification {
             adapter,
             inputs,
@@ -196,17 +227,10 @@ pub async fn classify(
         })
     })
     .await?;
-    let data: Vec<Value> = probs
+    let data: Vec<Value> = scores
         .iter()
         .enumerate()
-        .map(|(index, p)| {
-            let best = p
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(i, _)| i);
-            json!({"index": index, "label": labels.get(best), "probs": p, "num_classes": p.len()})
-        })
+        .map(|(index, p)| scored(index, p, &names, problem))
         .collect();
     let number = s.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(Json(json!({

@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use peft_core::Result;
@@ -21,7 +20,7 @@ use super::engine::{EngineConfig, Event, Job};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::resident::Resident;
-use crate::tasks::{self, Adapted, Encoder};
+use crate::tasks::{self, Adapted, Encoder, ProblemType};
 
 /// Embeddings of some inputs.
 pub struct Embedding {
@@ -43,14 +42,17 @@ pub struct Classification {
     pub reply: oneshot::Sender<std::result::Result<Classes, ApiError>>,
 }
 
-/// Each input's class probabilities, and the classes' names.
-pub type Classes = (Vec<Vec<f32>>, Vec<String>);
+/// Each input's scores (class probabilities, label probabilities or
+/// values, as the problem type says), the outputs' names, and the problem.
+pub type Classes = (Vec<Vec<f32>>, Vec<String>, ProblemType);
 
 /// A servable encoder: the model with its method, and its classes when it
 /// has a classification head.
 struct Served<B: Backend> {
     model: Adapted<B, Bert<B>>,
     labels: Option<Vec<String>>,
+    /// What the head's outputs mean ([`ProblemType::of_adapter`]).
+    problem: ProblemType,
 }
 
 impl<B: Backend> Served<B> {
@@ -67,6 +69,7 @@ impl<B: Backend> Served<B> {
         let labels = classes.map(|n| class_names(Some(dir), n)).transpose()?;
         Ok(Served {
             model: tasks::load_adapted(bert, Some(dir))?,
+            problem: ProblemType::of_adapter(Some(dir), classes.unwrap_or(0))?,
             labels,
         })
     }
@@ -77,9 +80,11 @@ impl<B: Backend> Served<B> {
             .classifier
             .as_ref()
             .map(|c| (0..c.d_output()).map(|i| format!("LABEL_{i}")).collect());
+        let outputs = base.classifier.as_ref().map_or(0, |c| c.d_output());
         Ok(Served {
             model: tasks::load_adapted(base.clone(), None)?,
             labels,
+            problem: ProblemType::of_adapter(None, outputs)?,
         })
     }
 }
@@ -142,11 +147,11 @@ pub fn run<B: Backend>(
                                 .map_or("the base model", |a| a.0.as_str())
                         ))
                     })?;
-                    let probs = guarded(
-                        || classify(&m.model, &c.inputs, &device),
+                    let scores = guarded(
+                        || classify(&m.model, m.problem, &c.inputs, &device),
                         "the classification pass",
                     )?;
-                    Ok((probs, labels))
+                    Ok((scores, labels, m.problem))
                 });
                 let _ = c.reply.send(outcome);
             }
@@ -228,9 +233,11 @@ pub(super) fn rows_of<B: Backend>(t: Tensor<B, 2>) -> std::result::Result<Vec<Ve
     Ok(flat.chunks(n).map(<[f32]>::to_vec).collect())
 }
 
-/// Class probabilities (softmax of the head's logits) of `inputs`.
+/// The scores of `inputs`: the head's logits through the problem's
+/// [`ProblemType::activate`].
 fn classify<B: Backend>(
     model: &Adapted<B, Bert<B>>,
+    problem: ProblemType,
     inputs: &[Vec<u32>],
     device: &B::Device,
 ) -> std::result::Result<Vec<Vec<f32>>, ApiError> {
@@ -238,7 +245,7 @@ fn classify<B: Backend>(
     let logits = model
         .classify(ids, mask)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    rows_of(softmax(logits, 1))
+    rows_of(problem.activate(logits))
 }
 
 /// The normalised mean-pooled embeddings of `inputs` (right-padded into

@@ -8,19 +8,20 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use peft_core::{PeftError, Result};
 use peft_models::seq_cls::ScoreHead;
 
-use super::encoder::{class_names, padded, rows_of};
+use super::encoder::{class_names, padded, rows_of, Classes};
 use super::error::ApiError;
-use crate::tasks::{self, Adapted, CausalModel};
+use crate::tasks::{self, Adapted, CausalModel, ProblemType};
 
 /// A decoder with a `score` head, and its classes' names.
 pub struct ScoreModel<B: Backend, M: burn::module::Module<B>> {
     model: Adapted<B, M>,
     labels: Vec<String>,
+    /// What the head's outputs mean ([`ProblemType::of_adapter`]).
+    problem: ProblemType,
 }
 
 impl<B: Backend, M: CausalModel<B> + ScoreHead<B>> ScoreModel<B, M> {
@@ -45,25 +46,28 @@ impl<B: Backend, M: CausalModel<B> + ScoreHead<B>> ScoreModel<B, M> {
                 None => "the base model has no `score` head (*ForSequenceClassification)".into(),
             }));
         };
+        let own = dir.filter(|_| copied.is_some());
         Ok(ScoreModel {
-            labels: class_names(dir.filter(|_| copied.is_some()), classes)?,
+            labels: class_names(own, classes)?,
+            problem: ProblemType::of_adapter(own, classes)?,
             model: tasks::load_adapted(model, dir)?,
         })
     }
 
-    /// Class probabilities (softmax of the head's logits) of `inputs`, one
-    /// right-padded batch, each row read at its last real token; and the
-    /// classes' names.
+    /// The scores of `inputs` (the head's logits through
+    /// [`ProblemType::activate`]), one right-padded batch, each row read at
+    /// its last real token; the outputs' names, and the problem.
     pub fn classify(
         &self,
         inputs: &[Vec<u32>],
         device: &B::Device,
-    ) -> std::result::Result<(Vec<Vec<f32>>, Vec<String>), ApiError> {
+    ) -> std::result::Result<Classes, ApiError> {
         let (ids, mask) = padded::<B>(inputs, device);
         let logits = self
             .model
             .classify_masked(ids, mask)
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        Ok((rows_of(softmax(logits, 1))?, self.labels.clone()))
+        let scores = rows_of(self.problem.activate(logits))?;
+        Ok((scores, self.labels.clone(), self.problem))
     }
 }

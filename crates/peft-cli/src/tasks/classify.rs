@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use peft_adapter::AdapterModel;
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::model::device_of;
@@ -16,10 +16,10 @@ use peft_core::{PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
-use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
 
 use super::adapted::Adapted;
+use super::problem::{ProblemType, Score, Targets};
 use crate::train::Metric;
 
 /// The decoders classify with their own `score` head: `hidden` is never
@@ -95,16 +95,18 @@ impl<B: Backend, E: Encoder<B> + Module<B>> Classifier<B, E> {
     }
 }
 
-/// Tokenised, labelled examples.
+/// Tokenised, labelled examples and what their labels mean.
 pub struct Encoded {
     /// Texts (tokenised per batch, padded to the batch's longest).
     pub texts: Vec<String>,
-    /// Label indices.
-    pub labels: Vec<usize>,
+    /// The problem (transformers' `problem_type`).
+    pub problem: ProblemType,
+    /// Each text's targets.
+    pub targets: Targets,
 }
 
-/// Ids `[b, t]`, attention mask `[b, t]`, labels `[b]` and the token count.
-type BatchTensors<B> = (Tensor<B, 2, Int>, Tensor<B, 2>, Tensor<B, 1, Int>, usize);
+/// Ids `[b, t]`, attention mask `[b, t]` and the token count.
+type BatchTensors<B> = (Tensor<B, 2, Int>, Tensor<B, 2>, usize);
 
 fn batch_tensors<B: Backend>(
     tok: &Tokenizer,
@@ -114,13 +116,12 @@ fn batch_tensors<B: Backend>(
 ) -> Result<BatchTensors<B>> {
     let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
     let b = tok.batch::<B>(&texts, device)?;
-    let labels: Vec<i64> = idx.iter().map(|&i| data.labels[i] as i64).collect();
     let n = b.ids.dims()[0] * b.ids.dims()[1];
-    let labels = Tensor::from_data(TensorData::new(labels, [idx.len()]), device);
-    Ok((b.ids, b.attention_mask, labels, n))
+    Ok((b.ids, b.attention_mask, n))
 }
 
-/// Mean cross-entropy of a batch, and its token count.
+/// The problem's loss on a batch (cross-entropy, binary cross-entropy or
+/// squared error: [`ProblemType::loss`]), and its token count.
 pub fn classifier_loss<B: Backend, E: Encoder<B> + Module<B>>(
     model: &Classifier<B, E>,
     tok: &Tokenizer,
@@ -128,41 +129,51 @@ pub fn classifier_loss<B: Backend, E: Encoder<B> + Module<B>>(
     idx: &[usize],
 ) -> Result<(Tensor<B, 1>, usize)> {
     let device = device_of(&model.encoder);
-    let (ids, mask, labels, n) = batch_tensors::<B>(tok, data, idx, &device)?;
-    Ok((cross_entropy(model.logits(ids, mask)?, labels), n))
+    let (ids, mask, n) = batch_tensors::<B>(tok, data, idx, &device)?;
+    let logits = model.logits(ids, mask)?;
+    check_width(&logits, &data.targets)?;
+    let targets = data.targets.batch::<B>(idx, &device);
+    Ok((data.problem.loss(logits, targets), n))
 }
 
-/// Accuracy on `data`. Batches of 64 texts of similar length (each text's
-/// prediction is its own; fewer padding tokens to compute).
-pub fn accuracy<B: Backend, E: Encoder<B> + Module<B>>(
+/// A head of another width than the targets' is an error (a regression's
+/// values or a multi-label's labels would be matched to the wrong outputs).
+fn check_width<B: Backend>(logits: &Tensor<B, 2>, targets: &Targets) -> Result<()> {
+    match targets {
+        Targets::Values { width, .. } if logits.dims()[1] != *width => {
+            Err(PeftError::Config(format!(
+                "the head has {} outputs, the data's targets {width}",
+                logits.dims()[1]
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The problem's metric on `data` (accuracy, micro-F1 or mean squared
+/// error: [`Score::metric`]). Batches of 64 texts of similar length (each
+/// text's prediction is its own; fewer padding tokens to compute).
+pub fn classifier_metric<B: Backend, E: Encoder<B> + Module<B>>(
     model: &Classifier<B, E>,
     tok: &Tokenizer,
     data: &Encoded,
 ) -> Result<Metric> {
     let device = device_of(&model.encoder);
-    let mut correct = 0;
+    let mut score = Score::default();
     let mut all: Vec<usize> = (0..data.texts.len()).collect();
     all.sort_by_key(|&i| data.texts[i].len());
     for idx in all.chunks(64) {
-        let (ids, mask, _, _) = batch_tensors::<B>(tok, data, idx, &device)?;
-        let pred: Vec<i64> = model
-            .logits(ids, mask)?
-            .argmax(1)
+        let (ids, mask, _) = batch_tensors::<B>(tok, data, idx, &device)?;
+        let logits = model.logits(ids, mask)?;
+        check_width(&logits, &data.targets)?;
+        let logits: Vec<f32> = logits
             .into_data()
-            .convert::<i64>()
+            .convert::<f32>()
             .to_vec()
-            .map_err(|e| PeftError::State(format!("predicted classes: {e:?}")))?;
-        correct += pred
-            .iter()
-            .zip(idx)
-            .filter(|(p, &i)| **p as usize == data.labels[i])
-            .count();
+            .map_err(|e| PeftError::State(format!("predictions: {e:?}")))?;
+        score.add(data.problem, &logits, &data.targets, idx);
     }
-    Ok(Metric {
-        name: "accuracy",
-        value: correct as f64 / data.texts.len().max(1) as f64,
-        higher_is_better: true,
-    })
+    Ok(score.metric(data.problem))
 }
 
 /// Writes the head as `head.safetensors` (`classifier.weight` `[labels, d]`, PyTorch layout).

@@ -4,7 +4,8 @@
 //! prompt), the loss and the evaluation. One file per concern:
 //! [`method`] (which method, from flags or a folder), [`arch`] (which
 //! model), [`adapted`] (the model with its method), [`classify`]
-//! (sequence classification).
+//! (sequence classification), [`problem`] (what its labels mean: one
+//! class, a subset of labels, or real values).
 
 use std::path::{Path, PathBuf};
 
@@ -12,12 +13,14 @@ pub mod adapted;
 pub mod arch;
 pub mod classify;
 pub mod method;
+pub mod problem;
 
 pub use adapted::*;
 pub use arch::*;
 pub use classify::*;
 pub use method::*;
 pub use peft_core::model::device_of;
+pub use problem::{read_problem_type, write_problem_type, ProblemType, Targets};
 
 /// The path of a run's best checkpoint.
 pub fn best_dir(out: &Path) -> PathBuf {
