@@ -898,14 +898,16 @@ fn classifies_with_a_decoders_score_head() {
     }
 }
 
-fn classify_with_score_head(arch: &str) {
-    let case = FixtureCase::open(arch, "seqcls_lora");
-    // The fixture's folder with a word-level tokenizer (a server reads one).
+/// A copy of the tiny `arch` fixture's folder with a word-level tokenizer
+/// over its 64 ids (`w0` … `w63`), which a server reads.
+fn tiny_model_folder(arch: &str) -> PathBuf {
     let model = peft_models::fixtures::temp_dir(&format!("serve-{arch}"));
     std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        let from = peft_models::fixtures::fixtures_dir().join(arch);
-        std::fs::copy(from.join(file), model.join(file)).unwrap();
+    let from = peft_models::fixtures::fixtures_dir().join(arch);
+    for file in ["config.json", "model.safetensors", "generation_config.json"] {
+        if from.join(file).is_file() {
+            std::fs::copy(from.join(file), model.join(file)).unwrap();
+        }
     }
     let vocab: serde_json::Map<String, Value> =
         (0..64).map(|i| (format!("w{i}"), json!(i))).collect();
@@ -914,6 +916,67 @@ fn classify_with_score_head(arch: &str) {
         "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
     std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}
+
+/// Completions from HF folders (the tiny GPT-2 and Llama fixtures, not a
+/// GGUF file) with PEFT's LoRA and prefix fixtures: each greedy text, alone
+/// and with the three requests in flight at once, equals `peft
+/// generate`'s, and the adapters change the text. (Whether the three share
+/// decode passes depends on timing; the SmolLM2 test asserts batching.)
+#[test]
+fn serves_completions_from_hf_folders() {
+    for arch in ["gpt2", "llama"] {
+        let model = tiny_model_folder(arch);
+        let fixtures = peft_models::fixtures::fixtures_dir().join(arch);
+        let adapters: Vec<(String, PathBuf)> = ["lora", "prefix"]
+            .iter()
+            .map(|a| (a.to_string(), fixtures.join(a)))
+            .collect();
+        let server = serving(model.clone(), adapters.clone(), "tiny");
+        let c = Client::new(&server);
+        let requests = [
+            ("tiny", None, "w3 w9 w5"),
+            ("lora", Some(&adapters[0].1), "w7 w1 w12 w40 w2"),
+            ("prefix", Some(&adapters[1].1), "w11"),
+        ];
+        let wants: Vec<String> = requests
+            .iter()
+            .map(|(_, dir, prompt)| generated(&model, dir.map(PathBuf::as_path), prompt, 12))
+            .collect();
+        for ((name, _, prompt), want) in requests.iter().zip(&wants) {
+            assert_eq!(&c.complete(name, prompt, 12), want, "{arch} {name} alone");
+        }
+        let together: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = requests
+                .iter()
+                .map(|(name, _, prompt)| {
+                    scope.spawn(|| Client::new(&server).complete(name, prompt, 12))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together, wants, "{arch}: batched");
+        let base_on = |prompt: &str| generated(&model, None, prompt, 12);
+        assert_ne!(
+            wants[1],
+            base_on(requests[1].2),
+            "{arch}: the LoRA changes nothing"
+        );
+        assert_ne!(
+            wants[2],
+            base_on(requests[2].2),
+            "{arch}: the prefix changes nothing"
+        );
+        assert!(!wants.iter().any(String::is_empty), "{arch}: {wants:?}");
+        server.shutdown().unwrap();
+        std::fs::remove_dir_all(&model).unwrap();
+    }
+}
+
+fn classify_with_score_head(arch: &str) {
+    let case = FixtureCase::open(arch, "seqcls_lora");
+    let model = tiny_model_folder(arch);
     let server = serving(
         model.clone(),
         vec![("cls".into(), case.dir.clone())],
