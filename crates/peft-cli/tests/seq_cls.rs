@@ -130,7 +130,7 @@ fn llama_seqcls_forward<B: Backend>(d: &B::Device) {
 /// `peft merge` of PEFT's SEQ_CLS adapters onto task models that have
 /// their head (BERT's `classifier`, the decoders' `score`): the merged
 /// checkpoint's logits are the adapter's (its head's copy written in place
-/// of the head), and a base without a head is a typed error.
+/// of the head).
 fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
     let tmp = peft_models::fixtures::temp_dir("seqcls-merge");
     for (arch, case) in [
@@ -165,21 +165,75 @@ fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
             c.want("logits_unmerged"),
         );
     }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// `peft merge` of PEFT's SEQ_CLS LoRA over MiniLM, a bare `BertModel`
+/// checkpoint: the merged folder is the task model
+/// (`BertForSequenceClassification`: the base's keys under `bert.`, the
+/// head's copy as `classifier`, `config.json` naming the architecture,
+/// classes and problem type) and gives PEFT's logits; a run's
+/// `labels.json` and `task.json` name the classes and the problem.
+fn merge_onto_a_headless_base<B: Backend>(d: &B::Device) {
+    let tmp = peft_models::fixtures::temp_dir("seqcls-merge-headless");
     let minilm = assets::fetch("minilm").unwrap();
-    let peft_trained = fixtures_dir().join("minilm_seqcls/lora");
-    let err = jobs::merge::<B>(
-        &minilm,
-        &peft_trained,
-        &tmp.join("headless"),
-        jobs::MergeDtype::F32,
-        d,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("modules_to_save") && err.contains("head"),
-        "{err}"
-    );
+    let c = FixtureCase::open("minilm_seqcls", "lora");
+    // The same adapter as one of our runs would leave it.
+    let run = tmp.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(c.dir.join(f), run.join(f)).unwrap();
+    }
+    std::fs::write(run.join("labels.json"), r#"["negative", "positive"]"#).unwrap();
+    peft_cli::tasks::write_problem_type(&run, peft_cli::tasks::ProblemType::MultiLabel).unwrap();
+    for (adapter, labels, problem) in [
+        (
+            &c.dir,
+            ["LABEL_0", "LABEL_1"],
+            "single_label_classification",
+        ),
+        (&run, ["negative", "positive"], "multi_label_classification"),
+    ] {
+        let merged = tmp.join("merged");
+        let changed =
+            jobs::merge::<B>(&minilm, adapter, &merged, jobs::MergeDtype::F32, d).unwrap();
+        for key in [
+            "classifier.weight",
+            "classifier.bias",
+            "bert.encoder.layer.0.attention.self.query.weight",
+        ] {
+            assert!(changed.iter().any(|k| k == key), "{key} not in {changed:?}");
+        }
+        let saved = peft_core::io::read_safetensors(&merged.join("model.safetensors")).unwrap();
+        assert!(saved.contains_key("bert.pooler.dense.weight"));
+        assert!(
+            !saved.keys().any(|k| k.starts_with("encoder.")),
+            "unprefixed keys left"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["architectures"],
+            serde_json::json!(["BertForSequenceClassification"])
+        );
+        assert_eq!(
+            config["id2label"],
+            serde_json::json!({"0": labels[0], "1": labels[1]})
+        );
+        assert_eq!(config["label2id"][labels[1]], 1);
+        assert_eq!(config["problem_type"], problem);
+        assert_eq!(config["hidden_size"], 384, "the base's fields stay");
+        let ids_file = write_ids(&c, &tmp);
+        let out = tmp.join("logits.safetensors");
+        jobs::forward::<B>(&merged, None, &ids_file, &out, d).unwrap();
+        let got = peft_core::io::read_safetensors(&out)
+            .unwrap()
+            .remove("output")
+            .unwrap();
+        peft_models::fixtures::assert_close("merged MiniLM", &got, c.want("logits"));
+        std::fs::remove_dir_all(&merged).unwrap();
+    }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
@@ -272,6 +326,7 @@ backend_tests!(
     llama_seqcls_forward,
     gpt2_seqcls_lora,
     merge_writes_the_heads_copy,
+    merge_onto_a_headless_base,
     llama_seqcls_by_mask,
     bad_modules_to_save_are_typed_errors
 );

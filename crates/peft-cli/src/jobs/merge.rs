@@ -125,17 +125,29 @@ pub fn merge<B: Backend>(
         return merge_gguf::<B>(model, adapter, out, dtype, device);
     }
     let (files, index) = weight_files(model)?;
-    let target = MergeTarget {
+    let mut target = MergeTarget {
         model,
         adapter,
         out,
         files: &files,
         index: index.as_ref(),
         dtype,
+        new_head: None,
     };
     match tasks::arch_of(model)? {
         Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, |_| true),
-        Arch::Bert => merge_into::<B, Bert<B>>(Bert::load(model, device)?, &target, |_| true),
+        Arch::Bert => {
+            let mut bert = Bert::load(model, device)?;
+            // A SEQ_CLS adapter over a bare BertModel (MiniLM): the merged
+            // folder is the task model its training ran.
+            if bert.classifier.is_none() {
+                if let Some(n) = tasks::head_labels(adapter, "classifier")? {
+                    bert = bert.with_classifier(n)?;
+                    target.new_head = Some(NewHead::bert(adapter, n)?);
+                }
+            }
+            merge_into::<B, Bert<B>>(bert, &target, |_| true)
+        }
         // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
         // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
         Arch::Gpt2 => {
@@ -153,6 +165,54 @@ struct MergeTarget<'a> {
     files: &'a [String],
     index: Option<&'a serde_json::Value>,
     dtype: MergeDtype,
+    /// The head a SEQ_CLS adapter brings to a base without one.
+    new_head: Option<NewHead>,
+}
+
+/// A classification head that the merged model gains (a SEQ_CLS adapter's
+/// copy of it, over a base checkpoint that has none): the base's keys move
+/// under the task model's prefix, the head's tensors join the last file,
+/// and `config.json` names the task model, its classes and its problem
+/// type, so that transformers' `AutoModelForSequenceClassification` loads
+/// the folder as it is.
+struct NewHead {
+    /// The task model's prefix for the base's keys (`bert.`).
+    prefix: String,
+    /// The head's module name (`classifier`).
+    module: String,
+    /// Fields set in `config.json`.
+    config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl NewHead {
+    /// `BertForSequenceClassification` with `n` classes: named by the
+    /// adapter folder's `labels.json` (our runs), else `LABEL_i`; its
+    /// problem type the run's `task.json`, else transformers' inference.
+    fn bert(adapter: &Path, n: usize) -> Result<Self> {
+        let names = tasks::class_names(Some(adapter), n)?;
+        let problem = tasks::ProblemType::of_adapter(Some(adapter), n)?;
+        let id2label: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), json!(l)))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), json!(i)))
+            .collect();
+        let config = json!({
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": id2label,
+            "label2id": label2id,
+            "problem_type": problem.name(),
+        });
+        Ok(NewHead {
+            prefix: "bert.".into(),
+            module: "classifier".into(),
+            config: config.as_object().cloned().unwrap_or_default(),
+        })
+    }
 }
 
 /// `base` with the LoRA / DoRA / (IA)³ adapter in `adapter` folded in.
@@ -192,6 +252,25 @@ fn write_weights(
         .map_err(|e| PeftError::State(format!("serialising {}: {e}", path.display())))?;
     peft_core::io::write_atomic(path, &bytes)?;
     Ok(encoded.iter().map(|(_, b)| b.len()).sum())
+}
+
+/// The base's `config.json` with the task model's fields set.
+fn task_config(bytes: &[u8], head: &NewHead, path: &Path) -> Result<Vec<u8>> {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|source| PeftError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let Some(fields) = config.as_object_mut() else {
+        return Err(PeftError::Checkpoint {
+            path: path.to_path_buf(),
+            message: "not a JSON object".into(),
+        });
+    };
+    fields.extend(head.config.clone());
+    Ok(serde_json::to_string_pretty(&config)
+        .expect("a config serialises")
+        .into_bytes())
 }
 
 /// A Llama's tensors under Hugging Face's names and layout (`[out, in]`).
@@ -335,9 +414,28 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     })?;
     let mut changed = Vec::new();
     let mut total_size = 0usize;
-    for name in t.files {
+    let prefix = t.new_head.as_ref().map_or("", |h| h.prefix.as_str());
+    // The new head's tensors, written into the last file.
+    let head_keys: Vec<String> = match &t.new_head {
+        Some(h) => ["weight", "bias"]
+            .iter()
+            .map(|p| format!("{}.{p}", h.module))
+            .filter(|k| updates.contains_key(k))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (i, name) in t.files.iter().enumerate() {
         let file = t.model.join(name);
-        let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&file)?.into_iter().collect();
+        let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&file)?
+            .into_iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), v))
+            .collect();
+        if i + 1 == t.files.len() {
+            for k in &head_keys {
+                tensors.push((k.clone(), updates[k].clone()));
+                changed.push(k.clone());
+            }
+        }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, tensor) in &mut tensors {
             // Keys absent from the model (e.g. a head tied to the embeddings) stay.
@@ -368,6 +466,16 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     if let Some(index) = t.index {
         let mut index = index.clone();
         index["metadata"]["total_size"] = json!(total_size);
+        if let (Some(map), Some(last)) = (index["weight_map"].as_object(), t.files.last()) {
+            let mut renamed: serde_json::Map<String, serde_json::Value> = map
+                .iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+                .collect();
+            for k in &head_keys {
+                renamed.insert(k.clone(), json!(last));
+            }
+            index["weight_map"] = serde_json::Value::Object(renamed);
+        }
         peft_core::io::write_atomic(
             &t.out.join("model.safetensors.index.json"),
             serde_json::to_string_pretty(&index)
@@ -383,10 +491,13 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
         "generation_config.json",
     ] {
         if t.model.join(f).is_file() {
-            let bytes = std::fs::read(t.model.join(f)).map_err(|source| PeftError::Io {
+            let mut bytes = std::fs::read(t.model.join(f)).map_err(|source| PeftError::Io {
                 path: t.model.join(f),
                 source,
             })?;
+            if let (Some(head), "config.json") = (&t.new_head, f) {
+                bytes = task_config(&bytes, head, &t.model.join(f))?;
+            }
             peft_core::io::write_atomic(&t.out.join(f), &bytes)?;
         }
     }

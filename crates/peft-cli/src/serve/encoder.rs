@@ -66,7 +66,9 @@ impl<B: Backend> Served<B> {
             Some(n) => (base.clone().with_classifier(n)?, Some(n)),
             None => (base.clone(), None),
         };
-        let labels = classes.map(|n| class_names(Some(dir), n)).transpose()?;
+        let labels = classes
+            .map(|n| tasks::class_names(Some(dir), n))
+            .transpose()?;
         Ok(Served {
             model: tasks::load_adapted(bert, Some(dir))?,
             problem: ProblemType::of_adapter(Some(dir), classes.unwrap_or(0))?,
@@ -181,15 +183,6 @@ impl<B: Backend> Models<B> {
                     .get_or_load(name, &self.metrics, || Served::load(base, dir))
             }
         }
-    }
-}
-
-/// The names of `n` classes: the adapter folder's `labels.json` (our
-/// runs), else `LABEL_i` as transformers names them.
-pub(super) fn class_names(dir: Option<&Path>, n: usize) -> Result<Vec<String>> {
-    match dir {
-        Some(d) if d.join("labels.json").is_file() => tasks::read_labels(d),
-        _ => Ok((0..n).map(|i| format!("LABEL_{i}")).collect()),
     }
 }
 

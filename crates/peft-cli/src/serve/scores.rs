@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use peft_core::{PeftError, Result};
 use peft_models::seq_cls::ScoreHead;
 
-use super::encoder::{class_names, padded, rows_of, Classes};
+use super::encoder::{padded, rows_of, Classes};
 use super::error::ApiError;
 use crate::tasks::{self, Adapted, CausalModel, ProblemType};
 
@@ -48,7 +48,7 @@ impl<B: Backend, M: CausalModel<B> + ScoreHead<B>> ScoreModel<B, M> {
         };
         let own = dir.filter(|_| copied.is_some());
         Ok(ScoreModel {
-            labels: class_names(own, classes)?,
+            labels: tasks::class_names(own, classes)?,
             problem: ProblemType::of_adapter(own, classes)?,
             model: tasks::load_adapted(model, dir)?,
         })

@@ -236,6 +236,15 @@ pub fn read_labels(dir: &Path) -> Result<Vec<String>> {
     }
 }
 
+/// The names of `n` classes: the adapter folder's `labels.json` (our
+/// runs), else `LABEL_i` as transformers names them.
+pub fn class_names(dir: Option<&Path>, n: usize) -> Result<Vec<String>> {
+    match dir {
+        Some(d) if d.join("labels.json").is_file() => read_labels(d),
+        _ => Ok((0..n).map(|i| format!("LABEL_{i}")).collect()),
+    }
+}
+
 /// A new head `[d, labels]`.
 pub fn new_head<B: Backend>(d: usize, labels: usize, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d, labels).init(device)
