@@ -127,6 +127,23 @@ fn llama_seqcls_forward<B: Backend>(d: &B::Device) {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `peft forward`'s logits of the merged model in `merged` on the case's
+/// ids.
+fn forward_logits<B: Backend>(
+    merged: &std::path::Path,
+    c: &FixtureCase,
+    tmp: &std::path::Path,
+    d: &B::Device,
+) -> HostTensor {
+    let ids_file = write_ids(c, tmp);
+    let out = tmp.join("logits.safetensors");
+    jobs::forward::<B>(merged, None, &ids_file, &out, d).unwrap();
+    peft_core::io::read_safetensors(&out)
+        .unwrap()
+        .remove("output")
+        .unwrap()
+}
+
 /// `peft merge` of PEFT's SEQ_CLS adapters onto task models that have
 /// their head (BERT's `classifier`, the decoders' `score`): the merged
 /// checkpoint's logits are the adapter's (its head's copy written in place
@@ -152,13 +169,7 @@ fn merge_writes_the_heads_copy<B: Backend>(d: &B::Device) {
             changed.contains(&format!("{head}.weight")),
             "{arch}/{case}: {changed:?}"
         );
-        let ids_file = write_ids(&c, &tmp);
-        let out = tmp.join("logits.safetensors");
-        jobs::forward::<B>(&merged, None, &ids_file, &out, d).unwrap();
-        let got = peft_core::io::read_safetensors(&out)
-            .unwrap()
-            .remove("output")
-            .unwrap();
+        let got = forward_logits::<B>(&merged, &c, &tmp, d);
         peft_models::fixtures::assert_close(
             &format!("{arch}/{case} merged"),
             &got,
@@ -224,13 +235,7 @@ fn merge_onto_a_headless_base<B: Backend>(d: &B::Device) {
         assert_eq!(config["label2id"][labels[1]], 1);
         assert_eq!(config["problem_type"], problem);
         assert_eq!(config["hidden_size"], 384, "the base's fields stay");
-        let ids_file = write_ids(&c, &tmp);
-        let out = tmp.join("logits.safetensors");
-        jobs::forward::<B>(&merged, None, &ids_file, &out, d).unwrap();
-        let got = peft_core::io::read_safetensors(&out)
-            .unwrap()
-            .remove("output")
-            .unwrap();
+        let got = forward_logits::<B>(&merged, &c, &tmp, d);
         peft_models::fixtures::assert_close("merged MiniLM", &got, c.want("logits"));
         std::fs::remove_dir_all(&merged).unwrap();
     }

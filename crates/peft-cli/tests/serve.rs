@@ -758,6 +758,15 @@ fn serves_embeddings_of_an_encoder() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The case's `input_ids` as token rows.
+fn id_rows(case: &FixtureCase) -> Vec<Vec<u32>> {
+    let ids = case.want("input_ids");
+    ids.data
+        .chunks(ids.shape[1])
+        .map(|r| r.iter().map(|&v| v as u32).collect())
+        .collect()
+}
+
 /// `/classify` with PEFT-trained SEQ_CLS adapters of MiniLM (LoRA and
 /// (IA)³, the head's copy in `modules_to_save`): each row's probabilities
 /// are the softmax of PEFT's logits (`fixtures/minilm_seqcls`), its label
@@ -776,12 +785,7 @@ fn classifies_with_peft_seq_cls_adapters() {
     let server = serving(model, adapters, "minilm");
     let c = Client::new(&server);
     for (method, case) in &cases {
-        let ids = case.want("input_ids");
-        let rows: Vec<Vec<u32>> = ids
-            .data
-            .chunks(ids.shape[1])
-            .map(|r| r.iter().map(|&v| v as u32).collect())
-            .collect();
+        let rows = id_rows(case);
         let (status, v) = c.post("/classify", &json!({"model": method, "input": rows}));
         assert_eq!(status, 200, "{method}: {v}");
         let classes = case.want("logits").shape[1];
@@ -836,12 +840,7 @@ fn classifies_as_the_runs_problem_type() {
     }
     let server = serving(model, adapters, "minilm");
     let c = Client::new(&server);
-    let ids = case.want("input_ids");
-    let rows: Vec<Vec<u32>> = ids
-        .data
-        .chunks(ids.shape[1])
-        .map(|r| r.iter().map(|&v| v as u32).collect())
-        .collect();
+    let rows = id_rows(&case);
     let logits = case.want("logits");
     let want_rows: Vec<&[f32]> = logits.data.chunks(logits.shape[1]).collect();
     let floats = |v: &Value| -> Vec<f32> {

@@ -380,19 +380,25 @@ pub fn binary_cross_entropy_with_logits<B: Backend>(
 
 /// The `problem_type` of the model folder's `config.json`, if it names one.
 fn model_problem_type(model: &Path) -> Result<Option<String>> {
-    let path = model.join("config.json");
+    let v = read_json_object(&model.join("config.json"))?;
+    Ok(v.and_then(|v| v.get("problem_type")?.as_str().map(str::to_string)))
+}
+
+/// The JSON in `path`, if the file exists.
+fn read_json_object(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
-        path: path.clone(),
+    let text = std::fs::read_to_string(path).map_err(|source| PeftError::Io {
+        path: path.to_path_buf(),
         source,
     })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| PeftError::Json { path, source })?;
-    Ok(v.get("problem_type")
-        .and_then(|p| p.as_str())
-        .map(str::to_string))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| PeftError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The file in a run folder (and each checkpoint) naming its problem type:
@@ -410,17 +416,9 @@ pub fn write_problem_type(dir: &Path, problem: ProblemType) -> Result<()> {
 /// (runs from before problem types, and PEFT's adapters, do not).
 pub fn read_problem_type(dir: &Path) -> Result<Option<ProblemType>> {
     let path = dir.join(PROBLEM_FILE);
-    if !path.is_file() {
+    let Some(v) = read_json_object(&path)? else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|source| PeftError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-        path: path.clone(),
-        source,
-    })?;
+    };
     match v.get("problem_type").and_then(|p| p.as_str()) {
         Some(name) => ProblemType::parse(name).map(Some),
         None => Err(PeftError::Checkpoint {
