@@ -5,12 +5,12 @@
 
 use std::path::Path;
 
-use peft_core::{PeftError, Result};
+use peft_core::Result;
 use peft_models::gguf::{Gguf, MetaValue};
 use peft_models::tokenizer::Tokenizer;
 use serde_json::Value;
 
-use crate::tasks;
+use crate::tasks::{self, problem::read_json};
 
 /// The context length assumed when a model names none (GPT-2's and
 /// SmolLM2's is 2,048 or more; a request that needs more than the model
@@ -128,21 +128,4 @@ fn ids_of(v: Option<&Value>) -> Vec<u32> {
             .collect(),
         _ => Vec::new(),
     }
-}
-
-/// The JSON document at `path`, `None` when there is no such file.
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| PeftError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| PeftError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
 }

@@ -380,12 +380,12 @@ pub fn binary_cross_entropy_with_logits<B: Backend>(
 
 /// The `problem_type` of the model folder's `config.json`, if it names one.
 fn model_problem_type(model: &Path) -> Result<Option<String>> {
-    let v = read_json_object(&model.join("config.json"))?;
+    let v = read_json(&model.join("config.json"))?;
     Ok(v.and_then(|v| v.get("problem_type")?.as_str().map(str::to_string)))
 }
 
-/// The JSON in `path`, if the file exists.
-fn read_json_object(path: &Path) -> Result<Option<serde_json::Value>> {
+/// The JSON document at `path`, `None` when there is no such file.
+pub fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -416,7 +416,7 @@ pub fn write_problem_type(dir: &Path, problem: ProblemType) -> Result<()> {
 /// (runs from before problem types, and PEFT's adapters, do not).
 pub fn read_problem_type(dir: &Path) -> Result<Option<ProblemType>> {
     let path = dir.join(PROBLEM_FILE);
-    let Some(v) = read_json_object(&path)? else {
+    let Some(v) = read_json(&path)? else {
         return Ok(None);
     };
     match v.get("problem_type").and_then(|p| p.as_str()) {
