@@ -251,6 +251,25 @@ fn regression_and_multi_label_runs_write_what_eval_reads_back() {
             "{p}: eval of best/"
         );
         if problem == ProblemType::Regression {
+            // `peft eval --problem-type` overrides the run's: the values
+            // read as labels are unknown ones.
+            let columns = jobs::SeqClsColumns {
+                text: "text",
+                label: "label",
+                problem_type: Some("multi_label_classification"),
+            };
+            let err = jobs::eval::<Inference>(
+                &minilm,
+                Some(&best),
+                &held,
+                Task::SeqCls,
+                columns,
+                32,
+                &Default::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("unknown label"), "{err}");
             // The run's task.json is what eval goes by: naming another
             // problem there reads the values as labels.
             peft_cli::tasks::write_problem_type(&best, ProblemType::MultiLabel).unwrap();

@@ -242,6 +242,81 @@ fn merge_onto_a_headless_base<B: Backend>(d: &B::Device) {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `peft merge` of PEFT's SEQ_CLS LoRA over a decoder's causal-LM
+/// checkpoint (the tiny Llama and GPT-2 fixtures' weights without their
+/// `score`, the Llama with an `lm_head`): the merged folder is the
+/// `*ForSequenceClassification` (the adapter's `score`, no `lm_head`,
+/// `config.json` naming the architecture) and gives PEFT's logits.
+fn merge_onto_a_causal_checkpoint<B: Backend>(d: &B::Device) {
+    let tmp = peft_models::fixtures::temp_dir("seqcls-merge-causal");
+    for (arch, causal, task) in [
+        (
+            "llama_seqcls",
+            "LlamaForCausalLM",
+            "LlamaForSequenceClassification",
+        ),
+        (
+            "gpt2_seqcls",
+            "GPT2LMHeadModel",
+            "GPT2ForSequenceClassification",
+        ),
+    ] {
+        let c = FixtureCase::open(arch, "seqcls_lora");
+        let from = fixtures_dir().join(arch);
+        let base = tmp.join(format!("{arch}-causal"));
+        std::fs::create_dir_all(&base).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap())
+                .unwrap();
+        config["architectures"] = serde_json::json!([causal]);
+        std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+        let mut tensors: Vec<(String, HostTensor)> =
+            peft_core::io::read_safetensors(&from.join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .filter(|(k, _)| k != "score.weight")
+                .collect();
+        if arch == "llama_seqcls" {
+            // The tiny Llama's head is not tied to its embeddings.
+            tensors.push((
+                "lm_head.weight".into(),
+                HostTensor {
+                    data: vec![0.5; 64 * 16],
+                    shape: vec![64, 16],
+                },
+            ));
+        }
+        std::fs::write(
+            base.join("model.safetensors"),
+            peft_core::io::serialize_safetensors(&tensors, None),
+        )
+        .unwrap();
+        let merged = tmp.join(format!("{arch}-merged"));
+        let changed = jobs::merge::<B>(&base, &c.dir, &merged, jobs::MergeDtype::F32, d).unwrap();
+        assert!(
+            changed.iter().any(|k| k == "score.weight"),
+            "{arch}: {changed:?}"
+        );
+        let saved = peft_core::io::read_safetensors(&merged.join("model.safetensors")).unwrap();
+        assert!(
+            !saved.contains_key("lm_head.weight"),
+            "{arch}: the causal head stays"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["architectures"], serde_json::json!([task]));
+        assert_eq!(config["id2label"]["2"], "LABEL_2");
+        let got = forward_logits::<B>(&merged, &c, &tmp, d);
+        peft_models::fixtures::assert_close(
+            &format!("{arch} merged"),
+            &got,
+            c.want("logits_unmerged"),
+        );
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// What `peft train` / `peft eval` compute on a decoder: each row read at
 /// the last token its attention mask marks real, PEFT's logits for the
 /// right-padded fixture (whose padding is the model's `pad_token_id`).
@@ -332,6 +407,7 @@ backend_tests!(
     gpt2_seqcls_lora,
     merge_writes_the_heads_copy,
     merge_onto_a_headless_base,
+    merge_onto_a_causal_checkpoint,
     llama_seqcls_by_mask,
     bad_modules_to_save_are_typed_errors
 );

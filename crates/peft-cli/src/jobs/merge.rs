@@ -9,6 +9,7 @@ use peft_core::{PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
+use peft_models::seq_cls::ScoreHead;
 use peft_models::tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -134,24 +135,35 @@ pub fn merge<B: Backend>(
         dtype,
         new_head: None,
     };
+    // A SEQ_CLS adapter over a base without its head (MiniLM's bare
+    // BertModel, a causal LM's checkpoint): the merged folder is the task
+    // model its training ran.
     match tasks::arch_of(model)? {
-        Arch::Llama => merge_into::<B, Llama<B>>(Llama::load(model, device)?, &target, |_| true),
+        Arch::Llama => {
+            let mut llama = Llama::load(model, device)?;
+            if let (None, Some(n)) = (llama.score(), tasks::head_labels(adapter, "score")?) {
+                llama = llama.with_score(n)?;
+                target.new_head = Some(NewHead::new(adapter, n, "LlamaForSequenceClassification")?);
+            }
+            merge_into::<B, Llama<B>>(llama, &target, |_| true)
+        }
         Arch::Bert => {
             let mut bert = Bert::load(model, device)?;
-            // A SEQ_CLS adapter over a bare BertModel (MiniLM): the merged
-            // folder is the task model its training ran.
-            if bert.classifier.is_none() {
-                if let Some(n) = tasks::head_labels(adapter, "classifier")? {
-                    bert = bert.with_classifier(n)?;
-                    target.new_head = Some(NewHead::bert(adapter, n)?);
-                }
+            if let (None, Some(n)) = (&bert.classifier, tasks::head_labels(adapter, "classifier")?)
+            {
+                bert = bert.with_classifier(n)?;
+                target.new_head = Some(NewHead::new(adapter, n, "BertForSequenceClassification")?);
             }
             merge_into::<B, Bert<B>>(bert, &target, |_| true)
         }
         // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
         // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
         Arch::Gpt2 => {
-            let gpt2 = Gpt2::load(model, device)?;
+            let mut gpt2 = Gpt2::load(model, device)?;
+            if let (None, Some(n)) = (gpt2.score(), tasks::head_labels(adapter, "score")?) {
+                gpt2 = gpt2.with_score(n)?;
+                target.new_head = Some(NewHead::new(adapter, n, "GPT2ForSequenceClassification")?);
+            }
             merge_into::<B, Gpt2<B>>(gpt2, &target, |path| path == "score")
         }
     }
@@ -171,24 +183,27 @@ struct MergeTarget<'a> {
 
 /// A classification head that the merged model gains (a SEQ_CLS adapter's
 /// copy of it, over a base checkpoint that has none): the base's keys move
-/// under the task model's prefix, the head's tensors join the last file,
-/// and `config.json` names the task model, its classes and its problem
-/// type, so that transformers' `AutoModelForSequenceClassification` loads
-/// the folder as it is.
+/// under the task model's prefix where they lack it, a causal LM's
+/// `lm_head` is left out, the head's tensors join the last file, and
+/// `config.json` names the task model, its classes and its problem type,
+/// so that transformers' `AutoModelForSequenceClassification` loads the
+/// folder as it is.
 struct NewHead {
-    /// The task model's prefix for the base's keys (`bert.`).
-    prefix: String,
-    /// The head's module name (`classifier`).
-    module: String,
+    /// The task model's prefix for the base's keys (`bert.`,
+    /// `transformer.`; a Llama's `model.` keys stay as they are).
+    prefix: &'static str,
+    /// The head's module name (`classifier`, `score`).
+    module: &'static str,
     /// Fields set in `config.json`.
     config: serde_json::Map<String, serde_json::Value>,
 }
 
 impl NewHead {
-    /// `BertForSequenceClassification` with `n` classes: named by the
-    /// adapter folder's `labels.json` (our runs), else `LABEL_i`; its
-    /// problem type the run's `task.json`, else transformers' inference.
-    fn bert(adapter: &Path, n: usize) -> Result<Self> {
+    /// `architecture` (a `*ForSequenceClassification`) with `n` classes:
+    /// named by the adapter folder's `labels.json` (our runs), else
+    /// `LABEL_i`; its problem type the run's `task.json`, else
+    /// transformers' inference.
+    fn new(adapter: &Path, n: usize, architecture: &'static str) -> Result<Self> {
         let names = tasks::class_names(Some(adapter), n)?;
         let problem = tasks::ProblemType::of_adapter(Some(adapter), n)?;
         let id2label: serde_json::Map<String, serde_json::Value> = names
@@ -202,15 +217,32 @@ impl NewHead {
             .map(|(i, l)| (l.clone(), json!(i)))
             .collect();
         let config = json!({
-            "architectures": ["BertForSequenceClassification"],
+            "architectures": [architecture],
             "id2label": id2label,
             "label2id": label2id,
             "problem_type": problem.name(),
         });
+        let (prefix, module) = match architecture {
+            "BertForSequenceClassification" => ("bert.", "classifier"),
+            "GPT2ForSequenceClassification" => ("transformer.", "score"),
+            _ => ("", "score"),
+        };
         Ok(NewHead {
-            prefix: "bert.".into(),
-            module: "classifier".into(),
+            prefix,
+            module,
             config: config.as_object().cloned().unwrap_or_default(),
+        })
+    }
+
+    /// A base checkpoint's key in the task model; `None` for the causal
+    /// LM's head, which the task model does not have.
+    fn key(&self, key: String) -> Option<String> {
+        if key.starts_with("lm_head.") {
+            return None;
+        }
+        Some(match key.starts_with(self.prefix) {
+            true => key,
+            false => format!("{}{key}", self.prefix),
         })
     }
 }
@@ -414,7 +446,10 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     })?;
     let mut changed = Vec::new();
     let mut total_size = 0usize;
-    let prefix = t.new_head.as_ref().map_or("", |h| h.prefix.as_str());
+    let key_of = |key: String| match &t.new_head {
+        Some(h) => h.key(key),
+        None => Some(key),
+    };
     // The new head's tensors, written into the last file.
     let head_keys: Vec<String> = match &t.new_head {
         Some(h) => ["weight", "bias"]
@@ -428,7 +463,7 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
         let file = t.model.join(name);
         let mut tensors: Vec<(String, HostTensor)> = read_safetensors(&file)?
             .into_iter()
-            .map(|(k, v)| (format!("{prefix}{k}"), v))
+            .filter_map(|(k, v)| Some((key_of(k)?, v)))
             .collect();
         if i + 1 == t.files.len() {
             for k in &head_keys {
@@ -469,7 +504,7 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
         if let (Some(map), Some(last)) = (index["weight_map"].as_object(), t.files.last()) {
             let mut renamed: serde_json::Map<String, serde_json::Value> = map
                 .iter()
-                .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+                .filter_map(|(k, v)| Some((key_of(k.clone())?, v.clone())))
                 .collect();
             for k in &head_keys {
                 renamed.insert(k.clone(), json!(last));

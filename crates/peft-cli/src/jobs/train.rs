@@ -55,7 +55,7 @@ fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
     }
     // The outputs come from every example, held-out ones included, so that
     // a label seen only there still has a row of the head.
-    let (labels, _) = problem.targets(&examples, &job.label_column, &job.data)?;
+    let labels = problem.outputs(&examples, &job.label_column);
     let enough = match problem {
         ProblemType::SingleLabel => labels.len() >= 2,
         ProblemType::MultiLabel | ProblemType::Regression => !labels.is_empty(),

@@ -119,17 +119,24 @@ impl ProblemType {
         }
     }
 
-    /// The outputs' names (the head's rows) and each example's targets.
-    /// Classes and labels are the data's in sorted order; a regression's
-    /// outputs are named after the label column (`score`, or `score[i]`
-    /// for a list of values).
+    /// The outputs' names (the head's rows) and each example's targets
+    /// ([`ProblemType::outputs`], [`ProblemType::targets_for`]).
     pub fn targets(
         self,
         examples: &[Example],
         label_column: &str,
         origin: &Path,
     ) -> Result<(Vec<String>, Targets)> {
-        let names = match self {
+        let names = self.outputs(examples, label_column);
+        let targets = self.targets_for(examples, &names, origin)?;
+        Ok((names, targets))
+    }
+
+    /// The outputs' names (the head's rows): classes and labels are the
+    /// data's in sorted order; a regression's outputs are named after the
+    /// label column (`score`, or `score[i]` for a list of values).
+    pub fn outputs(self, examples: &[Example], label_column: &str) -> Vec<String> {
+        match self {
             ProblemType::SingleLabel => data::label_set(examples),
             ProblemType::MultiLabel => {
                 let all: BTreeSet<&str> = examples
@@ -139,16 +146,13 @@ impl ProblemType {
                     .collect();
                 all.into_iter().map(str::to_string).collect()
             }
-            ProblemType::Regression => {
-                let width = examples.first().map_or(1, |e| e.label_list().len());
-                match (width, examples.first().and_then(|e| e.labels.as_ref())) {
-                    (_, None) => vec![label_column.to_string()],
-                    (w, Some(_)) => (0..w).map(|i| format!("{label_column}[{i}]")).collect(),
-                }
-            }
-        };
-        let targets = self.targets_for(examples, &names, origin)?;
-        Ok((names, targets))
+            ProblemType::Regression => match examples.first().and_then(|e| e.labels.as_ref()) {
+                None => vec![label_column.to_string()],
+                Some(values) => (0..values.len())
+                    .map(|i| format!("{label_column}[{i}]"))
+                    .collect(),
+            },
+        }
     }
 
     /// Each example's targets against known outputs `names` (a saved
