@@ -48,14 +48,10 @@ pub fn train<B: AutodiffBackend>(
 fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
     let examples = data::read_labelled(&job.data, &job.text_column, &job.label_column)?;
     let problem = ProblemType::of_run(job.problem_type.as_deref(), &job.model, &examples)?;
-    let (split, held) = data::split(&examples, job.held_out, job.train.seed);
-    let mut train = split;
-    if let Some(n) = job.max_train {
-        train.truncate(n);
-    }
-    // The outputs come from every example, held-out ones included, so that
-    // a label seen only there still has a row of the head.
-    let labels = problem.outputs(&examples, &job.label_column);
+    // Outputs and targets come from every example (held-out ones too, so
+    // that a label seen only there has a row of the head), and a bad label
+    // is named by its place in the file.
+    let (labels, targets) = problem.targets(&examples, &job.label_column, &job.data)?;
     let enough = match problem {
         ProblemType::SingleLabel => labels.len() >= 2,
         ProblemType::MultiLabel | ProblemType::Regression => !labels.is_empty(),
@@ -73,15 +69,17 @@ fn seq_cls_data(job: &TrainJob) -> Result<(Vec<String>, Encoded, Encoded)> {
             ),
         });
     }
-    let enc = |v: Vec<data::Example>| -> Result<Encoded> {
-        let targets = problem.targets_for(&v, &labels, &job.data)?;
-        Ok(Encoded {
-            texts: v.into_iter().map(|e| e.text).collect(),
-            problem,
-            targets,
-        })
+    let order: Vec<usize> = (0..examples.len()).collect();
+    let (mut train, held) = data::split(&order, job.held_out, job.train.seed);
+    if let Some(n) = job.max_train {
+        train.truncate(n);
+    }
+    let enc = |idx: Vec<usize>| Encoded {
+        texts: idx.iter().map(|&i| examples[i].text.clone()).collect(),
+        problem,
+        targets: targets.select(&idx),
     };
-    let (train, held) = (enc(train)?, enc(held)?);
+    let (train, held) = (enc(train), enc(held));
     Ok((labels, train, held))
 }
 

@@ -337,6 +337,20 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// The targets of examples `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Targets {
+        match self {
+            Targets::Classes(c) => Targets::Classes(idx.iter().map(|&i| c[i]).collect()),
+            Targets::Values { width, values } => Targets::Values {
+                width: *width,
+                values: idx
+                    .iter()
+                    .flat_map(|&i| values[i * width..(i + 1) * width].iter().copied())
+                    .collect(),
+            },
+        }
+    }
+
     /// The targets of examples `idx` as a tensor.
     pub fn batch<B: Backend>(&self, idx: &[usize], device: &B::Device) -> BatchTargets<B> {
         match self {
