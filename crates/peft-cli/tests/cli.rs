@@ -1890,6 +1890,47 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
         "eval of best/ differs from the run's"
     );
 
+    // Merged onto the GGUF base: the LlamaForSequenceClassification the
+    // run trained, whose logits are the adapter's.
+    let merged = dir.join("merged");
+    let changed = jobs::merge::<Inference>(
+        &model,
+        &best,
+        &merged,
+        jobs::MergeDtype::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(changed.iter().any(|k| k == "score.weight"), "{changed:?}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["LlamaForSequenceClassification"])
+    );
+    assert_eq!(
+        config["id2label"]["1"], "positive",
+        "labels.json names the classes"
+    );
+    let ids = dir.join("ids.json");
+    std::fs::write(&ids, "[[5, 9, 3, 12, 7]]").unwrap();
+    let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
+        let out = dir.join(name);
+        jobs::forward::<Inference>(model, adapter, &ids, &out, &Default::default()).unwrap();
+        peft_core::io::read_safetensors(&out)
+            .unwrap()
+            .remove("output")
+            .unwrap()
+    };
+    let want = logits(&model, Some(&best), "adapted.safetensors");
+    assert_eq!(want.shape, [1, 2]);
+    peft_models::fixtures::assert_close(
+        "merged",
+        &logits(&merged, None, "merged.safetensors"),
+        &want,
+    );
+
     let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(3));
     let j = job(model, data_file, dir.join("prefix"), prefix, train);
     let err =

@@ -344,8 +344,9 @@ fn llama_hf_tensors<B: Backend>(m: &Llama<B>) -> Vec<(String, HostTensor)> {
 
 /// `peft merge` of a GGUF model: the adapter folded into the dequantised
 /// weights, written as a Hugging Face folder (`model.safetensors` of
-/// `dtype` and a `config.json` from the GGUF metadata). The tokenizer stays
-/// in the GGUF file.
+/// `dtype` and a `config.json` from the GGUF metadata, the tokenizer as
+/// `tokenizer.json`); with a SEQ_CLS adapter's `score`, the
+/// `LlamaForSequenceClassification` it trained.
 fn merge_gguf<B: Backend>(
     gguf: &Path,
     adapter: &Path,
@@ -353,7 +354,14 @@ fn merge_gguf<B: Backend>(
     dtype: MergeDtype,
     device: &B::Device,
 ) -> Result<Vec<String>> {
-    let base = Llama::<B>::from_gguf(gguf, device)?;
+    let mut base = Llama::<B>::from_gguf(gguf, device)?;
+    // A SEQ_CLS adapter's `score` copy makes the folder the
+    // LlamaForSequenceClassification its training ran.
+    let mut new_head = None;
+    if let (None, Some(n)) = (base.score(), tasks::head_labels(adapter, "score")?) {
+        base = base.with_score(n)?;
+        new_head = Some(NewHead::new(adapter, n, "LlamaForSequenceClassification")?);
+    }
     let before = llama_hf_tensors(&base);
     let merged = merged_model(base, adapter)?;
     let after = llama_hf_tensors(&merged);
@@ -378,7 +386,7 @@ fn merge_gguf<B: Backend>(
     let context = peft_models::gguf::Gguf::open(gguf)?
         .meta_u64("llama.context_length")
         .unwrap_or(2048);
-    let config = json!({
+    let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": c.vocab_size,
@@ -402,6 +410,9 @@ fn merge_gguf<B: Backend>(
             MergeDtype::Bf16 => "bfloat16",
         },
     });
+    if let (Some(h), Some(fields)) = (&new_head, config.as_object_mut()) {
+        fields.extend(h.config.clone());
+    }
     std::fs::create_dir_all(out).map_err(|source| PeftError::Io {
         path: out.to_path_buf(),
         source,
