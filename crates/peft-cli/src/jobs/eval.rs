@@ -112,13 +112,12 @@ fn seq_cls_eval_data(
     columns: SeqClsColumns<'_>,
 ) -> Result<(Vec<String>, Encoded)> {
     let examples = data::read_labelled(data_file, columns.text, columns.label)?;
-    let problem = match (columns.problem_type, tasks::read_problem_type(dir)?) {
-        (Some(name), _) => ProblemType::parse(name)?,
-        (None, Some(saved)) => saved,
-        // transformers' inference: one output is a regression; list labels
-        // are multi-label.
-        (None, None) if outputs == Some(1) => ProblemType::Regression,
-        (None, None) => ProblemType::inferred(&examples),
+    let problem = match columns.problem_type {
+        Some(name) => ProblemType::parse(name)?,
+        None => {
+            let outputs = outputs.unwrap_or(0);
+            ProblemType::of_adapter(Some(dir), outputs, ProblemType::inferred(&examples))?
+        }
     };
     let (labels, targets) = match dir.join("labels.json").is_file() {
         true => {

@@ -140,11 +140,8 @@ pub fn merge<B: Backend>(
     // model its training ran.
     match tasks::arch_of(model)? {
         Arch::Llama => {
-            let mut llama = Llama::load(model, device)?;
-            if let (None, Some(n)) = (llama.score(), tasks::head_labels(adapter, "score")?) {
-                llama = llama.with_score(n)?;
-                target.new_head = Some(NewHead::new(adapter, n, "LlamaForSequenceClassification")?);
-            }
+            let (llama, head) = with_adapters_score(Llama::load(model, device)?, adapter, "Llama")?;
+            target.new_head = head;
             merge_into::<B, Llama<B>>(llama, &target, |_| true)
         }
         Arch::Bert => {
@@ -159,11 +156,8 @@ pub fn merge<B: Backend>(
         // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
         // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
         Arch::Gpt2 => {
-            let mut gpt2 = Gpt2::load(model, device)?;
-            if let (None, Some(n)) = (gpt2.score(), tasks::head_labels(adapter, "score")?) {
-                gpt2 = gpt2.with_score(n)?;
-                target.new_head = Some(NewHead::new(adapter, n, "GPT2ForSequenceClassification")?);
-            }
+            let (gpt2, head) = with_adapters_score(Gpt2::load(model, device)?, adapter, "GPT2")?;
+            target.new_head = head;
             merge_into::<B, Gpt2<B>>(gpt2, &target, |path| path == "score")
         }
     }
@@ -179,6 +173,27 @@ struct MergeTarget<'a> {
     dtype: MergeDtype,
     /// The head a SEQ_CLS adapter brings to a base without one.
     new_head: Option<NewHead>,
+}
+
+/// `decoder` with the `score` head of the SEQ_CLS adapter in `adapter`,
+/// and the head it gains as a `{family}ForSequenceClassification`, when
+/// the decoder has no `score` of its own and the adapter a copy of one;
+/// else `decoder` as it is.
+fn with_adapters_score<B: Backend, M: ScoreHead<B>>(
+    decoder: M,
+    adapter: &Path,
+    family: &str,
+) -> Result<(M, Option<NewHead>)> {
+    match (decoder.score(), tasks::head_labels(adapter, "score")?) {
+        (None, Some(n)) => {
+            let architecture = format!("{family}ForSequenceClassification");
+            Ok((
+                decoder.with_score(n)?,
+                Some(NewHead::new(adapter, n, &architecture)?),
+            ))
+        }
+        _ => Ok((decoder, None)),
+    }
 }
 
 /// A classification head that the merged model gains (a SEQ_CLS adapter's
@@ -203,9 +218,10 @@ impl NewHead {
     /// named by the adapter folder's `labels.json` (our runs), else
     /// `LABEL_i`; its problem type the run's `task.json`, else
     /// transformers' inference.
-    fn new(adapter: &Path, n: usize, architecture: &'static str) -> Result<Self> {
+    fn new(adapter: &Path, n: usize, architecture: &str) -> Result<Self> {
         let names = tasks::class_names(Some(adapter), n)?;
-        let problem = tasks::ProblemType::of_adapter(Some(adapter), n)?;
+        let problem =
+            tasks::ProblemType::of_adapter(Some(adapter), n, tasks::ProblemType::SingleLabel)?;
         let id2label: serde_json::Map<String, serde_json::Value> = names
             .iter()
             .enumerate()
@@ -354,14 +370,10 @@ fn merge_gguf<B: Backend>(
     dtype: MergeDtype,
     device: &B::Device,
 ) -> Result<Vec<String>> {
-    let mut base = Llama::<B>::from_gguf(gguf, device)?;
     // A SEQ_CLS adapter's `score` copy makes the folder the
     // LlamaForSequenceClassification its training ran.
-    let mut new_head = None;
-    if let (None, Some(n)) = (base.score(), tasks::head_labels(adapter, "score")?) {
-        base = base.with_score(n)?;
-        new_head = Some(NewHead::new(adapter, n, "LlamaForSequenceClassification")?);
-    }
+    let (base, new_head) =
+        with_adapters_score(Llama::<B>::from_gguf(gguf, device)?, adapter, "Llama")?;
     let before = llama_hf_tensors(&base);
     let merged = merged_model(base, adapter)?;
     let after = llama_hf_tensors(&merged);

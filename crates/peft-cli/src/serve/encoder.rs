@@ -71,7 +71,11 @@ impl<B: Backend> Served<B> {
             .transpose()?;
         Ok(Served {
             model: tasks::load_adapted(bert, Some(dir))?,
-            problem: ProblemType::of_adapter(Some(dir), classes.unwrap_or(0))?,
+            problem: ProblemType::of_adapter(
+                Some(dir),
+                classes.unwrap_or(0),
+                ProblemType::SingleLabel,
+            )?,
             labels,
         })
     }
@@ -86,7 +90,7 @@ impl<B: Backend> Served<B> {
         Ok(Served {
             model: tasks::load_adapted(base.clone(), None)?,
             labels,
-            problem: ProblemType::of_adapter(None, outputs)?,
+            problem: ProblemType::of_adapter(None, outputs, ProblemType::SingleLabel)?,
         })
     }
 }

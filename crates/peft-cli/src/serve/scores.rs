@@ -49,7 +49,7 @@ impl<B: Backend, M: CausalModel<B> + ScoreHead<B>> ScoreModel<B, M> {
         let own = dir.filter(|_| copied.is_some());
         Ok(ScoreModel {
             labels: tasks::class_names(own, classes)?,
-            problem: ProblemType::of_adapter(own, classes)?,
+            problem: ProblemType::of_adapter(own, classes, ProblemType::SingleLabel)?,
             model: tasks::load_adapted(model, dir)?,
         })
     }

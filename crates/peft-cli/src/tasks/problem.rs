@@ -89,14 +89,15 @@ impl ProblemType {
     }
 
     /// The problem of a saved adapter whose head has `outputs` rows: its
-    /// run's `task.json`, else transformers' inference from the head alone
-    /// (one output is a regression, more are classes). `dir: None` is a
-    /// base model's own head.
-    pub fn of_adapter(dir: Option<&Path>, outputs: usize) -> Result<Self> {
+    /// run's `task.json`, else transformers' inference from the head (one
+    /// output is a regression), else `otherwise` (classes where nothing
+    /// else tells; what the data's labels say when there are data).
+    /// `dir: None` is a base model's own head.
+    pub fn of_adapter(dir: Option<&Path>, outputs: usize, otherwise: Self) -> Result<Self> {
         match dir.map(read_problem_type).transpose()?.flatten() {
             Some(saved) => Ok(saved),
             None if outputs == 1 => Ok(ProblemType::Regression),
-            None => Ok(ProblemType::SingleLabel),
+            None => Ok(otherwise),
         }
     }
 
