@@ -153,7 +153,7 @@ fn load(base: &str, models: &[String], concurrency: usize, requests: usize) -> L
 fn write_adapter<B: Backend>(gguf: &Path, dir: &Path, device: &B::Device) {
     let base = Llama::<B>::from_gguf(gguf, device).expect("SmolLM2 loads");
     tasks::attach_to_train(base, &Method::slot(all_linear(8)), None)
-        .and_then(|m| m.save_trained(dir))
+        .and_then(|m| m.save_trained(dir, peft_cli::train::Saving::Best))
         .expect("the adapter is written");
 }
 

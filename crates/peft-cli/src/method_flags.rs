@@ -328,7 +328,8 @@ mod tests {
     fn slot_methods_come_from_their_configs() {
         let names = MethodArg::names();
         for want in [
-            "lora", "dora", "ia3", "loha", "lokr", "oft", "vera", "adapter", "prompt",
+            "lora", "dora", "pissa", "olora", "ia3", "loha", "lokr", "oft", "vera", "adapter",
+            "prompt",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
@@ -376,6 +377,16 @@ mod tests {
             (dora["use_dora"].as_bool(), dora["lora_alpha"].as_f64()),
             (Some(true), Some(3.0))
         );
+        for init in ["pissa", "olora"] {
+            let split = saved(init, none(), None);
+            assert_eq!(
+                (
+                    split["peft_type"].as_str(),
+                    split["init_lora_weights"].as_str()
+                ),
+                (Some("LORA"), Some(init))
+            );
+        }
         // A file's values stand where no flag overrides them.
         let ia3 = fixture("ia3");
         let flags = MethodFlags {

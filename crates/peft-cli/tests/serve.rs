@@ -46,7 +46,7 @@ fn write_adapter<M: peft_core::PeftModel<B>>(base: M, method: Method, seed: u64,
     <B as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
     tasks::attach_to_train(base, &method, None)
         .unwrap()
-        .save_trained(dir)
+        .save_trained(dir, peft_cli::train::Saving::Best)
         .unwrap();
 }
 

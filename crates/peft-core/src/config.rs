@@ -62,6 +62,23 @@ pub enum InitLoraWeights {
     Named(String),
 }
 
+/// The LoRA initialisations that split each targeted base weight `W` into
+/// a residual and the adapter's start, `W = W_res + s·B·A`, so the model's
+/// output is unchanged and training starts from a chosen part of `W`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseSplittingInit {
+    /// PiSSA: `B·A` is the rank-`r` truncated SVD of `W` (its principal
+    /// singular values and vectors); `niter: Some(n)` takes PyTorch's
+    /// randomized `svd_lowrank` with `n` subspace iterations instead.
+    Pissa {
+        /// Subspace iterations of the randomized SVD (`pissa_niter_<n>`).
+        niter: Option<usize>,
+    },
+    /// OLoRA: `B`, `A` are the first `r` columns of `Q` and rows of `R` in
+    /// the QR decomposition of `W`.
+    Olora,
+}
+
 fn default_r() -> usize {
     8
 }
@@ -322,13 +339,37 @@ impl LoraConfig {
             InitLoraWeights::Named(n) if n == "loftq" => {
                 self.loftq()?;
             }
-            InitLoraWeights::Named(n) => {
-                return Err(PeftError::Config(format!(
-                "init_lora_weights `{n}` is not supported (true, false, \"gaussian\", \"loftq\")"
-            )))
+            InitLoraWeights::Named(_) => {
+                self.base_splitting_init()?;
             }
         }
         Ok(())
+    }
+
+    /// With `init_lora_weights` `"pissa"`, `"pissa_niter_<n>"` or
+    /// `"olora"`, the initialisation that moves part of each base weight
+    /// into the adapter; `None` for the inits that leave the base alone.
+    /// Any other name is refused, listing the supported ones.
+    pub fn base_splitting_init(&self) -> Result<Option<BaseSplittingInit>> {
+        let InitLoraWeights::Named(name) = &self.init_lora_weights else {
+            return Ok(None);
+        };
+        let refuse = || {
+            PeftError::Config(format!(
+                "init_lora_weights `{name}` is not supported (true, false, \"gaussian\", \"loftq\", \"pissa\", \"pissa_niter_<n>\", \"olora\")"
+            ))
+        };
+        Ok(match name.as_str() {
+            "gaussian" | "loftq" => None,
+            "pissa" => Some(BaseSplittingInit::Pissa { niter: None }),
+            "olora" => Some(BaseSplittingInit::Olora),
+            other => match other.strip_prefix("pissa_niter_") {
+                Some(n) => Some(BaseSplittingInit::Pissa {
+                    niter: Some(n.parse::<usize>().map_err(|_| refuse())?),
+                }),
+                None => return Err(refuse()),
+            },
+        })
     }
 
     /// With `init_lora_weights: "loftq"`, PEFT's `loftq_config`

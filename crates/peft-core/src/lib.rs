@@ -65,7 +65,7 @@ pub use host::AdapterHost;
 pub use input::{ModelDims, ModelInput, Tokens};
 pub use model::PeftModel;
 pub use slot::method as slot_method;
-pub use slot::{Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
+pub use slot::{BaseSplit, Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
 pub use slot_method::SlotMethod;
 pub use slot_model::SlotModel;
 

@@ -193,6 +193,7 @@ impl Case {
                     dropout: 0.0,
                     merged: false,
                     dora_merge_norm: None,
+                    base_split: None,
                 },
             };
             slot.add(entry, "layer").unwrap();
@@ -578,6 +579,7 @@ fn entries_that_do_not_fit_are_typed_errors<B: Backend>(device: &B::Device) {
             dropout: 0.0,
             merged: false,
             dora_merge_norm: None,
+            base_split: None,
         },
     };
     let shape_error = |r: peft_core::Result<()>, want: &str| match r {
@@ -839,6 +841,7 @@ fn lora_runs_on_the_activation_never_forming_the_delta<B: Backend>(device: &B::D
                 dropout: 0.0,
                 merged: false,
                 dora_merge_norm: None,
+                base_split: None,
             },
         };
         slot.add(entry, "layer").unwrap();

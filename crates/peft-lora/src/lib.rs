@@ -9,6 +9,10 @@
 //!   `adapter_config.json` + `adapter_model.safetensors` (non-default
 //!   adapters in sub-folders), so adapters move freely between this crate
 //!   and Hugging Face PEFT.
+//! - PiSSA / OLoRA (`init_lora_weights` `"pissa"`, `"pissa_niter_<n>"`,
+//!   `"olora"`): the base weight is split as PEFT splits it, and
+//!   [`ConvertToLora::save_as_lora`] writes the trained adapter as a plain
+//!   LoRA of the original weights.
 //! - [`weighted`]: [`AddWeightedAdapter::add_weighted_adapter`] with PEFT's `linear`, `cat`, `svd`,
 //!   `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (and the `*_svd`
 //!   variants).
@@ -18,10 +22,13 @@
 //! The per-layer arithmetic lives in `peft_core::LinearSlot`, the
 //! bookkeeping over a model's adapters in `peft_core::SlotModel`.
 
+mod base_split;
+pub mod convert;
 mod files;
 mod loftq;
 mod model;
 pub mod weighted;
 
+pub use convert::{is_base_split, AsLoraConfig, ConvertToLora, InitialFactors};
 pub use model::{Lora, LoraModel};
 pub use weighted::{AddWeightedAdapter, Combination, WeightedOptions};

@@ -8,13 +8,14 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
-use peft_core::config::InitLoraWeights;
+use peft_core::config::{BaseSplittingInit, InitLoraWeights};
 use peft_core::io::HostTensor;
 use peft_core::slot::column_norm;
 use peft_core::slot_method::Init;
 use peft_core::target::rank_and_alpha;
 use peft_core::{
-    LinearSlot, LoraConfig, LoraEntry, LoraMeta, PeftError, Result, SlotMethod, SlotModel,
+    BaseSplit, LinearSlot, LoraConfig, LoraEntry, LoraMeta, PeftError, Result, SlotMethod,
+    SlotModel,
 };
 
 /// LoRA and its variants, as PEFT defines them (`peft_type: LORA`).
@@ -122,6 +123,59 @@ fn loftq_entry<B: Backend>(
     })
 }
 
+/// A PiSSA or OLoRA entry for `slot` (see [`crate::base_split`]): the
+/// slot's base weight becomes the residual and the factors start at the
+/// part taken out, so the layer's output is unchanged. Run for a fresh
+/// adapter and, as PEFT does, for one loaded from a file whose config names
+/// the init (the file's factors then replace the ones computed here).
+fn base_split_entry<B: Backend>(
+    slot: &mut LinearSlot<B>,
+    mut meta: LoraMeta,
+    use_dora: bool,
+    init: BaseSplittingInit,
+    path: &str,
+) -> Result<LoraEntry<B>> {
+    if slot.is_quantized() {
+        return Err(PeftError::Config(format!(
+            "{path}: PiSSA / OLoRA split the f32 base weight; this one is quantized (split first, then quantize the residual)"
+        )));
+    }
+    let device = slot.device();
+    let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
+    let w = HostTensor::from_tensor(slot.base_weight()).transposed(); // [out, in]
+    let split = crate::base_split::split(&w.data, d_out, d_in, r, meta.scaling, init, path)?;
+    // Burn's layouts: A [d_in, r], B [r, d_out], W [d_in, d_out].
+    let a: Vec<f32> = (0..d_in * r)
+        .map(|k| split.a[(k % r, k / r)] as f32)
+        .collect();
+    let b: Vec<f32> = (0..r * d_out)
+        .map(|k| split.b[(k % d_out, k / d_out)] as f32)
+        .collect();
+    let residual: Vec<f32> = (0..d_in * d_out)
+        .map(|k| split.residual[(k % d_out, k / d_out)] as f32)
+        .collect();
+    slot.replace_dense_base(
+        Tensor::from_data(TensorData::new(residual, [d_in, d_out]), &device),
+        path,
+    )?;
+    meta.base_split = Some(BaseSplit {
+        a0: a.clone(),
+        b0: b.clone(),
+    });
+    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
+    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
+    let magnitude = use_dora.then(|| {
+        let delta = a.clone().matmul(b.clone()) * meta.scaling;
+        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
+    });
+    Ok(LoraEntry {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        magnitude,
+        meta,
+    })
+}
+
 impl SlotMethod for Lora {
     type Config = LoraConfig;
 
@@ -141,6 +195,7 @@ impl SlotMethod for Lora {
             dropout: config.lora_dropout,
             merged: false,
             dora_merge_norm: None,
+            base_split: None,
         };
         // LoftQ replaces base weights: only for a fresh adapter, not for
         // one whose factors a file or arithmetic will fill.
@@ -148,9 +203,11 @@ impl SlotMethod for Lora {
             Init::Fresh => config.loftq()?.map(|(_, iterations)| iterations),
             Init::Placeholder => None,
         };
-        let entry = match loftq {
-            Some(iterations) => loftq_entry(slot, meta, config.use_dora, iterations, path)?,
-            None => new_entry(slot, meta, config.use_dora, &config.init_lora_weights, init),
+        let split = config.base_splitting_init()?;
+        let entry = match (loftq, split) {
+            (Some(iterations), _) => loftq_entry(slot, meta, config.use_dora, iterations, path)?,
+            (None, Some(split)) => base_split_entry(slot, meta, config.use_dora, split, path)?,
+            (None, None) => new_entry(slot, meta, config.use_dora, &config.init_lora_weights, init),
         };
         slot.add(entry, path)
     }

@@ -577,6 +577,10 @@ impl<B: Backend, M: PeftModel<B>> AddWeightedAdapter for LoraModel<B, M> {
         config.target_modules = Some(targets);
         config.rank_pattern.clear();
         config.alpha_pattern.clear();
+        // The combination is a plain LoRA of the weights as they are now; a
+        // source's base-splitting init (PiSSA, OLoRA) must not split them
+        // again (PEFT's `add_weighted_adapter` copies the init and does).
+        config.init_lora_weights = peft_core::config::InitLoraWeights::Bool(true);
         let scaling = config.scaling_for(new_rank, new_rank as f64);
         self.attach(name, config, Init::Placeholder)?;
 

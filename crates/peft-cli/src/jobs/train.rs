@@ -20,7 +20,7 @@ pub use crate::tasks::Quantize;
 use crate::tasks::{
     self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method, ProblemType,
 };
-use crate::train::{BatchLoss, RunDir, Trainer};
+use crate::train::{BatchLoss, RunDir, Saving, Trainer};
 
 /// Trains per `job` on backend `B`.
 pub fn train<B: AutodiffBackend>(
@@ -219,8 +219,8 @@ where
         job,
         &mut run,
         progress,
-        move |m, dir| {
-            m.encoder.save_trained(dir)?;
+        move |m, dir, saving| {
+            m.encoder.save_trained(dir, saving)?;
             write_json(&dir.join("labels.json"), &labels_json)?;
             tasks::write_problem_type(dir, problem)
         },
@@ -241,7 +241,7 @@ fn fit_classifier<B, E>(
     job: &TrainJob,
     run: &mut RunDir,
     progress: &indicatif::ProgressBar,
-    save_encoder: impl Fn(&Classifier<B::InnerBackend, E::InnerModule>, &Path) -> Result<()>,
+    save_encoder: impl Fn(&Classifier<B::InnerBackend, E::InnerModule>, &Path, Saving) -> Result<()>,
 ) -> Result<Report>
 where
     B: AutodiffBackend,
@@ -266,8 +266,8 @@ where
         model,
         |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
         |m| tasks::classifier_metric(m, tok, held),
-        |m, dir| {
-            save_encoder(m, dir)?;
+        |m, dir, saving| {
+            save_encoder(m, dir, saving)?;
             match &m.head {
                 Some(head) => tasks::save_head(head, dir),
                 None => Ok(()),
@@ -367,7 +367,7 @@ where
                 .map(|(l, n)| (BatchLoss::Graph(l), n)),
         },
         |m| tasks::perplexity(m, &held, &inner_device),
-        |m, dir| m.save_trained(dir),
+        |m, dir, saving| m.save_trained(dir, saving),
     )?;
     Ok(Report {
         before,

@@ -13,12 +13,13 @@ use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
 use peft_core::{AdapterHost, ModelInput, ParamCount, PeftModel, Result};
+use peft_lora::{is_base_split, ConvertToLora, InitialFactors};
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
 
 use super::arch::CausalModel;
 use super::method::{Method, Slots};
-use crate::train::Metric;
+use crate::train::{Metric, Saving};
 
 /// A model with its method: the model carrying LoRA / (IA)³ adapters (or
 /// none) in its slots, the model with bottleneck adapters, or a frozen model
@@ -298,12 +299,20 @@ impl<B: Backend, M: PeftModel<B>> Adapted<B, M> {
 
     /// Writes the trained adapter `default` into `dir`, in its method's
     /// own format (a prefix's or prompt's full encoder beside PEFT's files
-    /// when it has a reparameterisation, so that a run can continue).
-    pub fn save_trained(&self, dir: &Path) -> Result<()> {
+    /// when it has a reparameterisation, so that a run can continue). A
+    /// PiSSA / OLoRA adapter is written for `best/` as the plain LoRA of the
+    /// original weights (PEFT's `path_initial_model_for_weight_conversion`:
+    /// it loads on the untouched base in any tool), and for `last/` as it
+    /// trains (PEFT's layout; loading splits the base again, so a resumed
+    /// run continues exactly).
+    pub fn save_trained(&self, dir: &Path, saving: Saving) -> Result<()> {
         let name = peft_core::DEFAULT_ADAPTER;
         match self {
             Adapted::Prefix(p) => p.save_checkpoint(name, dir),
             Adapted::Prompt(p) => p.save_checkpoint(name, dir),
+            Adapted::Slots(s) if saving == Saving::Best && is_base_split(s, name) => {
+                s.save_as_lora(name, dir, InitialFactors::Recorded)
+            }
             _ => self.host().save_adapter(name, dir),
         }
     }

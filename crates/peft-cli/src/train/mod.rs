@@ -31,4 +31,4 @@ pub use grads::BatchLoss;
 pub use loraplus::{groups as loraplus_groups, Group as LoraPlusGroup, Optimizers};
 pub use peers::replica_device;
 pub use run::{RunDir, RunState};
-pub use trainer::{Metric, Outcome, Trainer};
+pub use trainer::{Metric, Outcome, Saving, Trainer};

@@ -22,6 +22,18 @@ use super::optimizer::OPTIMIZER_FILE;
 use super::peers::{Peers, ReplicaTally};
 use super::run::{non_finite, RunDir, RunState, STATE_FILE};
 
+/// Which checkpoint a `save` callback writes: `best/`, what a user takes
+/// away, or `last/`, what `--resume` continues from. The two differ where
+/// the adapter as it trains is not what a user should take away (PiSSA /
+/// OLoRA: `best/` is the plain LoRA of the original weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saving {
+    /// `best/`.
+    Best,
+    /// `last/`.
+    Last,
+}
+
 /// An evaluation result.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
@@ -235,7 +247,7 @@ where
         &mut self,
         model: &M,
         eval: &mut impl FnMut(&M::InnerModule) -> Result<Metric>,
-        save: &mut impl FnMut(&M::InnerModule, &Path) -> Result<()>,
+        save: &mut impl FnMut(&M::InnerModule, &Path, Saving) -> Result<()>,
     ) -> Result<bool> {
         let inner = model.valid();
         let m = eval(&inner)?;
@@ -246,7 +258,8 @@ where
         self.state.evals.push((self.state.step, m.value));
         let improved = best.is_none_or(|b| m.better_than(&b));
         if improved {
-            self.run.checkpoint("best", |dir| save(&inner, dir))?;
+            self.run
+                .checkpoint("best", |dir| save(&inner, dir, Saving::Best))?;
             self.best = Some(inner);
             self.state.since_best = 0;
         } else {
@@ -260,13 +273,13 @@ where
     pub fn checkpoint(
         &mut self,
         model: &M,
-        save: &mut impl FnMut(&M::InnerModule, &Path) -> Result<()>,
+        save: &mut impl FnMut(&M::InnerModule, &Path, Saving) -> Result<()>,
     ) -> Result<()> {
         let bytes = self.optim.state_bytes(model)?;
         let inner = model.valid();
         let state = &self.state;
         self.run.checkpoint("last", |dir| {
-            save(&inner, dir)?;
+            save(&inner, dir, Saving::Last)?;
             write_atomic(&dir.join(OPTIMIZER_FILE), &bytes)?;
             let text = serde_json::to_string(state).expect("the state serialises");
             write_atomic(&dir.join(STATE_FILE), text.as_bytes())
@@ -322,7 +335,7 @@ where
     where
         L: Fn(&M, &[usize]) -> Result<(BatchLoss<B>, usize)> + Sync,
         E: FnMut(&M::InnerModule) -> Result<Metric>,
-        S: FnMut(&M::InnerModule, &Path) -> Result<()>,
+        S: FnMut(&M::InnerModule, &Path, Saving) -> Result<()>,
     {
         let config = self.config.clone();
         let mut stopped_early = false;
@@ -418,7 +431,7 @@ mod tests {
                     higher_is_better: true,
                 })
             },
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         ) else {
             panic!("training did not stop");
         };

@@ -119,6 +119,14 @@ pub trait SlotAdapter<B: Backend>: std::fmt::Debug {
         y
     }
 
+    /// The part of the base weight `[d_in, d_out]` this entry's
+    /// initialisation moved into it (PiSSA, OLoRA: `s·A₀·B₀`), added back
+    /// when the entry is removed; `None` for every init that leaves the
+    /// base alone.
+    fn split_off_base(&self) -> Option<Tensor<B, 2>> {
+        None
+    }
+
     /// Low-rank factors for a mixed batch, given the base weight `[d_in, d_out]`.
     fn low_rank_rows(&self, _weight: &Tensor<B, 2>) -> Option<LowRankRows<B>> {
         None

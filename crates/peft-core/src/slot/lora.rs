@@ -35,6 +35,21 @@ pub struct LoraMeta {
     /// DoRA only: the column norms `‖W + ΔW‖` used at merge time, kept so that
     /// unmerge divides by exactly the same numbers.
     pub dora_merge_norm: Option<Vec<f32>>,
+    /// What an initialisation moved out of the base weight into this
+    /// entry (PiSSA, OLoRA); `None` for the inits that leave the base alone.
+    pub base_split: Option<BaseSplit>,
+}
+
+/// The factors a base-splitting initialisation (PiSSA, OLoRA) gave an
+/// entry, `W = W_res + s·A₀·B₀`: what converts the trained adapter into a
+/// plain LoRA of the original weight (`[A; A₀]`, `[B, −B₀]`), and what is
+/// added back to the base when the entry is removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseSplit {
+    /// `A₀`, `[d_in, r]`, row-major `f32` (Burn's layout).
+    pub a0: Vec<f32>,
+    /// `B₀`, `[r, d_out]`, row-major `f32`.
+    pub b0: Vec<f32>,
 }
 
 /// One named LoRA adapter on one linear layer.
@@ -108,6 +123,16 @@ impl<B: Backend> SlotAdapter<B> for LoraEntry<B> {
 
     fn set_merged(&mut self, merged: bool) {
         self.meta.merged = merged;
+    }
+
+    fn split_off_base(&self) -> Option<Tensor<B, 2>> {
+        let split = self.meta.base_split.as_ref()?;
+        let device = self.a.device();
+        let [d_in, r] = self.a.shape().dims::<2>();
+        let d_out = self.b.shape().dims::<2>()[1];
+        let a0 = Tensor::<B, 2>::from_data(TensorData::new(split.a0.clone(), [d_in, r]), &device);
+        let b0 = Tensor::<B, 2>::from_data(TensorData::new(split.b0.clone(), [r, d_out]), &device);
+        Some(a0.matmul(b0) * self.meta.scaling)
     }
 
     fn check_fits(&self, d_in: usize, d_out: usize, path: &str) -> Result<()> {

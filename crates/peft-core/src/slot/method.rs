@@ -137,10 +137,11 @@ impl AdapterConfig for LoraConfig {
     }
 
     fn method_name(&self) -> &'static str {
-        if self.use_dora {
-            "dora"
-        } else {
-            "lora"
+        match (self.use_dora, self.base_splitting_init()) {
+            (true, _) => "dora",
+            (false, Ok(Some(crate::config::BaseSplittingInit::Pissa { .. }))) => "pissa",
+            (false, Ok(Some(crate::config::BaseSplittingInit::Olora))) => "olora",
+            (false, _) => "lora",
         }
     }
 
@@ -149,11 +150,12 @@ impl AdapterConfig for LoraConfig {
     }
 
     fn cli_names() -> Vec<&'static str> {
-        vec!["lora", "dora"]
+        vec!["lora", "dora", "pissa", "olora"]
     }
 
     /// Without a file: rank 8, alpha 16 on the attention projections of
-    /// every model here. `dora` sets `use_dora`.
+    /// every model here. `dora` sets `use_dora`; `pissa` and `olora` set
+    /// `init_lora_weights` (a file's `"pissa_niter_<n>"` stays as it is).
     fn from_cli(
         name: &str,
         text: Option<&str>,
@@ -173,8 +175,15 @@ impl AdapterConfig for LoraConfig {
         let defaults = serde_json::to_value(defaults).expect("serialises");
         Some((|| {
             let mut value = settings::config_json(name, text, origin, defaults, &table, settings)?;
-            if name == "dora" {
-                value["use_dora"] = true.into();
+            match name {
+                "dora" => value["use_dora"] = true.into(),
+                "pissa" | "olora" => {
+                    let given = value["init_lora_weights"].as_str().unwrap_or_default();
+                    if !given.starts_with(name) {
+                        value["init_lora_weights"] = name.into();
+                    }
+                }
+                _ => {}
             }
             LoraConfig::from_json_str(&value.to_string(), origin)
         })())

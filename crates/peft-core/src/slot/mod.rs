@@ -47,7 +47,7 @@ pub use entry::{EntryKind, SlotEntry};
 pub use ia3::{Ia3Entry, Ia3Meta};
 pub use loha::{LohaEntry, LohaFactors};
 pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
-pub use lora::{column_norm, LoraEntry, LoraMeta};
+pub use lora::{column_norm, BaseSplit, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
 pub use vera::{Vera, VeraConfig, VeraEntry};
@@ -246,6 +246,34 @@ impl<B: Backend> LinearSlot<B> {
         Ok(())
     }
 
+    /// Replaces the dense base weight by `weight` `[d_in, d_out]` (an
+    /// initialisation that moves part of the weight into an adapter: PiSSA,
+    /// OLoRA). Refused for a quantized base (the new weight would have to
+    /// be re-quantized, and the split would no longer add up), while an
+    /// adapter is merged into the weight, or for another shape.
+    pub fn replace_dense_base(&mut self, weight: Tensor<B, 2>, path: &str) -> Result<()> {
+        if self.is_quantized() {
+            return Err(PeftError::Config(format!(
+                "{path}: this initialisation rewrites the f32 base weight; this one is quantized"
+            )));
+        }
+        if self.any_merged() {
+            return Err(PeftError::State(format!(
+                "{path}: unmerge its adapters before an initialisation that rewrites the base weight"
+            )));
+        }
+        let expected = [self.d_input(), self.d_output()];
+        if weight.dims() != expected {
+            return Err(PeftError::Shape {
+                name: format!("{path}: base weight"),
+                expected: expected.to_vec(),
+                found: weight.dims().to_vec(),
+            });
+        }
+        self.set_base_weight(weight);
+        Ok(())
+    }
+
     /// Values of the base weight held quantized (0 for a dense base): they
     /// count as parameters although no tensor holds them.
     pub fn quantized_params(&self) -> usize {
@@ -334,7 +362,16 @@ impl<B: Backend> LinearSlot<B> {
             .iter()
             .position(|e| e.adapter().name() == name)?;
         self.state.active.retain(|n| n != name);
-        Some(self.entries.remove(pos))
+        let entry = self.entries.remove(pos);
+        // An init that split the base weight (PiSSA, OLoRA) gives its part
+        // back: removing an adapter leaves the layer as it was before it
+        // came. (PEFT's `delete_adapter` leaves the residual.) A base
+        // quantized since keeps its values: re-quantizing would change them.
+        if let (Some(part), false) = (entry.adapter().split_off_base(), self.is_quantized()) {
+            let w = self.base_weight() + part;
+            self.set_base_weight(w);
+        }
+        Some(entry)
     }
 
     /// Removes every entry of kind `E` (a method's `clear`); activation is
