@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 /// A method as the table runs it: its row name, the `peft train` flags
 /// (beside the shared ones), an optional `--config` file's JSON, and the
 /// default learning rate (the centre of `--sweep`'s three; each is the
-/// best of a first sweep around the method's usual rate, 2026-12-06).
+/// best of a first sweep around the method's usual rate, 2026-12-06;
+/// PiSSA and OLoRA 2026-12-07, where 2.2e-4 / 6.7e-4 / 2e-3 peaked at 2e-3).
 struct Spec {
     row: &'static str,
     flags: &'static [&'static str],
@@ -100,7 +101,7 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 6.7e-4,
+        lr: 2e-3,
     },
     Spec {
         row: "OLoRA",
@@ -115,7 +116,7 @@ const SPECS: &[Spec] = &[
             "query,value",
         ],
         config: None,
-        lr: 6.7e-4,
+        lr: 2e-3,
     },
     Spec {
         row: "LoHa",

@@ -1930,6 +1930,19 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
         &logits(&merged, None, "merged.safetensors"),
         &want,
     );
+    // The GGUF names no padding token for the model: the merged config
+    // names the tokenizer's, so that more than one row classifies (a
+    // config without one is refused for batches, in transformers and here).
+    let pad = peft_cli::tasks::tokenizer_of(&model).unwrap().pad_id();
+    assert_eq!(config["pad_token_id"], serde_json::json!(pad));
+    std::fs::write(&ids, "[[5, 9, 3, 12, 7], [4, 8, 2, 11, 6]]").unwrap();
+    let two = logits(&merged, None, "two.safetensors");
+    assert_eq!(two.shape, [2, 2]);
+    let first = peft_core::io::HostTensor {
+        shape: vec![1, 2],
+        data: two.data[..2].to_vec(),
+    };
+    peft_models::fixtures::assert_close("the first row in a batch of two", &first, &want);
 
     let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(3));
     let j = job(model, data_file, dir.join("prefix"), prefix, train);

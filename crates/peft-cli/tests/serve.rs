@@ -973,6 +973,53 @@ fn serves_completions_from_hf_folders() {
     }
 }
 
+/// A PiSSA adapter in PEFT's own layout (its config names the init, so
+/// loading it splits the base weights again) is served beside the base:
+/// its text is `peft generate`'s, and the base's own text stays the base's
+/// after it loaded (in the shared model, the split would have changed it).
+#[test]
+fn serves_a_base_splitting_adapter_beside_the_base() {
+    let model = tiny_model_folder("llama");
+    let dir = peft_models::fixtures::temp_dir("serve-pissa");
+    let mut config = LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]);
+    config.init_lora_weights = InitLoraWeights::Named("pissa".into());
+    let base = Llama::<B>::load(&model, &Default::default()).unwrap();
+    tasks::attach_to_train(base, &Method::slot(config), None)
+        .unwrap()
+        .save_trained(&dir, peft_cli::train::Saving::Last)
+        .unwrap();
+    // A fresh split changes nothing; move B as training would.
+    let file = dir.join("adapter_model.safetensors");
+    let mut tensors: Vec<(String, peft_core::io::HostTensor)> =
+        peft_core::io::read_safetensors(&file)
+            .unwrap()
+            .into_iter()
+            .collect();
+    for (k, t) in &mut tensors {
+        if k.ends_with("lora_B.weight") {
+            t.data.iter_mut().for_each(|v| *v *= 1.5);
+        }
+    }
+    std::fs::write(&file, peft_core::io::serialize_safetensors(&tensors, None)).unwrap();
+    let server = serving(model.clone(), vec![("pissa".into(), dir.clone())], "tiny");
+    let c = Client::new(&server);
+    let prompt = "w7 w1 w12 w40 w2";
+    let (base_text, pissa_text) = (
+        generated(&model, None, prompt, 12),
+        generated(&model, Some(&dir), prompt, 12),
+    );
+    assert_ne!(base_text, pissa_text, "the moved adapter changes nothing");
+    assert_eq!(c.complete("pissa", prompt, 12), pissa_text);
+    assert_eq!(
+        c.complete("tiny", prompt, 12),
+        base_text,
+        "the base after the split adapter loaded"
+    );
+    server.shutdown().unwrap();
+    std::fs::remove_dir_all(&model).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn classify_with_score_head(arch: &str) {
     let case = FixtureCase::open(arch, "seqcls_lora");
     let model = tiny_model_folder(arch);

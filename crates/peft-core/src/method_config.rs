@@ -92,6 +92,13 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
     /// `update_layer` do.
     fn validate(&self) -> Result<()>;
 
+    /// Refuses this config beside `existing`, another adapter of the same
+    /// method in the model, where PEFT's `_check_new_adapter_config` does
+    /// (VeRA: one projection key and one `save_projection` per model).
+    fn check_beside(&self, _existing: &Self) -> Result<()> {
+        Ok(())
+    }
+
     /// Refuses a model type whose layers PEFT's method does not take
     /// (GPT-2's `Conv1D` for the LyCORIS and orthogonal methods).
     fn check_model_type(_model_type: Option<&str>) -> Result<()> {

@@ -112,6 +112,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         if name == BASE_ROW {
             return Err(PeftError::Config(format!("`{BASE_ROW}` is reserved")));
         }
+        for existing in self.configs.values() {
+            config.check_beside(existing)?;
+        }
         let outputs = self.model.output_layers();
         let paths = self.model.linear_paths();
         let mut plan = Vec::new();

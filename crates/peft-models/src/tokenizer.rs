@@ -122,6 +122,14 @@ impl Tokenizer {
         Ok(Tokenizer { inner, pad_id })
     }
 
+    /// The id batches are padded with: the tokenizer's own padding token,
+    /// a GGUF file's `tokenizer.ggml.padding_token_id`, else 0. What a
+    /// sequence-classification model's `pad_token_id` must name for
+    /// transformers to read each row at its last real token.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     /// The tokenizer as a `tokenizer.json` document (Hugging Face's format),
     /// e.g. to write one beside a model converted from GGUF.
     pub fn to_json(&self) -> Result<String> {

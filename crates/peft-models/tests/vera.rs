@@ -124,6 +124,32 @@ fn fresh_draws_peft_projections_and_errors_are_typed<B: Backend>(d: &B::Device) 
         assert!(err.to_string().contains(field), "{err}");
     }
 
+    // As PEFT, every VeRA adapter of a model shares the projection key and
+    // save_projection; a second adapter with the same ones is welcome.
+    let mut two = VeraModel::new(base.clone(), VeraConfig::new(6, &["q_proj"])).unwrap();
+    two.add_adapter("same", VeraConfig::new(6, &["v_proj"]))
+        .unwrap();
+    for (other, field) in [
+        (
+            VeraConfig {
+                projection_prng_key: 3,
+                ..VeraConfig::new(6, &["q_proj"])
+            },
+            "projection_prng_key",
+        ),
+        (
+            VeraConfig {
+                save_projection: false,
+                ..VeraConfig::new(6, &["q_proj"])
+            },
+            "save_projection",
+        ),
+    ] {
+        let err = two.add_adapter("other", other).unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+        assert_eq!(two.adapter_names(), ["default", "same"]);
+    }
+
     // A file whose projections are missing though the config says they are
     // saved, or of the wrong size, is refused by name.
     for (case, edit) in [("missing", 0), ("resized", 1)] {

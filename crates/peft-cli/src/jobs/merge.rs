@@ -140,7 +140,8 @@ pub fn merge<B: Backend>(
     // model its training ran.
     match tasks::arch_of(model)? {
         Arch::Llama => {
-            let (llama, head) = with_adapters_score(Llama::load(model, device)?, adapter, "Llama")?;
+            let (llama, head) =
+                with_adapters_score(Llama::load(model, device)?, model, adapter, "Llama")?;
             target.new_head = head;
             merge_into::<B, Llama<B>>(llama, &target, |_| true)
         }
@@ -156,7 +157,8 @@ pub fn merge<B: Backend>(
         // GPT-2's Conv1D stores [in, out], as Burn does; its `score` head
         // (GPT2ForSequenceClassification) is an nn.Linear, [out, in].
         Arch::Gpt2 => {
-            let (gpt2, head) = with_adapters_score(Gpt2::load(model, device)?, adapter, "GPT2")?;
+            let (gpt2, head) =
+                with_adapters_score(Gpt2::load(model, device)?, model, adapter, "GPT2")?;
             target.new_head = head;
             merge_into::<B, Gpt2<B>>(gpt2, &target, |path| path == "score")
         }
@@ -179,18 +181,25 @@ struct MergeTarget<'a> {
 /// and the head it gains as a `{family}ForSequenceClassification`, when
 /// the decoder has no `score` of its own and the adapter a copy of one;
 /// else `decoder` as it is.
+///
+/// Where the base names no `pad_token_id`, the new config names the
+/// tokenizer's padding id (the one our batches are padded with): without
+/// one, transformers (and `peft eval`) refuse to classify more than one row.
 fn with_adapters_score<B: Backend, M: ScoreHead<B>>(
     decoder: M,
+    model: &Path,
     adapter: &Path,
     family: &str,
 ) -> Result<(M, Option<NewHead>)> {
     match (decoder.score(), tasks::head_labels(adapter, "score")?) {
         (None, Some(n)) => {
             let architecture = format!("{family}ForSequenceClassification");
-            Ok((
-                decoder.with_score(n)?,
-                Some(NewHead::new(adapter, n, &architecture)?),
-            ))
+            let mut head = NewHead::new(adapter, n, &architecture)?;
+            if decoder.pad_token_id().is_none() {
+                let pad = tasks::tokenizer_of(model)?.pad_id();
+                head.config.insert("pad_token_id".into(), json!(pad));
+            }
+            Ok((decoder.with_score(n)?, Some(head)))
         }
         _ => Ok((decoder, None)),
     }
@@ -373,7 +382,7 @@ fn merge_gguf<B: Backend>(
     // A SEQ_CLS adapter's `score` copy makes the folder the
     // LlamaForSequenceClassification its training ran.
     let (base, new_head) =
-        with_adapters_score(Llama::<B>::from_gguf(gguf, device)?, adapter, "Llama")?;
+        with_adapters_score(Llama::<B>::from_gguf(gguf, device)?, gguf, adapter, "Llama")?;
     let before = llama_hf_tensors(&base);
     let merged = merged_model(base, adapter)?;
     let after = llama_hf_tensors(&merged);

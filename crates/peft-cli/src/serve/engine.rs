@@ -35,6 +35,7 @@ use super::resident::Resident;
 use super::scores::ScoreModel;
 use super::sequence::{Sequence, Turn};
 use crate::tasks::{self, Adapted, CausalModel, Decoding, Method, Slots};
+use peft_lora::AsLoraConfig;
 use peft_models::seq_cls::ScoreHead;
 
 /// What the HTTP side asks of the engine.
@@ -250,6 +251,9 @@ where
 
     /// Adapter `name`, loaded from `dir` if it is not resident: a slot
     /// adapter into the shared model, any other method as its own wrapper.
+    /// So is a LoRA adapter whose init splits the base weights (PiSSA,
+    /// OLoRA, loaded as PEFT loads them: the base split again): in the
+    /// shared model the split would change every other adapter's base.
     fn resident_model(
         &mut self,
         name: &str,
@@ -258,7 +262,11 @@ where
         let (base, shared, loaded) = (&self.base, &mut self.shared, &mut self.loaded);
         let mut fresh = None;
         let served = self.resident.get_or_load(name, &self.metrics, || {
-            if let Method::Slot(_) = Method::detect(dir)? {
+            let splits_base = |c: &tasks::SlotConfig| {
+                c.as_lora()
+                    .is_some_and(|l| matches!(l.base_splitting_init(), Ok(Some(_))))
+            };
+            if matches!(Method::detect(dir)?, Method::Slot(c) if !splits_base(&c)) {
                 *loaded += 1;
                 let id = format!("served{loaded}");
                 shared.load_adapter(dir, &id)?;
@@ -381,9 +389,11 @@ where
             Some(Served::Own(model)) => {
                 let state = model.start(prompt)?;
                 // After prefill a prefix or a soft prompt is cache content:
-                // the base decodes on from there.
+                // the base decodes on from there. Bottleneck adapters and a
+                // slot adapter with a base of its own (PiSSA, OLoRA) change
+                // every step: they decode alone.
                 let route = match &**model {
-                    Adapted::Adapters(_) => None,
+                    Adapted::Adapters(_) | Adapted::Slots(_) => None,
                     _ => Some(BASE_ROW.to_string()),
                 };
                 Ok((state, route))

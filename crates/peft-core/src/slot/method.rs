@@ -59,6 +59,13 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
     /// tensors.
     fn modules_to_save(&self) -> &[String];
 
+    /// Refuses this config beside `existing`, the config of an adapter
+    /// already in the model, where PEFT refuses the pair (VeRA: different
+    /// projection keys). Configs of different methods never conflict.
+    fn check_beside(&self, _existing: &Self) -> Result<()> {
+        Ok(())
+    }
+
     /// The method's name as `peft train --method` and messages give it
     /// (`lora`, `dora`, `ia3`, `loha`, `lokr`, `oft`).
     fn method_name(&self) -> &'static str;
@@ -299,6 +306,10 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
         MethodConfig::prepare(self, model_type)
     }
 
+    fn check_beside(&self, existing: &Self) -> Result<()> {
+        MethodConfig::check_beside(self, existing)
+    }
+
     fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
         MethodConfig::targets(self, path, output_layers)
     }
@@ -460,6 +471,14 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
         match self {
             OneOf::First(c) => c.prepare(model_type),
             OneOf::Second(c) => c.prepare(model_type),
+        }
+    }
+
+    fn check_beside(&self, existing: &Self) -> Result<()> {
+        match (self, existing) {
+            (OneOf::First(c), OneOf::First(e)) => c.check_beside(e),
+            (OneOf::Second(c), OneOf::Second(e)) => c.check_beside(e),
+            _ => Ok(()),
         }
     }
 

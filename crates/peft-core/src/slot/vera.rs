@@ -356,6 +356,24 @@ impl MethodConfig for VeraConfig {
         &self.extra
     }
 
+    /// PEFT's `VeraModel._check_new_adapter_config`: every VeRA adapter of
+    /// a model shares one `projection_prng_key` and one `save_projection`.
+    fn check_beside(&self, existing: &Self) -> Result<()> {
+        if self.projection_prng_key != existing.projection_prng_key {
+            return Err(PeftError::Config(format!(
+                "VeRA's projection_prng_key must be the same for all adapters of a model: got {}, but an adapter already there has {}",
+                self.projection_prng_key, existing.projection_prng_key
+            )));
+        }
+        if self.save_projection != existing.save_projection {
+            return Err(PeftError::Config(format!(
+                "VeRA's save_projection must be the same for all adapters of a model: got {}, but an adapter already there has {}",
+                self.save_projection, existing.save_projection
+            )));
+        }
+        Ok(())
+    }
+
     /// PEFT's `__post_init__` and `update_layer` checks, and what is not
     /// supported here.
     fn validate(&self) -> Result<()> {
