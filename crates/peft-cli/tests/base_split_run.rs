@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use peft_cli::jobs::{self, Task, TrainJob};
+use peft_cli::jobs::{self, TrainJob};
 use peft_cli::tasks::Method;
 use peft_cli::train::TrainConfig;
 use peft_core::backends::CpuTrainBackend;
@@ -16,57 +16,24 @@ use peft_core::config::InitLoraWeights;
 use peft_core::io::read_safetensors;
 use peft_core::LoraConfig;
 use peft_models::assets;
-use peft_models::datasets::rotten_tomatoes;
+
+mod common;
+
+use common::{job, sentiment_file, serial, temp};
 
 type Inference = burn::backend::NdArray;
 
-/// The CPU backends' random generator is process-wide (the new head's
-/// weights): the tests take turns, or their draws would interleave.
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    TRAINING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("peft-split-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sentiment_file(dir: &Path, n: usize) -> PathBuf {
-    let all = rotten_tomatoes(&assets::fetch("rotten-tomatoes").unwrap()).unwrap();
-    let rows: Vec<String> = all
-        .iter()
-        .step_by(97)
-        .take(n)
-        .map(|s| serde_json::json!({"text": s.text, "label": s.label.to_string()}).to_string())
-        .collect();
-    let path = dir.join("sentiment.jsonl");
-    std::fs::write(&path, rows.join("\n")).unwrap();
-    path
-}
-
-fn job(data: PathBuf, out: PathBuf, init: &str, train: TrainConfig) -> TrainJob {
+/// A PiSSA / OLoRA job (LoRA r 4, alpha 8, on query and value).
+fn split_job(data: PathBuf, out: PathBuf, init: &str, train: TrainConfig) -> TrainJob {
     let mut lora = LoraConfig::new(4, 8.0, &["query", "value"]);
     lora.init_lora_weights = InitLoraWeights::Named(init.into());
-    TrainJob {
-        model: assets::fetch("minilm").unwrap(),
+    job(
+        assets::fetch("minilm").unwrap(),
         data,
-        task: Task::SeqCls,
-        method: Method::slot(lora),
         out,
+        Method::slot(lora),
         train,
-        text_column: "text".into(),
-        label_column: "label".into(),
-        problem_type: None,
-        held_out: 0.25,
-        max_train: None,
-        block_size: 32,
-        resume: false,
-        quantize: None,
-    }
+    )
 }
 
 fn config(dir: &Path) -> serde_json::Value {
@@ -114,7 +81,7 @@ fn a_split_run_saves_a_plain_lora_that_gives_the_trained_logits() {
         };
         let out = dir.join(init);
         jobs::train::<CpuTrainBackend>(
-            &job(data.clone(), out.clone(), init, train),
+            &split_job(data.clone(), out.clone(), init, train),
             &indicatif::ProgressBar::hidden(),
             &Default::default(),
         )
@@ -180,7 +147,7 @@ fn a_resumed_pissa_run_equals_an_uninterrupted_one() {
     };
     let progress = indicatif::ProgressBar::hidden();
     let whole = jobs::train::<CpuTrainBackend>(
-        &job(data.clone(), dir.join("whole"), "pissa", train.clone()),
+        &split_job(data.clone(), dir.join("whole"), "pissa", train.clone()),
         &progress,
         &Default::default(),
     )
@@ -190,7 +157,7 @@ fn a_resumed_pissa_run_equals_an_uninterrupted_one() {
         ..train
     };
     jobs::train::<CpuTrainBackend>(
-        &job(data, dir.join("parts"), "pissa", halted),
+        &split_job(data, dir.join("parts"), "pissa", halted),
         &progress,
         &Default::default(),
     )

@@ -14,40 +14,12 @@ use peft_core::backends::CpuTrainBackend;
 use peft_core::prompt_learning::{PromptEncoderType, PromptLearningConfig, PromptTuningInit};
 use peft_core::{Ia3Config, LoraConfig, PeftError};
 use peft_models::assets;
-use peft_models::datasets::rotten_tomatoes;
+
+mod common;
+
+use common::{job, sentiment_file, serial, temp};
 
 type Inference = burn::backend::NdArray;
-
-/// The CPU backends' random generator is process-wide: tests that train
-/// (dropout, new weights) take turns, or their draws would interleave.
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    TRAINING.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn temp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("peft-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// `n` Rotten Tomatoes sentences (both labels) as JSONL.
-fn sentiment_file(dir: &Path, n: usize) -> PathBuf {
-    let all = rotten_tomatoes(&assets::fetch("rotten-tomatoes").unwrap()).unwrap();
-    let (pos, neg): (Vec<_>, Vec<_>) = all.into_iter().partition(|s| s.label == 1);
-    let rows: Vec<String> = pos
-        .iter()
-        .zip(&neg)
-        .flat_map(|(p, q)| [p, q])
-        .take(n)
-        .map(|s| serde_json::json!({"text": s.text, "label": if s.label == 1 { "positive" } else { "negative" }}).to_string())
-        .collect();
-    let path = dir.join("sentiment.jsonl");
-    std::fs::write(&path, rows.join("\n")).unwrap();
-    path
-}
 
 /// The held-out split (a quarter) a run with `seed` takes of `data_file`,
 /// written as `dir/held.jsonl`: `peft eval` scores it as the run did.
@@ -61,31 +33,6 @@ fn held_out_file(dir: &Path, data_file: &Path, seed: u64) -> PathBuf {
     let held_file = dir.join("held.jsonl");
     std::fs::write(&held_file, rows.join("\n")).unwrap();
     held_file
-}
-
-fn job(
-    model: PathBuf,
-    data: PathBuf,
-    out: PathBuf,
-    method: Method,
-    train: TrainConfig,
-) -> TrainJob {
-    TrainJob {
-        model,
-        data,
-        task: Task::SeqCls,
-        method,
-        out,
-        train,
-        text_column: "text".into(),
-        label_column: "label".into(),
-        problem_type: None,
-        held_out: 0.25,
-        max_train: None,
-        block_size: 32,
-        resume: false,
-        quantize: None,
-    }
 }
 
 #[test]

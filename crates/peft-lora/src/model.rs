@@ -76,6 +76,42 @@ fn new_entry<B: Backend>(
     }
 }
 
+/// `m` `[rows, cols]` (`f64`) transposed into a row-major `f32` `[cols,
+/// rows]`, divided by `div`: PyTorch's `[r, in]` / `[out, r]` factors in
+/// Burn's `[in, r]` / `[r, out]` layout.
+fn burn_layout(m: &nalgebra::DMatrix<f64>, div: f64) -> Vec<f32> {
+    let (rows, cols) = m.shape();
+    (0..rows * cols)
+        .map(|k| (m[(k % rows, k / rows)] / div) as f32)
+        .collect()
+}
+
+/// An entry with factors `a` `[d_in, r]`, `b` `[r, d_out]` (row-major,
+/// Burn's layout) over the slot's current base, DoRA's magnitude taken
+/// from them.
+fn entry_from_factors<B: Backend>(
+    slot: &LinearSlot<B>,
+    meta: LoraMeta,
+    use_dora: bool,
+    a: Vec<f32>,
+    b: Vec<f32>,
+) -> LoraEntry<B> {
+    let device = slot.device();
+    let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
+    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
+    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
+    let magnitude = use_dora.then(|| {
+        let delta = a.clone().matmul(b.clone()) * meta.scaling;
+        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
+    });
+    LoraEntry {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        magnitude,
+        meta,
+    }
+}
+
 /// A LoftQ entry for `slot` (rank `meta.rank`, `iterations` rounds): the
 /// slot's dense base weight becomes NF4 and the factors start at the
 /// low-rank part of what quantization lost (see [`crate::loftq`]).
@@ -96,31 +132,14 @@ fn loftq_entry<B: Backend>(
             "{path}: unmerge its adapters before a LoftQ init"
         )));
     }
-    let device = slot.device();
     let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
     let w = HostTensor::from_tensor(slot.base_weight()).transposed(); // [out, in]
     let q = crate::loftq::loftq(&w.data, d_out, d_in, r, iterations)
         .map_err(|e| PeftError::Config(format!("{path}: {e}")))?;
     let root = meta.scaling.sqrt();
-    let a: Vec<f32> = (0..d_in * r)
-        .map(|k| (q.r[(k % r, k / r)] / root) as f32)
-        .collect();
-    let b: Vec<f32> = (0..r * d_out)
-        .map(|k| (q.l[(k % d_out, k / d_out)] / root) as f32)
-        .collect();
+    let (a, b) = (burn_layout(&q.r, root), burn_layout(&q.l, root));
     slot.set_quantized_base(std::sync::Arc::new(q.base))?;
-    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
-    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
-    let magnitude = use_dora.then(|| {
-        let delta = a.clone().matmul(b.clone()) * meta.scaling;
-        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
-    });
-    Ok(LoraEntry {
-        a: Param::from_tensor(a),
-        b: Param::from_tensor(b),
-        magnitude,
-        meta,
-    })
+    Ok(entry_from_factors(slot, meta, use_dora, a, b))
 }
 
 /// A PiSSA or OLoRA entry for `slot` (see [`crate::base_split`]): the
@@ -140,40 +159,21 @@ fn base_split_entry<B: Backend>(
             "{path}: PiSSA / OLoRA split the f32 base weight; this one is quantized (split first, then quantize the residual)"
         )));
     }
-    let device = slot.device();
     let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
     let w = HostTensor::from_tensor(slot.base_weight()).transposed(); // [out, in]
     let split = crate::base_split::split(&w.data, d_out, d_in, r, meta.scaling, init, path)?;
     // Burn's layouts: A [d_in, r], B [r, d_out], W [d_in, d_out].
-    let a: Vec<f32> = (0..d_in * r)
-        .map(|k| split.a[(k % r, k / r)] as f32)
-        .collect();
-    let b: Vec<f32> = (0..r * d_out)
-        .map(|k| split.b[(k % d_out, k / d_out)] as f32)
-        .collect();
-    let residual: Vec<f32> = (0..d_in * d_out)
-        .map(|k| split.residual[(k % d_out, k / d_out)] as f32)
-        .collect();
+    let (a, b) = (burn_layout(&split.a, 1.0), burn_layout(&split.b, 1.0));
+    let residual = burn_layout(&split.residual, 1.0);
     slot.replace_dense_base(
-        Tensor::from_data(TensorData::new(residual, [d_in, d_out]), &device),
+        Tensor::from_data(TensorData::new(residual, [d_in, d_out]), &slot.device()),
         path,
     )?;
     meta.base_split = Some(BaseSplit {
         a0: a.clone(),
         b0: b.clone(),
     });
-    let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
-    let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
-    let magnitude = use_dora.then(|| {
-        let delta = a.clone().matmul(b.clone()) * meta.scaling;
-        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
-    });
-    Ok(LoraEntry {
-        a: Param::from_tensor(a),
-        b: Param::from_tensor(b),
-        magnitude,
-        meta,
-    })
+    Ok(entry_from_factors(slot, meta, use_dora, a, b))
 }
 
 impl SlotMethod for Lora {

@@ -17,8 +17,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorData};
+use common::{embeddings, product};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -69,34 +71,6 @@ fn weights(model: &Bert<B>) -> HashMap<String, HostTensor> {
         );
     });
     out
-}
-
-/// `b·a` of `b: [out, r]`, `a: [r, in]`, row-major `[out, in]`.
-fn product(b: &HostTensor, a: &HostTensor) -> Vec<f32> {
-    let (out, r, inp) = (b.shape[0], b.shape[1], a.shape[1]);
-    let mut p = vec![0.0f32; out * inp];
-    for i in 0..out {
-        for k in 0..r {
-            let bik = b.data[i * r + k];
-            for j in 0..inp {
-                p[i * inp + j] += bik * a.data[k * inp + j];
-            }
-        }
-    }
-    p
-}
-
-fn embeddings(model: &Bert<B>, t: &HashMap<String, HostTensor>) -> Vec<f32> {
-    let device = Default::default();
-    let ids = &t["input_ids"];
-    let shape = [ids.shape[0], ids.shape[1]];
-    let ids_i: Vec<i64> = ids.data.iter().map(|&v| v as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids_i, shape), &device);
-    let mask = Tensor::<B, 2>::from_data(
-        TensorData::new(t["attention_mask"].data.clone(), shape),
-        &device,
-    );
-    HostTensor::from_tensor(model.mean_pooled(ids, mask, false)).data
 }
 
 /// `ours` within the embedding tolerance of the fixture's `key`.
@@ -200,7 +174,7 @@ fn pissa_and_olora_split_minilm_as_peft_does() {
         }
         check_embeddings(
             &format!("{init}: right after the init"),
-            &embeddings(&model.model, &t),
+            &embeddings(&model.model, &t).data,
             &t,
             &format!("embeddings.{init}.init"),
         );
@@ -224,14 +198,14 @@ fn pissa_and_olora_split_minilm_as_peft_does() {
 fn a_moved_split_adapter_loads_and_converts_as_peft_does() {
     let t = fixture();
     let base = minilm();
-    let base_emb = embeddings(&base, &t);
+    let base_emb = embeddings(&base, &t).data;
     let dir = std::env::temp_dir().join(format!("peft-base-split-{}", std::process::id()));
     for init in INITS {
         // PEFT's saved adapter (config: init_lora_weights INIT) on the
         // untouched base: the base is split again, then the file's factors load.
         let raw = fixtures().join(format!("{init}_raw"));
         let model = LoraModel::from_pretrained(base.clone(), &raw).unwrap();
-        let ours = embeddings(&model.model, &t);
+        let ours = embeddings(&model.model, &t).data;
         check_embeddings(
             &format!("{init}: raw adapter loaded"),
             &ours,
@@ -314,7 +288,7 @@ fn a_moved_split_adapter_loads_and_converts_as_peft_does() {
         );
         check_embeddings(
             &format!("{init}: converted, on the untouched base"),
-            &embeddings(&plain.model, &t),
+            &embeddings(&plain.model, &t).data,
             &t,
             &format!("embeddings.{init}.converted"),
         );

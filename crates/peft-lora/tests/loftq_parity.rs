@@ -15,8 +15,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+mod common;
+
 use burn::backend::NdArray;
-use burn::tensor::{Int, Tensor, TensorData};
+use common::{embeddings, product};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -94,36 +96,8 @@ fn modules(base: &Bert<B>, model: &Bert<B>) -> Vec<Module> {
     out
 }
 
-/// `b·a` of `b: [out, r]`, `a: [r, in]`, row-major `[out, in]`.
-fn product(b: &HostTensor, a: &HostTensor) -> Vec<f32> {
-    let (out, r, inp) = (b.shape[0], b.shape[1], a.shape[1]);
-    let mut p = vec![0.0f32; out * inp];
-    for i in 0..out {
-        for k in 0..r {
-            let bik = b.data[i * r + k];
-            for j in 0..inp {
-                p[i * inp + j] += bik * a.data[k * inp + j];
-            }
-        }
-    }
-    p
-}
-
 fn frobenius(v: impl Iterator<Item = f32>) -> f32 {
     v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt() as f32
-}
-
-fn embeddings(model: &Bert<B>, t: &HashMap<String, HostTensor>) -> HostTensor {
-    let device = Default::default();
-    let ids = &t["input_ids"];
-    let shape = [ids.shape[0], ids.shape[1]];
-    let ids_i: Vec<i64> = ids.data.iter().map(|&v| v as i64).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids_i, shape), &device);
-    let mask = Tensor::<B, 2>::from_data(
-        TensorData::new(t["attention_mask"].data.clone(), shape),
-        &device,
-    );
-    HostTensor::from_tensor(model.mean_pooled(ids, mask, false))
 }
 
 #[test]
