@@ -64,6 +64,18 @@ fn new_entry<B: Backend>(
             Tensor::zeros([r, d_out], &device),
         ),
     };
+    lora_entry(slot, meta, use_dora, a, b)
+}
+
+/// The entry of factors `a` `[d_in, r]`, `b` `[r, d_out]` over the slot's
+/// current base, DoRA's magnitude `‖W + s·A·B‖` taken from them.
+fn lora_entry<B: Backend>(
+    slot: &LinearSlot<B>,
+    meta: LoraMeta,
+    use_dora: bool,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+) -> LoraEntry<B> {
     let magnitude = use_dora.then(|| {
         let delta = a.clone().matmul(b.clone()) * meta.scaling;
         Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
@@ -86,9 +98,8 @@ fn burn_layout(m: &nalgebra::DMatrix<f64>, div: f64) -> Vec<f32> {
         .collect()
 }
 
-/// An entry with factors `a` `[d_in, r]`, `b` `[r, d_out]` (row-major,
-/// Burn's layout) over the slot's current base, DoRA's magnitude taken
-/// from them.
+/// [`lora_entry`] of host factors `a` `[d_in, r]`, `b` `[r, d_out]`
+/// (row-major, Burn's layout).
 fn entry_from_factors<B: Backend>(
     slot: &LinearSlot<B>,
     meta: LoraMeta,
@@ -100,16 +111,7 @@ fn entry_from_factors<B: Backend>(
     let (d_in, d_out, r) = (slot.d_input(), slot.d_output(), meta.rank);
     let a = Tensor::<B, 2>::from_data(TensorData::new(a, [d_in, r]), &device);
     let b = Tensor::<B, 2>::from_data(TensorData::new(b, [r, d_out]), &device);
-    let magnitude = use_dora.then(|| {
-        let delta = a.clone().matmul(b.clone()) * meta.scaling;
-        Param::from_tensor(column_norm(slot.base_weight() + delta).detach())
-    });
-    LoraEntry {
-        a: Param::from_tensor(a),
-        b: Param::from_tensor(b),
-        magnitude,
-        meta,
-    }
+    lora_entry(slot, meta, use_dora, a, b)
 }
 
 /// A LoftQ entry for `slot` (rank `meta.rank`, `iterations` rounds): the

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use burn::backend::NdArray;
-use common::{embeddings, product};
+use common::{check_components, embeddings, product};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -112,36 +112,15 @@ fn pissa_and_olora_split_minilm_as_peft_does() {
                 (&peft_a.shape, &peft_b.shape),
                 "{what}"
             );
-            let (inp, out) = (a.shape[1], b.shape[0]);
-            for c in 0..RANK {
-                let row = |m: &HostTensor| m.data[c * inp..(c + 1) * inp].to_vec();
-                let col =
-                    |m: &HostTensor| (0..out).map(|i| m.data[i * RANK + c]).collect::<Vec<_>>();
-                // OLoRA's QR has LAPACK's signs, so its factors are PEFT's
-                // as they are; an SVD's pair signs are free.
-                let dot: f32 = row(&a).iter().zip(row(peft_a)).map(|(x, y)| x * y).sum();
-                let sign = if init == "pissa" && dot < 0.0 {
-                    -1.0
-                } else {
-                    1.0
-                };
-                let flip = |v: Vec<f32>| v.into_iter().map(|x| x * sign).collect::<Vec<_>>();
-                let tol = Tolerance::new(1e-4, 0.0);
-                check_close_slices(
-                    &format!("{what}: A row {c}"),
-                    &flip(row(&a)),
-                    &row(peft_a),
-                    tol,
-                )
-                .unwrap();
-                check_close_slices(
-                    &format!("{what}: B col {c}"),
-                    &flip(col(&b)),
-                    &col(peft_b),
-                    tol,
-                )
-                .unwrap();
-            }
+            // OLoRA's QR has LAPACK's signs, so its factors are PEFT's as
+            // they are; an SVD's pair signs are free.
+            check_components(
+                &what,
+                (&a, &b),
+                (peft_a, peft_b),
+                init == "pissa",
+                Tolerance::new(1e-4, 0.0),
+            );
             // The residual is W − s·B·A with PEFT's factors, and far from W.
             let w = &original[path];
             let taken: Vec<f32> = product(peft_b, peft_a)

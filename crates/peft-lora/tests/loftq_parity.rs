@@ -18,7 +18,7 @@ use std::path::Path;
 mod common;
 
 use burn::backend::NdArray;
-use common::{embeddings, product};
+use common::{check_components, embeddings, product};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -165,30 +165,13 @@ fn loftq_is_peft_loftq_on_minilm() {
                 Tolerance::new(1e-4, 0.0),
             )
             .unwrap();
-            let (inp, out) = (a.shape[1], b.shape[0]);
-            for c in 0..RANK {
-                let row = |m: &HostTensor| m.data[c * inp..(c + 1) * inp].to_vec();
-                let col =
-                    |m: &HostTensor| (0..out).map(|i| m.data[i * RANK + c]).collect::<Vec<_>>();
-                let dot: f32 = row(&a).iter().zip(row(peft_a)).map(|(x, y)| x * y).sum();
-                let sign = if dot < 0.0 { -1.0 } else { 1.0 };
-                let flip = |v: Vec<f32>| v.into_iter().map(|x| x * sign).collect::<Vec<_>>();
-                let tol = Tolerance::new(1e-3, 0.0);
-                check_close_slices(
-                    &format!("{what}: A row {c}"),
-                    &flip(row(&a)),
-                    &row(peft_a),
-                    tol,
-                )
-                .unwrap();
-                check_close_slices(
-                    &format!("{what}: B column {c}"),
-                    &flip(col(&b)),
-                    &col(peft_b),
-                    tol,
-                )
-                .unwrap();
-            }
+            check_components(
+                &what,
+                (&a, &b),
+                (peft_a, peft_b),
+                true,
+                Tolerance::new(1e-3, 0.0),
+            );
             // What LoftQ leaves: ‖W − deq(Q) − B·A‖, and less than NF4 alone.
             let deq = q.dequantize();
             let err = frobenius((0..w.data.len()).map(|i| w.data[i] - deq[i] - delta.data[i]));

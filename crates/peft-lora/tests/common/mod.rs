@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
+use peft_core::compare::{check_close_slices, Tolerance};
 use peft_core::io::HostTensor;
 use peft_models::bert::Bert;
 
@@ -37,4 +38,39 @@ pub fn embeddings(model: &Bert<NdArray>, t: &HashMap<String, HostTensor>) -> Hos
         &device,
     );
     HostTensor::from_tensor(model.mean_pooled(ids, mask, false))
+}
+
+/// Each of the `rank` components of `a` `[r, in]` / `b` `[out, r]` against
+/// PEFT's within `tol`: row `c` of `A` and column `c` of `B`, both flipped
+/// where `free_sign` and the rows point apart (an SVD leaves each pair's
+/// sign free; the product does not see it).
+pub fn check_components(
+    what: &str,
+    (a, b): (&HostTensor, &HostTensor),
+    (peft_a, peft_b): (&HostTensor, &HostTensor),
+    free_sign: bool,
+    tol: Tolerance,
+) {
+    let (rank, inp, out) = (a.shape[0], a.shape[1], b.shape[0]);
+    for c in 0..rank {
+        let row = |m: &HostTensor| m.data[c * inp..(c + 1) * inp].to_vec();
+        let col = |m: &HostTensor| (0..out).map(|i| m.data[i * rank + c]).collect::<Vec<_>>();
+        let dot: f32 = row(a).iter().zip(row(peft_a)).map(|(x, y)| x * y).sum();
+        let sign = if free_sign && dot < 0.0 { -1.0 } else { 1.0 };
+        let flip = |v: Vec<f32>| v.into_iter().map(|x| x * sign).collect::<Vec<_>>();
+        check_close_slices(
+            &format!("{what}: A row {c}"),
+            &flip(row(a)),
+            &row(peft_a),
+            tol,
+        )
+        .unwrap();
+        check_close_slices(
+            &format!("{what}: B column {c}"),
+            &flip(col(b)),
+            &col(peft_b),
+            tol,
+        )
+        .unwrap();
+    }
 }
