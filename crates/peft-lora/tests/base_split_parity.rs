@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use burn::backend::NdArray;
-use common::{check_components, embeddings, product};
+use common::{check_components, embeddings, product, MODULES};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -31,11 +31,6 @@ use peft_models::bert::Bert;
 
 type B = NdArray;
 
-const MODULES: [(&str, &str); 3] = [
-    ("query", "encoder.layer.0.attention.self.query"),
-    ("intermediate", "encoder.layer.0.intermediate.dense"),
-    ("output", "encoder.layer.0.output.dense"),
-];
 const RANK: usize = 8;
 const ALPHA: f64 = 16.0;
 const SCALING: f32 = 2.0;

@@ -18,7 +18,7 @@ use std::path::Path;
 mod common;
 
 use burn::backend::NdArray;
-use common::{check_components, embeddings, product};
+use common::{check_components, embeddings, product, MODULES};
 use peft_core::compare::{check_close_slices, max_abs, max_abs_diff, Tolerance};
 use peft_core::config::InitLoraWeights;
 use peft_core::io::{read_safetensors, HostTensor};
@@ -30,11 +30,6 @@ use peft_models::bert::Bert;
 
 type B = NdArray;
 
-const MODULES: [(&str, &str); 3] = [
-    ("query", "encoder.layer.0.attention.self.query"),
-    ("intermediate", "encoder.layer.0.intermediate.dense"),
-    ("output", "encoder.layer.0.output.dense"),
-];
 const RANK: usize = 8;
 
 fn fixture() -> HashMap<String, HostTensor> {

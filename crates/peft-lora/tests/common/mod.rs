@@ -10,6 +10,14 @@ use peft_core::compare::{check_close_slices, Tolerance};
 use peft_core::io::HostTensor;
 use peft_models::bert::Bert;
 
+/// The modules the fixtures cover (key, path): MiniLM's layer-0 query
+/// (square), intermediate (tall) and output (wide) projections.
+pub const MODULES: [(&str, &str); 3] = [
+    ("query", "encoder.layer.0.attention.self.query"),
+    ("intermediate", "encoder.layer.0.intermediate.dense"),
+    ("output", "encoder.layer.0.output.dense"),
+];
+
 /// `b·a` of `b: [out, r]`, `a: [r, in]`, row-major `[out, in]`.
 pub fn product(b: &HostTensor, a: &HostTensor) -> Vec<f32> {
     let (out, r, inp) = (b.shape[0], b.shape[1], a.shape[1]);
