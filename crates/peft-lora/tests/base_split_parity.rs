@@ -332,3 +332,89 @@ fn what_a_split_cannot_do_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// On the decoders (tiny Llama's q/v projections, GPT-2's fused `c_attn`,
+/// which stores `[in, out]` as PEFT's `fan_in_fan_out`): the split keeps
+/// the logits, its factors are not zero, moved factors merge to the logits
+/// they give unmerged, and deleting the adapter restores the weights.
+#[test]
+fn splits_keep_the_decoders_output() {
+    use peft_models::fixtures::{tiny_gpt2, tiny_llama};
+    let d = Default::default();
+    let ids = burn::tensor::Tensor::<B, 2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(vec![1i64, 5, 9, 2, 7], [1, 5]),
+        &d,
+    );
+    fn check<M: PeftModel<B> + Clone>(
+        what: &str,
+        base: M,
+        targets: &[&str],
+        logits: &dyn Fn(&M) -> Vec<f32>,
+    ) {
+        let want = logits(&base);
+        let original = {
+            let mut w = HashMap::new();
+            base.visit_linears(&mut |p, s| {
+                w.insert(p.to_string(), HostTensor::from_tensor(s.base_weight()));
+            });
+            w
+        };
+        for init in INITS {
+            let mut config = LoraConfig::new(4, 8.0, targets);
+            config.init_lora_weights = InitLoraWeights::Named(init.into());
+            let mut model = LoraModel::new(base.clone(), config).unwrap();
+            let what = format!("{what} {init}");
+            let tol = Tolerance::new(1e-5, 0.0);
+            check_close_slices(
+                &format!("{what}: after the init"),
+                &logits(&model.model),
+                &want,
+                tol,
+            )
+            .unwrap();
+            let mut moved = 0;
+            model.model.visit_linears_mut(&mut |_, s| {
+                if let Some(e) = s.entry_mut::<LoraEntry<B>>("default") {
+                    assert!(
+                        max_abs(&HostTensor::from_tensor(e.b.val()).data) > 0.0,
+                        "{what}: B is zero"
+                    );
+                    e.b = burn::module::Param::from_tensor(e.b.val() * 1.5);
+                    moved += 1;
+                }
+            });
+            assert!(moved >= 2, "{what}: {moved} modules");
+            let unmerged = logits(&model.model);
+            assert!(
+                max_abs_diff(&unmerged, &want) > 1e-3,
+                "{what}: moving B changed nothing"
+            );
+            model.merge_adapter().unwrap();
+            check_close_slices(
+                &format!("{what}: merged"),
+                &logits(&model.model),
+                &unmerged,
+                tol,
+            )
+            .unwrap();
+            model.unmerge_adapter();
+            model.delete_adapter("default").unwrap();
+            model.model.visit_linears(&mut |p, s| {
+                let w = HostTensor::from_tensor(s.base_weight());
+                check_close_slices(
+                    &format!("{what} {p}: after delete"),
+                    &w.data,
+                    &original[p].data,
+                    Tolerance::new(1e-6, 0.0),
+                )
+                .unwrap();
+            });
+        }
+    }
+    check("llama", tiny_llama::<B>(&d), &["q_proj", "v_proj"], &|m| {
+        HostTensor::from_tensor(m.forward(ids.clone(), None)).data
+    });
+    check("gpt2", tiny_gpt2::<B>(&d), &["c_attn"], &|m| {
+        HostTensor::from_tensor(m.forward(ids.clone(), None)).data
+    });
+}
