@@ -131,6 +131,34 @@ fn a_split_run_saves_a_plain_lora_that_gives_the_trained_logits() {
             "{init}: A' starts with last/'s A"
         );
     }
+    // PiSSA with DoRA has no plain-LoRA form: best/ keeps PEFT's layout.
+    let train = TrainConfig {
+        batch: 8,
+        max_steps: Some(1),
+        ..Default::default()
+    };
+    let mut lora = LoraConfig::new(4, 8.0, &["query", "value"]);
+    lora.init_lora_weights = InitLoraWeights::Named("pissa".into());
+    lora.use_dora = true;
+    let minilm = assets::fetch("minilm").unwrap();
+    let dora = job(
+        minilm,
+        data.clone(),
+        dir.join("dora"),
+        Method::slot(lora),
+        train,
+    );
+    jobs::train::<CpuTrainBackend>(
+        &dora,
+        &indicatif::ProgressBar::hidden(),
+        &Default::default(),
+    )
+    .unwrap();
+    let b = config(&dir.join("dora/best"));
+    assert_eq!(
+        (&b["r"], &b["use_dora"], &b["init_lora_weights"]),
+        (&4.into(), &true.into(), &"pissa".into())
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -84,8 +84,9 @@ impl<C> AsLoraConfig for OneOf<LoraConfig, C> {
 }
 
 /// Whether adapter `name` of `model` started from a base-splitting init
-/// (PiSSA, OLoRA): the adapters [`ConvertToLora`] converts.
-pub fn is_base_split<B, M, K>(model: &SlotModel<B, M, K>, name: &str) -> bool
+/// (PiSSA, OLoRA) and has a plain-LoRA form: the adapters [`ConvertToLora`]
+/// converts (not DoRA, not rsLoRA with rank or alpha patterns).
+pub fn converts_to_lora<B, M, K>(model: &SlotModel<B, M, K>, name: &str) -> bool
 where
     B: Backend,
     M: PeftModel<B>,
@@ -96,7 +97,11 @@ where
         .config(name)
         .ok()
         .and_then(|c| c.as_lora())
-        .is_some_and(|c| matches!(c.base_splitting_init(), Ok(Some(_))))
+        .is_some_and(|c| {
+            matches!(c.base_splitting_init(), Ok(Some(_)))
+                && !c.use_dora
+                && !(c.use_rslora && !(c.rank_pattern.is_empty() && c.alpha_pattern.is_empty()))
+        })
 }
 
 impl<B, M, K> ConvertToLora for SlotModel<B, M, K>

@@ -29,6 +29,6 @@ mod loftq;
 mod model;
 pub mod weighted;
 
-pub use convert::{is_base_split, AsLoraConfig, ConvertToLora, InitialFactors};
+pub use convert::{converts_to_lora, AsLoraConfig, ConvertToLora, InitialFactors};
 pub use model::{Lora, LoraModel};
 pub use weighted::{AddWeightedAdapter, Combination, WeightedOptions};

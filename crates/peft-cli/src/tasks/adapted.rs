@@ -13,7 +13,7 @@ use peft_core::loss::causal_lm_loss_after_prompt;
 use peft_core::prompt_learning::PromptLearningConfig;
 use peft_core::virtual_model::{VirtualTokenModel, VirtualTokens};
 use peft_core::{AdapterHost, ModelInput, ParamCount, PeftModel, Result};
-use peft_lora::{is_base_split, ConvertToLora, InitialFactors};
+use peft_lora::{converts_to_lora, ConvertToLora, InitialFactors};
 use peft_prefix::PrefixTuningModel;
 use peft_prompt::PromptTuningModel;
 
@@ -304,13 +304,14 @@ impl<B: Backend, M: PeftModel<B>> Adapted<B, M> {
     /// original weights (PEFT's `path_initial_model_for_weight_conversion`:
     /// it loads on the untouched base in any tool), and for `last/` as it
     /// trains (PEFT's layout; loading splits the base again, so a resumed
-    /// run continues exactly).
+    /// run continues exactly). A split DoRA adapter, which has no plain-LoRA
+    /// form, stays in PEFT's layout in both.
     pub fn save_trained(&self, dir: &Path, saving: Saving) -> Result<()> {
         let name = peft_core::DEFAULT_ADAPTER;
         match self {
             Adapted::Prefix(p) => p.save_checkpoint(name, dir),
             Adapted::Prompt(p) => p.save_checkpoint(name, dir),
-            Adapted::Slots(s) if saving == Saving::Best && is_base_split(s, name) => {
+            Adapted::Slots(s) if saving == Saving::Best && converts_to_lora(s, name) => {
                 s.save_as_lora(name, dir, InitialFactors::Recorded)
             }
             _ => self.host().save_adapter(name, dir),
