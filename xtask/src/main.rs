@@ -55,7 +55,28 @@ fn machine() -> Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
+        "vector": vector_extensions(),
     })
+}
+
+/// The widest vector extensions the CPU offers of those our kernels and
+/// PyTorch's choose between (`avx512f`, `avx2`, `fma`): two machines of one
+/// name ("AMD EPYC") differ here, and the ratios to PyTorch with them.
+fn vector_extensions() -> Vec<&'static str> {
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            found.push("avx512f");
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            found.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            found.push("fma");
+        }
+    }
+    found
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
@@ -475,8 +496,16 @@ fn charts(report: &Value) -> Vec<(String, String)> {
 
 fn markdown(report: &Value) -> String {
     let m = &report["machine"];
+    let vector: Vec<&str> = m["vector"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let vector = match vector.is_empty() {
+        true => String::new(),
+        false => format!(", {}", vector.join(" ")),
+    };
     let mut s = format!(
-        "# Benchmark report\n\nRevision `{}`, {}, {} ({} cores).\n\nEach comparison was measured in one run, variants interleaved; ratios are of medians against the suite's first row.\n",
+        "# Benchmark report\n\nRevision `{}`, {}, {} ({} cores{vector}).\n\nEach comparison was measured in one run, variants interleaved; ratios are of medians against the suite's first row.\n",
         report["git_revision"].as_str().unwrap_or("?"),
         report["date"].as_str().unwrap_or("?"),
         m["cpu"].as_str().unwrap_or("?"),
@@ -561,5 +590,27 @@ fn main() -> ExitCode {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report's first line names the vector extensions when the report
+    /// has them, and reads as before for reports without them.
+    #[test]
+    fn the_report_names_the_machines_vector_extensions() {
+        let report = |machine: Value| json!({"git_revision": "g", "date": "d", "machine": machine, "results": []});
+        let with = markdown(&report(
+            json!({"cpu": "AMD EPYC", "cores": 2, "vector": ["avx512f", "avx2", "fma"]}),
+        ));
+        assert!(
+            with.contains("AMD EPYC (2 cores, avx512f avx2 fma)."),
+            "{with}"
+        );
+        let without = markdown(&report(json!({"cpu": "AMD EPYC", "cores": 2})));
+        assert!(without.contains("AMD EPYC (2 cores)."), "{without}");
+        assert!(machine()["vector"].is_array());
     }
 }
