@@ -181,7 +181,7 @@ enum Command {
             "method", "config", "model", "data", "out", "task", "r", "alpha", "targets",
             "feedforward", "lora_dropout", "adapter_preset", "reduction", "virtual_tokens",
             "prompt_init", "lr", "epochs", "batch", "grad_accum", "warmup", "schedule",
-            "weight_decay", "clip", "eval_every", "patience", "seed", "max_steps", "max_train",
+            "weight_decay", "adam_epsilon", "clip", "eval_every", "patience", "seed", "max_steps", "max_train",
             "held_out", "text_column", "label_column", "problem_type", "block_size", "quantize",
             "devices", "loraplus_lr_ratio",
         ])]
@@ -333,6 +333,7 @@ impl OptimArgs {
                 ScheduleArg::Constant => Schedule::Constant,
             },
             weight_decay: self.weight_decay,
+            adam_epsilon: self.adam_epsilon,
             clip_norm: (self.clip > 0.0).then_some(self.clip),
             eval_every: self.eval_every,
             patience: self.patience,
@@ -390,6 +391,10 @@ struct OptimArgs {
     schedule: ScheduleArg,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
+    /// AdamW's epsilon (Burn's 1e-5; `--adam-epsilon 1e-8 --weight-decay 0`
+    /// is the optimizer of PEFT's Trainer with its defaults).
+    #[arg(long, default_value_t = 1e-5)]
+    adam_epsilon: f64,
     /// Clip gradients to this global norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     clip: f64,

@@ -34,6 +34,11 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// AdamW's epsilon, added to the root of the second moment: Burn's
+    /// default 1e-5; PyTorch's AdamW (PEFT's Trainer) uses 1e-8. (Files of
+    /// runs from before the field read as 1e-5, what they trained with.)
+    #[serde(default = "burn_adam_epsilon")]
+    pub adam_epsilon: f64,
     /// Gradient clipping by global norm (`None`: no clipping).
     pub clip_norm: Option<f64>,
     /// Evaluate every this many optimizer steps (0: at the end of each epoch).
@@ -126,6 +131,10 @@ fn one() -> usize {
     1
 }
 
+fn burn_adam_epsilon() -> f64 {
+    1e-5
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -136,6 +145,7 @@ impl Default for TrainConfig {
             warmup: 0.1,
             schedule: Schedule::Linear,
             weight_decay: 0.01,
+            adam_epsilon: burn_adam_epsilon(),
             clip_norm: Some(1.0),
             eval_every: 0,
             patience: None,
@@ -185,6 +195,18 @@ impl TrainConfig {
             .filter(|r| !(r.is_finite() && *r > 0.0))
         {
             return bad(format!("--loraplus-lr-ratio must be positive, got {r}"));
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            return bad(format!(
+                "--adam-epsilon must be positive, got {}",
+                self.adam_epsilon
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "--weight-decay must be zero or positive, got {}",
+                self.weight_decay
+            ));
         }
         if self.clip_norm.is_some_and(|c| c.is_nan() || c <= 0.0) {
             return bad("clip norm must be positive".into());
@@ -254,6 +276,36 @@ mod tests {
         }
         .validate()
         .is_err());
-        assert!(TrainConfig { batch: 0, ..c }.validate().is_err());
+        assert!(TrainConfig {
+            batch: 0,
+            ..c.clone()
+        }
+        .validate()
+        .is_err());
+        for (bad, flag) in [
+            (
+                TrainConfig {
+                    adam_epsilon: 0.0,
+                    ..c.clone()
+                },
+                "--adam-epsilon",
+            ),
+            (
+                TrainConfig {
+                    weight_decay: -0.1,
+                    ..c.clone()
+                },
+                "--weight-decay",
+            ),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        // A run's file from before the epsilon was a setting reads as the
+        // 1e-5 it trained with.
+        let mut old = serde_json::to_value(&c).unwrap();
+        old.as_object_mut().unwrap().remove("adam_epsilon");
+        let read: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(read.adam_epsilon, 1e-5);
     }
 }
