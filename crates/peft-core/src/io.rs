@@ -225,6 +225,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(io_err)
 }
 
+/// Writes a PEFT adapter folder's two files into `dir`: `tensors` as
+/// `adapter_model.safetensors` (PyTorch's `format: pt` metadata), then
+/// `config_json` as `adapter_config.json`, each atomically, so a config on
+/// disk always has its weights beside it.
+pub fn write_adapter_files(
+    dir: &Path,
+    tensors: &[(String, HostTensor)],
+    config_json: &str,
+) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomic(
+        &dir.join(WEIGHTS_FILE),
+        &serialize_safetensors(tensors, Some(metadata)),
+    )?;
+    write_atomic(&dir.join(CONFIG_FILE), config_json.as_bytes())
+}
+
 /// Where adapter `name` lives in a saved folder, as PEFT lays it out:
 /// `default` in the folder itself, any other adapter in `<dir>/<name>/`.
 pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {

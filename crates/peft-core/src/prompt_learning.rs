@@ -17,7 +17,8 @@ use serde_json::{Map, Value};
 use crate::config::{from_value, parse_json, read_text, sorted_json, warn_unknown_keys};
 use crate::error::{PeftError, Result};
 use crate::io::{
-    ensure_consumed, read_safetensors, serialize_safetensors, write_atomic, HostTensor,
+    ensure_consumed, read_safetensors, serialize_safetensors, write_adapter_files, write_atomic,
+    HostTensor,
 };
 
 pub use crate::io::{CONFIG_FILE, WEIGHTS_FILE};
@@ -397,12 +398,11 @@ pub fn save_prompt_adapter(
     }
     let mut config = config.clone();
     config.inference_mode = true;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_atomic(
-        &dir.join(WEIGHTS_FILE),
-        &serialize_safetensors(&[(EMBEDDINGS_KEY.to_string(), embeddings)], Some(metadata)),
-    )?;
-    write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
+    write_adapter_files(
+        dir,
+        &[(EMBEDDINGS_KEY.to_string(), embeddings)],
+        &config.to_json_string(),
+    )
 }
 
 /// Reads a prompt-learning adapter folder of a type in `expected`: its config and

@@ -13,7 +13,6 @@
 //! can be active at once: an (IA)³ vector scales the base path, LoRA deltas
 //! add on top.
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::Path;
 
@@ -24,8 +23,8 @@ use indexmap::IndexMap;
 use crate::error::{PeftError, Result};
 use crate::host::AdapterHost;
 use crate::io::{
-    adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, serialize_safetensors,
-    write_atomic, HostTensor,
+    adapter_dir, adapter_subdirs, ensure_consumed, read_safetensors, write_adapter_files,
+    HostTensor,
 };
 use crate::model::PeftModel;
 use crate::modules_to_save::{
@@ -384,13 +383,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
     /// so a config on disk always has its weights beside it.
     pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
         let config = self.config(name)?.saved_json();
-        let tensors = self.adapter_tensors(name)?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_atomic(
-            &dir.join(WEIGHTS_FILE),
-            &serialize_safetensors(&tensors, Some(metadata)),
-        )?;
-        write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())
+        write_adapter_files(dir, &self.adapter_tensors(name)?, &config)
     }
 
     /// Loads a PEFT adapter folder as adapter `name`, inactive unless

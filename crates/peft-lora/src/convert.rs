@@ -16,11 +16,8 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use peft_core::config::InitLoraWeights;
-use peft_core::io::{
-    read_safetensors, serialize_safetensors, write_atomic, HostTensor, CONFIG_FILE, KEY_PREFIX,
-    WEIGHTS_FILE,
-};
-use peft_core::slot_method::OneOf;
+use peft_core::io::{read_safetensors, write_adapter_files, HostTensor, KEY_PREFIX, WEIGHTS_FILE};
+use peft_core::slot_method::{AdapterConfig, OneOf};
 use peft_core::{LoraConfig, LoraEntry, PeftError, PeftModel, Result, SlotMethod, SlotModel};
 
 /// Where the factors `A₀`, `B₀` the init started from come from.
@@ -48,16 +45,7 @@ pub trait ConvertToLora {
     /// two files (atomically, weights first).
     fn save_as_lora(&self, name: &str, dir: &Path, initial: InitialFactors<'_>) -> Result<()> {
         let (config, tensors) = self.as_plain_lora(name, initial)?;
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        write_atomic(
-            &dir.join(WEIGHTS_FILE),
-            &serialize_safetensors(&tensors, Some(metadata)),
-        )?;
-        let config = LoraConfig {
-            inference_mode: true,
-            ..config
-        };
-        write_atomic(&dir.join(CONFIG_FILE), config.to_json_string().as_bytes())
+        write_adapter_files(dir, &tensors, &config.saved_json())
     }
 }
 
@@ -66,6 +54,29 @@ pub trait ConvertToLora {
 pub trait AsLoraConfig {
     /// The config, if it is a LoRA one.
     fn as_lora(&self) -> Option<&LoraConfig>;
+
+    /// Whether the config is LoRA's with an init that splits the base
+    /// weights (PiSSA, OLoRA): loading it rewrites the base.
+    fn splits_base(&self) -> bool {
+        self.as_lora()
+            .is_some_and(|c| matches!(c.base_splitting_init(), Ok(Some(_))))
+    }
+}
+
+/// Why adapter `name` (config `config`) has no plain-LoRA form, if it has
+/// none: DoRA, or rsLoRA with rank / alpha patterns (as PEFT refuses).
+fn no_plain_form(config: &LoraConfig, name: &str) -> Result<()> {
+    if config.use_dora {
+        return Err(PeftError::Config(format!(
+            "adapter `{name}` is DoRA: its magnitude rescales W_res + s·B·A, which no plain LoRA of the original weight expresses"
+        )));
+    }
+    if config.use_rslora && !(config.rank_pattern.is_empty() && config.alpha_pattern.is_empty()) {
+        return Err(PeftError::Config(format!(
+            "adapter `{name}`: converting to a plain LoRA is not supported with use_rslora together with rank_pattern / alpha_pattern (as in PEFT)"
+        )));
+    }
+    Ok(())
 }
 
 impl AsLoraConfig for LoraConfig {
@@ -93,15 +104,9 @@ where
     K: SlotMethod,
     K::Config: AsLoraConfig,
 {
-    model
-        .config(name)
-        .ok()
-        .and_then(|c| c.as_lora())
-        .is_some_and(|c| {
-            matches!(c.base_splitting_init(), Ok(Some(_)))
-                && !c.use_dora
-                && !(c.use_rslora && !(c.rank_pattern.is_empty() && c.alpha_pattern.is_empty()))
-        })
+    model.config(name).ok().is_some_and(|c| {
+        c.splits_base() && c.as_lora().is_some_and(|l| no_plain_form(l, name).is_ok())
+    })
 }
 
 impl<B, M, K> ConvertToLora for SlotModel<B, M, K>
@@ -125,17 +130,7 @@ where
                 ))
             })?
             .clone();
-        if config.use_dora {
-            return Err(PeftError::Config(format!(
-                "adapter `{name}` is DoRA: its magnitude rescales W_res + s·B·A, which no plain LoRA of the original weight expresses"
-            )));
-        }
-        if config.use_rslora && !(config.rank_pattern.is_empty() && config.alpha_pattern.is_empty())
-        {
-            return Err(PeftError::Config(format!(
-                "adapter `{name}`: converting to a plain LoRA is not supported with use_rslora together with rank_pattern / alpha_pattern (as in PEFT)"
-            )));
-        }
+        no_plain_form(&config, name)?;
         let mut initial = match initial {
             InitialFactors::Folder(dir) => read_safetensors(&dir.join(WEIGHTS_FILE))?,
             InitialFactors::Recorded => recorded(self, name)?,

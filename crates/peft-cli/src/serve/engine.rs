@@ -262,11 +262,7 @@ where
         let (base, shared, loaded) = (&self.base, &mut self.shared, &mut self.loaded);
         let mut fresh = None;
         let served = self.resident.get_or_load(name, &self.metrics, || {
-            let splits_base = |c: &tasks::SlotConfig| {
-                c.as_lora()
-                    .is_some_and(|l| matches!(l.base_splitting_init(), Ok(Some(_))))
-            };
-            if matches!(Method::detect(dir)?, Method::Slot(c) if !splits_base(&c)) {
+            if matches!(Method::detect(dir)?, Method::Slot(c) if !c.splits_base()) {
                 *loaded += 1;
                 let id = format!("served{loaded}");
                 shared.load_adapter(dir, &id)?;
