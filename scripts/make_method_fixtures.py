@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Writes the Hugging Face PEFT parity fixtures for the newer slot methods
-(LoHa, LoKr, OFT, VeRA) under fixtures/<arch>/<case>/ (tiny Llama, BERT and
+(LoHa, LoKr, OFT, BOFT, VeRA) under fixtures/<arch>/<case>/ (tiny Llama, BERT and
 GPT-2 of make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's
 LyCORIS and OFT methods, and by ours; VeRA takes them).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|vera ...]
+    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|boft|vera ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
@@ -15,13 +15,15 @@ expected.json with parameter counts; and `steps.*`: two Adam steps
 (PyTorch's defaults, lr STEP_LR) of the saved `default`, loaded as a user
 loads it, on two recorded batches, and every trained tensor after them.
 """
+import contextlib
 import json
 import os
 import shutil
 import sys
 
 import torch
-from peft import LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig, get_peft_model
+import peft.tuners.boft.layer as boft_layer
+from peft import BOFTConfig, LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,22 @@ CASES = {
         "oft_custom": (OFTConfig, dict(r=2, oft_block_size=0, block_share=True,
                                        num_cayley_neumann_terms=3,
                                        target_modules=r".*\.(q_proj|down_proj|o_proj)"), dict(lr=0.01)),
+        # One butterfly factor, 4 x 4 blocks on PEFT's default targets:
+        # OFT's layout with BOFT's exact Cayley transform and boft_s.
+        "boft": (BOFTConfig, dict(boft_block_size=4, init_weights=False), dict(lr=0.01)),
+        # Three butterfly factors of 4 blocks (q_proj, o_proj: 16 inputs in
+        # blocks of 4; down_proj: 40 inputs in blocks of 10), the second and
+        # third interleaving half-blocks across 2 and 4 blocks (the third
+        # permutation is not its own inverse): PEFT computes them only with
+        # its CUDA extension, which `butterfly` stands in for on the CPU.
+        "boft_butterfly": (BOFTConfig, dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=3,
+                                            init_weights=False,
+                                            target_modules=r".*\.(q_proj|down_proj|o_proj)"),
+                           dict(lr=0.01, butterfly_factors=True)),
+        # The exact Cayley transform (PEFT's torch.linalg.solve) on
+        # q/v/up_proj, random start.
+        "oft_exact": (OFTConfig, dict(oft_block_size=4, r=0, use_cayley_neumann=False, init_weights=False,
+                                      target_modules=["q_proj", "v_proj", "up_proj"]), dict(lr=0.01)),
         # No targets: q_proj (16 -> 16) and v_proj (16 -> 8) share one
         # vera_A [4, 16] and vera_B [16, 4].
         "vera": (VeraConfig, dict(r=4)),
@@ -81,11 +99,34 @@ CASES = {
                                   target_modules=["query", "value", "output.dense"])),
         "oft": (OFTConfig, dict(oft_block_size=8, r=0, target_modules=["query", "value", "output.dense"]),
                 dict(lr=0.3)),
+        "boft": (BOFTConfig, dict(boft_block_size=4, target_modules=["query", "value", "output.dense"]),
+                 dict(lr=0.5)),
         "vera": (VeraConfig, dict(r=4, target_modules=["query", "value", "output.dense"])),
     },
 }
 
 STEP_LR = 0.01
+
+
+@contextlib.contextmanager
+def butterfly():
+    """PEFT 0.21 computes several butterfly factors only with its CUDA
+    extension (`fbd_cuda`); without it, it warns and uses one. This stands
+    in for the extension with the same block-diagonal assembly in PyTorch
+    ([N, D, H, H] -> [N, D*H, D*H], as fbd_cuda_kernel.cu indexes it), so
+    that PEFT's own definition of the factors runs on the CPU."""
+    class BlockDiag:
+        @staticmethod
+        def apply(blocks):
+            return torch.stack([torch.block_diag(*factor) for factor in blocks])
+
+    saved = boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag
+    boft_layer.get_fbd_cuda = lambda: True
+    boft_layer.FastBlockDiag = BlockDiag
+    try:
+        yield
+    finally:
+        boft_layer.get_fbd_cuda, boft_layer.FastBlockDiag = saved
 
 
 def two_adam_steps(arch, out_dir, tensors):
@@ -117,7 +158,12 @@ def two_adam_steps(arch, out_dir, tensors):
             tensors["steps." + name.replace(".default", "")] = b.detach().clone()
 
 
-def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None):
+def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None, butterfly_factors=False):
+    with butterfly() if butterfly_factors else contextlib.nullcontext():
+        write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr)
+
+
+def write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr):
     out_dir = os.path.join(model_dir, case)
     shutil.rmtree(out_dir, ignore_errors=True)
     model = base_model(arch)
@@ -169,7 +215,7 @@ def write_case(arch, case, config_class, kwargs, model_dir, ids, lr=None):
 
 def main():
     torch.set_num_threads(2)
-    methods = sys.argv[1:] or ["loha", "lokr", "oft", "vera"]
+    methods = sys.argv[1:] or ["loha", "lokr", "oft", "boft", "vera"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)

@@ -80,7 +80,7 @@ pub fn names(list: &str) -> TargetModules {
 #[derive(Args, Default)]
 #[command(next_help_heading = "Method flags")]
 pub struct MethodFlags {
-    /// Rank (LoRA, LoHa, LoKr, VeRA); OFT's number of blocks per layer (its
+    /// Rank (LoRA, LoHa, LoKr, VeRA); OFT's and BOFT's number of blocks per layer (its
     /// block size then follows from each layer's inputs).
     #[arg(long)]
     pub r: Option<usize>,
@@ -322,14 +322,14 @@ mod tests {
     }
 
     /// Every slot method of `SlotKinds` is a `--method` value, its flags
-    /// land on its own keys over its defaults or a file, and OFT's `--r`
-    /// replaces the block size.
+    /// land on its own keys over its defaults or a file, and OFT's and
+    /// BOFT's `--r` replaces the block size.
     #[test]
     fn slot_methods_come_from_their_configs() {
         let names = MethodArg::names();
         for want in [
-            "lora", "dora", "pissa", "olora", "ia3", "loha", "lokr", "oft", "vera", "adapter",
-            "prompt",
+            "lora", "dora", "pissa", "olora", "ia3", "loha", "lokr", "oft", "boft", "vera",
+            "adapter", "prompt",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
@@ -364,6 +364,22 @@ mod tests {
         assert_eq!(
             (oft["r"].as_u64(), oft["oft_block_size"].as_u64()),
             (Some(4), Some(0))
+        );
+        let boft = saved(
+            "boft",
+            MethodFlags {
+                r: Some(4),
+                ..none()
+            },
+            None,
+        );
+        assert_eq!(
+            (
+                boft["peft_type"].as_str(),
+                boft["boft_block_num"].as_u64(),
+                boft["boft_block_size"].as_u64()
+            ),
+            (Some("BOFT"), Some(4), Some(0))
         );
         let dora = saved(
             "dora",

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use peft_cli::data;
 use peft_cli::jobs::{self, Task, TrainJob};
 use peft_cli::tasks::Method;
 use peft_cli::train::TrainConfig;
@@ -17,23 +16,9 @@ use peft_models::assets;
 
 mod common;
 
-use common::{job, sentiment_file, serial, temp};
+use common::{held_out_file, job, sentiment_file, serial, temp};
 
 type Inference = burn::backend::NdArray;
-
-/// The held-out split (a quarter) a run with `seed` takes of `data_file`,
-/// written as `dir/held.jsonl`: `peft eval` scores it as the run did.
-fn held_out_file(dir: &Path, data_file: &Path, seed: u64) -> PathBuf {
-    let examples = data::read_labelled(data_file, "text", "label").unwrap();
-    let (_, held) = data::split(&examples, 0.25, seed);
-    let rows: Vec<String> = held
-        .iter()
-        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
-        .collect();
-    let held_file = dir.join("held.jsonl");
-    std::fs::write(&held_file, rows.join("\n")).unwrap();
-    held_file
-}
 
 #[test]
 fn a_short_run_writes_what_eval_reads_back() {
@@ -129,7 +114,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, LoHa, LoKr, OFT, VeRA, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, LoKr, OFT, BOFT (two butterfly factors), VeRA, AdaLoRA, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head (the slot methods' copy of
     // BERT's own, the others' a mean-pooled head of their own).
@@ -140,7 +125,21 @@ fn a_short_run_writes_what_eval_reads_back() {
         ("loha", Method::slot(peft_lycoris::LohaConfig::default())),
         ("lokr", Method::slot(peft_lycoris::LokrConfig::default())),
         ("oft", Method::slot(peft_oft::OftConfig::default())),
+        (
+            "boft",
+            Method::slot(peft_oft::BoftConfig {
+                target_modules: None,
+                ..peft_oft::BoftConfig::new(8, 2, &[])
+            }),
+        ),
         ("vera", Method::slot(peft_core::slot::VeraConfig::default())),
+        (
+            "adalora",
+            Method::slot(peft_lora::AdaLoraConfig {
+                total_step: None,
+                ..Default::default()
+            }),
+        ),
         ("adapter", Method::Adapter(peft_adapter::BnConfig::seq_bn())),
         (
             "prefix",
@@ -191,7 +190,7 @@ fn a_short_run_writes_what_eval_reads_back() {
             _ => None,
         };
         let own_head = out.join("best/head.safetensors").is_file();
-        let slot_method = ["ia3", "loha", "lokr", "oft", "vera"].contains(&name);
+        let slot_method = ["ia3", "loha", "lokr", "oft", "boft", "vera", "adalora"].contains(&name);
         assert_eq!(own_head, !slot_method, "{name}");
         if let Some(n) = virtual_params {
             assert_eq!(

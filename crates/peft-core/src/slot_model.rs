@@ -170,6 +170,19 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             })
     }
 
+    /// The config of adapter `name`, mutably: for what training learns
+    /// about the adapter (AdaLoRA's `rank_pattern`, saved with it).
+    /// Changing its targets re-attaches nothing.
+    pub fn config_mut(&mut self, name: &str) -> Result<&mut K::Config> {
+        let available = self.adapter_names();
+        self.configs
+            .get_mut(name)
+            .ok_or_else(|| PeftError::UnknownAdapter {
+                name: name.to_string(),
+                available,
+            })
+    }
+
     /// The active adapters.
     pub fn active_adapters(&self) -> &[String] {
         &self.active

@@ -13,6 +13,9 @@
 //!   `"olora"`): the base weight is split as PEFT splits it, and
 //!   [`ConvertToLora::save_as_lora`] writes the trained adapter as a plain
 //!   LoRA of the original weights.
+//! - [`adalora`]: AdaLoRA (`peft_type: ADALORA`), a LoRA in SVD form whose
+//!   [`RankAllocator`] prunes triplets to a budget during training, with
+//!   PEFT's orthogonal regularisation and rank-pattern files.
 //! - [`weighted`]: [`AddWeightedAdapter::add_weighted_adapter`] with PEFT's `linear`, `cat`, `svd`,
 //!   `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` (and the `*_svd`
 //!   variants).
@@ -22,13 +25,17 @@
 //! The per-layer arithmetic lives in `peft_core::LinearSlot`, the
 //! bookkeeping over a model's adapters in `peft_core::SlotModel`.
 
+pub mod adalora;
 mod base_split;
 pub mod convert;
 mod files;
 mod loftq;
 mod model;
+pub mod rank_allocator;
 pub mod weighted;
 
+pub use adalora::{orthogonal_regularization, AdaLora, AdaLoraConfig, AdaLoraModel, RankPattern};
 pub use convert::{converts_to_lora, AsLoraConfig, ConvertToLora, InitialFactors};
 pub use model::{Lora, LoraModel};
+pub use rank_allocator::{adalora_config, RankAllocator};
 pub use weighted::{AddWeightedAdapter, Combination, WeightedOptions};

@@ -105,8 +105,8 @@ pub struct OftConfig {
     /// One generator shared by every block of a layer.
     #[serde(default)]
     pub block_share: bool,
-    /// The Cayley transform as PEFT's Neumann series; `false` (an exact
-    /// matrix solve, which Burn lacks) is refused.
+    /// The Cayley transform as PEFT's Neumann series; `false`: exact (as
+    /// PEFT's matrix solve).
     #[serde(default = "default_true")]
     pub use_cayley_neumann: bool,
     /// Terms of the Neumann series.
@@ -256,11 +256,6 @@ impl MethodConfig for OftConfig {
         }
         let refused = [
             ("coft", self.coft, "constrained OFT is not supported yet"),
-            (
-                "use_cayley_neumann",
-                !self.use_cayley_neumann,
-                "only the Neumann-series Cayley transform (`true`) is supported",
-            ),
             ("bias", self.bias != "none", "only `\"none\"` is supported"),
         ];
         if let Some((field, _, why)) = refused.iter().find(|r| r.1) {
@@ -302,6 +297,7 @@ impl SlotMethod for Oft {
                 block_size,
                 blocks,
                 block_share: config.block_share,
+                cayley_neumann: config.use_cayley_neumann,
                 neumann_terms: config.num_cayley_neumann_terms,
                 merged: false,
                 merge_inverse: None,

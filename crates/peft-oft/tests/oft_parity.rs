@@ -1,7 +1,8 @@
 //! OFT parity with Hugging Face PEFT 0.21 on the fixtures of
 //! `scripts/make_method_fixtures.py` (tiny Llama with PEFT's default targets
 //! in 4 × 4 blocks; `r` = 2 blocks per layer with `block_share` and a
-//! 3-term Neumann series on q/o/down_proj; BERT in 8 × 8 blocks;
+//! 3-term Neumann series on q/o/down_proj; the exact Cayley transform on
+//! q/v/up_proj from a random start; BERT in 8 × 8 blocks;
 //! generators trained a few steps in PyTorch): logits in every state
 //! (mixed batches included), gradients, two training steps, files and
 //! parameter counts, within 1e-5 on every backend.
@@ -42,6 +43,9 @@ fn llama_oft<B: Backend>(d: &B::Device) {
 }
 fn llama_oft_custom<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Oft>("llama", "oft_custom", llama::<B>(d), lm::<B>, d);
+}
+fn llama_oft_exact<B: Backend>(d: &B::Device) {
+    check_slot_method_case::<B, _, Oft>("llama", "oft_exact", llama::<B>(d), lm::<B>, d);
 }
 fn bert_oft<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Oft>("bert", "oft", bert::<B>(d), cls::<B>, d);
@@ -96,10 +100,6 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
             "must be non-zero",
         ),
         (r#"{"peft_type": "OFT", "coft": true}"#, "`coft`"),
-        (
-            r#"{"peft_type": "OFT", "use_cayley_neumann": false}"#,
-            "`use_cayley_neumann`",
-        ),
         (r#"{"peft_type": "OFT", "bias": "all"}"#, "`bias`"),
         (r#"{"peft_type": "LORA"}"#, "not OFT"),
     ] {
@@ -161,6 +161,7 @@ fn a_singular_rotation_is_not_merged<B: Backend>(d: &B::Device) {
             v[r * cols] = 1.0;
         }
         e.weight = Param::from_tensor(Tensor::from_data(TensorData::new(v, [rows, cols]), d));
+        e.meta.cayley_neumann = true;
         e.meta.neumann_terms = 5;
         found = true;
     });
@@ -178,6 +179,7 @@ fn a_singular_rotation_is_not_merged<B: Backend>(d: &B::Device) {
 backend_tests!(
     llama_oft,
     llama_oft_custom,
+    llama_oft_exact,
     bert_oft,
     fresh_is_identity_and_errors_are_typed,
     a_singular_rotation_is_not_merged
@@ -243,7 +245,7 @@ fn fixture_labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
 }
 
 fn gradients<B: AutodiffBackend>(d: &B::Device) {
-    for case in ["oft", "oft_custom"] {
+    for case in ["oft", "oft_custom", "oft_exact"] {
         check_gradients("llama", case, llama::<B>(d), causal, d);
     }
     check_gradients(
@@ -256,7 +258,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
 }
 
 fn training_steps<B: AutodiffBackend>(d: &B::Device) {
-    for case in ["oft", "oft_custom"] {
+    for case in ["oft", "oft_custom", "oft_exact"] {
         check_training_steps::<B, _, Oft>(
             "llama",
             case,

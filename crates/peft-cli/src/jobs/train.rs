@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 use peft_core::{ParamCount, PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
@@ -16,11 +17,12 @@ use serde_json::json;
 
 use super::{quantized_params, write_json, Report, Task, TrainJob};
 use crate::data;
+use crate::tasks::adalora::AdaLoraSteps;
 pub use crate::tasks::Quantize;
 use crate::tasks::{
     self, Adapted, Arch, CausalModel, Classifier, Encoded, Encoder, Method, ProblemType,
 };
-use crate::train::{BatchLoss, RunDir, Saving, Trainer};
+use crate::train::{BatchLoss, RunDir, Saving, StepHook, Trainer};
 
 /// Trains per `job` on backend `B`.
 pub fn train<B: AutodiffBackend>(
@@ -145,7 +147,7 @@ fn train_seq_cls_decoder<B, M>(
 ) -> Result<Report>
 where
     B: AutodiffBackend,
-    M: CausalModel<B> + ScoreHead<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M: CausalModel<B> + ScoreHead<B> + AutodiffModule<B> + ModuleDisplay + Clone + 'static,
     M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
     Adapted<B, M>: Encoder<B>,
     tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
@@ -194,7 +196,7 @@ fn train_classifier<B, M>(
 ) -> Result<Report>
 where
     B: AutodiffBackend,
-    M: peft_core::PeftModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M: peft_core::PeftModel<B> + AutodiffModule<B> + ModuleDisplay + Clone + 'static,
     M::InnerModule: peft_core::PeftModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
     Adapted<B, M>: Encoder<B>,
     tasks::InnerAdapted<B, M>: Encoder<B::InnerBackend>,
@@ -208,10 +210,16 @@ where
         &job.config_json(json!({"labels": labels, "problem_type": problem.name()})),
     )?;
     let labels_json = json!(labels);
-    let encoder = tasks::attach_to_train::<B, M>(model, method, job.last().as_deref())?;
+    let steps = job.train.total_steps(train.texts.len());
+    let method = tasks::adalora::for_run(method, steps, job.last().is_some())?;
+    let encoder = tasks::attach_to_train::<B, M>(model, &method, job.last().as_deref())?;
     let count = encoder.param_count();
+    let model = Classifier { encoder, head };
+    let hook = AdaLoraSteps::<B, M>::for_model(&model)?;
     let report = fit_classifier(
-        Classifier { encoder, head },
+        model,
+        hook.map(|h| Box::new(h) as Box<dyn StepHook<_>>),
+        |m: &Classifier<B, Adapted<B, M>>| tasks::adalora::regularization(m),
         count,
         tok,
         &train,
@@ -234,6 +242,8 @@ where
 #[allow(clippy::too_many_arguments)]
 fn fit_classifier<B, E>(
     model: Classifier<B, E>,
+    hook: Option<Box<dyn StepHook<Classifier<B, E>>>>,
+    regularize: impl Fn(&Classifier<B, E>) -> Option<Tensor<B, 1>> + Sync,
     count: ParamCount,
     tok: &Tokenizer,
     train: &Encoded,
@@ -254,7 +264,7 @@ where
         all: count.all + head_params,
     };
     let before = tasks::classifier_metric(&model.valid(), tok, held)?;
-    let trainer = Trainer::new(
+    let mut trainer = Trainer::new(
         &model,
         &job.train,
         train.texts.len(),
@@ -262,9 +272,15 @@ where
         progress,
         job.last().as_deref(),
     )?;
+    if let Some(hook) = hook {
+        trainer = trainer.with_hook(hook);
+    }
     let (_, out) = trainer.fit(
         model,
-        |m, idx| tasks::classifier_loss(m, tok, train, idx).map(|(l, n)| (BatchLoss::Graph(l), n)),
+        |m, idx| {
+            tasks::classifier_loss(m, tok, train, idx)
+                .map(|(l, n)| (BatchLoss::Graph(with_term(l, regularize(m))), n))
+        },
         |m| tasks::classifier_metric(m, tok, held),
         |m, dir, saving| {
             save_encoder(m, dir, saving)?;
@@ -318,7 +334,7 @@ fn train_causal<B, M>(
 ) -> Result<Report>
 where
     B: AutodiffBackend,
-    M: CausalModel<B> + AutodiffModule<B> + ModuleDisplay + Clone,
+    M: CausalModel<B> + AutodiffModule<B> + ModuleDisplay + Clone + 'static,
     M::InnerModule: CausalModel<B::InnerBackend> + ModuleDisplay + Clone + 'static,
 {
     let device = device.clone();
@@ -333,10 +349,20 @@ where
         &job.config_json(json!({})),
     )?;
     let inner_device = device.clone();
-    let model = tasks::attach_to_train::<B, M>(base, &job.method, job.last().as_deref())?;
+    let steps = job.train.total_steps(train.len());
+    let method = tasks::adalora::for_run(&job.method, steps, job.last().is_some())?;
+    let model = tasks::attach_to_train::<B, M>(base, &method, job.last().as_deref())?;
+    let hook = AdaLoraSteps::<B, M>::for_model(&model)?;
+    if hook.is_some() && job.quantize.is_some() {
+        // The quantized run differentiates layer by layer, without a graph
+        // the regularisation could join.
+        return Err(PeftError::Config(
+            "--quantize: AdaLoRA's orthogonal regularisation needs the whole graph; train AdaLoRA on an unquantized base".into(),
+        ));
+    }
     let count = model.param_count();
     let before = tasks::perplexity(&model.valid(), &held, &inner_device)?;
-    let trainer = Trainer::new(
+    let mut trainer = Trainer::new(
         &model,
         &job.train,
         train.len(),
@@ -344,6 +370,9 @@ where
         progress,
         job.last().as_deref(),
     )?;
+    if let Some(hook) = hook {
+        trainer = trainer.with_hook(Box::new(hook));
+    }
     let (_, out) = trainer.fit(
         model,
         |m, idx| match (m, job.quantize) {
@@ -363,8 +392,10 @@ where
                     idx.len() * train[0].len(),
                 ))
             }
-            _ => tasks::lm_loss(m, &train, idx, &tasks::device_of(m))
-                .map(|(l, n)| (BatchLoss::Graph(l), n)),
+            _ => tasks::lm_loss(m, &train, idx, &tasks::device_of(m)).map(|(l, n)| {
+                let term = tasks::adalora::regularization(m);
+                (BatchLoss::Graph(with_term(l, term)), n)
+            }),
         },
         |m| tasks::perplexity(m, &held, &inner_device),
         |m, dir, saving| m.save_trained(dir, saving),
@@ -379,4 +410,12 @@ where
         best: tasks::best_dir(&job.out),
         sizes: (train.len(), held.len()),
     })
+}
+
+/// The loss plus a method's own term (AdaLoRA's regularisation), if any.
+fn with_term<B: Backend>(loss: Tensor<B, 1>, term: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
+    match term {
+        Some(t) => loss + t,
+        None => loss,
+    }
 }

@@ -12,9 +12,9 @@ use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
 use peft_core::slot::Vera;
 use peft_core::slot_method::{AdapterConfig, Pick, SlotMethod};
 use peft_core::{PeftError, Result, SlotModel};
-use peft_lora::Lora;
+use peft_lora::{AdaLora, Lora};
 use peft_lycoris::{Loha, Lokr};
-use peft_oft::Oft;
+use peft_oft::{Boft, Oft};
 use serde_json::Value;
 
 /// How `peft train --quantize` keeps the frozen base (QLoRA).
@@ -167,11 +167,11 @@ pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
-/// (IA)³, LoHa, LoKr, OFT and VeRA adapters live in the model's own linear
+/// (IA)³, LoHa, LoKr, OFT, BOFT, VeRA and AdaLoRA adapters live in the model's own linear
 /// slots. A new slot method is one more pair level here; [`Method`],
 /// [`SlotConfig`], `--method` and its flags, detection and the seq-cls
 /// setup follow from it.
-pub type SlotKinds = (Lora, (Ia3, (Loha, (Lokr, (Oft, Vera)))));
+pub type SlotKinds = (Lora, (Ia3, (Loha, (Lokr, (Oft, (Boft, (Vera, AdaLora)))))));
 
 /// The model carrying adapters of any of [`SlotKinds`].
 pub type Slots<B, M> = SlotModel<B, M, SlotKinds>;

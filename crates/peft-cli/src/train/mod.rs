@@ -16,10 +16,12 @@
 //! | `optimizer.rs` | AdamW's state in a checkpoint, keyed by visiting order |
 //! | `loraplus.rs` | [`Optimizers`]: one AdamW, or LoRA+'s three parameter groups |
 //! | `grads.rs` | [`BatchLoss`], the backward pass, the non-finite check |
+//! | `hook.rs` | [`StepHook`]: a method's work around each step (AdaLoRA's allocator) |
 //! | `peers.rs` | data parallelism over Burn's collective, [`replica_device`] |
 
 mod config;
 mod grads;
+mod hook;
 mod loraplus;
 mod optimizer;
 mod peers;
@@ -28,6 +30,7 @@ mod trainer;
 
 pub use config::{Cluster, Schedule, TrainConfig};
 pub use grads::BatchLoss;
+pub use hook::StepHook;
 pub use loraplus::{groups as loraplus_groups, Group as LoraPlusGroup, Optimizers};
 pub use peers::replica_device;
 pub use run::{RunDir, RunState};

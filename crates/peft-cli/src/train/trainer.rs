@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::config::TrainConfig;
 use super::grads::{differentiate, non_finite_gradient, BatchLoss};
+use super::hook::StepHook;
 use super::loraplus::Optimizers;
 use super::optimizer::OPTIMIZER_FILE;
 use super::peers::{Peers, ReplicaTally};
@@ -99,6 +100,7 @@ pub struct Trainer<'r, B: AutodiffBackend, M: AutodiffModule<B>> {
     replicas: ReplicaTally,
     started: Instant,
     start_tokens: usize,
+    hook: Option<Box<dyn StepHook<M> + 'r>>,
 }
 
 impl<'r, B, M> Trainer<'r, B, M>
@@ -144,7 +146,14 @@ where
             replicas: ReplicaTally::default(),
             started: Instant::now(),
             start_tokens,
+            hook: None,
         })
+    }
+
+    /// The run with `hook` called around every optimizer step.
+    pub fn with_hook(mut self, hook: Box<dyn StepHook<M> + 'r>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Where the run stands.
@@ -197,7 +206,14 @@ where
             ));
         }
         let lr = self.config.lr_at(step, self.total);
+        if let Some(hook) = &mut self.hook {
+            hook.before_step(&model, &grads);
+        }
         let model = self.optim.step(lr, model, grads);
+        let model = match &mut self.hook {
+            Some(hook) => hook.after_step(model, step)?,
+            None => model,
+        };
         let state = &mut self.state;
         state.step += 1;
         state.steps_in_epoch += 1;

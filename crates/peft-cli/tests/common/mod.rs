@@ -1,9 +1,11 @@
 //! What the CLI's training tests share: taking turns on the process-wide
-//! generator, scratch folders, the Rotten Tomatoes file, a seq-cls job.
+//! generator, scratch folders, the Rotten Tomatoes file, a seq-cls job and
+//! the held-out split it scores.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
+use peft_cli::data;
 use peft_cli::jobs::{Task, TrainJob};
 use peft_cli::tasks::Method;
 use peft_cli::train::TrainConfig;
@@ -65,4 +67,18 @@ pub fn job(
         resume: false,
         quantize: None,
     }
+}
+
+/// The held-out split (a quarter) a run with `seed` takes of `data_file`,
+/// written as `dir/held.jsonl`: `peft eval` scores it as the run did.
+pub fn held_out_file(dir: &Path, data_file: &Path, seed: u64) -> PathBuf {
+    let examples = data::read_labelled(data_file, "text", "label").unwrap();
+    let (_, held) = data::split(&examples, 0.25, seed);
+    let rows: Vec<String> = held
+        .iter()
+        .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string())
+        .collect();
+    let held_file = dir.join("held.jsonl");
+    std::fs::write(&held_file, rows.join("\n")).unwrap();
+    held_file
 }

@@ -96,6 +96,20 @@ pub trait SlotAdapter<B: Backend>: std::fmt::Debug {
         x
     }
 
+    /// Whether the slot applies the active entries' input transforms in
+    /// reverse activation order when this entry is among them (PEFT's BOFT
+    /// multiplies each adapter's rotation in front of the earlier ones':
+    /// `x·M_k⋯M_1`, where OFT applies `x·R_1⋯R_k`).
+    fn input_transform_reversed(&self) -> bool {
+        false
+    }
+
+    /// A vector `[d_out]` multiplying `x·W` but not the bias (BOFT's
+    /// `boft_s`); the slot multiplies every active entry's together.
+    fn weight_scale(&self) -> Option<Tensor<B, 1>> {
+        None
+    }
+
     /// A vector `[d_out]` multiplying the base output, bias included.
     fn output_scale(&self) -> Option<Tensor<B, 1>> {
         None

@@ -9,7 +9,9 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::adalora::AdaLoraEntry;
 use super::adapter::SlotAdapter;
+use super::boft::BoftEntry;
 use super::ia3::Ia3Entry;
 use super::loha::LohaEntry;
 use super::lokr::LokrEntry;
@@ -115,6 +117,10 @@ slot_entries! {
     Lokr(LokrEntry),
     /// OFT ([`OftEntry`]).
     Oft(OftEntry),
+    /// AdaLoRA ([`AdaLoraEntry`]).
+    AdaLora(AdaLoraEntry),
+    /// BOFT ([`BoftEntry`]).
+    Boft(BoftEntry),
     /// VeRA ([`VeraEntry`]).
     Vera(VeraEntry),
     /// A full copy of the layer (PEFT's `modules_to_save`, [`ModuleCopyEntry`]).

@@ -71,6 +71,7 @@ impl<B: Backend> LinearSlot<B> {
         }
         let scale_in = product(active.iter().map(|e| e.input_scale()));
         let scale_out = product(active.iter().map(|e| e.output_scale()));
+        let scale_w = product(active.iter().map(|e| e.weight_scale()));
         // An active copy of the whole layer (`modules_to_save`) computes
         // in place of the frozen weight and bias.
         let (w, bias) = active
@@ -83,14 +84,19 @@ impl<B: Backend> LinearSlot<B> {
             Some(l) => x.clone() * l.clone().unsqueeze_dim(0),
             None => x.clone(),
         };
-        // So does an input transform (OFT's rotation), in activation order.
-        let x_in = active
-            .iter()
-            .filter(|e| e.transforms_input())
+        // So does an input transform (OFT's rotation), in activation order
+        // (in reverse where an entry asks for it: BOFT).
+        let mut transforms: Vec<_> = active.iter().filter(|e| e.transforms_input()).collect();
+        if transforms.iter().any(|e| e.input_transform_reversed()) {
+            transforms.reverse();
+        }
+        let x_in = transforms
+            .into_iter()
             .fold(x_in, |x, e| e.transform_input(x));
         // Additive entries alone add to `x·W + b`, computed in one kernel;
-        // an output scale, or an entry reading `x·W` (DoRA), needs it apart.
-        if scale_out.is_none() && !active.iter().any(|e| e.needs_base_term()) {
+        // an output or weight scale, or an entry reading `x·W` (DoRA), needs
+        // it apart.
+        if scale_out.is_none() && scale_w.is_none() && !active.iter().any(|e| e.needs_base_term()) {
             let mut y = crate::fused::linear(x_in, &w, bias.as_ref());
             let pass = BasePass {
                 weight: w,
@@ -102,6 +108,10 @@ impl<B: Backend> LinearSlot<B> {
             return y;
         }
         let base = x_in.matmul(w.clone());
+        let base = match scale_w {
+            Some(s) => base * s.unsqueeze_dim(0),
+            None => base,
+        };
         let base = match &scale_out {
             Some(l) => Self::add_bias(base, &bias) * l.clone().unsqueeze_dim(0),
             None => base,
@@ -277,6 +287,10 @@ impl<B: Backend> LinearSlot<B> {
             None => x.clone(),
         };
         let base = self.transform_rows(x_in, rows, names).matmul(w.clone());
+        let base = match self.row_vectors(names, d_out, &device, |e| e.weight_scale()) {
+            Some(s) => (base.reshape([rows, t, d_out]) * s).reshape([n, d_out]),
+            None => base,
+        };
         // Each row is one adapter's: an output-scaled row has no low-rank
         // delta and a low-rank row a unit output vector, so `(y + b) ⊙ l`
         // is `(x·W + b) ⊙ l` for the first and `y + b` for the second (a

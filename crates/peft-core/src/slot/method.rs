@@ -6,6 +6,7 @@
 //! every method. A pair of methods is a method too, whose configs are
 //! [`OneOf`] the two: that is how one model holds LoRA and (IA)³ adapters.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -32,7 +33,7 @@ pub enum Init {
 }
 
 /// An `adapter_config.json` as a method reads and writes it.
-pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
+pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized + 'static {
     /// Whether a file whose `peft_type` is `peft_type` (`None`: the field is
     /// absent) holds this config.
     fn reads(peft_type: Option<&str>) -> bool;
@@ -72,6 +73,14 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized {
 
     /// The `peft_type`s this config reads, for messages.
     fn peft_types() -> Vec<&'static str>;
+
+    /// The config itself (a pair's: the one it holds), for code that treats
+    /// one method's configs apart (AdaLoRA's rank allocator records its
+    /// rank pattern).
+    fn inner(&self) -> &dyn Any;
+
+    /// [`inner`](Self::inner), mutably.
+    fn inner_mut(&mut self) -> &mut dyn Any;
 
     /// The fields that say which task the adapter is for and on which base.
     fn task_fields(&mut self) -> TaskFields<'_>;
@@ -154,6 +163,14 @@ impl AdapterConfig for LoraConfig {
 
     fn peft_types() -> Vec<&'static str> {
         vec!["LORA"]
+    }
+
+    fn inner(&self) -> &dyn Any {
+        self
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Any {
+        self
     }
 
     fn cli_names() -> Vec<&'static str> {
@@ -254,6 +271,14 @@ impl AdapterConfig for Ia3Config {
         vec!["IA3"]
     }
 
+    fn inner(&self) -> &dyn Any {
+        self
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
     fn cli_names() -> Vec<&'static str> {
         vec!["ia3"]
     }
@@ -289,7 +314,7 @@ impl AdapterConfig for Ia3Config {
 
 /// Every [`MethodConfig`] is an `adapter_config.json` a method reads and
 /// writes as PEFT does.
-impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
+impl<C: MethodConfig + Debug + Send + Sync + 'static> AdapterConfig for C {
     fn reads(peft_type: Option<&str>) -> bool {
         peft_type == Some(C::PEFT_TYPE)
     }
@@ -328,6 +353,14 @@ impl<C: MethodConfig + Debug + Send + Sync> AdapterConfig for C {
 
     fn peft_types() -> Vec<&'static str> {
         vec![C::PEFT_TYPE]
+    }
+
+    fn inner(&self) -> &dyn Any {
+        self
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Any {
+        self
     }
 
     fn cli_names() -> Vec<&'static str> {
@@ -512,6 +545,20 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
 
     fn peft_types() -> Vec<&'static str> {
         [C1::peft_types(), C2::peft_types()].concat()
+    }
+
+    fn inner(&self) -> &dyn Any {
+        match self {
+            OneOf::First(c) => c.inner(),
+            OneOf::Second(c) => c.inner(),
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn Any {
+        match self {
+            OneOf::First(c) => c.inner_mut(),
+            OneOf::Second(c) => c.inner_mut(),
+        }
     }
 
     fn cli_names() -> Vec<&'static str> {

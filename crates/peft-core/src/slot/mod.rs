@@ -3,7 +3,7 @@
 //! A model holds a `LinearSlot` wherever it would hold a `burn::nn::Linear`
 //! that PEFT may adapt. The slot owns the frozen base layer and the named
 //! adapter entries attached to it ([`SlotEntry`]: LoRA/DoRA, (IA)³, LoHa,
-//! LoKr, OFT, and full copies of the layer for `modules_to_save`), and
+//! LoKr, OFT, BOFT, VeRA, AdaLoRA, and full copies of the layer for `modules_to_save`), and
 //! computes the base layer with the active, unmerged entries' effects
 //! composed (`forward.rs`). Merged entries are skipped: with every active
 //! adapter merged, or none attached, the slot runs exactly the base
@@ -11,14 +11,16 @@
 //!
 //! The slot never branches on an entry's kind: each kind says what it does
 //! through [`SlotAdapter`] (`adapter.rs`), in its own file (`lora.rs`,
-//! `ia3.rs`, `oft.rs`), listed once in `entry.rs`'s registry. The kinds whose effect
+//! `ia3.rs`, `oft.rs`, `boft.rs`), listed once in `entry.rs`'s registry. The kinds whose effect
 //! is one weight delta built from factors (LoHa, LoKr) share [`DeltaEntry`]
 //! (`delta.rs`) and only say what their factors are (`loha.rs`, `lokr.rs`).
 //!
 //! Layout: Burn's `[d_in, d_out]` everywhere; `A: [d_in, r]`, `B: [r, d_out]`.
 //! PEFT's `[out, in]` exists only in `io` and the method crates' file code.
 
+mod adalora;
 mod adapter;
+mod boft;
 mod delta;
 mod entry;
 mod forward;
@@ -41,7 +43,9 @@ use burn::tensor::{Tensor, TensorData};
 use crate::error::{PeftError, Result};
 use crate::quant::QuantizedMatrix;
 
+pub use adalora::{AdaLoraEntry, AdaLoraMeta};
 pub use adapter::{BaseParts, BasePass, LowRankRows, SlotAdapter};
+pub use boft::{butterfly_permutation, cayley_exact, BoftEntry, BoftMeta};
 pub use delta::{DeltaEntry, DeltaFactors, DeltaMeta};
 pub use entry::{EntryKind, SlotEntry};
 pub use ia3::{Ia3Entry, Ia3Meta};

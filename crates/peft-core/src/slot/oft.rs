@@ -10,7 +10,9 @@
 //! row of the trained `oft_R.weight` (`[k, b(b−1)/2]`, row-major as
 //! `torch.triu_indices`; one row shared by every block with `block_share`).
 //! The Cayley transform `(I − Q)(I + Q)⁻¹` is PEFT's Neumann series,
-//! `I + 2Q + 2Q² + … + Q^m` ([`cayley_neumann`]). Merging folds `R` into the
+//! `I + 2Q + 2Q² + … + Q^m` ([`cayley_neumann`]), or with
+//! `use_cayley_neumann: false` the exact transform ([`cayley_exact`], as
+//! PEFT's `torch.linalg.solve`). Merging folds `R` into the
 //! weight (`W ← R·W` in Burn's layout); unmerging multiplies by each block's
 //! inverse, computed in `f64`, as PEFT's `torch.linalg.inv`.
 
@@ -21,6 +23,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::error::{PeftError, Result};
 
 use super::adapter::{BaseParts, SlotAdapter};
+use super::boft::cayley_exact;
 
 /// Everything about an OFT entry that is not a parameter.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,9 @@ pub struct OftMeta {
     pub blocks: usize,
     /// One generator shared by every block.
     pub block_share: bool,
+    /// Whether the Cayley transform is the Neumann series
+    /// (`use_cayley_neumann`) or exact.
+    pub cayley_neumann: bool,
     /// Terms of the Neumann series (`num_cayley_neumann_terms`).
     pub neumann_terms: usize,
     /// Whether `R` is currently folded into the base weight.
@@ -101,7 +107,7 @@ pub fn skew_symmetric<B: Backend>(vec: Tensor<B, 2>, b: usize) -> Tensor<B, 3> {
 
 /// The inverse of a `b × b` matrix (row-major, `f64`), by Gauss–Jordan
 /// elimination with partial pivoting; `None` when it is singular.
-fn invert(mut a: Vec<f64>, b: usize) -> Option<Vec<f64>> {
+pub(super) fn invert(mut a: Vec<f64>, b: usize) -> Option<Vec<f64>> {
     let mut inv: Vec<f64> = (0..b * b)
         .map(|i| if i / b == i % b { 1.0 } else { 0.0 })
         .collect();
@@ -137,10 +143,11 @@ impl<B: Backend> OftEntry<B> {
     /// The blocks `R_j`, `[k, b, b]` (one per block, repeated when shared).
     pub fn rotation_blocks(&self) -> Tensor<B, 3> {
         let m = &self.meta;
-        let r = cayley_neumann(
-            skew_symmetric(self.weight.val(), m.block_size),
-            m.neumann_terms,
-        );
+        let q = skew_symmetric(self.weight.val(), m.block_size);
+        let r = match m.cayley_neumann {
+            true => cayley_neumann(q, m.neumann_terms),
+            false => cayley_exact(q),
+        };
         match m.block_share {
             true => r.repeat_dim(0, m.blocks),
             false => r,
