@@ -53,6 +53,44 @@ pub struct TaskFields<'a> {
     pub base_model_name_or_path: &'a mut Option<String>,
 }
 
+/// The four field accessors of [`MethodConfig`] (`target_spec`,
+/// `target_modules_mut`, `task_fields`, `extra`) for a config whose fields
+/// carry PEFT's names (`target_modules`, `exclude_modules`,
+/// `layers_to_transform`, `layers_pattern`, `modules_to_save`,
+/// `task_type`, `base_model_name_or_path`, and the unmodelled keys in
+/// `extra`): write `peft_core::config_fields!();` in the `impl
+/// MethodConfig`, so that a method's file holds only what is its own.
+#[macro_export]
+macro_rules! config_fields {
+    () => {
+        fn target_spec(&self) -> $crate::method_config::TargetSpec<'_> {
+            $crate::method_config::TargetSpec {
+                target_modules: self.target_modules.as_ref(),
+                exclude_modules: self.exclude_modules.as_ref(),
+                layers_to_transform: self.layers_to_transform.as_ref(),
+                layers_pattern: self.layers_pattern.as_ref(),
+                modules_to_save: self.modules_to_save.as_ref(),
+            }
+        }
+
+        fn target_modules_mut(&mut self) -> &mut Option<$crate::config::TargetModules> {
+            &mut self.target_modules
+        }
+
+        fn task_fields(&mut self) -> $crate::method_config::TaskFields<'_> {
+            $crate::method_config::TaskFields {
+                task_type: &mut self.task_type,
+                modules_to_save: &mut self.modules_to_save,
+                base_model_name_or_path: &mut self.base_model_name_or_path,
+            }
+        }
+
+        fn extra(&self) -> &::serde_json::Map<String, ::serde_json::Value> {
+            &self.extra
+        }
+    };
+}
+
 /// A slot method's `adapter_config.json`: the method gives its fields
 /// ([`target_spec`](Self::target_spec), [`extra`](Self::extra)) and checks
 /// ([`validate`](Self::validate)); reading, writing, default targets and

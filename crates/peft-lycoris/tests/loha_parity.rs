@@ -6,14 +6,15 @@
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::slot::{LohaFactors, ModuleCopyEntry};
-use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
+use peft_core::{autodiff_backend_tests, backend_tests, PeftError};
 use peft_lycoris::{Loha, LohaConfig, LohaModel};
-use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
+use peft_models::fixtures::{fixtures_dir, max_diff};
 use peft_models::gpt2::Gpt2;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+use peft_models::slot_parity::{
+    check_bad_shape_refused, check_slot_method_case, check_training_steps,
+};
 
 mod common;
 use common::{bert, check_gradients, cls, host, llama, lm};
@@ -87,32 +88,12 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
         "GPT-2 refused as PEFT does: {err}"
     );
 
-    let c = FixtureCase::open("llama", "loha");
-    let dir = temp_dir("loha-bad-shape");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        c.dir.join("adapter_config.json"),
-        dir.join("adapter_config.json"),
-    )
-    .unwrap();
-    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
-    let key = "base_model.model.model.layers.1.self_attn.v_proj.hada_w2_b";
-    tensors.get_mut(key).unwrap().shape.reverse();
-    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        peft_core::io::serialize_safetensors(&list, None),
-    )
-    .unwrap();
-    let mut loha = LohaModel::wrap(base);
-    let err = loha.load_adapter(&dir, "bad").unwrap_err();
-    assert!(err.to_string().contains(key), "{err}");
-    assert!(loha.adapter_names().is_empty());
-    let mut entries = 0;
-    loha.model
-        .visit_linears(&mut |_, s| entries += s.entries.len());
-    assert_eq!(entries, 0, "a refused file left entries behind");
-    std::fs::remove_dir_all(&dir).unwrap();
+    check_bad_shape_refused::<B, _, Loha>(
+        "llama",
+        "loha",
+        "base_model.model.model.layers.1.self_attn.v_proj.hada_w2_b",
+        base,
+    );
 }
 
 backend_tests!(

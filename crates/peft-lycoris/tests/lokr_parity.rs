@@ -7,7 +7,6 @@
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::slot::{factorization, KronFactor, LokrEntry, LokrFactors};
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_lycoris::lokr::{LokrInitWeights, LycorisWay};
@@ -15,7 +14,9 @@ use peft_lycoris::{Lokr, LokrConfig, LokrModel, MethodConfig};
 use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+use peft_models::slot_parity::{
+    check_bad_shape_refused, check_slot_method_case, check_training_steps,
+};
 
 mod common;
 use common::{bert, check_gradients, cls, host, llama, lm};
@@ -150,32 +151,12 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
         "GPT-2 refused as PEFT does: {err}"
     );
 
-    let c = FixtureCase::open("llama", "lokr_custom");
-    let dir = temp_dir("lokr-bad-shape");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        c.dir.join("adapter_config.json"),
-        dir.join("adapter_config.json"),
-    )
-    .unwrap();
-    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
-    let key = "base_model.model.model.layers.1.mlp.up_proj.lokr_w2_b";
-    tensors.get_mut(key).unwrap().shape.reverse();
-    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        peft_core::io::serialize_safetensors(&list, None),
-    )
-    .unwrap();
-    let mut lokr = LokrModel::wrap(base);
-    let err = lokr.load_adapter(&dir, "bad").unwrap_err();
-    assert!(err.to_string().contains(key), "{err}");
-    assert!(lokr.adapter_names().is_empty());
-    let mut entries = 0;
-    lokr.model
-        .visit_linears(&mut |_, s| entries += s.entries.len());
-    assert_eq!(entries, 0, "a refused file left entries behind");
-    std::fs::remove_dir_all(&dir).unwrap();
+    check_bad_shape_refused::<B, _, Lokr>(
+        "llama",
+        "lokr_custom",
+        "base_model.model.model.layers.1.mlp.up_proj.lokr_w2_b",
+        base,
+    );
 }
 
 backend_tests!(

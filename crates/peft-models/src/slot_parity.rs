@@ -239,3 +239,44 @@ fn saved_tensors<B: Backend, M: PeftModel<B>, K: SlotMethod>(
     std::fs::remove_dir_all(&dir).unwrap();
     tensors
 }
+
+/// A copy of fixture `arch/case`'s `default` with tensor `key`'s shape
+/// reversed is refused by method `K` on `base`: the error names `key`, and
+/// no adapter and no entry is left behind.
+pub fn check_bad_shape_refused<B: Backend, M: PeftModel<B>, K: SlotMethod>(
+    arch: &str,
+    case: &str,
+    key: &str,
+    base: M,
+) {
+    let c = FixtureCase::open(arch, case);
+    let dir = temp_dir(&format!("{arch}-{case}-bad-shape"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        c.dir.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
+    tensors
+        .get_mut(key)
+        .unwrap_or_else(|| panic!("{arch}/{case} has no `{key}`"))
+        .shape
+        .reverse();
+    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        peft_core::io::serialize_safetensors(&list, None),
+    )
+    .unwrap();
+    let mut adapted = SlotModel::<B, M, K>::wrap(base);
+    let err = adapted.load_adapter(&dir, "bad").unwrap_err();
+    assert!(err.to_string().contains(key), "{err}");
+    assert!(adapted.adapter_names().is_empty());
+    let mut entries = 0;
+    adapted
+        .model
+        .visit_linears(&mut |_, s| entries += s.entries.len());
+    assert_eq!(entries, 0, "a refused file left entries behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -15,7 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use peft_core::config::{LayerIndices, LayersPattern, TargetModules};
 use peft_core::io::{take_tensor, HostTensor};
-use peft_core::method_config::{refuse_conv1d, MethodConfig, TargetSpec, TaskFields};
+use peft_core::method_config::{refuse_conv1d, MethodConfig};
 use peft_core::slot::{OftEntry, OftMeta};
 use peft_core::slot_method::Init;
 use peft_core::slot_model::KEY_PREFIX;
@@ -198,31 +198,7 @@ impl MethodConfig for OftConfig {
     const CLI_SETTINGS: &'static [(&'static str, &'static str)] =
         &[("r", "r"), ("targets", "target_modules")];
 
-    fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_ref(),
-        }
-    }
-
-    fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
-        &mut self.target_modules
-    }
-
-    fn task_fields(&mut self) -> TaskFields<'_> {
-        TaskFields {
-            task_type: &mut self.task_type,
-            modules_to_save: &mut self.modules_to_save,
-            base_model_name_or_path: &mut self.base_model_name_or_path,
-        }
-    }
-
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    peft_core::config_fields!();
 
     /// PEFT's `__post_init__`, and typed refusals of what this version does
     /// not do.

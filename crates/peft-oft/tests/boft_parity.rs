@@ -11,7 +11,7 @@ use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::compare;
-use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::io::HostTensor;
 use peft_core::slot::BoftEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_models::bert::Bert;
@@ -19,7 +19,9 @@ use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+use peft_models::slot_parity::{
+    check_bad_shape_refused, check_slot_method_case, check_training_steps,
+};
 use peft_oft::{Boft, BoftConfig, BoftModel, MethodConfig};
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
@@ -151,32 +153,12 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     let err = BoftModel::new(gpt2, BoftConfig::new(4, 1, &["c_attn"])).unwrap_err();
     assert!(err.to_string().contains("Conv1D"), "{err}");
 
-    let c = FixtureCase::open("llama", "boft_butterfly");
-    let dir = temp_dir("boft-bad-shape");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        c.dir.join("adapter_config.json"),
-        dir.join("adapter_config.json"),
-    )
-    .unwrap();
-    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
-    let key = "base_model.model.model.layers.1.mlp.down_proj.boft_s";
-    tensors.get_mut(key).unwrap().shape.reverse();
-    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        peft_core::io::serialize_safetensors(&list, None),
-    )
-    .unwrap();
-    let mut boft = BoftModel::wrap(base);
-    let err = boft.load_adapter(&dir, "bad").unwrap_err();
-    assert!(err.to_string().contains(key), "{err}");
-    assert!(boft.adapter_names().is_empty());
-    let mut entries = 0;
-    boft.model
-        .visit_linears(&mut |_, s| entries += s.entries.len());
-    assert_eq!(entries, 0, "a refused file left entries behind");
-    std::fs::remove_dir_all(&dir).unwrap();
+    check_bad_shape_refused::<B, _, Boft>(
+        "llama",
+        "boft_butterfly",
+        "base_model.model.model.layers.1.mlp.down_proj.boft_s",
+        base,
+    );
 }
 
 /// PEFT without its CUDA extension trains one factor whatever the config

@@ -11,15 +11,17 @@ use burn::module::{AutodiffModule, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_core::compare;
-use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::io::HostTensor;
 use peft_core::slot::OftEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, PeftError, PeftModel};
 use peft_models::bert::Bert;
-use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
+use peft_models::fixtures::{fixtures_dir, max_diff, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
-use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+use peft_models::slot_parity::{
+    check_bad_shape_refused, check_slot_method_case, check_training_steps,
+};
 use peft_oft::{MethodConfig, Oft, OftConfig, OftModel};
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
@@ -112,32 +114,12 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     let err = OftModel::new(gpt2, OftConfig::new(4, &["c_attn"])).unwrap_err();
     assert!(err.to_string().contains("Conv1D"), "{err}");
 
-    let c = FixtureCase::open("llama", "oft_custom");
-    let dir = temp_dir("oft-bad-shape");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        c.dir.join("adapter_config.json"),
-        dir.join("adapter_config.json"),
-    )
-    .unwrap();
-    let mut tensors = read_safetensors(&c.dir.join("adapter_model.safetensors")).unwrap();
-    let key = "base_model.model.model.layers.1.mlp.down_proj.oft_R.weight";
-    tensors.get_mut(key).unwrap().shape.reverse();
-    let list: Vec<(String, HostTensor)> = tensors.into_iter().collect();
-    std::fs::write(
-        dir.join("adapter_model.safetensors"),
-        peft_core::io::serialize_safetensors(&list, None),
-    )
-    .unwrap();
-    let mut oft = OftModel::wrap(base);
-    let err = oft.load_adapter(&dir, "bad").unwrap_err();
-    assert!(err.to_string().contains(key), "{err}");
-    assert!(oft.adapter_names().is_empty());
-    let mut entries = 0;
-    oft.model
-        .visit_linears(&mut |_, s| entries += s.entries.len());
-    assert_eq!(entries, 0, "a refused file left entries behind");
-    std::fs::remove_dir_all(&dir).unwrap();
+    check_bad_shape_refused::<B, _, Oft>(
+        "llama",
+        "oft_custom",
+        "base_model.model.model.layers.1.mlp.down_proj.oft_R.weight",
+        base,
+    );
 }
 
 /// A rotation with a singular block cannot be merged, since its merge
