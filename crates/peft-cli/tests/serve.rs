@@ -1081,3 +1081,59 @@ fn classify_with_score_head(arch: &str) {
     server.shutdown().unwrap();
     std::fs::remove_dir_all(&model).unwrap();
 }
+
+/// BOFT (two butterfly factors) and AdaLoRA adapters, served beside each
+/// other and the base on the tiny Llama: each request, alone and with the
+/// others at once (one decode batch, each row through its own adapter),
+/// gives `peft generate`'s greedy text.
+#[test]
+fn serves_boft_and_adalora_adapters_in_one_batch() {
+    let model = tiny_model_folder("llama");
+    let dir = peft_models::fixtures::temp_dir("serve-boft-adalora");
+    let boft = peft_oft::BoftConfig {
+        init_weights: false,
+        ..peft_oft::BoftConfig::new(4, 2, &["q_proj", "v_proj"])
+    };
+    let adalora = peft_lora::AdaLoraConfig {
+        init_lora_weights: Value::Bool(false),
+        ..peft_lora::AdaLoraConfig::new(4, 2, 10, &["q_proj", "v_proj"])
+    };
+    let base = || Llama::<B>::load(&model, &Default::default()).unwrap();
+    write_adapter(base(), Method::slot(boft), 11, &dir.join("boft"));
+    write_adapter(base(), Method::slot(adalora), 12, &dir.join("adalora"));
+    let prompt = "w7 w1 w12 w40 w2";
+    let runs: Vec<(&str, String)> = vec![
+        ("tiny", generated(&model, None, prompt, 12)),
+        (
+            "boft",
+            generated(&model, Some(&dir.join("boft")), prompt, 12),
+        ),
+        (
+            "adalora",
+            generated(&model, Some(&dir.join("adalora")), prompt, 12),
+        ),
+    ];
+    assert_ne!(runs[0].1, runs[1].1, "the BOFT adapter changes nothing");
+    assert_ne!(runs[0].1, runs[2].1, "the AdaLoRA adapter changes nothing");
+    let adapters = vec![
+        ("boft".into(), dir.join("boft")),
+        ("adalora".into(), dir.join("adalora")),
+    ];
+    let server = serving(model.clone(), adapters, "tiny");
+    let c = Client::new(&server);
+    for (name, want) in &runs {
+        assert_eq!(&c.complete(name, prompt, 12), want, "{name} alone");
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|(name, _)| s.spawn(|| Client::new(&server).complete(name, prompt, 12)))
+            .collect();
+        for (h, (name, want)) in handles.into_iter().zip(&runs) {
+            assert_eq!(&h.join().unwrap(), want, "{name} beside the others");
+        }
+    });
+    server.shutdown().unwrap();
+    std::fs::remove_dir_all(&model).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
