@@ -9,6 +9,7 @@ use burn::module::{Module, ModuleDisplay};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use peft_core::method_config::MethodConfig;
 use peft_core::slot_method::AdapterConfig;
 use peft_core::{PeftError, PeftModel, Result};
 use peft_lora::{orthogonal_regularization, AdaLoraConfig, RankAllocator};
@@ -37,12 +38,10 @@ pub fn for_run(method: &Method, steps: usize, resuming: bool) -> Result<Method> 
                 "--resume: an AdaLoRA run cannot resume (its rank allocator's scores are not checkpointed); start it again".into(),
             ));
         }
-        let total = *config.total_step.get_or_insert(steps);
-        if config.tinit + config.tfinal >= total {
-            return Err(PeftError::Config(format!(
-                "AdaLoRA: tinit ({}) + tfinal ({}) leave no budgeting phase in a run of {total} steps",
-                config.tinit, config.tfinal
-            )));
+        if config.total_step.is_none() {
+            config.total_step = Some(steps);
+            // The schedule is checked against the run's steps now.
+            config.validate()?;
         }
     }
     Ok(method)
