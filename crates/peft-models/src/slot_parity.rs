@@ -6,10 +6,10 @@
 use burn::module::{AutodiffModule, ModuleDisplay};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use peft_core::compare::{self, Tolerance};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::{PeftModel, SlotMethod, SlotModel};
+use peft_core::{LinearSlot, PeftModel, SlotMethod, SlotModel};
 
 use crate::fixtures::{assert_close, max_diff, temp_dir, FixtureCase};
 
@@ -279,4 +279,57 @@ pub fn check_bad_shape_refused<B: Backend, M: PeftModel<B>, K: SlotMethod>(
         .visit_linears(&mut |_, s| entries += s.entries.len());
     assert_eq!(entries, 0, "a refused file left entries behind");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The gradients of one entry's trained tensors, by the key suffix PEFT
+/// names each under (`oft_R.weight`): what [`check_gradients`] asks of a
+/// kind; `None` where the slot has no entry of that name.
+pub type EntryGradients = Vec<(&'static str, Option<HostTensor>)>;
+
+/// The training loss of fixture `arch/case` (`default` active, `other`
+/// loaded) equals PEFT's `train_loss`, and the gradient of every tensor
+/// `entry_gradients` gives for `default` equals PEFT's
+/// `grad.base_model.model.<path>.<suffix>`; the base and every tensor of
+/// the inactive `other` get none, and every PEFT gradient is compared.
+pub fn check_gradients<B, M, K>(
+    arch: &str,
+    case: &str,
+    model: M,
+    loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
+    device: &B::Device,
+    entry_gradients: impl Fn(&LinearSlot<B>, &str, &B::Gradients) -> Option<EntryGradients>,
+) where
+    B: AutodiffBackend,
+    M: PeftModel<B> + AutodiffModule<B>,
+    K: SlotMethod,
+{
+    let c = FixtureCase::open(arch, case);
+    let mut adapted = SlotModel::<B, M, K>::wrap(model);
+    adapted.load_adapter(&c.dir, "default").unwrap();
+    adapted.load_adapter(&c.dir.join("other"), "other").unwrap();
+    adapted.set_adapter(&["default"]).unwrap();
+    let loss = loss_fn(&adapted.model, c.ints::<B, 2>("input_ids", device));
+    let got = loss.clone().into_scalar().elem::<f32>();
+    let tol = Tolerance::new(1e-5, 0.0);
+    compare::check_close_slices("loss", &[got], &c.want("train_loss").data, tol).unwrap();
+    let grads = loss.backward();
+    // BERT's last-layer query gradients are f32 noise in PyTorch (its
+    // softmax saturates): the case's tolerance floors them.
+    let tol = c.gradient_tolerance();
+    let mut checked = 0;
+    adapted.model.visit_linears(&mut |path, slot| {
+        assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base");
+        for (key, grad) in entry_gradients(slot, "other", &grads).unwrap_or_default() {
+            assert!(grad.is_none(), "{path}.{key}: inactive `other` trained");
+        }
+        for (key, grad) in entry_gradients(slot, "default", &grads).unwrap_or_default() {
+            let got = grad.unwrap_or_else(|| panic!("{path}.{key}: no gradient"));
+            let want = c.want(&format!("grad.base_model.model.{path}.{key}"));
+            compare::assert_close(&format!("{path}.{key}"), &got, want, tol);
+            checked += 1;
+        }
+    });
+    let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();
+    assert!(expected > 0, "the fixture has gradients");
+    assert_eq!(checked, expected, "every PEFT gradient was compared");
 }
