@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Writes the Hugging Face PEFT parity fixtures for the newer slot methods
-(LoHa, LoKr, OFT, BOFT, VeRA) under fixtures/<arch>/<case>/ (tiny Llama, BERT and
-GPT-2 of make_fixtures.py; GPT-2's Conv1D layers are refused by PEFT's
-LyCORIS and OFT methods, and by ours; VeRA takes them).
+(LoHa, LoKr, OFT, BOFT, VeRA, LN tuning) under fixtures/<arch>/<case>/ (tiny
+Llama, BERT and GPT-2 of make_fixtures.py; GPT-2's Conv1D layers are refused
+by PEFT's LyCORIS and OFT methods, and by ours; VeRA takes them, and LN
+tuning adapts GPT-2's norms).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|boft|vera ...]
+    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|boft|vera|ln ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
 base model, of each adapter, of both active at once, disabled, merged and
-unmerged again, a mixed batch, the training loss and every factor's gradient;
+unmerged again, a mixed batch (rows of the single-adapter logits), the
+training loss and every factor's gradient (no `logits_both` for LN tuning,
+whose forward pass PEFT refuses with two adapters active);
 expected.json with parameter counts; and `steps.*`: two Adam steps
 (PyTorch's defaults, lr STEP_LR) of the saved `default`, loaded as a user
 loads it, on two recorded batches, and every trained tensor after them.
@@ -23,7 +26,8 @@ import sys
 
 import torch
 import peft.tuners.boft.layer as boft_layer
-from peft import BOFTConfig, LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig, get_peft_model
+from peft import (BOFTConfig, LNTuningConfig, LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig,
+                  get_peft_model)
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,11 +89,17 @@ CASES = {
         # key, so this case holds only if our generator is PyTorch's.
         "vera_unsaved": (VeraConfig, dict(r=4, projection_prng_key=123, save_projection=False,
                                           target_modules=["q_proj", "v_proj", "up_proj"])),
+        # PEFT's defaults for llama: input_layernorm, post_attention_layernorm
+        # and the final norm (RMSNorms: a scale only).
+        "ln_tuning": (LNTuningConfig, dict()),
     },
     "gpt2": {
         # GPT-2's fused c_attn (Conv1D 16 -> 48) and c_fc (16 -> 64): PEFT
         # sets fan_in_fan_out for them.
         "vera": (VeraConfig, dict(r=4, target_modules=["c_attn", "c_fc"])),
+        # PEFT's defaults for gpt2: ln_1, ln_2, ln_f (LayerNorms with a
+        # shift).
+        "ln_tuning": (LNTuningConfig, dict()),
     },
     "bert": {
         "loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])),
@@ -102,6 +112,9 @@ CASES = {
         "boft": (BOFTConfig, dict(boft_block_size=4, target_modules=["query", "value", "output.dense"]),
                  dict(lr=0.5)),
         "vera": (VeraConfig, dict(r=4, target_modules=["query", "value", "output.dense"])),
+        # BERT has no default LN tuning targets in PEFT: every LayerNorm but
+        # the embeddings' (LayerNorm with a shift).
+        "ln_tuning": (LNTuningConfig, dict(target_modules=["LayerNorm"], exclude_modules=["embeddings.LayerNorm"])),
     },
 }
 
@@ -189,9 +202,10 @@ def write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr):
         # PEFT's generated model card: not a fixture.
         if os.path.exists(os.path.join(d, "README.md")):
             os.remove(os.path.join(d, "README.md"))
-    # Both active: PEFT adds both deltas.
-    peft_model.base_model.set_adapter(["default", "other"])
-    tensors["logits_both"] = logits(peft_model, ids)
+    # Both active: PEFT adds both deltas (LN tuning refuses to run so).
+    if config_class is not LNTuningConfig:
+        peft_model.base_model.set_adapter(["default", "other"])
+        tensors["logits_both"] = logits(peft_model, ids)
     peft_model.set_adapter("default")
     names = ["other", "__base__", "default"]
     per = {"other": tensors["logits_other"], "__base__": base, "default": tensors["logits_unmerged"]}
@@ -215,7 +229,7 @@ def write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr):
 
 def main():
     torch.set_num_threads(2)
-    methods = sys.argv[1:] or ["loha", "lokr", "oft", "boft", "vera"]
+    methods = sys.argv[1:] or ["loha", "lokr", "oft", "boft", "vera", "ln"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)

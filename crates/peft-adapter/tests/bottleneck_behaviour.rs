@@ -91,8 +91,8 @@ fn training_touches_only_the_trained_adapter<B: AutodiffBackend>(d: &B::Device) 
         HostTensor::from_tensor(base_before.layers[0].query.base_weight())
     );
     assert_eq!(
-        HostTensor::from_tensor(model.model.layers[1].output_norm.gamma.val()),
-        HostTensor::from_tensor(base_before.layers[1].output_norm.gamma.val())
+        HostTensor::from_tensor(model.model.layers[1].output_norm.slot.weight.val()),
+        HostTensor::from_tensor(base_before.layers[1].output_norm.slot.weight.val())
     );
     let down = |a: &peft_adapter::BottleneckAdapter<B>| {
         HostTensor::from_tensor(a.output[0].as_ref().unwrap().down.weight.val())

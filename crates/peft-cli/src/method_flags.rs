@@ -328,8 +328,19 @@ mod tests {
     fn slot_methods_come_from_their_configs() {
         let names = MethodArg::names();
         for want in [
-            "lora", "dora", "pissa", "olora", "ia3", "loha", "lokr", "oft", "boft", "vera",
-            "adapter", "prompt",
+            "lora",
+            "dora",
+            "pissa",
+            "olora",
+            "ia3",
+            "loha",
+            "lokr",
+            "oft",
+            "boft",
+            "vera",
+            "ln_tuning",
+            "adapter",
+            "prompt",
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }

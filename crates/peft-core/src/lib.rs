@@ -65,12 +65,17 @@ pub use host::AdapterHost;
 pub use input::{ModelDims, ModelInput, Tokens};
 pub use model::PeftModel;
 pub use slot::method as slot_method;
-pub use slot::{BaseSplit, Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, SlotEntry};
+pub use slot::{
+    BaseSplit, Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, NormParams, NormSlot, SlotEntry,
+};
 pub use slot_method::SlotMethod;
 pub use slot_model::SlotModel;
 
 /// A model carrying named VeRA adapters (see [`SlotModel`]).
 pub type VeraModel<B, M> = SlotModel<B, M, slot::Vera>;
+
+/// A model carrying named LN tuning adapters (see [`SlotModel`]).
+pub type LnTuningModel<B, M> = SlotModel<B, M, slot::LnTuning>;
 
 /// The adapter name PEFT uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";

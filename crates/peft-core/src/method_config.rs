@@ -110,6 +110,10 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
     /// sets (`("targets", "target_modules")`); see the `settings` module.
     const CLI_SETTINGS: &'static [(&'static str, &'static str)];
 
+    /// `Some(key)` for a method that trains copies of norm layers (LN
+    /// tuning: `ln_tuning_layers`); see `AdapterConfig::norm_copy_key`.
+    const NORM_COPY_KEY: Option<&'static str> = None;
+
     /// The fields that choose the adapted layers.
     fn target_spec(&self) -> TargetSpec<'_>;
 

@@ -17,7 +17,7 @@ use crate::count::ParamCount;
 use crate::error::Result;
 pub use crate::input::{join, residual_join, InsertionPoint, JoinNorm, ResidualHook};
 use crate::input::{ModelDims, ModelInput};
-use crate::slot::LinearSlot;
+use crate::slot::{LinearSlot, NormSlot};
 
 /// A model whose linear layers PEFT can adapt.
 ///
@@ -51,6 +51,21 @@ pub trait PeftModel<B: Backend>: Module<B> {
 
     /// Calls `f` with each adaptable linear, mutably, and its module path.
     fn visit_linears_mut(&mut self, f: &mut dyn FnMut(&str, &mut LinearSlot<B>));
+
+    /// Calls `f` with each adaptable norm layer (LayerNorm, RMSNorm) and its
+    /// module path (`model.layers.3.input_layernorm`): what LN tuning
+    /// adapts. A model without norm slots keeps the default, none.
+    fn visit_norms(&self, _f: &mut dyn FnMut(&str, &NormSlot<B>)) {}
+
+    /// Calls `f` with each adaptable norm layer, mutably, and its path.
+    fn visit_norms_mut(&mut self, _f: &mut dyn FnMut(&str, &mut NormSlot<B>)) {}
+
+    /// Every adaptable norm path, in visiting order.
+    fn norm_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.visit_norms(&mut |p, _| out.push(p.to_string()));
+        out
+    }
 
     /// The Hugging Face `model_type` (`llama`, `gpt2`, `bert`, ...), used to
     /// pick PEFT's default targets when a config names none.
@@ -100,6 +115,7 @@ pub trait PeftModel<B: Backend>: Module<B> {
             trainable += s.trainable_params();
             quantized += s.quantized_params();
         });
+        self.visit_norms(&mut |_, s| trainable += s.trainable_params());
         ParamCount {
             trainable,
             // Quantized base weights are parameters no tensor holds.

@@ -116,18 +116,27 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         }
         let outputs = self.model.output_layers();
         let paths = self.model.linear_paths();
-        let mut plan = Vec::new();
-        for path in &paths {
+        // A method adapts linear layers, or (LN tuning) norm layers.
+        let candidates = match config.norm_copy_key() {
+            Some(_) => self.model.norm_paths(),
+            None => paths.clone(),
+        };
+        let mut targets = Vec::new();
+        for path in &candidates {
             if config.targets(path, &outputs)? {
-                plan.push(path.clone());
+                targets.push(path.clone());
             }
         }
-        if plan.is_empty() {
+        if targets.is_empty() {
             return Err(PeftError::NoTargetMatched {
                 targets: config.target_rule(),
-                available: paths,
+                available: candidates,
             });
         }
+        let (plan, norm_plan) = match config.norm_copy_key() {
+            Some(_) => (Vec::new(), targets),
+            None => (targets, Vec::new()),
+        };
         let copies = copy_plan(config.modules_to_save(), &paths, &plan)?;
         let mut dims = Vec::with_capacity(plan.len());
         let mut next = plan.iter().peekable();
@@ -147,12 +156,17 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 result = attach_copy(slot, path, name);
             }
         });
+        self.model.visit_norms_mut(&mut |path, slot| {
+            if result.is_ok() && norm_plan.iter().any(|p| p == path) {
+                result = slot.add_copy(name);
+            }
+        });
         if let Err(e) = result {
             remove_everywhere(&mut self.model, name);
             return Err(e);
         }
         self.configs.insert(name.to_string(), config);
-        Ok(plan)
+        Ok(plan.into_iter().chain(norm_plan).collect())
     }
 
     /// Names of all adapters, in the order they were added.
@@ -202,9 +216,16 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 refused = check_one_copy_active(slot, path, &names);
             }
         });
+        self.model.visit_norms(&mut |path, slot| {
+            if refused.is_ok() {
+                refused = slot.check_one_active(&names, path);
+            }
+        });
         refused?;
         self.model
             .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
+        self.model
+            .visit_norms_mut(&mut |_, slot| slot.set_active(&names));
         self.active = names;
         Ok(())
     }
@@ -238,6 +259,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
     fn set_disabled(&mut self, disabled: bool) {
         self.model
             .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+        self.model
+            .visit_norms_mut(&mut |_, slot| slot.state.disabled = disabled);
         self.disabled = disabled;
     }
 
@@ -251,6 +274,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let mut merged = false;
         self.model
             .visit_linears(&mut |_, s| merged |= s.any_merged());
+        self.model.visit_norms(&mut |_, s| merged |= s.any_merged());
         merged
     }
 
@@ -276,6 +300,16 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 }
             }
         });
+        self.model.visit_norms(&mut |path, slot| {
+            let here: Vec<&String> = names.iter().filter(|n| slot.copy(n).is_some()).collect();
+            if refused.is_none() && here.len() > 1 {
+                refused = Some(PeftError::State(format!(
+                    "{path}: trying to merge {} adapters ({here:?}), but LN tuning does not allow \
+                     merging more than one adapter at a time",
+                    here.len()
+                )));
+            }
+        });
         if let Some(e) = refused {
             return Err(e);
         }
@@ -285,6 +319,11 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 if let Err(e) = slot.merge(n) {
                     failed.get_or_insert(e);
                 }
+            }
+        });
+        self.model.visit_norms_mut(&mut |_, slot| {
+            for n in names {
+                slot.merge(n);
             }
         });
         failed.map_or(Ok(()), Err)
@@ -297,11 +336,15 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let names = self.adapter_names();
         self.model
             .visit_linears_mut(&mut |_, slot| slot.unmerge_newest_first(&names));
+        self.model.visit_norms_mut(&mut |_, slot| {
+            slot.unmerge();
+        });
     }
 
     /// Merges the active adapters and removes all adapters: the plain model,
     /// with `W' = W + ΔW` (LoRA) or `W ⊙ l` ((IA)³), and the active
-    /// adapter's copies (`modules_to_save`) in place of their layers.
+    /// adapter's copies (`modules_to_save`, LN tuning's norms) in place of
+    /// their layers.
     pub fn merge_and_unload(mut self) -> Result<M> {
         self.merge_adapter()?;
         self.strip();
@@ -310,7 +353,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
 
     /// Removes all adapters without merging: the base model, except that
     /// the active adapter's copies (`modules_to_save`: a trained head) take
-    /// the place of their layers, as PEFT's `unload` leaves them.
+    /// the place of their layers, as PEFT's `unload` leaves them (LN
+    /// tuning's copies of norm layers do not: PEFT's `unload` gives the
+    /// base norm back).
     pub fn unload(mut self) -> M {
         self.unmerge_adapter();
         let active = self.active.clone();
@@ -334,6 +379,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             slot.remove_all::<ModuleCopyEntry<B>>();
             slot.state = Default::default();
         });
+        self.model.visit_norms_mut(&mut |_, slot| slot.clear());
     }
 
     /// Trainable and total parameters (PEFT's `get_nb_trainable_parameters`).
@@ -377,6 +423,10 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             K::write_tensors(config, slot, path, name, &mut tensors);
             write_copy(slot, path, name, &mut tensors);
         });
+        if let Some(key) = config.norm_copy_key() {
+            self.model
+                .visit_norms(&mut |path, slot| slot.write_copy(path, key, name, &mut tensors));
+        }
         K::write_shared(config, &mut tensors);
         Ok(tensors)
     }
@@ -423,6 +473,13 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 filled = read_copy(slot, path, name, &mut tensors, &file);
             }
         });
+        if let Some(key) = config.norm_copy_key() {
+            self.model.visit_norms_mut(&mut |path, slot| {
+                if filled.is_ok() && paths.iter().any(|p| p == path) {
+                    filled = slot.read_copy(path, key, name, &mut tensors, &file);
+                }
+            });
+        }
         let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.delete_adapter(name)?;
@@ -450,6 +507,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
 /// Removes entry `name` (of any kind) from every slot, unmerging it first.
 fn remove_everywhere<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
     model.visit_linears_mut(&mut |_, slot| {
+        slot.remove(name);
+    });
+    model.visit_norms_mut(&mut |_, slot| {
         slot.remove(name);
     });
 }

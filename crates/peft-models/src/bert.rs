@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
-use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
+use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::attention::{attend, attend_real, padding_mask, positions, split_heads};
@@ -482,6 +482,38 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
         }
         if let Some(c) = &mut self.classifier {
             f("classifier", c);
+        }
+    }
+
+    fn visit_norms(&self, f: &mut dyn FnMut(&str, &NormSlot<B>)) {
+        let pre = &self.prefix;
+        f(
+            &format!("{pre}embeddings.LayerNorm"),
+            &self.embeddings_norm.slot,
+        );
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("{pre}encoder.layer.{i}");
+            f(
+                &format!("{p}.attention.output.LayerNorm"),
+                &l.attention_norm.slot,
+            );
+            f(&format!("{p}.output.LayerNorm"), &l.output_norm.slot);
+        }
+    }
+
+    fn visit_norms_mut(&mut self, f: &mut dyn FnMut(&str, &mut NormSlot<B>)) {
+        let pre = self.prefix.clone();
+        f(
+            &format!("{pre}embeddings.LayerNorm"),
+            &mut self.embeddings_norm.slot,
+        );
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("{pre}encoder.layer.{i}");
+            f(
+                &format!("{p}.attention.output.LayerNorm"),
+                &mut l.attention_norm.slot,
+            );
+            f(&format!("{p}.output.LayerNorm"), &mut l.output_norm.slot);
         }
     }
 

@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, RmsNorm, RmsNormConfig};
+use burn::nn::Embedding;
 
-use crate::norm::LayerNorm;
+use crate::norm::{LayerNorm, RmsNorm};
 use burn::tensor::backend::Backend;
 use peft_core::io::{read_safetensors, HostTensor};
 use peft_core::{LinearSlot, PeftError, Result};
@@ -217,24 +217,15 @@ impl<'d, B: Backend> Checkpoint<'d, B> {
 
     /// A LayerNorm with `weight`/`bias` under `path`.
     pub fn layer_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<LayerNorm<B>> {
-        let mut ln = LayerNorm::new(d, eps, self.device);
-        ln.gamma = self
-            .param(&format!("{path}.weight"), [d])?
-            .set_require_grad(false);
-        ln.beta = Some(
-            self.param(&format!("{path}.bias"), [d])?
-                .set_require_grad(false),
-        );
-        Ok(ln)
+        let weight = self.param(&format!("{path}.weight"), [d])?.val();
+        let bias = self.param(&format!("{path}.bias"), [d])?.val();
+        Ok(LayerNorm::from_params(weight, Some(bias), eps))
     }
 
     /// An RMSNorm with `weight` under `path`.
     pub fn rms_norm(&mut self, path: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
-        let mut n = RmsNormConfig::new(d).with_epsilon(eps).init(self.device);
-        n.gamma = self
-            .param(&format!("{path}.weight"), [d])?
-            .set_require_grad(false);
-        Ok(n)
+        let weight = self.param(&format!("{path}.weight"), [d])?.val();
+        Ok(RmsNorm::from_params(weight, eps))
     }
 
     /// Fails if tensors remain that no module took (ignoring recomputed buffers).

@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
-use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
+use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::attention::{attend, decoder_mask, positions, row_positions, split_heads, tied_head};
@@ -338,6 +338,24 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
         if let Some(s) = &mut self.score {
             f("score", s);
         }
+    }
+
+    fn visit_norms(&self, f: &mut dyn FnMut(&str, &NormSlot<B>)) {
+        for (i, blk) in self.h.iter().enumerate() {
+            let p = format!("{}h.{i}", self.prefix);
+            f(&format!("{p}.ln_1"), &blk.ln_1.slot);
+            f(&format!("{p}.ln_2"), &blk.ln_2.slot);
+        }
+        f(&format!("{}ln_f", self.prefix), &self.ln_f.slot);
+    }
+
+    fn visit_norms_mut(&mut self, f: &mut dyn FnMut(&str, &mut NormSlot<B>)) {
+        for (i, blk) in self.h.iter_mut().enumerate() {
+            let p = format!("{}h.{i}", self.prefix);
+            f(&format!("{p}.ln_1"), &mut blk.ln_1.slot);
+            f(&format!("{p}.ln_2"), &mut blk.ln_2.slot);
+        }
+        f(&format!("{}ln_f", self.prefix), &mut self.ln_f.slot);
     }
 
     fn model_type(&self) -> Option<&str> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::attention::Hook;
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -15,7 +15,7 @@ use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::quant::QuantizedMatrix;
 use peft_core::slot::LinearSlotConfig;
-use peft_core::{LinearSlot, ModelDims, ModelInput, PeftError, PeftModel, Result};
+use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
 use serde::Deserialize;
 
 use crate::activation::swiglu;
@@ -23,7 +23,7 @@ use crate::attention::{attend, decoder_mask, split_heads, tied_head};
 use crate::checkpoint::{check_dims, read_config, Checkpoint};
 use crate::generate::{CausalLm, KvCache, LayerCache};
 use crate::gguf::{Gguf, MetaValue};
-use crate::norm::rms_norm;
+use crate::norm::RmsNorm;
 use peft_core::io::HostTensor;
 
 /// RoPE settings as transformers ≥ 5 writes them.
@@ -252,7 +252,7 @@ impl<B: Backend> LlamaLayer<B> {
         cache: Option<&mut LayerCache<B>>,
         hook: Hook<'_, B>,
     ) -> Tensor<B, 3> {
-        let h = rms_norm(&self.input_layernorm, x.clone());
+        let h = self.input_layernorm.forward(x.clone());
         let q = split_heads(self.q_proj.forward(h.clone()), config.num_attention_heads);
         let k = split_heads(self.k_proj.forward(h.clone()), config.kv_heads());
         let v = split_heads(self.v_proj.forward(h), config.kv_heads());
@@ -262,7 +262,7 @@ impl<B: Backend> LlamaLayer<B> {
         let attn = attend(q, k, v, Some(mask.clone()));
         let (hook, i) = (hook.map(|h| h.0), hook.map_or(0, |h| h.1));
         let x = join(hook, AfterAttention, i, self.o_proj.forward(attn), x, None);
-        let h = rms_norm(&self.post_attention_layernorm, x.clone());
+        let h = self.post_attention_layernorm.forward(x.clone());
         let ff = swiglu(self.gate_proj.forward(h.clone()), self.up_proj.forward(h));
         join(
             hook,
@@ -317,11 +317,7 @@ impl LlamaConfig {
                 .with_bias(bias)
                 .init::<B>(device)
         };
-        let norm = || {
-            RmsNormConfig::new(d)
-                .with_epsilon(self.rms_norm_eps)
-                .init::<B>(device)
-        };
+        let norm = || RmsNorm::new(d, self.rms_norm_eps, device);
         let (ab, mb) = (self.attention_bias, self.mlp_bias);
         let layers = (0..self.num_hidden_layers)
             .map(|_| LlamaLayer {
@@ -451,7 +447,7 @@ impl<B: Backend> Llama<B> {
     /// Final norm and output head: logits `[b, t, vocab]` of the last
     /// hidden states `[b, t, d]`.
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = rms_norm(&self.norm, x);
+        let h = self.norm.forward(x);
         if let Some(score) = &self.score {
             return score.forward(h);
         }
@@ -596,6 +592,7 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
             trainable += s.trainable_params();
             quantized += s.quantized_params();
         });
+        self.visit_norms(&mut |_, s| trainable += s.trainable_params());
         peft_core::ParamCount {
             trainable,
             all: self.num_params() + quantized,
@@ -638,6 +635,30 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
         if let Some(s) = &mut self.score {
             f("score", s);
         }
+    }
+
+    fn visit_norms(&self, f: &mut dyn FnMut(&str, &NormSlot<B>)) {
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.input_layernorm"), &l.input_layernorm.slot);
+            f(
+                &format!("{p}.post_attention_layernorm"),
+                &l.post_attention_layernorm.slot,
+            );
+        }
+        f("model.norm", &self.norm.slot);
+    }
+
+    fn visit_norms_mut(&mut self, f: &mut dyn FnMut(&str, &mut NormSlot<B>)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.input_layernorm"), &mut l.input_layernorm.slot);
+            f(
+                &format!("{p}.post_attention_layernorm"),
+                &mut l.post_attention_layernorm.slot,
+            );
+        }
+        f("model.norm", &mut self.norm.slot);
     }
 
     fn model_type(&self) -> Option<&str> {
@@ -788,12 +809,8 @@ impl<B: Backend> Llama<B> {
             Ok(LinearSlot::from_weights(w, None))
         };
         let norm = |name: &str| -> Result<RmsNorm<B>> {
-            let mut n = RmsNormConfig::new(d)
-                .with_epsilon(config.rms_norm_eps)
-                .init(device);
-            n.gamma = Param::from_tensor(param(name, vec![d])?.to_tensor([d], name, device)?)
-                .set_require_grad(false);
-            Ok(n)
+            let gamma = param(name, vec![d])?.to_tensor([d], name, device)?;
+            Ok(RmsNorm::from_params(gamma, config.rms_norm_eps))
         };
         // Not `with_capacity`: the layer count is what a file claims.
         let mut layers = Vec::new();

@@ -3,13 +3,13 @@
 //! `other/`, and `expected.safetensors` with the logits of every state) is
 //! held to PEFT in every state a [`SlotModel`] has, for any [`SlotMethod`].
 
-use burn::module::{AutodiffModule, ModuleDisplay};
+use burn::module::{AutodiffModule, ModuleDisplay, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use peft_core::compare::{self, Tolerance};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::{LinearSlot, PeftModel, SlotMethod, SlotModel};
+use peft_core::{LinearSlot, NormSlot, PeftModel, SlotMethod, SlotModel};
 
 use crate::fixtures::{assert_close, max_diff, temp_dir, FixtureCase};
 
@@ -81,6 +81,12 @@ pub fn check_slot_method_case<B: Backend, M: PeftModel<B> + Clone, K: SlotMethod
                 v.push(HostTensor::from_tensor(b.val()));
             }
         });
+        m.visit_norms(&mut |_, s| {
+            v.push(HostTensor::from_tensor(s.weight.val()));
+            if let Some(b) = &s.bias {
+                v.push(HostTensor::from_tensor(b.val()));
+            }
+        });
         v
     };
     let before = weights(&adapted.model);
@@ -120,9 +126,7 @@ pub fn check_slot_method_case<B: Backend, M: PeftModel<B> + Clone, K: SlotMethod
         let loaded = SlotModel::<B, M, K>::from_pretrained(base_model.clone(), &c.dir).unwrap();
         let unloaded = loaded.unload();
         assert_close("unload", &run(&unloaded), c.want("logits_unload"));
-        let mut entries = 0;
-        unloaded.visit_linears(&mut |_, s| entries += s.entries.len());
-        assert_eq!(entries, 0, "unload left entries behind");
+        assert_eq!(entry_count(&unloaded), 0, "unload left entries behind");
     }
 
     adapted.delete_adapter("other").unwrap();
@@ -273,18 +277,53 @@ pub fn check_bad_shape_refused<B: Backend, M: PeftModel<B>, K: SlotMethod>(
     let err = adapted.load_adapter(&dir, "bad").unwrap_err();
     assert!(err.to_string().contains(key), "{err}");
     assert!(adapted.adapter_names().is_empty());
-    let mut entries = 0;
-    adapted
-        .model
-        .visit_linears(&mut |_, s| entries += s.entries.len());
-    assert_eq!(entries, 0, "a refused file left entries behind");
+    assert_eq!(
+        entry_count(&adapted.model),
+        0,
+        "a refused file left entries behind"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Adapter entries on the linear slots and copies on the norm slots of `m`.
+pub fn entry_count<B: Backend, M: PeftModel<B>>(m: &M) -> usize {
+    let mut entries = 0;
+    m.visit_linears(&mut |_, s| entries += s.entries.len());
+    m.visit_norms(&mut |_, s| entries += s.copies.len());
+    entries
 }
 
 /// The gradients of one entry's trained tensors, by the key suffix PEFT
 /// names each under (`oft_R.weight`): what [`check_gradients`] asks of a
 /// kind; `None` where the slot has no entry of that name.
 pub type EntryGradients = Vec<(&'static str, Option<HostTensor>)>;
+
+/// The gradients of adapter `name`'s copy of a norm layer, under LN
+/// tuning's keys (`ln_tuning_layers.weight`, `.bias`): the
+/// `entry_gradients` of [`check_gradients`] for norm copies; `None` where
+/// the slot has no copy of that name.
+pub fn norm_copy_gradients<B: AutodiffBackend>(
+    slot: &NormSlot<B>,
+    name: &str,
+    grads: &B::Gradients,
+) -> Option<EntryGradients> {
+    let copy = slot.copy(name)?;
+    let grad = |p: &Param<Tensor<B, 1>>| p.grad(grads).map(HostTensor::from_tensor);
+    let mut out = vec![("ln_tuning_layers.weight", grad(&copy.weight))];
+    if let Some(b) = &copy.bias {
+        out.push(("ln_tuning_layers.bias", grad(b)));
+    }
+    Some(out)
+}
+
+/// Where [`check_gradients`] finds an adapter's trained tensors: on the
+/// linear slots (by entry kind) or on the norm slots (LN tuning).
+pub enum GradientSite<B: AutodiffBackend> {
+    /// An entry kind's gradients on a linear slot.
+    Linear(fn(&LinearSlot<B>, &str, &B::Gradients) -> Option<EntryGradients>),
+    /// A norm copy's gradients ([`norm_copy_gradients`]).
+    Norm,
+}
 
 /// The training loss of fixture `arch/case` (`default` active, `other`
 /// loaded) equals PEFT's `train_loss`, and the gradient of every tensor
@@ -297,7 +336,7 @@ pub fn check_gradients<B, M, K>(
     model: M,
     loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
     device: &B::Device,
-    entry_gradients: impl Fn(&LinearSlot<B>, &str, &B::Gradients) -> Option<EntryGradients>,
+    site: GradientSite<B>,
 ) where
     B: AutodiffBackend,
     M: PeftModel<B> + AutodiffModule<B>,
@@ -317,16 +356,27 @@ pub fn check_gradients<B, M, K>(
     // softmax saturates): the case's tolerance floors them.
     let tol = c.gradient_tolerance();
     let mut checked = 0;
-    adapted.model.visit_linears(&mut |path, slot| {
-        assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base");
-        for (key, grad) in entry_gradients(slot, "other", &grads).unwrap_or_default() {
+    let mut check = |path: &str, of: &dyn Fn(&str) -> Option<EntryGradients>| {
+        for (key, grad) in of("other").unwrap_or_default() {
             assert!(grad.is_none(), "{path}.{key}: inactive `other` trained");
         }
-        for (key, grad) in entry_gradients(slot, "default", &grads).unwrap_or_default() {
+        for (key, grad) in of("default").unwrap_or_default() {
             let got = grad.unwrap_or_else(|| panic!("{path}.{key}: no gradient"));
             let want = c.want(&format!("grad.base_model.model.{path}.{key}"));
             compare::assert_close(&format!("{path}.{key}"), &got, want, tol);
             checked += 1;
+        }
+    };
+    adapted.model.visit_linears(&mut |path, slot| {
+        assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base");
+        if let GradientSite::Linear(entry_gradients) = &site {
+            check(path, &|name| entry_gradients(slot, name, &grads));
+        }
+    });
+    adapted.model.visit_norms(&mut |path, slot| {
+        assert!(slot.weight.grad(&grads).is_none(), "{path}: base norm");
+        if let GradientSite::Norm = &site {
+            check(path, &|name| norm_copy_gradients(slot, name, &grads));
         }
     });
     let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();

@@ -6,11 +6,10 @@
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::Param;
-use burn::nn::RmsNormConfig;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::compare::{check_close_slices, Tolerance};
-use peft_models::norm::{rms_norm, rms_norm_fused, LayerNorm};
+use peft_models::norm::{LayerNorm, RmsNorm};
 
 /// f32 against the f64 formulas, relative to each tensor's scale.
 const TOL: Tolerance = Tolerance::new(1e-5, 1e-7);
@@ -37,11 +36,9 @@ fn run<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Option<V
         Param::from_tensor(Tensor::<B, 1>::from_data(TensorData::new(v, [d]), &device))
             .set_require_grad(trained)
     };
-    let norm = LayerNorm {
-        gamma: param(values(d, 2)),
-        beta: Some(param(values(d, 3))),
-        epsilon: 1e-12,
-    };
+    let mut norm = LayerNorm::<B>::new(d, 1e-12, &device);
+    norm.slot.weight = param(values(d, 2));
+    norm.slot.bias = Some(param(values(d, 3)));
     let y = if fused {
         norm.forward_fused(&x)
             .expect("Autodiff<Flex> takes the fused kernel")
@@ -52,8 +49,8 @@ fn run<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Option<V
         );
         norm.forward(x.clone())
     };
-    let beta = norm.beta.as_ref().unwrap().val();
-    outputs(y, &x, &[norm.gamma.val(), beta])
+    let beta = norm.slot.bias.as_ref().unwrap().val();
+    outputs(y, &x, &[norm.slot.weight.val(), beta])
 }
 
 /// `y` and the gradients of `Σ w ⊙ y` (`w` fixed values) for `x` and
@@ -157,19 +154,20 @@ fn run_rms<B: AutodiffBackend>(d: usize, trained: bool, fused: bool) -> Vec<Opti
     let rows = 3 * 70;
     let x: Vec<f32> = values(rows * d, 1).iter().map(|v| v * 3.0 + 1.0).collect();
     let x = Tensor::<B, 3>::from_data(TensorData::new(x, [3, 70, d]), &device).require_grad();
-    let mut norm = RmsNormConfig::new(d).with_epsilon(1e-5).init::<B>(&device);
-    norm.gamma = Param::from_tensor(Tensor::from_data(
+    let mut norm = RmsNorm::<B>::new(d, 1e-5, &device);
+    norm.slot.weight = Param::from_tensor(Tensor::from_data(
         TensorData::new(values(d, 2), [d]),
         &device,
     ))
     .set_require_grad(trained);
     let y = if fused {
-        rms_norm_fused(&norm, &x).expect("Autodiff<Flex> takes the fused kernel")
+        norm.forward_fused(&x)
+            .expect("Autodiff<Flex> takes the fused kernel")
     } else {
-        assert!(rms_norm_fused(&norm, &x).is_none(), "only Flex is fused");
-        rms_norm(&norm, x.clone())
+        assert!(norm.forward_fused(&x).is_none(), "only Flex is fused");
+        norm.forward(x.clone())
     };
-    outputs(y, &x, &[norm.gamma.val()])
+    outputs(y, &x, &[norm.slot.weight.val()])
 }
 
 /// `y`, `dx`, `dgamma` of [`run_rms`] in f64 from the formulas.
@@ -214,19 +212,16 @@ fn the_fused_rms_norm_has_the_exact_outputs_and_gradients() {
         }
         // Without autodiff, Flex's fused forward pass.
         let device = Default::default();
-        let mut norm = RmsNormConfig::new(d)
-            .with_epsilon(1e-5)
-            .init::<Flex>(&device);
-        norm.gamma = Param::from_tensor(Tensor::from_data(
-            TensorData::new(values(d, 2), [d]),
-            &device,
-        ));
+        let norm = RmsNorm::<Flex>::from_params(
+            Tensor::from_data(TensorData::new(values(d, 2), [d]), &device),
+            1e-5,
+        );
         let x: Vec<f32> = values(3 * 70 * d, 1)
             .iter()
             .map(|v| v * 3.0 + 1.0)
             .collect();
         let x = Tensor::<Flex, 3>::from_data(TensorData::new(x, [3, 70, d]), &device);
-        let y = rms_norm_fused(&norm, &x).expect("Flex takes the fused kernel");
+        let y = norm.forward_fused(&x).expect("Flex takes the fused kernel");
         let y = y.into_data().to_vec::<f32>().unwrap();
         check_close_slices(&format!("RMS d {d}: Flex y"), &y, &want[0], TOL).unwrap();
     }

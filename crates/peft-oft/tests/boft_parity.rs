@@ -21,7 +21,7 @@ use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::{
     check_bad_shape_refused, check_gradients, check_slot_method_case, check_training_steps,
-    EntryGradients,
+    EntryGradients, GradientSite,
 };
 use peft_oft::{Boft, BoftConfig, BoftModel, MethodConfig};
 
@@ -256,7 +256,14 @@ fn fixture_labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
 
 fn gradients<B: AutodiffBackend>(d: &B::Device) {
     for case in ["boft", "boft_butterfly"] {
-        check_gradients::<B, _, Boft>("llama", case, llama::<B>(d), causal, d, boft_gradients);
+        check_gradients::<B, _, Boft>(
+            "llama",
+            case,
+            llama::<B>(d),
+            causal,
+            d,
+            GradientSite::Linear(boft_gradients),
+        );
     }
     check_gradients::<B, _, Boft>(
         "bert",
@@ -264,7 +271,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
         bert::<B>(d),
         |m, ids| classify(m, ids, fixture_labels(d)),
         d,
-        boft_gradients,
+        GradientSite::Linear(boft_gradients),
     );
 }
 

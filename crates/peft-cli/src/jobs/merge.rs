@@ -333,27 +333,11 @@ fn task_config(bytes: &[u8], head: &NewHead, path: &Path) -> Result<Vec<u8>> {
 /// A Llama's tensors under Hugging Face's names and layout (`[out, in]`).
 fn llama_hf_tensors<B: Backend>(m: &Llama<B>) -> Vec<(String, HostTensor)> {
     use peft_core::PeftModel;
-    let mut out = vec![
-        (
-            "model.embed_tokens.weight".to_string(),
-            HostTensor::from_tensor(m.embed_tokens.weight.val()),
-        ),
-        (
-            "model.norm.weight".to_string(),
-            HostTensor::from_tensor(m.norm.gamma.val()),
-        ),
-    ];
-    for (i, l) in m.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        out.push((
-            format!("{p}.input_layernorm.weight"),
-            HostTensor::from_tensor(l.input_layernorm.gamma.val()),
-        ));
-        out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            HostTensor::from_tensor(l.post_attention_layernorm.gamma.val()),
-        ));
-    }
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        HostTensor::from_tensor(m.embed_tokens.weight.val()),
+    )];
+    m.visit_norms(&mut |path, slot| out.extend(norm_tensors(path, slot)));
     m.visit_linears(&mut |path, slot| {
         out.push((
             format!("{path}.weight"),
@@ -472,6 +456,8 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
             updates.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
         }
     });
+    // Norm layers (an LN tuning adapter's merge swaps its copies in).
+    merged.visit_norms(&mut |path, slot| updates.extend(norm_tensors(path, slot)));
     std::fs::create_dir_all(t.out).map_err(|source| PeftError::Io {
         path: t.out.to_path_buf(),
         source,
@@ -570,4 +556,20 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     }
     changed.sort();
     Ok(changed)
+}
+
+/// A norm layer's base parameters under Hugging Face's names
+/// (`<path>.weight`, and `<path>.bias` for a LayerNorm).
+fn norm_tensors<B: Backend>(
+    path: &str,
+    slot: &peft_core::NormSlot<B>,
+) -> Vec<(String, HostTensor)> {
+    let mut out = vec![(
+        format!("{path}.weight"),
+        HostTensor::from_tensor(slot.weight.val()),
+    )];
+    if let Some(b) = &slot.bias {
+        out.push((format!("{path}.bias"), HostTensor::from_tensor(b.val())));
+    }
+    out
 }

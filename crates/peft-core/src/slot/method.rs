@@ -67,6 +67,14 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized + 'static {
         Ok(())
     }
 
+    /// `Some(key)` for a method that adapts norm layers instead of linear
+    /// ones (LN tuning): its targets are the model's norm paths, each
+    /// adapter keeps a trainable copy of each targeted norm
+    /// ([`NormSlot`](super::NormSlot)), saved under `<path>.<key>.weight`.
+    fn norm_copy_key(&self) -> Option<&'static str> {
+        None
+    }
+
     /// The method's name as `peft train --method` and messages give it
     /// (`lora`, `dora`, `ia3`, `loha`, `lokr`, `oft`).
     fn method_name(&self) -> &'static str;
@@ -335,6 +343,10 @@ impl<C: MethodConfig + Debug + Send + Sync + 'static> AdapterConfig for C {
         MethodConfig::check_beside(self, existing)
     }
 
+    fn norm_copy_key(&self) -> Option<&'static str> {
+        C::NORM_COPY_KEY
+    }
+
     fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
         MethodConfig::targets(self, path, output_layers)
     }
@@ -519,6 +531,13 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
         match self {
             OneOf::First(c) => c.targets(path, output_layers),
             OneOf::Second(c) => c.targets(path, output_layers),
+        }
+    }
+
+    fn norm_copy_key(&self) -> Option<&'static str> {
+        match self {
+            OneOf::First(c) => c.norm_copy_key(),
+            OneOf::Second(c) => c.norm_copy_key(),
         }
     }
 

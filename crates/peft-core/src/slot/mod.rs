@@ -25,11 +25,13 @@ mod delta;
 mod entry;
 mod forward;
 mod ia3;
+pub mod ln_tuning;
 mod loha;
 mod lokr;
 mod lora;
 pub mod method;
 mod module_copy;
+mod norm;
 mod oft;
 pub mod vera;
 
@@ -49,10 +51,12 @@ pub use boft::{butterfly_permutation, cayley_exact, BoftEntry, BoftMeta};
 pub use delta::{DeltaEntry, DeltaFactors, DeltaMeta};
 pub use entry::{EntryKind, SlotEntry};
 pub use ia3::{Ia3Entry, Ia3Meta};
+pub use ln_tuning::{LnTuning, LnTuningConfig};
 pub use loha::{LohaEntry, LohaFactors};
 pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
 pub use lora::{column_norm, BaseSplit, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
+pub use norm::{NormCopy, NormParams, NormSlot, NormSlotState};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
 pub use vera::{Vera, VeraConfig, VeraEntry};
 
