@@ -3,8 +3,10 @@
 classification (`task_type="SEQ_CLS"`) under fixtures/bert/seqcls_<method>/
 (PEFT puts the head, `classifier`, and `score` where a model has one, in
 `modules_to_save`, so every such adapter carries a trained full copy of the
-head beside its method's tensors), and a causal LM whose LoRA adapter
-trains a copy of `lm_head` under fixtures/llama/lora_lm_head/.
+head beside its method's tensors), a causal LM whose LoRA adapter
+trains a copy of `lm_head` under fixtures/llama/lora_lm_head/, and LoRA
+adapters that train copies of norm layers (every RMSNorm of the tiny Llama,
+GPT-2's final LayerNorm) under fixtures/{llama,gpt2}/lora_norms/.
 
 Reference environment as for make_fixtures.py (not needed in CI):
     ref/bin/python scripts/make_seqcls_fixtures.py [seqcls_lora|lora_lm_head ...]
@@ -51,6 +53,13 @@ CASES = {
     # The tiny Llama's untied head (64 x 16) copied beside LoRA on q/v.
     "lora_lm_head": ("llama", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                modules_to_save=["lm_head"], task_type="CAUSAL_LM"), 0.05),
+    # Copies of norm layers: PEFT's rule is a plain suffix, so "norm" names
+    # the tiny Llama's five RMSNorms (input_layernorm, post_attention_
+    # layernorm, model.norm); GPT-2's final LayerNorm (scale and shift).
+    "lora_norms@llama": ("llama", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   modules_to_save=["norm"], task_type="CAUSAL_LM"), 0.05),
+    "lora_norms@gpt2": ("gpt2", LoraConfig, dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                 modules_to_save=["ln_f"], task_type="CAUSAL_LM"), 0.05),
 }
 
 
@@ -96,7 +105,10 @@ def write_case(case, arch, config_class, kwargs, lr):
     tensors["logits_mixed"] = torch.stack([per[n][i] for i, n in enumerate(names)])
     # PEFT's `adapter_names` covers plain LoRA only (its (IA)³ and LoHa
     # layers ignore it); the expectation is the single-adapter rows.
-    if config_class is LoraConfig and not kwargs.get("use_dora"):
+    # PEFT refuses a mixed batch through copies of norm layers ("Mixed
+    # batching is only supported for ... Linear, Embedding, Conv"); ours
+    # routes each row through its own copy, and is held to these rows.
+    if config_class is LoraConfig and not kwargs.get("use_dora") and not case.startswith("lora_norms"):
         peft_mixed = logits(peft_model, ids, adapter_names=names)
         assert torch.allclose(peft_mixed, tensors["logits_mixed"], atol=1e-5)
     peft_model.merge_adapter()

@@ -114,7 +114,7 @@ fn a_short_run_writes_what_eval_reads_back() {
     );
     assert!(jobs::inspect(&best).unwrap().contains("lora_A.weight"));
 
-    // (IA)³, LoHa, LoKr, OFT, BOFT (two butterfly factors), VeRA, AdaLoRA, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
+    // (IA)³, LoHa, LoKr, OFT, BOFT (two butterfly factors), VeRA, LN tuning (MiniLM's 13 LayerNorms), AdaLoRA, a bottleneck adapter, a prefix, a soft prompt and a P-tuning
     // LSTM (with encoder dropout) run through the same pipeline: the frozen
     // BERT, the method's parameters and the head (the slot methods' copy of
     // BERT's own, the others' a mean-pooled head of their own).
@@ -133,6 +133,10 @@ fn a_short_run_writes_what_eval_reads_back() {
             }),
         ),
         ("vera", Method::slot(peft_core::slot::VeraConfig::default())),
+        (
+            "ln_tuning",
+            Method::slot(peft_core::slot::LnTuningConfig::new(&["LayerNorm"])),
+        ),
         (
             "adalora",
             Method::slot(peft_lora::AdaLoraConfig {
@@ -190,7 +194,17 @@ fn a_short_run_writes_what_eval_reads_back() {
             _ => None,
         };
         let own_head = out.join("best/head.safetensors").is_file();
-        let slot_method = ["ia3", "loha", "lokr", "oft", "boft", "vera", "adalora"].contains(&name);
+        let slot_method = [
+            "ia3",
+            "loha",
+            "lokr",
+            "oft",
+            "boft",
+            "vera",
+            "ln_tuning",
+            "adalora",
+        ]
+        .contains(&name);
         assert_eq!(own_head, !slot_method, "{name}");
         if let Some(n) = virtual_params {
             assert_eq!(
@@ -667,7 +681,8 @@ fn ids_file(c: &peft_models::fixtures::FixtureCase, dir: &Path) -> PathBuf {
 /// GPT-2: `Conv1D` `[in, out]`; (IA)³ scaling the bias too; LoHa's
 /// Hadamard delta with rank and alpha patterns; LoKr's Kronecker delta
 /// with full and factored sides; OFT's shared-block rotation; VeRA's
-/// sliced projections, on Llama and GPT-2's Conv1D).
+/// sliced projections, on Llama and GPT-2's Conv1D; LN tuning's norms,
+/// Llama's RMSNorm scales and GPT-2's LayerNorm scales and shifts).
 #[test]
 fn forward_and_merge_reproduce_peft() {
     let dir = temp("merge");
@@ -682,6 +697,8 @@ fn forward_and_merge_reproduce_peft() {
         ("llama", "oft_custom"),
         ("llama", "vera_custom"),
         ("gpt2", "vera"),
+        ("llama", "ln_tuning"),
+        ("gpt2", "ln_tuning"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -703,6 +720,7 @@ fn forward_and_merge_reproduce_peft() {
             "lokr_w1",
             "oft_R",
             "vera_lambda_b",
+            "ln_tuning_layers",
         ]
         .into_iter()
         .find(|k| shown.contains(k));

@@ -5,11 +5,14 @@
 //! and give PEFT's logits in every state (two adapters, mixed batch,
 //! disabled, merged, `unload`), save byte-for-byte as PEFT's, and train as
 //! PEFT trains (gradient of the copy, two Adam steps). A LoRA adapter of
-//! the tiny Llama with `modules_to_save=["lm_head"]` does the same. And adapters a PEFT
+//! the tiny Llama with `modules_to_save=["lm_head"]` does the same, and so do
+//! LoRA adapters copying norm layers (the tiny Llama's RMSNorms, GPT-2's
+//! final LayerNorm; their mixed batch beyond PEFT's). And adapters a PEFT
 //! user trained on the real all-MiniLM-L6-v2
 //! (`scripts/make_minilm_seqcls_fixtures.py`) give PEFT's logits through
 //! `peft forward` and PEFT's accuracy through `peft eval`.
 
+use burn::module::Param;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::Ia3;
@@ -18,6 +21,7 @@ use peft_core::compare;
 use peft_core::io::HostTensor;
 use peft_core::slot::ModuleCopyEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, SlotMethod, SlotModel};
+use peft_core::{LinearSlot, LoraEntry};
 use peft_core::{LoraConfig, PeftError, PeftModel};
 use peft_lora::Lora;
 use peft_lycoris::Loha;
@@ -28,7 +32,9 @@ use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::seq_cls::ScoreHead;
-use peft_models::slot_parity::{check_slot_method_case, check_training_steps};
+use peft_models::slot_parity::{
+    check_gradients, check_slot_method_case, check_training_steps, EntryGradients,
+};
 
 /// The case's `input_ids` as the JSON rows `peft forward` reads, in
 /// `dir/ids.json`.
@@ -335,6 +341,22 @@ fn lora_lm_head<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Lora>("llama", "lora_lm_head", llama, logits, d);
 }
 
+fn gpt2<B: Backend>(d: &B::Device) -> Gpt2<B> {
+    Gpt2::load(&fixtures_dir().join("gpt2"), d).unwrap()
+}
+
+/// LoRA adapters keeping copies of norm layers (`modules_to_save`: the
+/// tiny Llama's five RMSNorms by PEFT's suffix rule, GPT-2's final
+/// LayerNorm with its shift), in every state; the mixed batch, which PEFT
+/// refuses through norm copies, routes each row through its own copies.
+fn lora_norms<B: Backend>(d: &B::Device) {
+    let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
+    let logits = |m: &Llama<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
+    check_slot_method_case::<B, _, Lora>("llama", "lora_norms", llama, logits, d);
+    let logits = |m: &Gpt2<B>, ids| HostTensor::from_tensor(m.forward(ids, None));
+    check_slot_method_case::<B, _, Lora>("gpt2", "lora_norms", gpt2::<B>(d), logits, d);
+}
+
 /// What a user can get wrong is a typed error naming it, and leaves the
 /// model as it was: `modules_to_save` naming no linear layer (listing
 /// them), a layer both targeted and copied, a copy of the wrong shape or
@@ -402,6 +424,7 @@ backend_tests!(
     seqcls_ia3,
     seqcls_loha,
     lora_lm_head,
+    lora_norms,
     llama_seqcls_lora,
     llama_seqcls_forward,
     gpt2_seqcls_lora,
@@ -464,7 +487,46 @@ fn check_head_gradients<B: AutodiffBackend, K: SlotMethod>(case: &str, d: &B::De
     );
 }
 
+/// LoRA's `lora_A` / `lora_B` gradients in PEFT's `[out, in]` layout.
+fn lora_gradients<B: AutodiffBackend>(
+    slot: &LinearSlot<B>,
+    name: &str,
+    grads: &B::Gradients,
+) -> Option<EntryGradients> {
+    let e = slot.entry::<LoraEntry<B>>(name)?;
+    let grad = |p: &Param<Tensor<B, 2>>| {
+        p.grad(grads)
+            .map(|g| HostTensor::from_tensor(g).transposed())
+    };
+    Some(vec![
+        ("lora_A.weight", grad(&e.a)),
+        ("lora_B.weight", grad(&e.b)),
+    ])
+}
+
 fn head_gradients<B: AutodiffBackend>(d: &B::Device) {
+    // The norm copies' gradients beside LoRA's.
+    let causal =
+        |m: &Llama<B>, ids: Tensor<B, 2, Int>| causal_lm_loss(m.forward(ids.clone(), None), ids);
+    let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
+    check_gradients::<B, _, Lora>(
+        "llama",
+        "lora_norms",
+        llama,
+        causal,
+        d,
+        Some(lora_gradients),
+    );
+    let causal =
+        |m: &Gpt2<B>, ids: Tensor<B, 2, Int>| causal_lm_loss(m.forward(ids.clone(), None), ids);
+    check_gradients::<B, _, Lora>(
+        "gpt2",
+        "lora_norms",
+        gpt2::<B>(d),
+        causal,
+        d,
+        Some(lora_gradients),
+    );
     check_head_gradients::<B, Lora>("seqcls_lora", d);
     check_head_gradients::<B, Lora>("seqcls_dora", d);
     check_head_gradients::<B, Ia3>("seqcls_ia3", d);
@@ -483,6 +545,11 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
     let lm_step =
         |m: &Llama<B>, ids: Tensor<B, 2, Int>, _| causal_lm_loss(m.forward(ids.clone(), None), ids);
     check_training_steps::<B, _, Lora>("llama", "lora_lm_head", llama, lm_step, d);
+    let llama = Llama::load(&fixtures_dir().join("llama"), d).unwrap();
+    check_training_steps::<B, _, Lora>("llama", "lora_norms", llama, lm_step, d);
+    let gpt2_lm_step =
+        |m: &Gpt2<B>, ids: Tensor<B, 2, Int>, _| causal_lm_loss(m.forward(ids.clone(), None), ids);
+    check_training_steps::<B, _, Lora>("gpt2", "lora_norms", gpt2::<B>(d), gpt2_lm_step, d);
     let cls_step = |m: &Llama<B>, ids, labels: Option<_>| {
         cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels"))
     };

@@ -1082,12 +1082,13 @@ fn classify_with_score_head(arch: &str) {
     std::fs::remove_dir_all(&model).unwrap();
 }
 
-/// BOFT (two butterfly factors) and AdaLoRA adapters, served beside each
-/// other and the base on the tiny Llama: each request, alone and with the
-/// others at once (one decode batch, each row through its own adapter),
-/// gives `peft generate`'s greedy text.
+/// BOFT (two butterfly factors), AdaLoRA and LN tuning adapters, served
+/// beside each other and the base on the tiny Llama: each request, alone
+/// and with the others at once (one decode batch, each row through its own
+/// adapter, LN tuning's rows through their own RMSNorm scales), gives
+/// `peft generate`'s greedy text.
 #[test]
-fn serves_boft_and_adalora_adapters_in_one_batch() {
+fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
     let model = tiny_model_folder("llama");
     let dir = peft_models::fixtures::temp_dir("serve-boft-adalora");
     let boft = peft_oft::BoftConfig {
@@ -1101,6 +1102,32 @@ fn serves_boft_and_adalora_adapters_in_one_batch() {
     let base = || Llama::<B>::load(&model, &Default::default()).unwrap();
     write_adapter(base(), Method::slot(boft), 11, &dir.join("boft"));
     write_adapter(base(), Method::slot(adalora), 12, &dir.join("adalora"));
+    // PEFT's trained LN tuning adapter of this Llama, its norms scaled
+    // further apart from the base's so that the greedy text changes.
+    let peft_ln = peft_models::fixtures::fixtures_dir().join("llama/ln_tuning/other");
+    let ln = dir.join("ln_tuning");
+    std::fs::create_dir_all(&ln).unwrap();
+    std::fs::copy(
+        peft_ln.join("adapter_config.json"),
+        ln.join("adapter_config.json"),
+    )
+    .unwrap();
+    let scaled: Vec<(String, peft_core::io::HostTensor)> =
+        peft_core::io::read_safetensors(&peft_ln.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, mut t)| {
+                for (i, v) in t.data.iter_mut().enumerate() {
+                    *v *= 1.0 + 0.8 * (i as f32).sin();
+                }
+                (k, t)
+            })
+            .collect();
+    std::fs::write(
+        ln.join("adapter_model.safetensors"),
+        peft_core::io::serialize_safetensors(&scaled, None),
+    )
+    .unwrap();
     let prompt = "w7 w1 w12 w40 w2";
     let runs: Vec<(&str, String)> = vec![
         ("tiny", generated(&model, None, prompt, 12)),
@@ -1112,12 +1139,18 @@ fn serves_boft_and_adalora_adapters_in_one_batch() {
             "adalora",
             generated(&model, Some(&dir.join("adalora")), prompt, 12),
         ),
+        ("ln_tuning", generated(&model, Some(&ln), prompt, 12)),
     ];
     assert_ne!(runs[0].1, runs[1].1, "the BOFT adapter changes nothing");
     assert_ne!(runs[0].1, runs[2].1, "the AdaLoRA adapter changes nothing");
+    assert_ne!(
+        runs[0].1, runs[3].1,
+        "the LN tuning adapter changes nothing"
+    );
     let adapters = vec![
         ("boft".into(), dir.join("boft")),
         ("adalora".into(), dir.join("adalora")),
+        ("ln_tuning".into(), ln.clone()),
     ];
     let server = serving(model.clone(), adapters, "tiny");
     let c = Client::new(&server);

@@ -1,5 +1,7 @@
 //! PEFT's `modules_to_save` for every method: which layers an adapter
-//! keeps a trainable full copy of ([`ModuleCopyEntry`] on their slots), and
+//! keeps a trainable full copy of ([`ModuleCopyEntry`] on their linear
+//! slots; a [`NormCopyRole::Saved`](crate::slot::NormCopyRole) copy on
+//! their norm slots, whose file code is the norm slot's), and
 //! the copies in PEFT's file, under the layer's own keys
 //! (`base_model.model.classifier.weight`, `[out, in]`), as PEFT's
 //! `get_peft_model_state_dict` writes them.
@@ -13,38 +15,46 @@ use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, weight_from_torch, HostTensor, KEY_PREFIX};
 use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter};
 
-/// The linear layers (of `paths`) that `modules_to_save` names: PEFT's rule,
-/// a module whose name ends with an entry. None may also be a target of the
-/// adapter's method (`targets`). An entry list that names no linear layer
-/// is an error listing the layers (a SEQ_CLS adapter on a model without a
-/// head, or a copy of an embedding or norm, which only linear layers get
-/// so far).
+/// The layers that `modules_to_save` names, linear (of `linears`) and
+/// norm (of `norms`): PEFT's rule, a module whose name ends with an entry.
+/// None may also be a target of the adapter's method (`targets`). An entry
+/// list that names no such layer is an error listing them (a SEQ_CLS
+/// adapter on a model without a head, or a copy of an embedding, which is
+/// not supported yet).
 pub fn copy_plan(
     modules_to_save: &[String],
-    paths: &[String],
+    linears: &[String],
+    norms: &[String],
     targets: &[String],
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<String>)> {
     if modules_to_save.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
-    let copies: Vec<String> = paths
-        .iter()
-        .filter(|p| modules_to_save.iter().any(|m| p.ends_with(m.as_str())))
-        .cloned()
-        .collect();
-    if copies.is_empty() {
+    let named = |paths: &[String]| -> Vec<String> {
+        paths
+            .iter()
+            .filter(|p| modules_to_save.iter().any(|m| p.ends_with(m.as_str())))
+            .cloned()
+            .collect()
+    };
+    let (linear_copies, norm_copies) = (named(linears), named(norms));
+    if linear_copies.is_empty() && norm_copies.is_empty() {
         return Err(PeftError::Config(format!(
-            "modules_to_save {modules_to_save:?} names no linear layer of this model (only linear \
-             layers can be copied; a sequence-classification adapter needs a model with its \
-             head); its linear layers: {paths:?}"
+            "modules_to_save {modules_to_save:?} names no linear or norm layer of this model \
+             (only those can be copied; a sequence-classification adapter needs a model with \
+             its head); its linear layers: {linears:?}; its norm layers: {norms:?}"
         )));
     }
-    if let Some(both) = copies.iter().find(|p| targets.contains(p)) {
+    let both = linear_copies
+        .iter()
+        .chain(&norm_copies)
+        .find(|p| targets.contains(p));
+    if let Some(both) = both {
         return Err(PeftError::Config(format!(
             "`{both}` is both a target of the adapter and in modules_to_save {modules_to_save:?}"
         )));
     }
-    Ok(copies)
+    Ok((linear_copies, norm_copies))
 }
 
 /// Attaches adapter `name`'s copy of `slot`'s layer (module `path`).

@@ -31,7 +31,7 @@ use crate::modules_to_save::{
     attach_copy, check_one_copy_active, copy_plan, read_copy, write_copy,
 };
 use crate::slot::method::{AdapterConfig, Init, SlotMethod};
-use crate::slot::ModuleCopyEntry;
+use crate::slot::{ModuleCopyEntry, NormCopyRole};
 use crate::{routing, ParamCount, BASE_ROW, DEFAULT_ADAPTER};
 
 pub use crate::io::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
@@ -116,9 +116,10 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         }
         let outputs = self.model.output_layers();
         let paths = self.model.linear_paths();
+        let norms = self.model.norm_paths();
         // A method adapts linear layers, or (LN tuning) norm layers.
         let candidates = match config.norm_copy_key() {
-            Some(_) => self.model.norm_paths(),
+            Some(_) => norms.clone(),
             None => paths.clone(),
         };
         let mut targets = Vec::new();
@@ -137,7 +138,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             Some(_) => (Vec::new(), targets),
             None => (targets, Vec::new()),
         };
-        let copies = copy_plan(config.modules_to_save(), &paths, &plan)?;
+        let targeted: Vec<String> = plan.iter().chain(&norm_plan).cloned().collect();
+        let (copies, norm_copies) = copy_plan(config.modules_to_save(), &paths, &norms, &targeted)?;
         let mut dims = Vec::with_capacity(plan.len());
         let mut next = plan.iter().peekable();
         self.model.visit_linears(&mut |path, slot| {
@@ -156,9 +158,15 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 result = attach_copy(slot, path, name);
             }
         });
+        let tuned = config.norm_copy_key().map(NormCopyRole::Tuned);
         self.model.visit_norms_mut(&mut |path, slot| {
-            if result.is_ok() && norm_plan.iter().any(|p| p == path) {
-                result = slot.add_copy(name);
+            let role = match (norm_plan.iter().any(|p| p == path), tuned) {
+                (true, Some(role)) => Some(role),
+                _ if norm_copies.iter().any(|p| p == path) => Some(NormCopyRole::Saved),
+                _ => None,
+            };
+            if let (Some(role), true) = (role, result.is_ok()) {
+                result = slot.add_copy(name, role);
             }
         });
         if let Err(e) = result {
@@ -367,6 +375,13 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 }
             }
         });
+        self.model.visit_norms_mut(&mut |_, slot| {
+            for n in &active {
+                if slot.copy(n).is_some_and(|c| c.role == NormCopyRole::Saved) {
+                    slot.merge(n);
+                }
+            }
+        });
         self.strip();
         self.model
     }
@@ -423,10 +438,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             K::write_tensors(config, slot, path, name, &mut tensors);
             write_copy(slot, path, name, &mut tensors);
         });
-        if let Some(key) = config.norm_copy_key() {
-            self.model
-                .visit_norms(&mut |path, slot| slot.write_copy(path, key, name, &mut tensors));
-        }
+        self.model
+            .visit_norms(&mut |path, slot| slot.write_copy(path, name, &mut tensors));
         K::write_shared(config, &mut tensors);
         Ok(tensors)
     }
@@ -473,13 +486,11 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 filled = read_copy(slot, path, name, &mut tensors, &file);
             }
         });
-        if let Some(key) = config.norm_copy_key() {
-            self.model.visit_norms_mut(&mut |path, slot| {
-                if filled.is_ok() && paths.iter().any(|p| p == path) {
-                    filled = slot.read_copy(path, key, name, &mut tensors, &file);
-                }
-            });
-        }
+        self.model.visit_norms_mut(&mut |path, slot| {
+            if filled.is_ok() {
+                filled = slot.read_copy(path, name, &mut tensors, &file);
+            }
+        });
         let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.delete_adapter(name)?;

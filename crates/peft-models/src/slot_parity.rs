@@ -9,6 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use peft_core::compare::{self, Tolerance};
 use peft_core::io::{read_safetensors, HostTensor};
+use peft_core::slot::NormCopyRole;
 use peft_core::{LinearSlot, NormSlot, PeftModel, SlotMethod, SlotModel};
 
 use crate::fixtures::{assert_close, max_diff, temp_dir, FixtureCase};
@@ -298,45 +299,50 @@ pub fn entry_count<B: Backend, M: PeftModel<B>>(m: &M) -> usize {
 /// kind; `None` where the slot has no entry of that name.
 pub type EntryGradients = Vec<(&'static str, Option<HostTensor>)>;
 
-/// The gradients of adapter `name`'s copy of a norm layer, under LN
-/// tuning's keys (`ln_tuning_layers.weight`, `.bias`): the
-/// `entry_gradients` of [`check_gradients`] for norm copies; `None` where
-/// the slot has no copy of that name.
-pub fn norm_copy_gradients<B: AutodiffBackend>(
+/// Gradients by the key suffix PEFT names each under, owned.
+type KeyedGradients = Vec<(String, Option<HostTensor>)>;
+
+/// What [`check_gradients`] asks of an entry kind on a linear slot: the
+/// gradients of adapter `name`'s entry, `None` where it has none there.
+pub type LinearGradients<B> =
+    fn(&LinearSlot<B>, &str, &<B as AutodiffBackend>::Gradients) -> Option<EntryGradients>;
+
+/// The gradients of adapter `name`'s copy of a norm layer, under the keys
+/// PEFT names them (LN tuning's `ln_tuning_layers.weight` / `.bias`,
+/// `modules_to_save`'s `weight` / `bias`); `None` where the slot has no
+/// copy of that name.
+fn norm_copy_gradients<B: AutodiffBackend>(
     slot: &NormSlot<B>,
     name: &str,
     grads: &B::Gradients,
-) -> Option<EntryGradients> {
+) -> Option<KeyedGradients> {
     let copy = slot.copy(name)?;
+    let key = |part: &str| match copy.role {
+        NormCopyRole::Tuned(key) => format!("{key}.{part}"),
+        NormCopyRole::Saved => part.to_string(),
+    };
     let grad = |p: &Param<Tensor<B, 1>>| p.grad(grads).map(HostTensor::from_tensor);
-    let mut out = vec![("ln_tuning_layers.weight", grad(&copy.weight))];
+    let mut out = vec![(key("weight"), grad(&copy.weight))];
     if let Some(b) = &copy.bias {
-        out.push(("ln_tuning_layers.bias", grad(b)));
+        out.push((key("bias"), grad(b)));
     }
     Some(out)
 }
 
-/// Where [`check_gradients`] finds an adapter's trained tensors: on the
-/// linear slots (by entry kind) or on the norm slots (LN tuning).
-pub enum GradientSite<B: AutodiffBackend> {
-    /// An entry kind's gradients on a linear slot.
-    Linear(fn(&LinearSlot<B>, &str, &B::Gradients) -> Option<EntryGradients>),
-    /// A norm copy's gradients ([`norm_copy_gradients`]).
-    Norm,
-}
-
 /// The training loss of fixture `arch/case` (`default` active, `other`
 /// loaded) equals PEFT's `train_loss`, and the gradient of every tensor
-/// `entry_gradients` gives for `default` equals PEFT's
-/// `grad.base_model.model.<path>.<suffix>`; the base and every tensor of
-/// the inactive `other` get none, and every PEFT gradient is compared.
+/// `linear` gives for `default`'s entries (none: a method without linear
+/// entries, LN tuning), and of `default`'s copies of norm layers, equals
+/// PEFT's `grad.base_model.model.<path>.<suffix>`; the base and every
+/// tensor of the inactive `other` get none, and every PEFT gradient is
+/// compared.
 pub fn check_gradients<B, M, K>(
     arch: &str,
     case: &str,
     model: M,
     loss_fn: impl Fn(&M, Tensor<B, 2, Int>) -> Tensor<B, 1>,
     device: &B::Device,
-    site: GradientSite<B>,
+    linear: Option<LinearGradients<B>>,
 ) where
     B: AutodiffBackend,
     M: PeftModel<B> + AutodiffModule<B>,
@@ -356,7 +362,7 @@ pub fn check_gradients<B, M, K>(
     // softmax saturates): the case's tolerance floors them.
     let tol = c.gradient_tolerance();
     let mut checked = 0;
-    let mut check = |path: &str, of: &dyn Fn(&str) -> Option<EntryGradients>| {
+    let mut check = |path: &str, of: &dyn Fn(&str) -> Option<KeyedGradients>| {
         for (key, grad) in of("other").unwrap_or_default() {
             assert!(grad.is_none(), "{path}.{key}: inactive `other` trained");
         }
@@ -369,15 +375,16 @@ pub fn check_gradients<B, M, K>(
     };
     adapted.model.visit_linears(&mut |path, slot| {
         assert!(slot.base.weight.grad(&grads).is_none(), "{path}: base");
-        if let GradientSite::Linear(entry_gradients) = &site {
-            check(path, &|name| entry_gradients(slot, name, &grads));
+        if let Some(entry_gradients) = linear {
+            check(path, &|name| {
+                let named = entry_gradients(slot, name, &grads)?;
+                Some(named.into_iter().map(|(k, g)| (k.to_string(), g)).collect())
+            });
         }
     });
     adapted.model.visit_norms(&mut |path, slot| {
         assert!(slot.weight.grad(&grads).is_none(), "{path}: base norm");
-        if let GradientSite::Norm = &site {
-            check(path, &|name| norm_copy_gradients(slot, name, &grads));
-        }
+        check(path, &|name| norm_copy_gradients(slot, name, &grads));
     });
     let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();
     assert!(expected > 0, "the fixture has gradients");

@@ -19,7 +19,7 @@ use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::{
-    check_gradients, check_slot_method_case, check_training_steps, EntryGradients, GradientSite,
+    check_gradients, check_slot_method_case, check_training_steps, EntryGradients,
 };
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
@@ -216,7 +216,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
             llama::<B>(d),
             |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
             d,
-            GradientSite::Linear(vera_gradients),
+            Some(vera_gradients),
         );
     }
     check_gradients::<B, _, Vera>(
@@ -225,7 +225,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
         gpt2::<B>(d),
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
         d,
-        GradientSite::Linear(vera_gradients),
+        Some(vera_gradients),
     );
     check_gradients::<B, _, Vera>(
         "bert",
@@ -239,7 +239,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
             cross_entropy(m.classify(ids, None).unwrap(), labels)
         },
         d,
-        GradientSite::Linear(vera_gradients),
+        Some(vera_gradients),
     );
 }
 

@@ -21,7 +21,7 @@ use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::{
     check_bad_shape_refused, check_gradients, check_slot_method_case, check_training_steps,
-    EntryGradients, GradientSite,
+    EntryGradients,
 };
 use peft_oft::{Boft, BoftConfig, BoftModel, MethodConfig};
 
@@ -262,7 +262,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
             llama::<B>(d),
             causal,
             d,
-            GradientSite::Linear(boft_gradients),
+            Some(boft_gradients),
         );
     }
     check_gradients::<B, _, Boft>(
@@ -271,7 +271,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
         bert::<B>(d),
         |m, ids| classify(m, ids, fixture_labels(d)),
         d,
-        GradientSite::Linear(boft_gradients),
+        Some(boft_gradients),
     );
 }
 

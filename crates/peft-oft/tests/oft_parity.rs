@@ -20,7 +20,7 @@ use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::slot_parity::{
     check_bad_shape_refused, check_gradients, check_slot_method_case, check_training_steps,
-    EntryGradients, GradientSite,
+    EntryGradients,
 };
 use peft_oft::{MethodConfig, Oft, OftConfig, OftModel};
 
@@ -193,14 +193,7 @@ fn fixture_labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
 
 fn gradients<B: AutodiffBackend>(d: &B::Device) {
     for case in ["oft", "oft_custom", "oft_exact"] {
-        check_gradients::<B, _, Oft>(
-            "llama",
-            case,
-            llama::<B>(d),
-            causal,
-            d,
-            GradientSite::Linear(oft_gradients),
-        );
+        check_gradients::<B, _, Oft>("llama", case, llama::<B>(d), causal, d, Some(oft_gradients));
     }
     check_gradients::<B, _, Oft>(
         "bert",
@@ -208,7 +201,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
         bert::<B>(d),
         |m, ids| classify(m, ids, fixture_labels(d)),
         d,
-        GradientSite::Linear(oft_gradients),
+        Some(oft_gradients),
     );
 }
 

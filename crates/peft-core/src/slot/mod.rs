@@ -56,7 +56,7 @@ pub use loha::{LohaEntry, LohaFactors};
 pub use lokr::{factorization, kron, FactorPair, KronFactor, LokrEntry, LokrFactors, LokrLayout};
 pub use lora::{column_norm, BaseSplit, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
-pub use norm::{NormCopy, NormParams, NormSlot, NormSlotState};
+pub use norm::{NormCopy, NormCopyRole, NormParams, NormSlot, NormSlotState};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
 pub use vera::{Vera, VeraConfig, VeraEntry};
 

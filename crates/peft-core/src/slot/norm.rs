@@ -1,10 +1,12 @@
 //! [`NormSlot`]: the adaptable norm layer (LayerNorm, RMSNorm), as
 //! [`LinearSlot`](super::LinearSlot) is the adaptable linear layer.
 //!
-//! PEFT's LN tuning (`LNTuningLayer`) keeps, per adapter, a trainable deep
-//! copy of the norm layer and runs the active adapter's copy in place of
-//! the frozen one; at most one adapter may be active on a layer, and
-//! merging swaps the copy into the base. A norm's parameters are a scale
+//! PEFT's LN tuning (`LNTuningLayer`) and its `modules_to_save` on a norm
+//! (`ModulesToSaveWrapper`) both keep, per adapter, a trainable deep copy
+//! of the norm layer and run the active adapter's copy in place of the
+//! frozen one; at most one adapter may be active on a layer, and merging
+//! swaps the copy into the base. They differ in their file keys and in
+//! what `unload` leaves ([`NormCopyRole`]). A norm's parameters are a scale
 //! and, for LayerNorm, a shift: the slot holds those, the copies, and which
 //! copy the forward pass uses ([`NormSlot::params`]). The normalisation
 //! itself stays the model's (its epsilon, its fused kernels).
@@ -20,6 +22,18 @@ use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
 use crate::routing;
 
+/// Why an adapter copies a norm layer, which says the copy's keys in
+/// PEFT's file and what `unload` leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormCopyRole {
+    /// The method's own parameters (LN tuning): saved under
+    /// `<path>.<key>.weight`; `unload` gives the base norm back.
+    Tuned(&'static str),
+    /// PEFT's `modules_to_save`: saved under `<path>.weight`; `unload`
+    /// leaves the active adapter's copy in place of the base.
+    Saved,
+}
+
 /// One adapter's trainable copy of a norm layer's parameters.
 #[derive(Module, Debug)]
 pub struct NormCopy<B: Backend> {
@@ -30,6 +44,9 @@ pub struct NormCopy<B: Backend> {
     /// The adapter's name.
     #[module(skip)]
     pub name: String,
+    /// What the copy is for.
+    #[module(skip)]
+    pub role: NormCopyRole,
 }
 
 impl<B: Backend> NormCopy<B> {
@@ -38,7 +55,7 @@ impl<B: Backend> NormCopy<B> {
         NormCopy {
             weight: self.weight.set_require_grad(train),
             bias: self.bias.map(|b| b.set_require_grad(train)),
-            name: self.name,
+            ..self
         }
     }
 }
@@ -126,8 +143,8 @@ impl<B: Backend> NormSlot<B> {
     }
 
     /// Adds adapter `name`'s copy of the base parameters (PEFT's
-    /// `deepcopy(layer)`), frozen until activated.
-    pub fn add_copy(&mut self, name: &str) -> Result<()> {
+    /// `deepcopy(layer)`) for `role`, frozen until activated.
+    pub fn add_copy(&mut self, name: &str, role: NormCopyRole) -> Result<()> {
         if self.copy(name).is_some() {
             return Err(PeftError::DuplicateAdapter(name.to_string()));
         }
@@ -137,6 +154,7 @@ impl<B: Backend> NormSlot<B> {
                 weight: copy(&self.weight),
                 bias: self.bias.as_ref().map(copy),
                 name: name.to_string(),
+                role,
             }
             .with_training(false),
         );
@@ -217,8 +235,8 @@ impl<B: Backend> NormSlot<B> {
             .collect();
         if here.len() > 1 {
             return Err(PeftError::Config(format!(
-                "{path}: adapters {here:?} each keep a copy of this norm layer (LN tuning); \
-                 only one of them can be active at a time, as in PEFT"
+                "{path}: adapters {here:?} each keep a copy of this norm layer (LN tuning or \
+                 modules_to_save); only one of them can be active at a time, as in PEFT"
             )));
         }
         Ok(())
@@ -369,23 +387,17 @@ impl<B: Backend> NormSlot<B> {
     }
 }
 
-/// PEFT's file layout for a copy: `<path>.<key>.weight` and `.bias`
-/// (LN tuning's `key` is `ln_tuning_layers`; the adapter's name is not in
-/// the key).
+/// PEFT's file layout for a copy: `<path>.<key>.weight` and `.bias` for
+/// LN tuning (`key`: `ln_tuning_layers`), `<path>.weight` and `.bias` for
+/// `modules_to_save`; the adapter's name is not in the key.
 impl<B: Backend> NormSlot<B> {
     /// Appends adapter `name`'s copy of this layer (module `path`), if it
     /// has one, under PEFT's keys.
-    pub fn write_copy(
-        &self,
-        path: &str,
-        key: &str,
-        name: &str,
-        out: &mut Vec<(String, HostTensor)>,
-    ) {
+    pub fn write_copy(&self, path: &str, name: &str, out: &mut Vec<(String, HostTensor)>) {
         let Some(copy) = self.copy(name) else {
             return;
         };
-        let prefix = format!("{KEY_PREFIX}{path}.{key}");
+        let prefix = copy_prefix(path, copy.role);
         out.push((
             format!("{prefix}.weight"),
             HostTensor::from_tensor(copy.weight.val()),
@@ -395,19 +407,21 @@ impl<B: Backend> NormSlot<B> {
         }
     }
 
-    /// Moves adapter `name`'s copy of this layer (module `path`) out of
-    /// `tensors` (read from `file`): its scale, and its shift exactly when
-    /// the layer has one, checking shapes.
+    /// Moves adapter `name`'s copy of this layer (module `path`), if it
+    /// has one, out of `tensors` (read from `file`): its scale, and its
+    /// shift exactly when the layer has one, checking shapes.
     pub fn read_copy(
         &mut self,
         path: &str,
-        key: &str,
         name: &str,
         tensors: &mut HashMap<String, HostTensor>,
         file: &Path,
     ) -> Result<()> {
+        let Some(copy) = self.copy(name) else {
+            return Ok(());
+        };
         let (d, device) = (self.width(), self.weight.device());
-        let prefix = format!("{KEY_PREFIX}{path}.{key}");
+        let prefix = copy_prefix(path, copy.role);
         let mut take = |part: &str| -> Result<Tensor<B, 1>> {
             let key = format!("{prefix}.{part}");
             take_tensor(tensors, &key, file)?.to_tensor([d], &key, &device)
@@ -418,5 +432,13 @@ impl<B: Backend> NormSlot<B> {
             None => None,
         };
         self.fill_copy(name, weight, bias, path)
+    }
+}
+
+/// The key prefix of a copy of the norm at `path` in PEFT's file.
+fn copy_prefix(path: &str, role: NormCopyRole) -> String {
+    match role {
+        NormCopyRole::Tuned(key) => format!("{KEY_PREFIX}{path}.{key}"),
+        NormCopyRole::Saved => format!("{KEY_PREFIX}{path}"),
     }
 }
