@@ -6,7 +6,12 @@ classification (`task_type="SEQ_CLS"`) under fixtures/bert/seqcls_<method>/
 head beside its method's tensors), a causal LM whose LoRA adapter
 trains a copy of `lm_head` under fixtures/llama/lora_lm_head/, and LoRA
 adapters that train copies of norm layers (every RMSNorm of the tiny Llama,
-GPT-2's final LayerNorm) under fixtures/{llama,gpt2}/lora_norms/.
+GPT-2's final LayerNorm) under fixtures/{llama,gpt2}/lora_norms/; and
+prompt learning's SEQ_CLS adapters on the tiny BERT (prompt, P-tuning:
+the head's copy saved under `base_model.classifier.*`, PEFT's
+prompt-learning prefix) under fixtures/bert/seqcls_{prompt,ptuning}/,
+with the logits of each adapter and of a mixed batch (rows of the
+single-adapter logits), and the parameter counts.
 
 Reference environment as for make_fixtures.py (not needed in CI):
     ref/bin/python scripts/make_seqcls_fixtures.py [seqcls_lora|lora_lm_head ...]
@@ -24,7 +29,7 @@ import shutil
 import sys
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -136,12 +141,67 @@ def write_case(case, arch, config_class, kwargs, lr):
     print(case, trainable, total, "max|other-default|=%.3g" % gap, "max|unload-base|=%.3g" % head)
 
 
+# No prefix case: transformers 5's BERT takes no past key values, so PEFT
+# refuses prefix tuning on it ("Model does not support past key values").
+PROMPT_CASES = {
+    "seqcls_prompt": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+    "seqcls_ptuning": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=12),
+}
+
+
+def write_prompt_case(case, make_config, lr=0.05):
+    """A prompt-learning SEQ_CLS case on the tiny BERT: PEFT keeps a copy of
+    the classifier beside the virtual tokens; the pooler reads the first
+    position, which a soft prompt makes its first virtual token."""
+    arch = "bert"
+    ids = inputs(arch)
+    out_dir = os.path.join(ROOT, arch, case)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model = base_model(arch)
+    base = logits(model, ids)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, make_config())
+    assert peft_model.peft_config["default"].modules_to_save
+    train_a_few_steps(peft_model, arch, "default", lr=lr)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    tensors = {"input_ids": ids.float(), "logits_base": base}
+    tensors["logits_unmerged"] = logits(peft_model, ids)
+    # No `logits_disabled`: PEFT 0.21's disable_adapter() fails on a
+    # prompt-learning model without generation (UnboundLocalError on
+    # old_prepare_inputs_for_generation); disabled is the base model, head
+    # included.
+    torch.manual_seed(4)
+    peft_model.add_adapter("other", make_config())
+    train_a_few_steps(peft_model, arch, "other", seed=5, lr=lr)
+    peft_model.set_adapter("other")
+    tensors["logits_other"] = logits(peft_model, ids)
+    peft_model.save_pretrained(out_dir)
+    for d in (out_dir, os.path.join(out_dir, "other")):
+        if os.path.exists(os.path.join(d, "README.md")):
+            os.remove(os.path.join(d, "README.md"))
+    names = ["other", "__base__", "default"]
+    per = {"other": tensors["logits_other"], "__base__": base, "default": tensors["logits_unmerged"]}
+    tensors["logits_mixed"] = torch.stack([per[n][i] for i, n in enumerate(names)])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "expected.safetensors"))
+    meta = {"trainable_params": trainable, "all_params": total, "adapters": ["default", "other"],
+            "mixed_adapter_names": names, "task": "SEQ_CLS"}
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    gap = (tensors["logits_other"] - tensors["logits_unmerged"]).abs().max().item()
+    moved = (tensors["logits_unmerged"] - base).abs().max().item()
+    assert gap > 1e-3 and moved > 1e-3, (case, gap, moved)
+    print(case, trainable, total, "max|other-default|=%.3g" % gap, "max|default-base|=%.3g" % moved)
+
+
 def main():
     torch.set_num_threads(2)
     only = sys.argv[1:]
     for case, (arch, config_class, kwargs, lr) in CASES.items():
         if not only or case in only:
             write_case(case, arch, config_class, kwargs, lr)
+    for case, make_config in PROMPT_CASES.items():
+        if not only or case in only:
+            write_prompt_case(case, make_config)
 
 
 if __name__ == "__main__":

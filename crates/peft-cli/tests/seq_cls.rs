@@ -35,6 +35,7 @@ use peft_models::seq_cls::ScoreHead;
 use peft_models::slot_parity::{
     check_gradients, check_slot_method_case, check_training_steps, EntryGradients,
 };
+use peft_prompt::PromptTuningModel;
 
 /// The case's `input_ids` as the JSON rows `peft forward` reads, in
 /// `dir/ids.json`.
@@ -357,6 +358,177 @@ fn lora_norms<B: Backend>(d: &B::Device) {
     check_slot_method_case::<B, _, Lora>("gpt2", "lora_norms", gpt2::<B>(d), logits, d);
 }
 
+/// PEFT's prompt-tuning and P-tuning SEQ_CLS adapters of the tiny BERT
+/// (`scripts/make_seqcls_fixtures.py`): each keeps a copy of the
+/// classifier under PEFT's prompt-learning key
+/// (`base_model.classifier.weight`), switched with its soft prompt; the
+/// pooler reads the first virtual token, as in PEFT. Logits of each
+/// adapter, a mixed batch (each row's prompt and head), disabled (the base
+/// with its own head), the files saved as PEFT's and loading back, `peft
+/// forward`'s class logits.
+fn prompt_learning_seqcls_from_peft<B: Backend>(d: &B::Device) {
+    for case in ["seqcls_prompt", "seqcls_ptuning"] {
+        let c = FixtureCase::open("bert", case);
+        let ids = c.ints::<B, 2>("input_ids", d);
+        let classify = |m: &PromptTuningModel<B, Bert<B>>| {
+            HostTensor::from_tensor(
+                m.model
+                    .classify_hidden(m.forward(ids.clone(), None))
+                    .unwrap(),
+            )
+        };
+        let close = peft_models::fixtures::assert_close;
+        let mut adapted = PromptTuningModel::from_pretrained(bert::<B>(d), &c.dir).unwrap();
+        close(
+            &format!("{case} default"),
+            &classify(&adapted),
+            c.want("logits_unmerged"),
+        );
+        adapted.set_adapter("other").unwrap();
+        close(
+            &format!("{case} other"),
+            &classify(&adapted),
+            c.want("logits_other"),
+        );
+        adapted.disable();
+        close(
+            &format!("{case} disabled"),
+            &classify(&adapted),
+            c.want("logits_base"),
+        );
+        adapted.enable();
+        // Rows 0 and 2 through `other`, row 1 through `default`.
+        let names = ["other", "default", "other"];
+        // The head after the model runs in the rows' routing too.
+        let rows: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mixed = peft_core::routing::with_row_adapters(&rows, || {
+            let hidden = adapted.forward_mixed(&names, ids.clone(), None).unwrap();
+            HostTensor::from_tensor(adapted.model.classify_hidden(hidden).unwrap())
+        });
+        let (other, default) = (c.want("logits_other"), c.want("logits_unmerged"));
+        let cols = other.shape[1];
+        let want = HostTensor {
+            shape: other.shape.clone(),
+            data: (0..3)
+                .flat_map(|r| {
+                    let from = if r == 1 { default } else { other };
+                    from.data[r * cols..(r + 1) * cols].to_vec()
+                })
+                .collect(),
+        };
+        close(&format!("{case} mixed batch"), &mixed, &want);
+
+        // Our files hold PEFT's tensors and load back.
+        let out = peft_models::fixtures::temp_dir(&format!("prompt-seqcls-{case}"));
+        adapted.save_pretrained(&out).unwrap();
+        for sub in ["", "other"] {
+            let read = |dir: &std::path::Path| {
+                peft_core::io::read_safetensors(&dir.join(sub).join("adapter_model.safetensors"))
+                    .unwrap()
+            };
+            assert_eq!(
+                read(&c.dir),
+                read(&out),
+                "{case}: saved `{sub}` differs from PEFT's"
+            );
+        }
+        let reloaded = PromptTuningModel::from_pretrained(bert::<B>(d), &out).unwrap();
+        close(
+            &format!("{case} reloaded"),
+            &classify(&reloaded),
+            c.want("logits_unmerged"),
+        );
+
+        // `peft forward` on the BERT folder: PEFT's class logits.
+        let ids_file = write_ids(&c, &out);
+        let logits = out.join("logits.safetensors");
+        jobs::forward::<B>(
+            &fixtures_dir().join("bert"),
+            Some(&c.dir),
+            &ids_file,
+            &logits,
+            d,
+        )
+        .unwrap();
+        let got = peft_core::io::read_safetensors(&logits)
+            .unwrap()
+            .remove("output")
+            .unwrap();
+        close(
+            &format!("{case} peft forward"),
+            &got,
+            c.want("logits_unmerged"),
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+
+        // PEFT counts `default` alone (its soft prompt and its head's
+        // copy); a P-tuning adapter loads folded, without PEFT's encoder.
+        adapted.set_adapter("default").unwrap();
+        adapted.delete_adapter("other").unwrap();
+        let count = adapted.param_count();
+        if case == "seqcls_prompt" {
+            assert_eq!(count.trainable, c.meta_usize("trainable_params"), "{count}");
+            assert_eq!(count.all, c.meta_usize("all_params"), "{count}");
+        }
+        assert_eq!(count.trainable, 4 * 16 + 3 * 16 + 3, "{case}: {count}");
+    }
+}
+
+/// A prompt-learning adapter's copy of a layer inside the model (BERT's
+/// first feed-forward output) routes per row in `forward_mixed` by itself:
+/// each row equals its adapter's own forward pass.
+fn prompt_learning_copies_route_per_row<B: Backend>(d: &B::Device) {
+    use peft_core::prompt_learning::{PromptLearningConfig, PromptTuningInit};
+    let dense = "bert.encoder.layer.0.output.dense";
+    let config = || {
+        let mut c = PromptLearningConfig::prompt_tuning(4, PromptTuningInit::Random);
+        c.modules_to_save = Some(vec![dense.to_string()]);
+        c
+    };
+    let mut m = PromptTuningModel::new(bert::<B>(d), config()).unwrap();
+    m.add_adapter("b", config()).unwrap();
+    m.model.visit_linears_mut(&mut |path, slot| {
+        if path == dense {
+            for (name, k) in [("default", 2.0), ("b", -1.5)] {
+                let e = slot.entry_mut::<ModuleCopyEntry<B>>(name).unwrap();
+                e.weight = e.weight.clone().map(|w| w * k);
+            }
+        }
+    });
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(vec![5i64, 9, 2, 7, 1, 3, 8, 4, 6], [3, 3]),
+        d,
+    );
+    let mut alone = Vec::new();
+    for name in ["default", "b"] {
+        m.set_adapter(name).unwrap();
+        alone.push(HostTensor::from_tensor(m.forward(ids.clone(), None)));
+    }
+    let mixed = HostTensor::from_tensor(
+        m.forward_mixed(&["default", "b", "default"], ids, None)
+            .unwrap(),
+    );
+    let row = mixed.data.len() / 3;
+    for (r, from) in [(0, 0), (1, 1), (2, 0)] {
+        let (got, want) = (
+            &mixed.data[r * row..][..row],
+            &alone[from].data[r * row..][..row],
+        );
+        compare::check_close_slices(
+            &format!("row {r}"),
+            got,
+            want,
+            compare::Tolerance::new(1e-5, 1e-6),
+        )
+        .unwrap();
+    }
+    let (a, b) = (&alone[0].data[row..2 * row], &alone[1].data[row..2 * row]);
+    assert!(
+        a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3),
+        "the two copies give the same output"
+    );
+}
+
 /// What a user can get wrong is a typed error naming it, and leaves the
 /// model as it was: `modules_to_save` naming no linear layer (listing
 /// them), a layer both targeted and copied, a copy of the wrong shape or
@@ -425,6 +597,8 @@ backend_tests!(
     seqcls_loha,
     lora_lm_head,
     lora_norms,
+    prompt_learning_seqcls_from_peft,
+    prompt_learning_copies_route_per_row,
     llama_seqcls_lora,
     llama_seqcls_forward,
     gpt2_seqcls_lora,

@@ -12,7 +12,8 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use crate::error::{PeftError, Result};
-use crate::io::{take_tensor, weight_from_torch, HostTensor, KEY_PREFIX};
+use crate::io::{take_tensor, weight_from_torch, HostTensor};
+use crate::model::PeftModel;
 use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter};
 
 /// The layers that `modules_to_save` names, linear (of `linears`) and
@@ -63,10 +64,19 @@ pub fn attach_copy<B: Backend>(slot: &mut LinearSlot<B>, path: &str, name: &str)
     slot.add(copy, path)
 }
 
+/// The prefix of a copy's keys in a prompt-learning adapter's file:
+/// PEFT's prompt-learning models save `base_model.classifier.weight`
+/// where the others save `base_model.model.classifier.weight`
+/// ([`KEY_PREFIX`](crate::io::KEY_PREFIX)).
+pub const PROMPT_KEY_PREFIX: &str = "base_model.";
+
 /// Appends adapter `name`'s copy of `slot`'s layer, if it has one, under
-/// PEFT's keys and in PyTorch's layout.
+/// PEFT's keys (`prefix`: [`KEY_PREFIX`](crate::io::KEY_PREFIX) or
+/// [`PROMPT_KEY_PREFIX`]) and in
+/// PyTorch's layout.
 pub fn write_copy<B: Backend>(
     slot: &LinearSlot<B>,
+    prefix: &str,
     path: &str,
     name: &str,
     out: &mut Vec<(String, HostTensor)>,
@@ -74,7 +84,7 @@ pub fn write_copy<B: Backend>(
     let Some(copy) = slot.entry::<ModuleCopyEntry<B>>(name) else {
         return;
     };
-    let key = format!("{KEY_PREFIX}{path}");
+    let key = format!("{prefix}{path}");
     out.push((
         format!("{key}.weight"),
         HostTensor::from_tensor(copy.weight.val()).transposed(),
@@ -85,9 +95,11 @@ pub fn write_copy<B: Backend>(
 }
 
 /// Moves adapter `name`'s copy of `slot`'s layer (module `path`), if it has
-/// one, out of `tensors` (read from `file`), checking shapes.
+/// one, out of `tensors` (read from `file`, keys under `prefix`), checking
+/// shapes.
 pub fn read_copy<B: Backend>(
     slot: &mut LinearSlot<B>,
+    prefix: &str,
     path: &str,
     name: &str,
     tensors: &mut HashMap<String, HostTensor>,
@@ -98,7 +110,7 @@ pub fn read_copy<B: Backend>(
     let Some(copy) = slot.entry_mut::<ModuleCopyEntry<B>>(name) else {
         return Ok(());
     };
-    let key = format!("{KEY_PREFIX}{path}");
+    let key = format!("{prefix}{path}");
     let w_key = format!("{key}.weight");
     let weight = weight_from_torch(tensors, &w_key, [d_in, d_out], file, &device)?;
     copy.weight = copy.weight.clone().map(|_| weight);
@@ -129,4 +141,49 @@ pub fn check_one_copy_active<B: Backend>(
         )));
     }
     Ok(())
+}
+
+/// Attaches adapter `name`'s copies of the layers `modules_to_save` names
+/// on `model` (a prompt-learning adapter's head, which lives in the model's
+/// slots beside no other entry of its own); only linear layers, a norm
+/// layer is refused by name. On error no copy of `name` is left.
+pub fn attach_model_copies<B: Backend, M: PeftModel<B>>(
+    model: &mut M,
+    name: &str,
+    modules_to_save: &[String],
+) -> Result<()> {
+    if modules_to_save.is_empty() {
+        return Ok(());
+    }
+    let (linears, norms) = copy_plan(
+        modules_to_save,
+        &model.linear_paths(),
+        &model.norm_paths(),
+        &[],
+    )?;
+    if let Some(norm) = norms.first() {
+        return Err(PeftError::Config(format!(
+            "modules_to_save names the norm layer `{norm}`: a prompt-learning adapter keeps \
+             copies of linear layers only (its head)"
+        )));
+    }
+    let mut result = Ok(());
+    model.visit_linears_mut(&mut |path, slot| {
+        if result.is_ok() && linears.iter().any(|p| p == path) {
+            result = attach_copy(slot, path, name);
+        }
+    });
+    if result.is_err() {
+        remove_model_copies(model, name);
+    }
+    result
+}
+
+/// Removes adapter `name`'s copies of linear layers from `model`.
+pub fn remove_model_copies<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
+    model.visit_linears_mut(&mut |_, slot| {
+        if slot.entry::<ModuleCopyEntry<B>>(name).is_some() {
+            slot.remove(name);
+        }
+    });
 }

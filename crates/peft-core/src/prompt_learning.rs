@@ -138,7 +138,9 @@ pub struct PromptLearningConfig {
     /// Whether the adapter was saved for inference (reparameterisation folded).
     #[serde(default)]
     pub inference_mode: bool,
-    /// Extra modules trained and saved in full (not supported: must be empty).
+    /// Layers each adapter keeps a trainable full copy of (PEFT's
+    /// `modules_to_save`: a SEQ_CLS adapter's classifier head), saved
+    /// under `base_model.<path>.*`; linear layers only.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Keys this version does not model, kept and written back as they were.
@@ -277,11 +279,6 @@ impl PromptLearningConfig {
                 )))
             }
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(PeftError::Config(
-                "`modules_to_save` is not supported yet".into(),
-            ));
-        }
         if let Some(p) = self.encoder_dropout {
             if !(0.0..1.0).contains(&p) {
                 return Err(PeftError::Config(format!(
@@ -387,6 +384,7 @@ pub fn save_prompt_adapter(
     dir: &Path,
     config: &PromptLearningConfig,
     embeddings: HostTensor,
+    copies: &[(String, HostTensor)],
 ) -> Result<()> {
     let expected = config.embedding_shape();
     if embeddings.shape != expected {
@@ -398,11 +396,9 @@ pub fn save_prompt_adapter(
     }
     let mut config = config.clone();
     config.inference_mode = true;
-    write_adapter_files(
-        dir,
-        &[(EMBEDDINGS_KEY.to_string(), embeddings)],
-        &config.to_json_string(),
-    )
+    let mut tensors = vec![(EMBEDDINGS_KEY.to_string(), embeddings)];
+    tensors.extend_from_slice(copies);
+    write_adapter_files(dir, &tensors, &config.to_json_string())
 }
 
 /// Reads a prompt-learning adapter folder of a type in `expected`: its config and
@@ -412,6 +408,21 @@ pub fn load_prompt_adapter(
     dir: &Path,
     expected: &[PromptLearningType],
 ) -> Result<(PromptLearningConfig, HostTensor)> {
+    let (config, embeddings, rest) = load_prompt_adapter_parts(dir, expected)?;
+    ensure_consumed(rest, &dir.join(WEIGHTS_FILE))?;
+    Ok((config, embeddings))
+}
+
+/// [`load_prompt_adapter`], leaving the file's other tensors (the copies
+/// of `modules_to_save`, finite) to the caller, which must consume them.
+pub fn load_prompt_adapter_parts(
+    dir: &Path,
+    expected: &[PromptLearningType],
+) -> Result<(
+    PromptLearningConfig,
+    HostTensor,
+    HashMap<String, HostTensor>,
+)> {
     let config = PromptLearningConfig::from_file(&dir.join(CONFIG_FILE), expected)?;
     let path = dir.join(WEIGHTS_FILE);
     let mut tensors = read_safetensors(&path)?;
@@ -421,7 +432,9 @@ pub fn load_prompt_adapter(
             path: path.clone(),
             key: EMBEDDINGS_KEY.into(),
         })?;
-    ensure_consumed(tensors, &path)?;
+    for (k, t) in &tensors {
+        t.check_finite(k, &path)?;
+    }
     embeddings.check_finite(EMBEDDINGS_KEY, &path)?;
     let [rows, cols] = match embeddings.shape[..] {
         [r, c] => [r, c],
@@ -454,7 +467,7 @@ pub fn load_prompt_adapter(
             ),
         });
     }
-    Ok((config, embeddings))
+    Ok((config, embeddings, tensors))
 }
 
 /// The trainable part of one prompt-learning adapter (a prefix, a soft
@@ -516,6 +529,7 @@ pub trait VirtualTokenEncoder<B: burn::tensor::backend::Backend>:
             dir,
             config,
             HostTensor::from_tensor(self.prompt_embeddings()),
+            &[],
         )
     }
 
@@ -534,7 +548,8 @@ pub trait VirtualTokenEncoder<B: burn::tensor::backend::Backend>:
             config.inference_mode = false;
             return Self::from_torch_state(&config, read_safetensors(&state)?, &state, device);
         }
-        let (_, embeddings) = load_prompt_adapter(dir, Self::PEFT_TYPES)?;
+        // The file's copies of layers (modules_to_save) are the wrapper's.
+        let (_, embeddings, _) = load_prompt_adapter_parts(dir, Self::PEFT_TYPES)?;
         Self::from_embeddings(config, &embeddings, device)
     }
 }

@@ -436,7 +436,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let mut tensors = Vec::new();
         self.model.visit_linears(&mut |path, slot| {
             K::write_tensors(config, slot, path, name, &mut tensors);
-            write_copy(slot, path, name, &mut tensors);
+            write_copy(slot, KEY_PREFIX, path, name, &mut tensors);
         });
         self.model
             .visit_norms(&mut |path, slot| slot.write_copy(path, name, &mut tensors));
@@ -483,7 +483,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 filled = K::read_tensors(config, slot, path, name, &mut tensors, &file);
             }
             if filled.is_ok() {
-                filled = read_copy(slot, path, name, &mut tensors, &file);
+                filled = read_copy(slot, KEY_PREFIX, path, name, &mut tensors, &file);
             }
         });
         self.model.visit_norms_mut(&mut |path, slot| {

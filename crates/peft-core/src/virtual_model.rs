@@ -6,6 +6,11 @@
 //! prompt as embeddings before theirs. Everything else (names, activation,
 //! mixed batches, generation, PEFT's files, the inference view) is here,
 //! once.
+//!
+//! An adapter's `modules_to_save` (PEFT's SEQ_CLS adapters keep a copy of
+//! the classifier head) lives in the model's own linear slots, switched
+//! with its adapter and saved under PEFT's prompt-learning keys
+//! (`base_model.classifier.weight`, `modules_to_save::PROMPT_KEY_PREFIX`).
 
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -20,14 +25,17 @@ use crate::error::{PeftError, Result};
 use crate::generate::{ids_tensor, CausalLm, Sampler};
 use crate::host::AdapterHost;
 use crate::input::{ModelDims, ModelInput, Tokens};
-use crate::io::{adapter_dir, adapter_subdirs, HostTensor};
+use crate::io::{adapter_dir, adapter_subdirs, ensure_consumed, HostTensor, WEIGHTS_FILE};
 use crate::kv::KvCache;
 use crate::model::{device_of, PeftModel};
+use crate::modules_to_save::{
+    attach_model_copies, read_copy, remove_model_copies, write_copy, PROMPT_KEY_PREFIX,
+};
 use crate::named::NamedModules;
 use crate::prompt_learning::{
-    load_prompt_adapter, save_prompt_adapter, PromptLearningConfig, VirtualTokenEncoder,
+    load_prompt_adapter_parts, save_prompt_adapter, PromptLearningConfig, VirtualTokenEncoder,
 };
-use crate::DEFAULT_ADAPTER;
+use crate::{routing, DEFAULT_ADAPTER};
 
 /// Whose virtual tokens each row of a batch gets.
 #[derive(Debug, Clone, Copy)]
@@ -167,8 +175,53 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     pub fn add_adapter(&mut self, name: &str, config: PromptLearningConfig) -> Result<()> {
         let config = E::fit_config(config, &self.model.dims())?;
         let encoder = E::fresh(&config, &self.model)?;
-        self.adapters.insert(name, encoder, config)?;
+        self.insert(name, encoder, config)?;
         self.set_adapter(name)
+    }
+
+    /// Inserts adapter `name` with fresh copies of the layers its
+    /// `modules_to_save` names (PEFT's copies of the base's); on error
+    /// nothing of it stays.
+    fn insert(&mut self, name: &str, encoder: E, config: PromptLearningConfig) -> Result<()> {
+        let copies = config.modules_to_save.clone().unwrap_or_default();
+        self.adapters.insert(name, encoder, config)?;
+        if let Err(e) = attach_model_copies(&mut self.model, name, &copies) {
+            self.adapters.remove(name)?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Fills adapter `name`'s copies from `dir`'s file (`tensors`: what is
+    /// left of it after `prompt_embeddings`), every tensor consumed; on
+    /// error the adapter is removed.
+    fn fill_copies(
+        &mut self,
+        name: &str,
+        dir: &Path,
+        mut tensors: std::collections::HashMap<String, HostTensor>,
+    ) -> Result<()> {
+        let file = dir.join(WEIGHTS_FILE);
+        let mut filled = Ok(());
+        self.model.visit_linears_mut(&mut |path, slot| {
+            if filled.is_ok() {
+                filled = read_copy(slot, PROMPT_KEY_PREFIX, path, name, &mut tensors, &file);
+            }
+        });
+        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
+        if outcome.is_err() {
+            self.delete_adapter(name)?;
+        }
+        outcome
+    }
+
+    /// The copies adapter `name` keeps, under PEFT's keys.
+    fn copies(&self, name: &str) -> Vec<(String, HostTensor)> {
+        let mut out = Vec::new();
+        self.model.visit_linears(&mut |path, slot| {
+            write_copy(slot, PROMPT_KEY_PREFIX, path, name, &mut out)
+        });
+        out
     }
 
     /// Adds adapter `name` started from `text_ids` (prefix: the text's own
@@ -188,13 +241,17 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
             ));
         }
         let encoder = E::from_text(&config, &self.model, text_ids)?;
-        self.adapters.insert(name, encoder, config)?;
+        self.insert(name, encoder, config)?;
         self.set_adapter(name)
     }
 
-    /// Makes `name` the active adapter.
+    /// Makes `name` the active adapter (its copies of layers too: they
+    /// train, the others are frozen).
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
         self.adapters.find(name)?;
+        let names = [name.to_string()];
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
         self.active = Some(name.to_string());
         Ok(())
     }
@@ -202,6 +259,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// Removes adapter `name`.
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.adapters.remove(name)?;
+        remove_model_copies(&mut self.model, name);
         if self.active.as_deref() == Some(name) {
             self.active = None;
         }
@@ -236,14 +294,21 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
         Ok(())
     }
 
-    /// Runs the plain model until [`enable`](Self::enable).
+    /// Runs the plain model (its own layers, not the adapter's copies)
+    /// until [`enable`](Self::enable).
     pub fn disable(&mut self) {
-        self.disabled = true;
+        self.set_disabled(true);
     }
 
     /// Undoes [`disable`](Self::disable).
     pub fn enable(&mut self) {
-        self.disabled = false;
+        self.set_disabled(false);
+    }
+
+    fn set_disabled(&mut self, disabled: bool) {
+        self.model
+            .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
+        self.disabled = disabled;
     }
 
     /// The active encoder unless disabled.
@@ -276,7 +341,11 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     }
 
     /// A batch whose row `i` runs after adapter `names[i]`. The adapters
-    /// must have the same number of virtual tokens.
+    /// must have the same number of virtual tokens. Each row also runs
+    /// through its adapter's copies of layers inside the model; a head
+    /// applied to the output afterwards (`classify_hidden`) routes per row
+    /// when the call sits inside [`routing::with_row_adapters`] of the same
+    /// names.
     pub fn forward_mixed(
         &self,
         names: &[&str],
@@ -305,24 +374,25 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
                 what = E::WHAT,
             )));
         }
-        Ok(run_after(
-            Rows::Each(&rows),
-            &self.model,
-            ids,
-            attention_mask,
-        ))
+        // Each row's copies of layers (a head) too.
+        let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        Ok(routing::with_row_adapters(&owned, || {
+            run_after(Rows::Each(&rows), &self.model, ids, attention_mask)
+        }))
     }
 
     /// Trainable (the active adapter's encoder) and total parameters, as
     /// PEFT's `get_nb_trainable_parameters` counts them.
     pub fn param_count(&self) -> ParamCount {
-        let trainable = self
+        let encoder = self
             .active_adapter()
             .and_then(|name| self.encoder(name).ok())
             .map_or(0, |e| e.num_params());
+        let model = self.model.param_count();
         ParamCount {
-            trainable,
-            all: self.model.num_params() + trainable,
+            // The active adapter's copies of layers train with it.
+            trainable: encoder + model.trainable,
+            all: model.all + encoder,
         }
     }
 
@@ -393,6 +463,7 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
             dir,
             config,
             HostTensor::from_tensor(encoder.prompt_embeddings()),
+            &self.copies(name),
         )
     }
 
@@ -400,15 +471,16 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// leaving the active adapter as it was (or making it active if none
     /// was).
     pub fn load_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
-        let (config, embeddings) = load_prompt_adapter(dir, E::PEFT_TYPES)?;
+        let (config, embeddings, rest) = load_prompt_adapter_parts(dir, E::PEFT_TYPES)?;
         let mut config = E::fit_config(config, &self.model.dims())?;
         config.inference_mode = true;
         let encoder = E::from_embeddings(&config, &embeddings, &self.device())?;
-        self.adapters.insert(name, encoder, config)?;
-        if self.active_adapter().is_none() {
-            self.set_adapter(name)?;
+        self.insert(name, encoder, config)?;
+        self.fill_copies(name, dir, rest)?;
+        match self.active.clone() {
+            None => self.set_adapter(name),
+            Some(active) => self.set_adapter(&active),
         }
-        Ok(())
     }
 
     /// Writes adapter `name` into `dir` as a training checkpoint: PEFT's
@@ -416,7 +488,12 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// that PEFT's file folds away, its full state, from which
     /// [`resume`](Self::resume) continues.
     pub fn save_checkpoint(&self, name: &str, dir: &Path) -> Result<()> {
-        self.encoder(name)?.save(dir, self.config(name)?)
+        self.encoder(name)?.save(dir, self.config(name)?)?;
+        if self.copies(name).is_empty() {
+            return Ok(());
+        }
+        // PEFT's files again, now with the copies.
+        self.save_adapter(name, dir)
     }
 
     /// Wraps `model` with the adapter folder `dir` as the active `default`,
@@ -425,11 +502,12 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// `prompt_embeddings`, which then train directly.
     pub fn resume(model: M, dir: &Path) -> Result<Self> {
         let mut this = Self::wrap(model);
-        let (config, _) = load_prompt_adapter(dir, E::PEFT_TYPES)?;
+        let (config, _, rest) = load_prompt_adapter_parts(dir, E::PEFT_TYPES)?;
         let mut config = E::fit_config(config, &this.model.dims())?;
         config.inference_mode = true;
         let encoder = E::load_to_train(dir, &config, &this.device())?;
-        this.adapters.insert(DEFAULT_ADAPTER, encoder, config)?;
+        this.insert(DEFAULT_ADAPTER, encoder, config)?;
+        this.fill_copies(DEFAULT_ADAPTER, dir, rest)?;
         this.set_adapter(DEFAULT_ADAPTER)?;
         Ok(this)
     }

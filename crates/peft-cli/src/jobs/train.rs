@@ -109,10 +109,11 @@ fn train_seq_cls<B: AutodiffBackend>(
     }
     let quantized_params = quantized_params(&bert);
     let d = bert.config.hidden_size;
-    // A slot method trains PEFT's SEQ_CLS adapter: the model's own head
-    // (pooler and `classifier`), its copy in the adapter's
-    // `modules_to_save`. The others train a mean-pooled head of their own,
-    // kept in `head.safetensors`.
+    // A PEFT method (slot or prompt learning) trains PEFT's SEQ_CLS
+    // adapter: the model's own head (pooler and `classifier`; after a soft
+    // prompt the pooler reads its first virtual token, as in PEFT), its
+    // copy in the adapter's `modules_to_save`. Bottleneck adapters train a
+    // mean-pooled head of their own, kept in `head.safetensors`.
     let (bert, head, method) = match job.method.for_seq_cls(&job.model) {
         Some(method) => (bert.with_classifier(labels.len())?, None, method),
         None => {
@@ -154,13 +155,18 @@ where
 {
     let device = device.clone();
     B::seed(&device, job.train.seed);
-    let method = job.method.for_seq_cls(&job.model).ok_or_else(|| {
-        PeftError::Config(format!(
+    let slot_method = matches!(job.method, Method::Slot(_));
+    let method = job
+        .method
+        .for_seq_cls(&job.model)
+        .filter(|_| slot_method)
+        .ok_or_else(|| {
+            PeftError::Config(format!(
             "seq-cls on a decoder trains a slot method (lora, dora, ia3, loha, lokr, oft), whose \
              adapter keeps a copy of the `score` head; {} does not",
             job.method.name()
         ))
-    })?;
+        })?;
     let (labels, train, held) = seq_cls_data(job)?;
     let tok = tasks::tokenizer_of(&job.model)?;
     let base = M::load_quantized(&job.model, &device, job.quantize)?;

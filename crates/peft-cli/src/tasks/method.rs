@@ -94,16 +94,30 @@ impl Method {
     /// The method as PEFT sets it up for sequence classification
     /// (`task_type: SEQ_CLS`; the heads `classifier` and `score` added to
     /// `modules_to_save`, so the adapter trains and saves its own copy of
-    /// the head) over the base model at `base`; `None` for a method that
-    /// does not live in the model's slots (those keep a head of their own).
+    /// the head) over the base model at `base`: every PEFT method (the
+    /// slot methods and prompt learning); `None` for AdapterHub's
+    /// bottleneck adapters, which keep a head of their own.
     pub fn for_seq_cls(&self, base: &Path) -> Option<Method> {
         let base = std::fs::canonicalize(base)
             .unwrap_or_else(|_| base.to_path_buf())
             .display()
             .to_string();
-        let mut config = self.slot_config()?;
-        config.for_seq_cls(&base, &SEQ_CLS_HEADS);
-        Some(Method::Slot(config))
+        let mut method = self.clone();
+        match &mut method {
+            Method::Slot(config) => config.for_seq_cls(&base, &SEQ_CLS_HEADS),
+            Method::Prefix(config) | Method::Prompt(config) => {
+                config.task_type = Some("SEQ_CLS".into());
+                let keep = config.modules_to_save.get_or_insert_with(Vec::new);
+                for head in SEQ_CLS_HEADS {
+                    if !keep.iter().any(|m| m == head) {
+                        keep.push(head.to_string());
+                    }
+                }
+                config.base_model_name_or_path = Some(base);
+            }
+            Method::Adapter(_) => return None,
+        }
+        Some(method)
     }
 
     /// Reads the method of a saved adapter folder: PEFT's
@@ -162,8 +176,15 @@ pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
         return Ok(None);
     }
     let tensors = read_safetensors(&file)?;
-    let key = format!("{}{head}.weight", peft_core::io::KEY_PREFIX);
-    Ok(tensors.get(&key).and_then(|t| t.shape.first().copied()))
+    // PEFT's prompt-learning files key the copy `base_model.<head>`, the
+    // others `base_model.model.<head>`.
+    let found = [
+        peft_core::io::KEY_PREFIX,
+        peft_core::modules_to_save::PROMPT_KEY_PREFIX,
+    ]
+    .iter()
+    .find_map(|prefix| tensors.get(&format!("{prefix}{head}.weight")));
+    Ok(found.and_then(|t| t.shape.first().copied()))
 }
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
