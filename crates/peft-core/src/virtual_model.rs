@@ -488,12 +488,15 @@ impl<B: Backend, M: PeftModel<B>, E: VirtualTokens<B>> VirtualTokenModel<B, M, E
     /// that PEFT's file folds away, its full state, from which
     /// [`resume`](Self::resume) continues.
     pub fn save_checkpoint(&self, name: &str, dir: &Path) -> Result<()> {
-        self.encoder(name)?.save(dir, self.config(name)?)?;
-        if self.copies(name).is_empty() {
+        let (config, encoder) = (self.config(name)?, self.encoder(name)?);
+        encoder.save(dir, config)?;
+        let copies = self.copies(name);
+        if copies.is_empty() {
             return Ok(());
         }
         // PEFT's files again, now with the copies.
-        self.save_adapter(name, dir)
+        let embeddings = HostTensor::from_tensor(encoder.prompt_embeddings());
+        save_prompt_adapter(dir, config, embeddings, &copies)
     }
 
     /// Wraps `model` with the adapter folder `dir` as the active `default`,

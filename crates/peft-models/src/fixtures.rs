@@ -123,6 +123,12 @@ pub fn tiny_llama<B: Backend>(device: &B::Device) -> crate::llama::Llama<B> {
     crate::llama::Llama::load(&fixtures_dir().join("llama"), device).expect("fixture llama")
 }
 
+/// The tiny random BERT of the fixtures (`fixtures/bert`,
+/// `BertForSequenceClassification` with 3 labels).
+pub fn tiny_bert<B: Backend>(device: &B::Device) -> crate::bert::Bert<B> {
+    crate::bert::Bert::load(&fixtures_dir().join("bert"), device).expect("fixture bert")
+}
+
 /// The tiny random GPT-2 of the fixtures (`fixtures/gpt2`).
 pub fn tiny_gpt2<B: Backend>(device: &B::Device) -> crate::gpt2::Gpt2<B> {
     crate::gpt2::Gpt2::load(&fixtures_dir().join("gpt2"), device).expect("fixture gpt2")

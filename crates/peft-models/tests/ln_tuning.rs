@@ -12,7 +12,9 @@ use peft_core::io::{read_safetensors, serialize_safetensors, HostTensor};
 use peft_core::slot::{LnTuning, LnTuningConfig};
 use peft_core::{autodiff_backend_tests, backend_tests, LnTuningModel, PeftError, TargetModules};
 use peft_models::bert::Bert;
-use peft_models::fixtures::{assert_close, fixtures_dir, temp_dir, FixtureCase};
+use peft_models::fixtures::{
+    assert_close, temp_dir, tiny_bert, tiny_gpt2, tiny_llama, FixtureCase,
+};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
@@ -22,15 +24,6 @@ use peft_models::slot_parity::{
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     HostTensor::from_tensor(t)
-}
-fn llama<B: Backend>(d: &B::Device) -> Llama<B> {
-    Llama::load(&fixtures_dir().join("llama"), d).unwrap()
-}
-fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
-    Bert::load(&fixtures_dir().join("bert"), d).unwrap()
-}
-fn gpt2<B: Backend>(d: &B::Device) -> Gpt2<B> {
-    Gpt2::load(&fixtures_dir().join("gpt2"), d).unwrap()
 }
 fn lm<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
     host(m.forward(ids, None))
@@ -46,20 +39,26 @@ fn labels<B: Backend>(d: &B::Device) -> Tensor<B, 1, Int> {
 }
 
 fn llama_ln_tuning<B: Backend>(d: &B::Device) {
-    check_slot_method_case::<B, _, LnTuning>("llama", "ln_tuning", llama::<B>(d), lm::<B>, d);
+    check_slot_method_case::<B, _, LnTuning>("llama", "ln_tuning", tiny_llama::<B>(d), lm::<B>, d);
 }
 fn gpt2_ln_tuning<B: Backend>(d: &B::Device) {
-    check_slot_method_case::<B, _, LnTuning>("gpt2", "ln_tuning", gpt2::<B>(d), gpt2_lm::<B>, d);
+    check_slot_method_case::<B, _, LnTuning>(
+        "gpt2",
+        "ln_tuning",
+        tiny_gpt2::<B>(d),
+        gpt2_lm::<B>,
+        d,
+    );
 }
 fn bert_ln_tuning<B: Backend>(d: &B::Device) {
-    check_slot_method_case::<B, _, LnTuning>("bert", "ln_tuning", bert::<B>(d), cls::<B>, d);
+    check_slot_method_case::<B, _, LnTuning>("bert", "ln_tuning", tiny_bert::<B>(d), cls::<B>, d);
 }
 
 /// A fresh adapter copies the norms (so it is the identity), targets PEFT's
 /// defaults, counts PEFT's parameters; `unload` gives the base back, a
 /// merge swaps the copies in; what PEFT refuses is refused by name.
 fn fresh_adapters_unload_and_refusals<B: Backend>(d: &B::Device) {
-    let base = llama::<B>(d);
+    let base = tiny_llama::<B>(d);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), d);
     let want = lm(&base, ids.clone());
     let mut fresh = LnTuningModel::new(base.clone(), LnTuningConfig::default()).unwrap();
@@ -104,7 +103,7 @@ fn fresh_adapters_unload_and_refusals<B: Backend>(d: &B::Device) {
 
     // Targets: BERT has no PEFT defaults; a rule matching no norm lists
     // the norms; a linear layer is not a norm.
-    let err = LnTuningModel::new(bert::<B>(d), LnTuningConfig::default()).unwrap_err();
+    let err = LnTuningModel::new(tiny_bert::<B>(d), LnTuningConfig::default()).unwrap_err();
     assert!(err.to_string().contains("target_modules"), "{err}");
     for targets in [&["nothing"][..], &["q_proj"]] {
         let err = LnTuningModel::new(base.clone(), LnTuningConfig::new(targets)).unwrap_err();
@@ -164,7 +163,7 @@ fn bad_files_are_refused<B: Backend>(d: &B::Device) {
             serialize_safetensors(&list, None),
         )
         .unwrap();
-        let mut adapted = LnTuningModel::wrap(gpt2::<B>(d));
+        let mut adapted = LnTuningModel::wrap(tiny_gpt2::<B>(d));
         let err = adapted.load_adapter(&dir, "bad").unwrap_err();
         assert!(err.to_string().contains(&full_key), "{err}");
         assert!(adapted.adapter_names().is_empty());
@@ -176,11 +175,11 @@ fn bad_files_are_refused<B: Backend>(d: &B::Device) {
 fn gradients<B: AutodiffBackend>(d: &B::Device) {
     let causal =
         |m: &Llama<B>, ids: Tensor<B, 2, Int>| causal_lm_loss(m.forward(ids.clone(), None), ids);
-    check_gradients::<B, _, LnTuning>("llama", "ln_tuning", llama::<B>(d), causal, d, None);
+    check_gradients::<B, _, LnTuning>("llama", "ln_tuning", tiny_llama::<B>(d), causal, d, None);
     check_gradients::<B, _, LnTuning>(
         "gpt2",
         "ln_tuning",
-        gpt2::<B>(d),
+        tiny_gpt2::<B>(d),
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
         d,
         None,
@@ -188,7 +187,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
     check_gradients::<B, _, LnTuning>(
         "bert",
         "ln_tuning",
-        bert::<B>(d),
+        tiny_bert::<B>(d),
         |m, ids| cross_entropy(m.classify(ids, None).unwrap(), labels::<B>(d)),
         d,
         None,
@@ -200,21 +199,21 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
     check_training_steps::<B, _, LnTuning>(
         "llama",
         "ln_tuning",
-        llama::<B>(d),
+        tiny_llama::<B>(d),
         |m, ids, _| causal_lm_loss(m.forward(ids.clone(), None), ids),
         d,
     );
     check_training_steps::<B, _, LnTuning>(
         "gpt2",
         "ln_tuning",
-        gpt2::<B>(d),
+        tiny_gpt2::<B>(d),
         |m, ids, _| causal_lm_loss(m.forward(ids.clone(), None), ids),
         d,
     );
     check_training_steps::<B, _, LnTuning>(
         "bert",
         "ln_tuning",
-        bert::<B>(d),
+        tiny_bert::<B>(d),
         |m, ids, labels| cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels")),
         d,
     );

@@ -14,7 +14,7 @@ use peft_core::{
     autodiff_backend_tests, backend_tests, LinearSlot, PeftError, PeftModel, VeraModel,
 };
 use peft_models::bert::Bert;
-use peft_models::fixtures::{fixtures_dir, max_diff, temp_dir, FixtureCase};
+use peft_models::fixtures::{max_diff, temp_dir, tiny_bert, tiny_gpt2, tiny_llama, FixtureCase};
 use peft_models::gpt2::Gpt2;
 use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
@@ -24,15 +24,6 @@ use peft_models::slot_parity::{
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
     HostTensor::from_tensor(t)
-}
-fn llama<B: Backend>(d: &B::Device) -> Llama<B> {
-    Llama::load(&fixtures_dir().join("llama"), d).unwrap()
-}
-fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
-    Bert::load(&fixtures_dir().join("bert"), d).unwrap()
-}
-fn gpt2<B: Backend>(d: &B::Device) -> Gpt2<B> {
-    Gpt2::load(&fixtures_dir().join("gpt2"), d).unwrap()
 }
 fn lm<B: Backend>(m: &Llama<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
     host(m.forward(ids, None))
@@ -46,14 +37,14 @@ fn cls<B: Backend>(m: &Bert<B>, ids: Tensor<B, 2, Int>) -> HostTensor {
 
 fn llama_vera<B: Backend>(d: &B::Device) {
     for case in ["vera", "vera_custom", "vera_unsaved"] {
-        check_slot_method_case::<B, _, Vera>("llama", case, llama::<B>(d), lm::<B>, d);
+        check_slot_method_case::<B, _, Vera>("llama", case, tiny_llama::<B>(d), lm::<B>, d);
     }
 }
 fn bert_vera<B: Backend>(d: &B::Device) {
-    check_slot_method_case::<B, _, Vera>("bert", "vera", bert::<B>(d), cls::<B>, d);
+    check_slot_method_case::<B, _, Vera>("bert", "vera", tiny_bert::<B>(d), cls::<B>, d);
 }
 fn gpt2_vera<B: Backend>(d: &B::Device) {
-    check_slot_method_case::<B, _, Vera>("gpt2", "vera", gpt2::<B>(d), gpt2_lm::<B>, d);
+    check_slot_method_case::<B, _, Vera>("gpt2", "vera", tiny_gpt2::<B>(d), gpt2_lm::<B>, d);
 }
 
 /// A fresh adapter draws PEFT's projections (compared with the ones PEFT
@@ -73,7 +64,7 @@ fn fresh_draws_peft_projections_and_errors_are_typed<B: Backend>(d: &B::Device) 
         compare::assert_close(key, ours, theirs, compare::Tolerance::new(1e-6, 0.0));
     }
 
-    let base = llama::<B>(d);
+    let base = tiny_llama::<B>(d);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), d);
     let want = host(base.forward(ids.clone(), None));
     let fresh = VeraModel::new(base.clone(), VeraConfig::new(6, &["q_proj", "v_proj"])).unwrap();
@@ -213,7 +204,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
         check_gradients::<B, _, Vera>(
             "llama",
             case,
-            llama::<B>(d),
+            tiny_llama::<B>(d),
             |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
             d,
             Some(vera_gradients),
@@ -222,7 +213,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
     check_gradients::<B, _, Vera>(
         "gpt2",
         "vera",
-        gpt2::<B>(d),
+        tiny_gpt2::<B>(d),
         |m, ids| causal_lm_loss(m.forward(ids.clone(), None), ids),
         d,
         Some(vera_gradients),
@@ -230,7 +221,7 @@ fn gradients<B: AutodiffBackend>(d: &B::Device) {
     check_gradients::<B, _, Vera>(
         "bert",
         "vera",
-        bert::<B>(d),
+        tiny_bert::<B>(d),
         |m, ids| {
             let labels = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(vec![2i64, 0, 1], [3]),
@@ -249,7 +240,7 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
         check_training_steps::<B, _, Vera>(
             "llama",
             case,
-            llama::<B>(d),
+            tiny_llama::<B>(d),
             |m, ids, _| causal_lm_loss(m.forward(ids.clone(), None), ids),
             d,
         );
@@ -257,7 +248,7 @@ fn training_steps<B: AutodiffBackend>(d: &B::Device) {
     check_training_steps::<B, _, Vera>(
         "bert",
         "vera",
-        bert::<B>(d),
+        tiny_bert::<B>(d),
         |m, ids, labels| cross_entropy(m.classify(ids, None).unwrap(), labels.expect("labels")),
         d,
     );
