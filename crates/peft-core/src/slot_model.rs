@@ -118,12 +118,10 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let paths = self.model.linear_paths();
         let norms = self.model.norm_paths();
         // A method adapts linear layers, or (LN tuning) norm layers.
-        let candidates = match config.norm_copy_key() {
-            Some(_) => norms.clone(),
-            None => paths.clone(),
-        };
+        let adapts_norms = config.norm_copy_key().is_some();
+        let candidates = if adapts_norms { &norms } else { &paths };
         let mut targets = Vec::new();
-        for path in &candidates {
+        for path in candidates {
             if config.targets(path, &outputs)? {
                 targets.push(path.clone());
             }
@@ -131,12 +129,12 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         if targets.is_empty() {
             return Err(PeftError::NoTargetMatched {
                 targets: config.target_rule(),
-                available: candidates,
+                available: candidates.clone(),
             });
         }
-        let (plan, norm_plan) = match config.norm_copy_key() {
-            Some(_) => (Vec::new(), targets),
-            None => (targets, Vec::new()),
+        let (plan, norm_plan) = match adapts_norms {
+            true => (Vec::new(), targets),
+            false => (targets, Vec::new()),
         };
         let targeted: Vec<String> = plan.iter().chain(&norm_plan).cloned().collect();
         let (copies, norm_copies) = copy_plan(config.modules_to_save(), &paths, &norms, &targeted)?;

@@ -161,50 +161,6 @@ impl<B: Backend> NormSlot<B> {
         Ok(())
     }
 
-    /// Sets adapter `name`'s copy from `weight` `[d]` and `bias` `[d]`
-    /// (present exactly when the layer has a shift), checking shapes;
-    /// `path` names the layer in errors.
-    pub fn fill_copy(
-        &mut self,
-        name: &str,
-        weight: Tensor<B, 1>,
-        bias: Option<Tensor<B, 1>>,
-        path: &str,
-    ) -> Result<()> {
-        let d = self.width();
-        for (what, t) in [("weight", Some(&weight)), ("bias", bias.as_ref())] {
-            if let Some(t) = t {
-                if t.dims()[0] != d {
-                    return Err(PeftError::Shape {
-                        name: format!("{path}.{what}"),
-                        expected: vec![d],
-                        found: t.dims().to_vec(),
-                    });
-                }
-            }
-        }
-        if bias.is_some() != self.bias.is_some() {
-            return Err(PeftError::Config(format!(
-                "{path}: the copy {} a shift but the layer {}",
-                if bias.is_some() { "has" } else { "lacks" },
-                if self.bias.is_some() {
-                    "has one"
-                } else {
-                    "has none"
-                }
-            )));
-        }
-        let train = self.state.active.iter().any(|n| n == name);
-        let copy = self.copy_mut(name).ok_or_else(|| {
-            PeftError::State(format!(
-                "{path}: adapter `{name}` has no copy of this layer"
-            ))
-        })?;
-        copy.weight = Param::from_tensor(weight.detach()).set_require_grad(train);
-        copy.bias = bias.map(|b| Param::from_tensor(b.detach()).set_require_grad(train));
-        Ok(())
-    }
-
     /// Removes adapter `name`'s copy (unmerging it first). Returns whether
     /// there was one.
     pub fn remove(&mut self, name: &str) -> bool {
@@ -409,7 +365,7 @@ impl<B: Backend> NormSlot<B> {
 
     /// Moves adapter `name`'s copy of this layer (module `path`), if it
     /// has one, out of `tensors` (read from `file`): its scale, and its
-    /// shift exactly when the layer has one, checking shapes.
+    /// shift exactly when the layer has one, each of the layer's width.
     pub fn read_copy(
         &mut self,
         path: &str,
@@ -431,7 +387,12 @@ impl<B: Backend> NormSlot<B> {
             Some(_) => Some(take("bias")?),
             None => None,
         };
-        self.fill_copy(name, weight, bias, path)
+        let train = self.state.active.iter().any(|n| n == name);
+        let param = |t: Tensor<B, 1>| Param::from_tensor(t).set_require_grad(train);
+        let copy = self.copy_mut(name).expect("checked above");
+        copy.weight = param(weight);
+        copy.bias = bias.map(param);
+        Ok(())
     }
 }
 
