@@ -33,11 +33,13 @@ CLASSIFIERS = ("bert", "llama_seqcls", "gpt2_seqcls")
 
 def base_model(arch):
     torch.manual_seed(0)
-    if arch in ("llama", "llama_seqcls"):
+    if arch in ("llama", "llama_seqcls", "llama_tied"):
+        # llama_tied: the output head is the embedding matrix (as in
+        # SmolLM2), for adapters that copy or retrain rows of it.
         cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          rms_norm_eps=1e-6, tie_word_embeddings=False)
-        if arch == "llama":
+                          rms_norm_eps=1e-6, tie_word_embeddings=arch == "llama_tied")
+        if arch in ("llama", "llama_tied"):
             model = LlamaForCausalLM(cfg)
         else:
             # LlamaForSequenceClassification: `score` on each row's last

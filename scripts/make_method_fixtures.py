@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """Writes the Hugging Face PEFT parity fixtures for the newer slot methods
-(LoHa, LoKr, OFT, BOFT, VeRA, LN tuning) under fixtures/<arch>/<case>/ (tiny
+(LoHa, LoKr, OFT, BOFT, VeRA, LN tuning, trainable tokens) under fixtures/<arch>/<case>/ (tiny
 Llama, BERT and GPT-2 of make_fixtures.py; GPT-2's Conv1D layers are refused
 by PEFT's LyCORIS and OFT methods, and by ours; VeRA takes them, and LN
 tuning adapts GPT-2's norms).
 
 Reference environment as for make_fixtures.py (not needed in CI):
-    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|boft|vera|ln ...]
+    ref/bin/python scripts/make_method_fixtures.py [loha|lokr|oft|boft|vera|ln|trainable ...]
 
 Each case: PEFT's save_pretrained of two adapters (`default` in the folder,
 `other` in other/), and expected.safetensors with input_ids, logits of the
 base model, of each adapter, of both active at once, disabled, merged and
 unmerged again, a mixed batch (rows of the single-adapter logits), the
 training loss and every factor's gradient (no `logits_both` for LN tuning,
-whose forward pass PEFT refuses with two adapters active);
+whose forward pass PEFT refuses with two adapters active, nor for
+trainable tokens, whose two adapters retrain the same tokens);
 expected.json with parameter counts; and `steps.*`: two Adam steps
 (PyTorch's defaults, lr STEP_LR) of the saved `default`, loaded as a user
 loads it, on two recorded batches, and every trained tensor after them.
@@ -26,8 +27,8 @@ import sys
 
 import torch
 import peft.tuners.boft.layer as boft_layer
-from peft import (BOFTConfig, LNTuningConfig, LoHaConfig, LoKrConfig, OFTConfig, PeftModel, VeraConfig,
-                  get_peft_model)
+from peft import (BOFTConfig, LNTuningConfig, LoHaConfig, LoKrConfig, OFTConfig, PeftModel, TrainableTokensConfig,
+                  VeraConfig, get_peft_model)
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,9 @@ CASES = {
         # PEFT's defaults for llama: input_layernorm, post_attention_layernorm
         # and the final norm (RMSNorms: a scale only).
         "ln_tuning": (LNTuningConfig, dict()),
+        # Trainable tokens alone: rows of embed_tokens (no targets: the
+        # input embedding).
+        "trainable_tokens": (TrainableTokensConfig, dict(token_indices=[1, 3, 5, 7])),
     },
     "gpt2": {
         # GPT-2's fused c_attn (Conv1D 16 -> 48) and c_fc (16 -> 64): PEFT
@@ -100,6 +104,11 @@ CASES = {
         # PEFT's defaults for gpt2: ln_1, ln_2, ln_f (LayerNorms with a
         # shift).
         "ln_tuning": (LNTuningConfig, dict()),
+        # No trainable tokens case: PEFT 0.21 wraps GPT-2's tied lm_head a
+        # second time for a second adapter and then fails its forward pass
+        # ("TrainableTokensLayer wraps an unknown layer type"); LoRA's
+        # trainable_token_indices on GPT-2 (make_seqcls_fixtures.py) covers
+        # the tied head.
     },
     "bert": {
         "loha": (LoHaConfig, dict(r=2, alpha=4, target_modules=["query", "value", "output.dense"])),
@@ -162,7 +171,9 @@ def two_adam_steps(arch, out_dir, tensors):
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-    for name, p in model.named_parameters():
+    # Tied parameters under each name (a copy of the embedding that
+    # ensure_weight_tying shares with lm_head is saved under both).
+    for name, p in model.named_parameters(remove_duplicate=False):
         if p.requires_grad:
             tensors["steps." + name.replace(".default", "")] = p.detach().clone()
     # VeRA's projections are buffers, saved beside the trained vectors.
@@ -202,8 +213,9 @@ def write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr):
         # PEFT's generated model card: not a fixture.
         if os.path.exists(os.path.join(d, "README.md")):
             os.remove(os.path.join(d, "README.md"))
-    # Both active: PEFT adds both deltas (LN tuning refuses to run so).
-    if config_class is not LNTuningConfig:
+    # Both active: PEFT adds both deltas (LN tuning refuses to run so, and
+    # trainable tokens with the same indices).
+    if config_class not in (LNTuningConfig, TrainableTokensConfig):
         peft_model.base_model.set_adapter(["default", "other"])
         tensors["logits_both"] = logits(peft_model, ids)
     peft_model.set_adapter("default")
@@ -229,7 +241,7 @@ def write_case_as_peft(arch, case, config_class, kwargs, model_dir, ids, lr):
 
 def main():
     torch.set_num_threads(2)
-    methods = sys.argv[1:] or ["loha", "lokr", "oft", "boft", "vera", "ln"]
+    methods = sys.argv[1:] or ["loha", "lokr", "oft", "boft", "vera", "ln", "trainable"]
     for arch, cases in CASES.items():
         model_dir = os.path.join(ROOT, arch)
         ids = inputs(arch)

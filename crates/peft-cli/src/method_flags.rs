@@ -108,6 +108,11 @@ pub struct MethodFlags {
     /// Soft-prompt initialisation: random (PEFT's default) or sample-vocab.
     #[arg(long)]
     pub prompt_init: Option<String>,
+    /// Token ids whose embedding rows train (comma-separated): the
+    /// trainable tokens method's `token_indices`, LoRA's
+    /// `trainable_token_indices`.
+    #[arg(long)]
+    pub tokens: Option<String>,
 }
 
 impl MethodFlags {
@@ -130,6 +135,9 @@ impl MethodFlags {
         if let Some(f) = self.feedforward.as_deref() {
             out.push(("feedforward", targets(f)));
         }
+        if let Some(t) = self.tokens.as_deref() {
+            out.push(("tokens", token_ids(t)));
+        }
         out
     }
 
@@ -138,6 +146,17 @@ impl MethodFlags {
     /// never dropped. A slot method's own settings are checked by its
     /// config ([`AdapterConfig::from_cli`]).
     fn check_apply_to(&self, method: MethodArg) -> peft_core::Result<()> {
+        if let Some(list) = self.tokens.as_deref() {
+            if let Some(bad) = list
+                .split(',')
+                .map(str::trim)
+                .find(|s| s.parse::<u64>().is_err())
+            {
+                return Err(PeftError::Config(format!(
+                    "--tokens: `{bad}` is not a token id (give ids separated by commas)"
+                )));
+            }
+        }
         let slot = self.slot_settings().into_iter().map(|(flag, _)| flag);
         let others = [
             ("adapter-preset", self.adapter_preset.is_some()),
@@ -173,6 +192,15 @@ impl MethodFlags {
             None => Ok(()),
         }
     }
+}
+
+/// `--tokens 5,7` as the JSON list `[5, 7]` (its entries checked by
+/// `check_apply_to`).
+fn token_ids(list: &str) -> Value {
+    list.split(',')
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+        .map(Value::from)
+        .collect()
 }
 
 fn prompt_init_of(name: &str) -> peft_core::Result<PromptTuningInit> {
@@ -339,6 +367,7 @@ mod tests {
             "boft",
             "vera",
             "ln_tuning",
+            "trainable_tokens",
             "adapter",
             "prompt",
         ] {
@@ -364,6 +393,23 @@ mod tests {
             serde_json::json!(["query", "value"])
         );
         assert_eq!(vera["projection_prng_key"], 0, "PEFT's default");
+        let tokens = || MethodFlags {
+            tokens: Some("5, 7".into()),
+            ..none()
+        };
+        let trainable = saved("trainable_tokens", tokens(), None);
+        assert_eq!(trainable["peft_type"], "TRAINABLE_TOKENS");
+        assert_eq!(trainable["token_indices"], serde_json::json!([5, 7]));
+        let lora = saved("lora", tokens(), None);
+        assert_eq!(lora["trainable_token_indices"], serde_json::json!([5, 7]));
+        let bad = MethodFlags {
+            tokens: Some("5,x".into()),
+            ..none()
+        };
+        let err = method_from(MethodArg::Slot("lora"), None, &bad).unwrap_err();
+        assert!(err.to_string().contains("--tokens: `x`"), "{err}");
+        let err = method_from(MethodArg::Slot("ia3"), None, &tokens()).unwrap_err();
+        assert!(err.to_string().contains("--tokens"), "{err}");
         let oft = saved(
             "oft",
             MethodFlags {

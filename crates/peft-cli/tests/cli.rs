@@ -690,6 +690,13 @@ fn forward_and_merge_reproduce_peft() {
         ("gpt2", "vera"),
         ("llama", "ln_tuning"),
         ("gpt2", "ln_tuning"),
+        // Rows of the embedding (the tied GPT-2 head follows them), and
+        // copies of it (the tied Llama's head too, ensure_weight_tying).
+        ("llama", "trainable_tokens"),
+        ("llama", "lora_tokens"),
+        ("gpt2", "lora_tokens"),
+        ("llama", "lora_embed"),
+        ("llama_tied", "lora_embed"),
     ] {
         let c = peft_models::fixtures::FixtureCase::open(arch, case);
         let ids_file = ids_file(&c, &dir);
@@ -712,6 +719,7 @@ fn forward_and_merge_reproduce_peft() {
             "oft_R",
             "vera_lambda_b",
             "ln_tuning_layers",
+            "trainable_tokens_delta",
         ]
         .into_iter()
         .find(|k| shown.contains(k));
@@ -748,6 +756,18 @@ fn forward_and_merge_reproduce_peft() {
         dir.join("x").to_str().unwrap(),
     ]);
     assert!(!ok && stderr.contains("cannot be merged"), "{stderr}");
+    // GPT-2's copy of `wte` leaves the tied head on the base table: one
+    // tied checkpoint cannot hold both.
+    let (ok, stderr) = peft(&[
+        "merge",
+        "--model",
+        fixtures.join("gpt2").to_str().unwrap(),
+        "--adapter",
+        fixtures.join("gpt2/lora_embed").to_str().unwrap(),
+        "--out",
+        dir.join("y").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("transformer.wte"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -1908,6 +1928,70 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     assert!(
         err.contains("slot method") && err.contains("prefix"),
         "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `peft train --method trainable_tokens --tokens ...` on a causal LM
+/// retrains only the listed rows of the embedding: the best checkpoint is
+/// PEFT's `TRAINABLE_TOKENS` folder holding just those rows, and the
+/// held-out perplexity falls.
+#[test]
+fn trainable_tokens_train_from_the_command_line() {
+    let dir = temp("trainable-tokens");
+    let model = peft_models::fixtures::fixtures_dir().join("gguf/tiny_llama.gguf");
+    let text = ishmael_file(&dir);
+    let run = dir.join("run");
+    let tokens: Vec<String> = (0..48).map(|t| t.to_string()).collect();
+    let (ok, err) = peft(&[
+        "train",
+        "--method",
+        "trainable_tokens",
+        "--tokens",
+        &tokens.join(","),
+        "--task",
+        "causal-lm",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--lr",
+        "0.05",
+        "--batch",
+        "3",
+        "--epochs",
+        "3",
+        "--block-size",
+        "8",
+        "--held-out",
+        "0.2",
+    ]);
+    assert!(ok, "{err}");
+    let best = run.join("best");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "TRAINABLE_TOKENS");
+    let saved = peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+    let keys: Vec<&String> = saved.keys().collect();
+    assert_eq!(
+        keys,
+        ["base_model.model.model.embed_tokens.trainable_tokens_delta"]
+    );
+    assert_eq!(saved[keys[0]].shape, [48, 16]);
+    let perplexities: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["eval"]["perplexity"].as_f64()
+        })
+        .collect();
+    let (first, last) = (perplexities[0], perplexities[perplexities.len() - 1]);
+    assert!(
+        perplexities.len() >= 2 && last.is_finite() && last < first,
+        "held-out perplexity did not fall: {perplexities:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,7 +12,6 @@
 //! (`scripts/make_minilm_seqcls_fixtures.py`) give PEFT's logits through
 //! `peft forward` and PEFT's accuracy through `peft eval`.
 
-use burn::module::Param;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use peft_adapter::Ia3;
@@ -21,7 +20,6 @@ use peft_core::compare;
 use peft_core::io::HostTensor;
 use peft_core::slot::ModuleCopyEntry;
 use peft_core::{autodiff_backend_tests, backend_tests, SlotMethod, SlotModel};
-use peft_core::{LinearSlot, LoraEntry};
 use peft_core::{LoraConfig, PeftError, PeftModel};
 use peft_lora::Lora;
 use peft_lycoris::Loha;
@@ -33,7 +31,7 @@ use peft_models::llama::Llama;
 use peft_models::loss::{causal_lm_loss, cross_entropy};
 use peft_models::seq_cls::ScoreHead;
 use peft_models::slot_parity::{
-    check_gradients, check_slot_method_case, check_training_steps, EntryGradients,
+    check_gradients, check_slot_method_case, check_training_steps, lora_gradients,
 };
 use peft_prompt::PromptTuningModel;
 
@@ -659,23 +657,6 @@ fn check_head_gradients<B: AutodiffBackend, K: SlotMethod>(case: &str, d: &B::De
         c.want(&format!("{key}.bias")),
         tol,
     );
-}
-
-/// LoRA's `lora_A` / `lora_B` gradients in PEFT's `[out, in]` layout.
-fn lora_gradients<B: AutodiffBackend>(
-    slot: &LinearSlot<B>,
-    name: &str,
-    grads: &B::Gradients,
-) -> Option<EntryGradients> {
-    let e = slot.entry::<LoraEntry<B>>(name)?;
-    let grad = |p: &Param<Tensor<B, 2>>| {
-        p.grad(grads)
-            .map(|g| HostTensor::from_tensor(g).transposed())
-    };
-    Some(vec![
-        ("lora_A.weight", grad(&e.a)),
-        ("lora_B.weight", grad(&e.b)),
-    ])
 }
 
 fn head_gradients<B: AutodiffBackend>(d: &B::Device) {

@@ -1082,13 +1082,14 @@ fn classify_with_score_head(arch: &str) {
     std::fs::remove_dir_all(&model).unwrap();
 }
 
-/// BOFT (two butterfly factors), AdaLoRA and LN tuning adapters, served
-/// beside each other and the base on the tiny Llama: each request, alone
-/// and with the others at once (one decode batch, each row through its own
-/// adapter, LN tuning's rows through their own RMSNorm scales), gives
+/// BOFT (two butterfly factors), AdaLoRA, LN tuning and trainable tokens
+/// adapters, served beside each other and the base on the tiny Llama: each
+/// request, alone and with the others at once (one decode batch, each row
+/// through its own adapter, LN tuning's rows through their own RMSNorm
+/// scales, trainable tokens' through their own embedding rows), gives
 /// `peft generate`'s greedy text.
 #[test]
-fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
+fn serves_boft_adalora_ln_tuning_and_trainable_tokens_in_one_batch() {
     let model = tiny_model_folder("llama");
     let dir = peft_models::fixtures::temp_dir("serve-boft-adalora");
     let boft = peft_oft::BoftConfig {
@@ -1103,31 +1104,11 @@ fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
     write_adapter(base(), Method::slot(boft), 11, &dir.join("boft"));
     write_adapter(base(), Method::slot(adalora), 12, &dir.join("adalora"));
     // PEFT's trained LN tuning adapter of this Llama, its norms scaled
-    // further apart from the base's so that the greedy text changes.
-    let peft_ln = peft_models::fixtures::fixtures_dir().join("llama/ln_tuning/other");
-    let ln = dir.join("ln_tuning");
-    std::fs::create_dir_all(&ln).unwrap();
-    std::fs::copy(
-        peft_ln.join("adapter_config.json"),
-        ln.join("adapter_config.json"),
-    )
-    .unwrap();
-    let scaled: Vec<(String, peft_core::io::HostTensor)> =
-        peft_core::io::read_safetensors(&peft_ln.join("adapter_model.safetensors"))
-            .unwrap()
-            .into_iter()
-            .map(|(k, mut t)| {
-                for (i, v) in t.data.iter_mut().enumerate() {
-                    *v *= 1.0 + 0.8 * (i as f32).sin();
-                }
-                (k, t)
-            })
-            .collect();
-    std::fs::write(
-        ln.join("adapter_model.safetensors"),
-        peft_core::io::serialize_safetensors(&scaled, None),
-    )
-    .unwrap();
+    // further apart from the base's so that the greedy text changes; and
+    // its trainable tokens adapter (rows 1, 3, 5, 7 of the embedding),
+    // scaled likewise.
+    let ln = scaled_copy("llama/ln_tuning/other", &dir.join("ln_tuning"));
+    let tokens = scaled_copy("llama/trainable_tokens", &dir.join("tokens"));
     let prompt = "w7 w1 w12 w40 w2";
     let runs: Vec<(&str, String)> = vec![
         ("tiny", generated(&model, None, prompt, 12)),
@@ -1140,6 +1121,7 @@ fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
             generated(&model, Some(&dir.join("adalora")), prompt, 12),
         ),
         ("ln_tuning", generated(&model, Some(&ln), prompt, 12)),
+        ("tokens", generated(&model, Some(&tokens), prompt, 12)),
     ];
     assert_ne!(runs[0].1, runs[1].1, "the BOFT adapter changes nothing");
     assert_ne!(runs[0].1, runs[2].1, "the AdaLoRA adapter changes nothing");
@@ -1147,11 +1129,23 @@ fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
         runs[0].1, runs[3].1,
         "the LN tuning adapter changes nothing"
     );
+    assert_ne!(
+        runs[0].1, runs[4].1,
+        "the trainable tokens adapter changes nothing"
+    );
     let adapters = vec![
         ("boft".into(), dir.join("boft")),
         ("adalora".into(), dir.join("adalora")),
         ("ln_tuning".into(), ln.clone()),
+        ("tokens".into(), tokens.clone()),
     ];
+    // `peft generate` prints the end-of-sequence token it stops after
+    // (`w2`, id 2 here); the server stops before it (OpenAI's
+    // `finish_reason: stop`).
+    let runs: Vec<(&str, String)> = runs
+        .into_iter()
+        .map(|(name, text)| (name, text.strip_suffix(" w2").unwrap_or(&text).to_string()))
+        .collect();
     let server = serving(model.clone(), adapters, "tiny");
     let c = Client::new(&server);
     for (name, want) in &runs {
@@ -1169,4 +1163,33 @@ fn serves_boft_adalora_and_ln_tuning_adapters_in_one_batch() {
     server.shutdown().unwrap();
     std::fs::remove_dir_all(&model).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A copy of the PEFT fixture adapter `case` (under `fixtures/`) in `to`,
+/// each value scaled by `1 + 0.8·sin(i)` so that its effect is large.
+fn scaled_copy(case: &str, to: &Path) -> PathBuf {
+    let from = peft_models::fixtures::fixtures_dir().join(case);
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(
+        from.join("adapter_config.json"),
+        to.join("adapter_config.json"),
+    )
+    .unwrap();
+    let scaled: Vec<(String, peft_core::io::HostTensor)> =
+        peft_core::io::read_safetensors(&from.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, mut t)| {
+                for (i, v) in t.data.iter_mut().enumerate() {
+                    *v *= 1.0 + 0.8 * (i as f32).sin();
+                }
+                (k, t)
+            })
+            .collect();
+    std::fs::write(
+        to.join("adapter_model.safetensors"),
+        peft_core::io::serialize_safetensors(&scaled, None),
+    )
+    .unwrap();
+    to.to_path_buf()
 }

@@ -62,6 +62,18 @@ pub enum InitLoraWeights {
     Named(String),
 }
 
+/// PEFT's `trainable_token_indices`: token ids of the model's input
+/// embedding, or token ids per embedding layer (keys: module name
+/// suffixes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    /// Rows of the input embedding.
+    List(Vec<usize>),
+    /// Rows per layer, by name.
+    PerLayer(IndexMap<String, Vec<usize>>),
+}
+
 /// The LoRA initialisations that split each targeted base weight `W` into
 /// a residual and the adapter's start, `W = W_res + s·B·A`, so the model's
 /// output is unchanged and training starts from a chosen part of `W`.
@@ -147,6 +159,15 @@ pub struct LoraConfig {
     /// `modules_to_save`: a classifier head).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Rows of the input embedding each adapter retrains and saves, the
+    /// rest frozen (PEFT's trainable tokens beside LoRA).
+    #[serde(default)]
+    pub trainable_token_indices: Option<TokenIndices>,
+    /// With tied input and output embeddings, a copy of the embedding in
+    /// `modules_to_save` is the output head's too (PEFT ties them only for
+    /// the layers it calls embeddings, `embed_tokens`).
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
     /// PEFT task type (`CAUSAL_LM`, `SEQ_CLS`, ...), informational.
     #[serde(default)]
     pub task_type: Option<String>,
@@ -199,7 +220,6 @@ const UNSUPPORTED_WHEN_SET: &[&str] = &[
     "use_qalora",
     "alora_invocation_tokens",
     "target_parameters",
-    "trainable_token_indices",
     "megatron_config",
 ];
 
@@ -626,7 +646,6 @@ mod tests {
             ("use_qalora", "true"),
             ("alora_invocation_tokens", "[1, 2]"),
             ("target_parameters", r#"["experts.gate_up_proj"]"#),
-            ("trainable_token_indices", "[5, 7]"),
             ("megatron_config", r#"{"tensor_model_parallel_size": 2}"#),
         ] {
             let json = format!(r#"{{"r":8,"target_modules":["q"],"{key}":{set}}}"#);

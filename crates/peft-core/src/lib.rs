@@ -66,7 +66,8 @@ pub use input::{ModelDims, ModelInput, Tokens};
 pub use model::PeftModel;
 pub use slot::method as slot_method;
 pub use slot::{
-    BaseSplit, Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, NormParams, NormSlot, SlotEntry,
+    BaseSplit, EmbeddingSlot, Ia3Entry, Ia3Meta, LinearSlot, LoraEntry, LoraMeta, NormParams,
+    NormSlot, SlotEntry,
 };
 pub use slot_method::SlotMethod;
 pub use slot_model::SlotModel;
@@ -76,6 +77,9 @@ pub type VeraModel<B, M> = SlotModel<B, M, slot::Vera>;
 
 /// A model carrying named LN tuning adapters (see [`SlotModel`]).
 pub type LnTuningModel<B, M> = SlotModel<B, M, slot::LnTuning>;
+
+/// A model carrying named trainable tokens adapters (see [`SlotModel`]).
+pub type TrainableTokensModel<B, M> = SlotModel<B, M, slot::TrainableTokens>;
 
 /// The adapter name PEFT uses when none is given.
 pub const DEFAULT_ADAPTER: &str = "default";

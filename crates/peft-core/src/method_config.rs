@@ -91,6 +91,16 @@ macro_rules! config_fields {
     };
 }
 
+/// The rows a trainable tokens adapter retrains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRows<'a> {
+    /// Token ids.
+    pub ids: &'a [usize],
+    /// Whether they start random (PEFT's `init_weights=False`) rather than
+    /// at the base rows.
+    pub random: bool,
+}
+
 /// A slot method's `adapter_config.json`: the method gives its fields
 /// ([`target_spec`](Self::target_spec), [`extra`](Self::extra)) and checks
 /// ([`validate`](Self::validate)); reading, writing, default targets and
@@ -116,6 +126,13 @@ pub trait MethodConfig: Serialize + DeserializeOwned + Clone {
 
     /// The fields that choose the adapted layers.
     fn target_spec(&self) -> TargetSpec<'_>;
+
+    /// For a method that retrains rows of embedding tables instead of
+    /// adapting linear layers (trainable tokens): the rows, and whether
+    /// they start random; see `AdapterConfig::token_rows`.
+    fn token_rows(&self) -> Option<TokenRows<'_>> {
+        None
+    }
 
     /// Fixes up the JSON after the command-line settings `given` were
     /// written into it (OFT: `--r` replaces the block size).

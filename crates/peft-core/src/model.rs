@@ -17,7 +17,7 @@ use crate::count::ParamCount;
 use crate::error::Result;
 pub use crate::input::{join, residual_join, InsertionPoint, JoinNorm, ResidualHook};
 use crate::input::{ModelDims, ModelInput};
-use crate::slot::{LinearSlot, NormSlot};
+use crate::slot::{EmbeddingSlot, LinearSlot, NormSlot};
 
 /// A model whose linear layers PEFT can adapt.
 ///
@@ -65,6 +65,30 @@ pub trait PeftModel<B: Backend>: Module<B> {
         let mut out = Vec::new();
         self.visit_norms(&mut |p, _| out.push(p.to_string()));
         out
+    }
+
+    /// Calls `f` with each adaptable token-embedding table and its module
+    /// path (`model.embed_tokens`), the model's input embedding first:
+    /// what `modules_to_save` copies and trainable tokens retrain. A model
+    /// without embedding slots keeps the default, none.
+    fn visit_embeddings(&self, _f: &mut dyn FnMut(&str, &EmbeddingSlot<B>)) {}
+
+    /// Calls `f` with each adaptable embedding table, mutably, and its path.
+    fn visit_embeddings_mut(&mut self, _f: &mut dyn FnMut(&str, &mut EmbeddingSlot<B>)) {}
+
+    /// Every adaptable embedding path, in visiting order (the input
+    /// embedding first).
+    fn embedding_paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.visit_embeddings(&mut |p, _| out.push(p.to_string()));
+        out
+    }
+
+    /// The path of the output head that computes with the input
+    /// embedding's table (`lm_head` of a model with tied embeddings), if
+    /// the model has one: PEFT's file names it for a copy that ties it.
+    fn tied_head_path(&self) -> Option<&str> {
+        None
     }
 
     /// The Hugging Face `model_type` (`llama`, `gpt2`, `bert`, ...), used to
@@ -116,6 +140,7 @@ pub trait PeftModel<B: Backend>: Module<B> {
             quantized += s.quantized_params();
         });
         self.visit_norms(&mut |_, s| trainable += s.trainable_params());
+        self.visit_embeddings(&mut |_, s| trainable += s.trainable_params());
         ParamCount {
             trainable,
             // Quantized base weights are parameters no tensor holds.

@@ -11,25 +11,38 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 
+use crate::config::TokenIndices;
 use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, weight_from_torch, HostTensor};
 use crate::model::PeftModel;
-use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter};
+use crate::slot::{LinearSlot, ModuleCopyEntry, SlotAdapter, TiedHead};
 
-/// The layers that `modules_to_save` names, linear (of `linears`) and
-/// norm (of `norms`): PEFT's rule, a module whose name ends with an entry.
-/// None may also be a target of the adapter's method (`targets`). An entry
-/// list that names no such layer is an error listing them (a SEQ_CLS
-/// adapter on a model without a head, or a copy of an embedding, which is
-/// not supported yet).
+/// The layers an adapter keeps full copies of (`modules_to_save`), by
+/// kind of layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CopyPlan {
+    /// Linear layers (a head): [`ModuleCopyEntry`]s.
+    pub linears: Vec<String>,
+    /// Norm layers: [`NormCopyRole::Saved`](crate::slot::NormCopyRole) copies.
+    pub norms: Vec<String>,
+    /// Embedding tables: [`EmbeddingCopyKind::Saved`](crate::slot::EmbeddingCopyKind) copies.
+    pub embeddings: Vec<String>,
+}
+
+/// The layers that `modules_to_save` names among the model's `linears`,
+/// `norms` and `embeddings`: PEFT's rule, a module whose name ends with an
+/// entry. None may also be a target of the adapter's method (`targets`).
+/// An entry list that names no such layer is an error listing them (a
+/// SEQ_CLS adapter on a model without a head).
 pub fn copy_plan(
     modules_to_save: &[String],
     linears: &[String],
     norms: &[String],
+    embeddings: &[String],
     targets: &[String],
-) -> Result<(Vec<String>, Vec<String>)> {
+) -> Result<CopyPlan> {
     if modules_to_save.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(CopyPlan::default());
     }
     let named = |paths: &[String]| -> Vec<String> {
         paths
@@ -38,24 +51,122 @@ pub fn copy_plan(
             .cloned()
             .collect()
     };
-    let (linear_copies, norm_copies) = (named(linears), named(norms));
-    if linear_copies.is_empty() && norm_copies.is_empty() {
+    // An embedding table is named by its whole last components
+    // (`embed_tokens`, `word_embeddings`): `embeddings` names BERT's
+    // composite embeddings block, which holds the table and cannot be
+    // copied as one layer.
+    let whole = |p: &String| {
+        modules_to_save
+            .iter()
+            .any(|m| p == m || p.ends_with(&format!(".{m}")))
+    };
+    let plan = CopyPlan {
+        linears: named(linears),
+        norms: named(norms),
+        embeddings: embeddings.iter().filter(|p| whole(p)).cloned().collect(),
+    };
+    if plan == CopyPlan::default() {
         return Err(PeftError::Config(format!(
-            "modules_to_save {modules_to_save:?} names no linear or norm layer of this model \
-             (only those can be copied; a sequence-classification adapter needs a model with \
-             its head); its linear layers: {linears:?}; its norm layers: {norms:?}"
+            "modules_to_save {modules_to_save:?} names no linear, norm or embedding layer of this \
+             model (only those can be copied; a sequence-classification adapter needs a model \
+             with its head); its linear layers: {linears:?}; its norm layers: {norms:?}; its \
+             embeddings: {embeddings:?}"
         )));
     }
-    let both = linear_copies
+    let both = plan
+        .linears
         .iter()
-        .chain(&norm_copies)
+        .chain(&plan.norms)
+        .chain(&plan.embeddings)
         .find(|p| targets.contains(p));
     if let Some(both) = both {
         return Err(PeftError::Config(format!(
             "`{both}` is both a target of the adapter and in modules_to_save {modules_to_save:?}"
         )));
     }
-    Ok((linear_copies, norm_copies))
+    Ok(plan)
+}
+
+/// Which rows of which embedding tables an adapter retrains (PEFT's
+/// `trainable_token_indices`): a plain list is rows of the input
+/// embedding (the first of `embeddings`); a map names layers by suffix.
+/// The tied output head (`tied_head`) may be named with the input
+/// embedding's rows (PEFT ties it anyway); other rows for it, a name that
+/// matches no embedding, or a layer also in `modules_to_save` (`saved`) are
+/// errors naming them.
+pub fn token_plan(
+    tokens: Option<&TokenIndices>,
+    embeddings: &[String],
+    tied_head: Option<&str>,
+    saved: &[String],
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let Some(tokens) = tokens else {
+        return Ok(Vec::new());
+    };
+    let input = || {
+        embeddings.first().cloned().ok_or_else(|| {
+            PeftError::Config(
+                "trainable_token_indices: this model has no embedding table that can be \
+                 retrained"
+                    .into(),
+            )
+        })
+    };
+    let mut plan: Vec<(String, Vec<usize>)> = Vec::new();
+    match tokens {
+        TokenIndices::List(ids) => plan.push((input()?, ids.clone())),
+        TokenIndices::PerLayer(layers) => {
+            for (name, ids) in layers {
+                let ends = |p: &str| p == name || p.ends_with(&format!(".{name}"));
+                if let Some(path) = embeddings.iter().find(|p| ends(p)) {
+                    plan.push((path.clone(), ids.clone()));
+                } else if tied_head.is_some_and(ends) {
+                    let input = input()?;
+                    let same = layers.iter().any(|(n, i)| {
+                        (input == *n || input.ends_with(&format!(".{n}"))) && i == ids
+                    });
+                    if !same {
+                        return Err(PeftError::Config(format!(
+                            "trainable_token_indices: `{name}` is the output head tied to \
+                             `{input}`; it can only retrain the same tokens as `{input}`"
+                        )));
+                    }
+                } else {
+                    return Err(PeftError::Config(format!(
+                        "trainable_token_indices names `{name}`, which is no embedding table \
+                         of this model; its embeddings: {embeddings:?}"
+                    )));
+                }
+            }
+        }
+    }
+    if let Some((path, _)) = plan.iter().find(|(p, _)| saved.contains(p)) {
+        return Err(PeftError::Config(format!(
+            "The embedding layer `{path}` is already marked to be trained fully \
+             (modules_to_save); retrain it fully or retrain some of its tokens \
+             (trainable_token_indices), not both"
+        )));
+    }
+    Ok(plan)
+}
+
+/// What the output head (`tied_head`: its path when it is the token
+/// table) computes with beside an adapter's full copy of the embedding at
+/// `path`: the copy under PEFT's `ensure_weight_tying`, which ties only
+/// layers PEFT calls embeddings (`embed_tokens`; a copy of GPT-2's `wte`
+/// leaves the head on the base table, ensure_weight_tying or not).
+pub fn tied_head_of_copy(
+    ensure_weight_tying: bool,
+    tied_head: Option<&str>,
+    path: &str,
+) -> TiedHead {
+    match tied_head {
+        None => TiedHead::Untied,
+        Some(_) if ensure_weight_tying && path.rsplit('.').next() == Some("embed_tokens") => {
+            TiedHead::Follows
+        }
+        Some(_) => TiedHead::KeepsBase,
+    }
 }
 
 /// Attaches adapter `name`'s copy of `slot`'s layer (module `path`).
@@ -155,18 +266,20 @@ pub fn attach_model_copies<B: Backend, M: PeftModel<B>>(
     if modules_to_save.is_empty() {
         return Ok(());
     }
-    let (linears, norms) = copy_plan(
+    let plan = copy_plan(
         modules_to_save,
         &model.linear_paths(),
         &model.norm_paths(),
+        &model.embedding_paths(),
         &[],
     )?;
-    if let Some(norm) = norms.first() {
+    if let Some(other) = plan.norms.first().or(plan.embeddings.first()) {
         return Err(PeftError::Config(format!(
-            "modules_to_save names the norm layer `{norm}`: a prompt-learning adapter keeps \
-             copies of linear layers only (its head)"
+            "modules_to_save names `{other}`, not a linear layer: a prompt-learning adapter \
+             keeps copies of linear layers only (its head)"
         )));
     }
+    let linears = plan.linears;
     let mut result = Ok(());
     model.visit_linears_mut(&mut |path, slot| {
         if result.is_ok() && linears.iter().any(|p| p == path) {

@@ -28,10 +28,11 @@ use crate::io::{
 };
 use crate::model::PeftModel;
 use crate::modules_to_save::{
-    attach_copy, check_one_copy_active, copy_plan, read_copy, write_copy,
+    attach_copy, check_one_copy_active, copy_plan, read_copy, tied_head_of_copy, token_plan,
+    write_copy,
 };
 use crate::slot::method::{AdapterConfig, Init, SlotMethod};
-use crate::slot::{ModuleCopyEntry, NormCopyRole};
+use crate::slot::{ModuleCopyEntry, NormCopyRole, TOKENS_BESIDE_KEY, TOKENS_KEY};
 use crate::{routing, ParamCount, BASE_ROW, DEFAULT_ADAPTER};
 
 pub use crate::io::{CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE};
@@ -117,9 +118,16 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         let outputs = self.model.output_layers();
         let paths = self.model.linear_paths();
         let norms = self.model.norm_paths();
-        // A method adapts linear layers, or (LN tuning) norm layers.
+        let embeddings = self.model.embedding_paths();
+        // A method adapts linear layers, or norm layers (LN tuning), or
+        // rows of embedding tables (trainable tokens).
         let adapts_norms = config.norm_copy_key().is_some();
-        let candidates = if adapts_norms { &norms } else { &paths };
+        let rows = config.token_rows();
+        let candidates = match (adapts_norms, rows.is_some()) {
+            (true, _) => &norms,
+            (false, true) => &embeddings,
+            (false, false) => &paths,
+        };
         let mut targets = Vec::new();
         for path in candidates {
             if config.targets(path, &outputs)? {
@@ -132,12 +140,43 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 available: candidates.clone(),
             });
         }
-        let (plan, norm_plan) = match adapts_norms {
-            true => (Vec::new(), targets),
-            false => (targets, Vec::new()),
+        let (mut plan, mut norm_plan, mut table_plan) = (Vec::new(), Vec::new(), Vec::new());
+        match (adapts_norms, rows.is_some()) {
+            (true, _) => norm_plan = targets,
+            (false, true) => table_plan = targets,
+            (false, false) => plan = targets,
+        }
+        let targeted: Vec<String> = plan
+            .iter()
+            .chain(&norm_plan)
+            .chain(&table_plan)
+            .cloned()
+            .collect();
+        let saved = copy_plan(
+            config.modules_to_save(),
+            &paths,
+            &norms,
+            &embeddings,
+            &targeted,
+        )?;
+        let head = self.model.tied_head_path().map(str::to_string);
+        // Rows of the method's own (trainable tokens) or beside it (LoRA's
+        // trainable_token_indices), saved under different keys.
+        let (tokens, key, random) = match rows {
+            Some(r) => {
+                let own = table_plan.iter().map(|p| (p.clone(), r.ids.to_vec()));
+                (own.collect(), TOKENS_KEY, r.random)
+            }
+            None => {
+                let beside = token_plan(
+                    config.trainable_tokens(),
+                    &embeddings,
+                    head.as_deref(),
+                    &saved.embeddings,
+                )?;
+                (beside, TOKENS_BESIDE_KEY, false)
+            }
         };
-        let targeted: Vec<String> = plan.iter().chain(&norm_plan).cloned().collect();
-        let (copies, norm_copies) = copy_plan(config.modules_to_save(), &paths, &norms, &targeted)?;
         let mut dims = Vec::with_capacity(plan.len());
         let mut next = plan.iter().peekable();
         self.model.visit_linears(&mut |path, slot| {
@@ -152,7 +191,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             if next.next_if(|p| *p == path).is_some() && result.is_ok() {
                 result = K::attach(&config, slot, path, name, init);
             }
-            if copies.iter().any(|c| c == path) && result.is_ok() {
+            if saved.linears.iter().any(|c| c == path) && result.is_ok() {
                 result = attach_copy(slot, path, name);
             }
         });
@@ -160,11 +199,21 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         self.model.visit_norms_mut(&mut |path, slot| {
             let role = match (norm_plan.iter().any(|p| p == path), tuned) {
                 (true, Some(role)) => Some(role),
-                _ if norm_copies.iter().any(|p| p == path) => Some(NormCopyRole::Saved),
+                _ if saved.norms.iter().any(|p| p == path) => Some(NormCopyRole::Saved),
                 _ => None,
             };
             if let (Some(role), true) = (role, result.is_ok()) {
                 result = slot.add_copy(name, role);
+            }
+        });
+        let ties = config.ensure_weight_tying();
+        self.model.visit_embeddings_mut(&mut |path, slot| {
+            if result.is_ok() && saved.embeddings.iter().any(|p| p == path) {
+                result = slot.add_saved(name, tied_head_of_copy(ties, head.as_deref(), path));
+            }
+            if let (Some((_, ids)), true) = (tokens.iter().find(|(p, _)| p == path), result.is_ok())
+            {
+                result = slot.add_tokens(name, path, ids, key, random);
             }
         });
         if let Err(e) = result {
@@ -172,7 +221,11 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             return Err(e);
         }
         self.configs.insert(name.to_string(), config);
-        Ok(plan.into_iter().chain(norm_plan).collect())
+        Ok(plan
+            .into_iter()
+            .chain(norm_plan)
+            .chain(table_plan)
+            .collect())
     }
 
     /// Names of all adapters, in the order they were added.
@@ -227,11 +280,18 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 refused = slot.check_one_active(&names, path);
             }
         });
+        self.model.visit_embeddings(&mut |path, slot| {
+            if refused.is_ok() {
+                refused = slot.check_together(&names, path);
+            }
+        });
         refused?;
         self.model
             .visit_linears_mut(&mut |_, slot| slot.set_active(&names));
         self.model
             .visit_norms_mut(&mut |_, slot| slot.set_active(&names));
+        self.model
+            .visit_embeddings_mut(&mut |_, slot| slot.set_active(&names));
         self.active = names;
         Ok(())
     }
@@ -267,6 +327,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             .visit_linears_mut(&mut |_, slot| slot.state.disabled = disabled);
         self.model
             .visit_norms_mut(&mut |_, slot| slot.state.disabled = disabled);
+        self.model
+            .visit_embeddings_mut(&mut |_, slot| slot.state.disabled = disabled);
         self.disabled = disabled;
     }
 
@@ -281,6 +343,8 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         self.model
             .visit_linears(&mut |_, s| merged |= s.any_merged());
         self.model.visit_norms(&mut |_, s| merged |= s.any_merged());
+        self.model
+            .visit_embeddings(&mut |_, s| merged |= s.any_merged());
         merged
     }
 
@@ -316,6 +380,11 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 )));
             }
         });
+        self.model.visit_embeddings(&mut |path, slot| {
+            if refused.is_none() {
+                refused = slot.check_together(names, path).err();
+            }
+        });
         if let Some(e) = refused {
             return Err(e);
         }
@@ -332,6 +401,11 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 slot.merge(n);
             }
         });
+        self.model.visit_embeddings_mut(&mut |_, slot| {
+            for n in names {
+                slot.merge(n);
+            }
+        });
         failed.map_or(Ok(()), Err)
     }
 
@@ -343,6 +417,9 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         self.model
             .visit_linears_mut(&mut |_, slot| slot.unmerge_newest_first(&names));
         self.model.visit_norms_mut(&mut |_, slot| {
+            slot.unmerge();
+        });
+        self.model.visit_embeddings_mut(&mut |_, slot| {
             slot.unmerge();
         });
     }
@@ -380,6 +457,13 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 }
             }
         });
+        self.model.visit_embeddings_mut(&mut |_, slot| {
+            for n in &active {
+                if slot.copy(n).is_some_and(|c| c.kind.is_full()) {
+                    slot.merge(n);
+                }
+            }
+        });
         self.strip();
         self.model
     }
@@ -393,6 +477,7 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
             slot.state = Default::default();
         });
         self.model.visit_norms_mut(&mut |_, slot| slot.clear());
+        self.model.visit_embeddings_mut(&mut |_, slot| slot.clear());
     }
 
     /// Trainable and total parameters (PEFT's `get_nb_trainable_parameters`).
@@ -438,6 +523,10 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
         });
         self.model
             .visit_norms(&mut |path, slot| slot.write_copy(path, name, &mut tensors));
+        let head = self.model.tied_head_path();
+        self.model.visit_embeddings(&mut |path, slot| {
+            slot.write_copy(path, head, name, &mut tensors);
+        });
         K::write_shared(config, &mut tensors);
         Ok(tensors)
     }
@@ -489,6 +578,12 @@ impl<B: Backend, M: PeftModel<B>, K: SlotMethod> SlotModel<B, M, K> {
                 filled = slot.read_copy(path, name, &mut tensors, &file);
             }
         });
+        let head = self.model.tied_head_path().map(str::to_string);
+        self.model.visit_embeddings_mut(&mut |path, slot| {
+            if filled.is_ok() {
+                filled = slot.read_copy(path, head.as_deref(), name, &mut tensors, &file);
+            }
+        });
         let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         if outcome.is_err() {
             self.delete_adapter(name)?;
@@ -519,6 +614,9 @@ fn remove_everywhere<B: Backend, M: PeftModel<B>>(model: &mut M, name: &str) {
         slot.remove(name);
     });
     model.visit_norms_mut(&mut |_, slot| {
+        slot.remove(name);
+    });
+    model.visit_embeddings_mut(&mut |_, slot| {
         slot.remove(name);
     });
 }

@@ -63,8 +63,9 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
     );
     let err = LohaModel::new(base.clone(), LohaConfig::new(0, 8.0, &["q_proj"])).unwrap_err();
     assert!(err.to_string().contains("`r`"), "{err}");
-    // modules_to_save: a trainable copy of the (linear) head, as for every
-    // method; an embedding cannot be copied yet, and saying so names it.
+    // modules_to_save: a trainable copy of the (linear) head, or of the
+    // embedding table, as for every method; a name that matches no layer
+    // is refused naming it.
     let keeps_heads = LohaConfig {
         modules_to_save: Some(vec!["lm_head".into()]),
         ..LohaConfig::new(4, 8.0, &["q_proj"])
@@ -76,7 +77,13 @@ fn fresh_is_identity_and_errors_are_typed<B: Backend>(d: &B::Device) {
         modules_to_save: Some(vec!["embed_tokens".into()]),
         ..LohaConfig::new(4, 8.0, &["q_proj"])
     };
-    let err = LohaModel::new(base.clone(), keeps_embeddings).unwrap_err();
+    let with_table = LohaModel::new(base.clone(), keeps_embeddings).unwrap();
+    assert!(with_table.model.embed_tokens.copy("default").is_some());
+    let keeps_nothing = LohaConfig {
+        modules_to_save: Some(vec!["embed".into()]),
+        ..LohaConfig::new(4, 8.0, &["q_proj"])
+    };
+    let err = LohaModel::new(base.clone(), keeps_nothing).unwrap_err();
     assert!(
         err.to_string().contains("modules_to_save") && err.to_string().contains("embed_tokens"),
         "{err}"

@@ -13,7 +13,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
-use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
+use peft_core::{
+    EmbeddingSlot, LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result,
+};
 use serde::Deserialize;
 
 use crate::attention::{attend, attend_real, padding_mask, positions, split_heads};
@@ -83,7 +85,8 @@ pub struct BertLayer<B: Backend> {
 #[derive(Module, Debug)]
 pub struct Bert<B: Backend> {
     /// `embeddings.word_embeddings` `[vocab, d]`.
-    pub word_embeddings: Embedding<B>,
+    /// Adaptable (`modules_to_save`, trainable tokens).
+    pub word_embeddings: EmbeddingSlot<B>,
     /// `embeddings.position_embeddings` `[max_pos, d]`.
     pub position_embeddings: Embedding<B>,
     /// `embeddings.token_type_embeddings` `[types, d]`.
@@ -188,7 +191,7 @@ impl<B: Backend> Bert<B> {
         );
         let e = format!("{prefix}embeddings");
         let word_embeddings =
-            ck.embedding(&format!("{e}.word_embeddings.weight"), config.vocab_size, d)?;
+            ck.embedding_slot(&format!("{e}.word_embeddings.weight"), config.vocab_size, d)?;
         let position_embeddings = ck.embedding(
             &format!("{e}.position_embeddings.weight"),
             config.max_position_embeddings,
@@ -515,6 +518,16 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
             );
             f(&format!("{p}.output.LayerNorm"), &mut l.output_norm.slot);
         }
+    }
+
+    fn visit_embeddings(&self, f: &mut dyn FnMut(&str, &EmbeddingSlot<B>)) {
+        let path = format!("{}embeddings.word_embeddings", self.prefix);
+        f(&path, &self.word_embeddings);
+    }
+
+    fn visit_embeddings_mut(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot<B>)) {
+        let path = format!("{}embeddings.word_embeddings", self.prefix);
+        f(&path, &mut self.word_embeddings);
     }
 
     fn model_type(&self) -> Option<&str> {

@@ -9,7 +9,7 @@ use burn::nn::Embedding;
 use crate::norm::{LayerNorm, RmsNorm};
 use burn::tensor::backend::Backend;
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::{LinearSlot, PeftError, Result};
+use peft_core::{EmbeddingSlot, LinearSlot, PeftError, Result};
 use serde::de::DeserializeOwned;
 
 /// Buffers some checkpoints carry that are recomputed, not loaded.
@@ -206,6 +206,16 @@ impl<'d, B: Backend> Checkpoint<'d, B> {
         let weight = self.param(&format!("{path}.weight"), [d_in, d_out])?.val();
         let bias = self.param(&format!("{path}.bias"), [d_out])?.val();
         Ok(LinearSlot::from_weights(weight, Some(bias)))
+    }
+
+    /// An adaptable embedding table `[vocab, d]` (frozen, no copy).
+    pub fn embedding_slot(
+        &mut self,
+        key: &str,
+        vocab: usize,
+        d: usize,
+    ) -> Result<EmbeddingSlot<B>> {
+        Ok(EmbeddingSlot::new(self.param(key, [vocab, d])?.val()))
     }
 
     /// An embedding table `[vocab, d]`.

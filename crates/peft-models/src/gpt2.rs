@@ -14,7 +14,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
-use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
+use peft_core::{
+    EmbeddingSlot, LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result,
+};
 use serde::Deserialize;
 
 use crate::attention::{attend, decoder_mask, positions, row_positions, split_heads, tied_head};
@@ -77,8 +79,9 @@ pub struct Gpt2Block<B: Backend> {
 /// `GPT2ForSequenceClassification` (a `score` head).
 #[derive(Module, Debug)]
 pub struct Gpt2<B: Backend> {
-    /// Token embeddings `[vocab, d]`.
-    pub wte: Embedding<B>,
+    /// Token embeddings `[vocab, d]`, adaptable (`modules_to_save`,
+    /// trainable tokens); the language-model head's matrix too.
+    pub wte: EmbeddingSlot<B>,
     /// Position embeddings `[n_positions, d]`.
     pub wpe: Embedding<B>,
     /// Blocks.
@@ -179,7 +182,7 @@ impl<B: Backend> Gpt2<B> {
         }
         let score = ck.optional_head("score", d, false)?;
         let model = Gpt2 {
-            wte: ck.embedding(&format!("{root}wte.weight"), config.vocab_size, d)?,
+            wte: ck.embedding_slot(&format!("{root}wte.weight"), config.vocab_size, d)?,
             wpe: ck.embedding(&format!("{root}wpe.weight"), config.n_positions, d)?,
             ln_f: ck.layer_norm(&format!("{root}ln_f"), d, eps)?,
             score,
@@ -229,7 +232,7 @@ impl<B: Backend> Gpt2<B> {
         let h = self.ln_f.forward(x);
         match &self.score {
             Some(score) => score.forward(h),
-            None => tied_head(h, self.wte.weight.val()),
+            None => self.wte.tied_head(h, tied_head),
         }
     }
 
@@ -356,6 +359,19 @@ impl<B: Backend> PeftModel<B> for Gpt2<B> {
             f(&format!("{p}.ln_2"), &mut blk.ln_2.slot);
         }
         f(&format!("{}ln_f", self.prefix), &mut self.ln_f.slot);
+    }
+
+    fn visit_embeddings(&self, f: &mut dyn FnMut(&str, &EmbeddingSlot<B>)) {
+        f(&format!("{}wte", self.prefix), &self.wte);
+    }
+
+    fn visit_embeddings_mut(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot<B>)) {
+        f(&format!("{}wte", self.prefix), &mut self.wte);
+    }
+
+    /// `lm_head` of `GPT2LMHeadModel`, which is `wte`'s table.
+    fn tied_head_path(&self) -> Option<&str> {
+        (self.score.is_none() && !self.prefix.is_empty()).then_some("lm_head")
     }
 
     fn model_type(&self) -> Option<&str> {

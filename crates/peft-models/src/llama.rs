@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::attention::Hook;
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig};
+use burn::nn::EmbeddingConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -15,7 +15,9 @@ use peft_core::model::InsertionPoint::{AfterAttention, AfterFeedForward};
 use peft_core::model::{join, InsertionPoint, ResidualHook};
 use peft_core::quant::QuantizedMatrix;
 use peft_core::slot::LinearSlotConfig;
-use peft_core::{LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result};
+use peft_core::{
+    EmbeddingSlot, LinearSlot, ModelDims, ModelInput, NormSlot, PeftError, PeftModel, Result,
+};
 use serde::Deserialize;
 
 use crate::activation::swiglu;
@@ -177,9 +179,10 @@ pub struct LlamaLayer<B: Backend> {
 /// `LlamaForCausalLM`.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
-    /// Token embeddings `[vocab, d]`; an empty `[0, 0]` tensor when
-    /// [`embed_quantized`](Self::embed_quantized) holds them.
-    pub embed_tokens: Embedding<B>,
+    /// Token embeddings `[vocab, d]`, adaptable (`modules_to_save`,
+    /// trainable tokens); an empty `[0, 0]` table, not offered to adapters,
+    /// when [`embed_quantized`](Self::embed_quantized) holds them.
+    pub embed_tokens: EmbeddingSlot<B>,
     /// The token embeddings kept quantized, `[vocab, d]`: a lookup
     /// dequantizes only the rows it returns. With tied embeddings the output
     /// head shares this matrix (`lm_head` is then a quantized slot over it).
@@ -333,7 +336,12 @@ impl LlamaConfig {
             })
             .collect();
         Ok(Llama {
-            embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
+            embed_tokens: EmbeddingSlot::new(
+                EmbeddingConfig::new(self.vocab_size, d)
+                    .init(device)
+                    .weight
+                    .val(),
+            ),
             layers,
             norm: norm(),
             lm_head: (!self.tie_word_embeddings).then(|| slot(d, self.vocab_size, false)),
@@ -382,7 +390,7 @@ impl<B: Backend> Llama<B> {
                 down_proj: ck.linear(&format!("{p}.mlp.down_proj"), ff, d, mb)?,
             });
         }
-        let embed_tokens = ck.embedding("model.embed_tokens.weight", config.vocab_size, d)?;
+        let embed_tokens = ck.embedding_slot("model.embed_tokens.weight", config.vocab_size, d)?;
         let norm = ck.rms_norm("model.norm", d, config.rms_norm_eps)?;
         // `LlamaForSequenceClassification` has `score` in place of `lm_head`.
         let score = ck.optional_head("score", d, false)?;
@@ -453,7 +461,7 @@ impl<B: Backend> Llama<B> {
         }
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => tied_head(h, self.embed_tokens.weight.val()),
+            None => self.embed_tokens.tied_head(h, tied_head),
         }
     }
 
@@ -593,6 +601,7 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
             quantized += s.quantized_params();
         });
         self.visit_norms(&mut |_, s| trainable += s.trainable_params());
+        self.visit_embeddings(&mut |_, s| trainable += s.trainable_params());
         peft_core::ParamCount {
             trainable,
             all: self.num_params() + quantized,
@@ -659,6 +668,26 @@ impl<B: Backend> PeftModel<B> for Llama<B> {
             );
         }
         f("model.norm", &mut self.norm.slot);
+    }
+
+    /// The token table, unless it is kept quantized (no copy of it can be
+    /// made then).
+    fn visit_embeddings(&self, f: &mut dyn FnMut(&str, &EmbeddingSlot<B>)) {
+        if self.embed_quantized.is_none() {
+            f("model.embed_tokens", &self.embed_tokens);
+        }
+    }
+
+    fn visit_embeddings_mut(&mut self, f: &mut dyn FnMut(&str, &mut EmbeddingSlot<B>)) {
+        if self.embed_quantized.is_none() {
+            f("model.embed_tokens", &mut self.embed_tokens);
+        }
+    }
+
+    /// `lm_head`, when it is the embedding table (a causal LM with tied
+    /// embeddings).
+    fn tied_head_path(&self) -> Option<&str> {
+        (self.lm_head.is_none() && self.score.is_none()).then_some("lm_head")
     }
 
     fn model_type(&self) -> Option<&str> {
@@ -832,21 +861,11 @@ impl<B: Backend> Llama<B> {
             let table = Arc::new(quantized("token_embd.weight", vocab, d)?);
             let empty = TensorData::new(Vec::<f32>::new(), [0, 0]);
             let weight = Param::from_tensor(Tensor::from_data(empty, device));
-            (
-                Embedding {
-                    weight: weight.set_require_grad(false),
-                },
-                Some(table),
-            )
+            (EmbeddingSlot::new(weight.val()), Some(table))
         } else {
             let embed = param("token_embd.weight", vec![vocab, d])?;
             let weight = embed.to_tensor([vocab, d], "token_embd.weight", device)?;
-            (
-                Embedding {
-                    weight: Param::from_tensor(weight).set_require_grad(false),
-                },
-                None,
-            )
+            (EmbeddingSlot::new(weight), None)
         };
         let lm_head = match (&embed_quantized, config.tie_word_embeddings) {
             (_, false) => Some(slot("output.weight", d, vocab, None)?),

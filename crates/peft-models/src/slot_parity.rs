@@ -9,8 +9,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use peft_core::compare::{self, Tolerance};
 use peft_core::io::{read_safetensors, HostTensor};
-use peft_core::slot::NormCopyRole;
-use peft_core::{LinearSlot, NormSlot, PeftModel, SlotMethod, SlotModel};
+use peft_core::slot::{EmbeddingCopyKind, NormCopyRole};
+use peft_core::{EmbeddingSlot, LinearSlot, LoraEntry, NormSlot, PeftModel, SlotMethod, SlotModel};
 
 use crate::fixtures::{assert_close, max_diff, temp_dir, FixtureCase};
 
@@ -88,6 +88,7 @@ pub fn check_slot_method_case<B: Backend, M: PeftModel<B> + Clone, K: SlotMethod
                 v.push(HostTensor::from_tensor(b.val()));
             }
         });
+        m.visit_embeddings(&mut |_, s| v.push(HostTensor::from_tensor(s.weight.val())));
         v
     };
     let before = weights(&adapted.model);
@@ -286,12 +287,49 @@ pub fn check_bad_shape_refused<B: Backend, M: PeftModel<B>, K: SlotMethod>(
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Adapter entries on the linear slots and copies on the norm slots of `m`.
+/// Adapter entries on the linear slots and copies on the norm and
+/// embedding slots of `m`.
 pub fn entry_count<B: Backend, M: PeftModel<B>>(m: &M) -> usize {
     let mut entries = 0;
     m.visit_linears(&mut |_, s| entries += s.entries.len());
     m.visit_norms(&mut |_, s| entries += s.copies.len());
+    m.visit_embeddings(&mut |_, s| entries += s.copies.len());
     entries
+}
+
+/// LoRA's `lora_A` / `lora_B` gradients in PEFT's `[out, in]` layout: the
+/// [`LinearGradients`] of LoRA.
+pub fn lora_gradients<B: AutodiffBackend>(
+    slot: &LinearSlot<B>,
+    name: &str,
+    grads: &B::Gradients,
+) -> Option<EntryGradients> {
+    let e = slot.entry::<LoraEntry<B>>(name)?;
+    let grad = |p: &Param<Tensor<B, 2>>| {
+        p.grad(grads)
+            .map(|g| HostTensor::from_tensor(g).transposed())
+    };
+    Some(vec![
+        ("lora_A.weight", grad(&e.a)),
+        ("lora_B.weight", grad(&e.b)),
+    ])
+}
+
+/// The gradient of adapter `name`'s copy of an embedding table, under the
+/// key PEFT names it (`weight` for a full copy,
+/// `token_adapter.trainable_tokens_delta` for retrained tokens).
+fn embedding_copy_gradients<B: AutodiffBackend>(
+    slot: &EmbeddingSlot<B>,
+    name: &str,
+    grads: &B::Gradients,
+) -> Option<KeyedGradients> {
+    let copy = slot.copy(name)?;
+    let key = match copy.kind {
+        EmbeddingCopyKind::Tokens { key } => key,
+        EmbeddingCopyKind::Saved { .. } => "weight",
+    };
+    let grad = copy.weight.grad(grads).map(HostTensor::from_tensor);
+    Some(vec![(key.to_string(), grad)])
 }
 
 /// The gradients of one entry's trained tensors, by the key suffix PEFT
@@ -332,7 +370,8 @@ fn norm_copy_gradients<B: AutodiffBackend>(
 /// The training loss of fixture `arch/case` (`default` active, `other`
 /// loaded) equals PEFT's `train_loss`, and the gradient of every tensor
 /// `linear` gives for `default`'s entries (none: a method without linear
-/// entries, LN tuning), and of `default`'s copies of norm layers, equals
+/// entries, LN tuning), and of `default`'s copies of norm layers and
+/// embedding tables (full, or retrained tokens), equals
 /// PEFT's `grad.base_model.model.<path>.<suffix>`; the base and every
 /// tensor of the inactive `other` get none, and every PEFT gradient is
 /// compared.
@@ -385,6 +424,10 @@ pub fn check_gradients<B, M, K>(
     adapted.model.visit_norms(&mut |path, slot| {
         assert!(slot.weight.grad(&grads).is_none(), "{path}: base norm");
         check(path, &|name| norm_copy_gradients(slot, name, &grads));
+    });
+    adapted.model.visit_embeddings(&mut |path, slot| {
+        assert!(slot.weight.grad(&grads).is_none(), "{path}: base table");
+        check(path, &|name| embedding_copy_gradients(slot, name, &grads));
     });
     let expected = c.expected.keys().filter(|k| k.starts_with("grad.")).count();
     assert!(expected > 0, "the fixture has gradients");

@@ -30,8 +30,10 @@ impl<B: Backend> VirtualTokens<B> for PromptEncoder<B> {
         self.num_virtual_tokens()
     }
 
-    /// PEFT records the model's attention heads and layers; the prompt
-    /// itself only needs the embedding width.
+    /// PEFT records the model's attention (query) heads and layers, as its
+    /// `_prepare_prompt_learning_config` reads them from the model's
+    /// config; the prompt itself only needs the embedding width. A file's
+    /// own values stand.
     fn fit_config(
         mut config: PromptLearningConfig,
         dims: &ModelDims,
@@ -41,8 +43,10 @@ impl<B: Backend> VirtualTokens<B> for PromptEncoder<B> {
                 "peft_type PREFIX_TUNING belongs to peft-prefix, not to prompt tuning".into(),
             ));
         }
-        let heads = config.num_attention_heads.unwrap_or(1);
-        let layers = config.num_layers.unwrap_or(1);
+        let heads = config
+            .num_attention_heads
+            .unwrap_or(dims.d_model / dims.head_dim.max(1));
+        let layers = config.num_layers.unwrap_or(dims.layers);
         config.fill_from_model(layers, dims.d_model, heads)?;
         Ok(config)
     }

@@ -299,6 +299,15 @@ fn mixed_batch_switching_and_inits<B: Backend>(device: &B::Device) {
         &(0..pm.model.dims().vocab_size as u32).collect::<Vec<_>>(),
         device,
     )));
+    // A fresh adapter records the model's layers and attention heads, as
+    // PEFT's file of the same model does.
+    let fresh = pm.config("vocab").unwrap();
+    let peft = pm.config("default").unwrap();
+    assert_eq!(
+        (fresh.num_layers, fresh.num_attention_heads),
+        (peft.num_layers, peft.num_attention_heads)
+    );
+    assert_eq!(fresh.num_layers, Some(2));
     let d = pm.model.dims().d_model;
     let prompt = HostTensor::from_tensor(pm.encoder("vocab").unwrap().prompt());
     for r in prompt.data.chunks(d) {

@@ -277,12 +277,31 @@ fn merged_model<B: Backend, M: peft_core::PeftModel<B> + Clone>(
     base: M,
     adapter: &Path,
 ) -> Result<M> {
-    match Method::detect(adapter)? {
-        Method::Slot(_) => tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload(),
-        other => Err(PeftError::Config(format!(
-            "{} adds modules or inputs; it cannot be merged into the base weights",
-            other.name()
+    let merged = match Method::detect(adapter)? {
+        Method::Slot(_) => tasks::Slots::from_pretrained(base, adapter)?.merge_and_unload()?,
+        other => {
+            return Err(PeftError::Config(format!(
+                "{} adds modules or inputs; it cannot be merged into the base weights",
+                other.name()
+            )))
+        }
+    };
+    // A copy of a tied embedding that leaves the head on the base table
+    // makes two matrices where the checkpoint's format has one.
+    let mut split = None;
+    merged.visit_embeddings(&mut |path, slot| {
+        if slot.head_base.is_some() {
+            split.get_or_insert(path.to_string());
+        }
+    });
+    match split {
+        Some(path) => Err(PeftError::Config(format!(
+            "{}: the adapter's copy of `{path}` replaces the input embedding but not the output \
+             head tied to it (modules_to_save without ensure_weight_tying), so the merged model \
+             has two tables where the checkpoint ties one; keep it as an adapter",
+            adapter.display()
         ))),
+        None => Ok(merged),
     }
 }
 
@@ -456,8 +475,15 @@ fn merge_into<B: Backend, M: peft_core::PeftModel<B> + Clone>(
             updates.insert(format!("{path}.bias"), HostTensor::from_tensor(b.val()));
         }
     });
-    // Norm layers (an LN tuning adapter's merge swaps its copies in).
+    // Norm layers (an LN tuning adapter's merge swaps its copies in) and
+    // embedding tables (copies, retrained tokens).
     merged.visit_norms(&mut |path, slot| updates.extend(norm_tensors(path, slot)));
+    merged.visit_embeddings(&mut |path, slot| {
+        updates.insert(
+            format!("{path}.weight"),
+            HostTensor::from_tensor(slot.weight.val()),
+        );
+    });
     std::fs::create_dir_all(t.out).map_err(|source| PeftError::Io {
         path: t.out.to_path_buf(),
         source,

@@ -9,7 +9,7 @@ use std::path::Path;
 use peft_adapter::{BnConfig, Ia3};
 use peft_core::io::read_safetensors;
 use peft_core::prompt_learning::{PromptLearningConfig, PromptLearningType};
-use peft_core::slot::{LnTuning, Vera};
+use peft_core::slot::{LnTuning, TrainableTokens, Vera};
 use peft_core::slot_method::{AdapterConfig, Pick, SlotMethod};
 use peft_core::{PeftError, Result, SlotModel};
 use peft_lora::{AdaLora, Lora};
@@ -189,14 +189,21 @@ pub fn head_labels(dir: &Path, head: &str) -> Result<Option<usize>> {
 
 /// The slot methods the CLI runs, in one wrapper: LoRA (rsLoRA, DoRA),
 /// (IA)³, LoHa, LoKr, OFT, BOFT, VeRA and AdaLoRA adapters live in the model's own linear
-/// slots, LN tuning's in its norm slots. A new slot method is one more pair level here; [`Method`],
+/// slots, LN tuning's in its norm slots, trainable tokens in its embedding
+/// slots. A new slot method is one more pair level here; [`Method`],
 /// [`SlotConfig`], `--method` and its flags, detection and the seq-cls
 /// setup follow from it.
 pub type SlotKinds = (
     Lora,
     (
         Ia3,
-        (Loha, (Lokr, (Oft, (Boft, (Vera, (AdaLora, LnTuning)))))),
+        (
+            Loha,
+            (
+                Lokr,
+                (Oft, (Boft, (Vera, (AdaLora, (LnTuning, TrainableTokens))))),
+            ),
+        ),
     ),
 );
 

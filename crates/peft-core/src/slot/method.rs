@@ -15,9 +15,10 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 
 use super::LinearSlot;
-use crate::config::{read_text, Ia3Config, LoraConfig};
+use crate::config::{read_text, Ia3Config, LoraConfig, TokenIndices};
 use crate::error::{PeftError, Result};
 use crate::io::HostTensor;
+pub use crate::method_config::TokenRows;
 use crate::method_config::{MethodConfig, TaskFields};
 use crate::settings::{self, Setting};
 use crate::target::{is_target, targets_match};
@@ -73,6 +74,26 @@ pub trait AdapterConfig: Clone + Debug + Send + Sync + Sized + 'static {
     /// ([`NormSlot`](super::NormSlot)), saved under `<path>.<key>.weight`.
     fn norm_copy_key(&self) -> Option<&'static str> {
         None
+    }
+
+    /// Rows of embedding tables this adapter retrains (trainable tokens:
+    /// LoRA's `trainable_token_indices`), kept in the model's
+    /// [`EmbeddingSlot`](super::EmbeddingSlot)s.
+    fn trainable_tokens(&self) -> Option<&TokenIndices> {
+        None
+    }
+
+    /// `Some` for a method that retrains rows of embedding tables instead
+    /// of adapting linear layers (trainable tokens): its targets are the
+    /// model's embedding paths, each targeted table gets these rows.
+    fn token_rows(&self) -> Option<TokenRows<'_>> {
+        None
+    }
+
+    /// Whether a copy of a tied input embedding (`modules_to_save`) is the
+    /// output head's too (PEFT's `ensure_weight_tying`).
+    fn ensure_weight_tying(&self) -> bool {
+        false
     }
 
     /// The method's name as `peft train --method` and messages give it
@@ -160,6 +181,14 @@ impl AdapterConfig for LoraConfig {
         self.modules_to_save.as_deref().unwrap_or_default()
     }
 
+    fn trainable_tokens(&self) -> Option<&TokenIndices> {
+        self.trainable_token_indices.as_ref()
+    }
+
+    fn ensure_weight_tying(&self) -> bool {
+        self.ensure_weight_tying
+    }
+
     fn method_name(&self) -> &'static str {
         match (self.use_dora, self.base_splitting_init()) {
             (true, _) => "dora",
@@ -203,6 +232,7 @@ impl AdapterConfig for LoraConfig {
             ("alpha", "lora_alpha"),
             ("targets", "target_modules"),
             ("lora-dropout", "lora_dropout"),
+            ("tokens", "trainable_token_indices"),
         ];
         let defaults = serde_json::to_value(defaults).expect("serialises");
         Some((|| {
@@ -345,6 +375,10 @@ impl<C: MethodConfig + Debug + Send + Sync + 'static> AdapterConfig for C {
 
     fn norm_copy_key(&self) -> Option<&'static str> {
         C::NORM_COPY_KEY
+    }
+
+    fn token_rows(&self) -> Option<TokenRows<'_>> {
+        MethodConfig::token_rows(self)
     }
 
     fn targets(&self, path: &str, output_layers: &[String]) -> Result<bool> {
@@ -531,6 +565,27 @@ impl<C1: AdapterConfig, C2: AdapterConfig> AdapterConfig for OneOf<C1, C2> {
         match self {
             OneOf::First(c) => c.targets(path, output_layers),
             OneOf::Second(c) => c.targets(path, output_layers),
+        }
+    }
+
+    fn trainable_tokens(&self) -> Option<&TokenIndices> {
+        match self {
+            OneOf::First(c) => c.trainable_tokens(),
+            OneOf::Second(c) => c.trainable_tokens(),
+        }
+    }
+
+    fn token_rows(&self) -> Option<TokenRows<'_>> {
+        match self {
+            OneOf::First(c) => c.token_rows(),
+            OneOf::Second(c) => c.token_rows(),
+        }
+    }
+
+    fn ensure_weight_tying(&self) -> bool {
+        match self {
+            OneOf::First(c) => c.ensure_weight_tying(),
+            OneOf::Second(c) => c.ensure_weight_tying(),
         }
     }
 

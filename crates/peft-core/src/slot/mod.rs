@@ -22,6 +22,7 @@ mod adalora;
 mod adapter;
 mod boft;
 mod delta;
+mod embedding;
 mod entry;
 mod forward;
 mod ia3;
@@ -33,6 +34,7 @@ pub mod method;
 mod module_copy;
 mod norm;
 mod oft;
+pub mod trainable_tokens;
 pub mod vera;
 
 use std::sync::Arc;
@@ -49,6 +51,10 @@ pub use adalora::{AdaLoraEntry, AdaLoraMeta};
 pub use adapter::{BaseParts, BasePass, LowRankRows, SlotAdapter};
 pub use boft::{butterfly_permutation, cayley_exact, BoftEntry, BoftMeta};
 pub use delta::{DeltaEntry, DeltaFactors, DeltaMeta};
+pub use embedding::{
+    EmbeddingCopy, EmbeddingCopyKind, EmbeddingSlot, EmbeddingSlotState, TiedHead,
+    TOKENS_BESIDE_KEY, TOKENS_KEY,
+};
 pub use entry::{EntryKind, SlotEntry};
 pub use ia3::{Ia3Entry, Ia3Meta};
 pub use ln_tuning::{LnTuning, LnTuningConfig};
@@ -58,6 +64,7 @@ pub use lora::{column_norm, BaseSplit, LoraEntry, LoraMeta};
 pub use module_copy::{ModuleCopyEntry, ModuleCopyMeta};
 pub use norm::{NormCopy, NormCopyRole, NormParams, NormSlot, NormSlotState};
 pub use oft::{cayley_neumann, skew_symmetric, OftEntry, OftMeta};
+pub use trainable_tokens::{TrainableTokens, TrainableTokensConfig};
 pub use vera::{Vera, VeraConfig, VeraEntry};
 
 /// Slot-level state that is not a parameter.
