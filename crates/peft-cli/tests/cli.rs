@@ -396,13 +396,7 @@ fn wgpu_runs_forward_train_and_eval() {
         "0.2",
     ]);
     assert!(ok, "peft train --backend wgpu: {err}");
-    let perplexities: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["eval"]["perplexity"].as_f64()
-        })
-        .collect();
+    let perplexities = held_out_perplexities(&run);
     assert!(perplexities.len() >= 2, "{perplexities:?}");
     let (first, last) = (perplexities[0], perplexities[perplexities.len() - 1]);
     assert!(
@@ -1932,6 +1926,17 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The held-out perplexities a causal-LM run logged, in order.
+fn held_out_perplexities(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["eval"]["perplexity"].as_f64()
+        })
+        .collect()
+}
+
 /// `peft train --method trainable_tokens --tokens ...` on a causal LM
 /// retrains only the listed rows of the embedding: the best checkpoint is
 /// PEFT's `TRAINABLE_TOKENS` folder holding just those rows, and the
@@ -1981,13 +1986,7 @@ fn trainable_tokens_train_from_the_command_line() {
         ["base_model.model.model.embed_tokens.trainable_tokens_delta"]
     );
     assert_eq!(saved[keys[0]].shape, [48, 16]);
-    let perplexities: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["eval"]["perplexity"].as_f64()
-        })
-        .collect();
+    let perplexities = held_out_perplexities(&run);
     let (first, last) = (perplexities[0], perplexities[perplexities.len() - 1]);
     assert!(
         perplexities.len() >= 2 && last.is_finite() && last < first,

@@ -11,18 +11,12 @@
 //! PEFT, a mixed batch may route rows to different LN tuning adapters
 //! ([`NormParams::PerRow`](super::NormParams)).
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::method::{Init, SlotMethod};
-use super::LinearSlot;
+use super::method::slot_method_without_entries;
 use crate::config::TargetModules;
-use crate::error::{PeftError, Result};
-use crate::io::HostTensor;
+use crate::error::Result;
 use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
 
 fn ln_tuning_type() -> String {
@@ -136,43 +130,4 @@ impl MethodConfig for LnTuningConfig {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LnTuning;
 
-impl SlotMethod for LnTuning {
-    type Config = LnTuningConfig;
-
-    /// Never reached through [`SlotModel`](crate::SlotModel), which attaches
-    /// this method's adapters to norm slots; a direct call is refused.
-    fn attach<B: Backend>(
-        _config: &LnTuningConfig,
-        _slot: &mut LinearSlot<B>,
-        path: &str,
-        _name: &str,
-        _init: Init,
-    ) -> Result<()> {
-        Err(PeftError::Config(format!(
-            "LN tuning trains copies of norm layers; `{path}` is a linear layer (keep a full \
-             copy of it with modules_to_save)"
-        )))
-    }
-
-    fn write_tensors<B: Backend>(
-        _config: &LnTuningConfig,
-        _slot: &LinearSlot<B>,
-        _path: &str,
-        _name: &str,
-        _out: &mut Vec<(String, HostTensor)>,
-    ) {
-    }
-
-    fn read_tensors<B: Backend>(
-        _config: &LnTuningConfig,
-        _slot: &mut LinearSlot<B>,
-        _path: &str,
-        _name: &str,
-        _tensors: &mut HashMap<String, HostTensor>,
-        _file: &Path,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    fn clear<B: Backend>(_slot: &mut LinearSlot<B>) {}
-}
+slot_method_without_entries!(LnTuning, LnTuningConfig, "LN tuning trains copies of norm layers; `{path}` is a linear layer (keep a full copy of it with modules_to_save)");

@@ -502,6 +502,59 @@ pub trait SlotMethod: Clone + Debug + Default + Send + Sync + 'static {
     }
 }
 
+/// Implements [`SlotMethod`] for `$method` (config `$config`), a method
+/// whose adapters live outside the linear slots (LN tuning's copies of
+/// norms, trainable tokens' rows of embedding tables): it has no entry to
+/// attach, write, read or clear there, and attaching one directly is
+/// refused with `$refusal` (a format string naming `{path}`).
+macro_rules! slot_method_without_entries {
+    ($method:ty, $config:ty, $refusal:literal) => {
+        impl $crate::slot::method::SlotMethod for $method {
+            type Config = $config;
+
+            /// Never reached through [`SlotModel`](crate::SlotModel), which
+            /// attaches this method's adapters to other slots; a direct
+            /// call is refused.
+            fn attach<B: ::burn::tensor::backend::Backend>(
+                _config: &$config,
+                _slot: &mut $crate::slot::LinearSlot<B>,
+                path: &str,
+                _name: &str,
+                _init: $crate::slot::method::Init,
+            ) -> $crate::error::Result<()> {
+                Err($crate::error::PeftError::Config(format!(
+                    $refusal,
+                    path = path
+                )))
+            }
+
+            fn write_tensors<B: ::burn::tensor::backend::Backend>(
+                _config: &$config,
+                _slot: &$crate::slot::LinearSlot<B>,
+                _path: &str,
+                _name: &str,
+                _out: &mut Vec<(String, $crate::io::HostTensor)>,
+            ) {
+            }
+
+            fn read_tensors<B: ::burn::tensor::backend::Backend>(
+                _config: &$config,
+                _slot: &mut $crate::slot::LinearSlot<B>,
+                _path: &str,
+                _name: &str,
+                _tensors: &mut ::std::collections::HashMap<String, $crate::io::HostTensor>,
+                _file: &::std::path::Path,
+            ) -> $crate::error::Result<()> {
+                Ok(())
+            }
+
+            fn clear<B: ::burn::tensor::backend::Backend>(_slot: &mut $crate::slot::LinearSlot<B>) {
+            }
+        }
+    };
+}
+pub(crate) use slot_method_without_entries;
+
 /// The config of an adapter in a model that mixes two slot methods.
 #[derive(Debug, Clone)]
 pub enum OneOf<C1, C2> {

@@ -12,18 +12,12 @@
 //! one token retrained by two active adapters is refused. The same rows
 //! beside LoRA are LoRA's `trainable_token_indices`.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::method::{Init, SlotMethod, TokenRows};
-use super::LinearSlot;
+use super::method::{slot_method_without_entries, TokenRows};
 use crate::config::TargetModules;
 use crate::error::{PeftError, Result};
-use crate::io::HostTensor;
 use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
 
 fn trainable_tokens_type() -> String {
@@ -157,42 +151,8 @@ impl MethodConfig for TrainableTokensConfig {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TrainableTokens;
 
-impl SlotMethod for TrainableTokens {
-    type Config = TrainableTokensConfig;
-
-    /// Never reached through [`SlotModel`](crate::SlotModel), which attaches
-    /// this method's adapters to embedding slots; a direct call is refused.
-    fn attach<B: Backend>(
-        _config: &TrainableTokensConfig,
-        _slot: &mut LinearSlot<B>,
-        path: &str,
-        _name: &str,
-        _init: Init,
-    ) -> Result<()> {
-        Err(PeftError::Config(format!(
-            "trainable tokens retrain rows of embedding tables; `{path}` is a linear layer"
-        )))
-    }
-
-    fn write_tensors<B: Backend>(
-        _config: &TrainableTokensConfig,
-        _slot: &LinearSlot<B>,
-        _path: &str,
-        _name: &str,
-        _out: &mut Vec<(String, HostTensor)>,
-    ) {
-    }
-
-    fn read_tensors<B: Backend>(
-        _config: &TrainableTokensConfig,
-        _slot: &mut LinearSlot<B>,
-        _path: &str,
-        _name: &str,
-        _tensors: &mut HashMap<String, HostTensor>,
-        _file: &Path,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    fn clear<B: Backend>(_slot: &mut LinearSlot<B>) {}
-}
+slot_method_without_entries!(
+    TrainableTokens,
+    TrainableTokensConfig,
+    "trainable tokens retrain rows of embedding tables; `{path}` is a linear layer"
+);
