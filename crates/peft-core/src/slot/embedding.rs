@@ -26,6 +26,7 @@ use burn::tensor::{Bool, Distribution, IndexingUpdateOp, Int, Tensor, TensorData
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::copies::{activate, AdapterCopy};
 use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
 use crate::routing;
@@ -95,14 +96,20 @@ pub struct EmbeddingCopy<B: Backend> {
     pub kind: EmbeddingCopyKind,
 }
 
-impl<B: Backend> EmbeddingCopy<B> {
+impl<B: Backend> AdapterCopy for EmbeddingCopy<B> {
+    fn adapter(&self) -> &str {
+        &self.name
+    }
+
     fn with_training(self, train: bool) -> Self {
         EmbeddingCopy {
             weight: self.weight.set_require_grad(train),
             ..self
         }
     }
+}
 
+impl<B: Backend> EmbeddingCopy<B> {
     /// Whether a tied output head uses this copy.
     fn reaches_head(&self) -> bool {
         match self.kind {
@@ -338,19 +345,7 @@ impl<B: Backend> EmbeddingSlot<B> {
     /// Makes `names` (those with a copy here) the active adapters: their
     /// copies train, the others are frozen.
     pub fn set_active(&mut self, names: &[String]) {
-        let active: Vec<String> = names
-            .iter()
-            .filter(|n| self.copy(n).is_some())
-            .cloned()
-            .collect();
-        self.copies = std::mem::take(&mut self.copies)
-            .into_iter()
-            .map(|c| {
-                let train = active.contains(&c.name);
-                c.with_training(train)
-            })
-            .collect();
-        self.state.active = active;
+        self.state.active = activate(&mut self.copies, names);
     }
 
     /// Whether a copy is swapped into the base.

@@ -21,6 +21,7 @@
 mod adalora;
 mod adapter;
 mod boft;
+mod copies;
 mod delta;
 mod embedding;
 mod entry;

@@ -18,6 +18,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::copies::{activate, AdapterCopy};
 use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
 use crate::routing;
@@ -49,8 +50,11 @@ pub struct NormCopy<B: Backend> {
     pub role: NormCopyRole,
 }
 
-impl<B: Backend> NormCopy<B> {
-    /// The copy's parameters set to train (`true`) or frozen.
+impl<B: Backend> AdapterCopy for NormCopy<B> {
+    fn adapter(&self) -> &str {
+        &self.name
+    }
+
     fn with_training(self, train: bool) -> Self {
         NormCopy {
             weight: self.weight.set_require_grad(train),
@@ -201,19 +205,7 @@ impl<B: Backend> NormSlot<B> {
     /// Makes `names` (those with a copy here) the active adapters: their
     /// copies train, the others are frozen.
     pub fn set_active(&mut self, names: &[String]) {
-        let active: Vec<String> = names
-            .iter()
-            .filter(|n| self.copy(n).is_some())
-            .cloned()
-            .collect();
-        self.copies = std::mem::take(&mut self.copies)
-            .into_iter()
-            .map(|c| {
-                let train = active.contains(&c.name);
-                c.with_training(train)
-            })
-            .collect();
-        self.state.active = active;
+        self.state.active = activate(&mut self.copies, names);
     }
 
     /// Whether a copy is swapped into the base.
