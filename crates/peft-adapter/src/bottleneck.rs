@@ -23,7 +23,7 @@ pub use crate::config::Activation;
 use crate::config::{BnConfig, FusionConfig, ResidualBeforeLn, Scaling};
 
 impl Activation {
-    fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub(crate) fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Relu => relu(x),
             Self::Silu => silu(x),

@@ -23,6 +23,9 @@ use crate::bottleneck::{
     Bottleneck, BottleneckAdapter, Composer, Fusion, FusionLayer, Lookup, Setup,
 };
 use crate::config::{from_json, read_json, BnConfig, FusionConfig};
+use crate::head::{HeadConfig, PredictionHead};
+
+mod heads;
 
 /// AdapterHub's file names.
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
@@ -46,6 +49,9 @@ pub struct AdapterSet<B: Backend> {
     /// Fusions by AdapterHub's name (`a,b`), with their configs, in the
     /// order added.
     pub fusions: NamedModules<B, Fusion<B>, FusionConfig>,
+    /// Prediction heads by name (paired with the adapter of that name),
+    /// with their configs, in the order added.
+    pub heads: NamedModules<B, PredictionHead<B>, HeadConfig>,
 }
 
 impl<B: Backend> Lookup<B> for AdapterSet<B> {
@@ -84,6 +90,13 @@ pub struct AdapterModel<B: Backend, M: Module<B>> {
     /// Fusions whose parameters train.
     #[module(skip)]
     trainable_fusions: Vec<String>,
+    /// The head [`forward_head`](Self::forward_head) runs (AdapterHub's
+    /// `active_head`).
+    #[module(skip)]
+    active_head: Option<String>,
+    /// The head that trains with the adapters or fusions being trained.
+    #[module(skip)]
+    trainable_head: Option<String>,
 }
 
 impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
@@ -94,10 +107,13 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             set: AdapterSet {
                 adapters: NamedModules::new(),
                 fusions: NamedModules::new(),
+                heads: NamedModules::new(),
             },
             setup: None,
             trainable_adapters: Vec::new(),
             trainable_fusions: Vec::new(),
+            active_head: None,
+            trainable_head: None,
         }
     }
 
@@ -233,9 +249,12 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         self.setup.as_ref()
     }
 
-    /// Activates `setup` for inference; which parameters train is unchanged.
+    /// Activates `setup` for inference; which parameters train is
+    /// unchanged. As AdapterHub's `set_active_adapters`, a head named as the
+    /// setup's last adapter becomes the active head.
     pub fn set_active(&mut self, setup: Setup) -> Result<()> {
         self.check_setup(&setup)?;
+        self.follow_head(&setup);
         self.setup = Some(setup);
         Ok(())
     }
@@ -250,6 +269,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     pub fn train_adapter(&mut self, setup: Setup) -> Result<()> {
         self.check_setup(&setup)?;
         let leaves: Vec<String> = setup.leaves().iter().map(|s| s.to_string()).collect();
+        self.follow_head(&setup);
         self.set_trainable(&leaves, &[]);
         self.setup = Some(setup);
         Ok(())
@@ -280,6 +300,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
                 )));
             }
         }
+        self.follow_head(&setup);
         self.set_trainable(&[], &fusions);
         self.setup = Some(setup);
         Ok(())
@@ -321,6 +342,16 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             .map_modules(|n, f| f.map(&mut trains(fusions, n)));
         self.trainable_adapters = adapters.to_vec();
         self.trainable_fusions = fusions.to_vec();
+        // The active head trains with whatever trains (AdapterHub leaves
+        // every head trainable; only the active one gets gradients).
+        let head = self
+            .active_head
+            .clone()
+            .filter(|_| !(adapters.is_empty() && fusions.is_empty()));
+        self.set
+            .heads
+            .map_modules(|n, h| h.map(&mut RequireGrad(head.as_deref() == Some(n))));
+        self.trainable_head = head;
     }
 
     /// Removes adapter `name` (and every fusion that uses it).
@@ -339,6 +370,12 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             self.setup = None;
         }
         self.trainable_adapters.retain(|n| n != name);
+        // The head paired with it goes too (AdapterHub keeps it until
+        // `delete_head`; a head without its adapter serves nothing here, and
+        // a server evicting adapters must not keep their heads).
+        if self.set.heads.index_of(name).is_some() {
+            self.delete_head(name)?;
+        }
         Ok(())
     }
 
@@ -386,8 +423,15 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             .filter(|(n, _, _)| trained(&self.trainable_fusions, n))
             .map(|(_, f, _)| f.num_params())
             .sum();
+        let head: usize = self
+            .set
+            .heads
+            .iter()
+            .filter(|(n, _, _)| self.trainable_head.as_deref() == Some(n))
+            .map(|(_, h, _)| h.num_params())
+            .sum();
         ParamCount {
-            trainable: adapters + fusions,
+            trainable: adapters + fusions + head,
             all: self.model.num_params() + self.set.num_params(),
         }
     }
@@ -433,7 +477,11 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
             "version": "adapters.1.3.0",
         });
         let text = serde_json::to_string_pretty(&meta).expect("JSON values serialise");
-        write_atomic(&dir.join(ADAPTER_CONFIG_FILE), text.as_bytes())
+        write_atomic(&dir.join(ADAPTER_CONFIG_FILE), text.as_bytes())?;
+        if self.set.heads.index_of(name).is_some() {
+            self.save_head(name, dir)?;
+        }
+        Ok(())
     }
 
     /// Loads an AdapterHub adapter folder (`adapter_config.json` +
@@ -461,7 +509,12 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         }
         self.add_adapter(&name, config)?;
         let filled = self.fill_adapter(&name, &saved, &mut tensors, &file);
-        let outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
+        let mut outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
+        // AdapterHub's `with_head=True`: a head saved beside the adapter
+        // loads under the same name and becomes the active head.
+        if outcome.is_ok() && dir.join(crate::head::HEAD_CONFIG_FILE).is_file() {
+            outcome = self.load_head(dir, &name);
+        }
         if outcome.is_err() {
             self.delete_adapter(&name)?;
         }

@@ -91,6 +91,14 @@ pub trait PeftModel<B: Backend>: Module<B> {
         None
     }
 
+    /// The pooled output `[b, d]` of the last hidden states `[b, t, d]`
+    /// (BERT's pooler: `tanh` of a dense layer on the first token), for
+    /// heads that read it; `None` for a model without one.
+    fn pooled_output(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
+        let _ = hidden;
+        None
+    }
+
     /// The Hugging Face `model_type` (`llama`, `gpt2`, `bert`, ...), used to
     /// pick PEFT's default targets when a config names none.
     fn model_type(&self) -> Option<&str> {

@@ -340,10 +340,15 @@ impl<B: Backend> Bert<B> {
                 "this BERT checkpoint has no pooler + classifier head".into(),
             ));
         };
-        let [b, _, d] = h.dims();
-        let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
-        Ok(classifier.forward(tanh(pooler.forward(first))))
+        Ok(classifier.forward(pool_first(pooler, h)))
     }
+}
+
+/// BERT's pooler: `tanh(dense(h[:, 0]))`, `[b, d]` of `h: [b, t, d]`.
+fn pool_first<B: Backend>(pooler: &LinearSlot<B>, h: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, _, d] = h.dims();
+    let first = h.slice([0..b, 0..1, 0..d]).reshape([b, d]);
+    tanh(pooler.forward(first))
 }
 
 impl<B: Backend> Bert<B> {
@@ -532,6 +537,10 @@ impl<B: Backend> PeftModel<B> for Bert<B> {
 
     fn model_type(&self) -> Option<&str> {
         Some("bert")
+    }
+
+    fn pooled_output(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
+        self.pooler.as_ref().map(|p| pool_first(p, hidden))
     }
 
     fn output_layers(&self) -> Vec<String> {
