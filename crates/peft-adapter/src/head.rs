@@ -195,10 +195,9 @@ impl HeadConfig {
                 return bad(format!("head `dropout_prob` must be in [0, 1), got {p}"));
             }
         }
-        if self.head_type == HeadType::Tagging {
-            if self.use_pooler.is_some() || self.bias.is_some() {
-                return bad("a tagging head has no `use_pooler` or `bias`".into());
-            }
+        if self.head_type == HeadType::Tagging && (self.use_pooler.is_some() || self.bias.is_some())
+        {
+            return bad("a tagging head has no `use_pooler` or `bias`".into());
         }
         if let Some(map) = &self.label2id {
             let mut ids: Vec<usize> = map.values().copied().collect();
