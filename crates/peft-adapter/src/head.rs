@@ -582,6 +582,16 @@ impl SavedHead {
     }
 }
 
+/// The config of the head saved in `dir` (`None` without `head_config.json`).
+pub fn read_head_config(dir: &Path) -> Result<Option<HeadConfig>> {
+    let path = dir.join(HEAD_CONFIG_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let meta = crate::config::read_json(&path)?;
+    Ok(Some(SavedHead::from_meta(&meta, &path)?.config))
+}
+
 /// `head_config.json` as AdapterHub writes it for a flex head.
 pub fn head_meta(config: &HeadConfig, name: &str, d: usize, model_type: Option<&str>) -> Value {
     json!({

@@ -194,15 +194,19 @@ fn a_short_run_writes_what_eval_reads_back() {
             _ => None,
         };
         // Every PEFT method trains PEFT's SEQ_CLS adapter (the head's copy
-        // in modules_to_save); the bottleneck adapter a head of its own.
-        let own_head = out.join("best/head.safetensors").is_file();
-        assert_eq!(own_head, name == "adapter", "{name}");
-        if let Some(n) = virtual_params {
-            assert_eq!(
-                r.params.trainable,
-                n + 770,
-                "{name}: only tokens and head train"
-            );
+        // in modules_to_save); the bottleneck adapter AdapterHub's head,
+        // saved beside it. No run writes the old mean-pooled head.
+        assert!(!out.join("best/head.safetensors").exists(), "{name}");
+        let hub_head = out.join("best/head_config.json").is_file()
+            && out.join("best/model_head.safetensors").is_file();
+        assert_eq!(hub_head, name == "adapter", "{name}");
+        if name == "adapter" {
+            // AdapterHub's classification head (384·384 + 384 + 384·2 + 2)
+            // trains with the adapter.
+            let head = 384 * 384 + 384 + 384 * 2 + 2;
+            assert!(r.params.trainable > head, "{name}: {:?}", r.params);
+        }
+        if virtual_params.is_some() || name == "adapter" {
             // `peft forward` returns the head's class logits.
             let ids = dir.join("ids.json");
             std::fs::write(&ids, "[[101, 2023, 3185, 102]]").unwrap();
@@ -215,6 +219,13 @@ fn a_short_run_writes_what_eval_reads_back() {
             )
             .unwrap();
             assert_eq!(shape, vec![1, 2], "{name}");
+        }
+        if let Some(n) = virtual_params {
+            assert_eq!(
+                r.params.trainable,
+                n + 770,
+                "{name}: only tokens and head train"
+            );
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

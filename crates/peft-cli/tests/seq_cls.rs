@@ -765,3 +765,48 @@ fn minilm_adapters_from_peft<B: Backend>(d: &B::Device) {
 }
 
 backend_tests!(minilm_adapters_from_peft);
+
+/// `peft forward` with AdapterHub's own adapter-with-head folders
+/// (`scripts/make_adapterhub_head_fixtures.py`) gives AdapterHub's head
+/// logits: classification `[b, 3]`, multi-label through the pooler
+/// `[b, 4]`, tagging `[b, t, 5]`, regression `[b, 1]`. The rows without
+/// padding are compared (`peft forward` runs without a mask).
+fn adapterhub_heads_through_peft_forward<B: Backend>(d: &B::Device) {
+    let c = FixtureCase::open("bert", "bn_heads");
+    let dir = peft_models::fixtures::temp_dir("ah-heads-forward");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = c.want("input_ids");
+    let t = ids.shape[1];
+    let rows: Vec<Vec<u32>> = [0, 2]
+        .iter()
+        .map(|&r| {
+            ids.data[r * t..(r + 1) * t]
+                .iter()
+                .map(|&x| x as u32)
+                .collect()
+        })
+        .collect();
+    let ids_file = dir.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
+    for name in ["cls", "multi", "tag", "reg"] {
+        let out = dir.join(format!("{name}.safetensors"));
+        let model = fixtures_dir().join("bert");
+        let shape =
+            jobs::forward::<B>(&model, Some(&c.dir.join(name)), &ids_file, &out, d).unwrap();
+        let want = c.want(&format!("logits.{name}"));
+        let per_row: usize = want.shape[1..].iter().product();
+        let rows_of = |r: usize| want.data[r * per_row..(r + 1) * per_row].to_vec();
+        let mut expected_shape = want.shape.clone();
+        expected_shape[0] = 2;
+        let expected = HostTensor {
+            shape: expected_shape.clone(),
+            data: [rows_of(0), rows_of(2)].concat(),
+        };
+        assert_eq!(shape, expected_shape, "{name}");
+        let got = peft_core::io::read_safetensors(&out).unwrap()["output"].clone();
+        peft_models::fixtures::assert_close(name, &got, &expected);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+backend_tests!(adapterhub_heads_through_peft_forward);

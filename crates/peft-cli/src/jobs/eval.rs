@@ -58,14 +58,23 @@ pub fn eval<'c, B: Backend>(
         (Task::SeqCls, Arch::Bert) => {
             let dir = adapter_dir(adapter)?;
             let bert = Bert::<B>::load(model, device)?;
+            let adapterhub_head = peft_adapter::head::read_head_config(dir)?;
             let (bert, head, enc) = if dir.join("head.safetensors").is_file() {
-                let (labels, enc) = seq_cls_eval_data(dir, None, data_file, columns)?;
+                let (labels, enc) = seq_cls_eval_data(dir, None, None, data_file, columns)?;
                 let d = bert.config.hidden_size;
                 let head = tasks::load_head::<B>(dir, d, labels.len(), device)?;
                 (bert, Some(head), enc)
+            } else if let Some(h) = adapterhub_head {
+                // AdapterHub's head, loaded with the adapter: its labels
+                // name the outputs when the folder has no labels.json.
+                let outputs = Some(h.num_labels);
+                let names = Some(h.labels());
+                let (labels, enc) = seq_cls_eval_data(dir, outputs, names, data_file, columns)?;
+                head_classes(dir, outputs, &labels)?;
+                (bert, None, enc)
             } else {
                 let outputs = tasks::head_labels(dir, "classifier")?;
-                let (labels, enc) = seq_cls_eval_data(dir, outputs, data_file, columns)?;
+                let (labels, enc) = seq_cls_eval_data(dir, outputs, None, data_file, columns)?;
                 let classes = head_classes(dir, outputs, &labels)?;
                 (bert.with_classifier(classes)?, None, enc)
             };
@@ -108,6 +117,7 @@ fn adapter_dir(adapter: Option<&Path>) -> Result<&Path> {
 fn seq_cls_eval_data(
     dir: &Path,
     outputs: Option<usize>,
+    head_names: Option<Vec<String>>,
     data_file: &Path,
     columns: SeqClsColumns<'_>,
 ) -> Result<(Vec<String>, Encoded)> {
@@ -125,7 +135,13 @@ fn seq_cls_eval_data(
             let targets = problem.targets_for(&examples, &labels, data_file)?;
             (labels, targets)
         }
-        false => problem.targets(&examples, columns.label, data_file)?,
+        false => match head_names.filter(|n| names_every_label(n, &examples)) {
+            Some(labels) => {
+                let targets = problem.targets_for(&examples, &labels, data_file)?;
+                (labels, targets)
+            }
+            None => problem.targets(&examples, columns.label, data_file)?,
+        },
     };
     let enc = Encoded {
         texts: examples.into_iter().map(|e| e.text).collect(),
@@ -133,6 +149,14 @@ fn seq_cls_eval_data(
         targets,
     };
     Ok((labels, enc))
+}
+
+/// Whether a head's label names cover every label of the data (AdapterHub
+/// heads name their outputs; `LABEL_i` defaults name no data's labels).
+fn names_every_label(names: &[String], examples: &[data::Example]) -> bool {
+    examples
+        .iter()
+        .all(|e| e.label_list().iter().all(|l| names.contains(l)))
 }
 
 /// The classes of a head copy with `outputs` rows (the number of `labels`
@@ -165,7 +189,7 @@ where
 {
     let dir = adapter_dir(adapter)?;
     let outputs = tasks::head_labels(dir, "score")?;
-    let (labels, enc) = seq_cls_eval_data(dir, outputs, data_file, columns)?;
+    let (labels, enc) = seq_cls_eval_data(dir, outputs, None, data_file, columns)?;
     let classes = head_classes(dir, outputs, &labels)?;
     let decoder = M::load_from(model, device)?.with_score(classes)?;
     let encoder = tasks::load_adapted(decoder, Some(dir))?;

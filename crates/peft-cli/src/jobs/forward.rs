@@ -5,6 +5,8 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
+use peft_adapter::HeadLogits;
+use peft_core::io::HostTensor;
 use peft_core::{PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
@@ -16,8 +18,10 @@ use crate::tasks::{self, Arch, CausalModel, Encoder};
 /// `peft forward`: runs the model (with an adapter folder or none) on the
 /// token ids of a JSON file (`[[id, ...], ...]`, rows of equal length) and
 /// writes the output — logits `[b, t, vocab]` for Llama / GPT-2, last hidden
-/// states `[b, t, d]` for BERT — as `output` in a safetensors file: the hook
-/// for checking parity with any reference.
+/// states `[b, t, d]` for BERT, a head's logits where the model or the
+/// adapter folder has one (a `*ForSequenceClassification` head or its
+/// copy, an AdapterHub prediction head) — as `output` in a safetensors
+/// file: the hook for checking parity with any reference.
 pub fn forward<B: Backend>(
     model: &Path,
     adapter: Option<&Path>,
@@ -62,9 +66,17 @@ pub fn forward<B: Backend>(
             let has_head = bert.pooler.is_some() && bert.classifier.is_some();
             let mask = burn::tensor::Tensor::ones([rows.len(), t], device);
             let adapted = tasks::load_adapted(bert, adapter)?;
-            match has_head {
-                true => peft_core::io::HostTensor::from_tensor(adapted.classify(ids, mask)?),
-                false => peft_core::io::HostTensor::from_tensor(adapted.hidden(ids, mask)?),
+            match &adapted {
+                // An AdapterHub head saved beside the adapter: its logits,
+                // `[b, labels]` or, tagging, `[b, t, labels]`.
+                tasks::Adapted::Adapters(a) if a.active_head().is_some() => {
+                    match a.forward_head(ids, Some(mask))? {
+                        HeadLogits::PerSequence(x) => HostTensor::from_tensor(x),
+                        HeadLogits::PerToken(x) => HostTensor::from_tensor(x),
+                    }
+                }
+                _ if has_head => HostTensor::from_tensor(adapted.classify(ids, mask)?),
+                _ => HostTensor::from_tensor(adapted.hidden(ids, mask)?),
             }
         }
     };

@@ -32,6 +32,15 @@ pub fn inspect(dir: &Path) -> Result<String> {
     for k in keys {
         s += &format!("  {k} {:?}\n", tensors[k].shape);
     }
+    if let Some(head) = peft_adapter::head::read_head_config(dir)? {
+        s += &format!(
+            "head: AdapterHub {} head, {} labels {:?}, {} layers\n",
+            head.head_type.name(),
+            head.num_labels,
+            head.labels(),
+            head.layers
+        );
+    }
     if let Ok(head) = read_safetensors(&dir.join("head.safetensors")) {
         let n: usize = head.values().map(|t| t.data.len()).sum();
         s += &format!("head: {n} parameters\n");

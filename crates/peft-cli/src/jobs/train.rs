@@ -7,6 +7,7 @@ use std::path::Path;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
+use peft_adapter::HeadConfig;
 use peft_core::{ParamCount, PeftError, Result};
 use peft_models::bert::Bert;
 use peft_models::gpt2::Gpt2;
@@ -108,20 +109,24 @@ fn train_seq_cls<B: AutodiffBackend>(
         }
     }
     let quantized_params = quantized_params(&bert);
-    let d = bert.config.hidden_size;
     // A PEFT method (slot or prompt learning) trains PEFT's SEQ_CLS
     // adapter: the model's own head (pooler and `classifier`; after a soft
     // prompt the pooler reads its first virtual token, as in PEFT), its
-    // copy in the adapter's `modules_to_save`. Bottleneck adapters train a
-    // mean-pooled head of their own, kept in `head.safetensors`.
-    let (bert, head, method) = match job.method.for_seq_cls(&job.model) {
-        Some(method) => (bert.with_classifier(labels.len())?, None, method),
+    // copy in the adapter's `modules_to_save`. Bottleneck adapters train
+    // AdapterHub's classification head, saved beside the adapter
+    // (`head_config.json` + `model_head.safetensors`).
+    let (bert, method) = match job.method.for_seq_cls(&job.model) {
+        Some(method) => (bert.with_classifier(labels.len())?, method),
         None => {
-            let head = match job.last() {
-                Some(last) => tasks::load_head::<B>(&last, d, labels.len(), &device)?,
-                None => tasks::new_head::<B>(d, labels.len(), &device),
-            };
-            (bert, Some(head), job.method.clone())
+            if let Some(last) = job.last().filter(|l| l.join("head.safetensors").is_file()) {
+                return Err(PeftError::Checkpoint {
+                    path: last.join("head.safetensors"),
+                    message: "this run trained the mean-pooled head of earlier versions; \
+                              bottleneck adapters now train AdapterHub's head: start a new run"
+                        .into(),
+                });
+            }
+            (bert, job.method.clone())
         }
     };
     let data = (labels, train, held);
@@ -129,7 +134,7 @@ fn train_seq_cls<B: AutodiffBackend>(
         job,
         progress,
         bert,
-        head,
+        None,
         &method,
         data,
         &tok,
@@ -218,7 +223,17 @@ where
     let labels_json = json!(labels);
     let steps = job.train.total_steps(train.texts.len());
     let method = tasks::adalora::for_run(method, steps, job.last().is_some())?;
-    let encoder = tasks::attach_to_train::<B, M>(model, &method, job.last().as_deref())?;
+    let mut encoder = tasks::attach_to_train::<B, M>(model, &method, job.last().as_deref())?;
+    if let (Adapted::Adapters(a), None) = (&mut encoder, job.last()) {
+        // AdapterHub's `add_classification_head` (multilabel for a
+        // multi-label problem; one output, a regression, as AdapterHub's
+        // head treats it), named as the adapter, with the data's labels.
+        let head = match problem {
+            ProblemType::MultiLabel => HeadConfig::multi_label(labels.len()),
+            _ => HeadConfig::classification(labels.len()),
+        };
+        a.add_head(peft_core::DEFAULT_ADAPTER, head.with_labels(&labels)?)?;
+    }
     let count = encoder.param_count();
     let model = Classifier { encoder, head };
     let hook = AdaLoraSteps::<B, M>::for_model(&model)?;

@@ -61,21 +61,33 @@ impl<B: Backend> Served<B> {
     /// adapter's `classifier` in `modules_to_save`). Classes are named by
     /// the folder's `labels.json` (our runs), else `LABEL_i` as
     /// transformers names them.
+    ///
+    /// A bottleneck adapter's AdapterHub head (a sequence head; a tagging
+    /// head classifies no sequence) names its classes itself when the
+    /// folder has no `labels.json`.
     fn load(base: &Bert<B>, dir: &Path) -> Result<Self> {
-        let (bert, classes) = match tasks::head_labels(dir, "classifier")? {
-            Some(n) => (base.clone().with_classifier(n)?, Some(n)),
-            None => (base.clone(), None),
+        let hub = peft_adapter::head::read_head_config(dir)?
+            .filter(|h| h.head_type != peft_adapter::HeadType::Tagging);
+        let (bert, classes) = match (&hub, tasks::head_labels(dir, "classifier")?) {
+            (Some(h), _) => (base.clone(), Some(h.num_labels)),
+            (None, Some(n)) => (base.clone().with_classifier(n)?, Some(n)),
+            (None, None) => (base.clone(), None),
         };
-        let labels = classes
-            .map(|n| tasks::class_names(Some(dir), n))
-            .transpose()?;
+        let labels = match &hub {
+            Some(h) if !dir.join("labels.json").is_file() => Some(h.labels()),
+            _ => classes
+                .map(|n| tasks::class_names(Some(dir), n))
+                .transpose()?,
+        };
+        let guess = match &hub {
+            Some(h) if h.head_type == peft_adapter::HeadType::MultiLabelClassification => {
+                ProblemType::MultiLabel
+            }
+            _ => ProblemType::SingleLabel,
+        };
         Ok(Served {
             model: tasks::load_adapted(bert, Some(dir))?,
-            problem: ProblemType::of_adapter(
-                Some(dir),
-                classes.unwrap_or(0),
-                ProblemType::SingleLabel,
-            )?,
+            problem: ProblemType::of_adapter(Some(dir), classes.unwrap_or(0), guess)?,
             labels,
         })
     }

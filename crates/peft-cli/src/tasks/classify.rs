@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use peft_adapter::AdapterModel;
+use peft_adapter::{AdapterModel, HeadLogits};
 use peft_core::io::{read_safetensors, serialize_safetensors, write_atomic, HostTensor};
 use peft_core::model::device_of;
 use peft_core::{PeftError, Result};
@@ -67,15 +67,28 @@ impl<B: Backend> Encoder<B> for AdapterModel<B, Bert<B>> {
         self.forward(ids, Some(mask))
     }
 
+    /// The active AdapterHub head (saved beside the adapter), else the
+    /// model's own pooler and classifier.
     fn classify(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
-        self.model.classify_hidden(self.hidden(ids, mask)?)
+        if self.active_head().is_none() {
+            return self.model.classify_hidden(self.hidden(ids, mask)?);
+        }
+        match self.forward_head(ids, Some(mask))? {
+            HeadLogits::PerSequence(logits) => Ok(logits),
+            HeadLogits::PerToken(_) => Err(PeftError::Config(
+                "a tagging head predicts per token; sequence classification needs a \
+                 classification head"
+                    .into(),
+            )),
+        }
     }
 }
 
 /// An encoder and its classification head: the model's own (`head: None`;
 /// for a slot method the adapter trains its copy, PEFT's
-/// `modules_to_save`), or a linear head over mean-pooled hidden states,
-/// trained in full (the other methods).
+/// `modules_to_save`; bottleneck adapters train AdapterHub's head saved
+/// beside them), or a linear head over mean-pooled hidden states (runs of
+/// earlier versions, evaluated as they were trained).
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend, E: Module<B>> {
     /// The adapted encoder.
