@@ -179,19 +179,30 @@ def write_case(case, arch, config_class, kwargs, lr):
     print(case, trainable, total, "max|other-default|=%.3g" % gap, "max|unload-base|=%.3g" % head)
 
 
-# No prefix case: transformers 5's BERT takes no past key values, so PEFT
-# refuses prefix tuning on it ("Model does not support past key values").
+# No prefix case: PEFT 0.21 refuses prefix tuning for SEQ_CLS on
+# transformers 5's BERT, Llama and GPT-2 alike ("Model does not support past
+# key values which are required for prefix tuning": it looks for
+# `past_key_values` in the backbone's forward signature). The decoders'
+# `*ForSequenceClassification` take prompt tuning and P-tuning: PEFT keeps a
+# copy of `score`. With a soft prompt PEFT passes embeddings, not ids, so
+# transformers reads every row at its last position (it warns that it
+# cannot see padding in embeddings): a right-padded row is read at a pad.
 PROMPT_CASES = {
     "seqcls_prompt": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
     "seqcls_ptuning": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=12),
+    "seqcls_prompt@llama_seqcls": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4),
+    "seqcls_ptuning@gpt2_seqcls": lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
+                                                              encoder_hidden_size=12),
 }
 
 
 def write_prompt_case(case, make_config, lr=0.05):
-    """A prompt-learning SEQ_CLS case on the tiny BERT: PEFT keeps a copy of
-    the classifier beside the virtual tokens; the pooler reads the first
-    position, which a soft prompt makes its first virtual token."""
-    arch = "bert"
+    """A prompt-learning SEQ_CLS case (`name@arch`, BERT by default): PEFT
+    keeps a copy of the head (`classifier`, `score`) beside the virtual
+    tokens; BERT's pooler reads the first position, which a soft prompt
+    makes its first virtual token."""
+    case, _, arch = case.partition("@")
+    arch = arch or "bert"
     ids = inputs(arch)
     out_dir = os.path.join(ROOT, arch, case)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -464,7 +464,10 @@ pub fn methods(args: &[String], root: &Path, meta: Value) -> Result<(), String> 
     }
     // A row name that matches nothing would run LoRA alone and keep the
     // old row: refused, naming the rows.
-    if let Some(unknown) = only.iter().find(|o| !SPECS.iter().any(|s| s.row == o.as_str())) {
+    if let Some(unknown) = only
+        .iter()
+        .find(|o| !SPECS.iter().any(|s| s.row == o.as_str()))
+    {
         let rows: Vec<&str> = SPECS.iter().map(|s| s.row).collect();
         return Err(format!("--only `{unknown}` names no row (rows: {rows:?})"));
     }

@@ -6,43 +6,37 @@
 //!
 //! Same data, split and budget as `peft-lora`'s `minilm_sentiment` (the
 //! model and sentences are fetched through pip, sha256-checked). Only the
-//! adapter and the classification head train; the adapter is written in
-//! AdapterHub's format (`adapter_config.json` + `adapter.safetensors`).
+//! adapter and AdapterHub's classification head train; both are written in
+//! AdapterHub's format (`adapter_config.json` + `adapter.safetensors`,
+//! `head_config.json` + `model_head.safetensors`), which AdapterHub's
+//! `load_adapter(dir, use_safetensors=True)` reads.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
-use burn::nn::{Linear, LinearConfig};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use peft_adapter::{AdapterModel, BnConfig};
+use peft_adapter::{AdapterModel, BnConfig, HeadConfig, HeadLogits, HeadTargets};
 use peft_core::backends::CpuTrainBackend;
 use peft_core::rng::SplitMix64;
 use peft_models::assets;
 use peft_models::bert::Bert;
 use peft_models::datasets::{rotten_tomatoes, split_held_out, Labelled};
-use peft_models::loss::cross_entropy;
 use peft_models::tokenizer::Tokenizer;
 
-/// MiniLM with a Pfeiffer adapter, mean pooling and a linear head.
-#[derive(Module, Debug)]
-struct SentimentModel<B: Backend> {
-    encoder: AdapterModel<B, Bert<B>>,
-    /// `[384, 2]`, trained in full.
-    head: Linear<B>,
-}
+/// MiniLM with a Pfeiffer adapter and AdapterHub's classification head
+/// (both named `sentiment`).
+type SentimentModel<B> = AdapterModel<B, Bert<B>>;
 
-impl<B: Backend> SentimentModel<B> {
-    fn logits(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        mask: Tensor<B, 2>,
-    ) -> peft_core::Result<Tensor<B, 2>> {
-        let h = self.encoder.forward(ids, Some(mask.clone()))?;
-        Ok(self.head.forward(Bert::pool_mean(h, mask, false)))
-    }
+/// The head's logits `[b, 2]`.
+fn logits<B: Backend>(
+    model: &SentimentModel<B>,
+    ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> peft_core::Result<HeadLogits<B>> {
+    model.forward_head(ids, Some(mask))
 }
 
 struct Args {
@@ -98,7 +92,10 @@ fn accuracy<B: Backend>(
     for chunk in data.chunks(64) {
         let texts: Vec<&str> = chunk.iter().map(|s| s.text.as_str()).collect();
         let batch = tok.batch::<B>(&texts, device)?;
-        let pred = model.logits(batch.ids, batch.attention_mask)?.argmax(1);
+        let HeadLogits::PerSequence(x) = logits(model, batch.ids, batch.attention_mask)? else {
+            unreachable!("a classification head gives one row per sequence")
+        };
+        let pred = x.argmax(1);
         let pred: Vec<i64> = pred
             .into_data()
             .convert::<i64>()
@@ -131,17 +128,22 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
     let tok = Tokenizer::from_file(&model_dir.join("tokenizer.json"))?;
     let bert = Bert::<B>::load(&model_dir, &device)?;
     let config = BnConfig::seq_bn().with_reduction_factor(args.reduction);
-    let encoder = AdapterModel::new(bert, "sentiment", config)?;
-    let head = LinearConfig::new(encoder.model.config.hidden_size, 2).init(&device);
-    let (count, head_params) = (encoder.param_count(), head.num_params());
-    let trained = count.trainable + head_params;
+    let mut model = AdapterModel::new(bert, "sentiment", config)?;
+    let adapter = model.param_count().trainable;
+    // AdapterHub's `add_classification_head("sentiment", num_labels=2)`.
+    let names = ["negative".to_string(), "positive".to_string()];
+    model.add_head(
+        "sentiment",
+        HeadConfig::classification(2).with_labels(&names)?,
+    )?;
+    let count = model.param_count();
     println!(
-        "trainable params: {trained} || all params: {} || trainable%: {:.4}  (adapter {} + head {head_params})",
-        count.all + head_params,
-        100.0 * trained as f64 / (count.all + head_params) as f64,
+        "trainable params: {} || all params: {} || trainable%: {:.4}  (adapter {adapter} + head {})",
         count.trainable,
+        count.all,
+        100.0 * count.trainable as f64 / count.all as f64,
+        count.trainable - adapter,
     );
-    let mut model = SentimentModel { encoder, head };
     let before = accuracy(&model.valid(), &tok, &held_out, &device)?;
     println!("held-out accuracy before training: {before:.4}");
 
@@ -157,7 +159,9 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
             let labels: Vec<i64> = chunk.iter().map(|s| s.label as i64).collect();
             let labels =
                 Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
-            let loss = cross_entropy(model.logits(batch.ids, batch.attention_mask)?, labels);
+            let mask = batch.attention_mask;
+            let loss = logits(&model, batch.ids, mask.clone())?
+                .loss(HeadTargets::Classes(labels), Some(mask))?;
             let value: f32 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 return Err(peft_core::PeftError::NonFinite(format!(
@@ -193,9 +197,9 @@ fn run<B: AutodiffBackend>(args: Args) -> peft_core::Result<()> {
         "held-out accuracy after training: {after:.4} (before: {before:.4}) in {:.0}s",
         start.elapsed().as_secs_f64()
     );
-    model.encoder.save_adapter("sentiment", &args.out)?;
+    model.save_adapter("sentiment", &args.out)?;
     println!(
-        "saved the adapter (AdapterHub format) to {}",
+        "saved the adapter and its head (AdapterHub format) to {}",
         args.out.display()
     );
     Ok(())

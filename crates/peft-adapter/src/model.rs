@@ -511,7 +511,7 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         let filled = self.fill_adapter(&name, &saved, &mut tensors, &file);
         let mut outcome = filled.and_then(|()| ensure_consumed(tensors, &file));
         // AdapterHub's `with_head=True`: a head saved beside the adapter
-        // loads under the same name and becomes the active head.
+        // loads under the same name (active once its adapter is).
         if outcome.is_ok() && dir.join(crate::head::HEAD_CONFIG_FILE).is_file() {
             outcome = self.load_head(dir, &name);
         }

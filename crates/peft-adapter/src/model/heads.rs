@@ -129,9 +129,11 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
     }
 
     /// Loads the head saved in `dir` (`head_config.json` +
-    /// `model_head.safetensors`) as `name`, replacing a head of that name,
-    /// and makes it active (AdapterHub's `load_head` / `load_adapter(...,
-    /// with_head=True)`). On error nothing changes.
+    /// `model_head.safetensors`) as `name`, replacing a head of that name
+    /// (AdapterHub's `load_adapter(..., with_head=True)`). As there, loading
+    /// activates nothing: [`set_active`](Self::set_active) of its adapter
+    /// (or [`set_active_head`](Self::set_active_head)) does. On error
+    /// nothing changes.
     pub fn load_head(&mut self, dir: &Path, name: &str) -> Result<()> {
         let config_path = dir.join(HEAD_CONFIG_FILE);
         let meta = read_json(&config_path)?;
@@ -143,13 +145,16 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         let mut head = PredictionHead::new(&saved.config, d, &device_of(&self.model))?;
         head.fill(&saved.name, &mut tensors, &file)?;
         ensure_consumed(tensors, &file)?;
+        let was_active = self.active_head.as_deref() == Some(name);
         if self.set.heads.index_of(name).is_some() {
             self.delete_head(name)?;
         }
         self.set
             .heads
             .insert(name, head.map(&mut RequireGrad(false)), saved.config)?;
-        self.active_head = Some(name.to_string());
+        if was_active {
+            self.active_head = Some(name.to_string());
+        }
         if self.is_training() {
             self.retrain();
         }
