@@ -1816,8 +1816,9 @@ fn two_nodes_train_as_one_process() {
 /// Sequence classification on a decoder (`LlamaForSequenceClassification`
 /// over the tiny GGUF Llama): a LoRA run writes PEFT's SEQ_CLS adapter (the
 /// `score` head's copy in `modules_to_save`), `peft eval` scores its best
-/// checkpoint as the run did, and a method that could not keep the head is
-/// refused naming the slot methods.
+/// checkpoint as the run did; prefix and prompt tuning do the same in
+/// PEFT's prompt-learning layout; a bottleneck adapter, which could not
+/// keep the head, is refused naming the methods that do.
 #[test]
 fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     let _turn = serial();
@@ -1924,14 +1925,70 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     };
     peft_models::fixtures::assert_close("the first row in a batch of two", &first, &want);
 
-    let prefix = Method::Prefix(PromptLearningConfig::prefix_tuning(3));
-    let j = job(model, data_file, dir.join("prefix"), prefix, train);
+    // Prompt learning trains PEFT's prompt-learning SEQ_CLS layout: the
+    // virtual tokens and the copy of `score` under `base_model.score.*`.
+    for (name, method) in [
+        (
+            "prefix",
+            Method::Prefix(PromptLearningConfig::prefix_tuning(3)),
+        ),
+        (
+            "prompt",
+            Method::Prompt(PromptLearningConfig::prompt_tuning(
+                4,
+                PromptTuningInit::Random,
+            )),
+        ),
+    ] {
+        let out = dir.join(name);
+        let j = job(
+            model.clone(),
+            data_file.clone(),
+            out.clone(),
+            method,
+            train.clone(),
+        );
+        let report = jobs::train::<CpuTrainBackend>(
+            &j,
+            &indicatif::ProgressBar::hidden(),
+            &Default::default(),
+        )
+        .unwrap();
+        let best = out.join("best");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(best.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["task_type"], "SEQ_CLS", "{name}");
+        let saved =
+            peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(saved["base_model.score.weight"].shape[0], 2, "{name}");
+        let m = jobs::eval::<Inference>(
+            &model,
+            Some(&best),
+            &held_file,
+            Task::SeqCls,
+            ("text", "label"),
+            32,
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            m.value, report.after.value,
+            "{name}: eval differs from the run's"
+        );
+        std::fs::write(&ids, "[[5, 9, 3, 12, 7]]").unwrap();
+        let got = logits(&model, Some(&best), &format!("{name}.safetensors"));
+        assert_eq!(got.shape, [1, 2], "{name}");
+    }
+    let bottleneck = Method::Adapter(peft_adapter::BnConfig::seq_bn());
+    let j = job(model, data_file, dir.join("adapter"), bottleneck, train);
     let err =
         jobs::train::<CpuTrainBackend>(&j, &indicatif::ProgressBar::hidden(), &Default::default())
             .unwrap_err()
             .to_string();
     assert!(
-        err.contains("slot method") && err.contains("prefix"),
+        err.contains("PEFT method") && err.contains("adapter"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -810,3 +810,59 @@ fn adapterhub_heads_through_peft_forward<B: Backend>(d: &B::Device) {
 }
 
 backend_tests!(adapterhub_heads_through_peft_forward);
+
+/// PEFT's prompt-tuning SEQ_CLS adapter of `LlamaForSequenceClassification`
+/// and P-tuning one of `GPT2ForSequenceClassification`
+/// (`scripts/make_seqcls_fixtures.py`): `peft forward` with each adapter
+/// folder gives PEFT's class logits, each row read at its last real token
+/// after the soft prompt, with the adapter's copy of `score`. Row 1 is
+/// right-padded: PEFT passes the soft prompt as embeddings, so transformers
+/// cannot see its padding and reads it at the last (pad) position; ours
+/// reads its last real token, so only rows 0 and 2 (no padding) are PEFT's.
+fn decoder_prompt_learning_seqcls_from_peft<B: Backend>(d: &B::Device) {
+    for (arch, case) in [
+        ("llama_seqcls", "seqcls_prompt"),
+        ("gpt2_seqcls", "seqcls_ptuning"),
+    ] {
+        let c = FixtureCase::open(arch, case);
+        let out = peft_models::fixtures::temp_dir(&format!("decoder-prompt-{case}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let ids_file = write_ids(&c, &out);
+        for (adapter, want) in [("", "logits_unmerged"), ("other", "logits_other")] {
+            let logits = out.join("logits.safetensors");
+            jobs::forward::<B>(
+                &fixtures_dir().join(arch),
+                Some(&c.dir.join(adapter)),
+                &ids_file,
+                &logits,
+                d,
+            )
+            .unwrap();
+            let got = peft_core::io::read_safetensors(&logits)
+                .unwrap()
+                .remove("output")
+                .unwrap();
+            let want = c.want(want);
+            assert_eq!(got.shape, want.shape, "{case} {adapter}");
+            let cols = want.shape[1];
+            let rows = |t: &HostTensor| HostTensor {
+                shape: vec![2, cols],
+                data: [0, 2]
+                    .iter()
+                    .flat_map(|&r| t.data[r * cols..(r + 1) * cols].to_vec())
+                    .collect(),
+            };
+            peft_models::fixtures::assert_close(
+                &format!("{arch} {case} `{adapter}`"),
+                &rows(&got),
+                &rows(want),
+            );
+            // The head's copy is the adapter's: not the base's logits.
+            let base = rows(c.want("logits_base"));
+            assert!(peft_models::fixtures::max_diff(&rows(&got), &base) > 1e-2);
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+backend_tests!(decoder_prompt_learning_seqcls_from_peft);

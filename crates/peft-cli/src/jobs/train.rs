@@ -144,8 +144,9 @@ fn train_seq_cls<B: AutodiffBackend>(
 
 /// Sequence classification on a decoder (`*ForSequenceClassification`):
 /// its `score` head, the adapter's copy of it in `modules_to_save`, each
-/// row read at its last real token. Slot methods only: the others would
-/// leave the head untrained and unsaved.
+/// row read at its last real token (after a soft prompt's positions). PEFT
+/// methods only (slot methods, prefix, prompt, P-tuning): a bottleneck
+/// adapter has no head for a decoder here and would leave it untrained.
 fn train_seq_cls_decoder<B, M>(
     job: &TrainJob,
     progress: &indicatif::ProgressBar,
@@ -160,18 +161,14 @@ where
 {
     let device = device.clone();
     B::seed(&device, job.train.seed);
-    let slot_method = matches!(job.method, Method::Slot(_));
-    let method = job
-        .method
-        .for_seq_cls(&job.model)
-        .filter(|_| slot_method)
-        .ok_or_else(|| {
-            PeftError::Config(format!(
-            "seq-cls on a decoder trains a slot method (lora, dora, ia3, loha, lokr, oft), whose \
-             adapter keeps a copy of the `score` head; {} does not",
+    let method = job.method.for_seq_cls(&job.model).ok_or_else(|| {
+        PeftError::Config(format!(
+            "seq-cls on a decoder trains a PEFT method (a slot method such as lora or ia3, \
+             prefix, prompt, p-tuning), whose adapter keeps a copy of the `score` head; {} \
+             does not",
             job.method.name()
         ))
-        })?;
+    })?;
     let (labels, train, held) = seq_cls_data(job)?;
     let tok = tasks::tokenizer_of(&job.model)?;
     let base = M::load_quantized(&job.model, &device, job.quantize)?;
