@@ -142,12 +142,22 @@ def heads() -> None:
     put("head", "seed-labels", b"\1" + b'["negative", "positive"]')
 
 
+def adapterhub_heads() -> None:
+    # Byte 0: the file (0 head_config.json, 1 model_head.safetensors);
+    # byte 1: the fixture (HUB_HEADS in fuzz/src/lib.rs).
+    for k, name in enumerate(["cls", "multi", "tag", "reg"]):
+        d = FIX / "bert" / "bn_heads" / name
+        put("adapterhub_head", f"seed-config-{name}", bytes([0, k]) + (d / "head_config.json").read_bytes())
+        put("adapterhub_head", f"seed-weights-{name}", bytes([1, k]) + (d / "model_head.safetensors").read_bytes())
+
+
 if __name__ == "__main__":
     # `run_state`'s seeds come from a real halted run:
     # cargo test -p peft-cli --test fuzz_regressions -- --ignored write_run_state_seeds
     fusion()
     shard_indices()
     heads()
+    adapterhub_heads()
     adapters()
     models()
     gguf_seeds()

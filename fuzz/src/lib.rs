@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("fusion", fusion),
     ("shard_index", shard_index),
     ("head", head),
+    ("adapterhub_head", adapterhub_head),
     ("run_state", run_state),
 ];
 
@@ -436,6 +437,55 @@ pub fn head(data: &[u8]) -> bool {
     let logits = head.forward(Tensor::<B, 2>::zeros([1, HEAD_INPUTS], &d));
     let class = logits.argmax(1).into_scalar() as usize;
     class < labels.len()
+}
+
+/// The AdapterHub adapters with heads of `fixtures/bert/bn_heads`
+/// (classification, multi-label through the pooler, tagging, regression).
+const HUB_HEADS: [&str; 4] = ["cls", "multi", "tag", "reg"];
+
+/// An AdapterHub adapter folder with a prediction head: byte 0 picks the
+/// file the rest replaces (`head_config.json`, `model_head.safetensors`),
+/// byte 1 the fixture folder ([`HUB_HEADS`]); then the adapter and its head
+/// load onto the BERT fixture and the head's logits of one row are
+/// computed: finite, of the config's width.
+pub fn adapterhub_head(data: &[u8]) -> bool {
+    use peft_adapter::head::{HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE};
+    let Some((i, rest)) = choose(data, 2) else {
+        return false;
+    };
+    let Some((k, file)) = choose(rest, HUB_HEADS.len()) else {
+        return false;
+    };
+    let name = HUB_HEADS[k];
+    let from = fixtures_dir().join("bert/bn_heads").join(name);
+    let dir = scratch_copy("adapterhub_head", &from);
+    write(&dir.join([HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE][i]), file);
+    let d = dev();
+    let Ok(bert) = Bert::<B>::load(&fixtures_dir().join("bert"), &d) else {
+        panic!("the BERT fixture loads");
+    };
+    let mut m = AdapterModel::wrap(bert);
+    let Ok(loaded) = m.load_adapter(&dir, None) else {
+        return false;
+    };
+    if m.set_active(Setup::single(&loaded)).is_err() || m.active_head().is_none() {
+        return false;
+    }
+    let Ok(config) = m.head_config(&loaded).cloned() else {
+        return false;
+    };
+    let ids = Tensor::<B, 2, Int>::zeros([1, 3], &d);
+    let logits = match m.forward_head(ids, None) {
+        Ok(peft_adapter::HeadLogits::PerSequence(x)) => x.into_data(),
+        Ok(peft_adapter::HeadLogits::PerToken(x)) => x.into_data(),
+        Err(_) => return false,
+    };
+    let values = logits.to_vec::<f32>().unwrap_or_default();
+    let width = match config.head_type {
+        peft_adapter::HeadType::Tagging => 3 * config.num_labels,
+        _ => config.num_labels,
+    };
+    values.len() == width && values.iter().all(|v| v.is_finite())
 }
 
 /// The files of a run's folder that `--resume` reads, in the order byte 0

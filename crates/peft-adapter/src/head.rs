@@ -40,6 +40,8 @@ use crate::config::Activation;
 pub const HEAD_CONFIG_FILE: &str = "head_config.json";
 /// A head's weights (`save_adapter(..., use_safetensors=True)`).
 pub const HEAD_WEIGHTS_FILE: &str = "model_head.safetensors";
+/// The most outputs a head may have (see [`HeadConfig::validate`]).
+pub const MAX_LABELS: usize = 1 << 20;
 /// The pickle AdapterHub writes without `use_safetensors`.
 pub const HEAD_PICKLE_FILE: &str = "pytorch_model_head.bin";
 
@@ -183,8 +185,13 @@ impl HeadConfig {
     /// Checks every field; errors name the field and value.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(PeftError::Config(m));
-        if self.num_labels == 0 {
-            return bad("head `num_labels` must be at least 1".into());
+        // A bound, so that no file sizes an allocation (label names,
+        // checks) by what it claims: far beyond any classification head.
+        if self.num_labels == 0 || self.num_labels > MAX_LABELS {
+            return bad(format!(
+                "head `num_labels` must be in 1..={MAX_LABELS}, got {}",
+                self.num_labels
+            ));
         }
         if self.layers == 0 {
             return bad("head `layers` must be at least 1".into());
@@ -202,7 +209,7 @@ impl HeadConfig {
         if let Some(map) = &self.label2id {
             let mut ids: Vec<usize> = map.values().copied().collect();
             ids.sort_unstable();
-            if ids != (0..self.num_labels).collect::<Vec<_>>() {
+            if ids.len() != self.num_labels || ids.iter().enumerate().any(|(i, &id)| i != id) {
                 return bad(format!(
                     "head `label2id` {map:?} must give each of the {} outputs one name",
                     self.num_labels
@@ -447,41 +454,73 @@ impl<B: Backend> PredictionHead<B> {
         self.hidden.iter().chain([&self.output]).collect()
     }
 
-    /// Fills the layers from `heads.<saved>.<i>.*` of `tensors` (taken out).
-    pub fn fill(
-        &mut self,
+    /// The head `config` describes for width `d`, its layers taken out of
+    /// `tensors` (`heads.<saved>.<i>.*`, PyTorch's `[out, in]`). Every
+    /// layer's tensors are checked against the config before anything is
+    /// allocated, so a file that claims a million layers or labels is an
+    /// error naming the first key that does not fit, not an allocation.
+    pub fn from_tensors(
+        config: &HeadConfig,
+        d: usize,
         saved: &str,
         tensors: &mut HashMap<String, HostTensor>,
         file: &Path,
-    ) -> Result<()> {
-        let positions = self.positions();
-        let device = self.output.weight.device();
-        let mut layers: Vec<&mut Linear<B>> = self.hidden.iter_mut().collect();
-        layers.push(&mut self.output);
-        for (lin, i) in layers.into_iter().zip(positions) {
-            let key = format!("heads.{saved}.{i}");
-            let [d_in, d_out] = lin.weight.shape().dims::<2>();
-            let wk = format!("{key}.weight");
-            let w = take_tensor(tensors, &wk, file)?;
-            if w.shape != [d_out, d_in] {
-                return Err(PeftError::Shape {
-                    name: wk,
-                    expected: vec![d_out, d_in],
-                    found: w.shape,
-                });
-            }
-            w.check_finite(&wk, file)?;
-            lin.weight =
-                Param::from_tensor(w.transposed().to_tensor([d_in, d_out], &wk, &device)?);
-            if lin.bias.is_some() {
-                let bk = format!("{key}.bias");
-                let b = take_tensor(tensors, &bk, file)?;
-                b.check_finite(&bk, file)?;
-                lin.bias = Some(Param::from_tensor(b.to_tensor([d_out], &bk, &device)?));
-            }
+        device: &B::Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let activation = config.activation()?;
+        let step = if activation.is_some() { 3 } else { 2 };
+        let mut layers = Vec::new();
+        for l in 0..config.layers {
+            let last = l + 1 == config.layers;
+            let d_out = if last { config.num_labels } else { d };
+            let bias = !last || config.bias != Some(false);
+            let key = format!("heads.{saved}.{}", l * step + 1);
+            layers.push(take_linear(tensors, &key, [d, d_out], bias, file, device)?);
         }
-        Ok(())
+        let output = layers.pop().expect("validate: at least one layer");
+        Ok(PredictionHead {
+            hidden: layers,
+            output,
+            activation,
+            dropout: config.dropout_prob.unwrap_or(0.0),
+            head_type: config.head_type,
+            pooled: config.reads_pooler(),
+        })
     }
+}
+
+/// A linear layer `[d_in, d_out]` from `<key>.weight` (`[d_out, d_in]`)
+/// and, with `bias`, `<key>.bias`; shapes checked before conversion.
+fn take_linear<B: Backend>(
+    tensors: &mut HashMap<String, HostTensor>,
+    key: &str,
+    [d_in, d_out]: [usize; 2],
+    bias: bool,
+    file: &Path,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let wk = format!("{key}.weight");
+    let w = take_tensor(tensors, &wk, file)?;
+    if w.shape != [d_out, d_in] {
+        return Err(PeftError::Shape {
+            name: wk,
+            expected: vec![d_out, d_in],
+            found: w.shape,
+        });
+    }
+    w.check_finite(&wk, file)?;
+    let weight = Param::from_tensor(w.transposed().to_tensor([d_in, d_out], &wk, device)?);
+    let bias = match bias {
+        true => {
+            let bk = format!("{key}.bias");
+            let b = take_tensor(tensors, &bk, file)?;
+            b.check_finite(&bk, file)?;
+            Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?))
+        }
+        false => None,
+    };
+    Ok(Linear { weight, bias })
 }
 
 /// What `head_config.json` says: the head's config and the name it was

@@ -142,8 +142,15 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         let file = weights_file(dir, HEAD_WEIGHTS_FILE, HEAD_PICKLE_FILE)?;
         let mut tensors = saved.rename(read_safetensors(&file)?);
         let d = self.model.dims().d_model;
-        let mut head = PredictionHead::new(&saved.config, d, &device_of(&self.model))?;
-        head.fill(&saved.name, &mut tensors, &file)?;
+        let device = device_of(&self.model);
+        let head = PredictionHead::from_tensors(
+            &saved.config,
+            d,
+            &saved.name,
+            &mut tensors,
+            &file,
+            &device,
+        )?;
         ensure_consumed(tensors, &file)?;
         let was_active = self.active_head.as_deref() == Some(name);
         if self.set.heads.index_of(name).is_some() {
