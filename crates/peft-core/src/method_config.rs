@@ -59,18 +59,27 @@ pub struct TaskFields<'a> {
 /// `layers_to_transform`, `layers_pattern`, `modules_to_save`,
 /// `task_type`, `base_model_name_or_path`, and the unmodelled keys in
 /// `extra`): write `peft_core::config_fields!();` in the `impl
-/// MethodConfig`, so that a method's file holds only what is its own.
+/// MethodConfig`, so that a method's file holds only what is its own. A
+/// config PEFT gives fewer of the optional target fields (LN tuning has no
+/// layer selection, trainable tokens none at all) names those it has:
+/// `config_fields!(with [exclude_modules])`, `config_fields!(with [])`.
 #[macro_export]
 macro_rules! config_fields {
     () => {
+        $crate::config_fields!(with [exclude_modules, layers_to_transform, layers_pattern]);
+    };
+    (with [$($field:ident),* $(,)?]) => {
         fn target_spec(&self) -> $crate::method_config::TargetSpec<'_> {
-            $crate::method_config::TargetSpec {
+            #[allow(unused_mut)]
+            let mut spec = $crate::method_config::TargetSpec {
                 target_modules: self.target_modules.as_ref(),
-                exclude_modules: self.exclude_modules.as_ref(),
-                layers_to_transform: self.layers_to_transform.as_ref(),
-                layers_pattern: self.layers_pattern.as_ref(),
+                exclude_modules: None,
+                layers_to_transform: None,
+                layers_pattern: None,
                 modules_to_save: self.modules_to_save.as_ref(),
-            }
+            };
+            $(spec.$field = self.$field.as_ref();)*
+            spec
         }
 
         fn target_modules_mut(&mut self) -> &mut Option<$crate::config::TargetModules> {

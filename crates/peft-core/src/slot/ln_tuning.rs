@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::method::slot_method_without_entries;
 use crate::config::TargetModules;
 use crate::error::Result;
-use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
+use crate::method_config::MethodConfig;
 
 fn ln_tuning_type() -> String {
     "LN_TUNING".into()
@@ -93,31 +93,7 @@ impl MethodConfig for LnTuningConfig {
     const CLI_SETTINGS: &'static [(&'static str, &'static str)] = &[("targets", "target_modules")];
     const NORM_COPY_KEY: Option<&'static str> = Some("ln_tuning_layers");
 
-    fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: self.modules_to_save.as_ref(),
-        }
-    }
-
-    fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
-        &mut self.target_modules
-    }
-
-    fn task_fields(&mut self) -> TaskFields<'_> {
-        TaskFields {
-            task_type: &mut self.task_type,
-            modules_to_save: &mut self.modules_to_save,
-            base_model_name_or_path: &mut self.base_model_name_or_path,
-        }
-    }
-
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    crate::config_fields!(with [exclude_modules]);
 
     /// PEFT's `LNTuningConfig` checks nothing beyond its fields' types.
     fn validate(&self) -> Result<()> {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use super::method::{slot_method_without_entries, TokenRows};
 use crate::config::TargetModules;
 use crate::error::{PeftError, Result};
-use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
+use crate::method_config::MethodConfig;
 
 fn trainable_tokens_type() -> String {
     "TRAINABLE_TOKENS".into()
@@ -94,31 +94,7 @@ impl MethodConfig for TrainableTokensConfig {
     const CLI_SETTINGS: &'static [(&'static str, &'static str)] =
         &[("targets", "target_modules"), ("tokens", "token_indices")];
 
-    fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: None,
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: self.modules_to_save.as_ref(),
-        }
-    }
-
-    fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
-        &mut self.target_modules
-    }
-
-    fn task_fields(&mut self) -> TaskFields<'_> {
-        TaskFields {
-            task_type: &mut self.task_type,
-            modules_to_save: &mut self.modules_to_save,
-            base_model_name_or_path: &mut self.base_model_name_or_path,
-        }
-    }
-
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    crate::config_fields!(with []);
 
     fn token_rows(&self) -> Option<TokenRows<'_>> {
         Some(TokenRows {

@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 use crate::config::{LayerIndices, LayersPattern, TargetModules};
 use crate::error::{PeftError, Result};
 use crate::io::{take_tensor, HostTensor, KEY_PREFIX};
-use crate::method_config::{MethodConfig, TargetSpec, TaskFields};
+use crate::method_config::MethodConfig;
 use crate::rng::TorchGenerator;
 
 use super::adapter::{BaseParts, BasePass, LowRankRows, SlotAdapter};
@@ -330,31 +330,7 @@ impl MethodConfig for VeraConfig {
     const CLI_SETTINGS: &'static [(&'static str, &'static str)] =
         &[("r", "r"), ("targets", "target_modules")];
 
-    fn target_spec(&self) -> TargetSpec<'_> {
-        TargetSpec {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: None,
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            modules_to_save: self.modules_to_save.as_ref(),
-        }
-    }
-
-    fn target_modules_mut(&mut self) -> &mut Option<TargetModules> {
-        &mut self.target_modules
-    }
-
-    fn task_fields(&mut self) -> TaskFields<'_> {
-        TaskFields {
-            task_type: &mut self.task_type,
-            modules_to_save: &mut self.modules_to_save,
-            base_model_name_or_path: &mut self.base_model_name_or_path,
-        }
-    }
-
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    crate::config_fields!(with [layers_to_transform, layers_pattern]);
 
     /// PEFT's `VeraModel._check_new_adapter_config`: every VeRA adapter of
     /// a model shares one `projection_prng_key` and one `save_projection`.
