@@ -28,7 +28,7 @@ use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::config::warn_unknown_keys;
-use peft_core::io::{take_tensor, HostTensor};
+use peft_core::io::{linear_from_torch, HostTensor};
 use peft_core::loss::cross_entropy;
 use peft_core::{PeftError, Result};
 use serde::{Deserialize, Serialize};
@@ -476,7 +476,14 @@ impl<B: Backend> PredictionHead<B> {
             let d_out = if last { config.num_labels } else { d };
             let bias = !last || config.bias != Some(false);
             let key = format!("heads.{saved}.{}", l * step + 1);
-            layers.push(take_linear(tensors, &key, [d, d_out], bias, file, device)?);
+            layers.push(linear_from_torch(
+                tensors,
+                &key,
+                [d, d_out],
+                bias,
+                file,
+                device,
+            )?);
         }
         let output = layers.pop().expect("validate: at least one layer");
         Ok(PredictionHead {
@@ -488,39 +495,6 @@ impl<B: Backend> PredictionHead<B> {
             pooled: config.reads_pooler(),
         })
     }
-}
-
-/// A linear layer `[d_in, d_out]` from `<key>.weight` (`[d_out, d_in]`)
-/// and, with `bias`, `<key>.bias`; shapes checked before conversion.
-fn take_linear<B: Backend>(
-    tensors: &mut HashMap<String, HostTensor>,
-    key: &str,
-    [d_in, d_out]: [usize; 2],
-    bias: bool,
-    file: &Path,
-    device: &B::Device,
-) -> Result<Linear<B>> {
-    let wk = format!("{key}.weight");
-    let w = take_tensor(tensors, &wk, file)?;
-    if w.shape != [d_out, d_in] {
-        return Err(PeftError::Shape {
-            name: wk,
-            expected: vec![d_out, d_in],
-            found: w.shape,
-        });
-    }
-    w.check_finite(&wk, file)?;
-    let weight = Param::from_tensor(w.transposed().to_tensor([d_in, d_out], &wk, device)?);
-    let bias = match bias {
-        true => {
-            let bk = format!("{key}.bias");
-            let b = take_tensor(tensors, &bk, file)?;
-            b.check_finite(&bk, file)?;
-            Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?))
-        }
-        false => None,
-    };
-    Ok(Linear { weight, bias })
 }
 
 /// What `head_config.json` says: the head's config and the name it was

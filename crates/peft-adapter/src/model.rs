@@ -10,7 +10,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use peft_core::generate::{CausalLm, Sampler};
 use peft_core::io::{
-    ensure_consumed, read_safetensors, serialize_safetensors, take_tensor, write_atomic, HostTensor,
+    ensure_consumed, linear_from_torch, read_safetensors, serialize_safetensors, take_tensor,
+    write_atomic, HostTensor,
 };
 use peft_core::model::{device_of, InsertionPoint};
 use peft_core::named::NamedModules;
@@ -815,24 +816,9 @@ fn take_linear<B: Backend>(
     file: &Path,
     device: &B::Device,
 ) -> Result<()> {
-    let [d_in, d_out] = lin.weight.shape().dims::<2>();
-    let wk = format!("{key}.weight");
-    let w = take_tensor(tensors, &wk, file)?;
-    if w.shape != [d_out, d_in] {
-        return Err(PeftError::Shape {
-            name: wk,
-            expected: vec![d_out, d_in],
-            found: w.shape,
-        });
-    }
-    lin.weight = Param::from_tensor(w.transposed().to_tensor([d_in, d_out], &wk, device)?)
-        .set_require_grad(false);
-    if lin.bias.is_some() {
-        let bk = format!("{key}.bias");
-        let b = take_tensor(tensors, &bk, file)?;
-        lin.bias =
-            Some(Param::from_tensor(b.to_tensor([d_out], &bk, device)?).set_require_grad(false));
-    }
+    let dims = lin.weight.shape().dims::<2>();
+    let bias = lin.bias.is_some();
+    *lin = linear_from_torch(tensors, key, dims, bias, file, device)?.no_grad();
     Ok(())
 }
 

@@ -324,11 +324,13 @@ pub fn weight_from_torch<B: Backend>(
 }
 
 /// A `burn::nn::Linear` from PyTorch's `<key>.weight` (`[out, in]`, transposed
-/// here) and `<key>.bias` (`[out]`), taken out of `tensors`.
+/// here) and, with `bias`, `<key>.bias` (`[out]`), taken out of `tensors`,
+/// shapes checked before anything is converted.
 pub fn linear_from_torch<B: Backend>(
     tensors: &mut HashMap<String, HostTensor>,
     key: &str,
     [d_in, d_out]: [usize; 2],
+    bias: bool,
     path: &Path,
     device: &B::Device,
 ) -> Result<burn::nn::Linear<B>> {
@@ -339,11 +341,17 @@ pub fn linear_from_torch<B: Backend>(
         path,
         device,
     )?;
-    let b_key = format!("{key}.bias");
-    let bias = take_tensor(tensors, &b_key, path)?.to_tensor([d_out], &b_key, device)?;
+    let bias = match bias {
+        true => {
+            let b_key = format!("{key}.bias");
+            let b = take_tensor(tensors, &b_key, path)?.to_tensor([d_out], &b_key, device)?;
+            Some(burn::module::Param::from_tensor(b))
+        }
+        false => None,
+    };
     Ok(burn::nn::Linear {
         weight: burn::module::Param::from_tensor(weight),
-        bias: Some(burn::module::Param::from_tensor(bias)),
+        bias,
     })
 }
 

@@ -286,6 +286,7 @@ impl<B: Backend> PromptEncoder<B> {
                         &mut tensors,
                         &format!("mlp_head.{i}"),
                         [w[0], w[1]],
+                        true,
                         path,
                         device,
                     )

@@ -141,6 +141,9 @@ impl<B: Backend, M: PeftModel<B>> AdapterModel<B, M> {
         let saved = SavedHead::from_meta(&meta, &config_path)?;
         let file = weights_file(dir, HEAD_WEIGHTS_FILE, HEAD_PICKLE_FILE)?;
         let mut tensors = saved.rename(read_safetensors(&file)?);
+        for (k, t) in &tensors {
+            t.check_finite(k, &file)?;
+        }
         let d = self.model.dims().d_model;
         let device = device_of(&self.model);
         let head = PredictionHead::from_tensors(

@@ -219,7 +219,7 @@ pub fn load_head<B: Backend>(
 ) -> Result<Linear<B>> {
     let file = dir.join("head.safetensors");
     let mut t = read_safetensors(&file)?;
-    peft_core::io::linear_from_torch(&mut t, "classifier", [d, labels], &file, device)
+    peft_core::io::linear_from_torch(&mut t, "classifier", [d, labels], true, &file, device)
 }
 
 /// Reads a run's `labels.json` (the class names, in the head's row order):

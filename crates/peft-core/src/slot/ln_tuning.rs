@@ -93,7 +93,7 @@ impl MethodConfig for LnTuningConfig {
     const CLI_SETTINGS: &'static [(&'static str, &'static str)] = &[("targets", "target_modules")];
     const NORM_COPY_KEY: Option<&'static str> = Some("ln_tuning_layers");
 
-    crate::config_fields!(with [exclude_modules]);
+    crate::config_fields!(with[exclude_modules]);
 
     /// PEFT's `LNTuningConfig` checks nothing beyond its fields' types.
     fn validate(&self) -> Result<()> {
