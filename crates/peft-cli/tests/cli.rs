@@ -1846,30 +1846,11 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
             .unwrap();
     assert_eq!(report.steps, 3);
     let best = out.join("best");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
-            .unwrap();
-    assert_eq!(config["task_type"], "SEQ_CLS");
-    let saved = peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+    let held_file = held_out_file(&dir, &data_file, train.seed);
+    let saved = seq_cls_best_as_run(&model, &best, &held_file, &report, "lora");
     let score = &saved["base_model.model.score.weight"];
     assert_eq!(score.shape[0], 2, "two classes");
     assert!(saved.keys().any(|k| k.ends_with("q_proj.lora_A.weight")));
-
-    let held_file = held_out_file(&dir, &data_file, train.seed);
-    let m = jobs::eval::<Inference>(
-        &model,
-        Some(&best),
-        &held_file,
-        Task::SeqCls,
-        ("text", "label"),
-        32,
-        &Default::default(),
-    )
-    .unwrap();
-    assert_eq!(
-        m.value, report.after.value,
-        "eval of best/ differs from the run's"
-    );
 
     // Merged onto the GGUF base: the LlamaForSequenceClassification the
     // run trained, whose logits are the adapter's.
@@ -1955,28 +1936,8 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
         )
         .unwrap();
         let best = out.join("best");
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(best.join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(config["task_type"], "SEQ_CLS", "{name}");
-        let saved =
-            peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap();
+        let saved = seq_cls_best_as_run(&model, &best, &held_file, &report, name);
         assert_eq!(saved["base_model.score.weight"].shape[0], 2, "{name}");
-        let m = jobs::eval::<Inference>(
-            &model,
-            Some(&best),
-            &held_file,
-            Task::SeqCls,
-            ("text", "label"),
-            32,
-            &Default::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            m.value, report.after.value,
-            "{name}: eval differs from the run's"
-        );
         std::fs::write(&ids, "[[5, 9, 3, 12, 7]]").unwrap();
         let got = logits(&model, Some(&best), &format!("{name}.safetensors"));
         assert_eq!(got.shape, [1, 2], "{name}");
@@ -1992,6 +1953,36 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Checks a seq-cls run's `best/` is PEFT's `SEQ_CLS` adapter and that
+/// `peft eval` on the held-out file scores it as the run did; its tensors.
+fn seq_cls_best_as_run(
+    model: &Path,
+    best: &Path,
+    held_file: &Path,
+    report: &jobs::Report,
+    name: &str,
+) -> std::collections::HashMap<String, peft_core::io::HostTensor> {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS", "{name}");
+    let m = jobs::eval::<Inference>(
+        model,
+        Some(best),
+        held_file,
+        Task::SeqCls,
+        ("text", "label"),
+        32,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        m.value, report.after.value,
+        "{name}: eval of best/ differs from the run's"
+    );
+    peft_core::io::read_safetensors(&best.join("adapter_model.safetensors")).unwrap()
 }
 
 /// The held-out perplexities a causal-LM run logged, in order.

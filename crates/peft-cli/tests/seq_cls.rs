@@ -49,6 +49,23 @@ fn write_ids(c: &FixtureCase, dir: &std::path::Path) -> std::path::PathBuf {
     file
 }
 
+/// `peft forward` of `model` with `adapter` on `ids_file`: its output,
+/// written to `dir/logits.safetensors` and read back.
+fn peft_forward<B: Backend>(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    ids_file: &std::path::Path,
+    dir: &std::path::Path,
+    d: &B::Device,
+) -> HostTensor {
+    let out = dir.join("logits.safetensors");
+    jobs::forward::<B>(model, adapter, ids_file, &out, d).unwrap();
+    peft_core::io::read_safetensors(&out)
+        .unwrap()
+        .remove("output")
+        .unwrap()
+}
+
 fn bert<B: Backend>(d: &B::Device) -> Bert<B> {
     Bert::load(&fixtures_dir().join("bert"), d).unwrap()
 }
@@ -439,19 +456,8 @@ fn prompt_learning_seqcls_from_peft<B: Backend>(d: &B::Device) {
 
         // `peft forward` on the BERT folder: PEFT's class logits.
         let ids_file = write_ids(&c, &out);
-        let logits = out.join("logits.safetensors");
-        jobs::forward::<B>(
-            &fixtures_dir().join("bert"),
-            Some(&c.dir),
-            &ids_file,
-            &logits,
-            d,
-        )
-        .unwrap();
-        let got = peft_core::io::read_safetensors(&logits)
-            .unwrap()
-            .remove("output")
-            .unwrap();
+        let bert_dir = fixtures_dir().join("bert");
+        let got = peft_forward::<B>(&bert_dir, Some(&c.dir), &ids_file, &out, d);
         close(
             &format!("{case} peft forward"),
             &got,
@@ -789,10 +795,8 @@ fn adapterhub_heads_through_peft_forward<B: Backend>(d: &B::Device) {
     let ids_file = dir.join("ids.json");
     std::fs::write(&ids_file, serde_json::to_string(&rows).unwrap()).unwrap();
     for name in ["cls", "multi", "tag", "reg"] {
-        let out = dir.join(format!("{name}.safetensors"));
-        let model = fixtures_dir().join("bert");
-        let shape =
-            jobs::forward::<B>(&model, Some(&c.dir.join(name)), &ids_file, &out, d).unwrap();
+        let (model, adapter) = (fixtures_dir().join("bert"), c.dir.join(name));
+        let got = peft_forward::<B>(&model, Some(&adapter), &ids_file, &dir, d);
         let want = c.want(&format!("logits.{name}"));
         let per_row: usize = want.shape[1..].iter().product();
         let rows_of = |r: usize| want.data[r * per_row..(r + 1) * per_row].to_vec();
@@ -802,8 +806,7 @@ fn adapterhub_heads_through_peft_forward<B: Backend>(d: &B::Device) {
             shape: expected_shape.clone(),
             data: [rows_of(0), rows_of(2)].concat(),
         };
-        assert_eq!(shape, expected_shape, "{name}");
-        let got = peft_core::io::read_safetensors(&out).unwrap()["output"].clone();
+        assert_eq!(got.shape, expected_shape, "{name}");
         peft_models::fixtures::assert_close(name, &got, &expected);
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -829,19 +832,8 @@ fn decoder_prompt_learning_seqcls_from_peft<B: Backend>(d: &B::Device) {
         std::fs::create_dir_all(&out).unwrap();
         let ids_file = write_ids(&c, &out);
         for (adapter, want) in [("", "logits_unmerged"), ("other", "logits_other")] {
-            let logits = out.join("logits.safetensors");
-            jobs::forward::<B>(
-                &fixtures_dir().join(arch),
-                Some(&c.dir.join(adapter)),
-                &ids_file,
-                &logits,
-                d,
-            )
-            .unwrap();
-            let got = peft_core::io::read_safetensors(&logits)
-                .unwrap()
-                .remove("output")
-                .unwrap();
+            let (model, adapter_dir) = (fixtures_dir().join(arch), c.dir.join(adapter));
+            let got = peft_forward::<B>(&model, Some(&adapter_dir), &ids_file, &out, d);
             let want = c.want(want);
             assert_eq!(got.shape, want.shape, "{case} {adapter}");
             let cols = want.shape[1];
