@@ -173,7 +173,8 @@ impl HeadConfig {
                 names.sort();
                 names.into_iter().map(|(_, n)| n).collect()
             }
-            None => default_labels(self.num_labels).into_keys().collect(),
+            // In output order (a map's order would put LABEL_10 before LABEL_2).
+            None => (0..self.num_labels).map(|i| format!("LABEL_{i}")).collect(),
         }
     }
 

@@ -192,6 +192,11 @@ fn fresh_heads<B: Backend>(d: &B::Device) {
     model.train_adapter(Setup::single("x")).unwrap();
     let (head, config) = model.set.heads.get("x").unwrap();
     assert_eq!(config.labels(), labels);
+    // Without names, AdapterHub's LABEL_i in output order.
+    let mut unnamed = HeadConfig::classification(12);
+    unnamed.label2id = None;
+    assert_eq!(unnamed.labels()[10], "LABEL_10");
+    assert_eq!(unnamed.labels()[2], "LABEL_2");
     let tensors = head.tensors("x");
     let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
