@@ -427,11 +427,10 @@ impl<B: Backend> PredictionHead<B> {
         self.output.forward(dropout.forward(x))
     }
 
-    /// The positions of the linear layers in AdapterHub's `nn.Sequential`
-    /// (dropout, linear, activation per hidden layer; dropout, linear last).
     fn positions(&self) -> Vec<usize> {
-        let step = if self.activation.is_some() { 3 } else { 2 };
-        (0..=self.hidden.len()).map(|l| l * step + 1).collect()
+        (0..=self.hidden.len())
+            .map(|l| layer_position(l, self.activation.is_some()))
+            .collect()
     }
 
     /// The tensors under AdapterHub's keys (`heads.<name>.<i>.weight`
@@ -470,13 +469,12 @@ impl<B: Backend> PredictionHead<B> {
     ) -> Result<Self> {
         config.validate()?;
         let activation = config.activation()?;
-        let step = if activation.is_some() { 3 } else { 2 };
         let mut layers = Vec::new();
         for l in 0..config.layers {
             let last = l + 1 == config.layers;
             let d_out = if last { config.num_labels } else { d };
             let bias = !last || config.bias != Some(false);
-            let key = format!("heads.{saved}.{}", l * step + 1);
+            let key = format!("heads.{saved}.{}", layer_position(l, activation.is_some()));
             layers.push(linear_from_torch(
                 tensors,
                 &key,
@@ -496,6 +494,13 @@ impl<B: Backend> PredictionHead<B> {
             pooled: config.reads_pooler(),
         })
     }
+}
+
+/// The position of linear layer `l` in AdapterHub's `nn.Sequential`
+/// (dropout, linear and, with one, the activation per hidden layer;
+/// dropout, linear last): the index in its keys.
+fn layer_position(l: usize, activation: bool) -> usize {
+    l * if activation { 3 } else { 2 } + 1
 }
 
 /// What `head_config.json` says: the head's config and the name it was

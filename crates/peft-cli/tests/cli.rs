@@ -98,16 +98,7 @@ fn a_short_run_writes_what_eval_reads_back() {
 
     // The held-out split the run used, as a file: `peft eval` scores it as the run did.
     let held_file = held_out_file(&dir, &data_file, train.seed);
-    let m = jobs::eval::<Inference>(
-        &minilm,
-        Some(&best),
-        &held_file,
-        Task::SeqCls,
-        ("text", "label"),
-        32,
-        &Default::default(),
-    )
-    .unwrap();
+    let m = seq_cls_eval(&minilm, &best, &held_file);
     assert_eq!(
         m.value, report.after.value,
         "eval of best/ differs from the run's own evaluation"
@@ -176,16 +167,7 @@ fn a_short_run_writes_what_eval_reads_back() {
             &Default::default(),
         )
         .unwrap();
-        let m = jobs::eval::<Inference>(
-            &minilm,
-            Some(&out.join("best")),
-            &held_file,
-            Task::SeqCls,
-            ("text", "label"),
-            32,
-            &Default::default(),
-        )
-        .unwrap();
+        let m = seq_cls_eval(&minilm, &out.join("best"), &held_file);
         assert_eq!(m.value, r.after.value, "{name}");
         let virtual_params = match name {
             // 3 virtual tokens × 6 layers × (key + value) × 384.
@@ -1955,6 +1937,21 @@ fn a_decoder_run_writes_a_seq_cls_adapter_eval_reads_back() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `peft eval --task seq-cls` of `model` with the adapter folder `best` on
+/// the JSONL `held_file` (`text` / `label` columns).
+fn seq_cls_eval(model: &Path, best: &Path, held_file: &Path) -> peft_cli::train::Metric {
+    jobs::eval::<Inference>(
+        model,
+        Some(best),
+        held_file,
+        Task::SeqCls,
+        ("text", "label"),
+        32,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
 /// Checks a seq-cls run's `best/` is PEFT's `SEQ_CLS` adapter and that
 /// `peft eval` on the held-out file scores it as the run did; its tensors.
 fn seq_cls_best_as_run(
@@ -1968,16 +1965,7 @@ fn seq_cls_best_as_run(
         serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["task_type"], "SEQ_CLS", "{name}");
-    let m = jobs::eval::<Inference>(
-        model,
-        Some(best),
-        held_file,
-        Task::SeqCls,
-        ("text", "label"),
-        32,
-        &Default::default(),
-    )
-    .unwrap();
+    let m = seq_cls_eval(model, best, held_file);
     assert_eq!(
         m.value, report.after.value,
         "{name}: eval of best/ differs from the run's"
